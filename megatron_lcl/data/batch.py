@@ -1,0 +1,57 @@
+"""The batch contract between the data pipeline and the model.
+
+One `LCLBatch` is one micro-batch on one data-parallel rank. Layouts are batch-first `[b, s]`
+(the model transposes to megatron-core's `[s, b, h]` itself).
+
+Sequence layout of one sample (M = `num_image_tokens`, fixed by the vision config)::
+
+    text ... <BoI> <img> x M <EoI> text ... <BoI> <img> x M <EoI> ... <pad> ...
+
+`tokens[b, p]` is the input at position p, `labels[b, p]` the token to predict there (the input
+shifted left by one). `loss_mask[b, p]` is 1 where `labels[b, p]` is a text target: targets that
+are image placeholders, `<EoI>` or padding are 0; predicting `<BoI>` is allowed.
+
+Images are flattened over the micro-batch in (sample, position) order: image j belongs to sample
+`image_sample_index[j]`, its `<BoI>` sits at `boi_positions[j]` and its M latents fill positions
+`boi_positions[j] + 1 ... boi_positions[j] + M`.
+"""
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class LCLBatch:
+    tokens: torch.Tensor  # [b, s] int64
+    labels: torch.Tensor  # [b, s] int64
+    loss_mask: torch.Tensor  # [b, s] float32
+    position_ids: torch.Tensor  # [b, s] int64
+    images: torch.Tensor  # [n, 3, H, W] float32, normalised; n may be 0
+    image_sample_index: torch.Tensor  # [n] int64, sample of each image
+    boi_positions: torch.Tensor  # [n] int64, position of each image's <BoI> in its sample
+    image_labels: Optional[torch.Tensor] = None  # [n] int64 class labels (synthetic/eval only)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device) -> "LCLBatch":
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        return LCLBatch(**moved)
+
+    def validate(self, num_image_tokens: int) -> None:
+        """Assert the invariants the model relies on (cheap; call in tests and on load)."""
+        b, s = self.tokens.shape
+        for name in ("labels", "loss_mask", "position_ids"):
+            assert getattr(self, name).shape == (b, s), f"{name} must be [b, s]=({b}, {s})"
+        n = self.num_images
+        assert self.image_sample_index.shape == (n,) and self.boi_positions.shape == (n,)
+        if n:
+            assert int(self.image_sample_index.max()) < b, "image_sample_index out of range"
+            last = int((self.boi_positions + num_image_tokens).max())
+            assert last < s, f"an image's latents end at {last}, past seq_length {s}"

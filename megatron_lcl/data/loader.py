@@ -1,0 +1,334 @@
+"""Streaming loader: prepared webdataset shards -> `LCLBatch` micro-batches for one DP rank.
+
+Stages (each worker process runs them on its own part of the data):
+
+    shard order (per epoch, seeded)  ->  this reader's shards or documents  ->  shuffle buffer
+    ->  build samples (rules.py: layout, tokenize, truncate/pack)  ->  decode + transform images
+    ->  batch + collate to LCLBatch
+
+Data-parallel split. There are `dp_size * num_workers` readers; reader `dp_rank * num_workers + w`.
+With at least that many shards, each reader reads its own shards (`order[reader::num_readers]`);
+with fewer shards every reader reads all of them and keeps documents `index % num_readers == reader`.
+Either way ranks see disjoint documents that together cover the data in each epoch. Tensor-parallel
+ranks of one replica pass the same `dp_rank` and get identical batches; pipeline stages that take no
+data should not build a loader at all.
+
+Determinism and exact resume. Every random choice is seeded from (seed, epoch, document key) or
+(seed, epoch, reader), so the stream of samples a worker produces is a pure function of the config.
+A worker counts "slots": built samples, including ones later dropped (e.g. an image that fails to
+decode). Each batch carries the worker's slot cursor; the loader keeps, per worker, the cursor of the
+last batch it handed out, plus the number of batches consumed. `load_state_dict` restarts each
+worker at its cursor: it fast-forwards through the earlier slots building token layouts only (no image
+decoding, cheap) and rotates worker ids so the next batch comes from the worker whose turn it is.
+The state is only valid for the same data, seed, dp_rank/dp_size, num_workers, batch size and sequence
+settings (checked on load).
+
+Skipped data. Workers count what they drop (by reason, naming shard and key) and send the counts
+with each batch; `loader.skips` (a SkipCounter) holds the totals of consumed batches and is saved in
+the state. Use `loader.skip_counts()` for metrics.
+"""
+
+import glob
+import os
+import random
+from dataclasses import asdict, dataclass
+from itertools import count
+from typing import Iterator, List, Optional, Sequence, Union
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from megatron_lcl.data import skips as S
+from megatron_lcl.data.batch import LCLBatch
+from megatron_lcl.data.documents import from_wds_sample
+from megatron_lcl.data.rules import (BuiltSample, ConcatPacker, SpecialIds, document_layout,
+                                     tokenize_layout, truncate_and_pad)
+from megatron_lcl.data.skips import SkipCounter
+from megatron_lcl.data.tokenizer import LCLTokenizer
+from megatron_lcl.data.transforms import decode_image, eval_transform, train_transform
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    shards: tuple  # sorted prepared shard paths
+    tokenizer_path: str
+    seq_length: int
+    image_size: int
+    num_image_tokens: int
+    micro_batch_size: int
+    dp_rank: int
+    dp_size: int
+    seed: int
+    num_workers: int
+    shuffle_buffer: int = 256
+    packing: str = "auto"  # "truncate" (one document per sample) | "concat" | "auto": by source
+    train_transform: bool = True
+
+    @property
+    def logical_workers(self) -> int:
+        return max(self.num_workers, 1)
+
+
+def find_shards(data_path: Union[str, Sequence[str]]) -> tuple:
+    """Prepared shards from a folder, a glob, a shard path or a list of those."""
+    items = [data_path] if isinstance(data_path, str) else list(data_path)
+    shards = []
+    for item in items:
+        shards += glob.glob(os.path.join(item, "*.tar")) if os.path.isdir(item) else glob.glob(item)
+    if not shards:
+        raise FileNotFoundError(f"no prepared shards (*.tar) at {data_path}; run tools/prepare_data.py")
+    return tuple(sorted(set(shards)))
+
+
+# ----------------------------------------------------------------------------- per-worker stream
+
+class _WorkerStream:
+    """The deterministic sample stream of one reader (one worker of one DP rank)."""
+
+    def __init__(self, cfg: LoaderConfig, logical_worker: int):
+        self.cfg = cfg
+        self.worker = logical_worker
+        self.reader = cfg.dp_rank * cfg.logical_workers + logical_worker
+        self.num_readers = cfg.dp_size * cfg.logical_workers
+        self.tokenizer = LCLTokenizer(cfg.tokenizer_path)
+        self.ids = SpecialIds.of(self.tokenizer)
+        self.skips = SkipCounter()  # skips since the last batch handed out
+
+    def documents(self) -> Iterator[tuple]:
+        """(epoch, shard name, wds sample) forever, in this reader's seeded order."""
+        cfg = self.cfg
+        for epoch in count():
+            order = list(cfg.shards)
+            random.Random(f"{cfg.seed}-shards-{epoch}").shuffle(order)
+            split_by_shard = len(order) >= self.num_readers
+            mine = order[self.reader::self.num_readers] if split_by_shard else order
+            rng = random.Random(f"{cfg.seed}-buffer-{epoch}-{self.reader}")
+            seen = 0
+            for shard, sample in _shuffled(self._read(mine, split_by_shard), cfg.shuffle_buffer, rng):
+                seen += 1
+                yield epoch, shard, sample
+            if seen == 0 and epoch == 0:
+                raise RuntimeError(
+                    f"DP rank {cfg.dp_rank} worker {self.worker} got no documents from "
+                    f"{len(cfg.shards)} shard(s); use fewer readers (dp_size x num_workers = {self.num_readers})")
+
+    def _read(self, shards: List[str], split_by_shard: bool) -> Iterator[tuple]:
+        index = 0
+        for shard in shards:
+            name = os.path.basename(shard)
+
+            def on_error(exn, name=name):
+                self.skips.add(S.CORRUPT_SHARD, name, repr(exn)[:120])
+                return True
+
+            for sample in wds.tarfile_samples([{"url": shard}], handler=on_error):
+                if split_by_shard or index % self.num_readers == self.reader:
+                    yield name, sample
+                index += 1
+
+    def built_samples(self) -> Iterator[BuiltSample]:
+        """Samples with token layouts, images still encoded. One yielded item = one slot."""
+        cfg = self.cfg
+        packers = {}
+        for epoch, shard, raw in self.documents():
+            where = f"{shard}:{raw.get('__key__', '?')}"
+            try:
+                doc = from_wds_sample(raw)
+            except ValueError as e:
+                self.skips.add(S.BAD_SAMPLE, where, str(e)[:120])
+                continue
+            rng = random.Random(f"{cfg.seed}-{epoch}-{doc.key}")
+            layout = document_layout(doc, rng)
+            if not any(kind == "image" for kind, _ in layout):
+                self.skips.add(S.NO_USABLE_IMAGE, where)
+                continue
+            segments = tokenize_layout(doc, layout, self.tokenizer, self.ids, cfg.num_image_tokens,
+                                       crop_seed=f"{cfg.seed}-{epoch}-{doc.key}")
+            packing = cfg.packing if cfg.packing != "auto" else ("truncate" if doc.source == "mmc4" else "concat")
+            if packing == "truncate":
+                yield truncate_and_pad(segments, cfg.seq_length, self.ids.pad, origin=where)
+            else:
+                if doc.source not in packers:  # one packer per source keeps sources unmixed
+                    packers[doc.source] = ConcatPacker(cfg.seq_length, self.ids.pad, cfg.num_image_tokens)
+                yield from packers[doc.source].add(segments, origin=where)
+
+    def decode_images(self, sample: BuiltSample) -> Optional[List[torch.Tensor]]:
+        size = self.cfg.image_size
+        tensors = []
+        for seg in sample.images:
+            try:
+                img = decode_image(seg.image.data, size)
+                if self.cfg.train_transform:
+                    tensors.append(train_transform(img, size, random.Random(seg.crop_seed)))
+                else:
+                    tensors.append(eval_transform(img, size))
+            except Exception as e:  # corrupt bytes despite prepare: drop the sample, count it
+                self.skips.add(S.CORRUPT_IMAGE, ",".join(sample.origins), f"{type(e).__name__}: {str(e)[:80]}")
+                return None
+        return tensors
+
+    def batches(self, start_slot: int) -> Iterator[tuple]:
+        """(LCLBatch, meta) forever, starting after `start_slot` slots (fast-forwarded)."""
+        pending, slot = [], 0
+        for sample in self.built_samples():
+            slot += 1
+            if slot <= start_slot:
+                if slot == start_slot:
+                    self.skips = SkipCounter()  # skips before the resume point were already counted
+                continue
+            images = self.decode_images(sample)
+            if images is None:
+                continue
+            pending.append((sample, images))
+            if len(pending) == self.cfg.micro_batch_size:
+                batch = collate([s for s, _ in pending], [i for _, i in pending], self.ids,
+                                self.cfg.image_size, self.cfg.num_image_tokens)
+                meta = {"worker": self.worker, "cursor": slot, "skips": self.skips.state_dict()}
+                self.skips = SkipCounter()
+                pending = []
+                yield batch, meta
+
+
+def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Seeded shuffle buffer (size <= 1 passes items through)."""
+    if size <= 1:
+        yield from items
+        return
+    buffer = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            k = rng.randrange(len(buffer))
+            buffer[k], buffer[-1] = buffer[-1], buffer[k]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def collate(samples: List[BuiltSample], images: List[List[torch.Tensor]], ids: SpecialIds,
+            image_size: int, num_image_tokens: int) -> LCLBatch:
+    full = torch.tensor([s.tokens for s in samples], dtype=torch.long)  # [b, s + 1]
+    tokens, labels = full[:, :-1].contiguous(), full[:, 1:].contiguous()  # [b, s] each
+    b, s = tokens.shape
+    not_text = (labels == ids.image) | (labels == ids.eoi) | (labels == ids.pad)
+    flat = [t for per_sample in images for t in per_sample]
+    segs = [seg for sample in samples for seg in sample.images]
+    labels_given = [seg.image.label for seg in segs]
+    batch = LCLBatch(
+        tokens=tokens,
+        labels=labels,
+        loss_mask=(~not_text).float(),
+        position_ids=torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s).contiguous(),
+        images=torch.stack(flat) if flat else torch.empty(0, 3, image_size, image_size),
+        image_sample_index=torch.tensor([i for i, smp in enumerate(samples) for _ in smp.images], dtype=torch.long),
+        boi_positions=torch.tensor([p for smp in samples for p in smp.boi_positions], dtype=torch.long),
+        image_labels=(torch.tensor([-1 if l is None else l for l in labels_given], dtype=torch.long)
+                      if any(l is not None for l in labels_given) else None),
+    )
+    batch.validate(num_image_tokens)
+    return batch
+
+
+class _StreamDataset(IterableDataset):
+    def __init__(self, cfg: LoaderConfig, cursors: List[int], rotation: int):
+        self.cfg, self.cursors, self.rotation = cfg, cursors, rotation
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        logical = (physical + self.rotation) % self.cfg.logical_workers
+        stream = _WorkerStream(self.cfg, logical)
+        return stream.batches(start_slot=self.cursors[logical])
+
+
+def _passthrough(item):
+    return item
+
+
+# ----------------------------------------------------------------------------- public loader
+
+class LCLDataLoader:
+    """Iterable of `LCLBatch` for one DP rank, with `state_dict()` / `load_state_dict()` for resume.
+
+    Iterating again (a new `iter()`) continues from the current state, e.g. after `load_state_dict`.
+    """
+
+    def __init__(self, cfg: LoaderConfig):
+        self.cfg = cfg
+        self.batches_consumed = 0
+        self.cursors = [0] * cfg.logical_workers
+        self.skips = SkipCounter()
+
+    def __iter__(self) -> Iterator[LCLBatch]:
+        cfg = self.cfg
+        dataset = _StreamDataset(cfg, list(self.cursors), self.batches_consumed % cfg.logical_workers)
+        loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
+                            collate_fn=_passthrough, prefetch_factor=2 if cfg.num_workers else None)
+        for batch, meta in loader:
+            self.cursors[meta["worker"]] = meta["cursor"]
+            received = SkipCounter()
+            received.load_state_dict(meta["skips"])
+            self.skips.merge(received)
+            self.batches_consumed += 1
+            yield batch
+
+    def skip_counts(self) -> dict:
+        """{reason: count} of data dropped so far (for metrics); `self.skips.examples` names them."""
+        return dict(self.skips.counts)
+
+    def _fingerprint(self) -> dict:
+        fp = asdict(self.cfg)
+        fp["shards"] = [os.path.basename(s) for s in self.cfg.shards]
+        fp.pop("tokenizer_path")
+        return fp
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "batches_consumed": self.batches_consumed,
+            "cursors": list(self.cursors),
+            "skips": self.skips.state_dict(),
+            "config": self._fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        assert state.get("version") == STATE_VERSION, f"unknown data loader state version {state.get('version')}"
+        mine = self._fingerprint()
+        diffs = [f"{k}: saved {state['config'].get(k)!r}, now {v!r}" for k, v in mine.items()
+                 if state["config"].get(k) != v]
+        if diffs:
+            raise ValueError("data loader state does not match this loader (exact resume needs the same "
+                             "data and settings): " + "; ".join(diffs))
+        self.batches_consumed = state["batches_consumed"]
+        self.cursors = list(state["cursors"])
+        self.skips.load_state_dict(state["skips"])
+
+
+def build_loader(
+    data_path: Union[str, Sequence[str]],
+    tokenizer_path: str,
+    *,
+    seq_length: int,
+    image_size: int,
+    num_image_tokens: int,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    seed: int = 1234,
+    num_workers: int = 2,
+    shuffle_buffer: int = 256,
+    packing: str = "auto",
+    train_transform: bool = True,
+) -> LCLDataLoader:
+    """The training loader for one data-parallel rank (see the module docstring)."""
+    assert 0 <= dp_rank < dp_size, f"dp_rank ({dp_rank}) must be in [0, dp_size={dp_size})"
+    assert packing in ("auto", "truncate", "concat"), f"packing must be auto|truncate|concat, got {packing!r}"
+    assert num_image_tokens + 2 < seq_length, (
+        f"seq_length ({seq_length}) must exceed num_image_tokens + 2 ({num_image_tokens + 2})")
+    cfg = LoaderConfig(find_shards(data_path), str(tokenizer_path), seq_length, image_size,
+                       num_image_tokens, micro_batch_size, dp_rank, dp_size, seed, num_workers,
+                       shuffle_buffer, packing, train_transform)
+    return LCLDataLoader(cfg)

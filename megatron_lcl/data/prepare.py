@@ -1,0 +1,171 @@
+"""Source documents -> verified, filtered webdataset shards (the library half of tools/prepare_data.py).
+
+Deterministic, document-level rules are applied here, once:
+- MMC4: images with `matched_sim < 0.24` are dropped; a document with no such image is dropped.
+- OBELICS: a document must keep 1..6 images (more -> dropped as `too_many_images`).
+- every image is loaded and decoded (missing file / corrupt bytes -> that image is dropped and
+  counted); images larger than `max_image_side` are downscaled, non-JPEGs re-encoded as JPEG.
+- enormous documents (> `max_doc_chars` characters or > `max_doc_images` images) are dropped.
+The random per-sample choices (which <= 6 MMC4 images, before/after placement) happen at load time
+(rules.py), so one prepared dataset serves every seed.
+"""
+
+import glob
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from megatron_lcl.data import skips as S
+from megatron_lcl.data.documents import DocImage, Document, to_wds_sample
+from megatron_lcl.data.rules import MAX_IMAGES_PER_DOC, MIN_SIMILARITY
+from megatron_lcl.data.skips import SkipCounter
+from megatron_lcl.data.sources import read_source
+
+INPUT_PATTERNS = {
+    "mmc4": ("*.jsonl", "*.jsonl.zip"),
+    "obelics": ("*.jsonl", "*.parquet"),
+    "laion": ("*.tar",),
+}
+
+
+@dataclass
+class PrepareSummary:
+    docs_in: int = 0
+    docs_out: int = 0
+    images_in: int = 0
+    images_out: int = 0
+    shards: List[str] = field(default_factory=list)
+    skips: SkipCounter = field(default_factory=SkipCounter)
+
+    def to_dict(self) -> dict:
+        return {
+            "docs_in": self.docs_in,
+            "docs_out": self.docs_out,
+            "images_in": self.images_in,
+            "images_out": self.images_out,
+            "shards": [os.path.basename(s) for s in self.shards],
+            "skipped": self.skips.state_dict(),
+        }
+
+    def report(self) -> str:
+        return (
+            f"documents: {self.docs_in} in, {self.docs_out} out\n"
+            f"images:    {self.images_in} in, {self.images_out} out\n"
+            f"shards:    {len(self.shards)}\n"
+            f"skipped (by reason):\n{self.skips.summary()}"
+        )
+
+
+def list_inputs(source: str, inputs: List[str]) -> List[str]:
+    """Expand files, folders and globs into the sorted list of source files."""
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            for pattern in INPUT_PATTERNS[source]:
+                files.extend(glob.glob(os.path.join(item, pattern)))
+        else:
+            matched = glob.glob(item)
+            if not matched:
+                raise FileNotFoundError(f"--input {item!r} matches no file")
+            files.extend(matched)
+    if not files:
+        raise FileNotFoundError(f"no {source} input files ({', '.join(INPUT_PATTERNS[source])}) in {inputs}")
+    return sorted(set(files))
+
+
+def load_verified_image(img: DocImage, max_side: int) -> bytes:
+    """Read + fully decode the image; returns JPEG bytes (original bytes when already a small JPEG)."""
+    data = img.data
+    if data is None:
+        with open(img.path, "rb") as f:  # FileNotFoundError -> missing_image
+            data = f.read()
+    pil = Image.open(io.BytesIO(data))
+    pil.load()  # raises on truncated/corrupt data
+    if pil.format == "JPEG" and pil.mode == "RGB" and max(pil.size) <= max_side:
+        return data
+    pil = pil.convert("RGB")
+    if max(pil.size) > max_side:
+        pil.thumbnail((max_side, max_side), Image.BICUBIC)
+    out = io.BytesIO()
+    pil.save(out, format="JPEG", quality=92)
+    return out.getvalue()
+
+
+def filter_document(doc: Document, skips: SkipCounter, args: "PrepareOptions") -> Optional[Document]:
+    """Apply the deterministic rules; returns the document to write or None (counted)."""
+    if doc.num_chars() > args.max_doc_chars or len(doc.images) > args.max_doc_images:
+        skips.add(S.TOO_LARGE, doc.origin, f"{doc.num_chars()} chars, {len(doc.images)} images")
+        return None
+    keep = []
+    for j, img in enumerate(doc.images):
+        if doc.source == "mmc4" and img.matched_sim < args.min_similarity:
+            skips.add(S.LOW_SIMILARITY, doc.origin, f"image {j} sim {img.matched_sim:.3f}")
+            continue
+        try:
+            img.data = load_verified_image(img, args.max_image_side)
+        except FileNotFoundError:
+            skips.add(S.MISSING_IMAGE, doc.origin, f"image {j}: {img.path}")
+            continue
+        except Exception as e:  # PIL raises many types on bad bytes
+            skips.add(S.CORRUPT_IMAGE, doc.origin, f"image {j}: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        keep.append(j)
+    if not keep:
+        skips.add(S.NO_USABLE_IMAGE, doc.origin)
+        return None
+    if doc.source == "obelics" and len(keep) > MAX_IMAGES_PER_DOC:
+        skips.add(S.TOO_MANY_IMAGES, doc.origin, f"{len(keep)} images > {MAX_IMAGES_PER_DOC}")
+        return None
+    return _keep_images(doc, keep)
+
+
+def _keep_images(doc: Document, keep: List[int]) -> Document:
+    new_index = {old: new for new, old in enumerate(keep)}
+    images = [doc.images[j] for j in keep]
+    order = None
+    if doc.order is not None:
+        order = [(kind, i if kind == "text" else new_index[i]) for kind, i in doc.order
+                 if kind == "text" or i in new_index]
+    return Document(doc.key, doc.source, doc.texts, images, doc.origin, order)
+
+
+@dataclass
+class PrepareOptions:
+    min_similarity: float = MIN_SIMILARITY
+    max_image_side: int = 512
+    max_doc_chars: int = 1_000_000
+    max_doc_images: int = 256
+    shard_size: int = 1000
+
+
+def prepare(source: str, inputs: List[str], output_dir: str, images_dir: Optional[str] = None,
+            options: Optional[PrepareOptions] = None, progress: bool = True) -> PrepareSummary:
+    """Read `inputs`, filter and verify, write `output_dir/shard-%06d.tar` + `summary.json`."""
+    options = options or PrepareOptions()
+    files = list_inputs(source, inputs)
+    os.makedirs(output_dir, exist_ok=True)
+    summary = PrepareSummary()
+    pattern = os.path.join(output_dir, "shard-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=options.shard_size, verbose=0) as sink, \
+            tqdm(desc=f"prepare {source}", unit="doc", disable=not progress) as bar:
+        for path in files:
+            for doc in read_source(source, path, images_dir, summary.skips):
+                summary.docs_in += 1
+                summary.images_in += len(doc.images)
+                kept = filter_document(doc, summary.skips, options)
+                if kept is not None:
+                    sink.write(to_wds_sample(kept))
+                    summary.docs_out += 1
+                    summary.images_out += len(kept.images)
+                bar.update(1)
+                bar.set_postfix(out=summary.docs_out, skipped=summary.skips.total(), refresh=False)
+    summary.shards = sorted(glob.glob(os.path.join(output_dir, "shard-*.tar")))
+    with open(os.path.join(output_dir, "summary.json"), "w") as f:
+        json.dump(summary.to_dict(), f, indent=1)
+    return summary
