@@ -1,0 +1,276 @@
+"""Typed configuration for megatron_lcl.
+
+Every section is a dataclass; an experiment is one YAML file plus `a.b=c` overrides (see
+`megatron_lcl.training.config_io`). Functions receive the section they use, not the whole tree.
+`validate_model_config` checks everything that would otherwise fail deep inside megatron-core with a
+message naming the fields, and `build_transformer_config` is the one place a megatron-core
+`TransformerConfig` is made.
+"""
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------
+# Presets. Sizes as published: ViT-B/16 and ViT-L/14 (CLIP), OPT-125M (Zhang et al. 2022).
+# --------------------------------------------------------------------------------------------------
+
+VISION_PRESETS = {
+    "tiny": dict(image_size=32, patch_size=8, hidden_size=64, num_layers=2, num_attention_heads=4,
+                 ffn_hidden_size=256),
+    "B/16": dict(image_size=224, patch_size=16, hidden_size=768, num_layers=12,
+                 num_attention_heads=12, ffn_hidden_size=3072),
+    "L/14": dict(image_size=224, patch_size=14, hidden_size=1024, num_layers=24,
+                 num_attention_heads=16, ffn_hidden_size=4096),
+}
+
+LM_PRESETS = {
+    "tiny": dict(hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=256,
+                 max_position_embeddings=256),
+    "opt-125m": dict(hidden_size=768, num_layers=12, num_attention_heads=12, ffn_hidden_size=3072,
+                     max_position_embeddings=2048),
+}
+
+
+@dataclass
+class VisionConfig:
+    """ViT encoder (CLIP layout: conv patchify, class token, learned positions, pre-LN, post-LN)."""
+
+    preset: Optional[str] = None  # fills the size fields below that are left unset
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 256
+    layernorm_epsilon: float = 1e-5
+    layer_scale_init: Optional[float] = 0.1  # None disables layer-scale
+    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over depth
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_image_tokens(self) -> int:
+        """M: LM positions one image occupies between <BoI> and <EoI> (class token + patches)."""
+        return self.num_patches + 1
+
+
+@dataclass
+class LMConfig:
+    """Causal LM with the OPT architecture (learned absolute positions, pre-LN, ReLU, tied embeddings)."""
+
+    preset: Optional[str] = None
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 256
+    max_position_embeddings: int = 256
+    vocab_size: int = 512  # the tokenizer's size; padded by `padded_vocab_size`
+    make_vocab_size_divisible_by: int = 128
+    layernorm_epsilon: float = 1e-5
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+
+@dataclass
+class HeadsConfig:
+    """The LCL heads: attention pooling -> W1 -> v_i and LayerNorm -> W2 on the <BoI> output -> t_i."""
+
+    embed_dim: int = 64  # dimension of v_i and t_i
+    pool_num_heads: int = 4
+    logit_scale_init: float = 1 / 0.07
+    logit_scale_max: float = 100.0
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    # Which layer implementation: "auto" picks Transformer Engine when CUDA and TE are present.
+    transformer_impl: str = "auto"  # auto | transformer_engine | local
+    init_method_std: float = 0.02
+
+
+@dataclass
+class LossConfig:
+    mode: str = "lcl"  # lcl (L_gen + lambda * L_con) | gen | con
+    con_weight: float = 0.1  # lambda; paper Table 6b: 0.1 best
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    # Uneven pipeline split for the LM: the first stage also holds the ViT.
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+    virtual_pipeline_model_parallel_size: Optional[int] = None  # not supported: clear error
+    sequence_parallel: bool = False  # GPU (Transformer Engine) only
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    params_dtype: str = "fp32"  # fp32 | bf16
+    fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine only)
+
+
+def apply_preset(section, presets: dict):
+    """Return `section` with its preset's sizes (the YAML loader applies explicit keys after this)."""
+    if section.preset is None:
+        return section
+    if section.preset not in presets:
+        raise ValueError(f"unknown preset {section.preset!r}; choose from {sorted(presets)}")
+    return replace(section, **presets[section.preset])
+
+
+def padded_vocab_size(lm: LMConfig, tensor_model_parallel_size: int) -> int:
+    """Pad the vocabulary so every tensor-parallel shard has the same size (as Megatron-LM does)."""
+    multiple = lm.make_vocab_size_divisible_by * tensor_model_parallel_size
+    return ((lm.vocab_size + multiple - 1) // multiple) * multiple
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the fields involved."""
+
+
+def validate_model_config(model: ModelConfig, parallel: ParallelConfig,
+                          precision: Optional[PrecisionConfig] = None,
+                          seq_length: Optional[int] = None) -> None:
+    """Fail at start-up, with messages naming the fields, on configs megatron-core would choke on."""
+    errors = []
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    v, lm = model.vision, model.lm
+
+    def need(cond, msg):
+        if not cond:
+            errors.append(msg)
+
+    for name, section in (("model.vision", v), ("model.lm", lm)):
+        need(section.hidden_size % section.num_attention_heads == 0,
+             f"{name}.hidden_size ({section.hidden_size}) must be divisible by "
+             f"{name}.num_attention_heads ({section.num_attention_heads})")
+        need(section.num_attention_heads % tp == 0,
+             f"{name}.num_attention_heads ({section.num_attention_heads}) must be divisible by "
+             f"parallel.tensor_model_parallel_size ({tp})")
+        need(section.ffn_hidden_size % tp == 0,
+             f"{name}.ffn_hidden_size ({section.ffn_hidden_size}) must be divisible by "
+             f"parallel.tensor_model_parallel_size ({tp})")
+    need(v.image_size % v.patch_size == 0,
+         f"model.vision.image_size ({v.image_size}) must be divisible by "
+         f"model.vision.patch_size ({v.patch_size})")
+    need(0.0 <= v.drop_path_rate < 1.0,
+         f"model.vision.drop_path_rate ({v.drop_path_rate}) must be in [0, 1)")
+    need(model.heads.embed_dim % model.heads.pool_num_heads == 0 and
+         v.hidden_size % model.heads.pool_num_heads == 0,
+         f"model.heads.pool_num_heads ({model.heads.pool_num_heads}) must divide "
+         f"model.vision.hidden_size ({v.hidden_size})")
+    need(model.transformer_impl in ("auto", "transformer_engine", "local"),
+         f"model.transformer_impl ({model.transformer_impl!r}) must be auto, transformer_engine or local")
+    need(parallel.virtual_pipeline_model_parallel_size is None,
+         "parallel.virtual_pipeline_model_parallel_size: the interleaved (virtual) pipeline schedule "
+         "is not supported by the vision-language pipeline; leave it unset")
+    if seq_length is not None:
+        need(seq_length <= lm.max_position_embeddings,
+             f"data.seq_length ({seq_length}) exceeds model.lm.max_position_embeddings "
+             f"({lm.max_position_embeddings})")
+        need(v.num_image_tokens + 2 <= seq_length,
+             f"one image needs model.vision.num_image_tokens + 2 = {v.num_image_tokens + 2} positions, "
+             f"more than data.seq_length ({seq_length})")
+    errors += _pipeline_split_errors(lm.num_layers, parallel)
+    if precision is not None:
+        need(precision.params_dtype in ("fp32", "bf16"),
+             f"precision.params_dtype ({precision.params_dtype!r}) must be fp32 or bf16")
+        need(precision.fp8 in (None, "hybrid", "e4m3"),
+             f"precision.fp8 ({precision.fp8!r}) must be null, hybrid or e4m3")
+        need(precision.fp8 is None or model.transformer_impl != "local",
+             "precision.fp8 needs Transformer Engine layers; model.transformer_impl is 'local'")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _pipeline_split_errors(num_layers: int, parallel: ParallelConfig) -> list:
+    pp = parallel.pipeline_model_parallel_size
+    first, last = parallel.num_layers_in_first_pipeline_stage, parallel.num_layers_in_last_pipeline_stage
+    if pp == 1:
+        if first is not None or last is not None:
+            return ["parallel.num_layers_in_first/last_pipeline_stage need "
+                    "parallel.pipeline_model_parallel_size > 1"]
+        return []
+    rest_layers = num_layers - (first or 0) - (last or 0)
+    rest_stages = pp - (first is not None) - (last is not None)
+    if rest_layers < 0 or (rest_stages == 0 and rest_layers != 0) or (
+            rest_stages > 0 and rest_layers % rest_stages != 0):
+        return [f"pipeline split does not add up: model.lm.num_layers ({num_layers}) minus "
+                f"num_layers_in_first_pipeline_stage ({first}) and num_layers_in_last_pipeline_stage "
+                f"({last}) must divide evenly over the remaining {rest_stages} of "
+                f"parallel.pipeline_model_parallel_size ({pp}) stages"]
+    return []
+
+
+def _dtype(precision: Optional[PrecisionConfig]) -> torch.dtype:
+    return torch.bfloat16 if precision is not None and precision.params_dtype == "bf16" else torch.float32
+
+
+def build_transformer_config(section, parallel: ParallelConfig, *, init_method_std: float = 0.02,
+                             precision: Optional[PrecisionConfig] = None, activation: str = "gelu",
+                             pipeline_split: bool = True):
+    """The one place a megatron-core `TransformerConfig` is made.
+
+    `section` is a `VisionConfig` or an `LMConfig`. The ViT is never split across pipeline stages
+    (it lives on the first one), so it is built with `pipeline_split=False`.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = _dtype(precision)
+    pp = parallel.pipeline_model_parallel_size if pipeline_split else 1
+    kwargs = dict(
+        num_layers=section.num_layers,
+        hidden_size=section.hidden_size,
+        num_attention_heads=section.num_attention_heads,
+        ffn_hidden_size=section.ffn_hidden_size,
+        layernorm_epsilon=section.layernorm_epsilon,
+        attention_dropout=section.attention_dropout,
+        hidden_dropout=section.hidden_dropout,
+        activation_func={"gelu": F.gelu, "relu": F.relu}[activation],
+        add_bias_linear=True,
+        normalization="LayerNorm",
+        init_method_std=init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Initialise full weights on CPU then split: TP=k starts from the same weights as TP=1.
+        use_cpu_initialization=True,
+        batch_p2p_comm=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=True,
+    )
+    if pipeline_split and pp > 1:
+        kwargs.update(num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+                      num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage)
+    if precision is not None and precision.fp8 is not None:
+        kwargs.update(fp8=precision.fp8)
+    return TransformerConfig(**kwargs)
+
+
+def section_to_dict(section) -> dict:
+    """Dataclass -> plain dict (nested), for YAML dumps and checkpoints."""
+    out = {}
+    for f in fields(section):
+        value = getattr(section, f.name)
+        out[f.name] = section_to_dict(value) if hasattr(value, "__dataclass_fields__") else value
+    return out

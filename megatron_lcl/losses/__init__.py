@@ -1,0 +1,7 @@
+"""LCL losses: L = L_gen + lambda * L_con, each returned as a named term."""
+
+from megatron_lcl.losses.contrastive import contrastive_loss_sum, gather_rows
+from megatron_lcl.losses.generation import generation_loss_sum
+from megatron_lcl.losses.lcl import LCLLoss, LossTerms
+
+__all__ = ["LCLLoss", "LossTerms", "contrastive_loss_sum", "gather_rows", "generation_loss_sum"]

@@ -1,0 +1,1 @@
+"""LCL model: ViT encoder, OPT-architecture causal LM, LCL heads, as megatron-core modules."""

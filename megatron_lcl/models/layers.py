@@ -1,0 +1,53 @@
+"""Small building blocks megatron-core does not have: layer-scale + drop-path on a residual branch."""
+
+import functools
+
+import torch
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth on a residual branch laid out `[s, b, h]`: drop whole samples (dim 1).
+
+    Drawn from the default generator, which is identical across tensor-parallel ranks.
+    """
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = torch.empty((1, x.shape[1], 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
+    return x * mask / keep
+
+
+@functools.lru_cache(maxsize=None)
+def layer_scale_linear(row_parallel_cls: type) -> type:
+    """Subclass a row-parallel linear (local or TE) so its output is `drop_path(gamma * (xW + b))`.
+
+    The bias is added here rather than returned, so dropped samples lose the bias too; the
+    bias-dropout-add that follows receives `bias=None`. `gamma` (layer-scale, CaiT) is one value per
+    hidden unit, replicated over tensor-parallel ranks (the row-parallel output is full width).
+    `drop_path_rate` is set per layer by the model after construction.
+    """
+
+    class LayerScaleRowParallelLinear(row_parallel_cls):
+        def __init__(self, input_size, output_size, *args, layer_scale_init=None, **kwargs):
+            super().__init__(input_size, output_size, *args, **kwargs)
+            self.drop_path_rate = 0.0
+            if layer_scale_init is None:
+                self.layer_scale = None
+            else:
+                config = kwargs["config"]
+                self.layer_scale = torch.nn.Parameter(
+                    torch.full((output_size,), float(layer_scale_init), dtype=config.params_dtype))
+                # Under sequence parallelism the output is split over TP ranks: reduce its grad there.
+                setattr(self.layer_scale, "sequence_parallel", config.sequence_parallel)
+
+        def forward(self, x):
+            out, bias = super().forward(x)  # [s, b, h]
+            if bias is not None:
+                out = out + bias
+            if self.layer_scale is not None:
+                out = out * self.layer_scale
+            return drop_path(out, self.drop_path_rate, self.training), None
+
+    LayerScaleRowParallelLinear.__name__ = f"LayerScale{row_parallel_cls.__name__}"
+    LayerScaleRowParallelLinear.__qualname__ = LayerScaleRowParallelLinear.__name__
+    return LayerScaleRowParallelLinear

@@ -1,0 +1,120 @@
+"""The LCL model: ViT + projector + image head on the first stage, OPT LM across stages, text head last.
+
+Sequence layout and the batch contract are in `megatron_lcl.data.batch`. For each image j the ViT
+latents `[M, h_v]` are projected to the LM width and fill positions boi_j+1 .. boi_j+M of sample
+`image_sample_index[j]`; v_j comes from attention pooling of the same latents and t_j from the LM
+output at boi_j.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_lcl.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config, padded_vocab_size
+from megatron_lcl.models.heads import ImageHead, TextHead
+from megatron_lcl.models.language import OPTLanguageModel
+from megatron_lcl.models.specs import lm_layer_spec, select_transformer_impl, vit_layer_spec
+from megatron_lcl.models.vision import VisionTransformer
+
+
+@dataclass
+class LCLOutput:
+    logits: Optional[torch.Tensor]  # [s, b, v/tp] vocab-parallel (None when not needed)
+    image_features: torch.Tensor  # v: [n_valid, e], L2-normalised
+    text_features: torch.Tensor  # t: [n_valid, e], L2-normalised
+    logit_scale: torch.Tensor  # s = exp(logit_scale) clamped, scalar
+    hidden: torch.Tensor  # LM output after the final LN, [s, b, h]
+
+
+def image_token_index(image_sample_index, boi_positions, num_image_tokens: int):
+    """(sample_idx, position_idx), each `[n * M]`: the LM positions the latents of each image fill."""
+    offsets = torch.arange(1, num_image_tokens + 1, device=boi_positions.device)  # [M]
+    positions = (boi_positions[:, None] + offsets[None, :]).reshape(-1)  # [n*M]
+    samples = image_sample_index.repeat_interleave(num_image_tokens)  # [n*M]
+    return samples, positions
+
+
+def contrastive_image_mask(boi_positions: torch.Tensor) -> torch.Tensor:
+    """Images whose <BoI> has preceding context. At position 0 t_i sees nothing: excluded from L_con."""
+    return boi_positions > 0
+
+
+class LCLModel(MegatronModule):
+    """One pipeline stage of the LCL model (the whole model when pipeline size is 1)."""
+
+    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig,
+                 precision: Optional[PrecisionConfig] = None,
+                 pre_process: bool = True, post_process: bool = True):
+        impl = select_transformer_impl(cfg.transformer_impl)
+        lm_config = build_transformer_config(cfg.lm, parallel, init_method_std=cfg.init_method_std,
+                                             precision=precision, activation="relu")
+        super().__init__(config=lm_config)
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process = pre_process, post_process
+        self.transformer_impl = impl
+        self.num_image_tokens = cfg.vision.num_image_tokens
+        if pre_process:
+            vit_config = build_transformer_config(cfg.vision, parallel, init_method_std=cfg.init_method_std,
+                                                  precision=precision, activation="gelu",
+                                                  pipeline_split=False)
+            self.vision = VisionTransformer(vit_config, cfg.vision,
+                                            vit_layer_spec(impl, cfg.vision.layer_scale_init))
+            self.projector = torch.nn.Linear(cfg.vision.hidden_size, cfg.lm.hidden_size)
+            self.image_head = ImageHead(cfg.vision.hidden_size, cfg.heads)
+        self.lm = OPTLanguageModel(lm_config, lm_layer_spec(impl),
+                                   vocab_size=padded_vocab_size(cfg.lm, parallel.tensor_model_parallel_size),
+                                   max_sequence_length=cfg.lm.max_position_embeddings,
+                                   pre_process=pre_process, post_process=post_process)
+        if post_process:
+            self.text_head = TextHead(cfg.lm.hidden_size, cfg.heads)
+
+    # megatron-core hooks -------------------------------------------------------------------------
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.lm.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.lm.shared_embedding_or_output_weight()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.lm.set_input_tensor(input_tensor)
+
+    # stages ---------------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor):
+        """images `[n, 3, H, W]` -> (latents `[n, M, h_v]`, v `[n, e]`)."""
+        latents = self.vision(images)
+        return latents, self.image_head(latents)
+
+    def embed(self, tokens, position_ids, images, image_sample_index, boi_positions):
+        """First stage: -> (decoder input `[s, b, h]`, v `[n, e]` for all n images)."""
+        image_embeds, index, image_features = None, None, None
+        if images.shape[0] > 0:
+            latents, image_features = self.encode_images(images)
+            image_embeds = self.projector(latents).flatten(0, 1)  # [n, M, h] -> [n*M, h]
+            index = image_token_index(image_sample_index, boi_positions, self.num_image_tokens)
+        else:
+            image_features = images.new_zeros((0, self.image_head.proj.out_features))
+        return self.lm.embed(tokens, position_ids, image_embeds, index), image_features
+
+    def head(self, hidden, image_sample_index, boi_positions, with_logits: bool = True):
+        """Last stage: hidden `[s, b, h]` -> (logits `[s, b, v/tp]` or None, t `[n, e]`)."""
+        logits = self.lm.logits(hidden) if with_logits else None
+        boi_hidden = hidden[boi_positions, image_sample_index]  # [n, h]
+        return logits, self.text_head(boi_hidden)
+
+    def forward(self, tokens, position_ids, images, image_sample_index, boi_positions,
+                with_logits: bool = True) -> LCLOutput:
+        """Whole model on one stage (pipeline size 1). Inputs as in `LCLBatch`."""
+        assert self.pre_process and self.post_process, "use the pipeline stage wrapper for PP > 1"
+        hidden, image_features = self.embed(tokens, position_ids, images, image_sample_index, boi_positions)
+        hidden = self.lm.decode(hidden)
+        logits, text_features = self.head(hidden, image_sample_index, boi_positions, with_logits)
+        valid = contrastive_image_mask(boi_positions)
+        return LCLOutput(logits=logits, image_features=image_features[valid],
+                         text_features=text_features[valid], logit_scale=self.text_head.scale(),
+                         hidden=hidden)

@@ -1,0 +1,76 @@
+"""Layer specs: the ONE place that chooses Transformer Engine or megatron-core local layers.
+
+Transformer Engine is used when CUDA is present and `transformer_engine` imports (or when the config
+forces it); otherwise megatron-core's local layers, which run on CPU. Nothing else in megatron_lcl
+imports Transformer Engine.
+"""
+
+import copy
+import functools
+import importlib.util
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_lcl.config import ConfigError
+from megatron_lcl.models.layers import layer_scale_linear
+
+TRANSFORMER_ENGINE = "transformer_engine"
+LOCAL = "local"
+
+
+@functools.lru_cache(maxsize=None)
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a broken TE install (wrong CUDA, missing libs) counts as absent
+        return False
+    return True
+
+
+def select_transformer_impl(requested: str = "auto", *, cuda: bool = None, te: bool = None) -> str:
+    """Resolve `model.transformer_impl` (auto | transformer_engine | local) to a concrete backend."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    te = transformer_engine_available() if te is None else te
+    if requested == LOCAL:
+        return LOCAL
+    if requested == TRANSFORMER_ENGINE:
+        if not (cuda and te):
+            raise ConfigError("model.transformer_impl=transformer_engine needs CUDA and an importable "
+                              "transformer_engine (pip install 'megatron_lcl[gpu]'); use 'local' or 'auto'")
+        return TRANSFORMER_ENGINE
+    if requested != "auto":
+        raise ConfigError(f"model.transformer_impl ({requested!r}) must be auto, transformer_engine or local")
+    return TRANSFORMER_ENGINE if (cuda and te) else LOCAL
+
+
+def _base_gpt_layer_spec(impl: str) -> ModuleSpec:
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if impl == TRANSFORMER_ENGINE:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec()
+
+
+def lm_layer_spec(impl: str) -> ModuleSpec:
+    """Causal pre-LN GPT layer (the OPT layout)."""
+    return _base_gpt_layer_spec(impl)
+
+
+def vit_layer_spec(impl: str, layer_scale_init=None) -> ModuleSpec:
+    """Bidirectional pre-LN layer with optional layer-scale and drop-path on both residual branches.
+
+    megatron-core's own local ViT spec hard-codes a causal mask; here self-attention is `no_mask`.
+    """
+    spec = copy.deepcopy(_base_gpt_layer_spec(impl))
+    attention = spec.submodules.self_attention
+    attention.params = dict(attention.params, attn_mask_type=AttnMaskType.no_mask)
+    row_parallel = attention.submodules.linear_proj
+    scaled = ModuleSpec(module=layer_scale_linear(row_parallel),
+                        params={"layer_scale_init": layer_scale_init})
+    attention.submodules.linear_proj = scaled
+    spec.submodules.mlp.submodules.linear_fc2 = scaled
+    return spec

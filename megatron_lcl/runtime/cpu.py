@@ -1,0 +1,87 @@
+"""Let megatron-core run on CPU with the gloo backend.
+
+This is the ONE place in megatron_lcl that patches torch or megatron-core. It is switched on by
+`megatron_lcl.runtime.distributed` only when CUDA is absent, and is a no-op otherwise.
+
+megatron-core assumes CUDA in a handful of places (measured with mcore 0.16.1, see DESIGN.md):
+- the tensor-parallel RNG tracker reads and writes CUDA generator states;
+- `torch.cuda.current_device / synchronize / current_stream` are called directly;
+- `device="cuda"` literals in the pipeline schedules, attention-mask helpers and buffers;
+- `param.type() == 'torch.cuda.FloatTensor'` asserts in grad clipping and the distributed optimizer.
+
+The RNG and `torch.cuda.*` calls are redirected to their CPU equivalents; the device literals and
+the type check are handled by a `TorchFunctionMode` that rewrites CUDA devices to CPU.
+"""
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ENABLED = False
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # `torch.cuda.current_device()` returns an int, used as `device=<int>`.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites `device=cuda...` (and `.to('cuda')`) to CPU; reports CPU fp32 as cuda for mcore's asserts."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        result = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and result == "torch.FloatTensor":
+            return "torch.cuda.FloatTensor"
+        return result
+
+
+class _NullStream:
+    """Stands in for `torch.cuda.current_stream()` on CPU, where all work is synchronous."""
+
+    def wait_stream(self, _other):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, _event=None):
+        return None
+
+
+def enable_cpu_runtime() -> None:
+    """Install the CPU adaptation. Idempotent; does nothing when CUDA is available."""
+    global _ENABLED
+    if _ENABLED or torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    # (not torch.manual_seed: that calls torch.cuda.manual_seed_all itself)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = lambda seed: None
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_stream = lambda device=None: _NullStream()
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+    _CudaToCpuMode().__enter__()  # stays pushed for the life of the process
+    _ENABLED = True
+
+
+def cpu_runtime_enabled() -> bool:
+    return _ENABLED

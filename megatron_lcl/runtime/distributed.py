@@ -1,0 +1,87 @@
+"""Distributed start-up: one function for both nccl+CUDA and gloo+CPU, from torchrun's environment."""
+
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_lcl.config import ParallelConfig
+
+
+def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10) -> None:
+    """Initialise torch.distributed (from RANK/WORLD_SIZE/MASTER_ADDR/...) and megatron-core's groups.
+
+    On a machine without CUDA this switches on the CPU runtime and uses gloo; with CUDA it binds the
+    process to LOCAL_RANK's GPU and uses nccl. Safe to call in a single process without torchrun.
+    """
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        from megatron_lcl.runtime.cpu import enable_cpu_runtime
+
+        enable_cpu_runtime()
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    initialize_model_parallel(parallel, seed)
+
+
+def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
+    """(Re)create megatron-core's TP/PP/DP groups; may be called again after `destroy_model_parallel`."""
+    from megatron.core import parallel_state
+
+    world = dist.get_world_size()
+    model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+    if world % model_parallel != 0:
+        raise ValueError(
+            f"world size ({world}) must be divisible by parallel.tensor_model_parallel_size "
+            f"({parallel.tensor_model_parallel_size}) x parallel.pipeline_model_parallel_size "
+            f"({parallel.pipeline_model_parallel_size})")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+    )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python/numpy/torch and megatron-core's tensor-parallel RNG tracker.
+
+    As in Megatron-LM, the default generator is offset by the pipeline rank only, so tensor- and
+    data-parallel replicas draw the same numbers (e.g. identical drop-path masks across TP ranks).
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

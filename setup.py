@@ -1,0 +1,34 @@
+"""megatron_lcl: Latent Compression Learning pre-training on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_lcl",
+    version="0.1.0",
+    description="Vision-encoder pre-training on interleaved image-text data via Latent "
+    "Compression Learning, on megatron-core (tensor x pipeline x data parallel).",
+    packages=find_packages(include=["megatron_lcl", "megatron_lcl.*"]),
+    python_requires=">=3.10",
+    # torch is deliberately unpinned: cluster users bring their own CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "sentencepiece>=0.2",
+        "protobuf",
+        "webdataset>=0.2.100",
+        "tensorboard",
+        "psutil",  # required by megatron-core dist-checkpointing (save hangs without it)
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "transformers>=4.45",
+        "safetensors",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+        "gpu": ["transformer-engine[pytorch]>=1.12"],
+        "apex": ["apex"],
+    },
+)
