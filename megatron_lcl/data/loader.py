@@ -186,7 +186,8 @@ class _WorkerStream:
             if len(pending) == self.cfg.micro_batch_size:
                 batch = collate([s for s, _ in pending], [i for _, i in pending], self.ids,
                                 self.cfg.image_size, self.cfg.num_image_tokens)
-                meta = {"worker": self.worker, "cursor": slot, "skips": self.skips.state_dict()}
+                meta = {"worker": self.worker, "cursor": slot, "skips": self.skips.state_dict(),
+                        "origins": [s.origins for s, _ in pending]}
                 self.skips = SkipCounter()
                 pending = []
                 yield batch, meta
@@ -241,7 +242,7 @@ class _StreamDataset(IterableDataset):
         physical = info.id if info is not None else 0
         logical = (physical + self.rotation) % self.cfg.logical_workers
         stream = _WorkerStream(self.cfg, logical)
-        return stream.batches(start_slot=self.cursors[logical])
+        return stream.batches(start_slot=0)
 
 
 def _passthrough(item):
@@ -261,6 +262,7 @@ class LCLDataLoader:
         self.batches_consumed = 0
         self.cursors = [0] * cfg.logical_workers
         self.skips = SkipCounter()
+        self.last_batch_origins: List[List[str]] = []  # per sample: the "shard:key"s it was built from
 
     def __iter__(self) -> Iterator[LCLBatch]:
         cfg = self.cfg
@@ -273,6 +275,7 @@ class LCLDataLoader:
             received.load_state_dict(meta["skips"])
             self.skips.merge(received)
             self.batches_consumed += 1
+            self.last_batch_origins = meta["origins"]
             yield batch
 
     def skip_counts(self) -> dict:

@@ -67,6 +67,7 @@ def train_tokenizer(
     vocab_size: int,
     model_type: str = "unigram",
     max_sentences: int = 5_000_000,
+    character_coverage: float = 0.9995,
 ) -> str:
     """Train a sentencepiece model on `texts`; writes `{model_prefix}.model`/`.vocab`, returns the .model path.
 
@@ -80,7 +81,7 @@ def train_tokenizer(
         vocab_size=vocab_size,
         model_type=model_type,
         hard_vocab_limit=False,
-        character_coverage=0.9995,
+        character_coverage=character_coverage,
         input_sentence_size=max_sentences,
         shuffle_input_sentence=True,
         max_sentence_length=16384,

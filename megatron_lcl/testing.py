@@ -1,0 +1,56 @@
+"""Helpers to build valid random batches (tests, benchmarks). Not used in training."""
+
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_lcl.data.batch import LCLBatch
+
+# Token ids used by random batches (a real run takes them from the tokenizer).
+PAD, BOS, EOS, BOI, EOI, IMG = 0, 1, 2, 3, 4, 5
+FIRST_TEXT_ID = 6
+
+
+def random_batch(images_per_sample: Sequence[Sequence[int]], seq_length: int, num_image_tokens: int,
+                 image_size: int, vocab_size: int, seed: int = 0,
+                 pad_from: Optional[Sequence[int]] = None) -> LCLBatch:
+    """A batch whose sample b holds images with `<BoI>` at each position in `images_per_sample[b]`.
+
+    Text fills the other positions; `pad_from[b]` (optional) starts padding there.
+    """
+    g = torch.Generator().manual_seed(seed)
+    b = len(images_per_sample)
+    # Build seq_length + 1 tokens then shift, like the data pipeline.
+    full = torch.randint(FIRST_TEXT_ID, vocab_size, (b, seq_length + 1), generator=g)
+    sample_index, bois = [], []
+    for i, positions in enumerate(images_per_sample):
+        for p in positions:
+            assert p + num_image_tokens + 1 < seq_length, "image must fit inside the sequence"
+            full[i, p] = BOI
+            full[i, p + 1: p + 1 + num_image_tokens] = IMG
+            full[i, p + 1 + num_image_tokens] = EOI
+            sample_index.append(i)
+            bois.append(p)
+        if pad_from is not None and pad_from[i] is not None:
+            full[i, pad_from[i]:] = PAD
+    tokens, labels = full[:, :-1].contiguous(), full[:, 1:].contiguous()
+    loss_mask = ((labels != IMG) & (labels != EOI) & (labels != PAD)).float()
+    n = len(bois)
+    return LCLBatch(
+        tokens=tokens, labels=labels, loss_mask=loss_mask,
+        position_ids=torch.arange(seq_length).expand(b, seq_length).contiguous(),
+        images=torch.randn(n, 3, image_size, image_size, generator=g),
+        image_sample_index=torch.tensor(sample_index, dtype=torch.long),
+        boi_positions=torch.tensor(bois, dtype=torch.long))
+
+
+def slice_batch(batch: LCLBatch, samples: slice) -> LCLBatch:
+    """The sub-batch of samples `samples` (images re-indexed), e.g. one data-parallel rank's share."""
+    idx = torch.arange(batch.tokens.shape[0])[samples]
+    keep = (batch.image_sample_index >= idx[0]) & (batch.image_sample_index <= idx[-1])
+    return LCLBatch(
+        tokens=batch.tokens[samples], labels=batch.labels[samples], loss_mask=batch.loss_mask[samples],
+        position_ids=batch.position_ids[samples], images=batch.images[keep],
+        image_sample_index=batch.image_sample_index[keep] - int(idx[0]),
+        boi_positions=batch.boi_positions[keep],
+        image_labels=None if batch.image_labels is None else batch.image_labels[keep])

@@ -1,0 +1,1 @@
+"""Training: forward/backward steps, the driver, checkpoints, logging."""

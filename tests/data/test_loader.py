@@ -1,0 +1,148 @@
+"""The streaming loader: batch contract, determinism, DP split, exact resume, skip counters."""
+
+import itertools
+import random
+
+import pytest
+import torch
+import webdataset as wds
+
+from conftest import IMAGE_SIZE, NUM_IMAGE_TOKENS, SEQ_LENGTH, jpeg_bytes
+from megatron_lcl.data.documents import DocImage, Document, to_wds_sample
+from megatron_lcl.data.loader import _WorkerStream, build_loader
+from megatron_lcl.data.tokenizer import LCLTokenizer
+from megatron_lcl.data.transforms import CLIP_MEAN, decode_image, eval_transform, train_transform
+
+
+def take(loader, n):
+    return list(itertools.islice(iter(loader), n))
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for name in ("tokens", "labels", "loss_mask", "position_ids", "images", "image_sample_index",
+                     "boi_positions", "image_labels"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), f"{name} differs"
+
+
+def test_batch_contract(prepared_mmc4, loader_kwargs):
+    tok = LCLTokenizer(loader_kwargs["tokenizer_path"])
+    batches = take(build_loader(prepared_mmc4, **loader_kwargs), 6)
+    b, s = 3, SEQ_LENGTH
+    for batch in batches:
+        batch.validate(NUM_IMAGE_TOKENS)
+        assert batch.tokens.shape == (b, s) and batch.images.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert batch.tokens.dtype == torch.long and batch.loss_mask.dtype == torch.float32
+        assert torch.equal(batch.labels[:, :-1], batch.tokens[:, 1:])
+        assert torch.equal(batch.position_ids[0], torch.arange(s))
+        not_text = (batch.labels == tok.image_id) | (batch.labels == tok.eoi_id) | (batch.labels == tok.pad_id)
+        assert torch.equal(batch.loss_mask, (~not_text).float())
+        assert (batch.loss_mask[batch.labels == tok.boi_id] == 1).all()  # predicting <BoI> is allowed
+        assert torch.equal(batch.tokens[:, 0], torch.full((b,), tok.bos_id))  # MMC4: one document per sample
+        for j in range(batch.num_images):
+            row, p = int(batch.image_sample_index[j]), int(batch.boi_positions[j])
+            run = batch.tokens[row, p:p + NUM_IMAGE_TOKENS + 2].tolist()
+            assert run == [tok.boi_id] + [tok.image_id] * NUM_IMAGE_TOKENS + [tok.eoi_id]
+        assert (batch.tokens == tok.boi_id).sum() == batch.num_images
+        assert batch.image_sample_index.tolist() == sorted(batch.image_sample_index.tolist())
+        assert batch.image_labels.shape == (batch.num_images,) and ((batch.image_labels >= 0) & (batch.image_labels < 8)).all()
+    assert sum(b.num_images for b in batches) > 0
+
+
+def test_deterministic_for_a_seed(prepared_mmc4, loader_kwargs):
+    a = take(build_loader(prepared_mmc4, **loader_kwargs), 4)
+    b = take(build_loader(prepared_mmc4, **loader_kwargs), 4)  # e.g. the other TP rank of the replica
+    assert_same_batches(a, b)
+    c = take(build_loader(prepared_mmc4, **dict(loader_kwargs, seed=8)), 4)
+    assert not torch.equal(a[0].tokens, c[0].tokens)
+
+
+@pytest.mark.parametrize("dp_size,num_workers", [(2, 2), (3, 3)])  # 8 shards: split by shard, by document
+def test_dp_split_disjoint_and_covering(prepared_mmc4, loader_kwargs, dp_size, num_workers):
+    all_keys = None
+    seen = []
+    for rank in range(dp_size):
+        loader = build_loader(prepared_mmc4, **dict(loader_kwargs, dp_rank=rank, dp_size=dp_size,
+                                                    num_workers=num_workers))
+        for w in range(num_workers):
+            keys = [raw["__key__"] for epoch, _, raw in
+                    itertools.takewhile(lambda x: x[0] == 0, _WorkerStream(loader.cfg, w).documents())]
+            seen.append(keys)
+        if all_keys is None:
+            ref = build_loader(prepared_mmc4, **loader_kwargs)
+            all_keys = [raw["__key__"] for epoch, _, raw in
+                        itertools.takewhile(lambda x: x[0] == 0, _WorkerStream(ref.cfg, 0).documents())]
+    flat = [k for keys in seen for k in keys]
+    assert len(flat) == len(set(flat)), "DP ranks/workers overlap"
+    assert sorted(flat) == sorted(all_keys) and len(all_keys) > 60
+
+
+def test_dp_ranks_get_different_documents_end_to_end(prepared_mmc4, loader_kwargs):
+    origins = []
+    for rank in range(2):
+        loader = build_loader(prepared_mmc4, **dict(loader_kwargs, dp_rank=rank, dp_size=2))
+        mine = set()
+        for _ in itertools.islice(iter(loader), 5):
+            mine |= {o for sample in loader.last_batch_origins for o in sample}
+        origins.append(mine)
+    assert origins[0] and origins[1] and not origins[0] & origins[1]
+
+
+@pytest.mark.parametrize("num_workers,packing,consumed", [(2, "auto", 3), (2, "auto", 4), (0, "concat", 5)])
+def test_exact_resume(prepared_mmc4, loader_kwargs, num_workers, packing, consumed):
+    kwargs = dict(loader_kwargs, num_workers=num_workers, packing=packing)
+    uninterrupted = take(build_loader(prepared_mmc4, **kwargs), consumed + 4)
+    first = build_loader(prepared_mmc4, **kwargs)
+    assert_same_batches(take(first, consumed), uninterrupted[:consumed])
+    state = first.state_dict()
+    assert state["batches_consumed"] == consumed
+    resumed = build_loader(prepared_mmc4, **kwargs)
+    resumed.load_state_dict(state)
+    assert_same_batches(take(resumed, 4), uninterrupted[consumed:])
+    # Epochs wrap: this dataset has ~70 documents, 30 batches of 3 cross an epoch boundary.
+    assert len(take(resumed, 30)) == 30
+
+
+def test_state_from_other_settings_is_refused(prepared_mmc4, loader_kwargs):
+    loader = build_loader(prepared_mmc4, **loader_kwargs)
+    take(loader, 1)
+    other = build_loader(prepared_mmc4, **dict(loader_kwargs, dp_size=2))
+    with pytest.raises(ValueError, match="dp_size"):
+        other.load_state_dict(loader.state_dict())
+
+
+def test_bad_samples_in_shards_are_counted_and_named(tmp_path, loader_kwargs):
+    def doc(key, data):
+        image = DocImage(data=data, matched_text_index=0, matched_sim=0.3, label=1)
+        return Document(key, "mmc4", ["A red circle.", "More text."], [image], f"src.jsonl:{key}")
+
+    with wds.TarWriter(str(tmp_path / "shard-000000.tar")) as sink:
+        for k in range(6):
+            sink.write(to_wds_sample(doc(f"good{k}", jpeg_bytes())))
+        sink.write(to_wds_sample(doc("corrupt", b"\xff\xd8 not a jpeg")))
+        sink.write({"__key__": "nojson", "json": b"{broken", "img0.jpg": jpeg_bytes()})
+        sink.write(to_wds_sample(Document("lowsim", "mmc4", ["t"], [DocImage(data=jpeg_bytes(), matched_text_index=0,
+                                                                             matched_sim=0.1)], "src:lowsim")))
+    loader = build_loader(str(tmp_path), **dict(loader_kwargs, micro_batch_size=2, shuffle_buffer=0))
+    # 6 good documents (3 batches) per epoch; the bad ones come last in the shard, so their skips
+    # arrive with the first batch of the next epoch: batch 4 carries epoch 0's, batch 7 epoch 1's.
+    batches = take(loader, 7)
+    assert all(b.num_images == 2 for b in batches)
+    counts = loader.skip_counts()
+    assert counts == {"corrupt_image": 2, "bad_sample": 2, "no_usable_image": 2}, counts
+    ex = loader.skips.examples
+    assert ex["corrupt_image"][0].startswith("shard-000000.tar:corrupt")
+    assert ex["bad_sample"][0].startswith("shard-000000.tar:nojson")
+    assert ex["no_usable_image"][0] == "shard-000000.tar:lowsim"
+    assert loader.state_dict()["skips"]["counts"] == counts
+
+
+def test_transforms():
+    img = decode_image(jpeg_bytes(size=(80, 50)), 32)
+    a = train_transform(img, 32, random.Random(0))
+    b = train_transform(img, 32, random.Random(0))
+    assert a.shape == (3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
+    grey = decode_image(jpeg_bytes(colour=(int(CLIP_MEAN[0] * 255),) * 3, size=(64, 64)), 32)
+    e = eval_transform(grey, 16)
+    assert e.shape == (3, 16, 16) and e[0].abs().max() < 0.05  # mean colour normalises to ~0

@@ -1,0 +1,103 @@
+"""prepare_data: rules applied once, bad input skipped, counted and named, never a crash."""
+
+import json
+import os
+
+import webdataset as wds
+
+from conftest import jpeg_bytes, png_bytes
+from megatron_lcl.data.documents import from_wds_sample
+from megatron_lcl.data.prepare import PrepareOptions, prepare
+from test_readers import write_laion_shard
+
+
+def read_prepared(folder):
+    docs = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".tar"):
+            docs += [from_wds_sample(s) for s in wds.tarfile_samples([{"url": os.path.join(folder, name)}])]
+    return docs
+
+
+def image_info(name, index, sim):
+    return {"image_name": name, "raw_url": "u", "matched_text_index": index, "matched_sim": sim}
+
+
+def test_mmc4_bad_inputs_are_counted_and_named(tmp_path):
+    src, images = tmp_path / "src", tmp_path / "src" / "images"
+    images.mkdir(parents=True)
+    (images / "good.jpg").write_bytes(jpeg_bytes())
+    (images / "big.png").write_bytes(png_bytes(size=(900, 300)))
+    (images / "corrupt.jpg").write_bytes(jpeg_bytes()[:50])  # truncated JPEG
+    lines = [
+        json.dumps({"text_list": ["a", "b"], "image_info": [image_info("good.jpg", 0, 0.3),
+                                                            image_info("low.jpg", 1, 0.1)]}),
+        "{this line is not json",
+        json.dumps({"text_list": ["c"], "image_info": [image_info("missing.jpg", 0, 0.3)]}),
+        json.dumps({"text_list": ["d"], "image_info": [image_info("corrupt.jpg", 0, 0.3)]}),
+        json.dumps({"text_list": ["e"], "image_info": []}),
+        json.dumps({"text_list": ["x" * 5000], "image_info": [image_info("good.jpg", 0, 0.3)]}),
+        json.dumps({"text_list": ["f", "g"], "image_info": [image_info("big.png", 1, 0.24)]}),
+    ]
+    (src / "part.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    summary = prepare("mmc4", [str(src)], str(out), options=PrepareOptions(max_doc_chars=1000, max_image_side=128),
+                      progress=False)
+
+    assert (summary.docs_in, summary.docs_out) == (6, 2)
+    assert (summary.images_in, summary.images_out) == (6, 2)
+    assert dict(summary.skips.counts) == {
+        "low_similarity_image": 1, "malformed_json": 1, "missing_image": 1, "corrupt_image": 1,
+        "no_usable_image": 3, "too_large_document": 1}
+    ex = summary.skips.examples
+    assert ex["malformed_json"][0].startswith("part.jsonl:2")
+    assert "part.jsonl:3" in ex["missing_image"][0] and "missing.jpg" in ex["missing_image"][0]
+    assert "part.jsonl:4" in ex["corrupt_image"][0]
+    assert "part.jsonl:6" in ex["too_large_document"][0]
+    assert "too_large_document" in summary.report() and "part.jsonl:2" in summary.report()
+    assert json.load(open(out / "summary.json"))["docs_out"] == 2
+
+    docs = read_prepared(out)
+    assert [d.texts for d in docs] == [["a", "b"], ["f", "g"]]
+    assert [len(d.images) for d in docs] == [1, 1]  # low-similarity image dropped
+    assert docs[0].images[0].data == jpeg_bytes()  # small JPEGs are kept byte for byte
+    big = docs[1].images[0].data
+    assert big[:2] == b"\xff\xd8"  # PNG re-encoded as JPEG, downscaled to 128 px
+    from PIL import Image
+    import io
+    assert Image.open(io.BytesIO(big)).size == (128, 43)
+
+
+def test_obelics_image_count_rule(tmp_path):
+    (tmp_path / "p.jpg").write_bytes(jpeg_bytes())
+    rows = [
+        {"texts": ["t", None, None], "images": [None, "p.jpg", "p.jpg"]},
+        {"texts": ["t"] + [None] * 7, "images": [None] + ["p.jpg"] * 7},  # 7 images > 6
+        {"texts": ["only text"], "images": [None]},
+    ]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    summary = prepare("obelics", [str(tmp_path / "rows.jsonl")], str(tmp_path / "out"), progress=False)
+    assert summary.docs_out == 1
+    assert summary.skips.counts == {"too_many_images": 1, "no_usable_image": 1}
+    (doc,) = read_prepared(tmp_path / "out")
+    assert doc.order == [("text", 0), ("image", 0), ("image", 1)]
+
+
+def test_laion_prepare(tmp_path):
+    write_laion_shard(tmp_path / "00000.tar", 5, broken_key="000000001")
+    summary = prepare("laion", [str(tmp_path / "*.tar")], str(tmp_path / "out"), progress=False)
+    assert (summary.docs_in, summary.docs_out) == (4, 4) and summary.skips.counts == {"missing_image": 1}
+    docs = read_prepared(tmp_path / "out")
+    assert docs[0].source == "laion" and docs[0].texts == ["a photo number 0"]
+
+
+def test_cli_prints_summary(tmp_path, synthetic_mmc4, capsys):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+    import prepare_data
+
+    prepare_data.main(["--format", "mmc4", "--input", synthetic_mmc4, "--output", str(tmp_path / "o"),
+                       "--shard-size", "25", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "documents: 80 in" in printed and "low_similarity_image" in printed
+    assert len([n for n in os.listdir(tmp_path / "o") if n.endswith(".tar")]) >= 3

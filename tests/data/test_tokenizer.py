@@ -1,0 +1,29 @@
+from megatron_lcl.data.tokenizer import LCLTokenizer, train_tokenizer
+
+
+def test_special_ids_are_fixed(tokenizer_path):
+    tok = LCLTokenizer(tokenizer_path)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id, tok.image_id) == (0, 2, 3, 4, 5, 6)
+    assert tok.vocab_size > 7
+
+
+def test_text_cannot_produce_image_tokens(tokenizer_path):
+    tok = LCLTokenizer(tokenizer_path)
+    ids = tok.encode("a red circle <img> <BoI> <EoI> </s> <pad>")
+    assert not set(ids) & {tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id, tok.image_id}
+
+
+def test_roundtrip_and_image_rendering(tokenizer_path):
+    tok = LCLTokenizer(tokenizer_path)
+    text = "We saw a large red circle on a striped background."
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    shown = tok.decode([tok.bos_id] + ids + [tok.boi_id, tok.image_id, tok.eoi_id, tok.pad_id])
+    assert shown.endswith("<BoI> <img> <EoI>") and "background." in shown
+
+
+def test_tiny_vocab_trains(tmp_path):
+    path = train_tokenizer(["hello world", "a blue square", "hello blue world"] * 50, str(tmp_path / "t"), 1000)
+    tok = LCLTokenizer(path)
+    assert tok.decode(tok.encode("hello blue square")) == "hello blue square"
+    assert (tmp_path / "t.vocab").exists()
