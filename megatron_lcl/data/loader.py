@@ -242,7 +242,7 @@ class _StreamDataset(IterableDataset):
         physical = info.id if info is not None else 0
         logical = (physical + self.rotation) % self.cfg.logical_workers
         stream = _WorkerStream(self.cfg, logical)
-        return stream.batches(start_slot=0)
+        return stream.batches(start_slot=self.cursors[logical])
 
 
 def _passthrough(item):
