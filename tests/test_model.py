@@ -1,0 +1,141 @@
+"""Single-rank behaviour of the LCL model and losses: causality, loss modes, bidirectional ViT."""
+
+import pytest
+import torch
+
+from megatron_lcl.config import LossConfig, ParallelConfig
+from megatron_lcl.losses import LCLLoss
+from megatron_lcl.testing import IMG, random_batch
+from megatron_lcl.training.step import forward_loss
+
+import sys, pathlib  # noqa: E401
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "dist"))
+from common import tiny_model_config  # noqa: E402
+
+CFG = tiny_model_config()
+M = CFG.vision.num_image_tokens
+
+
+@pytest.fixture(scope="module")
+def model(single_rank):
+    from megatron_lcl.models.lcl_model import LCLModel
+    from megatron_lcl.runtime import set_seed
+
+    set_seed(0)
+    return LCLModel(CFG, ParallelConfig()).eval()
+
+
+def _batch(seed=0):
+    # sample 0: images at 5 and 25; sample 1: image at 12
+    return random_batch([[5, 25], [12]], seq_length=48, num_image_tokens=M, image_size=16,
+                        vocab_size=192, seed=seed)
+
+
+def _run(model, batch):
+    with torch.no_grad():
+        return model(batch.tokens, batch.position_ids, batch.images, batch.image_sample_index,
+                     batch.boi_positions)
+
+
+def test_text_after_an_image_does_not_change_its_t(model):
+    batch = _batch()
+    base = _run(model, batch)
+    changed = _batch()
+    # change text after the second image of sample 0 (EoI at 25 + M + 1)
+    after = 25 + M + 2
+    changed.tokens[0, after:] = (changed.tokens[0, after:] + 7) % 150 + 6
+    out = _run(model, changed)
+    torch.testing.assert_close(out.text_features, base.text_features, atol=0, rtol=0)
+    assert not torch.equal(out.hidden[after:, 0], base.hidden[after:, 0])  # the change did propagate
+
+
+def test_an_image_changes_lm_outputs_only_after_its_boi(model):
+    batch = _batch()
+    base = _run(model, batch)
+    changed = _batch()
+    changed.images[1] = torch.randn_like(changed.images[1])  # second image of sample 0, <BoI> at 25
+    out = _run(model, changed)
+    torch.testing.assert_close(out.hidden[:26, 0], base.hidden[:26, 0], atol=0, rtol=0)
+    assert (out.hidden[26:, 0] - base.hidden[26:, 0]).abs().amax(-1).min() > 0  # every later position
+    torch.testing.assert_close(out.hidden[:, 1], base.hidden[:, 1], atol=0, rtol=0)  # other sample
+    assert not torch.equal(out.image_features[1], base.image_features[1])
+
+
+def test_vit_attention_is_bidirectional(model):
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        base = model.vision(images)
+        images[:, :, 8:, 8:] += 1.0  # only the last patch
+        out = model.vision(images)
+    assert not torch.allclose(out[:, 0], base[:, 0])  # class token sees the last patch
+
+
+def test_boi_at_position_zero_is_excluded_from_contrastive(model):
+    batch = random_batch([[0, 20], [9]], seq_length=48, num_image_tokens=M, image_size=16,
+                         vocab_size=192, seed=3)
+    out = _run(model, batch)
+    assert out.image_features.shape[0] == out.text_features.shape[0] == 2
+
+
+def _grads(model, mode):
+    model.zero_grad(set_to_none=True)
+    model.train()
+    terms = forward_loss(model, _batch(1), LCLLoss(LossConfig(mode=mode)))
+    terms.total.backward()
+    model.eval()
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def test_loss_gen_gives_no_gradient_to_contrastive_heads(model):
+    grads = _grads(model, "gen")
+    heads = [n for n in grads if n.startswith(("image_head.", "text_head."))]
+    assert heads and all(grads[n].abs().max() == 0 for n in heads)
+    assert grads["lm.decoder.layers.0.mlp.linear_fc1.weight"].abs().max() > 0
+
+
+def test_loss_con_gives_no_gradient_to_lm_head(model):
+    """The output layer is tied to the embedding: rows of tokens absent from the input are reached
+    only through the output softmax, so under loss=con they must get exactly zero gradient."""
+    batch = _batch(1)
+    unused = torch.ones(192, dtype=torch.bool)
+    unused[batch.tokens.unique()] = False
+    unused[IMG] = True  # replaced by image latents
+    con = _grads(model, "con")["lm.embedding.word_embeddings.weight"][:192]
+    gen = _grads(model, "gen")["lm.embedding.word_embeddings.weight"][:192]
+    assert con[unused].abs().max() == 0
+    assert gen[unused].abs().max() > 0  # control: the same rows do get gradient from L_gen
+    assert _grads(model, "con")["text_head.proj.weight"].abs().max() > 0
+
+
+def test_lcl_total_is_weighted_sum(model):
+    terms = forward_loss(model, _batch(2), LCLLoss(LossConfig(mode="lcl", con_weight=0.1)))
+    torch.testing.assert_close(terms.loss, terms.lm_loss + 0.1 * terms.con_loss)
+    torch.testing.assert_close(terms.total.detach(), terms.loss)  # single rank: total == logged value
+
+
+def test_logit_scale_init_and_clamp(model):
+    assert model.text_head.scale().item() == pytest.approx(1 / 0.07, rel=1e-5)
+    with torch.no_grad():
+        model.text_head.logit_scale.fill_(10.0)
+        assert model.text_head.scale().item() == 100.0
+        model.text_head.logit_scale.fill_(torch.log(torch.tensor(1 / 0.07)).item())
+
+
+def test_drop_path_and_layer_scale(model):
+    """Layer-scale multiplies the branch; drop-path zeroes whole samples at train time only."""
+    layer = model.vision.decoder.layers[1]
+    proj = layer.self_attention.linear_proj
+    assert proj.layer_scale is not None and torch.all(proj.layer_scale == CFG.vision.layer_scale_init)
+    model.vision.set_drop_path_rate(0.999)
+    assert layer.mlp.linear_fc2.drop_path_rate == pytest.approx(0.999)
+    assert model.vision.decoder.layers[0].mlp.linear_fc2.drop_path_rate == 0.0  # linear in depth
+    x = torch.randn(5, 64, proj.input_size)  # [s, b, h]
+    proj.train()
+    out, bias = proj(x)
+    proj.eval()
+    assert bias is None
+    dropped = (out.abs().amax(dim=(0, 2)) == 0).sum()
+    assert dropped > 50  # ~all 64 samples dropped at rate 0.999
+    out_eval, _ = proj(x)
+    assert (out_eval.abs().amax(dim=(0, 2)) > 0).all()
+    model.vision.set_drop_path_rate(0.0)

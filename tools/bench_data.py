@@ -1,0 +1,100 @@
+"""Data pipeline throughput and packing efficiency on MMC4-like synthetic documents.
+
+    python tools/bench_data.py                       # seq 2048, 224 px, M = 196 (ViT-B/16), 1 worker
+    python tools/bench_data.py --num-workers 2 --packing pack
+
+Writes a synthetic MMC4 corpus (images drawn at --source-image-size, like web images after
+prepare_data's 512 px cap), trains a tokenizer, prepares shards, then times the loader:
+images/s and tokens/s per worker (one worker = one process = one core) and packing efficiency
+(the fraction of sequence positions that are not padding).
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_lcl.data.loader import build_loader  # noqa: E402
+from megatron_lcl.data.prepare import prepare  # noqa: E402
+from megatron_lcl.data.synthetic import write_corpus  # noqa: E402
+from megatron_lcl.data.tokenizer import LCLTokenizer, train_tokenizer  # noqa: E402
+
+
+def build_inputs(work: str, args) -> tuple:
+    corpus, prepared = os.path.join(work, "corpus"), os.path.join(work, "prepared")
+    t0 = time.time()
+    paths = write_corpus(corpus, args.num_docs, args.source_image_size, seed=0, docs_per_shard=100,
+                         max_images=args.max_images, filler=args.filler)
+    from megatron_lcl.data.sources import read_mmc4
+    from megatron_lcl.data.skips import SkipCounter
+    texts = [t for p in paths for d in read_mmc4(p, os.path.join(corpus, "images"), SkipCounter()) for t in d.texts]
+    tokenizer = train_tokenizer(texts, os.path.join(work, "tok"), args.vocab_size)
+    summary = prepare("mmc4", [corpus], prepared, progress=False)
+    print(f"corpus: {summary.docs_out} documents, {summary.images_out} images "
+          f"({args.source_image_size} px) prepared in {time.time() - t0:.1f} s")
+    return prepared, tokenizer
+
+
+def measure(prepared: str, tokenizer: str, args) -> dict:
+    loader = build_loader(prepared, tokenizer, seq_length=args.seq_length, image_size=args.image_size,
+                          num_image_tokens=args.num_image_tokens, micro_batch_size=args.micro_batch_size,
+                          seed=0, num_workers=args.num_workers, packing=args.packing)
+    pad_id = LCLTokenizer(tokenizer).pad_id
+    images = tokens = real = text_targets = 0
+    it = iter(loader)
+    for _ in range(args.warmup_batches):
+        next(it)
+    t0 = time.time()
+    for _ in range(args.batches):
+        batch = next(it)
+        images += batch.num_images
+        tokens += batch.tokens.numel()
+        real += int((batch.tokens != pad_id).sum())
+        text_targets += int(batch.loss_mask.sum())
+    elapsed = time.time() - t0
+    workers = max(args.num_workers, 1)
+    return {
+        "images_per_s_per_worker": images / elapsed / workers,
+        "tokens_per_s_per_worker": tokens / elapsed / workers,
+        "images_per_sample": images / (args.batches * args.micro_batch_size),
+        "packing_efficiency": real / tokens,
+        "text_target_fraction": text_targets / tokens,
+        "elapsed_s": elapsed,
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--num-image-tokens", type=int, default=196, help="196: ViT-B/16 at 224 px; 256: ViT-L/14")
+    p.add_argument("--source-image-size", type=int, default=448)
+    p.add_argument("--num-docs", type=int, default=400)
+    p.add_argument("--max-images", type=int, default=8, help="images per synthetic document: 1..N")
+    p.add_argument("--filler", type=int, default=30, help="up to N filler sentences before/after captions")
+    p.add_argument("--vocab-size", type=int, default=1000)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--num-workers", type=int, default=0, help="0: measure in this process (one core)")
+    p.add_argument("--packing", default="auto", choices=["auto", "truncate", "concat", "pack"])
+    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--warmup-batches", type=int, default=3)
+    p.add_argument("--work-dir", default=None, help="reuse/keep inputs here (default: a temp dir)")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work_dir or tmp
+        if args.work_dir and os.path.exists(os.path.join(work, "tok.model")):
+            prepared, tokenizer = os.path.join(work, "prepared"), os.path.join(work, "tok.model")
+        else:
+            prepared, tokenizer = build_inputs(work, args)
+        result = measure(prepared, tokenizer, args)
+    print(f"seq_length {args.seq_length}, image {args.image_size} px, M {args.num_image_tokens}, "
+          f"packing {args.packing}, workers {args.num_workers or '0 (in process)'}")
+    for k, v in result.items():
+        print(f"  {k:26s} {v:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
