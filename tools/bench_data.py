@@ -39,6 +39,10 @@ def build_inputs(work: str, args) -> tuple:
 
 
 def measure(prepared: str, tokenizer: str, args) -> dict:
+    import torch
+
+    # A DataLoader worker runs torch with one thread; measure the in-process case the same way.
+    torch.set_num_threads(1)
     loader = build_loader(prepared, tokenizer, seq_length=args.seq_length, image_size=args.image_size,
                           num_image_tokens=args.num_image_tokens, micro_batch_size=args.micro_batch_size,
                           seed=0, num_workers=args.num_workers, packing=args.packing)

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from megatron_lcl.data import skips as S
 from megatron_lcl.data.batch import LCLBatch
 from megatron_lcl.data.documents import from_wds_sample
-from megatron_lcl.data.rules import (BuiltSample, ConcatPacker, SpecialIds, document_layout,
+from megatron_lcl.data.rules import (BuiltSample, ConcatPacker, DocumentPacker, SpecialIds, document_layout,
                                      tokenize_layout, truncate_and_pad)
 from megatron_lcl.data.skips import SkipCounter
 from megatron_lcl.data.tokenizer import LCLTokenizer
@@ -64,7 +64,10 @@ class LoaderConfig:
     seed: int
     num_workers: int
     shuffle_buffer: int = 256
-    packing: str = "auto"  # "truncate" (one document per sample) | "concat" | "auto": by source
+    # "auto": the paper's rule per source (MMC4 "truncate", OBELICS/LAION "concat");
+    # "truncate": one document per sample; "concat": windows over concatenated documents;
+    # "pack": MMC4 documents truncated as in "truncate", then several whole documents per sample.
+    packing: str = "auto"
     train_transform: bool = True
 
     @property
@@ -150,10 +153,11 @@ class _WorkerStream:
             packing = cfg.packing if cfg.packing != "auto" else ("truncate" if doc.source == "mmc4" else "concat")
             if packing == "truncate":
                 yield truncate_and_pad(segments, cfg.seq_length, self.ids.pad, origin=where)
-            else:
-                if doc.source not in packers:  # one packer per source keeps sources unmixed
-                    packers[doc.source] = ConcatPacker(cfg.seq_length, self.ids.pad, cfg.num_image_tokens)
-                yield from packers[doc.source].add(segments, origin=where)
+                continue
+            if doc.source not in packers:  # one packer per source keeps sources unmixed
+                packers[doc.source] = (DocumentPacker(cfg.seq_length, self.ids.pad) if packing == "pack" else
+                                       ConcatPacker(cfg.seq_length, self.ids.pad, cfg.num_image_tokens))
+            yield from packers[doc.source].add(segments, origin=where)
 
     def decode_images(self, sample: BuiltSample) -> Optional[List[torch.Tensor]]:
         size = self.cfg.image_size
@@ -328,7 +332,7 @@ def build_loader(
 ) -> LCLDataLoader:
     """The training loader for one data-parallel rank (see the module docstring)."""
     assert 0 <= dp_rank < dp_size, f"dp_rank ({dp_rank}) must be in [0, dp_size={dp_size})"
-    assert packing in ("auto", "truncate", "concat"), f"packing must be auto|truncate|concat, got {packing!r}"
+    assert packing in ("auto", "truncate", "concat", "pack"), f"packing must be auto|truncate|concat|pack, got {packing!r}"
     assert num_image_tokens + 2 < seq_length, (
         f"seq_length ({seq_length}) must exceed num_image_tokens + 2 ({num_image_tokens + 2})")
     cfg = LoaderConfig(find_shards(data_path), str(tokenizer_path), seq_length, image_size,

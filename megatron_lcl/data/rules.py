@@ -178,3 +178,45 @@ class ConcatPacker:
         done.tokens += [self.pad_id] * done.num_padding
         self.current = BuiltSample(tokens=[done.tokens[-1]] if carry else [], origins=[origin])
         return done
+
+
+class DocumentPacker:
+    """MMC4 with several whole documents per sample (`packing="pack"`, an option beyond the paper).
+
+    Each document is first truncated exactly as `truncate_and_pad` does (so no image or text
+    segment is ever cut); documents then wait in a buffer of `lookahead` and each sample is filled
+    with the oldest waiting document followed by best-fit choices (largest that fits whole, all its
+    images inside the inputs window). The oldest-first start bounds how long a document waits.
+    """
+
+    def __init__(self, seq_length: int, pad_id: int, lookahead: int = 32):
+        self.seq_length, self.pad_id, self.lookahead = seq_length, pad_id, lookahead
+        self.pending: List[BuiltSample] = []
+
+    def add(self, segments: List[Segment], origin: str) -> Iterator[BuiltSample]:
+        doc = truncate_and_pad(segments, self.seq_length, self.pad_id, origin)
+        doc.tokens = doc.tokens[: self.seq_length + 1 - doc.num_padding]  # unpadded
+        self.pending.append(doc)
+        if len(self.pending) >= self.lookahead:
+            yield self._fill()
+
+    def _fits(self, sample: BuiltSample, doc: BuiltSample) -> bool:
+        offset = len(sample.tokens)
+        last_eoi = max((p + len(seg.tokens) - 1 for p, seg in zip(doc.boi_positions, doc.images)), default=-1)
+        return offset + len(doc.tokens) <= self.seq_length + 1 and offset + last_eoi < self.seq_length
+
+    def _fill(self) -> BuiltSample:
+        sample = BuiltSample(tokens=[])
+        doc = self.pending.pop(0)
+        while doc is not None:
+            offset = len(sample.tokens)
+            sample.tokens += doc.tokens
+            sample.boi_positions += [offset + p for p in doc.boi_positions]
+            sample.images += doc.images
+            sample.origins += doc.origins
+            fitting = [k for k, d in enumerate(self.pending) if self._fits(sample, d)]
+            best = max(fitting, key=lambda k: len(self.pending[k].tokens), default=None)
+            doc = None if best is None else self.pending.pop(best)
+        sample.num_padding = self.seq_length + 1 - len(sample.tokens)
+        sample.tokens += [self.pad_id] * sample.num_padding
+        return sample

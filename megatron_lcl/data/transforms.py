@@ -56,7 +56,7 @@ def random_resized_crop_box(width: int, height: int, rng: random.Random) -> tupl
 
 
 def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
-    array = np.asarray(img, dtype=np.uint8)  # [H, W, 3], read-only view of PIL's buffer
+    array = np.array(img, dtype=np.uint8)  # [H, W, 3]
     # Make [3, H, W] contiguous while still uint8: elementwise ops on the permuted view are ~3x slower.
     tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div_(255.0)
     return tensor.sub_(_MEAN).div_(_STD)

@@ -89,7 +89,8 @@ def test_dp_ranks_get_different_documents_end_to_end(prepared_mmc4, loader_kwarg
     assert origins[0] and origins[1] and not origins[0] & origins[1]
 
 
-@pytest.mark.parametrize("num_workers,packing,consumed", [(2, "auto", 3), (2, "auto", 4), (0, "concat", 5)])
+@pytest.mark.parametrize("num_workers,packing,consumed",
+                         [(2, "auto", 3), (2, "auto", 4), (0, "concat", 5), (2, "pack", 3)])
 def test_exact_resume(prepared_mmc4, loader_kwargs, num_workers, packing, consumed):
     kwargs = dict(loader_kwargs, num_workers=num_workers, packing=packing)
     uninterrupted = take(build_loader(prepared_mmc4, **kwargs), consumed + 4)

@@ -158,3 +158,29 @@ def test_obelics_windows_move_cut_image_whole():
 def test_packer_rejects_images_longer_than_window():
     with pytest.raises(AssertionError, match="seq_length"):
         ConcatPacker(9, IDS.pad, 8)
+
+
+def test_document_packer_keeps_documents_whole():
+    from megatron_lcl.data.rules import DocumentPacker
+
+    seq_length = 64
+    packer = DocumentPacker(seq_length, IDS.pad, lookahead=8)
+    tok = WordTokenizer()
+    alone, samples = {}, []
+    for k in range(200):
+        rng = random.Random(k)
+        doc = mmc4_doc(num_texts=rng.randint(1, 4), sims=[0.3] * rng.randint(1, 3), words=rng.randint(1, 8), key=f"d{k}")
+        segments = tokenize_layout(doc, document_layout(doc, rng), tok, IDS, M, crop_seed="s")
+        single = truncate_and_pad(segments, seq_length, IDS.pad)
+        alone[doc.origin] = single.tokens[: seq_length + 1 - single.num_padding]
+        samples += list(packer.add(segments, doc.origin))
+    emitted = [o for s in samples for o in s.origins]
+    assert len(emitted) == len(set(emitted)) and len(emitted) >= 200 - 8  # each document once
+    for s in samples:
+        assert len(s.tokens) == seq_length + 1
+        image_spans(s, seq_length)
+        # The sample is its documents, each exactly as truncate_and_pad keeps it, then padding.
+        assert s.tokens[: seq_length + 1 - s.num_padding] == [t for o in s.origins for t in alone[o]]
+    efficiency = 1 - sum(s.num_padding for s in samples) / sum(len(s.tokens) for s in samples)
+    one_per_sample = sum(map(len, alone.values())) / (len(alone) * (seq_length + 1))
+    assert efficiency > max(0.75, one_per_sample + 0.2), (efficiency, one_per_sample)

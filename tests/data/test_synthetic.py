@@ -1,0 +1,41 @@
+import json
+import os
+import time
+
+from PIL import Image
+
+from megatron_lcl.data.synthetic import SHAPES, main, write_corpus
+
+
+def read_docs(folder):
+    docs = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".jsonl"):
+            docs += [json.loads(line) for line in open(os.path.join(folder, name))]
+    return docs
+
+
+def test_deterministic_and_mmc4_shaped(tmp_path):
+    write_corpus(str(tmp_path / "a"), 30, image_size=24, seed=3, docs_per_shard=10)
+    write_corpus(str(tmp_path / "b"), 30, image_size=24, seed=3, docs_per_shard=10)
+    write_corpus(str(tmp_path / "c"), 30, image_size=24, seed=4, docs_per_shard=10)
+    a, b, c = (read_docs(tmp_path / x) for x in "abc")
+    assert a == b and a != c and len(a) == 30
+    for x in sorted(os.listdir(tmp_path / "a" / "images"))[:20]:
+        assert (tmp_path / "a" / "images" / x).read_bytes() == (tmp_path / "b" / "images" / x).read_bytes()
+    sims = []
+    for doc in a:
+        for info in doc["image_info"]:
+            sentence = doc["text_list"][info["matched_text_index"]]
+            assert info["label_name"] == SHAPES[info["label"]] and info["label_name"] in sentence
+            assert info["colour"] in sentence and info["background"] in sentence
+            assert Image.open(tmp_path / "a" / "images" / info["image_name"]).size == (24, 24)
+            sims.append(info["matched_sim"])
+    assert any(s < 0.24 for s in sims) and sum(s >= 0.24 for s in sims) > len(sims) / 2
+
+
+def test_cli_is_fast(tmp_path, capsys):
+    t0 = time.time()
+    main(["--output", str(tmp_path), "--num-docs", "200", "--image-size", "64", "--seed", "1"])
+    assert time.time() - t0 < 10
+    assert len(read_docs(tmp_path)) == 200 and "200 documents" in capsys.readouterr().out
