@@ -7,11 +7,12 @@ import pytest
 import torch
 import webdataset as wds
 
-from conftest import IMAGE_SIZE, NUM_IMAGE_TOKENS, SEQ_LENGTH, jpeg_bytes
 from megatron_lcl.data.documents import DocImage, Document, to_wds_sample
 from megatron_lcl.data.loader import _WorkerStream, build_loader
 from megatron_lcl.data.tokenizer import LCLTokenizer
 from megatron_lcl.data.transforms import CLIP_MEAN, decode_image, eval_transform, train_transform
+from data_helpers import IMAGE_SIZE, NUM_IMAGE_TOKENS, SEQ_LENGTH, jpeg_bytes
+from data_helpers import loader_kwargs, prepared_mmc4, synthetic_mmc4, tokenizer_path  # noqa: F401 (fixtures)
 
 
 def take(loader, n):

@@ -5,10 +5,11 @@ import os
 
 import webdataset as wds
 
-from conftest import jpeg_bytes, png_bytes
+from data_helpers import jpeg_bytes, png_bytes
 from megatron_lcl.data.documents import from_wds_sample
 from megatron_lcl.data.prepare import PrepareOptions, prepare
-from test_readers import write_laion_shard
+from data_helpers import write_laion_shard
+from data_helpers import synthetic_mmc4  # noqa: F401 (fixtures)
 
 
 def read_prepared(folder):

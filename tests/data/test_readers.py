@@ -6,9 +6,8 @@ import os
 import zipfile
 
 import pytest
-import webdataset as wds
 
-from conftest import jpeg_bytes, png_bytes
+from data_helpers import jpeg_bytes, png_bytes, write_laion_shard
 from megatron_lcl.data.skips import SkipCounter
 from megatron_lcl.data.sources import read_laion, read_mmc4, read_obelics, read_source
 
@@ -95,16 +94,6 @@ def test_obelics_parquet(tmp_path):
     docs = list(read_obelics(str(tmp_path / "rows.parquet"), None, SkipCounter()))
     assert [d.order for d in docs] == [[("text", 0), ("image", 0), ("text", 1)], [("image", 0), ("text", 0)]]
     assert docs[0].images[0].data == jpeg_bytes() and docs[1].texts == ["Caption."]
-
-
-def write_laion_shard(path, n, broken_key=None):
-    with wds.TarWriter(str(path)) as sink:
-        for i in range(n):
-            key = f"{i:09d}"
-            sample = {"__key__": key, "txt": f"a photo number {i}", "json": {"url": f"u{i}", "similarity": 0.3}}
-            if key != broken_key:
-                sample["jpg"] = jpeg_bytes(colour=(i * 20 % 255, 0, 0))
-            sink.write(sample)
 
 
 def test_laion_webdataset(tmp_path):

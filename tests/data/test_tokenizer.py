@@ -1,4 +1,5 @@
 from megatron_lcl.data.tokenizer import LCLTokenizer, train_tokenizer
+from data_helpers import synthetic_mmc4, tokenizer_path  # noqa: F401 (fixtures)
 
 
 def test_special_ids_are_fixed(tokenizer_path):
