@@ -1,0 +1,92 @@
+"""Shared by the multi-rank check scripts (run under torchrun by tests/test_*_parallel.py)."""
+
+import argparse
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+warnings.filterwarnings("ignore")
+
+from megatron_lcl.config import HeadsConfig, LMConfig, ModelConfig, VisionConfig  # noqa: E402
+
+
+def tiny_model_config(**vision_overrides) -> ModelConfig:
+    vision = dict(image_size=16, patch_size=8, hidden_size=32, num_layers=2, num_attention_heads=4,
+                  ffn_hidden_size=64, layer_scale_init=0.5, drop_path_rate=0.0)
+    vision.update(vision_overrides)
+    return ModelConfig(
+        vision=VisionConfig(**vision),
+        lm=LMConfig(hidden_size=32, num_layers=4, num_attention_heads=4, ffn_hidden_size=64,
+                    max_position_embeddings=64, vocab_size=192, make_vocab_size_divisible_by=16),
+        heads=HeadsConfig(embed_dim=16, pool_num_heads=4), transformer_impl="local")
+
+
+def parse_out_dir() -> str:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    return parser.parse_args().out
+
+
+def full_tensor(t: torch.Tensor, param: torch.nn.Parameter, tp_group) -> torch.Tensor:
+    """Gather a tensor-parallel shard (of a param or its grad) to the full TP=1 shape."""
+    if tp_group is None or not getattr(param, "tensor_model_parallel", False):
+        return t.detach().clone()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(parts, t.detach().contiguous(), group=tp_group)
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def named_full(model, tp_group, what: str = "param") -> dict:
+    """{name: full tensor} for every parameter (`what` = param | grad | main_grad)."""
+    out = {}
+    for name, p in model.named_parameters():
+        name = name.removeprefix("module.")
+        t = {"param": p.data, "grad": p.grad, "main_grad": getattr(p, "main_grad", None)}[what]
+        if t is None:
+            t = torch.zeros_like(p.data)
+        out[name] = full_tensor(t, p, tp_group)
+    return out
+
+
+def save_rank0(obj, out_dir: str, name: str) -> None:
+    if dist.get_rank() == 0:
+        torch.save(obj, os.path.join(out_dir, name))
+
+
+def global_name(name: str, model) -> str:
+    """Parameter name with the LM layer index made global (pipeline stages number layers locally)."""
+    name = name.removeprefix("module.")
+    prefix = "lm.decoder.layers."
+    if not name.startswith(prefix):
+        return name
+    stage = model.module if hasattr(model, "module") else model
+    offset = stage.lm.decoder.layers[0].layer_number - 1
+    index, rest = name[len(prefix):].split(".", 1)
+    return f"{prefix}{int(index) + offset}.{rest}"
+
+
+def load_full_weights(model, full: dict, tp_rank: int, tp_size: int) -> None:
+    """Copy TP=1/PP=1 weights into this rank's (TP-sharded, pipeline-stage) model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = global_name(name, model)
+            if key == "lm.output_layer.weight":  # tied copy on the last stage
+                key = "lm.embedding.word_embeddings.weight"
+            t = full[key]
+            if getattr(p, "tensor_model_parallel", False):
+                t = t.chunk(tp_size, dim=p.partition_dim)[tp_rank]
+            p.copy_(t)
+
+
+def collect_full(model, tp_group, what: str) -> dict:
+    """{global name: full tensor} of this stage, merged over all pipeline stages on every rank."""
+    mine = {global_name(n, model): t for n, t in named_full(model, tp_group, what).items()
+            if not n.removeprefix("module.").startswith("lm.output_layer.")}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    merged = {}
+    for d in everyone:
+        merged.update(d)
+    return merged

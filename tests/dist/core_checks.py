@@ -1,0 +1,113 @@
+"""Core-engine equivalences on 2 gloo ranks: TP=2 == TP=1, DP=2 == DP=1, ragged L_con gather.
+
+Run by tests/test_core_parallel.py; writes result files that the tests compare.
+"""
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+from common import full_tensor, named_full, parse_out_dir, save_rank0, tiny_model_config
+from megatron_lcl.config import LossConfig, ParallelConfig
+from megatron_lcl.losses import LCLLoss, contrastive_loss_sum
+from megatron_lcl.models.lcl_model import LCLModel
+from megatron_lcl.runtime import initialize_distributed, initialize_model_parallel, set_seed
+from megatron_lcl.testing import random_batch, slice_batch
+from megatron_lcl.training.step import forward_loss
+
+SEED = 1234
+CFG = tiny_model_config()
+M = CFG.vision.num_image_tokens  # 5
+# 4 samples, ragged images: rank 0 gets samples 0-1 (3 images, one at position 0), rank 1 gets 2-3 (1).
+IMAGES = [[0, 20], [9], [30], []]
+BATCH = random_batch(IMAGES, seq_length=48, num_image_tokens=M, image_size=16, vocab_size=192, seed=7,
+                     pad_from=[None, 40, None, 44])
+
+
+def build(parallel):
+    set_seed(SEED)
+    return LCLModel(CFG, parallel)
+
+
+def terms_dict(terms):
+    return {k: v.detach().clone() for k, v in terms.metrics().items()}
+
+
+def run_reference(out):
+    """TP=1, one process, whole batch: the ground truth (every rank computes it; rank 0 saves)."""
+    model = build(ParallelConfig())
+    terms = forward_loss(model, BATCH, LCLLoss(LossConfig()))
+    terms.total.backward()
+    save_rank0({"terms": terms_dict(terms), "params": named_full(model, None),
+                "grads": named_full(model, None, "grad")}, out, "reference.pt")
+
+
+def run_tp2(out):
+    parallel = ParallelConfig(tensor_model_parallel_size=2)
+    initialize_model_parallel(parallel, SEED)
+    model = build(parallel)
+    tp = ps.get_tensor_model_parallel_group()
+    terms = forward_loss(model, BATCH, LCLLoss(LossConfig(), ps.get_data_parallel_group()))
+    terms.total.backward()
+    save_rank0({"terms": terms_dict(terms), "params": named_full(model, tp),
+                "grads": named_full(model, tp, "grad")}, out, "tp2.pt")
+
+
+def run_dp2(out):
+    parallel = ParallelConfig()
+    initialize_model_parallel(parallel, SEED)
+    model = build(parallel)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+                                  model)
+    rank = ps.get_data_parallel_rank()
+    local = slice_batch(BATCH, slice(2 * rank, 2 * rank + 2))
+    ddp.zero_grad_buffer()
+    terms = forward_loss(ddp, local, LCLLoss(LossConfig(), ps.get_data_parallel_group()))
+    terms.total.backward()
+    ddp.finish_grad_sync()
+    save_rank0({"terms": terms_dict(terms), "grads": named_full(ddp, None, "main_grad")}, out, "dp2.pt")
+
+
+def run_ragged_contrastive(out):
+    """Random features, ragged counts (rank 0: 3 rows, rank 1: 0 rows then 2 rows)."""
+    group = ps.get_data_parallel_group()
+    rank = dist.get_rank(group)
+    g = torch.Generator().manual_seed(0)
+    results = {}
+    for case, counts in {"ragged": [3, 2], "empty_rank": [3, 0]}.items():
+        feats = torch.nn.functional.normalize(torch.randn(sum(counts), 2, 8, generator=g), dim=-1)
+        start = sum(counts[:rank])
+        v = feats[start:start + counts[rank], 0].clone().requires_grad_(True)
+        t = feats[start:start + counts[rank], 1].clone().requires_grad_(True)
+        scale = torch.tensor(10.0, requires_grad=True)
+        loss_sum, n_global, _ = contrastive_loss_sum(v, t, scale, group)
+        # This rank's share of the global mean; the sum over ranks is the global mean.
+        (loss_sum / n_global).backward()
+        gv = [torch.zeros(max(counts), 8) for _ in counts]
+        pad = torch.zeros(max(counts), 8)
+        pad[:counts[rank]] = v.grad
+        dist.all_gather(gv, pad, group=group)
+        total = loss_sum.detach() / n_global
+        dist.all_reduce(total, group=group)
+        scale_grad = scale.grad.clone()
+        dist.all_reduce(scale_grad, group=group)
+        results[case] = {"features": feats, "loss": total, "scale_grad": scale_grad,
+                         "v_grad": torch.cat([b[:c] for b, c in zip(gv, counts)])}
+    save_rank0(results, out, "ragged_contrastive.pt")
+
+
+def main():
+    out = parse_out_dir()
+    initialize_distributed(ParallelConfig(), SEED)
+    run_ragged_contrastive(out)
+    run_reference(out)
+    run_tp2(out)
+    run_dp2(out)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        open(f"{out}/done", "w").close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Vision-language pipeline equivalences on 8 gloo ranks (run by tests/test_pipeline_parallel.py).
+
+Reference: TP=PP=DP=1 in one process on the global batch (equal to DP=2 by the core-engine tests).
+Compared: TP1 x PP2 x DP4, TP2 x PP2 x DP2 (losses, gradients incl. the ViT through the carried rows),
+and one distributed-optimizer step at TP2 x PP2 x DP2 against the same step done by hand.
+4 micro-batches of 4 samples each; in micro-batch 2 the second half of the samples has no image.
+"""
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from common import collect_full, load_full_weights, named_full, parse_out_dir, save_rank0, tiny_model_config
+from megatron_lcl.config import LossConfig, ParallelConfig
+from megatron_lcl.losses import LCLLoss
+from megatron_lcl.models.lcl_model import LCLModel
+from megatron_lcl.runtime import initialize_distributed, initialize_model_parallel, set_seed
+from megatron_lcl.testing import random_batch, slice_batch
+from megatron_lcl.training.schedule import PipelineShape, build_model_stage, forward_backward, wrap_ddp
+from megatron_lcl.training.optimizer import build_optimizer
+from megatron_lcl.training.step import forward_loss
+
+SEED, NUM_MB, MB_SAMPLES, SEQ = 1234, 4, 4, 48
+CFG = tiny_model_config()
+M = CFG.vision.num_image_tokens
+LAYOUTS = [  # <BoI> positions per sample, for each global micro-batch
+    [[3, 20], [0], [9, 30], [14]],
+    [[5], [], [12, 25], [33]],
+    [[2, 18], [7], [], []],  # DP ranks holding the second half see no image at all
+    [[11], [4, 22], [6], [0, 17]],
+]
+GLOBAL = [random_batch(layout, SEQ, M, 16, 192, seed=10 + k) for k, layout in enumerate(LAYOUTS)]
+OPT = dict(lr=1e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0)
+
+
+def reference(out):
+    set_seed(SEED)
+    model = LCLModel(CFG, ParallelConfig())
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    terms = []
+    for batch in GLOBAL:
+        t = forward_loss(model, batch, LCLLoss(LossConfig()))
+        (t.total / NUM_MB).backward()
+        terms.append({k: v.detach().clone() for k, v in t.metrics().items()})
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    # The step megatron-core's optimizer should take: clip to global norm 1, AdamW, no decay on
+    # biases and on params with fewer than 2 dims (norms, layer-scale, logit_scale).
+    params = dict(model.named_parameters())
+    torch.nn.utils.clip_grad_norm_(params.values(), OPT["clip_grad"])
+    decayed = {n for n, p in params.items() if p.dim() >= 2 and not n.endswith(".bias")}
+    decay = [p for n, p in params.items() if n in decayed]
+    no_decay = [p for n, p in params.items() if n not in decayed]
+    adam = torch.optim.AdamW([{"params": decay, "weight_decay": OPT["weight_decay"]},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=OPT["lr"],
+                             betas=(OPT["adam_beta1"], OPT["adam_beta2"]), eps=OPT["adam_eps"])
+    adam.step()
+    updated = {n: p.detach().clone() for n, p in model.named_parameters()}
+    save_rank0({"terms": terms, "grads": grads, "updated": updated}, out, "reference.pt")
+    return weights
+
+
+def run_layout(weights, tp, pp, distributed_optimizer, out, name, first_stage_layers=None):
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              num_layers_in_first_pipeline_stage=first_stage_layers,
+                              use_distributed_optimizer=distributed_optimizer)
+    initialize_model_parallel(parallel, SEED)
+    model = build_model_stage(CFG, parallel)
+    load_full_weights(model, weights, ps.get_tensor_model_parallel_rank(), tp)
+    ddp = wrap_ddp(model, parallel)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mbs = MB_SAMPLES // dp
+    local = iter([slice_batch(b, slice(dp_rank * mbs, (dp_rank + 1) * mbs)) for b in GLOBAL])
+    shape = PipelineShape.for_model(CFG, SEQ, mbs, max_images_per_sample=2)
+    optimizer = None
+    if distributed_optimizer:
+        optimizer = build_optimizer(OptimizerConfig(
+            optimizer="adam", use_distributed_optimizer=True, **OPT), [ddp])
+        # The scheduler is what applies the per-group wd_mult (as in training).
+        OptimizerParamScheduler(optimizer, init_lr=OPT["lr"], max_lr=OPT["lr"], min_lr=OPT["lr"],
+                                lr_warmup_steps=0, lr_decay_steps=1, lr_decay_style="constant",
+                                start_wd=OPT["weight_decay"], end_wd=OPT["weight_decay"],
+                                wd_incr_steps=1, wd_incr_style="constant")
+        optimizer.zero_grad()
+    else:
+        ddp.zero_grad_buffer()
+    metrics = forward_backward(ddp, local, NUM_MB, LCLLoss(LossConfig(), ps.get_data_parallel_group()), shape)
+    tp_group = ps.get_tensor_model_parallel_group()
+    result = {}
+    result["first_stage_lm_layers"] = len(model.lm.decoder.layers) if ps.is_pipeline_first_stage() else None
+    if optimizer is not None:
+        ok, grad_norm, _ = optimizer.step()
+        result["updated"] = collect_full(ddp, tp_group, "param")
+        result["grad_norm"] = grad_norm
+    else:
+        result["grads"] = collect_full(ddp, tp_group, "main_grad")
+    # losses live on the last stage: ship them to rank 0
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, metrics)
+    result["terms"] = next(m for m in gathered if m)
+    layers = [None] * dist.get_world_size()
+    dist.all_gather_object(layers, result.pop("first_stage_lm_layers"))
+    result["first_stage_lm_layers"] = next(n for n in layers if n is not None)
+    save_rank0(result, out, f"{name}.pt")
+
+
+def main():
+    out = parse_out_dir()
+    initialize_distributed(ParallelConfig(), SEED)
+    weights = reference(out)
+    # uneven split: the first stage (which also holds the ViT) gets 1 of the 4 LM layers
+    run_layout(weights, tp=1, pp=2, distributed_optimizer=False, out=out, name="tp1_pp2_dp4",
+               first_stage_layers=1)
+    run_layout(weights, tp=2, pp=2, distributed_optimizer=False, out=out, name="tp2_pp2_dp2")
+    run_layout(weights, tp=2, pp=2, distributed_optimizer=True, out=out, name="tp2_pp2_dp2_step")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        open(f"{out}/done", "w").close()
+
+
+if __name__ == "__main__":
+    main()
