@@ -174,6 +174,11 @@ def validate_model_config(model: ModelConfig, parallel: ParallelConfig,
          f"model.vision.hidden_size ({v.hidden_size})")
     need(model.transformer_impl in ("auto", "transformer_engine", "local"),
          f"model.transformer_impl ({model.transformer_impl!r}) must be auto, transformer_engine or local")
+    need(not (parallel.sequence_parallel and pp > 1),
+         "parallel.sequence_parallel with parallel.pipeline_model_parallel_size > 1 is not supported: "
+         "the carried v_i rows would be split over tensor-parallel ranks with the sequence")
+    need(not (parallel.sequence_parallel and tp == 1),
+         "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
     need(parallel.virtual_pipeline_model_parallel_size is None,
          "parallel.virtual_pipeline_model_parallel_size: the interleaved (virtual) pipeline schedule "
          "is not supported by the vision-language pipeline; leave it unset")

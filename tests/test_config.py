@@ -74,3 +74,10 @@ def test_backend_selection(requested, cuda, te, expected):
 def test_forcing_te_without_cuda_is_a_clear_error():
     with pytest.raises(ConfigError, match="needs CUDA and an importable transformer_engine"):
         select_transformer_impl("transformer_engine", cuda=False, te=False)
+
+
+def test_sequence_parallel_with_pipeline_is_rejected():
+    with pytest.raises(ConfigError, match="sequence_parallel with parallel.pipeline_model_parallel_size > 1"):
+        validate_model_config(ModelConfig(), ParallelConfig(tensor_model_parallel_size=2,
+                                                            pipeline_model_parallel_size=2,
+                                                            sequence_parallel=True))

@@ -21,7 +21,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_lcl.config import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_lcl.config import ModelConfig, ParallelConfig, PrecisionConfig, validate_model_config
 from megatron_lcl.data.batch import LCLBatch
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.models.lcl_model import LCLModel, carry_rows_needed
@@ -29,7 +29,8 @@ from megatron_lcl.models.lcl_model import LCLModel, carry_rows_needed
 
 def build_model_stage(cfg: ModelConfig, parallel: ParallelConfig,
                       precision: Optional[PrecisionConfig] = None) -> LCLModel:
-    """This rank's pipeline stage of the LCL model."""
+    """This rank's pipeline stage of the LCL model (config validated first)."""
+    validate_model_config(cfg, parallel, precision)
     return LCLModel(cfg, parallel, precision, pre_process=ps.is_pipeline_first_stage(),
                     post_process=ps.is_pipeline_last_stage())
 
