@@ -1,0 +1,330 @@
+"""The training driver: `Trainer.setup()` builds everything, `Trainer.train()` loops `train_step`.
+
+Per step, on every rank:
+
+    batches   <- next micro-batches from the loader (first and last pipeline stages only)
+    forward_backward (megatron-core schedule, 1F1B when PP > 1)
+    stats     <- one all-reduce over the world: losses (last stage), image/token counts (first stage),
+                 collapse monitor (first stage), stop flags (every rank) - so all ranks agree on
+                 skipping a non-finite step and on stopping after a signal
+    optimizer step (skipped when the loss is not finite), LR schedule, logit-scale clamp
+
+Rank 0 writes metrics.jsonl / TensorBoard / the console line; checkpoints are collective.
+"""
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_lcl.config import section_to_dict
+from megatron_lcl.losses import LCLLoss
+from megatron_lcl.losses.contrastive import gather_rows
+from megatron_lcl.models.params import count_parameters_by_group
+from megatron_lcl.runtime import initialize_distributed
+from megatron_lcl.training import checkpointing as ckpt
+from megatron_lcl.training.config import LCLConfig, num_microbatches, validate_run_config
+from megatron_lcl.training.config_io import save_config
+from megatron_lcl.training.metrics import MetricsWriter, ProgressLine, singular_value_stats
+from megatron_lcl.training.optim import (build_optimizer, build_scheduler, clamp_logit_scale, current_lr,
+                                         drop_path_rate_at)
+from megatron_lcl.training.schedule import PipelineShape, build_model_stage, forward_backward, wrap_ddp
+from megatron_lcl.training.signals import StopRequest
+
+# Values summed over the world each step. Each is contributed by the ranks named in `_step_stats`.
+STAT_KEYS = ("loss", "lm_loss", "con_loss", "con_top1", "text_tokens", "con_images", "logit_scale",
+             "images", "effective_rank", "effective_rank_frac", "sv_entropy", "stop")
+
+
+@dataclass
+class TrainState:
+    """Progress that a checkpoint carries (meta.json) besides the model/optimizer/data states."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_images: int = 0
+    consumed_tokens: int = 0  # sequence positions (text, image and padding)
+    consumed_text_tokens: int = 0  # text targets of L_gen
+    skipped_steps: int = 0  # non-finite loss, not applied
+    consecutive_nonfinite: int = 0
+
+
+def log0(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+class Trainer:
+    def __init__(self, cfg: LCLConfig):
+        self.cfg = cfg
+        self.state = TrainState()
+        self.stop = StopRequest()
+        self.writer: Optional[MetricsWriter] = None
+        self.loader = self.data_iter = None
+        self._captured: Optional[List[torch.Tensor]] = None
+        self._last_saved_step = -1
+
+    # ---------------------------------------------------------------------------------- set-up
+    def setup(self) -> "Trainer":
+        cfg = self.cfg
+        initialize_distributed(cfg.parallel, cfg.train.seed)
+        validate_run_config(cfg, dist.get_world_size())
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.num_microbatches = num_microbatches(cfg.train, cfg.data, self.dp_size)
+        self.model = build_model_stage(cfg.model, cfg.parallel, cfg.precision)
+        self.ddp = wrap_ddp(self.model, cfg.parallel)
+        self.optimizer = build_optimizer(self.ddp, cfg.optimizer, cfg.parallel, cfg.precision)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.train)
+        self.loss_fn = LCLLoss(cfg.loss, ps.get_data_parallel_group())
+        max_images = cfg.data.seq_length // (cfg.model.vision.num_image_tokens + 2)
+        self.shape = PipelineShape.for_model(cfg.model, cfg.data.seq_length, cfg.data.micro_batch_size, max_images)
+        if ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage():
+            self.loader = self.build_loader()
+        if ps.is_pipeline_first_stage():
+            self.model.image_head.register_forward_hook(self._capture_image_features)
+        self.maybe_resume()
+        self.data_iter = iter(self.loader) if self.loader is not None else None
+        self.stop.install()
+        self.write_run_dir()
+        return self
+
+    def build_loader(self):
+        from megatron_lcl.data.loader import build_loader
+        from megatron_lcl.data.tokenizer import LCLTokenizer
+
+        d, v = self.cfg.data, self.cfg.model.vision
+        vocab = LCLTokenizer(d.tokenizer).vocab_size
+        if vocab > self.cfg.model.lm.vocab_size:
+            raise ValueError(f"data.tokenizer ({d.tokenizer}) has {vocab} tokens, more than "
+                             f"model.lm.vocab_size ({self.cfg.model.lm.vocab_size})")
+        return build_loader(d.path, d.tokenizer, seq_length=d.seq_length, image_size=v.image_size,
+                            num_image_tokens=v.num_image_tokens, micro_batch_size=d.micro_batch_size,
+                            dp_rank=ps.get_data_parallel_rank(), dp_size=self.dp_size, seed=d.seed,
+                            num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, packing=d.packing)
+
+    @property
+    def checkpoint_root(self) -> str:
+        return os.path.join(self.cfg.run_dir, "checkpoints")
+
+    def maybe_resume(self) -> None:
+        c = self.cfg.checkpoint
+        path = c.load or (self.checkpoint_root if c.auto_resume else None)
+        found = ckpt.resolve_checkpoint(path) if path else None
+        if found is None:
+            if c.load:
+                raise FileNotFoundError(f"checkpoint.load ({c.load}) holds no checkpoint yet")
+            return
+        meta = ckpt.load_checkpoint(found, self.model, self.optimizer, self.scheduler, self.loader,
+                                    load_optimizer=c.load_optimizer, load_data_state=c.load_data_state,
+                                    log=log0)
+        self.state = TrainState(**meta["train_state"])
+        self._last_saved_step = self.state.step
+        log0(f"resumed from {found} at step {self.state.step}")
+
+    def write_run_dir(self) -> None:
+        if dist.get_rank() != 0:
+            return
+        os.makedirs(self.cfg.run_dir, exist_ok=True)
+        save_config(self.cfg, os.path.join(self.cfg.run_dir, "config.yaml"))
+        self.writer = MetricsWriter(self.cfg.run_dir, self.state.step, self.cfg.logging.tensorboard)
+        self.progress = ProgressLine(self.cfg.train.train_steps, self.state.step)
+        counts = count_parameters_by_group(self.model)
+        log0(f"run dir {self.cfg.run_dir} | world {dist.get_world_size()} = TP "
+             f"{self.cfg.parallel.tensor_model_parallel_size} x PP {self.cfg.parallel.pipeline_model_parallel_size}"
+             f" x DP {self.dp_size} | {self.num_microbatches} micro-batch(es) of {self.cfg.data.micro_batch_size}"
+             f" per step | parameters on rank 0: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+
+    # ---------------------------------------------------------------------------------- one step
+    def next_batches(self) -> Optional[list]:
+        """This step's micro-batches on the first/last pipeline stage; None on middle stages."""
+        if self.data_iter is None:
+            return None
+        return [next(self.data_iter) for _ in range(self.num_microbatches)]
+
+    def train_step(self, batches: Optional[list], collect_features: bool = False) -> dict:
+        """Forward + backward over the step's micro-batches, then the optimizer step unless non-finite."""
+        cfg = self.cfg
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        if ps.is_pipeline_first_stage():
+            self.model.vision.set_drop_path_rate(drop_path_rate_at(
+                self.state.step, cfg.model.vision.drop_path_rate, cfg.train.drop_path_ramp_steps))
+        self._captured = [] if collect_features and cfg.logging.collapse_monitor else None
+        per_micro = forward_backward(self.ddp, iter(batches) if batches is not None else None,
+                                     self.num_microbatches, self.loss_fn, self.shape)
+        stats = self._step_stats(per_micro, batches)
+        self._captured = None
+        stats["skipped"] = not math.isfinite(stats["loss"])
+        stats["grad_norm"] = float("nan")
+        if not stats["skipped"]:
+            ok, grad_norm, _ = self.optimizer.step()
+            stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+            if ok:
+                self.scheduler.step(increment=1)
+            clamp_logit_scale(self.model, cfg.model.heads.logit_scale_max)
+        return stats
+
+    def _capture_image_features(self, _module, _inputs, output) -> None:
+        if self._captured is not None:
+            self._captured.append(output.detach().float())  # v: [n, e] per micro-batch
+
+    def _step_stats(self, per_micro: List[dict], batches: Optional[list]) -> dict:
+        """Sum one vector over the world: each value comes from the ranks that own it (zeros elsewhere)."""
+        tp0, dp0 = ps.get_tensor_model_parallel_rank() == 0, ps.get_data_parallel_rank() == 0
+        local = dict.fromkeys(STAT_KEYS, 0.0)
+        if ps.is_pipeline_last_stage() and tp0 and dp0:  # loss terms are already global over DP
+            n = len(per_micro)
+            for key, src in (("loss", "loss"), ("lm_loss", "lm_loss"), ("con_loss", "con_loss"),
+                             ("con_top1", "con_top1")):
+                local[key] = sum(float(m[src]) for m in per_micro) / n
+            local["text_tokens"] = sum(float(m["num_text_tokens"]) for m in per_micro)
+            local["con_images"] = sum(float(m["num_images"]) for m in per_micro)
+            local["logit_scale"] = float(self.model.text_head.scale())
+        if ps.is_pipeline_first_stage() and tp0:  # this DP rank's share of the counts
+            local["images"] = float(sum(b.num_images for b in batches))
+            if self._captured is not None:
+                local.update(self._collapse_stats(dp0))
+        local["stop"] = 1.0 if self.stop else 0.0
+        vec = torch.tensor([local[k] for k in STAT_KEYS], dtype=torch.float64)
+        dist.all_reduce(vec)
+        return dict(zip(STAT_KEYS, vec.tolist()))
+
+    def _collapse_stats(self, dp0: bool) -> dict:
+        """Effective rank of the normalised v_i of the whole step, gathered over the DP group."""
+        local = torch.cat(self._captured) if self._captured else torch.zeros(0, self.cfg.model.heads.embed_dim)
+        features, _, _ = gather_rows(local, ps.get_data_parallel_group())
+        return singular_value_stats(features) if dp0 else {}
+
+    # ---------------------------------------------------------------------------------- the loop
+    def train(self) -> str:
+        """Run to `train.train_steps`. Returns completed | preempted | exit_after_steps | diverged."""
+        cfg, start = self.cfg, self.state.step
+        window = _Window()
+        status = "completed"
+        while self.state.step < cfg.train.train_steps:
+            t0 = time.time()
+            log_now = (self.state.step + 1) % cfg.logging.log_interval == 0 or \
+                self.state.step + 1 == cfg.train.train_steps
+            stats = self.train_step(self.next_batches(), collect_features=log_now)
+            self._advance(stats)
+            window.add(stats, time.time() - t0, self.cfg.train.global_batch_size * self.cfg.data.seq_length)
+            status = self._stop_reason(stats, start)
+            if log_now or status != "completed":
+                self.log(stats, window, self.gather_data_skips())
+                window = _Window()
+            if status != "completed":
+                break
+            if cfg.checkpoint.save_interval and self.state.step % cfg.checkpoint.save_interval == 0:
+                self.save()
+        if cfg.checkpoint.save_at_exit or status in ("preempted", "diverged", "exit_after_steps"):
+            self.save()
+        self._report(status)
+        return status
+
+    def _advance(self, stats: dict) -> None:
+        s = self.state
+        s.step += 1
+        s.consumed_samples += self.cfg.train.global_batch_size
+        s.consumed_images += int(stats["images"])
+        s.consumed_tokens += self.cfg.train.global_batch_size * self.cfg.data.seq_length
+        s.consumed_text_tokens += int(stats["text_tokens"])
+        if stats["skipped"]:
+            s.skipped_steps += 1
+            s.consecutive_nonfinite += 1
+        else:
+            s.consecutive_nonfinite = 0
+
+    def _stop_reason(self, stats: dict, start: int) -> str:
+        t = self.cfg.train
+        if self.state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+            return "diverged"
+        if stats["stop"] > 0:
+            return "preempted"
+        if t.exit_after_steps is not None and self.state.step - start >= t.exit_after_steps \
+                and self.state.step < t.train_steps:
+            return "exit_after_steps"
+        return "completed"
+
+    def _report(self, status: str) -> None:
+        s, t = self.state, self.cfg.train
+        messages = {
+            "completed": f"training finished at step {s.step}",
+            "exit_after_steps": f"stopped after train.exit_after_steps ({t.exit_after_steps}) at step {s.step}",
+            "preempted": f"stop signal ({self.stop.signal_name or 'on another rank'}) received: "
+                         f"saved step {s.step}, exiting for requeue",
+            "diverged": f"loss was not finite for {s.consecutive_nonfinite} steps in a row "
+                        f"(train.max_consecutive_nonfinite = {t.max_consecutive_nonfinite}); stopping at step "
+                        f"{s.step}. The last checkpoint holds the weights before these steps "
+                        f"(non-finite steps are never applied): lower optimizer.lr or check the data",
+        }
+        log0(messages[status] + f" | checkpoints in {self.checkpoint_root}")
+
+    # ---------------------------------------------------------------------------------- outputs
+    def log(self, stats: dict, window: "_Window", data_skips: dict) -> None:
+        if dist.get_rank() != 0:
+            return
+        row = {"step": self.state.step, **{k: v for k, v in asdict(self.state).items() if k != "step"}}
+        row.pop("consecutive_nonfinite")
+        for key in ("loss", "lm_loss", "con_loss", "con_top1", "logit_scale", "grad_norm"):
+            row[key] = stats[key]
+        row["lr"] = current_lr(self.optimizer)
+        if self._collapse_measured(stats):
+            for key in ("effective_rank", "effective_rank_frac", "sv_entropy"):
+                row[key] = stats[key]
+        row.update(window.rates())
+        row.update({f"skipped/{k}": v for k, v in sorted(data_skips.items())})
+        self.writer.write(row)
+        if self.cfg.logging.console:
+            self.progress.show(row)
+
+    def _collapse_measured(self, stats: dict) -> bool:
+        return self.cfg.logging.collapse_monitor and stats["effective_rank"] > 0
+
+    def gather_data_skips(self) -> dict:
+        """{reason: count} of data the loaders dropped so far, summed over DP ranks (valid on rank 0)."""
+        if not (ps.is_pipeline_first_stage() and ps.get_tensor_model_parallel_rank() == 0):
+            return {}
+        counts = [None] * self.dp_size
+        dist.all_gather_object(counts, self.loader.skip_counts(), group=ps.get_data_parallel_group())
+        total = {}
+        for c in counts:
+            for reason, n in c.items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
+    def save(self) -> None:
+        if self.state.step == self._last_saved_step:
+            return
+        meta = {"train_state": asdict(self.state), "config": section_to_dict(self.cfg)}
+        path = ckpt.save_checkpoint(self.checkpoint_root, self.state.step, self.model, self.optimizer,
+                                    self.scheduler, self.loader, meta, self.cfg.checkpoint.keep_last)
+        self._last_saved_step = self.state.step
+        log0(f"saved checkpoint {path}")
+
+    def close(self) -> None:
+        self.stop.uninstall()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _Window:
+    """Throughput over the steps since the last log line."""
+
+    def __init__(self):
+        self.steps, self.time_s, self.tokens, self.images = 0, 0.0, 0, 0
+
+    def add(self, stats: dict, step_time_s: float, tokens: int) -> None:
+        self.steps += 1
+        self.time_s += step_time_s
+        self.tokens += tokens
+        self.images += int(stats["images"])
+
+    def rates(self) -> dict:
+        t = max(self.time_s, 1e-9)
+        return {"step_time_s": self.time_s / max(self.steps, 1), "tokens_per_s": self.tokens / t,
+                "images_per_s": self.images / t}
