@@ -1,0 +1,1 @@
+"""HuggingFace `transformers` interop: weight maps between LCLModel and CLIPVisionModel / OPTForCausalLM."""

@@ -1,0 +1,89 @@
+"""HF export: our LCLModel and transformers' CLIPVisionModel / OPTForCausalLM compute the same thing."""
+
+import pytest
+import torch
+
+from megatron_lcl.config import ParallelConfig
+from megatron_lcl.hf.convert import build_hf_models, clip_latents, lm_from_hf, lm_to_hf, vision_from_hf, vision_to_hf
+from megatron_lcl.testing import random_batch
+
+import sys, pathlib  # noqa: E401
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "dist"))
+from common import tiny_model_config  # noqa: E402
+
+CFG = tiny_model_config(layer_scale_init=0.3)
+M = CFG.vision.num_image_tokens
+
+
+@pytest.fixture(scope="module")
+def converted(single_rank):
+    from megatron_lcl.models.lcl_model import LCLModel
+    from megatron_lcl.runtime import set_seed
+
+    set_seed(5)
+    model = LCLModel(CFG, ParallelConfig()).eval()
+    with torch.no_grad():  # make layer-scale non-trivial so folding is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale"):
+                p.uniform_(0.2, 1.5)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    vocab = model.lm.embedding.word_embeddings.weight.shape[0]
+    clip, opt = build_hf_models(state, CFG.vision, CFG.lm, vocab)
+    return model, state, clip, opt
+
+
+def test_vision_latents_match_clip(converted):
+    model, _, clip, _ = converted
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ours = model.vision(images)
+        hf = clip_latents(clip, images)
+    assert (ours - hf).abs().max().item() <= 1e-4
+
+
+def _kl(p_logits, q_logits):
+    p = torch.log_softmax(p_logits.double(), -1)
+    q = torch.log_softmax(q_logits.double(), -1)
+    return (p.exp() * (p - q)).sum(-1).max().item()
+
+
+def test_text_only_logits_match_opt(converted):
+    model, _, _, opt = converted
+    tokens = torch.randint(6, 192, (2, 40))
+    pos = torch.arange(40).expand(2, 40)
+    with torch.no_grad():
+        model.lm.set_input_tensor(None)
+        ours = model.lm.logits(model.lm.decode(model.lm.embed(tokens, pos))).transpose(0, 1)
+        hf = opt(input_ids=tokens).logits
+    assert _kl(ours, hf) <= 1e-6
+
+
+def test_interleaved_logits_match_clip_projector_opt(converted):
+    model, _, clip, opt = converted
+    batch = random_batch([[4, 20], [9]], seq_length=48, num_image_tokens=M, image_size=16,
+                         vocab_size=192, seed=2)
+    with torch.no_grad():
+        ours = model(batch.tokens, batch.position_ids, batch.images, batch.image_sample_index,
+                     batch.boi_positions).logits.transpose(0, 1)
+        latents = clip_latents(clip, batch.images)
+        embeds = opt.get_input_embeddings()(batch.tokens).clone()
+        image_embeds = model.projector(latents)  # the projector ships in lcl_heads.safetensors
+        for j, (b, boi) in enumerate(zip(batch.image_sample_index, batch.boi_positions)):
+            embeds[b, boi + 1: boi + 1 + M] = image_embeds[j]
+        hf = opt(inputs_embeds=embeds).logits
+    assert _kl(ours, hf) <= 1e-6
+
+
+def test_hf_to_ours_to_hf_is_identity(converted):
+    _, _, clip, opt = converted
+    clip_state = {k: v for k, v in clip.state_dict().items() if not k.endswith("position_ids")}
+    opt_state = opt.state_dict()
+    back_clip = vision_to_hf(vision_from_hf(clip_state, CFG.vision), CFG.vision)
+    back_opt = lm_to_hf(lm_from_hf(opt_state, CFG.lm), CFG.lm)
+    for theirs, back in ((clip_state, back_clip), (opt_state, back_opt)):
+        assert theirs.keys() == back.keys()
+        for k in theirs:
+            if k == "model.decoder.embed_positions.weight":  # OPT's 2 offset rows are never used
+                assert torch.equal(theirs[k][2:], back[k][2:])
+                continue
+            assert torch.equal(theirs[k], back[k]), k
