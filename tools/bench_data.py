@@ -1,6 +1,6 @@
 """Data pipeline throughput and packing efficiency on MMC4-like synthetic documents.
 
-    python tools/bench_data.py                       # seq 2048, 224 px, M = 196 (ViT-B/16), 1 worker
+    python tools/bench_data.py                       # seq 2048, 224 px, M = 197 (ViT-B/16), 1 worker
     python tools/bench_data.py --num-workers 2 --packing pack
 
 Writes a synthetic MMC4 corpus (images drawn at --source-image-size, like web images after
@@ -74,7 +74,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--num-image-tokens", type=int, default=196, help="196: ViT-B/16 at 224 px; 256: ViT-L/14")
+    p.add_argument("--num-image-tokens", type=int, default=197,
+                   help="M = patches + class token: 197 for ViT-B/16 at 224 px, 257 for ViT-L/14")
     p.add_argument("--source-image-size", type=int, default=448)
     p.add_argument("--num-docs", type=int, default=400)
     p.add_argument("--max-images", type=int, default=8, help="images per synthetic document: 1..N")
@@ -85,6 +86,7 @@ def main(argv=None) -> None:
     p.add_argument("--packing", default="auto", choices=["auto", "truncate", "concat", "pack"])
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--warmup-batches", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (a shared machine is noisy)")
     p.add_argument("--work-dir", default=None, help="reuse/keep inputs here (default: a temp dir)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,11 +95,13 @@ def main(argv=None) -> None:
             prepared, tokenizer = os.path.join(work, "prepared"), os.path.join(work, "tok.model")
         else:
             prepared, tokenizer = build_inputs(work, args)
-        result = measure(prepared, tokenizer, args)
+        runs = [measure(prepared, tokenizer, args) for _ in range(args.repeats)]
     print(f"seq_length {args.seq_length}, image {args.image_size} px, M {args.num_image_tokens}, "
-          f"packing {args.packing}, workers {args.num_workers or '0 (in process)'}")
-    for k, v in result.items():
-        print(f"  {k:26s} {v:10.3f}")
+          f"packing {args.packing}, workers {args.num_workers or '0 (in process)'}, "
+          f"{args.batches} batches of {args.micro_batch_size}; median [min, max] of {args.repeats} runs")
+    for k in runs[0]:
+        values = sorted(r[k] for r in runs)
+        print(f"  {k:26s} {values[len(values) // 2]:11.3f}  [{values[0]:.3f}, {values[-1]:.3f}]")
 
 
 if __name__ == "__main__":

@@ -181,3 +181,25 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def labeled_images(corpus_dir: str, min_similarity: float = 0.0) -> List[dict]:
+    """Every image of a synthetic corpus with its labels, for transfer evaluation:
+    `{"path", "label", "label_name", "colour", "background", "caption"}` in corpus order."""
+    items = []
+    for name in sorted(os.listdir(corpus_dir)):
+        if not name.endswith(".jsonl"):
+            continue
+        with open(os.path.join(corpus_dir, name)) as f:
+            for line in f:
+                doc = json.loads(line)
+                for info in doc["image_info"]:
+                    if info["matched_sim"] < min_similarity:
+                        continue
+                    items.append({
+                        "path": os.path.join(corpus_dir, "images", info["image_name"]),
+                        "label": info["label"], "label_name": info["label_name"],
+                        "colour": info["colour"], "background": info["background"],
+                        "caption": doc["text_list"][info["matched_text_index"]],
+                    })
+    return items

@@ -74,3 +74,9 @@ def eval_transform(img: Image.Image, size: int) -> torch.Tensor:
     img = img.convert("RGB").resize((w, h), Image.BICUBIC)
     left, top = (w - size) // 2, (h - size) // 2
     return to_normalized_tensor(img.crop((left, top, left + size, top + size)))
+
+
+def preprocess_image(data: bytes, size: int, rng: random.Random = None) -> torch.Tensor:
+    """Image bytes -> `[3, size, size]`: the training transform when `rng` is given, else eval."""
+    img = decode_image(data, size)
+    return train_transform(img, size, rng) if rng is not None else eval_transform(img, size)

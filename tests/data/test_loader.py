@@ -148,3 +148,38 @@ def test_transforms():
     grey = decode_image(jpeg_bytes(colour=(int(CLIP_MEAN[0] * 255),) * 3, size=(64, 64)), 32)
     e = eval_transform(grey, 16)
     assert e.shape == (3, 16, 16) and e[0].abs().max() < 0.05  # mean colour normalises to ~0
+
+
+def test_obelics_and_laion_end_to_end(tmp_path, loader_kwargs):
+    import base64
+    import json
+
+    from data_helpers import write_laion_shard
+    from megatron_lcl.data.prepare import prepare
+
+    uri = "data:image/jpeg;base64," + base64.b64encode(jpeg_bytes()).decode()
+    rng = random.Random(0)
+    words = ["red", "circle", "on", "a", "striped", "background"]
+    rows = []
+    for _ in range(30):  # text, image, text, image, ...: 1..4 images per document
+        texts, images = [], []
+        for _ in range(rng.randint(1, 4)):
+            texts += [" ".join(rng.choice(words) for _ in range(rng.randint(3, 40))), None]
+            images += [None, uri]
+        rows.append({"texts": texts, "images": images})
+    (tmp_path / "obelics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    write_laion_shard(tmp_path / "00000.tar", 40)
+    tok = LCLTokenizer(loader_kwargs["tokenizer_path"])
+    for source, inputs in (("obelics", [str(tmp_path / "obelics.jsonl")]), ("laion", [str(tmp_path / "00000.tar")])):
+        out = str(tmp_path / f"prepared_{source}")
+        prepare(source, inputs, out, progress=False)
+        loader = build_loader(out, **loader_kwargs)
+        batches = take(loader, 5)
+        for batch in batches:
+            batch.validate(NUM_IMAGE_TOKENS)
+            assert (batch.tokens == tok.boi_id).sum() == batch.num_images == (batch.tokens == tok.eoi_id).sum()
+            assert batch.image_labels is None
+        pad_fraction = sum(float((b.tokens == tok.pad_id).float().mean()) for b in batches) / len(batches)
+        assert pad_fraction < 0.25, f"{source}: concatenated windows should be mostly full ({pad_fraction})"
+        assert sum(b.num_images for b in batches) >= 5
+        assert not loader.skip_counts()

@@ -39,3 +39,18 @@ def test_cli_is_fast(tmp_path, capsys):
     main(["--output", str(tmp_path), "--num-docs", "200", "--image-size", "64", "--seed", "1"])
     assert time.time() - t0 < 10
     assert len(read_docs(tmp_path)) == 200 and "200 documents" in capsys.readouterr().out
+
+
+def test_labeled_images_for_eval(tmp_path):
+    import random
+
+    import torch
+
+    from megatron_lcl.data import labeled_images, preprocess_image
+
+    write_corpus(str(tmp_path), 10, image_size=24, seed=0)
+    items = labeled_images(str(tmp_path), min_similarity=0.24)
+    assert items and all(it["label_name"] in it["caption"] for it in items)
+    data = open(items[0]["path"], "rb").read()
+    assert preprocess_image(data, 16).shape == (3, 16, 16)
+    assert torch.equal(preprocess_image(data, 16, random.Random(1)), preprocess_image(data, 16, random.Random(1)))

@@ -28,3 +28,17 @@ def test_tiny_vocab_trains(tmp_path):
     tok = LCLTokenizer(path)
     assert tok.decode(tok.encode("hello blue square")) == "hello blue square"
     assert (tmp_path / "t.vocab").exists()
+
+
+def test_train_tokenizer_cli(tmp_path, synthetic_mmc4, capsys):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+    import train_tokenizer as cli
+
+    cli.main(["--format", "mmc4", "--input", synthetic_mmc4, "--output", str(tmp_path / "tok" / "lcl"),
+              "--vocab-size", "256"])
+    assert "<BoI> 4" in capsys.readouterr().out
+    tok = LCLTokenizer(str(tmp_path / "tok" / "lcl.model"))
+    assert tok.decode(tok.encode("a red circle")) == "a red circle"
