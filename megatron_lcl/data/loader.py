@@ -332,7 +332,8 @@ def build_loader(
 ) -> LCLDataLoader:
     """The training loader for one data-parallel rank (see the module docstring)."""
     assert 0 <= dp_rank < dp_size, f"dp_rank ({dp_rank}) must be in [0, dp_size={dp_size})"
-    assert packing in ("auto", "truncate", "concat", "pack"), f"packing must be auto|truncate|concat|pack, got {packing!r}"
+    assert packing in ("auto", "truncate", "concat", "pack"), (
+        f"packing must be auto|truncate|concat|pack, got {packing!r}")
     assert num_image_tokens + 2 < seq_length, (
         f"seq_length ({seq_length}) must exceed num_image_tokens + 2 ({num_image_tokens + 2})")
     cfg = LoaderConfig(find_shards(data_path), str(tokenizer_path), seq_length, image_size,

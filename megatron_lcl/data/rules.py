@@ -20,7 +20,7 @@ the same way whichever worker or rank reads it.
 
 import random
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 from megatron_lcl.data.documents import DocImage, Document
 
@@ -97,24 +97,27 @@ def document_layout(doc: Document, rng: random.Random) -> Layout:
 
 
 def tokenize_layout(doc: Document, layout: Layout, tokenizer, ids: SpecialIds,
-                    num_image_tokens: int, crop_seed: str) -> List[Segment]:
-    """`<s>` + segments + `</s>`; an image segment is `<BoI>` + M x `<img>` + `<EoI>`."""
+                    num_image_tokens: int, crop_seed: str) -> Iterator[Segment]:
+    """`<s>` + segments + `</s>`; an image segment is `<BoI>` + M x `<img>` + `<EoI>`.
+
+    A generator: truncation stops pulling segments once the sample is full, so the unused tail
+    of a very long document is never tokenized.
+    """
     image_tokens = [ids.boi] + [ids.image] * num_image_tokens + [ids.eoi]
-    segments = [Segment([ids.bos])]
+    yield Segment([ids.bos])
     for kind, i in layout:
         if kind == "text":
             tokens = tokenizer.encode(doc.texts[i])
             if tokens:
-                segments.append(Segment(tokens))
+                yield Segment(tokens)
         else:
-            segments.append(Segment(image_tokens, doc.images[i], f"{crop_seed}-img{i}"))
-    segments.append(Segment([ids.eos]))
-    return segments
+            yield Segment(image_tokens, doc.images[i], f"{crop_seed}-img{i}")
+    yield Segment([ids.eos])
 
 
 # ----------------------------------------------------------------------------- packing
 
-def truncate_and_pad(segments: List[Segment], seq_length: int, pad_id: int, origin: str = "") -> BuiltSample:
+def truncate_and_pad(segments: Iterable[Segment], seq_length: int, pad_id: int, origin: str = "") -> BuiltSample:
     """MMC4: keep whole segments while they fit in seq_length + 1 tokens, then pad.
 
     An image fits only if its `<EoI>` lands inside the inputs window (position < seq_length).
@@ -153,7 +156,7 @@ class ConcatPacker:
         self.seq_length, self.pad_id = seq_length, pad_id
         self.current = BuiltSample(tokens=[])
 
-    def add(self, segments: List[Segment], origin: str) -> Iterator[BuiltSample]:
+    def add(self, segments: Iterable[Segment], origin: str) -> Iterator[BuiltSample]:
         total = self.seq_length + 1
         self.current.origins.append(origin)
         for seg in segments:
@@ -193,7 +196,7 @@ class DocumentPacker:
         self.seq_length, self.pad_id, self.lookahead = seq_length, pad_id, lookahead
         self.pending: List[BuiltSample] = []
 
-    def add(self, segments: List[Segment], origin: str) -> Iterator[BuiltSample]:
+    def add(self, segments: Iterable[Segment], origin: str) -> Iterator[BuiltSample]:
         doc = truncate_and_pad(segments, self.seq_length, self.pad_id, origin)
         doc.tokens = doc.tokens[: self.seq_length + 1 - doc.num_padding]  # unpadded
         self.pending.append(doc)

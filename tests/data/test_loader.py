@@ -47,7 +47,8 @@ def test_batch_contract(prepared_mmc4, loader_kwargs):
             assert run == [tok.boi_id] + [tok.image_id] * NUM_IMAGE_TOKENS + [tok.eoi_id]
         assert (batch.tokens == tok.boi_id).sum() == batch.num_images
         assert batch.image_sample_index.tolist() == sorted(batch.image_sample_index.tolist())
-        assert batch.image_labels.shape == (batch.num_images,) and ((batch.image_labels >= 0) & (batch.image_labels < 8)).all()
+        assert batch.image_labels.shape == (batch.num_images,)
+        assert ((batch.image_labels >= 0) & (batch.image_labels < 8)).all()
     assert sum(b.num_images for b in batches) > 0
 
 

@@ -79,7 +79,7 @@ def test_truncation_never_cuts_image_or_text(seq_length):
     for seed in range(300):
         rng = random.Random(seed)
         doc = mmc4_doc(num_texts=rng.randint(1, 8), sims=[0.3] * rng.randint(1, 8), words=rng.randint(1, 9))
-        segments = tokenize_layout(doc, document_layout(doc, rng), tok, IDS, M, crop_seed="s")
+        segments = list(tokenize_layout(doc, document_layout(doc, rng), tok, IDS, M, crop_seed="s"))
         sample = truncate_and_pad(segments, seq_length, IDS.pad)
         assert len(sample.tokens) == seq_length + 1
         image_spans(sample, seq_length)
@@ -97,14 +97,14 @@ def test_truncation_never_cuts_image_or_text(seq_length):
 
 def test_long_first_text_is_the_only_cut():
     doc = mmc4_doc(num_texts=2, sims=[0.3], words=100)
-    segments = tokenize_layout(doc, [("text", 0), ("image", 0), ("text", 1)], WordTokenizer(), IDS, M, "s")
+    segments = list(tokenize_layout(doc, [("text", 0), ("image", 0), ("text", 1)], WordTokenizer(), IDS, M, "s"))
     sample = truncate_and_pad(segments, 64, IDS.pad)
     assert sample.tokens[0] == IDS.bos and sample.num_padding == 0 and sample.boi_positions == []
 
 
 def test_short_document_padded_with_eos():
     doc = mmc4_doc(num_texts=1, sims=[0.3], words=3)
-    segments = tokenize_layout(doc, [("image", 0), ("text", 0)], WordTokenizer(), IDS, M, "s")
+    segments = list(tokenize_layout(doc, [("image", 0), ("text", 0)], WordTokenizer(), IDS, M, "s"))
     sample = truncate_and_pad(segments, 64, IDS.pad)
     assert sample.tokens[:1] == [IDS.bos] and sample.boi_positions == [1]
     assert sample.tokens[1 + M + 2:1 + M + 2 + 4] == [11, 11, 11, IDS.eos]
@@ -133,7 +133,7 @@ def test_obelics_windows_move_cut_image_whole():
         rng = random.Random(k)
         doc = obelics_doc(f"d{k}", "".join(rng.choice("ti") for _ in range(rng.randint(1, 6))) + "i",
                           words=rng.randint(1, 30))
-        segments = tokenize_layout(doc, doc.order, tok, IDS, M, "s")
+        segments = list(tokenize_layout(doc, doc.order, tok, IDS, M, "s"))
         stream += [t for s in segments for t in s.tokens]
         windows += list(packer.add(segments, doc.origin))
     moved = 0
@@ -169,8 +169,9 @@ def test_document_packer_keeps_documents_whole():
     alone, samples = {}, []
     for k in range(200):
         rng = random.Random(k)
-        doc = mmc4_doc(num_texts=rng.randint(1, 4), sims=[0.3] * rng.randint(1, 3), words=rng.randint(1, 8), key=f"d{k}")
-        segments = tokenize_layout(doc, document_layout(doc, rng), tok, IDS, M, crop_seed="s")
+        doc = mmc4_doc(num_texts=rng.randint(1, 4), sims=[0.3] * rng.randint(1, 3), words=rng.randint(1, 8),
+                       key=f"d{k}")
+        segments = list(tokenize_layout(doc, document_layout(doc, rng), tok, IDS, M, crop_seed="s"))
         single = truncate_and_pad(segments, seq_length, IDS.pad)
         alone[doc.origin] = single.tokens[: seq_length + 1 - single.num_padding]
         samples += list(packer.add(segments, doc.origin))
@@ -184,3 +185,18 @@ def test_document_packer_keeps_documents_whole():
     efficiency = 1 - sum(s.num_padding for s in samples) / sum(len(s.tokens) for s in samples)
     one_per_sample = sum(map(len, alone.values())) / (len(alone) * (seq_length + 1))
     assert efficiency > max(0.75, one_per_sample + 0.2), (efficiency, one_per_sample)
+
+
+def test_truncation_tokenizes_only_what_fits():
+    class CountingTokenizer(WordTokenizer):
+        calls = 0
+
+        def encode(self, text):
+            self.calls += 1
+            return super().encode(text)
+
+    doc = mmc4_doc(num_texts=10_000, sims=[0.3], words=5)  # an enormous document
+    tok = CountingTokenizer()
+    layout = document_layout(doc, random.Random(0))
+    sample = truncate_and_pad(tokenize_layout(doc, layout, tok, IDS, M, "s"), 64, IDS.pad)
+    assert sample.num_padding < 6 and tok.calls < 20
