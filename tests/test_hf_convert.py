@@ -87,3 +87,22 @@ def test_hf_to_ours_to_hf_is_identity(converted):
                 assert torch.equal(theirs[k][2:], back[k][2:])
                 continue
             assert torch.equal(theirs[k], back[k]), k
+
+
+def test_exported_tokenizer_gives_sentencepiece_ids(tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_lcl.data.tokenizer import LCLTokenizer, train_tokenizer
+    from megatron_lcl.hf.tokenizer import export_tokenizer
+
+    texts = ["a red circle on a striped background", "the quick brown fox jumps over the lazy dog",
+             "Hello World, numbers 12345 and ünïcödé!"] * 100
+    ours = LCLTokenizer(train_tokenizer(texts, str(tmp_path / "sp"), 200))
+    export_tokenizer(ours.model_path, str(tmp_path / "hf"))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for text in ["a red circle", " leading space", "Hello World, 12345 ünïcödé!", "zzz  qqq", "ｆｕｌｌ"]:
+        assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
+    assert hf.convert_tokens_to_ids(["<BoI>", "<EoI>", "<img>"]) == [ours.boi_id, ours.eoi_id, ours.image_id]
+    assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (ours.pad_id, ours.bos_id, ours.eos_id)
+    sample = ours.encode("a red") + [ours.boi_id, ours.image_id, ours.eoi_id] + ours.encode("circle")
+    assert hf.decode(sample, skip_special_tokens=True).split() == ["a", "red", "circle"]
