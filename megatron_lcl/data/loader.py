@@ -132,10 +132,14 @@ class _WorkerStream:
                     yield name, sample
                 index += 1
 
-    def built_samples(self) -> Iterator[BuiltSample]:
-        """Samples with token layouts, images still encoded. One yielded item = one slot."""
+    def built_samples(self, fast_forward: int = 0) -> Iterator[Optional[BuiltSample]]:
+        """Samples with token layouts, images still encoded. One yielded item = one slot.
+
+        In "truncate" packing a document is one slot whatever its length, so the first
+        `fast_forward` slots are yielded as None without tokenizing them.
+        """
         cfg = self.cfg
-        packers = {}
+        packers, slots = {}, 0
         for epoch, shard, raw in self.documents():
             where = f"{shard}:{raw.get('__key__', '?')}"
             try:
@@ -148,16 +152,23 @@ class _WorkerStream:
             if not any(kind == "image" for kind, _ in layout):
                 self.skips.add(S.NO_USABLE_IMAGE, where)
                 continue
+            packing = cfg.packing if cfg.packing != "auto" else ("truncate" if doc.source == "mmc4" else "concat")
+            if packing == "truncate" and slots < fast_forward:
+                slots += 1
+                yield None
+                continue
             segments = tokenize_layout(doc, layout, self.tokenizer, self.ids, cfg.num_image_tokens,
                                        crop_seed=f"{cfg.seed}-{epoch}-{doc.key}")
-            packing = cfg.packing if cfg.packing != "auto" else ("truncate" if doc.source == "mmc4" else "concat")
             if packing == "truncate":
+                slots += 1
                 yield truncate_and_pad(segments, cfg.seq_length, self.ids.pad, origin=where)
                 continue
             if doc.source not in packers:  # one packer per source keeps sources unmixed
                 packers[doc.source] = (DocumentPacker(cfg.seq_length, self.ids.pad) if packing == "pack" else
                                        ConcatPacker(cfg.seq_length, self.ids.pad, cfg.num_image_tokens))
-            yield from packers[doc.source].add(segments, origin=where)
+            for sample in packers[doc.source].add(segments, origin=where):
+                slots += 1
+                yield sample
 
     def decode_images(self, sample: BuiltSample) -> Optional[List[torch.Tensor]]:
         size = self.cfg.image_size
@@ -177,7 +188,7 @@ class _WorkerStream:
     def batches(self, start_slot: int) -> Iterator[tuple]:
         """(LCLBatch, meta) forever, starting after `start_slot` slots (fast-forwarded)."""
         pending, slot = [], 0
-        for sample in self.built_samples():
+        for sample in self.built_samples(fast_forward=start_slot):
             slot += 1
             if slot <= start_slot:
                 if slot == start_slot:
