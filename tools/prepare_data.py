@@ -33,12 +33,14 @@ def main(argv=None) -> None:
                    help="downscale larger images to this side (keeps loading fast)")
     p.add_argument("--max-doc-chars", type=int, default=defaults.max_doc_chars)
     p.add_argument("--max-doc-images", type=int, default=defaults.max_doc_images)
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="processes, each preparing every N-th input file into its own shards")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     options = PrepareOptions(args.min_similarity, args.max_image_side, args.max_doc_chars,
                              args.max_doc_images, args.shard_size)
     summary = prepare(args.format, args.input, args.output, args.images_dir, options,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, num_workers=args.num_workers)
     print(f"prepared {args.format} -> {args.output}\n{summary.report()}")
 
 

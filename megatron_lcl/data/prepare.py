@@ -13,6 +13,7 @@ The random per-sample choices (which <= 6 MMC4 images, before/after placement) h
 import glob
 import io
 import json
+import multiprocessing
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -144,27 +145,56 @@ class PrepareOptions:
     shard_size: int = 1000
 
 
+def _prepare_files(source: str, files: List[str], pattern: str, images_dir: Optional[str],
+                   options: PrepareOptions, progress: bool, part: int = 0) -> PrepareSummary:
+    """Prepare `files` into shards named by `pattern` (one process)."""
+    summary = PrepareSummary()
+    with wds.ShardWriter(pattern, maxcount=options.shard_size, verbose=0) as sink, \
+            tqdm(desc=f"prepare {source} [{part}]", unit="doc", disable=not progress, position=part) as bar:
+        for path in files:
+            try:
+                for doc in read_source(source, path, images_dir, summary.skips):
+                    summary.docs_in += 1
+                    summary.images_in += len(doc.images)
+                    kept = filter_document(doc, summary.skips, options)
+                    if kept is not None:
+                        sink.write(to_wds_sample(kept))
+                        summary.docs_out += 1
+                        summary.images_out += len(kept.images)
+                    bar.update(1)
+                    bar.set_postfix(out=summary.docs_out, skipped=summary.skips.total(), refresh=False)
+            except Exception as e:  # an unreadable file (bad zip, broken parquet): count it, go on
+                summary.skips.add(S.CORRUPT_SHARD, os.path.basename(path),
+                                  f"rest of file skipped: {type(e).__name__}: {str(e)[:100]}")
+    return summary
+
+
 def prepare(source: str, inputs: List[str], output_dir: str, images_dir: Optional[str] = None,
-            options: Optional[PrepareOptions] = None, progress: bool = True) -> PrepareSummary:
-    """Read `inputs`, filter and verify, write `output_dir/shard-%06d.tar` + `summary.json`."""
+            options: Optional[PrepareOptions] = None, progress: bool = True,
+            num_workers: int = 1) -> PrepareSummary:
+    """Read `inputs`, filter and verify, write `output_dir/shard-*.tar` + `summary.json`.
+
+    With `num_workers > 1`, worker k prepares input files k, k + N, ... into `shard-wKK-%06d.tar`.
+    """
     options = options or PrepareOptions()
     files = list_inputs(source, inputs)
     os.makedirs(output_dir, exist_ok=True)
+    num_workers = max(1, min(num_workers, len(files)))
+    if num_workers == 1:
+        parts = [_prepare_files(source, files, os.path.join(output_dir, "shard-%06d.tar"), images_dir,
+                                options, progress)]
+    else:
+        jobs = [(source, files[k::num_workers], os.path.join(output_dir, f"shard-w{k:02d}-%06d.tar"),
+                 images_dir, options, progress, k) for k in range(num_workers)]
+        with multiprocessing.Pool(num_workers) as pool:
+            parts = pool.starmap(_prepare_files, jobs)
     summary = PrepareSummary()
-    pattern = os.path.join(output_dir, "shard-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=options.shard_size, verbose=0) as sink, \
-            tqdm(desc=f"prepare {source}", unit="doc", disable=not progress) as bar:
-        for path in files:
-            for doc in read_source(source, path, images_dir, summary.skips):
-                summary.docs_in += 1
-                summary.images_in += len(doc.images)
-                kept = filter_document(doc, summary.skips, options)
-                if kept is not None:
-                    sink.write(to_wds_sample(kept))
-                    summary.docs_out += 1
-                    summary.images_out += len(kept.images)
-                bar.update(1)
-                bar.set_postfix(out=summary.docs_out, skipped=summary.skips.total(), refresh=False)
+    for part in parts:
+        summary.docs_in += part.docs_in
+        summary.docs_out += part.docs_out
+        summary.images_in += part.images_in
+        summary.images_out += part.images_out
+        summary.skips.merge(part.skips)
     summary.shards = sorted(glob.glob(os.path.join(output_dir, "shard-*.tar")))
     with open(os.path.join(output_dir, "summary.json"), "w") as f:
         json.dump(summary.to_dict(), f, indent=1)

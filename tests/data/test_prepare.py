@@ -102,3 +102,20 @@ def test_cli_prints_summary(tmp_path, synthetic_mmc4, capsys):
     printed = capsys.readouterr().out
     assert "documents: 80 in" in printed and "low_similarity_image" in printed
     assert len([n for n in os.listdir(tmp_path / "o") if n.endswith(".tar")]) >= 3
+
+
+def test_unreadable_file_is_counted_and_parallel_prepare_matches(tmp_path, synthetic_mmc4):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(synthetic_mmc4, src)
+    (src / "broken.jsonl.zip").write_bytes(b"PK\x03\x04 definitely not a zip")
+    serial = prepare("mmc4", [str(src)], str(tmp_path / "one"), progress=False)
+    parallel = prepare("mmc4", [str(src)], str(tmp_path / "two"), progress=False, num_workers=2)
+    assert serial.skips.counts["corrupt_shard"] == 1
+    assert "broken.jsonl.zip" in serial.skips.examples["corrupt_shard"][0]
+    assert serial.to_dict()["skipped"]["counts"] == parallel.to_dict()["skipped"]["counts"]
+    assert (serial.docs_out, serial.images_out) == (parallel.docs_out, parallel.images_out)
+    keys = [sorted(d.key for d in read_prepared(tmp_path / name)) for name in ("one", "two")]
+    assert keys[0] == keys[1] and len(keys[0]) == serial.docs_out
+    assert any(s.startswith("shard-w01-") for s in parallel.to_dict()["shards"])
