@@ -140,7 +140,11 @@ class _WorkerStream:
         """
         cfg = self.cfg
         packers, slots = {}, 0
+        usable = {}  # epoch -> documents that passed, to fail loudly rather than spin on unusable data
         for epoch, shard, raw in self.documents():
+            if epoch > 0 and not usable.get(epoch - 1):
+                raise RuntimeError(f"DP rank {cfg.dp_rank} worker {self.worker}: no usable document in a "
+                                   f"whole epoch of its data; skipped:\n{self.skips.summary()}")
             where = f"{shard}:{raw.get('__key__', '?')}"
             try:
                 doc = from_wds_sample(raw)
@@ -152,6 +156,7 @@ class _WorkerStream:
             if not any(kind == "image" for kind, _ in layout):
                 self.skips.add(S.NO_USABLE_IMAGE, where)
                 continue
+            usable[epoch] = usable.get(epoch, 0) + 1
             packing = cfg.packing if cfg.packing != "auto" else ("truncate" if doc.source == "mmc4" else "concat")
             if packing == "truncate" and slots < fast_forward:
                 slots += 1

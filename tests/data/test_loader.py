@@ -184,3 +184,10 @@ def test_obelics_and_laion_end_to_end(tmp_path, loader_kwargs):
         assert pad_fraction < 0.25, f"{source}: concatenated windows should be mostly full ({pad_fraction})"
         assert sum(b.num_images for b in batches) >= 5
         assert not loader.skip_counts()
+
+
+def test_unusable_data_fails_loudly_instead_of_spinning(tmp_path, loader_kwargs):
+    with wds.TarWriter(str(tmp_path / "shard-000000.tar")) as sink:
+        sink.write({"__key__": "nojson", "json": b"{broken"})
+    with pytest.raises(RuntimeError, match="no usable document"):
+        take(build_loader(str(tmp_path), **loader_kwargs), 1)
