@@ -10,7 +10,7 @@ web text cannot inject image positions into a sequence.
 """
 
 import io
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import sentencepiece as spm
 
@@ -67,13 +67,20 @@ def train_tokenizer(
     vocab_size: int,
     model_type: str = "unigram",
     max_sentences: int = 5_000_000,
-    character_coverage: float = 0.9995,
+    character_coverage: Optional[float] = None,
+    byte_fallback: Optional[bool] = None,
 ) -> str:
     """Train a sentencepiece model on `texts`; writes `{model_prefix}.model`/`.vocab`, returns the .model path.
 
     Small vocabularies (a few hundred pieces, for tests and the demo) work: the vocab size is a soft
-    limit (`hard_vocab_limit=False`).
+    limit (`hard_vocab_limit=False`). Defaults depend on the size: from 1024 pieces up, `byte_fallback`
+    (rare characters become UTF-8 byte pieces, so any text round-trips) and character coverage
+    0.9995; below that, no byte pieces (they alone take 256 ids) and coverage 1.0 (every character
+    of the small corpus gets a piece).
     """
+    large = vocab_size >= 1024
+    byte_fallback = large if byte_fallback is None else byte_fallback
+    character_coverage = (0.9995 if large else 1.0) if character_coverage is None else character_coverage
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=(t for t in texts if t and t.strip()),
@@ -82,6 +89,7 @@ def train_tokenizer(
         model_type=model_type,
         hard_vocab_limit=False,
         character_coverage=character_coverage,
+        byte_fallback=byte_fallback,  # rare characters become UTF-8 byte pieces instead of <unk>
         input_sentence_size=max_sentences,
         shuffle_input_sentence=True,
         max_sentence_length=16384,

@@ -42,3 +42,10 @@ def test_train_tokenizer_cli(tmp_path, synthetic_mmc4, capsys):
     assert "<BoI> 4" in capsys.readouterr().out
     tok = LCLTokenizer(str(tmp_path / "tok" / "lcl.model"))
     assert tok.decode(tok.encode("a red circle")) == "a red circle"
+
+
+def test_rare_characters_round_trip(tmp_path):
+    path = train_tokenizer(["a blue square on a red background"] * 200 + ["Until"], str(tmp_path / "t"), 1024)
+    tok = LCLTokenizer(path)
+    text = "Until 東京 – a blue square ü"
+    assert tok.decode(tok.encode(text)) == text
