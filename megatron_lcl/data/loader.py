@@ -287,8 +287,11 @@ class LCLDataLoader:
     def __iter__(self) -> Iterator[LCLBatch]:
         cfg = self.cfg
         dataset = _StreamDataset(cfg, list(self.cursors), self.batches_consumed % cfg.logical_workers)
+        # Our randomness is all seeded explicitly; a private generator keeps torch's DataLoader from
+        # drawing its worker base seed from (and so moving) the training process's global RNG.
         loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
-                            collate_fn=_passthrough, prefetch_factor=2 if cfg.num_workers else None)
+                            collate_fn=_passthrough, prefetch_factor=2 if cfg.num_workers else None,
+                            generator=torch.Generator().manual_seed(cfg.seed))
         for batch, meta in loader:
             self.cursors[meta["worker"]] = meta["cursor"]
             received = SkipCounter()

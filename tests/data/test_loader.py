@@ -193,3 +193,12 @@ def test_unusable_data_fails_loudly_instead_of_spinning(tmp_path, loader_kwargs)
         sink.write({"__key__": "nojson", "json": b"{broken"})
     with pytest.raises(RuntimeError, match="no usable document"):
         take(build_loader(str(tmp_path), **loader_kwargs), 1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_leaves_the_global_rng_alone(prepared_mmc4, loader_kwargs, num_workers):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    take(build_loader(prepared_mmc4, **dict(loader_kwargs, num_workers=num_workers)), 2)
+    assert torch.equal(torch.rand(3), expected)
