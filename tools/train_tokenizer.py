@@ -44,8 +44,8 @@ def main(argv=None) -> None:
     p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
     p.add_argument("--character-coverage", type=float, default=None,
                    help="default: 0.9995 from 1024 pieces up, else 1.0")
-    p.add_argument("--byte-fallback", type=int, choices=[0, 1], default=None,
-                   help="unknown characters as UTF-8 byte pieces (default: on from 1024 pieces up)")
+    p.add_argument("--byte-fallback", action="store_true",
+                   help="rare characters as UTF-8 byte pieces (the HF export does not support it yet)")
     p.add_argument("--max-docs", type=int, default=1_000_000, help="read at most this many documents")
     args = p.parse_args(argv)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     texts = tqdm(iter_texts(args.format, args.input, skips, args.max_docs), desc="texts", unit=" segments")
     path = train_tokenizer(texts, args.output, args.vocab_size, model_type=args.model_type,
                            character_coverage=args.character_coverage,
-                           byte_fallback=None if args.byte_fallback is None else bool(args.byte_fallback))
+                           byte_fallback=args.byte_fallback)
     tok = LCLTokenizer(path)
     print(f"wrote {path}: vocab_size {tok.vocab_size} (pad {tok.pad_id}, bos {tok.bos_id}, eos {tok.eos_id}, "
           f"<BoI> {tok.boi_id}, <EoI> {tok.eoi_id}, <img> {tok.image_id})")

@@ -68,19 +68,17 @@ def train_tokenizer(
     model_type: str = "unigram",
     max_sentences: int = 5_000_000,
     character_coverage: Optional[float] = None,
-    byte_fallback: Optional[bool] = None,
+    byte_fallback: bool = False,
 ) -> str:
     """Train a sentencepiece model on `texts`; writes `{model_prefix}.model`/`.vocab`, returns the .model path.
 
     Small vocabularies (a few hundred pieces, for tests and the demo) work: the vocab size is a soft
-    limit (`hard_vocab_limit=False`). Defaults depend on the size: from 1024 pieces up, `byte_fallback`
-    (rare characters become UTF-8 byte pieces, so any text round-trips) and character coverage
-    0.9995; below that, no byte pieces (they alone take 256 ids) and coverage 1.0 (every character
-    of the small corpus gets a piece).
+    limit (`hard_vocab_limit=False`). Character coverage defaults to 0.9995 from 1024 pieces up and
+    to 1.0 below (every character of a small corpus gets a piece). `byte_fallback=True` turns
+    rare characters into UTF-8 byte pieces (any text round-trips; needs >= 256 + characters pieces),
+    but megatron_lcl.hf's tokenizer export maps those to <unk>, so it is off by default.
     """
-    large = vocab_size >= 1024
-    byte_fallback = large if byte_fallback is None else byte_fallback
-    character_coverage = (0.9995 if large else 1.0) if character_coverage is None else character_coverage
+    character_coverage = (0.9995 if vocab_size >= 1024 else 1.0) if character_coverage is None else character_coverage
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=(t for t in texts if t and t.strip()),

@@ -45,7 +45,8 @@ def test_train_tokenizer_cli(tmp_path, synthetic_mmc4, capsys):
 
 
 def test_rare_characters_round_trip(tmp_path):
-    path = train_tokenizer(["a blue square on a red background"] * 200 + ["Until"], str(tmp_path / "t"), 1024)
+    path = train_tokenizer(["a blue square on a red background"] * 200 + ["Until"], str(tmp_path / "t"), 1024,
+                           byte_fallback=True)
     tok = LCLTokenizer(path)
     text = "Until 東京 – a blue square ü"
     assert tok.decode(tok.encode(text)) == text
