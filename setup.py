@@ -27,7 +27,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "pyarrow"],
+        "obelics": ["pyarrow"],  # OBELICS parquet shards
         "gpu": ["transformer-engine[pytorch]>=1.12"],
         "apex": ["apex"],
     },

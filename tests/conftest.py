@@ -37,3 +37,9 @@ def single_rank():
 
     initialize_distributed(ParallelConfig(), seed=1234)
     yield
+
+
+@pytest.fixture(scope="session")
+def core_checks_dir(tmp_path_factory):
+    """tests/dist/core_checks.py on 2 ranks, once per session (used by several test modules)."""
+    return run_torchrun("core_checks.py", 2, tmp_path_factory.mktemp("core"))

@@ -7,14 +7,12 @@ compare its result files.
 import pytest
 import torch
 
-from conftest import run_torchrun
-
 LOSS_KEYS = ("loss", "lm_loss", "con_loss", "con_top1", "num_text_tokens", "num_images")
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = run_torchrun("core_checks.py", 2, tmp_path_factory.mktemp("core"))
+def results(core_checks_dir):
+    out = core_checks_dir
     return {name: torch.load(out / f"{name}.pt") for name in
             ("reference", "tp2", "dp2", "ragged_contrastive")}
 

@@ -10,6 +10,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from common import full_tensor, named_full, parse_out_dir, save_rank0, tiny_model_config
 from megatron_lcl.config import LossConfig, ParallelConfig
+from megatron_lcl.hf.pretrained import save_model_checkpoint
+from megatron_lcl.training.config import LCLConfig
 from megatron_lcl.losses import LCLLoss, contrastive_loss_sum
 from megatron_lcl.models.lcl_model import LCLModel
 from megatron_lcl.runtime import initialize_distributed, initialize_model_parallel, set_seed
@@ -52,6 +54,21 @@ def run_tp2(out):
     terms.total.backward()
     save_rank0({"terms": terms_dict(terms), "params": named_full(model, tp),
                 "grads": named_full(model, tp, "grad")}, out, "tp2.pt")
+    # A TP=2 checkpoint for the HF-conversion round trip (tests/test_hf_convert.py), with the
+    # full-vocabulary logits of this TP=2 model on BATCH to compare against.
+    model.eval()
+    with torch.no_grad():
+        logits = model(BATCH.tokens, BATCH.position_ids, BATCH.images, BATCH.image_sample_index,
+                       BATCH.boi_positions).logits
+    full_logits = torch.cat(_all_gather(logits, tp), dim=-1).transpose(0, 1)  # [b, s, v]
+    save_model_checkpoint(model, LCLConfig(model=CFG), f"{out}/tp2_checkpoint")
+    save_rank0({"logits": full_logits, "batch": BATCH}, out, "tp2_checkpoint_outputs.pt")
+
+
+def _all_gather(t, group):
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return parts
 
 
 def run_dp2(out):

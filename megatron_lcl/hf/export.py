@@ -1,0 +1,65 @@
+"""megatron_lcl checkpoint -> HuggingFace folder (vision tower, LM, tokenizer, LCL heads + card)."""
+
+import json
+import os
+
+from safetensors.torch import save_file
+
+from megatron_lcl.hf.convert import build_hf_models, lcl_heads_state
+from megatron_lcl.hf.pretrained import full_state_dict, load_pretrained
+from megatron_lcl.hf.tokenizer import export_tokenizer
+
+MODEL_CARD = """# LCL pre-trained vision encoder (megatron_lcl export)
+
+Trained with Latent Compression Learning (Yang et al., NeurIPS 2024) by megatron_lcl.
+Source checkpoint: `{checkpoint}`
+
+| folder / file | what | load with |
+| --- | --- | --- |
+| `vision/` | the ViT | `transformers.CLIPVisionModel.from_pretrained(".../vision")` |
+| `lm/` | the causal LM (OPT architecture) | `transformers.OPTForCausalLM.from_pretrained(".../lm")` |
+| `tokenizer/` | sentencepiece tokenizer with `<BoI>`, `<EoI>`, `<img>` | `transformers.AutoTokenizer.from_pretrained(".../tokenizer")` |
+| `lcl_heads.safetensors` | LCL heads (below) | `safetensors.torch.load_file` |
+
+The image latents the LM was trained on are `post_layernorm(last_hidden_state)` of the vision model
+(every token, class token first): `megatron_lcl.hf.convert.clip_latents(model, pixel_values)`.
+Layer-scale has been folded into `out_proj` and `fc2`. Images are normalised with CLIP's mean/std
+at {image_size} px.
+
+`lcl_heads.safetensors` holds:
+- `projector.weight/bias`: latents (width {vit_width}) -> LM width ({lm_width}); an interleaved input
+  puts `<BoI>`, then the {num_image_tokens} projected latents, then `<EoI>` into `inputs_embeds`.
+- `image_head.pool.*`: attention pooling (one learnable query, {pool_heads} heads) over the latents;
+  `image_head.proj.weight` (W1) -> v, L2-normalised, dimension {embed_dim}.
+- `text_head.norm.*` (LayerNorm) and `text_head.proj.weight` (W2) applied to the LM's last hidden state
+  at a `<BoI>` -> t, L2-normalised; `text_head.logit_scale`: log of the contrastive temperature.
+"""
+
+
+def export_to_hf(checkpoint: str, out_dir: str, log=print) -> dict:
+    """Write `out_dir/{vision,lm,tokenizer}`, `lcl_heads.safetensors` and `README.md`."""
+    lcl = load_pretrained(checkpoint)
+    cfg = lcl.cfg.model
+    state = full_state_dict(lcl.model)
+    vocab = state["lm.embedding.word_embeddings.weight"].shape[0]
+    log(f"loaded {lcl.checkpoint}; building transformers models (vocab {vocab})")
+    clip, opt = build_hf_models(state, cfg.vision, cfg.lm, vocab)
+    paths = {"vision": os.path.join(out_dir, "vision"), "lm": os.path.join(out_dir, "lm"),
+             "heads": os.path.join(out_dir, "lcl_heads.safetensors")}
+    clip.save_pretrained(paths["vision"])
+    opt.save_pretrained(paths["lm"])
+    save_file({k: v.contiguous() for k, v in lcl_heads_state(state).items()}, paths["heads"],
+              metadata={"config": json.dumps({"heads": vars(cfg.heads), "num_image_tokens": cfg.vision.num_image_tokens})})
+    if lcl.cfg.data.tokenizer:
+        paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
+        export_tokenizer(lcl.cfg.data.tokenizer, paths["tokenizer"])
+    else:
+        log("no data.tokenizer in the checkpoint's config: tokenizer/ not written")
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(MODEL_CARD.format(checkpoint=lcl.checkpoint, image_size=cfg.vision.image_size,
+                                  vit_width=cfg.vision.hidden_size, lm_width=cfg.lm.hidden_size,
+                                  num_image_tokens=cfg.vision.num_image_tokens,
+                                  pool_heads=cfg.heads.pool_num_heads, embed_dim=cfg.heads.embed_dim))
+    for name, path in paths.items():
+        log(f"  {name:<10} {path}")
+    return paths

@@ -1,0 +1,26 @@
+"""megatron_lcl checkpoint (any TP/PP) -> HuggingFace `transformers` folder.
+
+    python tools/checkpoint/convert_to_hf.py --load runs/demo/checkpoints --save runs/demo/hf
+
+Writes OUT/vision (CLIPVisionModel), OUT/lm (OPTForCausalLM), OUT/tokenizer (AutoTokenizer),
+OUT/lcl_heads.safetensors and OUT/README.md (what each file is and how to use it).
+"""
+
+import argparse
+import warnings
+
+warnings.filterwarnings("ignore")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="checkpoints/ folder (uses `latest`) or one step_* folder")
+    parser.add_argument("--save", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    from megatron_lcl.hf.export import export_to_hf
+
+    export_to_hf(args.load, args.save)
+
+
+if __name__ == "__main__":
+    main()
