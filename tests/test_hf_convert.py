@@ -89,7 +89,8 @@ def test_hf_to_ours_to_hf_is_identity(converted):
             assert torch.equal(theirs[k], back[k]), k
 
 
-def test_exported_tokenizer_gives_sentencepiece_ids(tmp_path):
+@pytest.mark.parametrize("byte_fallback", [False, True])
+def test_exported_tokenizer_gives_sentencepiece_ids(tmp_path, byte_fallback):
     from transformers import AutoTokenizer
 
     from megatron_lcl.data.tokenizer import LCLTokenizer, train_tokenizer
@@ -97,11 +98,14 @@ def test_exported_tokenizer_gives_sentencepiece_ids(tmp_path):
 
     texts = ["a red circle on a striped background", "the quick brown fox jumps over the lazy dog",
              "Hello World, numbers 12345 and ünïcödé!"] * 100
-    ours = LCLTokenizer(train_tokenizer(texts, str(tmp_path / "sp"), 200))
+    ours = LCLTokenizer(train_tokenizer(texts, str(tmp_path / "sp"), 400, byte_fallback=byte_fallback))
     export_tokenizer(ours.model_path, str(tmp_path / "hf"))
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    for text in ["a red circle", " leading space", "Hello World, 12345 ünïcödé!", "zzz  qqq", "ｆｕｌｌ"]:
+    for text in ["a red circle", " leading space", "Hello World, 12345 ünïcödé!", "zzz  qqq", "ｆｕｌｌ",
+                 "unseen: 漢字 ∑"]:
         assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
+    if byte_fallback:
+        assert hf.decode(ours.encode("unseen: 漢字")) == ours.sp.decode(ours.encode("unseen: 漢字"))
     assert hf.convert_tokens_to_ids(["<BoI>", "<EoI>", "<img>"]) == [ours.boi_id, ours.eoi_id, ours.image_id]
     assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (ours.pad_id, ours.bos_id, ours.eos_id)
     sample = ours.encode("a red") + [ours.boi_id, ours.image_id, ours.eoi_id] + ours.encode("circle")
