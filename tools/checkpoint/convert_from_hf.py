@@ -1,0 +1,100 @@
+"""Initialise a megatron_lcl checkpoint from HuggingFace weights on disk (continue from existing models).
+
+    python tools/checkpoint/convert_from_hf.py --config examples/configs/vit_b16_opt125m_mmc4.yaml \\
+        --vision path/to/clip-vit-b16 --lm path/to/opt-125m --save runs/init/checkpoint
+
+`--vision`: a `CLIPVisionModel` folder (the vision tower of a CLIP checkpoint works too); `--lm`: an
+`OPTForCausalLM` folder. The model sizes in the config must match them (the tool says which field does
+not). The LCL heads and projector keep their fresh initialisation, layer-scale starts at 1. Either
+side may be omitted (that part stays randomly initialised). The result is a megatron-core
+dist-checkpoint: training loads it at any TP/PP (`checkpoint.load=<folder> checkpoint.load_optimizer=false`).
+"""
+
+import argparse
+import warnings
+
+warnings.filterwarnings("ignore")
+
+
+def check_sizes(cfg, vision_hf=None, lm_hf=None) -> None:
+    from megatron_lcl.config import ConfigError
+
+    pairs = []
+    if vision_hf is not None:
+        c, v = vision_hf.config, cfg.model.vision
+        pairs += [("model.vision.hidden_size", v.hidden_size, c.hidden_size),
+                  ("model.vision.num_layers", v.num_layers, c.num_hidden_layers),
+                  ("model.vision.num_attention_heads", v.num_attention_heads, c.num_attention_heads),
+                  ("model.vision.ffn_hidden_size", v.ffn_hidden_size, c.intermediate_size),
+                  ("model.vision.patch_size", v.patch_size, c.patch_size),
+                  ("model.vision.image_size", v.image_size, c.image_size)]
+    if lm_hf is not None:
+        c, lm = lm_hf.config, cfg.model.lm
+        pairs += [("model.lm.hidden_size", lm.hidden_size, c.hidden_size),
+                  ("model.lm.num_layers", lm.num_layers, c.num_hidden_layers),
+                  ("model.lm.num_attention_heads", lm.num_attention_heads, c.num_attention_heads),
+                  ("model.lm.ffn_hidden_size", lm.ffn_hidden_size, c.ffn_dim),
+                  ("model.lm.max_position_embeddings", lm.max_position_embeddings, c.max_position_embeddings)]
+    wrong = [f"{name} is {ours}, the HF model has {theirs}" for name, ours, theirs in pairs if ours != theirs]
+    if wrong:
+        raise ConfigError("config does not match the HF weights: " + "; ".join(wrong))
+
+
+def convert(cfg, vision_dir, lm_dir, save_dir, log=print) -> str:
+    import torch
+    from transformers import CLIPVisionModel, OPTForCausalLM
+
+    from megatron_lcl.config import ParallelConfig
+    from megatron_lcl.hf.convert import lm_from_hf, vision_from_hf
+    from megatron_lcl.hf.pretrained import _ensure_single_process, save_model_checkpoint
+    from megatron_lcl.models.lcl_model import LCLModel
+    from megatron_lcl.runtime import set_seed
+
+    _ensure_single_process()
+    vision_hf = CLIPVisionModel.from_pretrained(vision_dir) if vision_dir else None
+    lm_hf = OPTForCausalLM.from_pretrained(lm_dir) if lm_dir else None
+    check_sizes(cfg, vision_hf, lm_hf)
+    set_seed(cfg.train.seed)
+    model = LCLModel(cfg.model, ParallelConfig())
+    state = {}
+    if vision_hf is not None:
+        state.update(vision_from_hf(vision_hf.state_dict(), cfg.model.vision))
+    if lm_hf is not None:
+        lm_state = lm_from_hf(lm_hf.state_dict(), cfg.model.lm)
+        embed = lm_state["lm.embedding.word_embeddings.weight"]
+        ours = model.lm.embedding.word_embeddings.weight
+        assert embed.shape[0] <= ours.shape[0], (
+            f"the HF vocabulary ({embed.shape[0]}) is larger than model.lm.vocab_size padded ({ours.shape[0]})")
+        padded = ours.detach().clone()
+        padded[: embed.shape[0]] = embed  # rows past the HF vocabulary keep their init (never used)
+        lm_state["lm.embedding.word_embeddings.weight"] = padded
+        state.update(lm_state)
+    missing = [k for k in state if k not in dict(model.named_parameters())]
+    assert not missing, f"unknown parameters: {missing[:5]}"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in state:
+                p.copy_(state[name])
+    log(f"initialised {len(state)} tensors from HF ({'vision ' if vision_hf else ''}{'lm' if lm_hf else ''})")
+    return save_model_checkpoint(model, cfg, save_dir)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run YAML (model sizes must match the HF models)")
+    parser.add_argument("--vision", help="CLIPVisionModel folder")
+    parser.add_argument("--lm", help="OPTForCausalLM folder")
+    parser.add_argument("--save", required=True, help="output checkpoint folder")
+    parser.add_argument("overrides", nargs="*", help="config overrides a.b=c")
+    args = parser.parse_args(argv)
+    if not (args.vision or args.lm):
+        parser.error("give --vision and/or --lm")
+    from megatron_lcl.training.config_io import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    path = convert(cfg, args.vision, args.lm, args.save)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
