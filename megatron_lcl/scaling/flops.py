@@ -1,0 +1,166 @@
+"""Analytic FLOPs and parameter model of one LCL training step.
+
+Counting convention (Kaplan et al. 2020, Chinchilla, PaLM's MFU): a matmul of `[m, k] x [k, n]` is
+2·m·k·n FLOPs; convolutions likewise; elementwise work (norms, softmax, activations, biases,
+layer-scale, the loss) is not counted. Attention scores are counted in full (s² per layer, also for
+the causal LM: that is what megatron-core's local attention executes; pass `causal_half=True` for
+the flash-kernel convention that skips the masked half). Backward = 2x forward for every matmul
+whose two inputs both need a gradient; the patchify convolution has a constant input (the image),
+so its backward is 1x. The model mirrors `megatron_lcl.models` group by group:
+
+    per image     vit        conv patchify, L_v x (QKV, scores, context, proj, FFN) over M tokens
+                  projector  M latents -> LM width
+                  heads      attention pooling (1 query, M keys) + W1, and W2 on the <BoI> output
+    per sequence  lm         L x (QKV, scores, context, proj, FFN) over s positions
+                  output     s x h x V_padded logits (tied weight: both gradients; skipped for loss=con)
+    per image     contrastive  2 logit matrices of [n, N] over e (N = images in the global micro-batch)
+
+`check_flops_model` in tests/test_scaling.py compares this with torch's FlopCounterMode on built
+models; `parameter_counts` matches `count_parameters_by_group` exactly.
+"""
+
+from collections import OrderedDict
+from typing import Optional
+
+from megatron_lcl.config import LMConfig, ModelConfig, VisionConfig, padded_vocab_size
+
+# Dense peak FLOP/s per accelerator, for MFU. Pass your own to `mfu` for anything else.
+PEAK_FLOPS_PER_S = {
+    "h100-sxm-bf16": 989e12,
+    "h200-bf16": 989e12,
+    "a100-bf16": 312e12,
+    "v100-fp16": 125e12,
+}
+
+
+# ------------------------------------------------------------------------------------ parameters
+
+def transformer_layer_params(h: int, ffn: int, layer_scale: bool = False) -> int:
+    """One pre-LN megatron-core layer with biases: LN, QKV, proj, LN, fc1, fc2 (+ 2 layer-scale vectors)."""
+    return (2 * h  # input LayerNorm
+            + 3 * h * h + 3 * h  # linear_qkv
+            + h * h + h  # linear_proj
+            + 2 * h  # pre-MLP LayerNorm
+            + h * ffn + ffn + ffn * h + h  # fc1, fc2
+            + (2 * h if layer_scale else 0))
+
+
+def vit_params(v: VisionConfig) -> int:
+    h = v.hidden_size
+    embed = 3 * v.patch_size ** 2 * h + h + v.num_image_tokens * h + 2 * h  # conv, class token, positions, ln_pre
+    layers = v.num_layers * transformer_layer_params(h, v.ffn_hidden_size, v.layer_scale_init is not None)
+    return embed + layers + 2 * h  # final (post-)LayerNorm
+
+
+def lm_params(lm: LMConfig, tensor_model_parallel_size: int = 1) -> int:
+    h = lm.hidden_size
+    embed = padded_vocab_size(lm, tensor_model_parallel_size) * h + lm.max_position_embeddings * h
+    return embed + lm.num_layers * transformer_layer_params(h, lm.ffn_hidden_size) + 2 * h  # output tied
+
+
+def heads_params(cfg: ModelConfig) -> int:
+    hv, hl, e = cfg.vision.hidden_size, cfg.lm.hidden_size, cfg.heads.embed_dim
+    image = hv + 2 * hv + (3 * hv * hv + 3 * hv) + (hv * hv + hv) + hv * e  # query, LN, MHA in/out, W1
+    text = 2 * hl + hl * e + 1  # LN, W2, logit_scale
+    return image + text
+
+
+def parameter_counts(cfg: ModelConfig, tensor_model_parallel_size: int = 1) -> "OrderedDict[str, int]":
+    """{vit, projector, lm, heads, total}: the same groups and numbers as `count_parameters_by_group`
+    on a whole model (TP=PP=1), plus `lm_embedding` (word + position tables, included in `lm`)."""
+    counts = OrderedDict([
+        ("vit", vit_params(cfg.vision)),
+        ("projector", cfg.vision.hidden_size * cfg.lm.hidden_size + cfg.lm.hidden_size),
+        ("lm", lm_params(cfg.lm, tensor_model_parallel_size)),
+        ("heads", heads_params(cfg)),
+    ])
+    counts["total"] = sum(counts.values())
+    counts["lm_embedding"] = (padded_vocab_size(cfg.lm, tensor_model_parallel_size)
+                              + cfg.lm.max_position_embeddings) * cfg.lm.hidden_size
+    return counts
+
+
+# ------------------------------------------------------------------------------------ forward FLOPs
+
+def transformer_layer_flops(tokens: int, h: int, ffn: int, attended: float) -> float:
+    """Forward FLOPs of one layer over `tokens` positions, each attending to `attended` positions."""
+    dense = 2 * tokens * (3 * h * h + h * h + 2 * h * ffn)  # QKV, proj, fc1, fc2
+    attention = 2 * 2 * tokens * attended * h  # scores Q K^T and context A V
+    return dense + attention
+
+
+def vit_forward_flops(v: VisionConfig) -> dict:
+    """Per image: {'patchify': conv, 'vit_layers': transformer layers}."""
+    m, h = v.num_image_tokens, v.hidden_size
+    patchify = 2 * v.num_patches * 3 * v.patch_size ** 2 * h
+    layers = v.num_layers * transformer_layer_flops(m, h, v.ffn_hidden_size, attended=m)
+    return {"patchify": patchify, "vit_layers": layers}
+
+
+def heads_forward_flops(cfg: ModelConfig) -> float:
+    """Per image: attention pooling (q, kv and out projections, 1 x M attention), W1 and W2."""
+    m, hv, hl, e = cfg.vision.num_image_tokens, cfg.vision.hidden_size, cfg.lm.hidden_size, cfg.heads.embed_dim
+    pooling = 2 * hv * hv + 2 * m * 2 * hv * hv + 2 * 2 * m * hv + 2 * hv * hv
+    return pooling + 2 * hv * e + 2 * hl * e
+
+
+def lm_forward_flops(lm: LMConfig, seq_length: int, causal_half: bool = False) -> float:
+    """Per sequence of `seq_length` positions (text, image latents and padding all count)."""
+    attended = seq_length / 2 if causal_half else seq_length
+    return lm.num_layers * transformer_layer_flops(seq_length, lm.hidden_size, lm.ffn_hidden_size, attended)
+
+
+def step_flops(cfg: ModelConfig, seq_length: int, images_per_sample: float, samples: int = 1, *,
+               contrastive_negatives: Optional[int] = None, loss_mode: str = "lcl",
+               backward: bool = True, tensor_model_parallel_size: int = 1,
+               causal_half: bool = False) -> "OrderedDict[str, float]":
+    """FLOPs by group for `samples` sequences holding `images_per_sample` images each (on average).
+
+    `contrastive_negatives` is N, the images one InfoNCE row is scored against (images of the global
+    micro-batch); None leaves the [n, N] logit matmuls out (they are < 0.1% at realistic sizes).
+    With `backward`, forward + backward (the training step); else forward only. Returns
+    {vit, projector, lm, output, heads, contrastive, total}.
+    """
+    assert loss_mode in ("lcl", "gen", "con"), f"loss_mode {loss_mode!r}"
+    v, lm = cfg.vision, cfg.lm
+    images = images_per_sample * samples
+    vit = vit_forward_flops(v)
+    mult = 3 if backward else 1  # forward + 2x forward
+    vocab = padded_vocab_size(lm, tensor_model_parallel_size)
+    output = 0.0 if loss_mode == "con" else 2 * seq_length * lm.hidden_size * vocab * samples
+    contrastive = 0.0 if contrastive_negatives is None or loss_mode == "gen" else \
+        2 * 2 * images * contrastive_negatives * cfg.heads.embed_dim
+    flops = OrderedDict([
+        ("vit", images * (vit["patchify"] * (2 if backward else 1) + vit["vit_layers"] * mult)),
+        ("projector", images * 2 * v.num_image_tokens * v.hidden_size * lm.hidden_size * mult),
+        ("lm", samples * lm_forward_flops(lm, seq_length, causal_half) * mult),
+        ("output", output * mult),
+        ("heads", images * heads_forward_flops(cfg) * mult),
+        ("contrastive", contrastive * mult),
+    ])
+    flops["total"] = sum(flops.values())
+    return flops
+
+
+def flops_per_sample(cfg: ModelConfig, seq_length: int, images_per_sample: float, **kwargs) -> float:
+    """Training FLOPs (forward + backward) of one sequence: the unit the sweeps multiply by samples."""
+    return step_flops(cfg, seq_length, images_per_sample, samples=1, **kwargs)["total"]
+
+
+def training_flops(cfg: ModelConfig, seq_length: int, samples: int, images: int, **kwargs) -> float:
+    """Total training FLOPs of a run that consumed `samples` sequences holding `images` images."""
+    if samples == 0:
+        return 0.0
+    return step_flops(cfg, seq_length, images / samples, samples=samples, **kwargs)["total"]
+
+
+def mfu(model_flops_per_s: float, peak_flops_per_s: float, num_devices: int = 1) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of `num_devices` accelerators."""
+    assert peak_flops_per_s > 0, "peak_flops_per_s must be > 0"
+    return model_flops_per_s / (peak_flops_per_s * num_devices)
+
+
+def model_flops_per_s(cfg: ModelConfig, seq_length: int, global_batch_size: int,
+                      images_per_step: float, step_time_s: float, **kwargs) -> float:
+    """What the training log reports: the step's model FLOPs divided by its wall time."""
+    return training_flops(cfg, seq_length, global_batch_size, images_per_step, **kwargs) / step_time_s

@@ -1,0 +1,375 @@
+"""Scaling sweeps: a spec (YAML) over a ladder of model sizes x compute budgets -> one run per point.
+
+    spec = load_spec("examples/scaling/tiny_ladder.yaml")
+    run_sweep(spec)                      # runs what is missing, appends to OUTPUT/results.csv
+    write_slurm_array(spec, "sweep.sbatch")
+
+A spec (see examples/scaling/tiny_ladder.yaml):
+
+    name, base_config        the experiment YAML every point starts from
+    output_dir               OUTPUT/configs/<point>.yaml, OUTPUT/runs/<point>/, OUTPUT/results.csv
+    overrides                `a.b=c` applied to every point; `{output_dir}` is substituted
+    models                   [{name, vision: {...}, lm: {...}, heads: {...}}]: model.* keys
+    budgets                  [{global_batch_size, train_steps}] or [{global_batch_size, flops}]:
+                             a FLOPs budget becomes train_steps through the FLOPs model (IsoFLOP sweeps)
+    images_per_sample        expected images per sequence, to turn a FLOPs budget into steps
+    warmup_fraction          optimizer.warmup_steps = round(fraction x train_steps) (optional)
+    final_loss_window        the final loss is the mean over this last fraction of logged steps
+    nproc                    processes per point (torchrun --nproc_per_node; 1 runs plain python)
+    setup                    [{creates: PATH, run: SHELL}] run once before the points, skipped if PATH exists
+    eval_command             shell command run after a point trains ({run_dir}, {config}); it writes
+                             RUN_DIR/probe.json with a numeric "probe_accuracy" (the CSV column stays
+                             empty when there is none)
+    slurm                    {partition, account, time, gpus_per_node, cpus_per_task, max_parallel, extra}
+
+Points are named `<model>-<budget>`. A point is finished when results.csv has an `ok` (or
+`diverged`) row for it; anything else is (re)run. The driver resumes an interrupted point from its
+own checkpoint in its run directory, so a sweep can be stopped and restarted at any moment.
+"""
+
+import csv
+import fcntl
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import yaml
+
+from megatron_lcl.scaling.flops import flops_per_sample, parameter_counts, training_flops
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PRETRAIN = os.path.join(REPO_ROOT, "pretrain_lcl.py")
+FINISHED = ("ok", "diverged")
+EXIT_STATUS = {0: "ok", 1: "diverged", 2: "config_error"}
+
+CSV_COLUMNS = [
+    "point", "model", "budget", "status",
+    "vit_hidden", "vit_layers", "vit_ffn", "image_size", "patch_size", "image_tokens",
+    "lm_hidden", "lm_layers", "lm_ffn", "vocab_size", "seq_length", "global_batch_size", "train_steps",
+    "params_vit", "params_projector", "params_lm", "params_heads", "params_total", "params_non_embedding",
+    "flops_per_sample", "train_flops", "samples", "tokens", "text_tokens", "images", "images_per_sample",
+    "loss", "lm_loss", "con_loss", "con_top1", "loss_last", "probe_accuracy",
+    "step_time_s", "model_flops_per_s", "wall_s", "run_dir",
+]
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base_config: str
+    output_dir: str
+    models: List[dict]
+    budgets: List[dict]
+    overrides: List[str] = field(default_factory=list)
+    images_per_sample: float = 1.0
+    warmup_fraction: Optional[float] = None
+    final_loss_window: float = 0.1
+    nproc: int = 1
+    setup: List[dict] = field(default_factory=list)
+    eval_command: Optional[str] = None
+    slurm: dict = field(default_factory=dict)
+    spec_path: Optional[str] = None
+
+    @property
+    def results_csv(self) -> str:
+        return os.path.join(self.output_dir, "results.csv")
+
+
+@dataclass
+class SweepPoint:
+    index: int
+    name: str  # <model>-<budget>
+    model: str
+    budget: str
+    overrides: List[str]  # everything but run_dir, applied on top of base_config
+    config_path: str  # the resolved config written for this point
+    run_dir: str
+
+
+def load_spec(path: str) -> SweepSpec:
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    known = set(SweepSpec.__dataclass_fields__) - {"spec_path"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown sweep keys {unknown}; known: {sorted(known)}")
+    missing = [k for k in ("name", "base_config", "output_dir", "models", "budgets") if k not in raw]
+    if missing:
+        raise ValueError(f"{path}: missing sweep keys {missing}")
+    spec = SweepSpec(**raw, spec_path=path)
+    names = [m.get("name") for m in spec.models]
+    if None in names or len(set(names)) != len(names):
+        raise ValueError(f"{path}: every entry of `models` needs a unique `name`, got {names}")
+    for b in spec.budgets:
+        if "global_batch_size" not in b or ("train_steps" in b) == ("flops" in b):
+            raise ValueError(f"{path}: budget {b} needs global_batch_size and one of train_steps or flops")
+    return spec
+
+
+# ---------------------------------------------------------------------------------- points
+
+def _flatten(prefix: str, tree: dict) -> List[str]:
+    """{'vision': {'hidden_size': 32}} under 'model' -> ['model.vision.hidden_size=32']."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _flatten(f"{prefix}.{key}", value)
+        else:
+            out.append(f"{prefix}.{key}={json.dumps(value)}")
+    return out
+
+
+def _budget_name(budget: dict) -> str:
+    if "name" in budget:
+        return str(budget["name"])
+    if "flops" in budget:
+        return f"{float(budget['flops']):.2g}".replace("+", "")
+    return f"{budget['global_batch_size']}x{budget['train_steps']}"
+
+
+def _steps_for(spec: SweepSpec, budget: dict, overrides: List[str]) -> int:
+    """train_steps of a budget; a FLOPs budget is divided by the point's FLOPs per step."""
+    if "train_steps" in budget:
+        return int(budget["train_steps"])
+    from megatron_lcl.training.config_io import load_config
+
+    cfg = load_config(spec.base_config, overrides)
+    per_step = flops_per_sample(cfg.model, cfg.data.seq_length, spec.images_per_sample) * budget["global_batch_size"]
+    return max(1, round(float(budget["flops"]) / per_step))
+
+
+def expand_points(spec: SweepSpec) -> List[SweepPoint]:
+    """models x budgets, in spec order (budgets outer: cheap points of every size come first)."""
+    common = [o.format(output_dir=spec.output_dir) for o in spec.overrides]
+    points = []
+    for budget in spec.budgets:
+        for model in spec.models:
+            model_overrides = _flatten("model", {k: v for k, v in model.items() if k != "name"})
+            overrides = common + model_overrides + [f"train.global_batch_size={budget['global_batch_size']}"]
+            overrides += [str(o) for o in budget.get("overrides", [])]
+            steps = _steps_for(spec, budget, overrides)
+            overrides.append(f"train.train_steps={steps}")
+            if spec.warmup_fraction is not None:
+                overrides.append(f"optimizer.warmup_steps={round(spec.warmup_fraction * steps)}")
+            name = f"{model['name']}-{_budget_name(budget)}"
+            points.append(SweepPoint(len(points), name, model["name"], _budget_name(budget), overrides,
+                                     os.path.join(spec.output_dir, "configs", f"{name}.yaml"),
+                                     os.path.join(spec.output_dir, "runs", name)))
+    return points
+
+
+def write_point_config(point: SweepPoint, spec: SweepSpec):
+    """The point's resolved config (presets and overrides applied), as a YAML the driver can run."""
+    from megatron_lcl.training.config_io import load_config, save_config
+
+    cfg = load_config(spec.base_config, point.overrides + [f"run_dir={point.run_dir}"])
+    os.makedirs(os.path.dirname(point.config_path), exist_ok=True)
+    save_config(cfg, point.config_path)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------- running
+
+def run_point(config_path: str, overrides: List[str], run_dir: str, nproc: int = 1) -> int:
+    """Train one point with the real driver in a fresh process; returns its exit status.
+
+    A new process per point keeps megatron-core's global state and memory from leaking between
+    points. `nproc > 1` launches torchrun on this machine.
+    """
+    argv = ["--config", config_path, f"run_dir={run_dir}", *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, PRETRAIN, *argv]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               PRETRAIN, *argv]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run(cmd, env=env, cwd=os.getcwd()).returncode
+
+
+Runner = Callable[[str, List[str], str, int], int]
+
+
+def run_setup(spec: SweepSpec) -> None:
+    """Run each `setup` command whose `creates` path is missing (under a lock: array tasks race)."""
+    if not spec.setup:
+        return
+    os.makedirs(spec.output_dir, exist_ok=True)
+    with _locked(os.path.join(spec.output_dir, ".setup.lock")):
+        for step in spec.setup:
+            creates = step["creates"].format(output_dir=spec.output_dir)
+            if os.path.exists(creates):
+                continue
+            command = step["run"].format(output_dir=spec.output_dir, python=shlex.quote(sys.executable))
+            print(f"[sweep] setup: {command}", flush=True)
+            subprocess.run(command, shell=True, check=True, cwd=os.getcwd())
+            assert os.path.exists(creates), f"setup step did not create {creates}: {command}"
+
+
+def run_eval(spec: SweepSpec, point: SweepPoint) -> None:
+    """The spec's eval_command for a trained point (it writes RUN_DIR/probe.json); failures are logged."""
+    command = spec.eval_command.format(run_dir=shlex.quote(point.run_dir), config=shlex.quote(point.config_path),
+                                       python=shlex.quote(sys.executable))
+    code = subprocess.run(command, shell=True, cwd=os.getcwd()).returncode
+    if code != 0:
+        print(f"[sweep] {point.name}: eval_command exited {code}; probe_accuracy left empty", flush=True)
+
+
+def run_sweep(spec: SweepSpec, runner: Runner = run_point, only: Optional[List[int]] = None,
+              log=print) -> List[dict]:
+    """Run every unfinished point (or those in `only`) one after another; returns the rows appended."""
+    run_setup(spec)
+    done = finished_points(spec.results_csv)
+    appended = []
+    for point in expand_points(spec):
+        if (only is not None and point.index not in only) or point.name in done:
+            if point.name in done:
+                log(f"[sweep] {point.name}: finished, skipped")
+            continue
+        log(f"[sweep] {point.name} ({point.index + 1}/{len(spec.models) * len(spec.budgets)}): training")
+        cfg = write_point_config(point, spec)
+        t0 = time.time()
+        code = runner(point.config_path, [], point.run_dir, spec.nproc)
+        if code == 0 and spec.eval_command:
+            run_eval(spec, point)
+        row = collect_result(point, cfg, spec, EXIT_STATUS.get(code, f"failed({code})"), time.time() - t0)
+        append_row(spec.results_csv, row)
+        appended.append(row)
+        log(f"[sweep] {point.name}: {row['status']}, loss {row['loss']}, {row['train_flops']} FLOPs")
+    return appended
+
+
+# ---------------------------------------------------------------------------------- results
+
+def read_metrics(run_dir: str) -> List[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_probe_accuracy(run_dir: str) -> Optional[float]:
+    """RUN_DIR/probe.json's "probe_accuracy" (written by the spec's eval_command), else None."""
+    path = os.path.join(run_dir, "probe.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        value = json.load(f).get("probe_accuracy")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def final_losses(rows: List[dict], window: float) -> Dict[str, float]:
+    """Mean of each loss term over the last `window` fraction of logged steps (at least one row):
+    one step's loss is one batch's loss, too noisy to fit."""
+    tail = rows[-max(1, round(window * len(rows))):]
+    return {k: sum(r[k] for r in tail) / len(tail) for k in ("loss", "lm_loss", "con_loss", "con_top1")}
+
+
+def collect_result(point: SweepPoint, cfg, spec: SweepSpec, status: str, wall_s: float) -> dict:
+    """One CSV row: sizes, parameter counts, FLOPs, consumed data and final loss terms of a point."""
+    rows = read_metrics(point.run_dir)
+    m, d, t = cfg.model, cfg.data, cfg.train
+    tp = cfg.parallel.tensor_model_parallel_size
+    params = parameter_counts(m, tp)
+    row = dict.fromkeys(CSV_COLUMNS, "")
+    row.update(point=point.name, model=point.model, budget=point.budget, status=status, run_dir=point.run_dir,
+               vit_hidden=m.vision.hidden_size, vit_layers=m.vision.num_layers, vit_ffn=m.vision.ffn_hidden_size,
+               image_size=m.vision.image_size, patch_size=m.vision.patch_size,
+               image_tokens=m.vision.num_image_tokens, lm_hidden=m.lm.hidden_size, lm_layers=m.lm.num_layers,
+               lm_ffn=m.lm.ffn_hidden_size, vocab_size=m.lm.vocab_size, seq_length=d.seq_length,
+               global_batch_size=t.global_batch_size, train_steps=t.train_steps,
+               params_vit=params["vit"], params_projector=params["projector"], params_lm=params["lm"],
+               params_heads=params["heads"], params_total=params["total"],
+               params_non_embedding=params["total"] - params["lm_embedding"], wall_s=round(wall_s, 2))
+    if status == "ok" and (not rows or rows[-1]["step"] != t.train_steps):
+        row["status"] = status = "incomplete"
+    if not rows:
+        return row
+    last = rows[-1]
+    samples, images = last["consumed_samples"], last["consumed_images"]
+    per_sample = flops_per_sample(m, d.seq_length, images / max(samples, 1), loss_mode=cfg.loss.mode)
+    step_times = [r["step_time_s"] for r in rows[1:]] or [rows[0]["step_time_s"]]  # row 0 holds warm-up
+    step_time_s = sum(step_times) / len(step_times)
+    row.update(samples=samples, images=images, tokens=last["consumed_tokens"],
+               text_tokens=last["consumed_text_tokens"], images_per_sample=round(images / max(samples, 1), 4),
+               flops_per_sample=f"{per_sample:.6g}",
+               train_flops=f"{training_flops(m, d.seq_length, samples, images, loss_mode=cfg.loss.mode):.6g}",
+               loss_last=last["loss"], step_time_s=round(step_time_s, 4),
+               model_flops_per_s=f"{per_sample * t.global_batch_size / step_time_s:.6g}")
+    row.update({k: round(v, 6) for k, v in final_losses(rows, spec.final_loss_window).items()})
+    probe = read_probe_accuracy(point.run_dir)
+    row["probe_accuracy"] = "" if probe is None else probe
+    return row
+
+
+@contextmanager
+def _locked(path: str):
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def append_row(csv_path: str, row: dict) -> None:
+    """Append one row (header first when the file is new); locked, so slurm array tasks can share it."""
+    os.makedirs(os.path.dirname(csv_path) or ".", exist_ok=True)
+    with _locked(csv_path + ".lock"):
+        new = not os.path.exists(csv_path) or os.path.getsize(csv_path) == 0
+        with open(csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_results(csv_path: str) -> List[dict]:
+    """The latest row of each point (a retried point appends a new row)."""
+    if not os.path.exists(csv_path):
+        return []
+    with open(csv_path, newline="") as f:
+        latest = {row["point"]: row for row in csv.DictReader(f)}
+    return list(latest.values())
+
+
+def finished_points(csv_path: str) -> set:
+    return {row["point"] for row in read_results(csv_path) if row["status"] in FINISHED}
+
+
+# ---------------------------------------------------------------------------------- slurm
+
+def write_slurm_array(spec: SweepSpec, path: str) -> str:
+    """An sbatch script with one array task per point; each runs `tools/sweep.py SPEC --index I`,
+    which skips the point if it is finished. Returns the script text."""
+    s, n = spec.slurm, len(expand_points(spec))
+    limit = f"%{s['max_parallel']}" if s.get("max_parallel") else ""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=sweep-{spec.name}", f"#SBATCH --array=0-{n - 1}{limit}",
+             "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
+             f"#SBATCH --output={os.path.join(spec.output_dir, 'slurm', '%A_%a.out')}"]
+    for key, flag in (("partition", "partition"), ("account", "account"), ("time", "time"),
+                      ("gpus_per_node", "gpus-per-node"), ("cpus_per_task", "cpus-per-task"),
+                      ("mem", "mem")):
+        if s.get(key) is not None:
+            lines.append(f"#SBATCH --{flag}={s[key]}")
+    lines += [f"#SBATCH {extra}" for extra in s.get("extra", [])]
+    spec_path = os.path.abspath(spec.spec_path) if spec.spec_path else "SPEC.yaml"
+    lines += ["", "# Generated by tools/sweep.py --emit-slurm. Resubmitting runs only unfinished points.",
+              "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}",
+              f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(REPO_ROOT, 'tools', 'sweep.py'))} "
+              f"{shlex.quote(spec_path)} --index \"$SLURM_ARRAY_TASK_ID\"", ""]
+    text = "\n".join(lines)
+    os.makedirs(os.path.join(spec.output_dir, "slurm"), exist_ok=True)  # sbatch opens --output before the script runs
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    return text
