@@ -132,12 +132,24 @@ def test_tp2_checkpoint_converts_and_matches_transformers(core_checks_dir, tmp_p
     # the TP=1 reload reproduces the TP=2 model that saved the checkpoint
     ours = lcl.lm_logits(batch.tokens, batch.images, batch.image_sample_index, batch.boi_positions)
     assert max_kl(saved["logits"], ours) <= 1e-6
+    # and the command-line verifier agrees
+    tool = _load_tool("verify_hf")
+    printed = tool.main(["--load", str(core_checks_dir / "tp2_checkpoint"), "--hf", str(tmp_path / "hf")])
+    assert all(printed[k] <= bound for k, bound in BOUNDS.items())
+
+
+def _load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        name, pathlib.Path(__file__).parents[1] / f"tools/checkpoint/{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
 
 
 def test_hf_to_megatron_lcl_to_hf_gives_identical_tensors(converted, tmp_path):
     """HF folders -> convert_from_hf (a dist checkpoint) -> convert_to_hf -> the same tensors."""
-    import importlib.util
-
     from transformers import CLIPVisionModel, OPTForCausalLM
 
     from megatron_lcl.hf.export import export_to_hf
@@ -146,10 +158,7 @@ def test_hf_to_megatron_lcl_to_hf_gives_identical_tensors(converted, tmp_path):
     _, _, clip, opt = converted
     clip.save_pretrained(tmp_path / "clip")
     opt.save_pretrained(tmp_path / "opt")
-    spec = importlib.util.spec_from_file_location(
-        "convert_from_hf", pathlib.Path(__file__).parents[1] / "tools/checkpoint/convert_from_hf.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _load_tool("convert_from_hf")
     ckpt = tool.convert(LCLConfig(model=CFG), str(tmp_path / "clip"), str(tmp_path / "opt"),
                         str(tmp_path / "ckpt"), log=lambda *a: None)
     export_to_hf(ckpt, str(tmp_path / "back"), log=lambda *a: None)
