@@ -139,3 +139,23 @@ def test_drop_path_and_layer_scale(model):
     out_eval, _ = proj(x)
     assert (out_eval.abs().amax(dim=(0, 2)) > 0).all()
     model.vision.set_drop_path_rate(0.0)
+
+
+def test_bf16_model_matches_fp32_within_bf16_precision(single_rank):
+    """precision.params_dtype=bf16 builds every module (megatron-core layers, ViT stem, heads) in
+    bf16; the losses stay fp32 and agree with the fp32 model up to bf16 rounding."""
+    from megatron_lcl.config import PrecisionConfig
+    from megatron_lcl.models.lcl_model import LCLModel
+    from megatron_lcl.runtime import set_seed
+
+    losses = {}
+    for dtype in ("fp32", "bf16"):
+        set_seed(11)
+        model = LCLModel(CFG, ParallelConfig(), PrecisionConfig(params_dtype=dtype))
+        assert {p.dtype for p in model.parameters()} == {torch.float32 if dtype == "fp32" else torch.bfloat16}
+        terms = forward_loss(model, _batch(4), LCLLoss(LossConfig()))
+        terms.total.backward()
+        assert terms.total.dtype == torch.float32
+        losses[dtype] = terms
+    for key in ("lm_loss", "con_loss"):
+        torch.testing.assert_close(getattr(losses["bf16"], key), getattr(losses["fp32"], key), rtol=3e-2, atol=3e-2)

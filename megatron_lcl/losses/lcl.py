@@ -59,8 +59,8 @@ class LCLLoss:
             gen_sum, gen_count = generation_loss_sum(logits, labels, loss_mask)
         con_sum, con_correct = zero, zero
         if self.con_weight:
-            con_sum, _, con_correct = contrastive_loss_sum(
-                image_features, text_features, logit_scale, self.dp_group)
+            con_sum, _, con_correct = contrastive_loss_sum(  # in fp32 also under bf16
+                image_features.float(), text_features.float(), logit_scale.float(), self.dp_group)
         # One all-reduce gives the global denominators and the logged global values.
         stats = torch.stack([gen_sum.detach().float(), gen_count.detach().float(),
                              con_sum.detach().float(), con_correct.float(),

@@ -84,6 +84,9 @@ class LCLModel(MegatronModule):
                                    pre_process=pre_process, post_process=post_process)
         if post_process:
             self.text_head = TextHead(cfg.lm.hidden_size, cfg.heads)
+        # megatron-core layers are built in params_dtype; bring the plain torch modules (ViT stem,
+        # projector, heads) along, so bf16 runs need no wrapper. The optimizer keeps fp32 masters.
+        self.to(lm_config.params_dtype)
 
     # megatron-core hooks -------------------------------------------------------------------------
     @property

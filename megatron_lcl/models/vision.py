@@ -48,7 +48,7 @@ class VisionTransformer(MegatronModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images `[n, 3, H, W]` -> latents `[n, M, h]` with M = 1 + (H/p)*(W/p)."""
-        x = self.conv1(images)  # [n, h, H/p, W/p]
+        x = self.conv1(images.to(self.conv1.weight.dtype))  # [n, h, H/p, W/p]
         x = x.flatten(2).transpose(1, 2)  # [n, (H/p)*(W/p), h]
         cls = self.class_token.expand(x.shape[0], 1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1) + self.position_embeddings  # [n, M, h]
