@@ -25,6 +25,7 @@ from megatron_lcl.config import ModelConfig, ParallelConfig, PrecisionConfig, va
 from megatron_lcl.data.batch import LCLBatch
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.models.lcl_model import LCLModel, carry_rows_needed
+from megatron_lcl.training.step import forward_loss, loss_terms
 
 
 def build_model_stage(cfg: ModelConfig, parallel: ParallelConfig,
@@ -74,14 +75,12 @@ class LCLForwardStep:
         batch = next(data_iterator) if (first or last) else None
         stage = model.module if isinstance(model, DistributedDataParallel) else model
         if first and last:
-            out = stage(batch.tokens, batch.position_ids, batch.images, batch.image_sample_index,
-                        batch.boi_positions, with_logits=self.loss_fn.needs_logits)
+            terms = forward_loss(stage, batch, self.loss_fn)
         else:
             out = stage.forward_stage(batch, self.shape.carry_rows, self.loss_fn.needs_logits)
-        if not last:
-            return out, None
-        terms = self.loss_fn(out.logits, out.image_features, out.text_features, out.logit_scale,
-                             batch.labels, batch.loss_mask)
+            if not last:
+                return out, None  # [s + K, b, h] to the next stage
+            terms = loss_terms(out, batch, self.loss_fn)
         return terms.total, partial(_loss_func, terms)
 
 
