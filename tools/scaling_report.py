@@ -93,6 +93,9 @@ def analyse(rows: List[dict], loss_key: str = "loss", params_key: str = "params_
                     for o in isoflop_optima([r["budget"] for r in rows], c, n, l)]
     else:
         a.optima = [(c[i], n[i], l[i]) for i in f]
+        a.notes.append("budgets are steps x batch (not IsoFLOP): along the frontier the data grows with the "
+                       "compute, so N_opt(C) from frontier runs is indicative only; IsoFLOP budgets "
+                       "(`flops:` in the spec) measure it properly")
     oc, on = np.array([o[0] for o in a.optima]), np.array([o[1] for o in a.optima])
     if len(a.optima) >= 3 and len(set(on)) >= 2:
         a.optimal_params = fit_with_ci(oc, on, num_samples=num_samples, level=level)
@@ -110,6 +113,16 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _plain_log_axes(ax) -> None:
+    """Log axes with plain numbers (2.5, not 2.5x10^0) on the y axis."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter() if ax.get_ylim()[1] / ax.get_ylim()[0] < 10 else NullFormatter())
+    ax.yaxis.set_minor_locator(LogLocator(subs="all"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _draw_fit(ax, x, y, law: Optional[PowerLaw], label: str, irreducible: bool = False) -> None:
@@ -134,6 +147,8 @@ def plot_loss_vs_compute(rows, a: Analysis, path: str) -> None:
             ax.plot(c[idx], column(rows, key)[idx], "o-", ms=4, label=f"{m} ({rows[idx[0]][a.params_key]:,.0f})")
         ax.set_xscale("log"), ax.set_yscale("log" if key != "probe_accuracy" else "linear")
         ax.set_xlabel("training FLOPs C"), ax.set_title(key)
+        if key != "probe_accuracy":
+            _plain_log_axes(ax)
     f = a.frontier
     axes[0].plot(c[f], column(rows, a.loss_key)[f], "ks", mfc="none", ms=9, label="frontier")
     if a.loss_vs_compute is not None:
@@ -157,6 +172,7 @@ def plot_loss_vs_params(rows, a: Analysis, path: str) -> None:
         _draw_fit(ax, n[sel], l[sel], a.loss_vs_params, f"L ~ N^-{a.loss_vs_params.alpha:.3f} ({a.params_budget})")
     ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel(f"parameters N ({a.params_key})")
     ax.set_ylabel(a.loss_key), ax.legend(fontsize=7)
+    _plain_log_axes(ax)
     fig.tight_layout(), fig.savefig(path, dpi=90), plt.close(fig)
 
 
@@ -214,7 +230,8 @@ def fit_lines(a: Analysis, level: float) -> List[str]:
     return lines
 
 
-def write_report(rows, a: Analysis, out_dir: str, csv_path: str, title: str, level: float, command: str) -> str:
+def write_report(rows, a: Analysis, out_dir: str, csv_path: str, title: str, level: float, command: str,
+                 spec: Optional[str] = None) -> str:
     total_flops = sum(r["train_flops"] for r in rows)
     step_s = [r["step_time_s"] for r in rows]
     lines = [f"# Scaling report: {title}", "",
@@ -222,7 +239,10 @@ def write_report(rows, a: Analysis, out_dir: str, csv_path: str, title: str, lev
              f"from `{csv_path}`: {len(rows)} finished runs, {_fmt(total_flops)} training FLOPs in all "
              f"(FLOPs model: `megatron_lcl/scaling/flops.py`), mean step time {np.mean(step_s):.3g} s. "
              f"Loss column: `{a.loss_key}` (mean over the last logged steps of each run; a training loss), "
-             f"parameters: `{a.params_key}`.", "", "## Fits", ""]
+             f"parameters: `{a.params_key}`."]
+    if spec:
+        lines += ["", f"Reproduce: `python tools/sweep.py {spec}` (skips finished points), then the command above."]
+    lines += ["", "## Fits", ""]
     lines += fit_lines(a, level)
     lines += ["", "## Plots", "", "![loss vs compute](loss_vs_compute.png)", "",
               "![loss vs parameters](loss_vs_params.png)", "", "![compute-optimal size](optimal_params.png)", "",
@@ -241,6 +261,7 @@ def main(argv=None) -> int:
     p.add_argument("--title", default=None, help="report title (default: the CSV's folder name)")
     p.add_argument("--loss", default="loss", choices=("loss", "lm_loss", "con_loss"))
     p.add_argument("--params", default="params_non_embedding", choices=("params_non_embedding", "params_total"))
+    p.add_argument("--spec", help="the sweep spec, cited in the report so it can be reproduced")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--level", type=float, default=0.9, help="confidence level of the intervals")
     args = p.parse_args(argv)
@@ -255,7 +276,7 @@ def main(argv=None) -> int:
     plot_optimal_params(a, os.path.join(args.out, "optimal_params.png"))
     title = args.title or os.path.basename(os.path.dirname(os.path.abspath(args.csv)))
     command = "python tools/scaling_report.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = write_report(rows, a, args.out, args.csv, title, args.level, command)
+    text = write_report(rows, a, args.out, args.csv, title, args.level, command, args.spec)
     print(text[: text.index("## Plots")])
     print(f"wrote {args.out}/report.md and 3 PNGs")
     return 0

@@ -26,6 +26,7 @@ class PowerLaw:
     e: float = 0.0
     rmse_log: float = float("nan")  # root mean squared error of log y
     n: int = 0
+    irreducible: bool = False  # fitted with the E term (E may come out 0)
     ci: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # bootstrap intervals by name
 
     def __call__(self, x):
@@ -38,7 +39,7 @@ class PowerLaw:
         def with_ci(name, value):
             lo_hi = self.ci.get(name)
             return f"{value:.4g}" + (f" [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else "")
-        head = f"{y_name} = " + (f"{with_ci('e', self.e)} + " if self.e else "")
+        head = f"{y_name} = " + (f"{with_ci('e', self.e)} + " if self.irreducible else "")
         return head + f"{self.a:.4g} * {x_name}^-({with_ci('alpha', self.alpha)})"
 
 
@@ -87,7 +88,7 @@ def _fit_with_floor(x: np.ndarray, y: np.ndarray, grid: int = 64, rounds: int = 
     for _ in range(rounds):
         for e in np.linspace(lo, hi, grid):
             a, alpha = _line_fit(lx, np.log(y - e))
-            law = PowerLaw(a, alpha, float(e), n=len(x))
+            law = PowerLaw(a, alpha, float(e), n=len(x), irreducible=True)
             sse = _log_sse(x, y, law)
             if best is None or sse < best[0]:
                 best = (sse, law)
