@@ -269,6 +269,18 @@ def test_flops_budget_sets_steps_and_slurm_array(tmp_path):
     assert "--index \"$SLURM_ARRAY_TASK_ID\"" in text and os.access(tmp_path / "s.sbatch", os.X_OK)
 
 
+def test_budget_can_restrict_model_sizes(tmp_path):
+    spec = sweep.load_spec(write_spec(tmp_path, TWO_MODELS, [{"train_steps": 2, "global_batch_size": 2},
+                                                             {"train_steps": 4, "global_batch_size": 2,
+                                                              "models": ["b"], "overrides": ["optimizer.lr=1e-4"]}]))
+    points = sweep.expand_points(spec)
+    assert [p.name for p in points] == ["a-2x2", "b-2x2", "b-2x4"] and [p.index for p in points] == [0, 1, 2]
+    assert "optimizer.lr=1e-4" in points[2].overrides and "optimizer.lr=1e-4" not in points[1].overrides
+    with pytest.raises(ValueError, match="names models"):
+        sweep.load_spec(write_spec(tmp_path, TWO_MODELS, [{"train_steps": 2, "global_batch_size": 2,
+                                                           "models": ["c"]}]))
+
+
 def test_report_on_synthetic_isoflop_results(tmp_path):
     """A CSV of synthetic IsoFLOP results -> the report recovers N_opt ~ C^(b/(a+b)) and writes plots."""
     import scaling_report

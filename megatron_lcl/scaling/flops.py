@@ -15,7 +15,7 @@ so its backward is 1x. The model mirrors `megatron_lcl.models` group by group:
                   output     s x h x V_padded logits (tied weight: both gradients; skipped for loss=con)
     per image     contrastive  2 logit matrices of [n, N] over e (N = images in the global micro-batch)
 
-`check_flops_model` in tests/test_scaling.py compares this with torch's FlopCounterMode on built
+tests/test_scaling.py compares this with torch's FlopCounterMode on built
 models; `parameter_counts` matches `count_parameters_by_group` exactly.
 """
 

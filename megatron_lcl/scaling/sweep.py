@@ -11,7 +11,9 @@ A spec (see examples/scaling/tiny_ladder.yaml):
     overrides                `a.b=c` applied to every point; `{output_dir}` is substituted
     models                   [{name, vision: {...}, lm: {...}, heads: {...}}]: model.* keys
     budgets                  [{global_batch_size, train_steps}] or [{global_batch_size, flops}]:
-                             a FLOPs budget becomes train_steps through the FLOPs model (IsoFLOP sweeps)
+                             a FLOPs budget becomes train_steps through the FLOPs model (IsoFLOP sweeps);
+                             optional `models: [names]` restricts a budget to some sizes, optional
+                             `overrides` apply to its points only
     images_per_sample        expected images per sequence, to turn a FLOPs budget into steps
     warmup_fraction          optimizer.warmup_steps = round(fraction x train_steps) (optional)
     final_loss_window        the final loss is the mean over this last fraction of logged steps
@@ -109,6 +111,9 @@ def load_spec(path: str) -> SweepSpec:
     for b in spec.budgets:
         if "global_batch_size" not in b or ("train_steps" in b) == ("flops" in b):
             raise ValueError(f"{path}: budget {b} needs global_batch_size and one of train_steps or flops")
+        unknown_models = sorted(set(b.get("models", [])) - set(names))
+        if unknown_models:
+            raise ValueError(f"{path}: budget {b} names models {unknown_models} that `models` does not define")
     return spec
 
 
@@ -150,6 +155,8 @@ def expand_points(spec: SweepSpec) -> List[SweepPoint]:
     points = []
     for budget in spec.budgets:
         for model in spec.models:
+            if "models" in budget and model["name"] not in budget["models"]:
+                continue
             model_overrides = _flatten("model", {k: v for k, v in model.items() if k != "name"})
             overrides = common + model_overrides + [f"train.global_batch_size={budget['global_batch_size']}"]
             overrides += [str(o) for o in budget.get("overrides", [])]
@@ -227,12 +234,13 @@ def run_sweep(spec: SweepSpec, runner: Runner = run_point, only: Optional[List[i
     run_setup(spec)
     done = finished_points(spec.results_csv)
     appended = []
-    for point in expand_points(spec):
+    points = expand_points(spec)
+    for point in points:
         if (only is not None and point.index not in only) or point.name in done:
             if point.name in done:
                 log(f"[sweep] {point.name}: finished, skipped")
             continue
-        log(f"[sweep] {point.name} ({point.index + 1}/{len(spec.models) * len(spec.budgets)}): training")
+        log(f"[sweep] {point.name} ({point.index + 1}/{len(points)}): training")
         cfg = write_point_config(point, spec)
         t0 = time.time()
         code = runner(point.config_path, [], point.run_dir, spec.nproc)
