@@ -41,8 +41,9 @@ class Analysis:
     loss_vs_params: Optional[PowerLaw] = None
     params_budget: str = ""
     isoflop: bool = False
-    optima: list = field(default_factory=list)  # (compute, N_opt, L_opt) per budget or frontier run
+    optima: list = field(default_factory=list)  # (compute, N_opt, L_opt, from parabola) per budget / frontier run
     optimal_params: Optional[PowerLaw] = None
+    term_fits: dict = field(default_factory=dict)  # {lm_loss|con_loss: PowerLaw} on the same frontier runs
     notes: List[str] = field(default_factory=list)
 
 
@@ -74,6 +75,9 @@ def analyse(rows: List[dict], loss_key: str = "loss", params_key: str = "params_
     f = a.frontier
     if len(f) >= 2:
         a.loss_vs_compute = fit_with_ci(c[f], l[f], num_samples=num_samples, level=level)
+        for term in ("lm_loss", "con_loss"):
+            if term != loss_key:
+                a.term_fits[term] = fit_with_ci(c[f], column(rows, term)[f], num_samples=num_samples, level=level)
     else:
         a.notes.append("fewer than 2 runs on the compute frontier: no loss-vs-compute fit")
     if len(f) >= 5:
@@ -89,10 +93,10 @@ def analyse(rows: List[dict], loss_key: str = "loss", params_key: str = "params_
         a.loss_vs_params = fit_with_ci(n[sel], l[sel], num_samples=num_samples, level=level)
     a.isoflop = is_isoflop(rows)
     if a.isoflop:
-        a.optima = [(o.compute, o.params_opt, o.loss_opt)
+        a.optima = [(o.compute, o.params_opt, o.loss_opt, o.from_parabola)
                     for o in isoflop_optima([r["budget"] for r in rows], c, n, l)]
     else:
-        a.optima = [(c[i], n[i], l[i]) for i in f]
+        a.optima = [(c[i], n[i], l[i], False) for i in f]
         a.notes.append("budgets are steps x batch (not IsoFLOP): along the frontier the data grows with the "
                        "compute, so N_opt(C) from frontier runs is indicative only; IsoFLOP budgets "
                        "(`flops:` in the spec) measure it properly")
@@ -219,6 +223,8 @@ def fit_lines(a: Analysis, level: float) -> List[str]:
             lines.append(f"- **{title}** ({n_desc}, n = {law.n}): `{law.describe(x, y)}`, rmse {law.rmse_log:.3g}")
     add("Loss vs compute", a.loss_vs_compute, "C", "L", "compute-optimal frontier")
     add("Loss vs compute, with irreducible loss", a.loss_vs_compute_floor, "C", "L", "frontier")
+    for term, law in a.term_fits.items():
+        add(f"{term} vs compute", law, "C", term, f"the same {len(a.frontier)} frontier runs")
     add("Loss vs parameters", a.loss_vs_params, "N", "L", f"budget {a.params_budget}")
     if a.optimal_params is not None:
         law = a.optimal_params
@@ -227,6 +233,11 @@ def fit_lines(a: Analysis, level: float) -> List[str]:
                      f"n = {law.n}): `N_opt = {law.a:.4g} * C^{-law.alpha:.4g}` "
                      f"(exponent {pct} interval [{-hi:.4g}, {-lo:.4g}]), rmse {law.rmse_log:.3g}")
     lines += [f"- note: {n}" for n in a.notes]
+    if a.isoflop:
+        lines += ["", "IsoFLOP optima (parabola in log N per budget; `best run` where the minimum is not inside "
+                  "the sizes tried):", "", "| FLOPs | N_opt | L_opt | from |", "|---|---|---|---|"]
+        lines += [f"| {_fmt(c)} | {n:,.0f} | {_fmt(l)} | {'parabola' if p else 'best run'} |"
+                  for c, n, l, p in a.optima]
     return lines
 
 
