@@ -63,13 +63,23 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _sharded_state(model, optimizer, scheduler, loader, *, is_loading: bool, with_optimizer: bool = True,
-                   with_rng: bool = True, with_data: bool = True) -> dict:
-    """The dict handed to dist_checkpointing (ShardedTensors/Objects are split; the rest goes to rank 0)."""
+                   with_rng: bool = True, with_data: bool = True,
+                   optimizer_format: str = "fully_reshardable") -> dict:
+    """The dict handed to dist_checkpointing (ShardedTensors/Objects are split; the rest goes to rank 0).
+
+    `optimizer_format` only matters for the distributed optimizer: `fully_reshardable` (gathers each
+    parameter's state on DP rank 0 while saving; loads at any TP/PP/DP) or `dp_reshardable` (cheaper
+    to save; loads at the same TP/PP only). The non-distributed optimizer's state follows the model's
+    sharding and always reshards.
+    """
     pp, tp = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
     dp = ps.get_data_parallel_rank()
     state = {"model": model.sharded_state_dict()}
+    if with_optimizer and is_loading:
+        _materialise_optimizer_state(optimizer)
     if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state["model"], is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
         state["scheduler"] = scheduler.state_dict()
     if with_rng:  # DP replicas share RNG streams (seeded by pipeline rank): one copy per (pp, tp)
         state["rng"] = ShardedObject(
@@ -83,11 +93,58 @@ def _sharded_state(model, optimizer, scheduler, loader, *, is_loading: bool, wit
     return state
 
 
+def resolve_optimizer_format(name: str) -> str:
+    """`auto` -> fully_reshardable where megatron-core can load it, else dp_reshardable.
+
+    megatron-core 0.16 cannot load a fully_reshardable distributed-optimizer state into torch's AdamW
+    (the optimizer used without Apex/Transformer Engine, e.g. on CPU): it trips over AdamW's `step`.
+    """
+    if name != "auto":
+        return name
+    from megatron.core.optimizer import distrib_optimizer
+
+    return "fully_reshardable" if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False) else "dp_reshardable"
+
+
+def _uses_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """megatron-core (0.16) DistributedOptimizer.state_dict() reads Adam's `step`, which a fresh torch
+    AdamW (no Apex/TE, e.g. on CPU) does not have yet: give it megatron-core's own dummy state, which
+    the load then overwrites (the model weights are loaded after it)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Fix up torch AdamW's per-parameter `step` after megatron-core (0.16) loaded a distributed
+    optimizer without Apex/TE: it gives every parameter the SAME step tensor (AdamW increments it in
+    place, once per parameter) and the sharded-state load then overwrites it with the template's
+    value. The true step is in each param group (`group["step"]`): give every parameter its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            for p in group["params"]:
+                state = inner.state.get(p, {})
+                if "step" in group and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                elif torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+
+
 # ------------------------------------------------------------------------------------------ save
 
 def save_checkpoint(root: str, step: int, model, optimizer, scheduler, loader, meta: dict,
-                    keep_last: int) -> str:
+                    keep_last: int, optimizer_format: str = "auto") -> str:
     """Save atomically as `root/step_N`, point `latest` at it, keep the newest `keep_last`."""
+    optimizer_format = resolve_optimizer_format(optimizer_format)
     name = checkpoint_name(step)
     final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
     if dist.get_rank() == 0:
@@ -95,11 +152,12 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, loader, m
         _remove_stale_tmp(root)
         os.makedirs(tmp)
     dist.barrier()
-    state = _sharded_state(model, optimizer, scheduler, loader, is_loading=False)
+    state = _sharded_state(model, optimizer, scheduler, loader, is_loading=False,
+                           optimizer_format=optimizer_format)
     dist_checkpointing.save(state, tmp)
     dist.barrier()  # every rank's shards are on disk
     if dist.get_rank() == 0:
-        meta = dict(meta, step=step, parallel=parallel_layout())
+        meta = dict(meta, step=step, parallel=parallel_layout(), optimizer_format=optimizer_format)
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=1)
         if os.path.exists(final):  # saved again at the same step: the newer one wins
@@ -172,16 +230,24 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, *, load_opti
     same_dp = saved["data_parallel_size"] == now["data_parallel_size"]
     if not same_mp:
         log(f"checkpoint {ckpt} was saved at {saved}; resharding to {now} (RNG states re-seeded)")
+    fmt = meta["optimizer_format"]
+    if load_optimizer and not same_mp and fmt == "dp_reshardable" and _uses_distributed_optimizer(optimizer):
+        raise ValueError(
+            f"{ckpt} holds a distributed-optimizer state in the dp_reshardable format, which loads only "
+            f"at the TP/PP it was saved at ({saved}); set checkpoint.load_optimizer=false to load the "
+            "model alone (fresh optimizer), or save with checkpoint.optimizer_format=fully_reshardable (GPU)")
     if load_data_state and not same_dp:
         log(f"data-parallel size changed ({saved['data_parallel_size']} -> {now['data_parallel_size']}): "
             "the data loader starts a fresh stream")
     state = _sharded_state(model, optimizer, scheduler, loader, is_loading=True,
                            with_optimizer=load_optimizer, with_rng=same_mp,
-                           with_data=load_data_state and same_dp)
+                           with_data=load_data_state and same_dp, optimizer_format=fmt)
     state = dist_checkpointing.load(state, ckpt)
     model.load_state_dict(state["model"])
     if load_optimizer:
-        optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # the distributed optimizer copies into views of the (leaf) parameters
+            optimizer.load_state_dict(state["optimizer"])
+        _restore_adam_steps(optimizer)
         scheduler.load_state_dict(state["scheduler"])
     if "rng" in state:
         _set_rng_state(state["rng"])

@@ -69,6 +69,10 @@ class CheckpointConfig:
     auto_resume: bool = True  # resume from run_dir/checkpoints when it holds a checkpoint
     load_optimizer: bool = True
     load_data_state: bool = True  # ignored (with a warning) when the data-parallel layout changed
+    # Distributed optimizer only: fully_reshardable (loads at any TP/PP/DP; gathers on DP rank 0 to
+    # save) or dp_reshardable (cheaper saves; loads at the same TP/PP only). auto: fully_reshardable
+    # where megatron-core can load it (Apex/TE optimizers, i.e. GPU), else dp_reshardable.
+    optimizer_format: str = "auto"
 
 
 @dataclass
@@ -114,6 +118,8 @@ def validate_run_config(cfg: LCLConfig, world_size: Optional[int] = None) -> Non
     need(d.packing in ("auto", "truncate", "concat", "pack"),
          f"data.packing ({d.packing!r}) must be auto, truncate, concat or pack")
     need(cfg.logging.log_interval > 0, f"logging.log_interval ({cfg.logging.log_interval}) must be > 0")
+    need(c.optimizer_format in ("auto", "fully_reshardable", "dp_reshardable"),
+         f"checkpoint.optimizer_format ({c.optimizer_format!r}) must be auto, fully_reshardable or dp_reshardable")
     need(c.keep_last >= 1, f"checkpoint.keep_last ({c.keep_last}) must be >= 1")
     need(c.save_interval is None or c.save_interval > 0,
          f"checkpoint.save_interval ({c.save_interval}) must be > 0 or null")

@@ -144,7 +144,10 @@ class Trainer:
         """This step's micro-batches on the first/last pipeline stage; None on middle stages."""
         if self.data_iter is None:
             return None
-        return [next(self.data_iter) for _ in range(self.num_microbatches)]
+        # The loader must not move the training RNG (torch's DataLoader draws worker seeds from it
+        # when it starts): otherwise a resumed run would drop different paths than an uninterrupted one.
+        with torch.random.fork_rng(devices=[]):
+            return [next(self.data_iter) for _ in range(self.num_microbatches)]
 
     def train_step(self, batches: Optional[list], collect_features: bool = False) -> dict:
         """Forward + backward over the step's micro-batches, then the optimizer step unless non-finite."""
@@ -302,7 +305,8 @@ class Trainer:
             return
         meta = {"train_state": asdict(self.state), "config": section_to_dict(self.cfg)}
         path = ckpt.save_checkpoint(self.checkpoint_root, self.state.step, self.model, self.optimizer,
-                                    self.scheduler, self.loader, meta, self.cfg.checkpoint.keep_last)
+                                    self.scheduler, self.loader, meta, self.cfg.checkpoint.keep_last,
+                                    self.cfg.checkpoint.optimizer_format)
         self._last_saved_step = self.state.step
         log0(f"saved checkpoint {path}")
 

@@ -1,0 +1,259 @@
+"""The training driver: config, resume == no resume, non-finite steps, atomic saves, signals, resharding,
+and the demo at a small size.
+
+In-process tests call `pretrain_lcl.main([...])` on one rank (world size 1). The 2-rank checks
+(SIGTERM on one rank + resume, TP=2 / PP=2 checkpoints loaded at TP=PP=1) run in ONE torchrun launch
+of tests/dist/train_checks.py. Every test trains the tiny model from examples/configs/tiny_cpu.yaml
+on a small synthetic MMC4 corpus built once per module.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pretrain_lcl
+from conftest import run_torchrun
+from megatron_lcl.config import ConfigError
+from megatron_lcl.training.config import validate_run_config
+from megatron_lcl.training.config_io import load_config, save_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
+TIMING_KEYS = {"step_time_s", "tokens_per_s", "images_per_s"}
+
+
+def build_corpus(root: Path) -> None:
+    """Synthetic MMC4 docs -> tokenizer -> prepared shards under `root` (what examples/demo.sh does)."""
+    from megatron_lcl.data.prepare import PrepareOptions, prepare
+    from megatron_lcl.data.skips import SkipCounter
+    from megatron_lcl.data.sources import read_mmc4
+    from megatron_lcl.data.synthetic import write_corpus
+    from megatron_lcl.data.tokenizer import train_tokenizer
+
+    corpus = root / "corpus"
+    paths = write_corpus(str(corpus), num_docs=60, image_size=40, seed=0, docs_per_shard=30)
+    texts = [t for p in paths for doc in read_mmc4(p, str(corpus), SkipCounter()) for t in doc.texts]
+    (root / "tokenizer").mkdir(parents=True, exist_ok=True)
+    train_tokenizer(texts, str(root / "tokenizer" / "lcl"), vocab_size=300, character_coverage=1.0)
+    prepare("mmc4", [str(corpus)], str(root / "shards"), options=PrepareOptions(shard_size=15), progress=False)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train_data")
+    build_corpus(root)
+    return root
+
+
+def argv(data_root: Path, run_dir: Path, *overrides: str) -> list:
+    return ["--config", TINY, f"run_dir={run_dir}", f"data.path={data_root / 'shards'}",
+            f"data.tokenizer={data_root / 'tokenizer' / 'lcl.model'}", "data.seq_length=64",
+            "data.micro_batch_size=2", "data.num_workers=0", "data.shuffle_buffer=8",
+            "train.global_batch_size=4", "train.train_steps=6", "train.drop_path_ramp_steps=4",
+            "optimizer.warmup_steps=2", "logging.log_interval=1", "logging.console=false",
+            "checkpoint.save_interval=null", *overrides]
+
+
+def read_rows(run_dir: Path) -> list:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timing(rows: list) -> list:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+# ------------------------------------------------------------------------------------------ config
+
+def test_yaml_overrides_and_presets():
+    cfg = load_config(TINY, ["optimizer.lr=3e-4", "model.vision.preset=B/16", "model.vision.image_size=224",
+                             "checkpoint.save_interval=null", "train.exit_after_steps=5"])
+    assert cfg.optimizer.lr == 3e-4 and isinstance(cfg.optimizer.lr, float)
+    assert (cfg.model.vision.hidden_size, cfg.model.vision.num_layers, cfg.model.vision.patch_size) == (768, 12, 16)
+    assert cfg.checkpoint.save_interval is None and cfg.train.exit_after_steps == 5
+    assert cfg.data.seq_length == 128  # untouched YAML value
+    # Keys given explicitly win over the preset, wherever they come from.
+    cfg = load_config(TINY, ["model.vision.preset=B/16", "model.vision.patch_size=32"])
+    assert (cfg.model.vision.hidden_size, cfg.model.vision.patch_size) == (768, 32)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(TINY, ["model.lm.preset=opt-125m", "loss.mode=con"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    (["optimizer.lrr=1"], "unknown key 'optimizer.lrr' (did you mean 'optimizer.lr'?)"),
+    (["modle.lm.hidden_size=8"], "unknown key 'modle' (did you mean 'model'?)"),
+    (["optimizer.lr=fast"], "optimizer.lr: expected a float, got 'fast' (str)"),
+    (["train.train_steps=1.5"], "train.train_steps: expected an integer, got 1.5"),
+    (["model.vision.preset=H/14"], "model.vision.preset: unknown preset 'H/14'"),
+    (["optimizer.lr"], "must look like section.key=value"),
+])
+def test_config_errors_name_the_field(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, override)
+    assert message in str(e.value)
+
+
+def test_validation_lists_every_problem():
+    cfg = load_config(TINY, ["model.lm.num_attention_heads=3", "optimizer.decay_style=cosin",
+                             "data.seq_length=1024", "parallel.tensor_model_parallel_size=2"])
+    with pytest.raises(ConfigError) as e:
+        validate_run_config(cfg, world_size=3)
+    msg = str(e.value)
+    for expected in ("model.lm.hidden_size (64) must be divisible by model.lm.num_attention_heads (3)",
+                     "optimizer.decay_style ('cosin')",
+                     "data.seq_length (1024) exceeds model.lm.max_position_embeddings (256)",
+                     "world size (3) must be divisible by parallel.tensor_model_parallel_size (2)"):
+        assert expected in msg
+
+
+def test_global_batch_must_split_over_micro_batches_and_dp():
+    cfg = load_config(TINY, ["train.global_batch_size=6"])
+    with pytest.raises(ConfigError, match=r"train.global_batch_size \(6\) must be a multiple of "
+                                          r"data.micro_batch_size \(4\) x data-parallel size \(1\)"):
+        validate_run_config(cfg, world_size=1)
+
+
+def test_main_reports_config_errors_and_exits_2(capsys):
+    assert pretrain_lcl.main(["--config", TINY, "optimizer.beta=0.9"]) == 2
+    assert "unknown key 'optimizer.beta'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ training
+
+def test_resume_equals_no_resume(data_root, tmp_path):
+    """6 steps in one run == 3 steps, exit, resume for 3: every logged metric bitwise (CPU).
+
+    A high drop-path rate makes the comparison sensitive to the RNG state, not just the weights.
+    """
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    drop = "model.vision.drop_path_rate=0.5"
+    assert pretrain_lcl.main(argv(data_root, straight, drop)) == 0
+    assert pretrain_lcl.main(argv(data_root, resumed, drop, "train.exit_after_steps=3")) == 0
+    assert [r["step"] for r in read_rows(resumed)] == [1, 2, 3]
+    assert pretrain_lcl.main(argv(data_root, resumed, drop)) == 0
+    a, b = without_timing(read_rows(straight)), without_timing(read_rows(resumed))
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert a == b
+    last = a[-1]
+    assert last["consumed_samples"] == 24 and last["consumed_images"] > 0 and last["skipped_steps"] == 0
+    for key in ("loss", "lm_loss", "con_loss", "con_top1", "lr", "grad_norm", "logit_scale", "effective_rank",
+                "consumed_tokens", "consumed_text_tokens"):
+        assert key in last and math.isfinite(last[key]), key
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["latest", "step_00000003", "step_00000006"]
+    assert (resumed / "config.yaml").exists() and list((resumed / "tensorboard").glob("events.*"))
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(data_root, tmp_path, monkeypatch, capsys):
+    """From step 3 on the loss is NaN: steps are skipped (weights untouched), 2 in a row stop the run."""
+    from megatron_lcl.training import trainer as trainer_mod
+
+    real = trainer_mod.forward_backward
+    calls = []
+
+    def nan_from_step_3(*args, **kwargs):
+        metrics = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 3:
+            for m in metrics:
+                m["loss"] = m["loss"] * float("nan")
+        return metrics
+
+    monkeypatch.setattr(trainer_mod, "forward_backward", nan_from_step_3)
+    run = tmp_path / "nan"
+    assert pretrain_lcl.main(argv(data_root, run, "train.max_consecutive_nonfinite=2")) == 1
+    out = capsys.readouterr().out
+    assert "loss was not finite for 2 steps in a row (train.max_consecutive_nonfinite = 2)" in out
+    rows = read_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["skipped_steps"] == 2 and math.isnan(rows[-1]["grad_norm"])
+    assert rows[2]["lr"] == rows[1]["lr"]  # the schedule did not advance on a skipped step
+    meta = json.loads((run / "checkpoints" / "step_00000004" / "meta.json").read_text())
+    assert meta["train_state"]["skipped_steps"] == 2
+    # The checkpoint is intact: a resumed run (real losses again) picks up at step 4.
+    monkeypatch.setattr(trainer_mod, "forward_backward", real)
+    assert pretrain_lcl.main(argv(data_root, run)) == 0
+    assert [r["step"] for r in read_rows(run)][-2:] == [5, 6]
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_loadable(data_root, tmp_path, monkeypatch):
+    from megatron_lcl.training import checkpointing
+
+    run = tmp_path / "crash"
+    assert pretrain_lcl.main(argv(data_root, run, "train.exit_after_steps=2")) == 0
+    real_save = checkpointing.dist_checkpointing.save
+
+    def crash_mid_save(state, directory, *args, **kwargs):
+        real_save(state, directory, *args, **kwargs)  # shards on disk, then the job dies
+        (Path(directory) / "half_written.distcp").write_bytes(b"\0" * 10)
+        raise KeyboardInterrupt("simulated crash during checkpoint save")
+
+    monkeypatch.setattr(checkpointing.dist_checkpointing, "save", crash_mid_save)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_lcl.main(argv(data_root, run, "train.exit_after_steps=2"))
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    assert (ckpts / "step_00000004.tmp").exists() and not (ckpts / "step_00000004").exists()
+    monkeypatch.setattr(checkpointing.dist_checkpointing, "save", real_save)
+    assert pretrain_lcl.main(argv(data_root, run)) == 0  # resumes from step 2, cleans the stale .tmp
+    assert [r["step"] for r in read_rows(run)] == list(range(1, 7))
+    assert sorted(os.listdir(ckpts)) == ["latest", "step_00000002", "step_00000006"]
+
+
+def test_keep_last_and_explicit_load(data_root, tmp_path):
+    run = tmp_path / "keep"
+    assert pretrain_lcl.main(argv(data_root, run, "checkpoint.save_interval=2", "checkpoint.keep_last=2")) == 0
+    ckpts = run / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["latest", "step_00000004", "step_00000006"]
+    other = tmp_path / "other"
+    assert pretrain_lcl.main(argv(data_root, other, "train.train_steps=7", "--load",
+                                  str(ckpts / "step_00000004"))) == 0
+    assert [r["step"] for r in read_rows(other)] == [5, 6, 7]
+
+
+# ------------------------------------------------------------------------------------------ 2 ranks
+
+@pytest.fixture(scope="module")
+def dist_results(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train_dist")
+    for name in ("shards", "tokenizer"):
+        os.symlink(data_root / name, out / name)
+    run_torchrun("train_checks.py", 2, out)
+    return json.loads((out / "train_checks.json").read_text())
+
+
+def test_sigterm_on_one_rank_saves_and_the_run_resumes(dist_results):
+    r = dist_results["preempt"]
+    assert r["statuses"] == ["preempted", "completed"]
+    assert r["saved_after_signal"] == ["latest", "step_00000002"]
+    # DP=2 with the distributed optimizer: interrupted + resumed == straight, bitwise.
+    assert without_timing(r["preempted"]) == without_timing(r["straight"])
+
+
+@pytest.mark.parametrize("layout", ["tensor_model_parallel_size", "pipeline_model_parallel_size"])
+def test_checkpoint_saved_at_2_way_model_parallel_loads_at_1(dist_results, layout):
+    r = dist_results[layout]
+    assert r["resumed_step"] == 2 and r["status"] == "completed"
+    assert r["loss_loaded"] == pytest.approx(r["loss_saved"], rel=1e-5, abs=1e-6)
+    assert [row["step"] for row in r["rows"]] == [3] and math.isfinite(r["rows"][0]["loss"])
+
+
+# ------------------------------------------------------------------------------------------ demo
+
+def test_demo_runs_end_to_end_at_a_small_size(tmp_path):
+    env = dict(os.environ, DEMO_OUT=str(tmp_path / "demo"), DEMO_DOCS="60", DEMO_STEPS="4",
+               DEMO_EXTRA="logging.log_interval=2 data.seq_length=64", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "demo.sh")], env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "demo" / "loss_curve.png").stat().st_size > 1000
+    assert [r["step"] for r in read_rows(tmp_path / "demo" / "run")] == [2, 4]
+    assert "demo finished in" in proc.stdout
