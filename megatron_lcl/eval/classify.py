@@ -1,0 +1,182 @@
+"""Classification transfer (paper Appendix A.2): a randomly initialised attention pooling + LayerNorm +
+Linear on the vision encoder's latents. `frozen`: only that head trains (the encoder's weights are
+checked bitwise unchanged); `full`: the encoder trains too (at `--encoder-lr`).
+
+    python -m megatron_lcl.eval.classify --encoder runs/tiny/checkpoints --data data/synth_eval
+    python -m megatron_lcl.eval.classify --encoder hf_out/vision --data imagenet/ --mode full \
+        --output results/cls.json
+    # --data: a synthetic corpus (shape classes; --label-field colour|background), an ImageFolder
+    # (with train/ and val/ sub-folders, or split by --eval-fraction), or webdataset shards with a
+    # class (.cls or json[--label-field]); --eval-data gives a separate evaluation set.
+
+Python (e.g. for sweeps): `linear_probe_accuracy(checkpoint, data) -> top-1 in [0, 1]`.
+"""
+
+import argparse
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_lcl.eval.common import (LatentSource, batches, encoder_param_groups, format_table,
+                                      seed_everything, set_cosine_lr, write_json)
+from megatron_lcl.eval.datasets import ImageSet, is_image_folder, load_labeled, split
+from megatron_lcl.eval.encoders import VisionEncoder, load_encoder, weights_fingerprint
+from megatron_lcl.models.heads import AttentionPooling
+
+
+@dataclass
+class ProbeConfig:
+    mode: str = "frozen"  # frozen | full
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3  # new (head) parameters
+    encoder_lr: float = 1e-5  # pre-trained parameters, full mode only
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    pool_heads: Optional[int] = None  # None: hidden / 64, at least 1 (CLIP's head width)
+    seed: int = 0
+
+
+class ProbeHead(torch.nn.Module):
+    """latents `[n, M, h]` -> attention pooling `[n, h]` -> LayerNorm -> Linear -> logits `[n, C]`."""
+
+    def __init__(self, hidden_size: int, num_classes: int, num_heads: int):
+        super().__init__()
+        self.pool = AttentionPooling(hidden_size, num_heads)
+        self.norm = torch.nn.LayerNorm(hidden_size)
+        self.linear = torch.nn.Linear(hidden_size, num_classes)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(self.pool(latents)))
+
+
+def default_pool_heads(hidden_size: int) -> int:
+    heads = max(1, hidden_size // 64)
+    while hidden_size % heads:
+        heads -= 1
+    return heads
+
+
+def topk_accuracy_pct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Percent of rows whose label is among the k highest logits (k capped at the class count)."""
+    k = min(k, logits.shape[1])
+    hits = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+    return 100.0 * hits.float().mean().item()
+
+
+def train_probe(encoder: VisionEncoder, train_set: ImageSet, num_classes: int, cfg: ProbeConfig) -> ProbeHead:
+    seed_everything(cfg.seed)
+    head = ProbeHead(encoder.hidden_size, num_classes, cfg.pool_heads or default_pool_heads(encoder.hidden_size))
+    latents = LatentSource(encoder, train_set, cfg.mode)
+    groups = [{"params": list(head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    optimizer = torch.optim.AdamW(groups + encoder_param_groups(encoder, cfg.mode, cfg.encoder_lr, cfg.weight_decay))
+    labels = torch.tensor(train_set.labels)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = len(batches(len(train_set), cfg.batch_size, generator))
+    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    step = 0
+    head.train()
+    for _ in range(cfg.epochs):
+        for idx in batches(len(train_set), cfg.batch_size, generator):
+            set_cosine_lr(optimizer, step, total, warmup)
+            loss = F.cross_entropy(head(latents(idx, train=True)), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return head.eval()
+
+
+@torch.no_grad()
+def evaluate_probe(encoder: VisionEncoder, head: ProbeHead, eval_set: ImageSet, mode: str,
+                   batch_size: int = 256) -> dict:
+    latents = LatentSource(encoder, eval_set, mode)
+    logits = torch.cat([head(latents(list(range(i, min(i + batch_size, len(eval_set)))), train=False))
+                        for i in range(0, len(eval_set), batch_size)])
+    labels = torch.tensor(eval_set.labels)
+    return {"acc-1": topk_accuracy_pct(logits, labels, 1), "acc-5": topk_accuracy_pct(logits, labels, 5)}
+
+
+def run_classification(encoder: VisionEncoder, train_set: ImageSet, eval_set: ImageSet, cfg: ProbeConfig) -> dict:
+    """Train the probe (and, in full mode, the encoder) on `train_set`; evaluate on `eval_set`."""
+    num_classes = max(max(train_set.labels), max(eval_set.labels)) + 1
+    before = weights_fingerprint(encoder)
+    t0 = time.time()
+    head = train_probe(encoder, train_set, num_classes, cfg)
+    accuracy = evaluate_probe(encoder, head, eval_set, cfg.mode)
+    unchanged = weights_fingerprint(encoder) == before
+    if cfg.mode == "frozen" and not unchanged:
+        raise RuntimeError("frozen transfer changed the encoder's weights")
+    return {"task": "classification", "encoder": encoder.source, "encoder_kind": encoder.kind,
+            "accuracy_pct": accuracy, "num_classes": num_classes, "num_train": len(train_set),
+            "num_eval": len(eval_set), "encoder_unchanged": unchanged, "time_s": round(time.time() - t0, 1),
+            "config": asdict(cfg)}
+
+
+def load_splits(data: str, eval_data: Optional[str], label_field: str, eval_fraction: float, seed: int):
+    """(train, eval) ImageSets: --eval-data if given; an ImageFolder's train/ and val/; else a seeded split."""
+    if eval_data:
+        return load_labeled(data, label_field), load_labeled(eval_data, label_field)
+    if is_image_folder(os.path.join(data, "train")) and is_image_folder(os.path.join(data, "val")):
+        return load_labeled(os.path.join(data, "train")), load_labeled(os.path.join(data, "val"))
+    full = load_labeled(data, label_field)
+    train_idx, eval_idx = split(len(full), eval_fraction, seed)
+    return full.subset(train_idx), full.subset(eval_idx)
+
+
+def linear_probe_accuracy(checkpoint: str, data: str, label_field: str = "label", mode: str = "frozen",
+                          eval_data: Optional[str] = None, eval_fraction: float = 0.2, **probe) -> float:
+    """Top-1 accuracy in [0, 1] of the attention probe (frozen by default) on `checkpoint`'s encoder
+    (a megatron_lcl checkpoint or a HF CLIPVisionModel folder); `probe` overrides ProbeConfig fields."""
+    cfg = ProbeConfig(mode=mode, **probe)
+    train_set, eval_set = load_splits(data, eval_data, label_field, eval_fraction, cfg.seed)
+    result = run_classification(load_encoder(checkpoint), train_set, eval_set, cfg)
+    return result["accuracy_pct"]["acc-1"] / 100.0
+
+
+def results_table(results: list) -> str:
+    rows = [[r.get("name", r["encoder"]), r["mode"], r["data"], r["accuracy_pct"]["acc-1"],
+             r["accuracy_pct"]["acc-5"]] for r in results]
+    return format_table(["Vision encoder", "transfer", "data"], [("classification", ["acc-1", "acc-5"])], rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--encoder", required=True, help="megatron_lcl checkpoint or HF CLIPVisionModel folder")
+    p.add_argument("--data", required=True, help="synthetic corpus, ImageFolder or webdataset shards")
+    p.add_argument("--eval-data", help="separate evaluation set (default: train/val folders or a split)")
+    p.add_argument("--eval-fraction", type=float, default=0.2)
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--mode", choices=("frozen", "full"), default="frozen")
+    p.add_argument("--epochs", type=int, default=ProbeConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=ProbeConfig.batch_size)
+    p.add_argument("--lr", type=float, default=ProbeConfig.lr)
+    p.add_argument("--encoder-lr", type=float, default=ProbeConfig.encoder_lr)
+    p.add_argument("--weight-decay", type=float, default=ProbeConfig.weight_decay)
+    p.add_argument("--seed", type=int, default=ProbeConfig.seed)
+    p.add_argument("--name", help="row name in the printed table (default: the encoder path)")
+    p.add_argument("--output", help="write the results JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = ProbeConfig(mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      encoder_lr=args.encoder_lr, weight_decay=args.weight_decay, seed=args.seed)
+    train_set, eval_set = load_splits(args.data, args.eval_data, args.label_field, args.eval_fraction, args.seed)
+    encoder = load_encoder(args.encoder)
+    result = run_classification(encoder, train_set, eval_set, cfg)
+    result.update(name=args.name or args.encoder, mode=args.mode, data=args.data, label_field=args.label_field)
+    print(results_table([result]))
+    print(f"{result['num_train']} train / {result['num_eval']} eval images, {result['num_classes']} classes, "
+          f"{result['time_s']} s; encoder weights unchanged: {result['encoder_unchanged']}")
+    write_json(args.output, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

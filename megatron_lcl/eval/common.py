@@ -1,0 +1,126 @@
+"""Shared by the transfer tasks: where latents come from (frozen: computed once; full: with gradients),
+the learning-rate schedule, seeding, and the Table-1-style text table."""
+
+import json
+import math
+import os
+import random
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from megatron_lcl.eval.datasets import ImageSet
+from megatron_lcl.eval.encoders import VisionEncoder, freeze
+
+MODES = ("frozen", "full")
+CACHE_MAX_ELEMENTS = 250_000_000  # frozen latents kept in memory up to ~1 GB of float32
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class LatentSource:
+    """Latents `[n, M, h]` of an ImageSet's images for a transfer mode.
+
+    frozen: the encoder is frozen (eval mode, no grad) and the latents of every image are computed
+    once and cached (when they fit in CACHE_MAX_ELEMENTS, else recomputed per batch without grad).
+    full: latents are computed per batch with gradients; the encoder is in train mode while training.
+    """
+
+    def __init__(self, encoder: VisionEncoder, images: ImageSet, mode: str, batch_size: int = 256):
+        assert mode in MODES, f"mode ({mode!r}) must be one of {MODES}"
+        self.encoder, self.images, self.mode = encoder, images, mode
+        self._cache: Optional[torch.Tensor] = None
+        if mode == "frozen":
+            freeze(encoder)
+            first = self._encode([0])
+            if len(images) * first[0].numel() <= CACHE_MAX_ELEMENTS:
+                self._cache = torch.cat([self._encode(range(i, min(i + batch_size, len(images))))
+                                         for i in range(0, len(images), batch_size)])
+
+    @torch.no_grad()
+    def _encode(self, indices) -> torch.Tensor:
+        return self.encoder(self.images.pixels(list(indices), self.encoder.image_size)).float()
+
+    def __call__(self, indices: Sequence[int], train: bool) -> torch.Tensor:
+        if self.mode == "frozen":
+            if self._cache is not None:
+                return self._cache[torch.as_tensor(list(indices), dtype=torch.long)]
+            return self._encode(indices)
+        self.encoder.train(train)
+        pixels = self.images.pixels(list(indices), self.encoder.image_size)
+        with torch.set_grad_enabled(train):
+            return self.encoder(pixels).float()
+
+
+def encoder_param_groups(encoder: VisionEncoder, mode: str, encoder_lr: float, weight_decay: float) -> list:
+    """Optimizer groups for the encoder: none when frozen; all its weights at `encoder_lr` when full
+    (the paper fine-tunes pre-trained weights at 1e-5 and new ones at 1e-3)."""
+    if mode == "frozen":
+        return []
+    params = [p for p in encoder.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return [{"params": params, "lr": encoder_lr, "base_lr": encoder_lr, "weight_decay": weight_decay}]
+
+
+def set_cosine_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, warmup_steps: int) -> None:
+    """Linear warm-up then cosine decay to 0 of every group's `base_lr`."""
+    if step < warmup_steps:
+        factor = (step + 1) / warmup_steps
+    else:
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        factor = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = False) -> List[List[int]]:
+    order = torch.randperm(n, generator=generator).tolist()
+    out = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if drop_last and len(out) > 1 and len(out[-1]) < batch_size:
+        out.pop()
+    return out
+
+
+def format_table(label_columns: Sequence[str], groups: Sequence[Tuple[str, Sequence[str]]],
+                 rows: Sequence[Sequence]) -> str:
+    """A plain-text table laid out like the paper's Table 1: a row of group titles over the metric
+    names, then one row per model. Each row: the label cells, then one number per metric column."""
+    metric_names = [name for _, names in groups for name in names]
+    cells = [[str(c) for c in row[:len(label_columns)]] +
+             [("-" if v is None else f"{v:.1f}") for v in row[len(label_columns):]] for row in rows]
+    header = list(label_columns) + metric_names
+    widths = [max(len(header[i]), *(len(r[i]) for r in cells)) for i in range(len(header))]
+    col = len(label_columns)
+    for title, names in groups:  # widen a group's last column until its title fits above it
+        span = sum(widths[col:col + len(names)]) + 2 * (len(names) - 1)
+        widths[col + len(names) - 1] += max(0, len(title) - span)
+        col += len(names)
+    label_width = sum(widths[:len(label_columns)]) + 2 * len(label_columns)
+    top = " " * label_width
+    col = len(label_columns)
+    for title, names in groups:
+        span = sum(widths[col:col + len(names)]) + 2 * (len(names) - 1)
+        top += title[:span].center(span) + "  "
+        col += len(names)
+
+    def line(values):
+        return "  ".join(v.ljust(widths[i]) if i < len(label_columns) else v.rjust(widths[i])
+                         for i, v in enumerate(values))
+
+    rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+    return "\n".join([top.rstrip(), line(header), rule] + [line(r) for r in cells])
+
+
+def write_json(path: Optional[str], obj: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")

@@ -1,0 +1,120 @@
+"""Vision encoders under evaluation, seen one way: normalised images `[n, 3, S, S]` -> latents `[n, M, h]`.
+
+    encoder = load_encoder("runs/tiny/checkpoints")      # a megatron_lcl checkpoint (any TP/PP)
+    encoder = load_encoder("hf_out/vision")               # a HuggingFace CLIPVisionModel folder
+    encoder = load_encoder("hf_out")                      # ... or our HF export (its vision/ folder)
+    latents = encoder(pixel_values)                       # [n, M, h]; M = 1 + patches (class token first)
+
+Both kinds give the latents the LCL language model was trained on: every token after the ViT's
+post-LayerNorm (for CLIP: `post_layernorm(last_hidden_state)`, see `megatron_lcl.hf.convert`).
+Pixel values are normalised with CLIP's mean/std (`megatron_lcl.data.preprocess_image`).
+"""
+
+import hashlib
+import json
+import os
+from typing import Callable
+
+import torch
+
+
+class VisionEncoder(torch.nn.Module):
+    """A pre-trained ViT `module` plus the function that turns images into its latents."""
+
+    def __init__(self, module: torch.nn.Module, latents_fn: Callable, hidden_size: int, image_size: int,
+                 source: str, kind: str):
+        super().__init__()
+        self.module = module
+        self._latents_fn = latents_fn
+        self.hidden_size, self.image_size, self.source, self.kind = hidden_size, image_size, source, kind
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[n, 3, S, S]` -> latents `[n, M, h]`."""
+        return self._latents_fn(self.module, pixel_values)
+
+    def __repr__(self) -> str:
+        return f"VisionEncoder({self.kind}: {self.source}, width {self.hidden_size}, {self.image_size} px)"
+
+
+def _lcl_latents(vit, pixel_values):
+    return vit(pixel_values)  # VisionTransformer: [n, M, h], post-LN on every token
+
+
+def _clip_latents(clip, pixel_values):
+    from megatron_lcl.hf.convert import clip_latents
+
+    return clip_latents(clip, pixel_values)
+
+
+def is_hf_vision_dir(path: str) -> bool:
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config) as f:
+        return json.load(f).get("model_type") in ("clip_vision_model", "clip")
+
+
+def load_encoder(path: str) -> VisionEncoder:
+    """A megatron_lcl checkpoint (`checkpoints/` root or a `step_*` folder), a HF `CLIPVisionModel`
+    folder, or a folder written by `tools/checkpoint/convert_to_hf.py` (its `vision/` is used)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no vision encoder at {path}")
+    if os.path.isdir(os.path.join(path, "vision")) and is_hf_vision_dir(os.path.join(path, "vision")):
+        path = os.path.join(path, "vision")
+    if is_hf_vision_dir(path):
+        return load_hf_clip(path)
+    return load_lcl_checkpoint(path)
+
+
+def load_hf_clip(path: str) -> VisionEncoder:
+    from transformers import CLIPVisionModel
+
+    clip = CLIPVisionModel.from_pretrained(path).eval()
+    c = clip.config
+    return VisionEncoder(clip, _clip_latents, c.hidden_size, c.image_size, path, "hf_clip")
+
+
+def load_lcl_checkpoint(path: str) -> VisionEncoder:
+    from megatron_lcl.hf.pretrained import load_pretrained
+
+    lcl = load_pretrained(path)
+    vision = lcl.cfg.model.vision
+    return VisionEncoder(lcl.model.vision, _lcl_latents, vision.hidden_size, vision.image_size,
+                         lcl.checkpoint, "megatron_lcl")
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer's name, dtype, shape and raw bytes: equal digests mean
+    bitwise-equal weights (used to prove that `frozen` transfer never touches the encoder)."""
+    digest = hashlib.sha256()
+    tensors = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def freeze(encoder: VisionEncoder) -> VisionEncoder:
+    """Eval mode (no drop-path/dropout) and no gradients: the `frozen` transfer setting."""
+    encoder.eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder
+
+
+def random_init_checkpoint(config_path: str, out: str, overrides=(), seed: int = None) -> str:
+    """Write a weights-only checkpoint of the model a config describes, at its random initialisation
+    (the `random init` row of the loss ablation). Runs in this process (TP=PP=1)."""
+    from megatron_lcl.config import ParallelConfig
+    from megatron_lcl.hf.pretrained import save_model_checkpoint
+    from megatron_lcl.runtime import initialize_distributed, set_seed
+    from megatron_lcl.training.config_io import load_config
+    from megatron_lcl.training.schedule import build_model_stage
+
+    cfg = load_config(config_path, list(overrides))
+    initialize_distributed(ParallelConfig(), cfg.train.seed if seed is None else seed)
+    set_seed(cfg.train.seed if seed is None else seed)
+    model = build_model_stage(cfg.model, ParallelConfig(), cfg.precision)
+    return save_model_checkpoint(model, cfg, out)

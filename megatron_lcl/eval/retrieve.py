@@ -1,0 +1,262 @@
+"""Image-text retrieval transfer (paper Appendix A.2): the vision encoder (frozen or full) + a new
+attention pooling and linear projection, and a new small text encoder (causal transformer, final-token
+feature, linear projection), trained contrastively on image-caption pairs; image->text (TR) and
+text->image (IR) recall@1/5/10 on held-out pairs, in percent.
+
+    python -m megatron_lcl.eval.retrieve --encoder runs/tiny/checkpoints --data data/synth_eval
+    python -m megatron_lcl.eval.retrieve --encoder hf_out/vision --data pairs.jsonl --mode full \
+        --eval-data test_pairs.jsonl --output results/ret.json
+    # --data: a synthetic corpus (each image and its matched sentence), webdataset shards
+    # (image + .txt) or a .jsonl of {"image": path, "caption": text}; held out: --eval-data or a
+    # seeded --eval-fraction split.
+
+Text is tokenized by words (lower-cased, punctuation split off) with a vocabulary built from the
+training captions; each caption ends with an end token whose output is the text feature.
+Ranks count ties against the model (a candidate scoring equal to the correct one ranks above it),
+so a collapsed encoder whose similarities are all equal scores 0, never 100.
+"""
+
+import argparse
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megatron_lcl.eval.classify import default_pool_heads
+from megatron_lcl.eval.common import (LatentSource, batches, encoder_param_groups, format_table,
+                                      seed_everything, set_cosine_lr, write_json)
+from megatron_lcl.eval.datasets import ImageSet, load_pairs, split
+from megatron_lcl.eval.encoders import VisionEncoder, load_encoder, weights_fingerprint
+from megatron_lcl.models.heads import AttentionPooling
+
+KS = (1, 5, 10)
+
+
+@dataclass
+class RetrievalConfig:
+    mode: str = "frozen"  # frozen | full
+    epochs: int = 30
+    batch_size: int = 64  # contrastive batch: negatives are the other pairs in it
+    lr: float = 1e-3  # new parameters (pooling, projections, text encoder)
+    encoder_lr: float = 1e-5  # pre-trained parameters, full mode only
+    weight_decay: float = 0.1
+    warmup_epochs: float = 1.0
+    embed_dim: int = 128
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    max_text_tokens: int = 48
+    max_vocab: int = 20000
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+def recall_at_k(similarity: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = KS) -> Dict[str, float]:
+    """Retrieval recall in percent from `similarity [n_images, n_texts]`; `text_to_image[j]` is the image
+    caption j belongs to (an image may have several captions, COCO-style).
+
+    TR@k (image->text): an image is a hit when one of its captions ranks in its top k texts.
+    IR@k (text->image): a caption is a hit when its image ranks in its top k images.
+    A rank counts the wrong candidates scoring >= the correct one (ties count against the model).
+    """
+    n_images, n_texts = similarity.shape
+    assert text_to_image.shape == (n_texts,), f"text_to_image {tuple(text_to_image.shape)} vs {n_texts} texts"
+    correct = text_to_image[None, :] == torch.arange(n_images)[:, None]  # [n_images, n_texts]
+    assert correct.any(dim=1).all(), "every image needs at least one caption"
+    best_correct = similarity.masked_fill(~correct, float("-inf")).max(dim=1).values  # [n_images]
+    image_rank = ((similarity >= best_correct[:, None]) & ~correct).sum(dim=1)
+    own = similarity[text_to_image, torch.arange(n_texts)]  # [n_texts]
+    text_rank = ((similarity >= own[None, :]) & ~correct).sum(dim=0)
+    out = {f"TR@{k}": 100.0 * (image_rank < k).float().mean().item() for k in ks}
+    out.update({f"IR@{k}": 100.0 * (text_rank < k).float().mean().item() for k in ks})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ text side
+
+class WordTokenizer:
+    """Lower-cased words and punctuation; ids: 0 pad, 1 unknown, 2 end; vocabulary from training text."""
+
+    PAD, UNK, END = 0, 1, 2
+
+    def __init__(self, vocab: List[str]):
+        self.vocab = vocab
+        self.index = {w: i for i, w in enumerate(vocab)}
+
+    @staticmethod
+    def words(text: str) -> List[str]:
+        return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], max_vocab: int) -> "WordTokenizer":
+        counts = Counter(w for t in texts for w in cls.words(t))
+        return cls(["<pad>", "<unk>", "<end>"] + [w for w, _ in counts.most_common(max_vocab - 3)])
+
+    def __call__(self, texts: Sequence[str], max_tokens: int) -> torch.Tensor:
+        """`[n, max_tokens]` ids, right-padded; the last kept token of every row is the end token."""
+        out = torch.full((len(texts), max_tokens), self.PAD, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [self.index.get(w, self.UNK) for w in self.words(text)][:max_tokens - 1] + [self.END]
+            out[i, :len(ids)] = torch.tensor(ids)
+        return out
+
+
+class TextEncoder(torch.nn.Module):
+    """Token + learned position embeddings -> causal pre-LN transformer -> LayerNorm -> the end token's
+    output -> Linear -> `[n, embed_dim]` (causal: positions before the end token never see padding)."""
+
+    def __init__(self, vocab_size: int, cfg: RetrievalConfig):
+        super().__init__()
+        self.token_embedding = torch.nn.Embedding(vocab_size, cfg.text_width)
+        self.position_embedding = torch.nn.Parameter(torch.randn(cfg.max_text_tokens, cfg.text_width) * 0.01)
+        layer = torch.nn.TransformerEncoderLayer(cfg.text_width, cfg.text_heads, 4 * cfg.text_width,
+                                                 dropout=0.0, activation="gelu", batch_first=True,
+                                                 norm_first=True)
+        self.layers = torch.nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(cfg.text_width)
+        self.proj = torch.nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        lengths = (tokens != WordTokenizer.PAD).sum(dim=1)  # [b], end token included
+        tokens = tokens[:, :int(lengths.max())]  # drop the padding columns no caption reaches
+        b, s = tokens.shape  # [b, s]
+        x = self.token_embedding(tokens) + self.position_embedding[:s]  # [b, s, w]
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(s)
+        x = self.norm(self.layers(x, mask=causal, is_causal=True))
+        return self.proj(x[torch.arange(b), lengths - 1])  # the end token's output
+
+
+class ImageTower(torch.nn.Module):
+    """New attention pooling over the encoder's latents `[n, M, h]` -> Linear -> `[n, embed_dim]`."""
+
+    def __init__(self, hidden_size: int, embed_dim: int):
+        super().__init__()
+        self.pool = AttentionPooling(hidden_size, default_pool_heads(hidden_size))
+        self.proj = torch.nn.Linear(hidden_size, embed_dim, bias=False)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(latents))
+
+
+class RetrievalModel(torch.nn.Module):
+    def __init__(self, hidden_size: int, vocab_size: int, cfg: RetrievalConfig):
+        super().__init__()
+        self.image = ImageTower(hidden_size, cfg.embed_dim)
+        self.text = TextEncoder(vocab_size, cfg)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(1 / 0.07).log())
+
+    def loss(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE over the batch (CLIP's loss)."""
+        v = F.normalize(self.image(latents), dim=-1)
+        t = F.normalize(self.text(tokens), dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100) * v @ t.T  # [n, n]
+        target = torch.arange(len(v))
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+# ------------------------------------------------------------------------------------------ train / eval
+
+def train_retrieval(encoder: VisionEncoder, train_set: ImageSet, tokenizer: WordTokenizer,
+                    cfg: RetrievalConfig) -> RetrievalModel:
+    seed_everything(cfg.seed)
+    model = RetrievalModel(encoder.hidden_size, len(tokenizer.vocab), cfg)
+    latents = LatentSource(encoder, train_set, cfg.mode)
+    tokens = tokenizer(train_set.captions, cfg.max_text_tokens)
+    groups = [{"params": list(model.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    optimizer = torch.optim.AdamW(groups + encoder_param_groups(encoder, cfg.mode, cfg.encoder_lr, cfg.weight_decay))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = len(batches(len(train_set), cfg.batch_size, generator, drop_last=True))
+    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    step = 0
+    model.train()
+    for _ in range(cfg.epochs):
+        for idx in batches(len(train_set), cfg.batch_size, generator, drop_last=True):
+            set_cosine_lr(optimizer, step, total, warmup)
+            loss = model.loss(latents(idx, train=True), tokens[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return model.eval()
+
+
+@torch.no_grad()
+def similarity_matrix(encoder: VisionEncoder, model: RetrievalModel, tokenizer: WordTokenizer,
+                      eval_set: ImageSet, cfg: RetrievalConfig, batch_size: int = 256) -> torch.Tensor:
+    """Cosine similarities `[n_images, n_texts]` of the held-out pairs (text j belongs to image j)."""
+    latents = LatentSource(encoder, eval_set, cfg.mode)
+    chunks = [list(range(i, min(i + batch_size, len(eval_set)))) for i in range(0, len(eval_set), batch_size)]
+    v = torch.cat([F.normalize(model.image(latents(idx, train=False)), dim=-1) for idx in chunks])
+    tokens = tokenizer(eval_set.captions, cfg.max_text_tokens)
+    t = torch.cat([F.normalize(model.text(tokens[idx]), dim=-1) for idx in chunks])
+    return v @ t.T
+
+
+def run_retrieval(encoder: VisionEncoder, train_set: ImageSet, eval_set: ImageSet, cfg: RetrievalConfig) -> dict:
+    before = weights_fingerprint(encoder)
+    t0 = time.time()
+    tokenizer = WordTokenizer.fit(train_set.captions, cfg.max_vocab)
+    model = train_retrieval(encoder, train_set, tokenizer, cfg)
+    similarity = similarity_matrix(encoder, model, tokenizer, eval_set, cfg)
+    recall = recall_at_k(similarity, torch.arange(len(eval_set)))
+    unchanged = weights_fingerprint(encoder) == before
+    if cfg.mode == "frozen" and not unchanged:
+        raise RuntimeError("frozen transfer changed the encoder's weights")
+    return {"task": "retrieval", "encoder": encoder.source, "encoder_kind": encoder.kind, "recall_pct": recall,
+            "num_train": len(train_set), "num_eval": len(eval_set), "vocab_size": len(tokenizer.vocab),
+            "encoder_unchanged": unchanged, "time_s": round(time.time() - t0, 1), "config": asdict(cfg)}
+
+
+def load_pair_splits(data: str, eval_data: Optional[str], eval_fraction: float, seed: int):
+    if eval_data:
+        return load_pairs(data), load_pairs(eval_data)
+    pairs = load_pairs(data)
+    train_idx, eval_idx = split(len(pairs), eval_fraction, seed)
+    return pairs.subset(train_idx), pairs.subset(eval_idx)
+
+
+def results_table(results: list) -> str:
+    rows = [[r.get("name", r["encoder"]), r["mode"], r["data"]] +
+            [r["recall_pct"][f"{d}@{k}"] for d in ("TR", "IR") for k in KS] for r in results]
+    names = [f"{d}@{k}" for d in ("TR", "IR") for k in KS]
+    return format_table(["Vision encoder", "transfer", "data"], [("retrieval", names)], rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--encoder", required=True, help="megatron_lcl checkpoint or HF CLIPVisionModel folder")
+    p.add_argument("--data", required=True, help="synthetic corpus, webdataset shards or pairs .jsonl")
+    p.add_argument("--eval-data", help="held-out pairs (default: a seeded split of --data)")
+    p.add_argument("--eval-fraction", type=float, default=0.2)
+    p.add_argument("--mode", choices=("frozen", "full"), default="frozen")
+    d = RetrievalConfig()
+    for name in ("epochs", "batch_size", "embed_dim", "text_width", "text_layers", "text_heads",
+                 "max_text_tokens", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lr", "encoder_lr", "weight_decay"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--name", help="row name in the printed table (default: the encoder path)")
+    p.add_argument("--output", help="write the results JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = RetrievalConfig(**{k: getattr(args, k) for k in asdict(RetrievalConfig()) if hasattr(args, k)})
+    train_set, eval_set = load_pair_splits(args.data, args.eval_data, args.eval_fraction, args.seed)
+    result = run_retrieval(load_encoder(args.encoder), train_set, eval_set, cfg)
+    result.update(name=args.name or args.encoder, mode=args.mode, data=args.data)
+    print(results_table([result]))
+    print(f"{result['num_train']} train / {result['num_eval']} held-out pairs, {result['time_s']} s; "
+          f"encoder weights unchanged: {result['encoder_unchanged']}")
+    write_json(args.output, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
