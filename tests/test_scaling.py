@@ -235,6 +235,20 @@ def test_interrupted_sweep_reruns_only_missing_points(tmp_path):
     assert cfg.optimizer.warmup_steps == 1 and cfg.model.lm.hidden_size == 64
 
 
+def test_point_locked_by_another_process_is_skipped(tmp_path):
+    import fcntl
+
+    spec = sweep.load_spec(write_spec(tmp_path, TWO_MODELS, [{"train_steps": 2, "global_batch_size": 2}]))
+    os.makedirs(Path(spec.output_dir) / "locks")
+    calls = []
+    with open(Path(spec.output_dir) / "locks" / "a-2x2.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # flock locks are per open file: this excludes run_sweep's open
+        sweep.run_sweep(spec, runner=fake_runner(calls), log=lambda *a: None)
+    assert calls == ["b-2x2"]
+    sweep.run_sweep(spec, runner=fake_runner(calls), log=lambda *a: None)
+    assert calls == ["b-2x2", "a-2x2"]
+
+
 def test_failed_point_is_retried_and_probe_json_is_read(tmp_path):
     spec = sweep.load_spec(write_spec(tmp_path, TWO_MODELS[:1], [{"train_steps": 3, "global_batch_size": 2}]))
     sweep.run_sweep(spec, runner=lambda *a: 7, log=lambda *a: None)

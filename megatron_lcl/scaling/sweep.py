@@ -230,27 +230,58 @@ def run_eval(spec: SweepSpec, point: SweepPoint) -> None:
 
 def run_sweep(spec: SweepSpec, runner: Runner = run_point, only: Optional[List[int]] = None,
               log=print) -> List[dict]:
-    """Run every unfinished point (or those in `only`) one after another; returns the rows appended."""
+    """Run every unfinished point (or those in `only`) one after another; returns the rows appended.
+
+    A point another process is running (its lock is held: a second local sweep, an array task) is
+    skipped; the next run of the sweep picks it up if that process did not finish it.
+    """
     run_setup(spec)
     done = finished_points(spec.results_csv)
     appended = []
     points = expand_points(spec)
     for point in points:
-        if (only is not None and point.index not in only) or point.name in done:
-            if point.name in done:
-                log(f"[sweep] {point.name}: finished, skipped")
+        if only is not None and point.index not in only:
             continue
-        log(f"[sweep] {point.name} ({point.index + 1}/{len(points)}): training")
-        cfg = write_point_config(point, spec)
-        t0 = time.time()
-        code = runner(point.config_path, [], point.run_dir, spec.nproc)
-        if code == 0 and spec.eval_command:
-            run_eval(spec, point)
-        row = collect_result(point, cfg, spec, EXIT_STATUS.get(code, f"failed({code})"), time.time() - t0)
+        if point.name in done:
+            log(f"[sweep] {point.name}: finished, skipped")
+            continue
+        with _point_lock(spec, point) as held:
+            if not held:
+                log(f"[sweep] {point.name}: running in another process, skipped")
+                continue
+            if point.name in finished_points(spec.results_csv):  # finished while we were busy
+                continue
+            log(f"[sweep] {point.name} ({point.index + 1}/{len(points)}): training")
+            row = _train_point(spec, point, runner)
         append_row(spec.results_csv, row)
         appended.append(row)
         log(f"[sweep] {point.name}: {row['status']}, loss {row['loss']}, {row['train_flops']} FLOPs")
     return appended
+
+
+def _train_point(spec: SweepSpec, point: SweepPoint, runner: Runner) -> dict:
+    cfg = write_point_config(point, spec)
+    t0 = time.time()
+    code = runner(point.config_path, [], point.run_dir, spec.nproc)
+    if code == 0 and spec.eval_command:
+        run_eval(spec, point)
+    return collect_result(point, cfg, spec, EXIT_STATUS.get(code, f"failed({code})"), time.time() - t0)
+
+
+@contextmanager
+def _point_lock(spec: SweepSpec, point: SweepPoint):
+    """Yields True while this process holds the point's lock, False if another process does."""
+    os.makedirs(os.path.join(spec.output_dir, "locks"), exist_ok=True)
+    with open(os.path.join(spec.output_dir, "locks", f"{point.name}.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------- results
@@ -363,7 +394,7 @@ def write_slurm_array(spec: SweepSpec, path: str) -> str:
     limit = f"%{s['max_parallel']}" if s.get("max_parallel") else ""
     lines = ["#!/bin/bash", f"#SBATCH --job-name=sweep-{spec.name}", f"#SBATCH --array=0-{n - 1}{limit}",
              "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
-             f"#SBATCH --output={os.path.join(spec.output_dir, 'slurm', '%A_%a.out')}"]
+             f"#SBATCH --output={os.path.abspath(os.path.join(spec.output_dir, 'slurm', '%A_%a.out'))}"]
     for key, flag in (("partition", "partition"), ("account", "account"), ("time", "time"),
                       ("gpus_per_node", "gpus-per-node"), ("cpus_per_task", "cpus-per-task"),
                       ("mem", "mem")):
