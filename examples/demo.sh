@@ -28,6 +28,7 @@ step "3/5 prepared webdataset shards -> $OUT/shards"
     --output "$OUT/shards" --shard-size 50 --no-progress
 
 step "4/5 pre-train the tiny LCL model: $NPROC gloo ranks on CPU, $STEPS steps -> $OUT/run"
+rm -rf "$OUT/run"  # a fresh run each time (a kept run_dir would resume from its checkpoint)
 $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" pretrain_lcl.py \
     --config examples/configs/tiny_cpu.yaml run_dir="$OUT/run" data.path="$OUT/shards" \
     data.tokenizer="$OUT/tokenizer/lcl.model" train.train_steps="$STEPS" ${DEMO_EXTRA:-}

@@ -16,7 +16,7 @@ from megatron_lcl.config import (ConfigError, LossConfig, ModelConfig, ParallelC
 class DataConfig:
     """Where the prepared shards are and how micro-batches are built (`megatron_lcl.data.loader`)."""
 
-    path: Optional[str] = None  # prepared shards: folder, glob or shard (tools/prepare_data.py)
+    path: Optional[List[str]] = None  # prepared shards: folders, globs or shards (tools/prepare_data.py)
     tokenizer: Optional[str] = None  # sentencepiece .model (tools/train_tokenizer.py)
     seq_length: int = 128
     micro_batch_size: int = 2  # samples per micro-batch per data-parallel rank

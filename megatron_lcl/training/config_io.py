@@ -84,6 +84,8 @@ def _coerce(tp, value, where: str):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin in (list, tuple, List):
+        if isinstance(value, str):  # one item may be given without brackets
+            return [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r} ({type(value).__name__})")
         return list(value)
