@@ -1,0 +1,251 @@
+"""Transfer evaluation: probe accuracy on separable vs random labels, exact retrieval metrics, frozen
+transfer leaves the encoder bitwise unchanged, the CLIs on a tiny checkpoint and a HF CLIPVisionModel
+folder, the data sources, and the loss-ablation script at its CI size."""
+
+import io
+import json
+import pathlib
+import random
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+from megatron_lcl.eval.classify import ProbeConfig, run_classification, topk_accuracy_pct
+from megatron_lcl.eval.datasets import ImageSet, load_labeled, load_pairs
+from megatron_lcl.eval.encoders import VisionEncoder, load_encoder, weights_fingerprint
+from megatron_lcl.eval.retrieve import RetrievalConfig, recall_at_k, run_retrieval
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "dist"))
+from common import tiny_model_config  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+COLOURS = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (235, 210, 40)]
+
+
+def png(colour, size=16, rng=None) -> bytes:
+    """A solid colour square with a few random noise pixels."""
+    img = Image.new("RGB", (size, size), colour)
+    rng = rng or random.Random(0)
+    for _ in range(8):
+        img.putpixel((rng.randrange(size), rng.randrange(size)), tuple(rng.randrange(256) for _ in range(3)))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def colour_set(n: int, seed: int, random_labels: bool = False) -> ImageSet:
+    rng = random.Random(seed)
+    classes = [rng.randrange(len(COLOURS)) for _ in range(n)]
+    images = [png(COLOURS[c], rng=rng) for c in classes]
+    labels = [rng.randrange(len(COLOURS)) for _ in range(n)] if random_labels else classes
+    return ImageSet(images, [f"img{i}" for i in range(n)], labels=labels,
+                    class_names=[str(c) for c in COLOURS])
+
+
+def patch_encoder(seed: int = 0) -> VisionEncoder:
+    """A fixed random feature extractor: 4x4 patches -> 32 features, [n, 16, 32] 'latents'."""
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(3, 32, kernel_size=4, stride=4)
+    return VisionEncoder(conv, lambda m, x: m(x).flatten(2).transpose(1, 2), 32, 16, "patches", "test")
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+def test_recall_exact_on_hand_built_matrices():
+    sim = torch.tensor([[0.9, 0.1, 0.8],
+                        [0.2, 0.5, 0.7],
+                        [0.3, 0.4, 0.1]])
+    r = recall_at_k(sim, torch.arange(3), ks=(1, 2, 3))
+    # image ranks of their captions: 0, 1 (0.7 > 0.5), 2; caption ranks of their images: 0, 0, 2
+    assert r == pytest.approx({"TR@1": 100 / 3, "TR@2": 200 / 3, "TR@3": 100.0,
+                               "IR@1": 200 / 3, "IR@2": 200 / 3, "IR@3": 100.0})
+    assert recall_at_k(torch.eye(5), torch.arange(5)) == {k: 100.0 for k in
+                                                          ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10")}
+    # ties count against the model: a collapsed encoder (all similarities equal) gets R@k = 0 for k < n
+    flat = recall_at_k(torch.ones(4, 4), torch.arange(4), ks=(1, 3, 4))
+    assert flat == {"TR@1": 0.0, "TR@3": 0.0, "TR@4": 100.0, "IR@1": 0.0, "IR@3": 0.0, "IR@4": 100.0}
+    # COCO-style: several captions per image; an image is a hit if any of its captions is in its top k
+    sim = torch.tensor([[0.1, 0.9, 0.5],
+                        [0.8, 0.3, 0.2]])
+    r = recall_at_k(sim, torch.tensor([0, 0, 1]), ks=(1, 2))
+    # image 0: caption 1 first -> hit@1; image 1: its caption 2 (0.2) below 0.8, 0.3 -> rank 2, miss@2
+    # captions: 0 (img0 0.1 < img1 0.8) rank 1; 1 rank 0; 2 (img1 0.2 < img0 0.5) rank 1
+    assert r == pytest.approx({"TR@1": 50.0, "TR@2": 50.0, "IR@1": 100 / 3, "IR@2": 100.0})
+
+
+def test_topk_accuracy():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    labels = torch.tensor([0, 2, 0, 2])
+    assert topk_accuracy_pct(logits, labels, 1) == 25.0
+    assert topk_accuracy_pct(logits, labels, 2) == 50.0
+    assert topk_accuracy_pct(logits, labels, 5) == 100.0  # k capped at the class count
+
+
+# ------------------------------------------------------------------------------------------ probe
+
+def test_probe_separates_colours_but_not_random_labels():
+    encoder = patch_encoder()
+    cfg = ProbeConfig(epochs=15, batch_size=32, lr=3e-3)
+    before = weights_fingerprint(encoder)
+    separable = run_classification(encoder, colour_set(240, 1), colour_set(120, 2), cfg)
+    noise = run_classification(encoder, colour_set(240, 1, random_labels=True),
+                               colour_set(120, 2, random_labels=True), cfg)
+    assert separable["accuracy_pct"]["acc-1"] >= 95.0, separable["accuracy_pct"]
+    assert noise["accuracy_pct"]["acc-1"] <= 45.0, noise["accuracy_pct"]  # chance: 25
+    assert separable["encoder_unchanged"] and weights_fingerprint(encoder) == before
+
+
+def test_retrieval_learns_colour_captions():
+    rng = random.Random(3)
+    names = ["red", "green", "blue", "yellow"]
+
+    def pairs(classes):
+        return ImageSet([png(COLOURS[c], rng=rng) for c in classes], [str(i) for i in range(len(classes))],
+                        captions=[f"a {names[c]} square" for c in classes])
+
+    # held out: one image per colour, so the captions are distinct and R@1 is well defined
+    result = run_retrieval(patch_encoder(), pairs([rng.randrange(4) for _ in range(200)]), pairs([0, 1, 2, 3]),
+                           RetrievalConfig(epochs=8, batch_size=32, embed_dim=32, text_width=32, text_layers=1))
+    assert result["recall_pct"]["TR@1"] == result["recall_pct"]["IR@1"] == 100.0, result["recall_pct"]
+    assert result["encoder_unchanged"]
+
+
+# ------------------------------------------------------------------------------------------ megatron_lcl / HF
+
+CFG = tiny_model_config()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(single_rank, tmp_path_factory):
+    from megatron_lcl.config import ParallelConfig
+    from megatron_lcl.hf.pretrained import save_model_checkpoint
+    from megatron_lcl.models.lcl_model import LCLModel
+    from megatron_lcl.runtime import set_seed
+    from megatron_lcl.training.config import LCLConfig
+
+    set_seed(7)
+    model = LCLModel(CFG, ParallelConfig())
+    return save_model_checkpoint(model, LCLConfig(model=CFG), str(tmp_path_factory.mktemp("ckpt") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def hf_clip_dir(tiny_checkpoint, tmp_path_factory):
+    from megatron_lcl.hf.convert import build_hf_models
+    from megatron_lcl.hf.pretrained import full_state_dict, load_pretrained
+
+    lcl = load_pretrained(tiny_checkpoint)
+    state = full_state_dict(lcl.model)
+    clip, _ = build_hf_models(state, CFG.vision, CFG.lm, state["lm.embedding.word_embeddings.weight"].shape[0])
+    out = tmp_path_factory.mktemp("hf") / "vision"
+    clip.save_pretrained(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from megatron_lcl.data.synthetic import write_corpus
+
+    root = tmp_path_factory.mktemp("eval_corpus")
+    write_corpus(str(root), num_docs=16, image_size=16, seed=3)
+    return str(root)
+
+
+def test_both_encoder_kinds_give_the_same_latents(tiny_checkpoint, hf_clip_dir):
+    ours, theirs = load_encoder(tiny_checkpoint), load_encoder(hf_clip_dir)
+    assert (ours.kind, theirs.kind) == ("megatron_lcl", "hf_clip")
+    assert (ours.hidden_size, ours.image_size) == (theirs.hidden_size, theirs.image_size) == (32, 16)
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        a, b = ours(images), theirs(images)
+    assert a.shape == (3, CFG.vision.num_image_tokens, 32)
+    assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_frozen_leaves_encoder_bitwise_unchanged_and_full_trains_it(tiny_checkpoint, corpus):
+    encoder = load_encoder(tiny_checkpoint)
+    with torch.no_grad():  # make layer-scale non-trivial: the ViT blocks then matter
+        for name, p in encoder.named_parameters():
+            if name.endswith("layer_scale"):
+                p.fill_(0.5)
+    before = {k: v.clone() for k, v in encoder.state_dict().items() if torch.is_tensor(v)}  # no _extra_state
+    images = load_labeled(corpus)
+    train_set, eval_set = images.subset(range(0, len(images) - 16)), images.subset(range(len(images) - 16, len(images)))
+    frozen = run_classification(encoder, train_set, eval_set, ProbeConfig(epochs=2, batch_size=16))
+    assert frozen["encoder_unchanged"]
+    after = encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    full = run_classification(encoder, train_set, eval_set,
+                              ProbeConfig(mode="full", epochs=1, batch_size=16, encoder_lr=1e-3))
+    assert not full["encoder_unchanged"]
+    assert any(not torch.equal(before[k], encoder.state_dict()[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "hf"])
+def test_clis_run_on_checkpoint_and_hf_folder(kind, tiny_checkpoint, hf_clip_dir, corpus, tmp_path, capsys):
+    from megatron_lcl.eval import classify, retrieve
+
+    encoder = tiny_checkpoint if kind == "checkpoint" else hf_clip_dir
+    cls = classify.main(["--encoder", encoder, "--data", corpus, "--epochs", "1",
+                         "--output", str(tmp_path / "cls.json")])
+    ret = retrieve.main(["--encoder", encoder, "--data", corpus, "--epochs", "1", "--batch-size", "16",
+                         "--output", str(tmp_path / "ret.json")])
+    printed = capsys.readouterr().out
+    assert "classification" in printed and "acc-1" in printed and "TR@1" in printed and "IR@10" in printed
+    saved_cls, saved_ret = (json.loads((tmp_path / n).read_text()) for n in ("cls.json", "ret.json"))
+    assert saved_cls["accuracy_pct"] == cls["accuracy_pct"] and saved_cls["encoder_unchanged"]
+    assert set(saved_ret["recall_pct"]) == {"TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10"}
+    assert saved_ret["recall_pct"] == ret["recall_pct"] and saved_ret["num_eval"] > 0
+    assert saved_cls["encoder_kind"] == ("megatron_lcl" if kind == "checkpoint" else "hf_clip")
+
+
+# ------------------------------------------------------------------------------------------ data sources
+
+def test_image_folder_webdataset_and_jsonl_sources(tmp_path):
+    rng = random.Random(0)
+    for name, colour in (("blue", COLOURS[2]), ("red", COLOURS[0])):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "folder" / name / f"{i}.png").write_bytes(png(colour, rng=rng))
+    images = load_labeled(str(tmp_path / "folder"))
+    assert images.class_names == ["blue", "red"] and images.labels == [0, 0, 0, 1, 1, 1]
+
+    with tarfile.open(tmp_path / "shard-000000.tar", "w") as tar:
+        for i in range(4):
+            for ext, data in (("png", png(COLOURS[i % 2], rng=rng)), ("cls", str(i % 2).encode()),
+                              ("txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(f"s{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    shards = load_labeled(str(tmp_path))
+    assert shards.labels == [0, 1, 0, 1] and len(shards.pixels([0, 3], 16)) == 2
+    assert load_pairs(str(tmp_path / "shard-000000.tar")).captions == [f"caption {i}" for i in range(4)]
+
+    (tmp_path / "pairs.jsonl").write_text("".join(
+        json.dumps({"image": f"folder/red/{i}.png", "caption": f"red {i}"}) + "\n" for i in range(3)))
+    pairs = load_pairs(str(tmp_path / "pairs.jsonl"))
+    assert pairs.captions == ["red 0", "red 1", "red 2"] and pairs.pixels([2], 8).shape == (1, 3, 8, 8)
+    with pytest.raises(ValueError, match="not a synthetic corpus"):
+        load_labeled(str(tmp_path / "nothing_here"))
+
+
+# ------------------------------------------------------------------------------------------ ablation
+
+def test_ablation_small_end_to_end(tmp_path):
+    """tools/ablation.py --small: 3-step lcl/gen/con runs + random init, evaluated, table written."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "ablation.py"), "--out", str(tmp_path), "--small"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    table = (tmp_path / "ablation.md").read_text()
+    for row in ("Gen. + Con. (LCL)", "Gen. only", "Con. only", "random init"):
+        assert row in table
+    rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["lcl", "gen", "con", "random"]
+    for r in rows:
+        assert r["eval"]["classify_label"]["encoder_unchanged"] and r["eval"]["retrieval"]["encoder_unchanged"]
+    gen = next(r for r in rows if r["mode"] == "gen")["train"]
+    assert gen["con_loss_last10"] is None and gen["effective_rank_frac_last10"] is not None

@@ -1,0 +1,263 @@
+"""The paper's loss ablation (Table 6a) at small scale: pre-train the tiny model on the synthetic MMC4
+corpus with loss.mode = lcl, gen and con (same steps, seeds and data), add the random-init baseline,
+and evaluate every vision encoder by frozen transfer (attention-probe classification and retrieval
+with a new text encoder) on a separate synthetic corpus. Writes OUT/ablation.{json,md}.
+
+    python tools/ablation.py --out runs/ablation                 # the measured table in docs/eval.md
+    python tools/ablation.py --out /tmp/ablation --small          # CI size: a few steps, ~1-2 min
+
+OUT/ holds data/ (pre-training corpus, tokenizer, shards; evaluation corpus), runs/<mode>/ (each
+pre-training run dir: config.yaml, metrics.jsonl, checkpoints/), random_init/ and eval/<name>.json.
+A rerun skips pre-training runs and evaluations that already finished (delete their folders to redo).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+TINY_CONFIG = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
+MODES = ("lcl", "gen", "con")
+# Paper Table 6a: ViT-B/16 pre-trained on MMC4, frozen transfer, COCO retrieval TR@1.
+PAPER_TR1 = {"lcl": 48.5, "gen": 10.3, "con": 46.4}
+TASK_NAMES = {"lcl": "Gen. + Con. (LCL)", "gen": "Gen. only", "con": "Con. only", "random": "random init"}
+
+
+@dataclass
+class Sizes:
+    docs: int = 600  # pre-training corpus documents (~4 usable images each)
+    eval_docs: int = 300  # evaluation corpus (a different seed: no image is shared)
+    steps: int = 300
+    seq_length: int = 128
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    warmup_steps: int = 25
+    probe_epochs: int = 30
+    retrieval_epochs: int = 30
+
+
+SMALL = Sizes(docs=40, eval_docs=30, steps=3, seq_length=64, micro_batch_size=2, global_batch_size=4,
+              warmup_steps=1, probe_epochs=2, retrieval_epochs=2)
+
+
+def log(msg: str) -> None:
+    print(f"[ablation {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+def build_data(data_dir: Path, sizes: Sizes, seed: int) -> dict:
+    """Synthetic MMC4 corpus -> tokenizer -> prepared shards, plus an evaluation corpus (seed + 1)."""
+    from megatron_lcl.data.prepare import PrepareOptions, prepare
+    from megatron_lcl.data.skips import SkipCounter
+    from megatron_lcl.data.sources import read_mmc4
+    from megatron_lcl.data.synthetic import write_corpus
+    from megatron_lcl.data.tokenizer import train_tokenizer
+
+    paths = {"corpus": data_dir / "corpus", "tokenizer": data_dir / "tokenizer" / "lcl.model",
+             "shards": data_dir / "shards", "eval": data_dir / "eval_corpus"}
+    if (data_dir / ".done").exists():
+        return paths
+    jsonl = write_corpus(str(paths["corpus"]), num_docs=sizes.docs, image_size=32, seed=seed)
+    write_corpus(str(paths["eval"]), num_docs=sizes.eval_docs, image_size=32, seed=seed + 1)
+    texts = [t for p in jsonl for doc in read_mmc4(p, str(paths["corpus"]), SkipCounter()) for t in doc.texts]
+    paths["tokenizer"].parent.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(texts, str(paths["tokenizer"])[:-len(".model")], vocab_size=400, character_coverage=1.0)
+    prepare("mmc4", [str(paths["corpus"])], str(paths["shards"]), options=PrepareOptions(shard_size=50),
+            progress=False)
+    (data_dir / ".done").touch()
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ pre-training
+
+def overrides(sizes: Sizes, data: dict, seed: int) -> list:
+    return [f"data.path={data['shards']}", f"data.tokenizer={data['tokenizer']}",
+            f"data.seq_length={sizes.seq_length}", f"data.micro_batch_size={sizes.micro_batch_size}",
+            "data.num_workers=0", f"data.seed={seed}", f"train.seed={seed}",
+            f"train.global_batch_size={sizes.global_batch_size}", f"train.train_steps={sizes.steps}",
+            f"train.drop_path_ramp_steps={max(1, sizes.steps // 2)}",
+            f"optimizer.warmup_steps={sizes.warmup_steps}", "logging.log_interval=1",
+            "checkpoint.save_interval=null", "logging.tensorboard=false"]
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    latest = run_dir / "checkpoints" / "latest"
+    return latest.exists() and latest.read_text().strip() == f"step_{steps:08d}"
+
+
+def pretrain(mode: str, run_dir: Path, sizes: Sizes, data: dict, seed: int) -> None:
+    if finished(run_dir, sizes.steps):
+        log(f"{mode}: finished run found in {run_dir}")
+        return
+    cmd = [sys.executable, str(ROOT / "pretrain_lcl.py"), "--config", str(TINY_CONFIG), f"run_dir={run_dir}",
+           f"loss.mode={mode}", *overrides(sizes, data, seed)]
+    log(f"{mode}: pre-training {sizes.steps} steps -> {run_dir}")
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if proc.returncode != 0 or not finished(run_dir, sizes.steps):
+        raise RuntimeError(f"pre-training {mode} failed (exit {proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    log(f"{mode}: done in {time.time() - t0:.0f} s")
+
+
+def training_summary(run_dir: Path) -> dict:
+    """Last logged losses and the collapse monitor (mean over the last 10 logged steps: noisy)."""
+    with open(run_dir / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    tail = rows[-10:]
+
+    def mean(key):
+        values = [r[key] for r in tail if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    keys = ("loss", "lm_loss", "con_loss", "con_top1", "effective_rank", "effective_rank_frac")
+    summary = {"steps": rows[-1]["step"], **{f"{k}_last10": mean(k) for k in keys}}
+    mode = config_loss_mode(run_dir)
+    not_trained = {"gen": ("con_loss", "con_top1"), "con": ("lm_loss",)}.get(mode, ())
+    for k in not_trained:  # logged as 0 when the loss mode does not compute the term
+        summary[f"{k}_last10"] = None
+    return summary
+
+
+def config_loss_mode(run_dir: Path) -> str:
+    from megatron_lcl.training.config_io import load_config
+
+    return load_config(str(run_dir / "config.yaml"), []).loss.mode
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+def latent_spread(encoder, images) -> dict:
+    """Collapse check at evaluation time: effective rank of the centred, token-averaged latents of the
+    evaluation images (1 = every image looks the same to the encoder; up to the hidden width)."""
+    import torch
+
+    from megatron_lcl.training.metrics import singular_value_stats
+
+    with torch.no_grad():
+        pooled = torch.cat([encoder(images.pixels(list(range(i, min(i + 256, len(images)))), encoder.image_size))
+                            .mean(dim=1) for i in range(0, len(images), 256)])  # [n, h]
+    stats = singular_value_stats(pooled - pooled.mean(dim=0))
+    return {"latent_effective_rank": stats["effective_rank"], "latent_effective_rank_frac":
+            stats["effective_rank"] / encoder.hidden_size}
+
+
+def evaluate(name: str, checkpoint: Path, eval_corpus: Path, out: Path, sizes: Sizes, seed: int) -> dict:
+    from megatron_lcl.eval.classify import ProbeConfig, load_splits, run_classification
+    from megatron_lcl.eval.encoders import load_encoder
+    from megatron_lcl.eval.retrieve import RetrievalConfig, load_pair_splits, run_retrieval
+
+    path = out / f"{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    t0 = time.time()
+    encoder = load_encoder(str(checkpoint))
+    result = {"name": name, "checkpoint": str(checkpoint)}
+    for field in ("label", "colour"):  # shape class (the corpus' label) and colour
+        train_set, eval_set = load_splits(str(eval_corpus), None, field, 0.2, seed)
+        r = run_classification(encoder, train_set, eval_set, ProbeConfig(epochs=sizes.probe_epochs, seed=seed))
+        result[f"classify_{field}"] = r
+    train_set, eval_set = load_pair_splits(str(eval_corpus), None, 0.2, seed)
+    result["retrieval"] = run_retrieval(encoder, train_set, eval_set,
+                                        RetrievalConfig(epochs=sizes.retrieval_epochs, seed=seed))
+    result.update(latent_spread(encoder, eval_set))
+    result["eval_time_s"] = round(time.time() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    log(f"{name}: evaluated in {result['eval_time_s']} s")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ table
+
+def fmt(x, digits=1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_table(rows: list, sizes: Sizes) -> str:
+    head = ("| pre-training loss | shape acc-1 | colour acc-1 | TR@1 | IR@1 | TR@5 | IR@5 | "
+            "latent erank (eval) | v erank frac (train) | lm_loss | con_loss | con_top1 | paper TR@1 |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ret = r["eval"]["retrieval"]["recall_pct"]
+        t = r.get("train") or {}
+        lines.append("| " + " | ".join([
+            TASK_NAMES[r["mode"]], fmt(r["eval"]["classify_label"]["accuracy_pct"]["acc-1"]),
+            fmt(r["eval"]["classify_colour"]["accuracy_pct"]["acc-1"]), fmt(ret["TR@1"]), fmt(ret["IR@1"]),
+            fmt(ret["TR@5"]), fmt(ret["IR@5"]), fmt(r["eval"]["latent_effective_rank"]),
+            fmt(t.get("effective_rank_frac_last10"), 2), fmt(t.get("lm_loss_last10"), 2),
+            fmt(t.get("con_loss_last10"), 2), fmt(t.get("con_top1_last10"), 2),
+            fmt(PAPER_TR1.get(r["mode"]))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, rows: list, sizes: Sizes, args) -> str:
+    table = markdown_table(rows, sizes)
+    header = (f"Loss ablation (paper Table 6a) at small scale: tiny model (examples/configs/tiny_cpu.yaml), "
+              f"{sizes.steps} pre-training steps x {sizes.global_batch_size} sequences of {sizes.seq_length} "
+              f"tokens on {sizes.docs} synthetic MMC4 documents, seed {args.seed}; frozen transfer on a "
+              f"separate {sizes.eval_docs}-document synthetic corpus (80/20 split), percent.\n\n")
+    (out / "ablation.md").write_text(header + table)
+    (out / "ablation.json").write_text(json.dumps({"sizes": vars(sizes), "seed": args.seed, "rows": rows},
+                                                  indent=1) + "\n")
+    return header + table
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--small", action="store_true", help="CI size: a few steps and epochs")
+    p.add_argument("--steps", type=int, help="pre-training steps (default 300; 3 with --small)")
+    p.add_argument("--docs", type=int, help="pre-training corpus documents")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--no-random-init", action="store_true", help="skip the random-init baseline")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads here and OMP_NUM_THREADS for the runs (1 is fastest on a busy machine)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    sizes = SMALL if args.small else Sizes()
+    sizes = Sizes(**{**vars(sizes), **{k: v for k, v in (("steps", args.steps), ("docs", args.docs)) if v}})
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out).resolve()
+    t0 = time.time()
+    data = build_data(out / "data", sizes, args.seed)
+    log(f"data ready in {out / 'data'}")
+    rows = []
+    for mode in args.modes:
+        pretrain(mode, out / "runs" / mode, sizes, data, args.seed)
+        rows.append({"mode": mode, "checkpoint": str(out / "runs" / mode / "checkpoints"),
+                     "train": training_summary(out / "runs" / mode)})
+    if not args.no_random_init:
+        random_dir = out / "random_init"
+        if not (random_dir / "meta.json").exists():
+            from megatron_lcl.eval.encoders import random_init_checkpoint
+
+            random_init_checkpoint(str(TINY_CONFIG), str(random_dir), overrides(sizes, data, args.seed))
+        rows.append({"mode": "random", "checkpoint": str(random_dir), "train": None})
+    for row in rows:
+        row["eval"] = evaluate(row["mode"], Path(row["checkpoint"]), data["eval"], out / "eval", sizes, args.seed)
+    print(write_report(out, rows, sizes, args))
+    log(f"wrote {out / 'ablation.md'} and ablation.json in {time.time() - t0:.0f} s")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
+    from megatron_lcl.runtime import destroy_distributed
+
+    destroy_distributed()
