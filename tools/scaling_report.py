@@ -4,8 +4,10 @@
 
 Fits (all with bootstrap confidence intervals over the runs):
   loss vs compute     L(C) = a C^-alpha (and E + a C^-alpha when there are >= 5 frontier runs), on
-                      the compute-optimal frontier: the runs no cheaper run beats
+                      the compute-optimal frontier: the runs no cheaper run beats (IsoFLOP sweeps:
+                      the best run of each budget); also L_gen and L_con on the same runs
   loss vs parameters  L(N) = a N^-alpha over the model sizes of the budget with the most compute
+                      (IsoFLOP sweeps: the per-budget profiles and their parabolas, no power law)
   optimal size        N_opt(C) = k C^b: for IsoFLOP sweeps (every size at the same FLOPs per budget)
                       the minimum of a parabola in log N per budget; otherwise the frontier runs' N
 Writes OUT/report.md, OUT/loss_vs_compute.png, OUT/loss_vs_params.png, OUT/optimal_params.png.
@@ -35,7 +37,7 @@ NUMERIC = ("params_total", "params_non_embedding", "train_flops", "tokens", "ima
 class Analysis:
     loss_key: str
     params_key: str
-    frontier: np.ndarray  # row indices on the compute-optimal frontier, by compute
+    frontier: np.ndarray  # row indices on the compute-optimal frontier (IsoFLOP: best run per budget), by compute
     loss_vs_compute: Optional[PowerLaw] = None
     loss_vs_compute_floor: Optional[PowerLaw] = None
     loss_vs_params: Optional[PowerLaw] = None
@@ -68,35 +70,67 @@ def is_isoflop(rows: List[dict]) -> bool:
     return any(len(c) >= 2 for c in budgets.values()) and all(max(c) / min(c) < 1.5 for c in budgets.values())
 
 
+def budget_groups(rows: List[dict]) -> dict:
+    """{budget: [row indices]} in order of first appearance."""
+    groups = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r["budget"], []).append(i)
+    return groups
+
+
+def frontier_runs(rows: List[dict], c: np.ndarray, l: np.ndarray, isoflop: bool) -> np.ndarray:
+    """IsoFLOP sweeps: the best run of each budget; otherwise the runs no cheaper run beats."""
+    if not isoflop:
+        return pareto_frontier(c, l)
+    best = [min(idx, key=lambda i: l[i]) for idx in budget_groups(rows).values()]
+    return np.array(sorted(best, key=lambda i: c[i]), dtype=int)
+
+
 def analyse(rows: List[dict], loss_key: str = "loss", params_key: str = "params_non_embedding",
             num_samples: int = 1000, level: float = 0.9) -> Analysis:
     c, n, l = column(rows, "train_flops"), column(rows, params_key), column(rows, loss_key)
-    a = Analysis(loss_key, params_key, pareto_frontier(c, l))
+    isoflop = is_isoflop(rows)
+    a = Analysis(loss_key, params_key, frontier_runs(rows, c, l, isoflop), isoflop=isoflop)
+    _fit_compute(a, rows, c, l, num_samples, level)
+    _fit_params(a, rows, c, n, l, num_samples, level)
+    _fit_optimal_size(a, rows, c, n, l, num_samples, level)
+    return a
+
+
+def _fit_compute(a: Analysis, rows, c, l, num_samples: int, level: float) -> None:
     f = a.frontier
-    if len(f) >= 2:
-        a.loss_vs_compute = fit_with_ci(c[f], l[f], num_samples=num_samples, level=level)
-        for term in ("lm_loss", "con_loss"):
-            if term != loss_key:
-                a.term_fits[term] = fit_with_ci(c[f], column(rows, term)[f], num_samples=num_samples, level=level)
-    else:
+    if len(f) < 2:
         a.notes.append("fewer than 2 runs on the compute frontier: no loss-vs-compute fit")
+        return
+    a.loss_vs_compute = fit_with_ci(c[f], l[f], num_samples=num_samples, level=level)
+    for term in ("lm_loss", "con_loss"):
+        if term != a.loss_key:
+            a.term_fits[term] = fit_with_ci(c[f], column(rows, term)[f], num_samples=num_samples, level=level)
     if len(f) >= 5:
         a.loss_vs_compute_floor = fit_with_ci(c[f], l[f], irreducible=True, num_samples=num_samples // 4,
                                               level=level)
-    # L(N): the budget with the most compute, over its model sizes
-    by_budget = {}
-    for i, r in enumerate(rows):
-        by_budget.setdefault(r["budget"], []).append(i)
-    a.params_budget = max(by_budget, key=lambda b: np.mean(c[by_budget[b]]))
-    sel = by_budget[a.params_budget]
+
+
+def _fit_params(a: Analysis, rows, c, n, l, num_samples: int, level: float) -> None:
+    """L(N) over the sizes of the budget with the most compute (not for IsoFLOP sweeps: there a
+    budget's L(N) is a profile with a minimum, not a power law)."""
+    groups = budget_groups(rows)
+    a.params_budget = max(groups, key=lambda b: np.mean(c[groups[b]]))
+    if a.isoflop:
+        a.notes.append("IsoFLOP sweep: loss vs parameters at fixed compute is a profile with a minimum "
+                       "(parabolas in the loss-vs-parameters plot), so no L(N) power law is fitted")
+        return
+    sel = groups[a.params_budget]
     if len(set(n[sel])) >= 2:
         a.loss_vs_params = fit_with_ci(n[sel], l[sel], num_samples=num_samples, level=level)
-    a.isoflop = is_isoflop(rows)
+
+
+def _fit_optimal_size(a: Analysis, rows, c, n, l, num_samples: int, level: float) -> None:
     if a.isoflop:
         a.optima = [(o.compute, o.params_opt, o.loss_opt, o.from_parabola)
                     for o in isoflop_optima([r["budget"] for r in rows], c, n, l)]
     else:
-        a.optima = [(c[i], n[i], l[i], False) for i in f]
+        a.optima = [(c[i], n[i], l[i], False) for i in a.frontier]
         a.notes.append("budgets are steps x batch (not IsoFLOP): along the frontier the data grows with the "
                        "compute, so N_opt(C) from frontier runs is indicative only; IsoFLOP budgets "
                        "(`flops:` in the spec) measure it properly")
@@ -105,7 +139,6 @@ def analyse(rows: List[dict], loss_key: str = "loss", params_key: str = "params_
         a.optimal_params = fit_with_ci(oc, on, num_samples=num_samples, level=level)
     else:
         a.notes.append("the optimal size does not change over the frontier (or < 3 points): no N_opt(C) fit")
-    return a
 
 
 # ---------------------------------------------------------------------------------- plots
@@ -170,7 +203,14 @@ def plot_loss_vs_params(rows, a: Analysis, path: str) -> None:
                      key=lambda b: np.mean([c[i] for i, r in enumerate(rows) if r["budget"] == b]))
     for b in budgets:
         idx = sorted((i for i, r in enumerate(rows) if r["budget"] == b), key=lambda i: n[i])
-        ax.plot(n[idx], l[idx], "o-", ms=4, label=f"budget {b}")
+        line, = ax.plot(n[idx], l[idx], "o" if a.isoflop else "o-", ms=4, label=f"budget {b}")
+        if a.isoflop and len(set(n[idx])) >= 3:  # the parabola in log N that locates the optimum
+            coef = np.polyfit(np.log(n[idx]), l[idx], 2)
+            grid = np.geomspace(n[idx].min(), n[idx].max(), 60)
+            ax.plot(grid, np.polyval(coef, np.log(grid)), ":", color=line.get_color())
+    if a.isoflop:
+        ax.plot([o[1] for o in a.optima], [o[2] for o in a.optima], "k*", ms=10, label="optimum per budget")
+        ax.set_title("IsoFLOP profiles")
     if a.loss_vs_params is not None:
         sel = [i for i, r in enumerate(rows) if r["budget"] == a.params_budget]
         _draw_fit(ax, n[sel], l[sel], a.loss_vs_params, f"L ~ N^-{a.loss_vs_params.alpha:.3f} ({a.params_budget})")
@@ -221,7 +261,8 @@ def fit_lines(a: Analysis, level: float) -> List[str]:
     def add(title, law, x, y, n_desc):
         if law is not None:
             lines.append(f"- **{title}** ({n_desc}, n = {law.n}): `{law.describe(x, y)}`, rmse {law.rmse_log:.3g}")
-    add("Loss vs compute", a.loss_vs_compute, "C", "L", "compute-optimal frontier")
+    add("Loss vs compute", a.loss_vs_compute, "C", "L",
+        "best run of each budget" if a.isoflop else "compute-optimal frontier")
     add("Loss vs compute, with irreducible loss", a.loss_vs_compute_floor, "C", "L", "frontier")
     for term, law in a.term_fits.items():
         add(f"{term} vs compute", law, "C", term, f"the same {len(a.frontier)} frontier runs")
