@@ -207,25 +207,24 @@ class Trainer:
     def train(self) -> str:
         """Run to `train.train_steps`. Returns completed | preempted | exit_after_steps | diverged."""
         cfg, start = self.cfg, self.state.step
-        window = _Window()
-        status = "completed"
-        while self.state.step < cfg.train.train_steps:
+        window, stop = _Window(), None
+        while self.state.step < cfg.train.train_steps and stop is None:
             t0 = time.time()
             log_now = (self.state.step + 1) % cfg.logging.log_interval == 0 or \
                 self.state.step + 1 == cfg.train.train_steps
             stats = self.train_step(self.next_batches(), collect_features=log_now)
             self._advance(stats)
-            window.add(stats, time.time() - t0, self.cfg.train.global_batch_size * self.cfg.data.seq_length)
-            status = self._stop_reason(stats, start)
-            if log_now or status != "completed":
+            window.add(stats, time.time() - t0, cfg.train.global_batch_size * cfg.data.seq_length)
+            stop = self._stop_reason(stats, start)
+            if log_now or stop is not None:
                 self.log(stats, window, self.gather_data_skips())
                 window = _Window()
-            if status != "completed":
-                break
-            if cfg.checkpoint.save_interval and self.state.step % cfg.checkpoint.save_interval == 0:
+            if stop is None and cfg.checkpoint.save_interval and \
+                    self.state.step % cfg.checkpoint.save_interval == 0:
                 self.save()
-        if cfg.checkpoint.save_at_exit or status in ("preempted", "diverged", "exit_after_steps"):
+        if cfg.checkpoint.save_at_exit or stop is not None:
             self.save()
+        status = stop or "completed"
         self._report(status)
         return status
 
@@ -242,7 +241,8 @@ class Trainer:
         else:
             s.consecutive_nonfinite = 0
 
-    def _stop_reason(self, stats: dict, start: int) -> str:
+    def _stop_reason(self, stats: dict, start: int) -> Optional[str]:
+        """Why the run stops after this step (None: it goes on). The same on every rank."""
         t = self.cfg.train
         if self.state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
             return "diverged"
@@ -251,7 +251,7 @@ class Trainer:
         if t.exit_after_steps is not None and self.state.step - start >= t.exit_after_steps \
                 and self.state.step < t.train_steps:
             return "exit_after_steps"
-        return "completed"
+        return None
 
     def _report(self, status: str) -> None:
         s, t = self.state, self.cfg.train
@@ -262,7 +262,7 @@ class Trainer:
                          f"saved step {s.step}, exiting for requeue",
             "diverged": f"loss was not finite for {s.consecutive_nonfinite} steps in a row "
                         f"(train.max_consecutive_nonfinite = {t.max_consecutive_nonfinite}); stopping at step "
-                        f"{s.step}. The last checkpoint holds the weights before these steps "
+                        f"{s.step}. The checkpoint saved now holds the weights from before these steps "
                         f"(non-finite steps are never applied): lower optimizer.lr or check the data",
         }
         log0(messages[status] + f" | checkpoints in {self.checkpoint_root}")
@@ -273,7 +273,8 @@ class Trainer:
             return
         row = {"step": self.state.step, **{k: v for k, v in asdict(self.state).items() if k != "step"}}
         row.pop("consecutive_nonfinite")
-        for key in ("loss", "lm_loss", "con_loss", "con_top1", "logit_scale", "grad_norm"):
+        row.update(window.means())  # losses: mean over the window's finite steps
+        for key in ("logit_scale", "grad_norm"):  # the last step's
             row[key] = stats[key]
         row["lr"] = current_lr(self.optimizer)
         if self._collapse_measured(stats):
@@ -317,16 +318,27 @@ class Trainer:
 
 
 class _Window:
-    """Throughput over the steps since the last log line."""
+    """The steps since the last log line: loss means over its finite steps, and throughput."""
+
+    MEAN_KEYS = ("loss", "lm_loss", "con_loss", "con_top1")
 
     def __init__(self):
-        self.steps, self.time_s, self.tokens, self.images = 0, 0.0, 0, 0
+        self.steps, self.finite_steps, self.time_s, self.tokens, self.images = 0, 0, 0.0, 0, 0
+        self.sums = dict.fromkeys(self.MEAN_KEYS, 0.0)
 
     def add(self, stats: dict, step_time_s: float, tokens: int) -> None:
         self.steps += 1
         self.time_s += step_time_s
         self.tokens += tokens
         self.images += int(stats["images"])
+        if not stats["skipped"]:
+            self.finite_steps += 1
+            for key in self.MEAN_KEYS:
+                self.sums[key] += stats[key]
+
+    def means(self) -> dict:
+        n = self.finite_steps
+        return {k: (v / n if n else float("nan")) for k, v in self.sums.items()}
 
     def rates(self) -> dict:
         t = max(self.time_s, 1e-9)
