@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_lcl.scaling.fit import (PowerLaw, bootstrap_laws, fit_power_law, fit_with_ci,  # noqa: E402
                                       isoflop_optima, pareto_frontier, prediction_band)
-from megatron_lcl.scaling.sweep import read_results  # noqa: E402
+from megatron_lcl.scaling.sweep import expand_points, load_spec, read_results  # noqa: E402
 
 NUMERIC = ("params_total", "params_non_embedding", "train_flops", "tokens", "images", "loss", "lm_loss",
            "con_loss", "con_top1", "probe_accuracy", "train_steps", "global_batch_size", "step_time_s",
@@ -49,9 +49,13 @@ class Analysis:
     notes: List[str] = field(default_factory=list)
 
 
-def load_rows(csv_path: str) -> List[dict]:
-    """Finished (status ok) rows with their numeric columns as floats (empty -> nan)."""
+def load_rows(csv_path: str, spec_path: Optional[str] = None) -> List[dict]:
+    """Finished (status ok) rows with their numeric columns as floats (empty -> nan); with a spec,
+    only the points it defines (a CSV may hold points of an earlier version of the spec)."""
     rows = [r for r in read_results(csv_path) if r["status"] == "ok"]
+    if spec_path is not None:
+        names = {p.name for p in expand_points(load_spec(spec_path))}
+        rows = [r for r in rows if r["point"] in names]
     for r in rows:
         for key in NUMERIC:
             r[key] = float(r[key]) if r.get(key) not in (None, "") else float("nan")
@@ -313,11 +317,11 @@ def main(argv=None) -> int:
     p.add_argument("--title", default=None, help="report title (default: the CSV's folder name)")
     p.add_argument("--loss", default="loss", choices=("loss", "lm_loss", "con_loss"))
     p.add_argument("--params", default="params_non_embedding", choices=("params_non_embedding", "params_total"))
-    p.add_argument("--spec", help="the sweep spec, cited in the report so it can be reproduced")
+    p.add_argument("--spec", help="the sweep spec: only its points are used, and it is cited in the report")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--level", type=float, default=0.9, help="confidence level of the intervals")
     args = p.parse_args(argv)
-    rows = load_rows(args.csv)
+    rows = load_rows(args.csv, args.spec)
     if len(rows) < 2:
         print(f"{args.csv}: {len(rows)} finished run(s); a fit needs at least 2", file=sys.stderr)
         return 1

@@ -49,6 +49,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 PRETRAIN = os.path.join(REPO_ROOT, "pretrain_lcl.py")
 FINISHED = ("ok", "diverged")
 EXIT_STATUS = {0: "ok", 1: "diverged", 2: "config_error"}
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 CSV_COLUMNS = [
     "point", "model", "budget", "status",
@@ -195,7 +196,10 @@ def run_point(config_path: str, overrides: List[str], run_dir: str, nproc: int =
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                PRETRAIN, *argv]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # A point is its own job: drop torch.distributed variables this process may carry (e.g. a
+    # MASTER_PORT its own process group is bound to), so the child picks fresh ones.
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith("TORCHELASTIC_")}
+    env.update(PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.run(cmd, env=env, cwd=os.getcwd()).returncode
 
