@@ -129,10 +129,23 @@ def _fit_params(a: Analysis, rows, c, n, l, num_samples: int, level: float) -> N
         a.loss_vs_params = fit_with_ci(n[sel], l[sel], num_samples=num_samples, level=level)
 
 
+def _edge_notes(rows, n, l) -> List[str]:
+    """IsoFLOP budgets whose best run is the smallest or largest size tried: the optimum lies outside."""
+    notes = []
+    for budget, idx in budget_groups(rows).items():
+        best = min(idx, key=lambda i: l[i])
+        if len(idx) >= 3 and n[best] in (n[idx].min(), n[idx].max()):
+            side = "smallest" if n[best] == n[idx].min() else "largest"
+            notes.append(f"budget {budget}: the best run is the {side} size tried, so the optimum lies "
+                         f"outside the ladder; add {side.replace('est', 'er')} sizes to locate it")
+    return notes
+
+
 def _fit_optimal_size(a: Analysis, rows, c, n, l, num_samples: int, level: float) -> None:
     if a.isoflop:
         a.optima = [(o.compute, o.params_opt, o.loss_opt, o.from_parabola)
                     for o in isoflop_optima([r["budget"] for r in rows], c, n, l)]
+        a.notes += _edge_notes(rows, n, l)
     else:
         a.optima = [(c[i], n[i], l[i], False) for i in a.frontier]
         a.notes.append("budgets are steps x batch (not IsoFLOP): along the frontier the data grows with the "
