@@ -4,6 +4,7 @@ folder, the data sources, and the loss-ablation script at its CI size."""
 
 import io
 import json
+import os
 import pathlib
 import random
 import subprocess
@@ -200,6 +201,8 @@ def test_clis_run_on_checkpoint_and_hf_folder(kind, tiny_checkpoint, hf_clip_dir
     assert set(saved_ret["recall_pct"]) == {"TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10"}
     assert saved_ret["recall_pct"] == ret["recall_pct"] and saved_ret["num_eval"] > 0
     assert saved_cls["encoder_kind"] == ("megatron_lcl" if kind == "checkpoint" else "hf_clip")
+    top1 = classify.linear_probe_accuracy(encoder, corpus, epochs=1)  # the sweep tool's entry point
+    assert top1 == pytest.approx(cls["accuracy_pct"]["acc-1"] / 100)
 
 
 # ------------------------------------------------------------------------------------------ data sources
@@ -236,9 +239,12 @@ def test_image_folder_webdataset_and_jsonl_sources(tmp_path):
 
 def test_ablation_small_end_to_end(tmp_path):
     """tools/ablation.py --small: 3-step lcl/gen/con runs + random init, evaluated, table written."""
+    # a fresh single process: drop the rendezvous variables the in-process fixture set
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                           "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "ablation.py"), "--out", str(tmp_path), "--small"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
+                          env={**env, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     table = (tmp_path / "ablation.md").read_text()
     for row in ("Gen. + Con. (LCL)", "Gen. only", "Con. only", "random init"):

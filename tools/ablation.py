@@ -14,7 +14,6 @@ A rerun skips pre-training runs and evaluations that already finished (delete th
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -96,15 +95,15 @@ def pretrain(mode: str, run_dir: Path, sizes: Sizes, data: dict, seed: int) -> N
     if finished(run_dir, sizes.steps):
         log(f"{mode}: finished run found in {run_dir}")
         return
-    cmd = [sys.executable, str(ROOT / "pretrain_lcl.py"), "--config", str(TINY_CONFIG), f"run_dir={run_dir}",
-           f"loss.mode={mode}", *overrides(sizes, data, seed)]
+    argv = ["--config", str(TINY_CONFIG), f"run_dir={run_dir}", f"loss.mode={mode}", "logging.console=false",
+            *overrides(sizes, data, seed)]
     log(f"{mode}: pre-training {sizes.steps} steps -> {run_dir}")
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    if proc.returncode != 0 or not finished(run_dir, sizes.steps):
-        raise RuntimeError(f"pre-training {mode} failed (exit {proc.returncode}):\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    import pretrain_lcl  # in this process: the runs share one megatron-core import and process group
+
+    code = pretrain_lcl.main(argv)
+    if code != 0 or not finished(run_dir, sizes.steps):
+        raise RuntimeError(f"pre-training {mode} failed (exit {code}); see {run_dir}/metrics.jsonl")
     log(f"{mode}: done in {time.time() - t0:.0f} s")
 
 
