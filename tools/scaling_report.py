@@ -129,10 +129,12 @@ def _fit_params(a: Analysis, rows, c, n, l, num_samples: int, level: float) -> N
         a.loss_vs_params = fit_with_ci(n[sel], l[sel], num_samples=num_samples, level=level)
 
 
-def _edge_notes(rows, n, l) -> List[str]:
-    """IsoFLOP budgets whose best run is the smallest or largest size tried: the optimum lies outside."""
+def _edge_notes(rows, n, l, skip: set) -> List[str]:
+    """IsoFLOP budgets (not in `skip`) whose best run is the smallest or largest size tried."""
     notes = []
     for budget, idx in budget_groups(rows).items():
+        if budget in skip:
+            continue
         best = min(idx, key=lambda i: l[i])
         if len(idx) >= 3 and n[best] in (n[idx].min(), n[idx].max()):
             side = "smallest" if n[best] == n[idx].min() else "largest"
@@ -143,9 +145,9 @@ def _edge_notes(rows, n, l) -> List[str]:
 
 def _fit_optimal_size(a: Analysis, rows, c, n, l, num_samples: int, level: float) -> None:
     if a.isoflop:
-        a.optima = [(o.compute, o.params_opt, o.loss_opt, o.from_parabola)
-                    for o in isoflop_optima([r["budget"] for r in rows], c, n, l)]
-        a.notes += _edge_notes(rows, n, l)
+        optima = isoflop_optima([r["budget"] for r in rows], c, n, l)
+        a.optima = [(o.compute, o.params_opt, o.loss_opt, o.from_parabola) for o in optima]
+        a.notes += _edge_notes(rows, n, l, skip={o.budget for o in optima if o.from_parabola})
     else:
         a.optima = [(c[i], n[i], l[i], False) for i in a.frontier]
         a.notes.append("budgets are steps x batch (not IsoFLOP): along the frontier the data grows with the "
@@ -194,7 +196,8 @@ def plot_loss_vs_compute(rows, a: Analysis, path: str) -> None:
     keys = [a.loss_key, "lm_loss", "con_loss"] + (["probe_accuracy"] if _has_probe(rows) else [])
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
     c = column(rows, "train_flops")
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    size = {r["model"]: r[a.params_key] for r in rows}
+    models = sorted(size, key=size.get)
     for ax, key in zip(axes, keys):
         for m in models:
             idx = sorted((i for i, r in enumerate(rows) if r["model"] == m), key=lambda i: c[i])
