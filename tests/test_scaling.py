@@ -15,7 +15,8 @@ import torch
 
 from megatron_lcl.config import HeadsConfig, LMConfig, LossConfig, ModelConfig, ParallelConfig, VisionConfig
 from megatron_lcl.scaling import fit, sweep
-from megatron_lcl.scaling.flops import PEAK_FLOPS_PER_S, mfu, parameter_counts, step_flops, training_flops
+from megatron_lcl.scaling.flops import (PEAK_FLOPS_PER_S, mfu, parameter_counts, step_flops, throughput_metrics,
+                                        training_flops)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -127,6 +128,11 @@ def test_flops_at_paper_scale_and_mfu():
     assert training_flops(cfg, 2048, samples=10, images=30) == pytest.approx(10 * flops["total"])
     assert mfu(0.5 * PEAK_FLOPS_PER_S["h100-sxm-bf16"], PEAK_FLOPS_PER_S["h100-sxm-bf16"]) == 0.5
     assert mfu(989e12, 989e12, num_devices=4) == 0.25
+    step = training_flops(cfg, 2048, samples=256, images=768)
+    metrics = throughput_metrics(cfg, 2048, 256, 768, step_time_s=2.0, peak_flops_per_s=989e12, num_devices=8)
+    assert metrics["model_flops_per_s"] == pytest.approx(step / 2.0)
+    assert metrics["mfu"] == pytest.approx(step / 2.0 / (8 * 989e12))
+    assert "mfu" not in throughput_metrics(cfg, 2048, 256, 768, step_time_s=2.0)
 
 
 # ------------------------------------------------------------------------------ fits
@@ -265,7 +271,7 @@ def test_failed_point_is_retried_and_probe_json_is_read(tmp_path):
     assert calls == ["a-2x3"] and row["status"] == "ok" and float(row["probe_accuracy"]) == 0.625
 
 
-def test_flops_budget_sets_steps_and_slurm_array(tmp_path):
+def test_flops_budget_sets_steps_list_and_slurm_array(tmp_path, capsys):
     from megatron_lcl.scaling.flops import flops_per_sample
     from megatron_lcl.training.config_io import load_config
 
@@ -278,6 +284,11 @@ def test_flops_budget_sets_steps_and_slurm_array(tmp_path):
         per_step = flops_per_sample(cfg.model, 64, 2.0) * 4
         assert cfg.train.train_steps == round(1e11 / per_step)
     assert points[0].name == "a-1e11"
+    import sweep as sweep_tool
+
+    assert sweep_tool.main([spec.spec_path, "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "a-1e11" in listing and "todo" in listing
     text = sweep.write_slurm_array(spec, str(tmp_path / "s.sbatch"))
     assert "#SBATCH --array=0-1%2" in text and "#SBATCH --partition=gpu" in text
     assert "--index \"$SLURM_ARRAY_TASK_ID\"" in text and os.access(tmp_path / "s.sbatch", os.X_OK)

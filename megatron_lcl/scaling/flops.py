@@ -164,3 +164,19 @@ def model_flops_per_s(cfg: ModelConfig, seq_length: int, global_batch_size: int,
                       images_per_step: float, step_time_s: float, **kwargs) -> float:
     """What the training log reports: the step's model FLOPs divided by its wall time."""
     return training_flops(cfg, seq_length, global_batch_size, images_per_step, **kwargs) / step_time_s
+
+
+def throughput_metrics(cfg: ModelConfig, seq_length: int, global_batch_size: int, images_per_step: float,
+                       step_time_s: float, peak_flops_per_s: Optional[float] = None, num_devices: int = 1,
+                       **kwargs) -> dict:
+    """{model_flops_per_s, mfu (when a peak is given)} for one training-log line, e.g. in the trainer:
+
+        row.update(throughput_metrics(cfg.model, cfg.data.seq_length, cfg.train.global_batch_size,
+                                      images_per_step, row["step_time_s"], cfg.logging.peak_flops_per_s,
+                                      dist.get_world_size(), loss_mode=cfg.loss.mode))
+    """
+    achieved = model_flops_per_s(cfg, seq_length, global_batch_size, images_per_step, step_time_s, **kwargs)
+    out = {"model_flops_per_s": achieved}
+    if peak_flops_per_s:
+        out["mfu"] = mfu(achieved, peak_flops_per_s, num_devices)
+    return out
