@@ -160,7 +160,7 @@ def expand_points(spec: SweepSpec) -> List[SweepPoint]:
                 continue
             model_overrides = _flatten("model", {k: v for k, v in model.items() if k != "name"})
             overrides = common + model_overrides + [f"train.global_batch_size={budget['global_batch_size']}"]
-            overrides += [str(o) for o in budget.get("overrides", [])]
+            overrides += [str(o).format(output_dir=spec.output_dir) for o in budget.get("overrides", [])]
             steps = _steps_for(spec, budget, overrides)
             overrides.append(f"train.train_steps={steps}")
             if spec.warmup_fraction is not None:
@@ -337,13 +337,14 @@ def collect_result(point: SweepPoint, cfg, spec: SweepSpec, status: str, wall_s:
         return row
     last = rows[-1]
     samples, images = last["consumed_samples"], last["consumed_images"]
-    per_sample = flops_per_sample(m, d.seq_length, images / max(samples, 1), loss_mode=cfg.loss.mode)
+    flops_kwargs = dict(loss_mode=cfg.loss.mode, tensor_model_parallel_size=tp)  # tp: vocab padding
+    per_sample = flops_per_sample(m, d.seq_length, images / max(samples, 1), **flops_kwargs)
     step_times = [r["step_time_s"] for r in rows[1:]] or [rows[0]["step_time_s"]]  # row 0 holds warm-up
     step_time_s = sum(step_times) / len(step_times)
     row.update(samples=samples, images=images, tokens=last["consumed_tokens"],
                text_tokens=last["consumed_text_tokens"], images_per_sample=round(images / max(samples, 1), 4),
                flops_per_sample=f"{per_sample:.6g}",
-               train_flops=f"{training_flops(m, d.seq_length, samples, images, loss_mode=cfg.loss.mode):.6g}",
+               train_flops=f"{training_flops(m, d.seq_length, samples, images, **flops_kwargs):.6g}",
                loss_last=last["loss"], step_time_s=round(step_time_s, 4),
                model_flops_per_s=f"{per_sample * t.global_batch_size / step_time_s:.6g}")
     row.update({k: round(v, 6) for k, v in final_losses(rows, spec.final_loss_window).items()})
