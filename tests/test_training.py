@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-import pretrain_lcl
-from conftest import run_torchrun
-from megatron_lcl.config import ConfigError
-from megatron_lcl.training.config import validate_run_config
-from megatron_lcl.training.config_io import load_config, save_config
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pretrain_lcl.py lives in the repo root
+import pretrain_lcl  # noqa: E402
+from conftest import run_torchrun  # noqa: E402
+from megatron_lcl.config import ConfigError  # noqa: E402
+from megatron_lcl.training.config import validate_run_config  # noqa: E402
+from megatron_lcl.training.config_io import load_config, save_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
@@ -41,6 +42,19 @@ def build_corpus(root: Path) -> None:
     (root / "tokenizer").mkdir(parents=True, exist_ok=True)
     train_tokenizer(texts, str(root / "tokenizer" / "lcl"), vocab_size=300, character_coverage=1.0)
     prepare("mmc4", [str(corpus)], str(root / "shards"), options=PrepareOptions(shard_size=15), progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_rendezvous_env():
+    """In-process runs set RANK/WORLD_SIZE/MASTER_* in os.environ; later subprocesses must not inherit them."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

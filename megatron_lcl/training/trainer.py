@@ -98,6 +98,9 @@ class Trainer:
         from megatron_lcl.data.tokenizer import LCLTokenizer
 
         d, v = self.cfg.data, self.cfg.model.vision
+        if not os.path.exists(d.tokenizer):
+            raise FileNotFoundError(f"data.tokenizer ({d.tokenizer}) does not exist; train one with "
+                                    "tools/train_tokenizer.py")
         vocab = LCLTokenizer(d.tokenizer).vocab_size
         if vocab > self.cfg.model.lm.vocab_size:
             raise ValueError(f"data.tokenizer ({d.tokenizer}) has {vocab} tokens, more than "
