@@ -54,6 +54,28 @@ class TrainState:
     consecutive_nonfinite: int = 0
 
 
+def record_launch(run_dir: str, start_step: int, world_size: int) -> None:
+    """Append this launch to run_dir/launches.jsonl: when, from which step, world size, code version."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "start_step": start_step, "world_size": world_size,
+           "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "argv": sys.argv,
+           "git_commit": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain", "-uno"))}
+    with open(os.path.join(run_dir, "launches.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def log0(*args) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)
@@ -134,6 +156,7 @@ class Trainer:
             return
         os.makedirs(self.cfg.run_dir, exist_ok=True)
         save_config(self.cfg, os.path.join(self.cfg.run_dir, "config.yaml"))
+        record_launch(self.cfg.run_dir, self.state.step, dist.get_world_size())
         self.writer = MetricsWriter(self.cfg.run_dir, self.state.step, self.cfg.logging.tensorboard)
         self.progress = ProgressLine(self.cfg.train.train_steps, self.state.step)
         counts = count_parameters_by_group(self.model)
