@@ -271,6 +271,20 @@ def test_failed_point_is_retried_and_probe_json_is_read(tmp_path):
     assert calls == ["a-2x3"] and row["status"] == "ok" and float(row["probe_accuracy"]) == 0.625
 
 
+def test_eval_only_fills_in_probe_accuracy_of_finished_points(tmp_path):
+    """Points trained before an eval_command existed get it run once; classify's JSON format is read."""
+    spec_path = write_spec(tmp_path, TWO_MODELS, [{"train_steps": 2, "global_batch_size": 2}])
+    spec = sweep.load_spec(spec_path)
+    sweep.run_sweep(spec, runner=fake_runner([]), log=lambda *a: None)
+    assert {r["probe_accuracy"] for r in sweep.read_results(spec.results_csv)} == {""}
+    spec.eval_command = ("{python} -c \"import json, sys; json.dump({{'accuracy_pct': {{'acc-1': 37.5}}}}, "
+                         "open(sys.argv[1] + '/probe.json', 'w'))\" {run_dir}")
+    assert len(sweep.backfill_eval(spec, log=lambda *a: None)) == 2
+    rows = sweep.read_results(spec.results_csv)
+    assert [float(r["probe_accuracy"]) for r in rows] == [0.375, 0.375] and {r["status"] for r in rows} == {"ok"}
+    assert sweep.backfill_eval(spec, log=lambda *a: None) == []  # nothing left to evaluate
+
+
 def test_flops_budget_sets_steps_list_and_slurm_array(tmp_path, capsys):
     from megatron_lcl.scaling.flops import flops_per_sample
     from megatron_lcl.training.config_io import load_config

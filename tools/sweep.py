@@ -4,6 +4,7 @@
     python tools/sweep.py examples/scaling/tiny_ladder.yaml --list          # points, FLOPs, status
     python tools/sweep.py SPEC --emit-slurm sweep.sbatch && sbatch sweep.sbatch   # one array task per point
     python tools/sweep.py SPEC --index 3                                    # one point (what a task runs)
+    python tools/sweep.py SPEC --eval-only          # probe accuracy for finished points that lack it
     python tools/scaling_report.py OUTPUT/results.csv --out docs/scaling    # fits, plots, report
 
 Results are appended to OUTPUT/results.csv (one row per finished point). Stop it at any time and
@@ -17,8 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lcl.scaling.sweep import (expand_points, finished_points, load_spec, run_setup,  # noqa: E402
-                                        run_sweep, write_slurm_array)
+from megatron_lcl.scaling.sweep import (backfill_eval, expand_points, finished_points, load_spec,  # noqa: E402
+                                        run_setup, run_sweep, write_slurm_array)
 
 
 def list_points(spec) -> None:
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--emit-slurm", metavar="PATH", help="write an sbatch job-array script, run nothing")
     p.add_argument("--index", type=int, nargs="+", help="run only these point indices (see --list)")
     p.add_argument("--setup-only", action="store_true", help="run the spec's setup steps and stop")
+    p.add_argument("--eval-only", action="store_true",
+                   help="run the spec's eval_command on finished points that have no probe accuracy yet")
     args = p.parse_args(argv)
     spec = load_spec(args.spec)
     if args.list:
@@ -55,6 +58,10 @@ def main(argv=None) -> int:
         return 0
     if args.setup_only:
         run_setup(spec)
+        return 0
+    if args.eval_only:
+        rows = backfill_eval(spec, only=args.index)
+        print(f"[sweep] probe accuracy added for {len(rows)} point(s) in {spec.results_csv}")
         return 0
     rows = run_sweep(spec, only=args.index)
     failed = [r["point"] for r in rows if r["status"] not in ("ok", "diverged")]

@@ -19,9 +19,10 @@ A spec (see examples/scaling/tiny_ladder.yaml):
     final_loss_window        the final loss is the mean over this last fraction of logged steps
     nproc                    processes per point (torchrun --nproc_per_node; 1 runs plain python)
     setup                    [{creates: PATH, run: SHELL}] run once before the points, skipped if PATH exists
-    eval_command             shell command run after a point trains ({run_dir}, {config}); it writes
-                             RUN_DIR/probe.json with a numeric "probe_accuracy" (the CSV column stays
-                             empty when there is none)
+    eval_command             shell command run after a point trains ({run_dir}, {config}, {output_dir},
+                             {python}); it writes RUN_DIR/probe.json: {"probe_accuracy": top-1 in [0, 1]}
+                             or megatron_lcl.eval.classify's --output JSON (the CSV column stays empty
+                             when there is none; `tools/sweep.py SPEC --eval-only` fills it in later)
     slurm                    {partition, account, time, gpus_per_node, cpus_per_task, max_parallel, extra}
 
 Points are named `<model>-<budget>`. A point is finished when results.csv has an `ok` (or
@@ -226,7 +227,7 @@ def run_setup(spec: SweepSpec) -> None:
 def run_eval(spec: SweepSpec, point: SweepPoint) -> None:
     """The spec's eval_command for a trained point (it writes RUN_DIR/probe.json); failures are logged."""
     command = spec.eval_command.format(run_dir=shlex.quote(point.run_dir), config=shlex.quote(point.config_path),
-                                       python=shlex.quote(sys.executable))
+                                       python=shlex.quote(sys.executable), output_dir=shlex.quote(spec.output_dir))
     code = subprocess.run(command, shell=True, cwd=os.getcwd()).returncode
     if code != 0:
         print(f"[sweep] {point.name}: eval_command exited {code}; probe_accuracy left empty", flush=True)
@@ -260,6 +261,29 @@ def run_sweep(spec: SweepSpec, runner: Runner = run_point, only: Optional[List[i
         append_row(spec.results_csv, row)
         appended.append(row)
         log(f"[sweep] {point.name}: {row['status']}, loss {row['loss']}, {row['train_flops']} FLOPs")
+    return appended
+
+
+def backfill_eval(spec: SweepSpec, only: Optional[List[int]] = None, log=print) -> List[dict]:
+    """Run the eval_command on finished points whose row has no probe accuracy yet (e.g. points
+    trained before an evaluation was configured) and append their updated rows."""
+    from megatron_lcl.training.config_io import load_config
+
+    assert spec.eval_command, "the spec has no eval_command"
+    latest = {r["point"]: r for r in read_results(spec.results_csv)}
+    appended = []
+    for point in expand_points(spec):
+        row = latest.get(point.name)
+        if (only is not None and point.index not in only) or row is None or row["status"] != "ok" \
+                or row["probe_accuracy"] != "":
+            continue
+        log(f"[sweep] {point.name}: evaluating")
+        run_eval(spec, point)
+        cfg = load_config(point.config_path)
+        new = collect_result(point, cfg, spec, "ok", float(row["wall_s"] or 0.0))
+        if new["probe_accuracy"] != "":
+            append_row(spec.results_csv, new)
+            appended.append(new)
     return appended
 
 
@@ -299,12 +323,20 @@ def read_metrics(run_dir: str) -> List[dict]:
 
 
 def read_probe_accuracy(run_dir: str) -> Optional[float]:
-    """RUN_DIR/probe.json's "probe_accuracy" (written by the spec's eval_command), else None."""
+    """Top-1 in [0, 1] from RUN_DIR/probe.json (written by the spec's eval_command), else None.
+
+    Either {"probe_accuracy": 0.41} or the JSON of `python -m megatron_lcl.eval.classify --output`
+    ({"accuracy_pct": {"acc-1": 41.0}, ...}).
+    """
     path = os.path.join(run_dir, "probe.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        value = json.load(f).get("probe_accuracy")
+        result = json.load(f)
+    value = result.get("probe_accuracy")
+    if value is None and isinstance(result.get("accuracy_pct"), dict):
+        pct = result["accuracy_pct"].get("acc-1")
+        value = pct / 100.0 if isinstance(pct, (int, float)) else None
     return float(value) if isinstance(value, (int, float)) else None
 
 
