@@ -342,6 +342,8 @@ class Trainer:
 
     def close(self) -> None:
         self.stop.uninstall()
+        if self.data_iter is not None and hasattr(self.data_iter, "close"):
+            self.data_iter.close()  # stops the DataLoader workers now rather than at garbage collection
         if self.writer is not None:
             self.writer.close()
 
