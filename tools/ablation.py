@@ -91,12 +91,12 @@ def finished(run_dir: Path, steps: int) -> bool:
     return latest.exists() and latest.read_text().strip() == f"step_{steps:08d}"
 
 
-def pretrain(mode: str, run_dir: Path, sizes: Sizes, data: dict, seed: int) -> None:
+def pretrain(mode: str, run_dir: Path, sizes: Sizes, data: dict, seed: int, extra=()) -> None:
     if finished(run_dir, sizes.steps):
         log(f"{mode}: finished run found in {run_dir}")
         return
     argv = ["--config", str(TINY_CONFIG), f"run_dir={run_dir}", f"loss.mode={mode}", "logging.console=false",
-            *overrides(sizes, data, seed)]
+            *overrides(sizes, data, seed), *extra]
     log(f"{mode}: pre-training {sizes.steps} steps -> {run_dir}")
     t0 = time.time()
     import pretrain_lcl  # in this process: the runs share one megatron-core import and process group
@@ -203,9 +203,11 @@ def write_report(out: Path, rows: list, sizes: Sizes, args) -> str:
     header = (f"Loss ablation (paper Table 6a) at small scale: tiny model (examples/configs/tiny_cpu.yaml), "
               f"{sizes.steps} pre-training steps x {sizes.global_batch_size} sequences of {sizes.seq_length} "
               f"tokens on {sizes.docs} synthetic MMC4 documents, seed {args.seed}; frozen transfer on a "
-              f"separate {sizes.eval_docs}-document synthetic corpus (80/20 split), percent.\n\n")
+              f"separate {sizes.eval_docs}-document synthetic corpus (80/20 split), percent."
+              f"{' Overrides: ' + ' '.join(args.overrides) + '.' if args.overrides else ''}\n\n")
     (out / "ablation.md").write_text(header + table)
-    (out / "ablation.json").write_text(json.dumps({"sizes": vars(sizes), "seed": args.seed, "rows": rows},
+    (out / "ablation.json").write_text(json.dumps({"sizes": vars(sizes), "seed": args.seed,
+                                                   "overrides": args.overrides, "rows": rows},
                                                   indent=1) + "\n")
     return header + table
 
@@ -216,18 +218,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--small", action="store_true", help="CI size: a few steps and epochs")
     p.add_argument("--steps", type=int, help="pre-training steps (default 300; 3 with --small)")
     p.add_argument("--docs", type=int, help="pre-training corpus documents")
+    p.add_argument("--micro-batch-size", type=int, help="sequences per micro-batch (default 4): the contrastive "
+                   "negatives are the other images of the micro-batch")
+    p.add_argument("--global-batch-size", type=int, help="sequences per step (default 8)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--no-random-init", action="store_true", help="skip the random-init baseline")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="extra pre-training overrides for every run (after the driver's own)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads here and OMP_NUM_THREADS for the runs (1 is fastest on a busy machine)")
+                   help="torch threads (1 is fastest on a busy shared machine)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> list:
     args = parse_args(argv)
     sizes = SMALL if args.small else Sizes()
-    sizes = Sizes(**{**vars(sizes), **{k: v for k, v in (("steps", args.steps), ("docs", args.docs)) if v}})
+    given = {k: getattr(args, k) for k in ("steps", "docs", "micro_batch_size", "global_batch_size")}
+    sizes = Sizes(**{**vars(sizes), **{k: v for k, v in given.items() if v}})
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
@@ -238,7 +246,7 @@ def main(argv=None) -> list:
     log(f"data ready in {out / 'data'}")
     rows = []
     for mode in args.modes:
-        pretrain(mode, out / "runs" / mode, sizes, data, args.seed)
+        pretrain(mode, out / "runs" / mode, sizes, data, args.seed, args.overrides)
         rows.append({"mode": mode, "checkpoint": str(out / "runs" / mode / "checkpoints"),
                      "train": training_summary(out / "runs" / mode)})
     if not args.no_random_init:
@@ -246,7 +254,8 @@ def main(argv=None) -> list:
         if not (random_dir / "meta.json").exists():
             from megatron_lcl.eval.encoders import random_init_checkpoint
 
-            random_init_checkpoint(str(TINY_CONFIG), str(random_dir), overrides(sizes, data, args.seed))
+            random_init_checkpoint(str(TINY_CONFIG), str(random_dir),
+                                   overrides(sizes, data, args.seed) + list(args.overrides))
         rows.append({"mode": "random", "checkpoint": str(random_dir), "train": None})
     for row in rows:
         row["eval"] = evaluate(row["mode"], Path(row["checkpoint"]), data["eval"], out / "eval", sizes, args.seed)
