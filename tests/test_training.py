@@ -249,6 +249,25 @@ def test_keep_last_and_explicit_load(data_root, tmp_path):
     assert [r["step"] for r in read_rows(other)] == [5, 6, 7]
 
 
+def test_training_starts_from_a_weights_only_checkpoint(data_root, tmp_path, capsys):
+    """What convert_from_hf writes (model weights + config, no optimizer/RNG/data state) starts a
+    fresh run from those weights at step 1."""
+    from megatron_lcl.hf.pretrained import load_pretrained, save_model_checkpoint
+
+    trained = tmp_path / "trained"
+    assert pretrain_lcl.main(argv(data_root, trained, "train.train_steps=3")) == 0
+    lcl = load_pretrained(str(trained / "checkpoints"))
+    save_model_checkpoint(lcl.model, lcl.cfg, str(tmp_path / "weights"))
+    fresh, warm = tmp_path / "fresh", tmp_path / "warm"
+    assert pretrain_lcl.main(argv(data_root, fresh, "train.train_steps=2")) == 0
+    assert pretrain_lcl.main(argv(data_root, warm, "train.train_steps=2", "checkpoint.load_optimizer=false",
+                                  f"checkpoint.load={tmp_path / 'weights'}")) == 0
+    assert "holds weights only" in capsys.readouterr().out
+    rows_fresh, rows_warm = read_rows(fresh), read_rows(warm)
+    assert [r["step"] for r in rows_warm] == [1, 2]
+    assert rows_warm[0]["lm_loss"] < rows_fresh[0]["lm_loss"]  # same first batch, trained weights
+
+
 # ------------------------------------------------------------------------------------------ 2 ranks
 
 @pytest.fixture(scope="module")

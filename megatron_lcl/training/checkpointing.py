@@ -225,6 +225,11 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, *, load_opti
     same TP/PP and the data-loader state only at the same DP size (else a fresh stream, logged).
     """
     meta = read_meta(ckpt)
+    if meta.get("weights_only"):  # written by save_model_checkpoint / convert_from_hf: model alone
+        log(f"{ckpt} holds weights only: fresh optimizer, schedule, RNG and data stream")
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
+        model.load_state_dict(state["model"])
+        return meta
     saved, now = meta["parallel"], parallel_layout()
     same_mp = all(saved[k] == now[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size"))
     same_dp = saved["data_parallel_size"] == now["data_parallel_size"]

@@ -150,7 +150,7 @@ class Trainer:
         meta = ckpt.load_checkpoint(found, self.model, self.optimizer, self.scheduler, self.loader,
                                     load_optimizer=c.load_optimizer, load_data_state=c.load_data_state,
                                     log=log0)
-        self.state = TrainState(**meta["train_state"])
+        self.state = TrainState(**meta.get("train_state", {}))  # weights-only: start at step 0
         self._last_saved_step = self.state.step
         log0(f"resumed from {found} at step {self.state.step}")
 
