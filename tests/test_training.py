@@ -25,7 +25,7 @@ from megatron_lcl.training.config_io import load_config, save_config  # noqa: E4
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
-TIMING_KEYS = {"step_time_s", "tokens_per_s", "images_per_s"}
+TIMING_KEYS = {"step_time_s", "tokens_per_s", "images_per_s", "model_flops_per_s", "mfu"}
 
 
 def build_corpus(root: Path) -> None:
@@ -266,6 +266,7 @@ def test_training_starts_from_a_weights_only_checkpoint(data_root, tmp_path, cap
     rows_fresh, rows_warm = read_rows(fresh), read_rows(warm)
     assert [r["step"] for r in rows_warm] == [1, 2]
     assert rows_warm[0]["lm_loss"] < rows_fresh[0]["lm_loss"]  # same first batch, trained weights
+    assert rows_warm[0]["model_flops_per_s"] > 0 and "mfu" not in rows_warm[0]  # no peak configured
 
 
 # ------------------------------------------------------------------------------------------ 2 ranks

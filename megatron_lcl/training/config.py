@@ -58,6 +58,7 @@ class LoggingConfig:
     tensorboard: bool = True
     console: bool = True
     collapse_monitor: bool = True  # effective rank of the v_i over the global batch
+    peak_flops_per_s: Optional[float] = None  # per device (e.g. 989e12 H100 bf16 dense): logs `mfu`
 
 
 @dataclass

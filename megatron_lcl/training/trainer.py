@@ -27,6 +27,7 @@ from megatron_lcl.losses import LCLLoss
 from megatron_lcl.losses.contrastive import gather_rows
 from megatron_lcl.models.params import count_parameters_by_group
 from megatron_lcl.runtime import initialize_distributed
+from megatron_lcl.scaling.flops import throughput_metrics
 from megatron_lcl.training import checkpointing as ckpt
 from megatron_lcl.training.config import LCLConfig, num_microbatches, validate_run_config
 from megatron_lcl.training.config_io import save_config
@@ -310,6 +311,10 @@ class Trainer:
             for key in ("effective_rank", "effective_rank_frac", "sv_entropy"):
                 row[key] = stats[key]
         row.update(window.rates())
+        images_per_step = window.images / max(window.steps, 1)
+        row.update(throughput_metrics(self.cfg.model, self.cfg.data.seq_length, self.cfg.train.global_batch_size,
+                                      images_per_step, row["step_time_s"], self.cfg.logging.peak_flops_per_s,
+                                      dist.get_world_size(), loss_mode=self.cfg.loss.mode))
         row.update({f"skipped/{k}": v for k, v in sorted(data_skips.items())})
         self.writer.write(row)
         if self.cfg.logging.console:
