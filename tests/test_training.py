@@ -300,6 +300,7 @@ def test_checkpoint_saved_at_2_way_model_parallel_loads_at_1(dist_results, layou
 
 def test_demo_runs_end_to_end_at_a_small_size(tmp_path):
     env = dict(os.environ, DEMO_OUT=str(tmp_path / "demo"), DEMO_DOCS="60", DEMO_STEPS="4",
+               DEMO_EVAL_DOCS="40", DEMO_EVAL_EPOCHS="1",
                DEMO_EXTRA="logging.log_interval=2 data.seq_length=64", PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(ROOT / "examples" / "demo.sh")], env=env, capture_output=True,
                           text=True, timeout=400)
@@ -307,3 +308,7 @@ def test_demo_runs_end_to_end_at_a_small_size(tmp_path):
     assert (tmp_path / "demo" / "loss_curve.png").stat().st_size > 1000
     assert [r["step"] for r in read_rows(tmp_path / "demo" / "run")] == [2, 4]
     assert "demo finished in" in proc.stdout
+    assert "OK" in proc.stdout.split("7/7 summary")[0]  # verify_hf: the HF export matches
+    for name in ("classify.json", "retrieve.json"):
+        assert (tmp_path / "demo" / "eval" / name).exists()
+    assert (tmp_path / "demo" / "hf" / "vision" / "config.json").exists()
