@@ -269,6 +269,20 @@ def test_training_starts_from_a_weights_only_checkpoint(data_root, tmp_path, cap
     assert rows_warm[0]["model_flops_per_s"] > 0 and "mfu" not in rows_warm[0]  # no peak configured
 
 
+def test_bf16_mixed_precision_training_tracks_fp32(data_root, tmp_path):
+    """bf16 params with megatron-core's mixed-precision optimizer (fp32 main params) run on CPU and
+    follow the fp32 run's losses up to bf16 rounding."""
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        run = tmp_path / dtype
+        assert pretrain_lcl.main(argv(data_root, run, "train.train_steps=4", "model.vision.drop_path_rate=0",
+                                      f"precision.params_dtype={dtype}")) == 0
+        runs[dtype] = read_rows(run)
+    for fp32, bf16 in zip(runs["fp32"], runs["bf16"]):
+        assert bf16["lm_loss"] == pytest.approx(fp32["lm_loss"], rel=2e-2)
+        assert bf16["con_loss"] == pytest.approx(fp32["con_loss"], rel=5e-2, abs=5e-2)
+
+
 # ------------------------------------------------------------------------------------------ 2 ranks
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,13 @@ def _is_cuda_device(device) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
+# Tensor types megatron-core checks by name (fp32 params, bf16/fp16 params of mixed precision).
+_CPU_TYPE_NAMES = ("torch.FloatTensor", "torch.BFloat16Tensor", "torch.HalfTensor")
+
+
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites `device=cuda...` (and `.to('cuda')`) to CPU; reports CPU fp32 as cuda for mcore's asserts."""
+    """Rewrites `device=cuda...` (and `.to('cuda')`) to CPU; reports CPU float types as cuda ones for
+    megatron-core's `param.type() == 'torch.cuda.FloatTensor'`-style checks."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -40,8 +45,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu") + tuple(args[2:])
         result = func(*args, **kwargs)
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs and result == "torch.FloatTensor":
-            return "torch.cuda.FloatTensor"
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and result in _CPU_TYPE_NAMES:
+            return result.replace("torch.", "torch.cuda.", 1)
         return result
 
 

@@ -97,9 +97,6 @@ class Trainer:
         cfg = self.cfg
         initialize_distributed(cfg.parallel, cfg.train.seed)
         validate_run_config(cfg, dist.get_world_size())
-        if cfg.precision.params_dtype == "bf16" and not torch.cuda.is_available():
-            raise ConfigError("precision.params_dtype (bf16) needs CUDA: megatron-core's mixed-precision "
-                              "optimizer does not run on CPU; use fp32 here")
         self.dp_size = ps.get_data_parallel_world_size()
         self.num_microbatches = num_microbatches(cfg.train, cfg.data, self.dp_size)
         self.model = build_model_stage(cfg.model, cfg.parallel, cfg.precision)
