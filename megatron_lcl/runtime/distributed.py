@@ -23,14 +23,17 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_m
 
         enable_cpu_runtime()
     if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        backend = "nccl" if use_cuda else "gloo"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # One process needs no rendezvous: a fresh local port, whatever MASTER_PORT an
+            # enclosing launcher (or an earlier in-process run) left in the environment.
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)  # torchrun's env://
     initialize_model_parallel(parallel, seed)
 
 
