@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from megatron_lcl.config import HeadsConfig, LMConfig, LossConfig, ModelConfig, ParallelConfig, VisionConfig
 from megatron_lcl.scaling import fit, sweep

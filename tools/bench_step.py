@@ -39,7 +39,6 @@ def parameter_counts():
 
 
 def step_worker(args):
-    import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 

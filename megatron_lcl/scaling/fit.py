@@ -12,7 +12,7 @@ N_opt(C) = k * C^a is then a power law too (`fit_power_law(..., increasing=True)
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, List, Optional
 
-import torch
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func

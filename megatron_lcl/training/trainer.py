@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_lcl.config import ConfigError, section_to_dict
+from megatron_lcl.config import section_to_dict
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.losses.contrastive import gather_rows
 from megatron_lcl.models.params import count_parameters_by_group

@@ -21,7 +21,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    import torch
 
     from megatron_lcl.hf.pretrained import load_pretrained
     from megatron_lcl.hf.verify import BOUNDS, compare, compare_tokenizers, load_hf, within_bounds
