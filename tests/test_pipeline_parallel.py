@@ -7,7 +7,7 @@ is computed on the last stage with negatives gathered over data-parallel ranks.
 import pytest
 import torch
 
-from conftest import run_torchrun
+from multirank import run_torchrun
 
 LAYOUTS = ["tp1_pp2_dp4", "tp2_pp2_dp2"]
 KEYS = ("loss", "lm_loss", "con_loss", "con_top1", "num_text_tokens", "num_images")

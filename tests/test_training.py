@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pretrain_lcl.py lives in the repo root
 import pretrain_lcl  # noqa: E402
-from conftest import run_torchrun  # noqa: E402
+from multirank import run_torchrun  # noqa: E402
 from megatron_lcl.config import ConfigError  # noqa: E402
 from megatron_lcl.training.config import validate_run_config  # noqa: E402
 from megatron_lcl.training.config_io import load_config, save_config  # noqa: E402
