@@ -5,27 +5,22 @@ other test folders add.
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from megatron_lcl.runtime.distributed import free_port
+
 DIST_DIR = Path(__file__).parent / "dist"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_torchrun(script: str, nproc: int, out_dir: Path, timeout_s: int = 900) -> Path:
     """Run tests/dist/<script> on `nproc` gloo ranks; fail with its output if it does not finish."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", str(DIST_DIR / script), "--out", str(out_dir)]
+           f"--master_port={free_port()}", str(DIST_DIR / script), "--out", str(out_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     if proc.returncode != 0 or not (out_dir / "done").exists():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from megatron_lcl.config import ParallelConfig
-from megatron_lcl.hf.convert import build_hf_models, clip_latents, lm_from_hf, lm_to_hf, vision_from_hf, vision_to_hf
+from megatron_lcl.hf.convert import build_hf_models, lm_from_hf, lm_to_hf, vision_from_hf, vision_to_hf
+from megatron_lcl.hf.verify import BOUNDS, compare, max_kl
 from megatron_lcl.testing import random_batch
 
 import sys, pathlib  # noqa: E401
@@ -32,46 +33,23 @@ def converted(single_rank):
     return model, state, clip, opt
 
 
-def test_vision_latents_match_clip(converted):
-    model, _, clip, _ = converted
-    images = torch.randn(3, 3, 16, 16)
-    with torch.no_grad():
-        ours = model.vision(images)
-        hf = clip_latents(clip, images)
-    assert (ours - hf).abs().max().item() <= 1e-4
+@pytest.fixture(scope="module")
+def figures(converted):
+    """Ours vs transformers (the numbers verify_hf prints): vision latents, text-only logits, and
+    interleaved logits where HF CLIP latents -> our projector -> OPT `inputs_embeds`."""
+    from megatron_lcl.hf.pretrained import LCLPretrained
+    from megatron_lcl.training.config import LCLConfig
 
-
-def _kl(p_logits, q_logits):
-    p = torch.log_softmax(p_logits.double(), -1)
-    q = torch.log_softmax(q_logits.double(), -1)
-    return (p.exp() * (p - q)).sum(-1).max().item()
-
-
-def test_text_only_logits_match_opt(converted):
-    model, _, _, opt = converted
-    tokens = torch.randint(6, 192, (2, 40))
-    pos = torch.arange(40).expand(2, 40)
-    with torch.no_grad():
-        model.lm.set_input_tensor(None)
-        ours = model.lm.logits(model.lm.decode(model.lm.embed(tokens, pos))).transpose(0, 1)
-        hf = opt(input_ids=tokens).logits
-    assert _kl(ours, hf) <= 1e-6
-
-
-def test_interleaved_logits_match_clip_projector_opt(converted):
     model, _, clip, opt = converted
     batch = random_batch([[4, 20], [9]], seq_length=48, num_image_tokens=M, image_size=16,
                          vocab_size=192, seed=2)
-    with torch.no_grad():
-        ours = model(batch.tokens, batch.position_ids, batch.images, batch.image_sample_index,
-                     batch.boi_positions).logits.transpose(0, 1)
-        latents = clip_latents(clip, batch.images)
-        embeds = opt.get_input_embeddings()(batch.tokens).clone()
-        image_embeds = model.projector(latents)  # the projector ships in lcl_heads.safetensors
-        for j, (b, boi) in enumerate(zip(batch.image_sample_index, batch.boi_positions)):
-            embeds[b, boi + 1: boi + 1 + M] = image_embeds[j]
-        hf = opt(inputs_embeds=embeds).logits
-    assert _kl(ours, hf) <= 1e-6
+    return compare(LCLPretrained(model, LCLConfig(model=CFG)), clip, opt, batch.tokens, batch.images,
+                   batch.image_sample_index, batch.boi_positions, model.projector)
+
+
+@pytest.mark.parametrize("key", sorted(BOUNDS))
+def test_outputs_match_transformers(figures, key):
+    assert figures[key] <= BOUNDS[key], (key, figures[key])
 
 
 def test_hf_to_ours_to_hf_is_identity(converted):
@@ -117,7 +95,7 @@ def test_tp2_checkpoint_converts_and_matches_transformers(core_checks_dir, tmp_p
     their outputs match our TP=1 reload and the TP=2 model's own logits."""
     from megatron_lcl.hf.export import export_to_hf
     from megatron_lcl.hf.pretrained import load_pretrained
-    from megatron_lcl.hf.verify import BOUNDS, compare, load_hf, max_kl
+    from megatron_lcl.hf.verify import load_hf
 
     paths = export_to_hf(str(core_checks_dir / "tp2_checkpoint"), str(tmp_path / "hf"), log=lambda *a: None)
     assert (tmp_path / "hf" / "README.md").exists() and "tokenizer" not in paths  # config has none

@@ -42,7 +42,7 @@ class LCLPretrained:
         return out.logits.transpose(0, 1)  # [s, b, v] -> [b, s, v]
 
 
-def _ensure_single_process():
+def ensure_single_process():
     from megatron.core import parallel_state as ps
 
     from megatron_lcl.config import ParallelConfig
@@ -74,7 +74,7 @@ def load_pretrained(path: str) -> LCLPretrained:
     from megatron_lcl.models.lcl_model import LCLModel
     from megatron_lcl.training.checkpointing import read_meta, resolve_checkpoint
 
-    _ensure_single_process()
+    ensure_single_process()
     ckpt = resolve_checkpoint(path)
     if ckpt is None:
         raise FileNotFoundError(f"no complete checkpoint under {path}")

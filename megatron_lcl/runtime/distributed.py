@@ -30,7 +30,7 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_m
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             # One process needs no rendezvous: a fresh local port, whatever MASTER_PORT an
             # enclosing launcher (or an earlier in-process run) left in the environment.
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                     rank=0, world_size=1, timeout=timeout)
         else:
             dist.init_process_group(backend=backend, timeout=timeout)  # torchrun's env://
@@ -82,7 +82,7 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

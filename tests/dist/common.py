@@ -33,9 +33,14 @@ def full_tensor(t: torch.Tensor, param: torch.nn.Parameter, tp_group) -> torch.T
     """Gather a tensor-parallel shard (of a param or its grad) to the full TP=1 shape."""
     if tp_group is None or not getattr(param, "tensor_model_parallel", False):
         return t.detach().clone()
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(tp_group))]
-    dist.all_gather(parts, t.detach().contiguous(), group=tp_group)
-    return torch.cat(parts, dim=param.partition_dim)
+    return gather_cat(t.detach(), tp_group, param.partition_dim)
+
+
+def gather_cat(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """All-gather `t` over `group` and concatenate the parts along `dim`."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
 
 
 def named_full(model, tp_group, what: str = "param") -> dict:

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from common import full_tensor, named_full, parse_out_dir, save_rank0, tiny_model_config
+from common import gather_cat, named_full, parse_out_dir, save_rank0, tiny_model_config
 from megatron_lcl.config import LossConfig, ParallelConfig
 from megatron_lcl.hf.pretrained import save_model_checkpoint
 from megatron_lcl.training.config import LCLConfig
@@ -60,15 +60,10 @@ def run_tp2(out):
     with torch.no_grad():
         logits = model(BATCH.tokens, BATCH.position_ids, BATCH.images, BATCH.image_sample_index,
                        BATCH.boi_positions).logits
-    full_logits = torch.cat(_all_gather(logits, tp), dim=-1).transpose(0, 1)  # [b, s, v]
+    full_logits = gather_cat(logits, tp, dim=-1).transpose(0, 1)  # [s, b, v/tp] -> [b, s, v]
     save_model_checkpoint(model, LCLConfig(model=CFG), f"{out}/tp2_checkpoint")
     save_rank0({"logits": full_logits, "batch": BATCH}, out, "tp2_checkpoint_outputs.pt")
 
-
-def _all_gather(t, group):
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return parts
 
 
 def run_dp2(out):

@@ -12,7 +12,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from common import collect_full, load_full_weights, named_full, parse_out_dir, save_rank0, tiny_model_config
+from common import collect_full, load_full_weights, parse_out_dir, save_rank0, tiny_model_config
 from megatron_lcl.config import LossConfig, ParallelConfig
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.models.lcl_model import LCLModel

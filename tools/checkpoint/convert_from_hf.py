@@ -46,11 +46,11 @@ def convert(cfg, vision_dir, lm_dir, save_dir, log=print) -> str:
 
     from megatron_lcl.config import ParallelConfig
     from megatron_lcl.hf.convert import lm_from_hf, vision_from_hf
-    from megatron_lcl.hf.pretrained import _ensure_single_process, save_model_checkpoint
+    from megatron_lcl.hf.pretrained import ensure_single_process, save_model_checkpoint
     from megatron_lcl.models.lcl_model import LCLModel
     from megatron_lcl.runtime import set_seed
 
-    _ensure_single_process()
+    ensure_single_process()
     vision_hf = CLIPVisionModel.from_pretrained(vision_dir) if vision_dir else None
     lm_hf = OPTForCausalLM.from_pretrained(lm_dir) if lm_dir else None
     check_sizes(cfg, vision_hf, lm_hf)
