@@ -1,13 +1,23 @@
 """Exact weight maps between a full (TP=1, PP=1) `LCLModel` state dict and HF `transformers` models.
 
-- ViT <-> `CLIPVisionModel`: same layout; our post-LN is HF's `post_layernorm`, which we apply to all
-  tokens (HF applies it to the pooled token only), so our latents = `post_layernorm(last_hidden_state)`.
-  Layer-scale is folded into `out_proj` / `fc2` (gamma * (xW + b) = x(diag(gamma)W) + gamma*b).
-- LM <-> `OPTForCausalLM`: OPT's learned positions are offset by 2 rows.
-- megatron-core fuses q, k, v per head: `linear_qkv.weight` is `[heads, 3, head_dim, h]` flattened.
+Each model has ONE table of `(ours, theirs, rule)` entries (`_vision_table`, `_lm_table`, with
+`_layer_table` per transformer layer); export and import both walk it (`_convert`). `ours` / `theirs`
+name one key or a tuple of keys, and `rule` is a `Rule`: a named pair-wise transform whose `to_hf`
+and `from_hf` are written next to each other. Besides plain copies (`COPY`):
+
+- `_qkv_rule(heads)`: megatron-core fuses q, k, v per head: `linear_qkv.weight` is
+  `[heads, 3, head_dim, h]` flattened to `[3h, h]` (bias `[3h]`); HF keeps `q_proj` / `k_proj` /
+  `v_proj`, each `[h, h]`.
+- `LAYER_SCALE` (ViT): gamma * (xW^T + b) = x(diag(gamma)W)^T + gamma*b, so layer-scale is folded into
+  HF's `out_proj` / `fc2` on export and set to ones on import (it is already in the weights).
+- `POSITION_OFFSET`: OPT's learned positions have 2 extra (never read) rows in front.
+- `TIED`: OPT's `lm_head` is our word embedding.
+
+ViT <-> `CLIPVisionModel`: same layout; our post-LN is HF's `post_layernorm`, which we apply to all
+tokens (HF applies it to the pooled token only), so our latents = `post_layernorm(last_hidden_state)`.
 """
 
-from typing import Dict, Tuple
+from typing import Callable, Dict, List, NamedTuple, Tuple, Union
 
 import torch
 
@@ -15,6 +25,7 @@ from megatron_lcl.config import LMConfig, VisionConfig
 
 OPT_POSITION_OFFSET = 2
 State = Dict[str, torch.Tensor]
+Tensors = Tuple[torch.Tensor, ...]
 
 
 def split_qkv(weight: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, ...]:
@@ -26,125 +37,163 @@ def split_qkv(weight: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, ...]:
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """q, k, v each `[h, ...]` -> fused `[3h, ...]` (`[heads, 3, head_dim, ...]` flattened)."""
     rest = q.shape[1:]
     head_dim = q.shape[0] // num_heads
     return torch.stack([t.view(num_heads, head_dim, *rest) for t in (q, k, v)], dim=1).reshape(
         3 * num_heads * head_dim, *rest)
 
 
-def _layer_scale(state: State, key: str, width: int) -> torch.Tensor:
-    return state.get(key, torch.ones(width))
+# ---- pair-wise rules: `to_hf(*ours) -> theirs` and `from_hf(*theirs) -> ours`, side by side ----
+
+class Rule(NamedTuple):
+    name: str
+    to_hf: Callable[..., Tensors]
+    from_hf: Callable[..., Tensors]
+
+
+COPY = Rule("copy", lambda t: (t,), lambda t: (t,))
+
+
+def _qkv_rule(num_heads: int) -> Rule:
+    """ours (linear_qkv,) `[3h, ...]` <-> theirs (q_proj, k_proj, v_proj) each `[h, ...]`."""
+    return Rule("qkv", lambda qkv: split_qkv(qkv, num_heads),
+                lambda q, k, v: (fuse_qkv(q, k, v, num_heads),))
+
+
+def _fold_layer_scale(weight, bias, gamma) -> Tensors:
+    """ours (weight `[h, in]`, bias `[h]`, layer_scale `[h]`) -> theirs (weight, bias) with gamma folded."""
+    return gamma[:, None] * weight, gamma * bias
+
+
+def _unit_layer_scale(weight, bias) -> Tensors:
+    """theirs (weight, bias) -> ours with layer_scale = 1 (the scale is already inside the weights)."""
+    return weight, bias, torch.ones(weight.shape[0])
+
+
+LAYER_SCALE = Rule("layer_scale", _fold_layer_scale, _unit_layer_scale)
+
+
+def _pad_positions(positions) -> Tensors:
+    """ours `[max_pos, h]` -> OPT `[OFFSET + max_pos, h]` (zero rows in front, OPT never reads them)."""
+    return (torch.cat([positions.new_zeros(OPT_POSITION_OFFSET, positions.shape[1]), positions]),)
+
+
+def _unpad_positions(positions) -> Tensors:
+    return (positions[OPT_POSITION_OFFSET:],)
+
+
+POSITION_OFFSET = Rule("position_offset", _pad_positions, _unpad_positions)
+
+# ours (word_embeddings `[vocab, h]`,) <-> theirs (embed_tokens, lm_head): the same tensor
+TIED = Rule("tied", lambda embed: (embed, embed), lambda embed, _lm_head: (embed,))
+
+
+# ---- the tables ----
+
+Keys = Union[str, Tuple[str, ...]]
+Table = List[Tuple[Keys, Keys, Rule]]
+
+
+class LayerNames(NamedTuple):
+    """HF module names inside one transformer layer (ours are megatron-core's)."""
+    ln1: str
+    ln2: str
+    fc1: str
+    fc2: str
+    attn: str = "self_attn"
+
+
+CLIP_LAYER = LayerNames(ln1="layer_norm1", ln2="layer_norm2", fc1="mlp.fc1", fc2="mlp.fc2")
+OPT_LAYER = LayerNames(ln1="self_attn_layer_norm", ln2="final_layer_norm", fc1="fc1", fc2="fc2")
+
+
+def _copied(ours: str, theirs: str) -> Table:
+    """weight and bias of a LayerNorm or Linear (`[out, in]` in both), copied as they are."""
+    return [(f"{ours}.{kind}", f"{theirs}.{kind}", COPY) for kind in ("weight", "bias")]
+
+
+def _qkv(ours: str, theirs: str, num_heads: int) -> Table:
+    rule = _qkv_rule(num_heads)
+    return [(f"{ours}.{kind}", tuple(f"{theirs}.{p}_proj.{kind}" for p in "qkv"), rule)
+            for kind in ("weight", "bias")]
+
+
+def _scaled(ours: str, theirs: str) -> Table:
+    return [((f"{ours}.weight", f"{ours}.bias", f"{ours}.layer_scale"),
+             (f"{theirs}.weight", f"{theirs}.bias"), LAYER_SCALE)]
+
+
+def _layer_table(ours: str, theirs: str, hf: LayerNames, num_heads: int, layer_scale: bool) -> Table:
+    """One pre-LN transformer layer; `layer_scale`: our out-projections carry a `layer_scale`."""
+    out_proj = _scaled if layer_scale else _copied
+    return [*_copied(ours + "input_layernorm", theirs + hf.ln1),
+            *_qkv(ours + "self_attention.linear_qkv", theirs + hf.attn, num_heads),
+            *out_proj(ours + "self_attention.linear_proj", f"{theirs}{hf.attn}.out_proj"),
+            *_copied(ours + "pre_mlp_layernorm", theirs + hf.ln2),
+            *_copied(ours + "mlp.linear_fc1", theirs + hf.fc1),
+            *out_proj(ours + "mlp.linear_fc2", theirs + hf.fc2)]
+
+
+def _vision_table(vision: VisionConfig) -> Table:
+    """`vision.*` <-> `CLIPVisionModel` keys (without the `vision_model.` prefix of transformers < 5)."""
+    table = [("vision.conv1.weight", "embeddings.patch_embedding.weight", COPY),  # [h, 3, p, p]
+             ("vision.class_token", "embeddings.class_embedding", COPY),  # [h]
+             ("vision.position_embeddings", "embeddings.position_embedding.weight", COPY),  # [1 + patches, h]
+             *_copied("vision.ln_pre", "pre_layrnorm"),  # sic: HF's spelling
+             *_copied("vision.decoder.final_layernorm", "post_layernorm")]
+    for i in range(vision.num_layers):
+        table += _layer_table(f"vision.decoder.layers.{i}.", f"encoder.layers.{i}.", CLIP_LAYER,
+                              vision.num_attention_heads, vision.layer_scale_init is not None)
+    return table
+
+
+def _lm_table(lm: LMConfig) -> Table:
+    """`lm.*` <-> `OPTForCausalLM` keys."""
+    table = [("lm.embedding.word_embeddings.weight",  # [vocab, h]
+              ("model.decoder.embed_tokens.weight", "lm_head.weight"), TIED),
+             ("lm.embedding.position_embeddings.weight",  # ours [max_pos, h], OPT [2 + max_pos, h]
+              "model.decoder.embed_positions.weight", POSITION_OFFSET),
+             *_copied("lm.decoder.final_layernorm", "model.decoder.final_layer_norm")]
+    for i in range(lm.num_layers):
+        table += _layer_table(f"lm.decoder.layers.{i}.", f"model.decoder.layers.{i}.", OPT_LAYER,
+                              lm.num_attention_heads, layer_scale=False)
+    return table
+
+
+def _convert(table: Table, src: State, to_hf: bool) -> State:
+    """Apply every rule of `table` in one direction: ours -> theirs (`to_hf`) or theirs -> ours."""
+    out = {}
+    for ours, theirs, rule in table:
+        read, write, fn = (ours, theirs, rule.to_hf) if to_hf else (theirs, ours, rule.from_hf)
+        out.update(zip(_as_tuple(write), fn(*(src[k] for k in _as_tuple(read))), strict=True))
+    return out
+
+
+def _as_tuple(keys: Keys) -> Tuple[str, ...]:
+    return (keys,) if isinstance(keys, str) else keys
 
 
 def vision_to_hf(state: State, vision: VisionConfig) -> State:
     """`vision.*` of an LCLModel state dict -> `CLIPVisionModel` state dict."""
-    p, h = "vision.", vision.hidden_size
-    out = {
-        "embeddings.patch_embedding.weight": state[p + "conv1.weight"],
-        "embeddings.class_embedding": state[p + "class_token"],
-        "embeddings.position_embedding.weight": state[p + "position_embeddings"],
-        "pre_layrnorm.weight": state[p + "ln_pre.weight"],
-        "pre_layrnorm.bias": state[p + "ln_pre.bias"],
-        "post_layernorm.weight": state[p + "decoder.final_layernorm.weight"],
-        "post_layernorm.bias": state[p + "decoder.final_layernorm.bias"],
-    }
-    for i in range(vision.num_layers):
-        src, dst = f"{p}decoder.layers.{i}.", f"encoder.layers.{i}."
-        out.update(_layer_to_hf(state, src, dst, vision.num_attention_heads, h, layer_scale=True,
-                                names=dict(ln1="layer_norm1", ln2="layer_norm2", attn="self_attn",
-                                           out="out_proj", fc1="mlp.fc1", fc2="mlp.fc2")))
-    return out
-
-
-def lm_to_hf(state: State, lm: LMConfig) -> State:
-    """`lm.*` of an LCLModel state dict -> `OPTForCausalLM` state dict (lm_head tied)."""
-    p, h = "lm.", lm.hidden_size
-    positions = state[p + "embedding.position_embeddings.weight"]
-    out = {
-        "model.decoder.embed_tokens.weight": state[p + "embedding.word_embeddings.weight"],
-        "model.decoder.embed_positions.weight": torch.cat(
-            [positions.new_zeros(OPT_POSITION_OFFSET, h), positions]),
-        "model.decoder.final_layer_norm.weight": state[p + "decoder.final_layernorm.weight"],
-        "model.decoder.final_layer_norm.bias": state[p + "decoder.final_layernorm.bias"],
-    }
-    for i in range(lm.num_layers):
-        src, dst = f"{p}decoder.layers.{i}.", f"model.decoder.layers.{i}."
-        out.update(_layer_to_hf(state, src, dst, lm.num_attention_heads, h, layer_scale=False,
-                                names=dict(ln1="self_attn_layer_norm", ln2="final_layer_norm",
-                                           attn="self_attn", out="out_proj", fc1="fc1", fc2="fc2")))
-    out["lm_head.weight"] = out["model.decoder.embed_tokens.weight"]
-    return out
-
-
-def _layer_to_hf(state, src, dst, num_heads, h, layer_scale, names) -> State:
-    out = {}
-    for kind in ("weight", "bias"):
-        out[f"{dst}{names['ln1']}.{kind}"] = state[f"{src}input_layernorm.{kind}"]
-        out[f"{dst}{names['ln2']}.{kind}"] = state[f"{src}pre_mlp_layernorm.{kind}"]
-        q, k, v = split_qkv(state[f"{src}self_attention.linear_qkv.{kind}"], num_heads)
-        for name, t in zip("qkv", (q, k, v)):
-            out[f"{dst}{names['attn']}.{name}_proj.{kind}"] = t
-        out[f"{dst}{names['fc1']}.{kind}"] = state[f"{src}mlp.linear_fc1.{kind}"]
-    for ours, theirs in (("self_attention.linear_proj", f"{names['attn']}.{names['out']}"),
-                         ("mlp.linear_fc2", names["fc2"])):
-        gamma = _layer_scale(state, f"{src}{ours}.layer_scale", h) if layer_scale else torch.ones(h)
-        out[f"{dst}{theirs}.weight"] = gamma[:, None] * state[f"{src}{ours}.weight"]
-        out[f"{dst}{theirs}.bias"] = gamma * state[f"{src}{ours}.bias"]
-    return out
+    return _convert(_vision_table(vision), state, to_hf=True)
 
 
 def vision_from_hf(hf: State, vision: VisionConfig) -> State:
     """`CLIPVisionModel` state dict -> `vision.*` entries (layer-scale set to 1: already folded)."""
     hf = {k.removeprefix("vision_model."): v for k, v in hf.items()}
-    p = "vision."
-    out = {
-        p + "conv1.weight": hf["embeddings.patch_embedding.weight"],
-        p + "class_token": hf["embeddings.class_embedding"],
-        p + "position_embeddings": hf["embeddings.position_embedding.weight"],
-        p + "ln_pre.weight": hf["pre_layrnorm.weight"],
-        p + "ln_pre.bias": hf["pre_layrnorm.bias"],
-        p + "decoder.final_layernorm.weight": hf["post_layernorm.weight"],
-        p + "decoder.final_layernorm.bias": hf["post_layernorm.bias"],
-    }
-    for i in range(vision.num_layers):
-        src, dst = f"encoder.layers.{i}.", f"{p}decoder.layers.{i}."
-        out.update(_layer_from_hf(hf, src, dst, vision.num_attention_heads,
-                                  dict(ln1="layer_norm1", ln2="layer_norm2", attn="self_attn",
-                                       out="out_proj", fc1="mlp.fc1", fc2="mlp.fc2")))
-        if vision.layer_scale_init is not None:
-            for name in ("self_attention.linear_proj", "mlp.linear_fc2"):
-                out[f"{dst}{name}.layer_scale"] = torch.ones(vision.hidden_size)
-    return out
+    return _convert(_vision_table(vision), hf, to_hf=False)
+
+
+def lm_to_hf(state: State, lm: LMConfig) -> State:
+    """`lm.*` of an LCLModel state dict -> `OPTForCausalLM` state dict (lm_head tied)."""
+    return _convert(_lm_table(lm), state, to_hf=True)
 
 
 def lm_from_hf(hf: State, lm: LMConfig) -> State:
-    p = "lm."
-    out = {
-        p + "embedding.word_embeddings.weight": hf["model.decoder.embed_tokens.weight"],
-        p + "embedding.position_embeddings.weight":
-            hf["model.decoder.embed_positions.weight"][OPT_POSITION_OFFSET:],
-        p + "decoder.final_layernorm.weight": hf["model.decoder.final_layer_norm.weight"],
-        p + "decoder.final_layernorm.bias": hf["model.decoder.final_layer_norm.bias"],
-    }
-    for i in range(lm.num_layers):
-        out.update(_layer_from_hf(hf, f"model.decoder.layers.{i}.", f"{p}decoder.layers.{i}.",
-                                  lm.num_attention_heads,
-                                  dict(ln1="self_attn_layer_norm", ln2="final_layer_norm",
-                                       attn="self_attn", out="out_proj", fc1="fc1", fc2="fc2")))
-    return out
-
-
-def _layer_from_hf(hf, src, dst, num_heads, names) -> State:
-    out = {}
-    for kind in ("weight", "bias"):
-        out[f"{dst}input_layernorm.{kind}"] = hf[f"{src}{names['ln1']}.{kind}"]
-        out[f"{dst}pre_mlp_layernorm.{kind}"] = hf[f"{src}{names['ln2']}.{kind}"]
-        out[f"{dst}self_attention.linear_qkv.{kind}"] = fuse_qkv(
-            *(hf[f"{src}{names['attn']}.{n}_proj.{kind}"] for n in "qkv"), num_heads)
-        out[f"{dst}self_attention.linear_proj.{kind}"] = hf[f"{src}{names['attn']}.{names['out']}.{kind}"]
-        out[f"{dst}mlp.linear_fc1.{kind}"] = hf[f"{src}{names['fc1']}.{kind}"]
-        out[f"{dst}mlp.linear_fc2.{kind}"] = hf[f"{src}{names['fc2']}.{kind}"]
-    return out
+    """`OPTForCausalLM` state dict -> `lm.*` entries (a saved file may omit the tied `lm_head`)."""
+    hf = {"lm_head.weight": hf["model.decoder.embed_tokens.weight"], **hf}
+    return _convert(_lm_table(lm), hf, to_hf=False)
 
 
 def clip_vision_config(vision: VisionConfig):
