@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_lcl.eval.common import (LatentSource, batches, encoder_param_groups, format_table,
-                                      seed_everything, set_cosine_lr, write_json)
+from megatron_lcl.eval.common import (MODES, LatentSource, add_config_args, config_from_args, fit_heads,
+                                      format_table, frozen_guard, seed_everything, write_json)
 from megatron_lcl.eval.datasets import ImageSet, is_image_folder, load_labeled, split
-from megatron_lcl.eval.encoders import VisionEncoder, load_encoder, weights_fingerprint
+from megatron_lcl.eval.encoders import VisionEncoder, load_encoder
 from megatron_lcl.models.heads import AttentionPooling
 
 
@@ -69,26 +69,17 @@ def topk_accuracy_pct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> flo
 
 
 def train_probe(encoder: VisionEncoder, train_set: ImageSet, num_classes: int, cfg: ProbeConfig) -> ProbeHead:
+    """A new ProbeHead fitted with cross-entropy on `train_set`'s labels (`fit_heads`, every batch kept,
+    the last one possibly short); in full mode the encoder trains too. Returns the head in eval mode."""
     seed_everything(cfg.seed)
     head = ProbeHead(encoder.hidden_size, num_classes, cfg.pool_heads or default_pool_heads(encoder.hidden_size))
     latents = LatentSource(encoder, train_set, cfg.mode)
-    groups = [{"params": list(head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    optimizer = torch.optim.AdamW(groups + encoder_param_groups(encoder, cfg.mode, cfg.encoder_lr, cfg.weight_decay))
-    labels = torch.tensor(train_set.labels)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = len(batches(len(train_set), cfg.batch_size, generator))
-    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    step = 0
-    head.train()
-    for _ in range(cfg.epochs):
-        for idx in batches(len(train_set), cfg.batch_size, generator):
-            set_cosine_lr(optimizer, step, total, warmup)
-            loss = F.cross_entropy(head(latents(idx, train=True)), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-    return head.eval()
+    labels = torch.tensor(train_set.labels)  # [n]
+
+    def loss_fn(idx):
+        return F.cross_entropy(head(latents(idx, train=True)), labels[idx])  # logits [b, C]
+
+    return fit_heads(head, encoder, cfg, len(train_set), loss_fn, drop_last=False)
 
 
 @torch.no_grad()
@@ -102,18 +93,16 @@ def evaluate_probe(encoder: VisionEncoder, head: ProbeHead, eval_set: ImageSet, 
 
 
 def run_classification(encoder: VisionEncoder, train_set: ImageSet, eval_set: ImageSet, cfg: ProbeConfig) -> dict:
-    """Train the probe (and, in full mode, the encoder) on `train_set`; evaluate on `eval_set`."""
+    """Train the probe (and, in full mode, the encoder) on `train_set`; evaluate on `eval_set`.
+    Frozen mode raises RuntimeError if the encoder's weights changed (`frozen_guard`)."""
     num_classes = max(max(train_set.labels), max(eval_set.labels)) + 1
-    before = weights_fingerprint(encoder)
-    t0 = time.time()
-    head = train_probe(encoder, train_set, num_classes, cfg)
-    accuracy = evaluate_probe(encoder, head, eval_set, cfg.mode)
-    unchanged = weights_fingerprint(encoder) == before
-    if cfg.mode == "frozen" and not unchanged:
-        raise RuntimeError("frozen transfer changed the encoder's weights")
+    with frozen_guard(encoder, cfg.mode) as guard:
+        t0 = time.time()
+        head = train_probe(encoder, train_set, num_classes, cfg)
+        accuracy = evaluate_probe(encoder, head, eval_set, cfg.mode)
     return {"task": "classification", "encoder": encoder.source, "encoder_kind": encoder.kind,
             "accuracy_pct": accuracy, "num_classes": num_classes, "num_train": len(train_set),
-            "num_eval": len(eval_set), "encoder_unchanged": unchanged, "time_s": round(time.time() - t0, 1),
+            "num_eval": len(eval_set), "encoder_unchanged": guard.unchanged, "time_s": round(time.time() - t0, 1),
             "config": asdict(cfg)}
 
 
@@ -151,13 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-data", help="separate evaluation set (default: train/val folders or a split)")
     p.add_argument("--eval-fraction", type=float, default=0.2)
     p.add_argument("--label-field", default="label")
-    p.add_argument("--mode", choices=("frozen", "full"), default="frozen")
-    p.add_argument("--epochs", type=int, default=ProbeConfig.epochs)
-    p.add_argument("--batch-size", type=int, default=ProbeConfig.batch_size)
-    p.add_argument("--lr", type=float, default=ProbeConfig.lr)
-    p.add_argument("--encoder-lr", type=float, default=ProbeConfig.encoder_lr)
-    p.add_argument("--weight-decay", type=float, default=ProbeConfig.weight_decay)
-    p.add_argument("--seed", type=int, default=ProbeConfig.seed)
+    p.add_argument("--mode", choices=MODES, default="frozen")
+    add_config_args(p, ProbeConfig)  # --epochs --batch-size --lr --encoder-lr --weight-decay ... --seed
     p.add_argument("--name", help="row name in the printed table (default: the encoder path)")
     p.add_argument("--output", help="write the results JSON here")
     return p.parse_args(argv)
@@ -165,8 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = ProbeConfig(mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      encoder_lr=args.encoder_lr, weight_decay=args.weight_decay, seed=args.seed)
+    cfg = config_from_args(ProbeConfig, args)
     train_set, eval_set = load_splits(args.data, args.eval_data, args.label_field, args.eval_fraction, args.seed)
     encoder = load_encoder(args.encoder)
     result = run_classification(encoder, train_set, eval_set, cfg)

@@ -1,17 +1,22 @@
 """Shared by the transfer tasks: where latents come from (frozen: computed once; full: with gradients),
-the learning-rate schedule, seeding, and the Table-1-style text table."""
+the learning-rate schedule, seeding, the head-fitting loop, the frozen-weights guard, the config
+dataclass <-> argparse bridge, and the Table-1-style text table."""
 
+import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import random
-from typing import List, Optional, Sequence, Tuple
+import typing
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from megatron_lcl.eval.datasets import ImageSet
-from megatron_lcl.eval.encoders import VisionEncoder, freeze
+from megatron_lcl.eval.encoders import VisionEncoder, freeze, weights_fingerprint
 
 MODES = ("frozen", "full")
 CACHE_MAX_ELEMENTS = 250_000_000  # frozen latents kept in memory up to ~1 GB of float32
@@ -85,6 +90,88 @@ def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool
     if drop_last and len(out) > 1 and len(out[-1]) < batch_size:
         out.pop()
     return out
+
+
+def fit_heads(head: torch.nn.Module, encoder: VisionEncoder, cfg, num_examples: int,
+              loss_fn: Callable[[List[int]], torch.Tensor], drop_last: bool) -> torch.nn.Module:
+    """Train the new `head` (and, when `cfg.mode == "full"`, the encoder) and return `head` in eval mode.
+
+    AdamW over one group of all of `head`'s parameters at `cfg.lr` plus `encoder_param_groups` (full
+    mode: the encoder at `cfg.encoder_lr`), both with `cfg.weight_decay`; `set_cosine_lr` before every
+    step, with `round(cfg.warmup_epochs * steps_per_epoch)` warm-up steps. Each of the `cfg.epochs`
+    epochs is a fresh `batches(num_examples, cfg.batch_size, generator, drop_last)`, the generator
+    seeded with `cfg.seed`; one extra draw before the first epoch counts the steps per epoch.
+    `loss_fn(indices)` returns the scalar loss of those examples (it computes the latents itself).
+    `cfg`: a ProbeConfig / RetrievalConfig (mode, epochs, batch_size, lr, encoder_lr, weight_decay,
+    warmup_epochs, seed).
+    """
+    groups = [{"params": list(head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    optimizer = torch.optim.AdamW(groups + encoder_param_groups(encoder, cfg.mode, cfg.encoder_lr, cfg.weight_decay))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = len(batches(num_examples, cfg.batch_size, generator, drop_last))
+    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    step = 0
+    head.train()
+    for _ in range(cfg.epochs):
+        for idx in batches(num_examples, cfg.batch_size, generator, drop_last):
+            set_cosine_lr(optimizer, step, total, warmup)
+            loss = loss_fn(idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return head.eval()
+
+
+class FrozenCheck:
+    """What `frozen_guard` found: `unchanged` is None inside the block, then whether the encoder's
+    weights are bitwise equal to those at the block's start."""
+
+    unchanged: Optional[bool] = None
+
+
+@contextlib.contextmanager
+def frozen_guard(encoder: VisionEncoder, mode: str) -> Iterator[FrozenCheck]:
+    """Fingerprint the encoder's weights (`weights_fingerprint`) around a transfer run.
+
+    On leaving the block (not when it raised) sets the yielded check's `unchanged`; in `frozen` mode a
+    change raises RuntimeError("frozen transfer changed the encoder's weights").
+    """
+    before = weights_fingerprint(encoder)
+    check = FrozenCheck()
+    yield check
+    check.unchanged = weights_fingerprint(encoder) == before
+    if mode == "frozen" and not check.unchanged:
+        raise RuntimeError("frozen transfer changed the encoder's weights")
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls, exclude: Iterable[str] = ()) -> None:
+    """Add `--field-name` (dest `field_name`) for every field of the dataclass `config_cls`, with the
+    field's type and default; `Optional[T]` fields take a T (default None), bool fields --x/--no-x.
+    Skips `mode` (the CLIs add it with its `choices`) and the names in `exclude`."""
+    hints = typing.get_type_hints(config_cls)
+    skip = {"mode", *exclude}
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) is typing.Union and len(args) == 1:  # Optional[T]
+            kind = args[0]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{config_cls.__name__}.{f.name} (default: %(default)s)"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def config_from_args(config_cls, args: argparse.Namespace):
+    """The dataclass `config_cls` from parsed `args`: each field whose name is an attribute of `args`
+    (e.g. `mode` and those `add_config_args` added) takes that value, the others their defaults."""
+    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+                         if hasattr(args, f.name)})
 
 
 def format_table(label_columns: Sequence[str], groups: Sequence[Tuple[str, Sequence[str]]],

@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lcl.eval.classify import default_pool_heads
-from megatron_lcl.eval.common import (LatentSource, batches, encoder_param_groups, format_table,
-                                      seed_everything, set_cosine_lr, write_json)
+from megatron_lcl.eval.common import (MODES, LatentSource, add_config_args, config_from_args, fit_heads,
+                                      format_table, frozen_guard, seed_everything, write_json)
 from megatron_lcl.eval.datasets import ImageSet, load_pairs, split
-from megatron_lcl.eval.encoders import VisionEncoder, load_encoder, weights_fingerprint
+from megatron_lcl.eval.encoders import VisionEncoder, load_encoder
+from megatron_lcl.losses.contrastive import contrastive_loss_sum
 from megatron_lcl.models.heads import AttentionPooling
 
 KS = (1, 5, 10)
@@ -151,38 +152,31 @@ class RetrievalModel(torch.nn.Module):
         self.logit_scale = torch.nn.Parameter(torch.tensor(1 / 0.07).log())
 
     def loss(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE over the batch (CLIP's loss)."""
-        v = F.normalize(self.image(latents), dim=-1)
-        t = F.normalize(self.text(tokens), dim=-1)
-        logits = self.logit_scale.exp().clamp(max=100) * v @ t.T  # [n, n]
-        target = torch.arange(len(v))
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        """Symmetric InfoNCE over the batch (CLIP's loss, `losses.contrastive` on one process): the mean
+        over the n pairs of (CE(image->text) + CE(text->image)) / 2, logit scale capped at 100."""
+        v = F.normalize(self.image(latents), dim=-1)  # [n, e]
+        t = F.normalize(self.text(tokens), dim=-1)  # [n, e]
+        loss_sum, num_global, _ = contrastive_loss_sum(v, t, self.logit_scale.exp().clamp(max=100), group=None)
+        return loss_sum / num_global
 
 
 # ------------------------------------------------------------------------------------------ train / eval
 
 def train_retrieval(encoder: VisionEncoder, train_set: ImageSet, tokenizer: WordTokenizer,
                     cfg: RetrievalConfig) -> RetrievalModel:
+    """A new RetrievalModel (image pooling + projection, text encoder, logit scale) fitted with the
+    contrastive loss on `train_set`'s pairs (`fit_heads`; a short last batch, which would have fewer
+    negatives, is dropped unless it is the only one); in full mode the encoder trains too. Returns the
+    model in eval mode."""
     seed_everything(cfg.seed)
     model = RetrievalModel(encoder.hidden_size, len(tokenizer.vocab), cfg)
     latents = LatentSource(encoder, train_set, cfg.mode)
-    tokens = tokenizer(train_set.captions, cfg.max_text_tokens)
-    groups = [{"params": list(model.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    optimizer = torch.optim.AdamW(groups + encoder_param_groups(encoder, cfg.mode, cfg.encoder_lr, cfg.weight_decay))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = len(batches(len(train_set), cfg.batch_size, generator, drop_last=True))
-    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    step = 0
-    model.train()
-    for _ in range(cfg.epochs):
-        for idx in batches(len(train_set), cfg.batch_size, generator, drop_last=True):
-            set_cosine_lr(optimizer, step, total, warmup)
-            loss = model.loss(latents(idx, train=True), tokens[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-    return model.eval()
+    tokens = tokenizer(train_set.captions, cfg.max_text_tokens)  # [n, max_text_tokens]
+
+    def loss_fn(idx):
+        return model.loss(latents(idx, train=True), tokens[idx])
+
+    return fit_heads(model, encoder, cfg, len(train_set), loss_fn, drop_last=True)
 
 
 @torch.no_grad()
@@ -198,18 +192,17 @@ def similarity_matrix(encoder: VisionEncoder, model: RetrievalModel, tokenizer: 
 
 
 def run_retrieval(encoder: VisionEncoder, train_set: ImageSet, eval_set: ImageSet, cfg: RetrievalConfig) -> dict:
-    before = weights_fingerprint(encoder)
-    t0 = time.time()
-    tokenizer = WordTokenizer.fit(train_set.captions, cfg.max_vocab)
-    model = train_retrieval(encoder, train_set, tokenizer, cfg)
-    similarity = similarity_matrix(encoder, model, tokenizer, eval_set, cfg)
-    recall = recall_at_k(similarity, torch.arange(len(eval_set)))
-    unchanged = weights_fingerprint(encoder) == before
-    if cfg.mode == "frozen" and not unchanged:
-        raise RuntimeError("frozen transfer changed the encoder's weights")
+    """Train on `train_set`'s pairs (the encoder too in full mode); recall on `eval_set` (pair j: image j,
+    caption j). Frozen mode raises RuntimeError if the encoder's weights changed (`frozen_guard`)."""
+    with frozen_guard(encoder, cfg.mode) as guard:
+        t0 = time.time()
+        tokenizer = WordTokenizer.fit(train_set.captions, cfg.max_vocab)
+        model = train_retrieval(encoder, train_set, tokenizer, cfg)
+        similarity = similarity_matrix(encoder, model, tokenizer, eval_set, cfg)
+        recall = recall_at_k(similarity, torch.arange(len(eval_set)))
     return {"task": "retrieval", "encoder": encoder.source, "encoder_kind": encoder.kind, "recall_pct": recall,
             "num_train": len(train_set), "num_eval": len(eval_set), "vocab_size": len(tokenizer.vocab),
-            "encoder_unchanged": unchanged, "time_s": round(time.time() - t0, 1), "config": asdict(cfg)}
+            "encoder_unchanged": guard.unchanged, "time_s": round(time.time() - t0, 1), "config": asdict(cfg)}
 
 
 def load_pair_splits(data: str, eval_data: Optional[str], eval_fraction: float, seed: int):
@@ -233,13 +226,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="synthetic corpus, webdataset shards or pairs .jsonl")
     p.add_argument("--eval-data", help="held-out pairs (default: a seeded split of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.2)
-    p.add_argument("--mode", choices=("frozen", "full"), default="frozen")
-    d = RetrievalConfig()
-    for name in ("epochs", "batch_size", "embed_dim", "text_width", "text_layers", "text_heads",
-                 "max_text_tokens", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("lr", "encoder_lr", "weight_decay"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--mode", choices=MODES, default="frozen")
+    add_config_args(p, RetrievalConfig)  # --epochs --batch-size --lr ... --embed-dim --text-width ... --seed
     p.add_argument("--name", help="row name in the printed table (default: the encoder path)")
     p.add_argument("--output", help="write the results JSON here")
     return p.parse_args(argv)
@@ -247,7 +235,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = RetrievalConfig(**{k: getattr(args, k) for k in asdict(RetrievalConfig()) if hasattr(args, k)})
+    cfg = config_from_args(RetrievalConfig, args)
     train_set, eval_set = load_pair_splits(args.data, args.eval_data, args.eval_fraction, args.seed)
     result = run_retrieval(load_encoder(args.encoder), train_set, eval_set, cfg)
     result.update(name=args.name or args.encoder, mode=args.mode, data=args.data)
