@@ -1,65 +1,11 @@
-"""Pre-train a ViT with Latent Compression Learning on interleaved image-text data.
+"""Pre-train a ViT with Latent Compression Learning (entry point; the driver is `megatron_lcl.train`).
 
-    torchrun --nproc_per_node=2 pretrain_lcl.py --config examples/configs/tiny_cpu.yaml \
-        run_dir=runs/tiny optimizer.lr=1e-3 parallel.tensor_model_parallel_size=2
+    torchrun --nproc_per_node=2 pretrain_lcl.py --config examples/configs/tiny_cpu.yaml [section.key=value ...]
 
-The run directory gets the resolved `config.yaml`, `metrics.jsonl`, `tensorboard/` and
-`checkpoints/`. A rerun with the same run_dir resumes from its latest checkpoint; `--load DIR`
-starts from another run's checkpoint (any TP/PP). SIGTERM/SIGUSR1: save and exit 0.
-Exit status: 0 finished, stopped by a signal or by train.exit_after_steps; 1 diverged (non-finite
-loss); 2 invalid configuration (the message names the fields).
+See `python pretrain_lcl.py --help` and README.md.
 """
 
-import argparse
-import sys
-import warnings
-
-from megatron_lcl.config import ConfigError
-from megatron_lcl.training.config import validate_run_config
-from megatron_lcl.training.config_io import config_to_yaml, load_config
-
-EXIT_CODES = {"completed": 0, "exit_after_steps": 0, "preempted": 0, "diverged": 1}
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="experiment YAML (examples/configs/*.yaml)")
-    p.add_argument("--load", help="checkpoint to start from: a checkpoints/ folder or one step_* folder")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    overrides = list(args.overrides) + ([f"checkpoint.load={args.load}"] if args.load else [])
-    try:
-        cfg = load_config(args.config, overrides)
-        validate_run_config(cfg)
-    except ConfigError as e:
-        print(f"config error ({args.config or 'defaults'}): {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(config_to_yaml(cfg), end="")
-        return 0
-    warnings.filterwarnings("ignore", category=UserWarning)
-    from megatron_lcl.training.trainer import Trainer
-
-    try:
-        trainer = Trainer(cfg).setup()
-    except ConfigError as e:
-        print(f"config error ({args.config or 'defaults'}): {e}", file=sys.stderr)
-        return 2
-    try:
-        status = trainer.train()
-    finally:
-        trainer.close()
-    return EXIT_CODES[status]
-
+from megatron_lcl.train import run
 
 if __name__ == "__main__":
-    code = main()
-    from megatron_lcl.runtime import destroy_distributed
-
-    destroy_distributed()
-    sys.exit(code)
+    run()

@@ -11,7 +11,7 @@ OUT=${DEMO_OUT:-demo_out}
 DOCS=${DEMO_DOCS:-400}
 STEPS=${DEMO_STEPS:-200}
 NPROC=${DEMO_NPROC:-2}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONWARNINGS=ignore
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 start=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - start )) s] $*"; }
 

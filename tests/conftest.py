@@ -19,3 +19,11 @@ def single_rank():
 def core_checks_dir(tmp_path_factory):
     """tests/dist/core_checks.py on 2 ranks, once per session (used by several test modules)."""
     return run_torchrun("core_checks.py", 2, tmp_path_factory.mktemp("core"))
+
+
+def pytest_configure(config):
+    """Filter exactly the known megatron-core warnings (runtime/mcore_compat.py), never whole categories."""
+    from megatron_lcl.runtime.mcore_compat import KNOWN_WARNINGS
+
+    for message, category in KNOWN_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")

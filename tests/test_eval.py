@@ -20,8 +20,7 @@ from megatron_lcl.eval.datasets import ImageSet, load_labeled, load_pairs
 from megatron_lcl.eval.encoders import VisionEncoder, load_encoder, weights_fingerprint
 from megatron_lcl.eval.retrieve import RetrievalConfig, recall_at_k, run_retrieval
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent / "dist"))
-from common import tiny_model_config  # noqa: E402
+from common import tiny_model_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COLOURS = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (235, 210, 40)]
@@ -123,20 +122,20 @@ CFG = tiny_model_config()
 @pytest.fixture(scope="module")
 def tiny_checkpoint(single_rank, tmp_path_factory):
     from megatron_lcl.config import ParallelConfig
-    from megatron_lcl.hf.pretrained import save_model_checkpoint
+    from megatron_lcl.checkpoint import save_weights
     from megatron_lcl.models.lcl_model import LCLModel
     from megatron_lcl.runtime import set_seed
-    from megatron_lcl.training.config import LCLConfig
+    from megatron_lcl.config import LCLConfig
 
     set_seed(7)
     model = LCLModel(CFG, ParallelConfig())
-    return save_model_checkpoint(model, LCLConfig(model=CFG), str(tmp_path_factory.mktemp("ckpt") / "tiny"))
+    return save_weights(model, LCLConfig(model=CFG), str(tmp_path_factory.mktemp("ckpt") / "tiny"))
 
 
 @pytest.fixture(scope="module")
 def hf_clip_dir(tiny_checkpoint, tmp_path_factory):
     from megatron_lcl.hf.convert import build_hf_models
-    from megatron_lcl.hf.pretrained import full_state_dict, load_pretrained
+    from megatron_lcl.checkpoint import full_state_dict, load_pretrained
 
     lcl = load_pretrained(tiny_checkpoint)
     state = full_state_dict(lcl.model)
@@ -244,7 +243,7 @@ def test_ablation_small_end_to_end(tmp_path):
                                                            "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "ablation.py"), "--out", str(tmp_path), "--small"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**env, "PYTHONWARNINGS": "ignore"})
+                          env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     table = (tmp_path / "ablation.md").read_text()
     for row in ("Gen. + Con. (LCL)", "Gen. only", "Con. only", "random init"):

@@ -8,9 +8,8 @@ from megatron_lcl.hf.convert import build_hf_models, lm_from_hf, lm_to_hf, visio
 from megatron_lcl.hf.verify import BOUNDS, compare, max_kl
 from megatron_lcl.testing import random_batch
 
-import sys, pathlib  # noqa: E401
-sys.path.insert(0, str(pathlib.Path(__file__).parent / "dist"))
-from common import tiny_model_config  # noqa: E402
+import pathlib  # noqa: E401
+from common import tiny_model_config
 
 CFG = tiny_model_config(layer_scale_init=0.3)
 M = CFG.vision.num_image_tokens
@@ -37,8 +36,8 @@ def converted(single_rank):
 def figures(converted):
     """Ours vs transformers (the numbers verify_hf prints): vision latents, text-only logits, and
     interleaved logits where HF CLIP latents -> our projector -> OPT `inputs_embeds`."""
-    from megatron_lcl.hf.pretrained import LCLPretrained
-    from megatron_lcl.training.config import LCLConfig
+    from megatron_lcl.checkpoint import LCLPretrained
+    from megatron_lcl.config import LCLConfig
 
     model, _, clip, opt = converted
     batch = random_batch([[4, 20], [9]], seq_length=48, num_image_tokens=M, image_size=16,
@@ -94,7 +93,7 @@ def test_tp2_checkpoint_converts_and_matches_transformers(core_checks_dir, tmp_p
     """random init -> dist checkpoint at TP=2 -> convert_to_hf -> transformers loads both models ->
     their outputs match our TP=1 reload and the TP=2 model's own logits."""
     from megatron_lcl.hf.export import export_to_hf
-    from megatron_lcl.hf.pretrained import load_pretrained
+    from megatron_lcl.checkpoint import load_pretrained
     from megatron_lcl.hf.verify import load_hf
 
     paths = export_to_hf(str(core_checks_dir / "tp2_checkpoint"), str(tmp_path / "hf"), log=lambda *a: None)
@@ -131,7 +130,7 @@ def test_hf_to_megatron_lcl_to_hf_gives_identical_tensors(converted, tmp_path):
     from transformers import CLIPVisionModel, OPTForCausalLM
 
     from megatron_lcl.hf.export import export_to_hf
-    from megatron_lcl.training.config import LCLConfig
+    from megatron_lcl.config import LCLConfig
 
     _, _, clip, opt = converted
     clip.save_pretrained(tmp_path / "clip")

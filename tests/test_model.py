@@ -6,11 +6,9 @@ import torch
 from megatron_lcl.config import LossConfig, ParallelConfig
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.testing import IMG, random_batch
-from megatron_lcl.training.step import forward_loss
+from megatron_lcl.training.pipeline import forward_loss
 
-import sys, pathlib  # noqa: E401
-sys.path.insert(0, str(pathlib.Path(__file__).parent / "dist"))
-from common import tiny_model_config  # noqa: E402
+from common import tiny_model_config
 
 CFG = tiny_model_config()
 M = CFG.vision.num_image_tokens

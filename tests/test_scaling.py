@@ -6,19 +6,18 @@ import csv
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from megatron_lcl.checkpoint import read_metrics
 from megatron_lcl.config import HeadsConfig, LMConfig, LossConfig, ModelConfig, ParallelConfig, VisionConfig
 from megatron_lcl.scaling import fit, sweep
-from megatron_lcl.scaling.flops import (PEAK_FLOPS_PER_S, mfu, parameter_counts, step_flops, throughput_metrics,
+from megatron_lcl.models.flops import (PEAK_FLOPS_PER_S, mfu, parameter_counts, step_flops, throughput_metrics,
                                         training_flops)
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 def model_config(vit_h=32, vit_layers=2, image=16, patch=8, lm_h=32, lm_layers=2, vocab=192,
@@ -51,7 +50,7 @@ def _build(cfg):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_parameter_counts_equal_built_model(single_rank, name):
-    from megatron_lcl.models.params import count_parameters_by_group
+    from megatron_lcl.models.flops import count_parameters_by_group
 
     cfg = CONFIGS[name]
     measured = dict(count_parameters_by_group(_build(cfg)))
@@ -64,7 +63,7 @@ def _measured_flops(model, batch, mode="lcl", backward=True):
     from torch.utils.flop_counter import FlopCounterMode
 
     from megatron_lcl.losses import LCLLoss
-    from megatron_lcl.training.step import forward_loss
+    from megatron_lcl.training.pipeline import forward_loss
 
     model.zero_grad(set_to_none=True)
     counter = FlopCounterMode(display=False)
@@ -196,7 +195,7 @@ TWO_MODELS = [{"name": "a", "lm": {"hidden_size": 32, "num_attention_heads": 4, 
 def fake_runner(calls, interrupt_after=None):
     """Writes what the driver would: a metrics.jsonl reaching train_steps (loss falls with size)."""
     def run(config_path, overrides, run_dir, nproc):
-        from megatron_lcl.training.config_io import load_config
+        from megatron_lcl.config import load_config
 
         if interrupt_after is not None and len(calls) == interrupt_after:
             raise KeyboardInterrupt
@@ -285,8 +284,8 @@ def test_eval_only_fills_in_probe_accuracy_of_finished_points(tmp_path):
 
 
 def test_flops_budget_sets_steps_list_and_slurm_array(tmp_path, capsys):
-    from megatron_lcl.scaling.flops import flops_per_sample
-    from megatron_lcl.training.config_io import load_config
+    from megatron_lcl.models.flops import flops_per_sample
+    from megatron_lcl.config import load_config
 
     spec = sweep.load_spec(write_spec(tmp_path, TWO_MODELS, [{"flops": 1e11, "global_batch_size": 4}],
                                       images_per_sample=2.0, slurm={"partition": "gpu", "max_parallel": 2,
@@ -390,7 +389,7 @@ def test_two_point_sweep_end_to_end_with_the_real_driver(tmp_path):
             assert row["status"] == "ok", row
             assert int(row["samples"]) == 16 and int(row["tokens"]) == 16 * 64
             assert math.isfinite(float(row["loss"])) and float(row["train_flops"]) > 0
-            metrics = sweep.read_metrics(row["run_dir"])
+            metrics = read_metrics(row["run_dir"])
             assert [m["step"] for m in metrics] == [1, 2, 3, 4]
             tail = [m["loss"] for m in metrics[-2:]]
             assert float(row["loss"]) == pytest.approx(sum(tail) / 2, rel=1e-5)

@@ -1,7 +1,7 @@
 """The training driver: config, resume == no resume, non-finite steps, atomic saves, signals, resharding,
 and the demo at a small size.
 
-In-process tests call `pretrain_lcl.main([...])` on one rank (world size 1). The 2-rank checks
+In-process tests call `megatron_lcl.train.main([...])` (what pretrain_lcl.py runs) on one rank (world size 1). The 2-rank checks
 (SIGTERM on one rank + resume, TP=2 / PP=2 checkpoints loaded at TP=PP=1) run in ONE torchrun launch
 of tests/dist/train_checks.py. Every test trains the tiny model from examples/configs/tiny_cpu.yaml
 on a small synthetic MMC4 corpus built once per module.
@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pretrain_lcl.py lives in the repo root
-import pretrain_lcl  # noqa: E402
-from multirank import run_torchrun  # noqa: E402
-from megatron_lcl.config import ConfigError  # noqa: E402
-from megatron_lcl.training.config import validate_run_config  # noqa: E402
-from megatron_lcl.training.config_io import load_config, save_config  # noqa: E402
+from megatron_lcl import train as pretrain_lcl
+from megatron_lcl.checkpoint import read_metrics
+from megatron_lcl.config import ConfigError
+from multirank import run_torchrun
+from megatron_lcl.config import load_config, save_config, validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
@@ -74,8 +73,7 @@ def argv(data_root: Path, run_dir: Path, *overrides: str) -> list:
 
 
 def read_rows(run_dir: Path) -> list:
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+    return read_metrics(str(run_dir))
 
 
 def without_timing(rows: list) -> list:
@@ -109,7 +107,7 @@ def test_paper_configs(name, vision, lr):
     assert (v.drop_path_rate, cfg.loss.con_weight, cfg.data.seq_length, cfg.precision.params_dtype) == \
         (0.2, 0.1, 2048, "bf16")
     assert cfg.data.path == ["/data/a", "/data/b"]
-    validate_run_config(cfg, world_size=8)
+    validate_config(cfg, world_size=8)
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -136,7 +134,7 @@ def test_validation_lists_every_problem():
     cfg = load_config(TINY, ["model.lm.num_attention_heads=3", "optimizer.decay_style=cosin",
                              "data.seq_length=1024", "parallel.tensor_model_parallel_size=2"])
     with pytest.raises(ConfigError) as e:
-        validate_run_config(cfg, world_size=3)
+        validate_config(cfg, world_size=3)
     msg = str(e.value)
     for expected in ("model.lm.hidden_size (64) must be divisible by model.lm.num_attention_heads (3)",
                      "optimizer.decay_style ('cosin')",
@@ -149,7 +147,7 @@ def test_global_batch_must_split_over_micro_batches_and_dp():
     cfg = load_config(TINY, ["train.global_batch_size=6"])
     with pytest.raises(ConfigError, match=r"train.global_batch_size \(6\) must be a multiple of "
                                           r"data.micro_batch_size \(4\) x data-parallel size \(1\)"):
-        validate_run_config(cfg, world_size=1)
+        validate_config(cfg, world_size=1)
 
 
 def test_main_reports_config_errors_and_exits_2(capsys):
@@ -215,7 +213,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(data_root, tmp_path, mon
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint_loadable(data_root, tmp_path, monkeypatch):
-    from megatron_lcl.training import checkpointing
+    from megatron_lcl.checkpoint import state as checkpointing
 
     run = tmp_path / "crash"
     assert pretrain_lcl.main(argv(data_root, run, "train.exit_after_steps=2")) == 0
@@ -252,12 +250,12 @@ def test_keep_last_and_explicit_load(data_root, tmp_path):
 def test_training_starts_from_a_weights_only_checkpoint(data_root, tmp_path, capsys):
     """What convert_from_hf writes (model weights + config, no optimizer/RNG/data state) starts a
     fresh run from those weights at step 1."""
-    from megatron_lcl.hf.pretrained import load_pretrained, save_model_checkpoint
+    from megatron_lcl.checkpoint import load_pretrained, save_weights
 
     trained = tmp_path / "trained"
     assert pretrain_lcl.main(argv(data_root, trained, "train.train_steps=3")) == 0
     lcl = load_pretrained(str(trained / "checkpoints"))
-    save_model_checkpoint(lcl.model, lcl.cfg, str(tmp_path / "weights"))
+    save_weights(lcl.model, lcl.cfg, str(tmp_path / "weights"))
     fresh, warm = tmp_path / "fresh", tmp_path / "warm"
     assert pretrain_lcl.main(argv(data_root, fresh, "train.train_steps=2")) == 0
     assert pretrain_lcl.main(argv(data_root, warm, "train.train_steps=2", "checkpoint.load_optimizer=false",
@@ -326,3 +324,22 @@ def test_demo_runs_end_to_end_at_a_small_size(tmp_path):
     for name in ("classify.json", "retrieve.json"):
         assert (tmp_path / "demo" / "eval" / name).exists()
     assert (tmp_path / "demo" / "hf" / "vision" / "config.json").exists()
+
+
+def test_sequence_length_boundary_is_one_rule(data_root, tmp_path, capsys):
+    """The shortest sequence holding one image (min_seq_length: context, <BoI>, M, <EoI>) validates and
+    trains with images in it; one position less is rejected at validation, naming the fields."""
+    from megatron_lcl.config import min_seq_length
+
+    m = load_config(TINY).model.vision.num_image_tokens  # 17
+    shortest = min_seq_length(m)
+    run = tmp_path / "boundary"
+    assert pretrain_lcl.main(argv(data_root, run, f"data.seq_length={shortest}", "train.train_steps=3",
+                                  "checkpoint.save_at_exit=false")) == 0
+    rows = read_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["consumed_images"] > 0
+    capsys.readouterr()
+    assert pretrain_lcl.main(argv(data_root, tmp_path / "too_short", f"data.seq_length={shortest - 1}")) == 2
+    err = capsys.readouterr().err
+    assert f"one image needs model.vision.num_image_tokens + 3 = {shortest} positions" in err
+    assert f"data.seq_length ({shortest - 1})" in err

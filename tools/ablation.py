@@ -14,13 +14,11 @@ A rerun skips pre-training runs and evaluations that already finished (delete th
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 TINY_CONFIG = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
 MODES = ("lcl", "gen", "con")
 # Paper Table 6a: ViT-B/16 pre-trained on MMC4, frozen transfer, COCO retrieval TR@1.
@@ -87,8 +85,11 @@ def overrides(sizes: Sizes, data: dict, seed: int) -> list:
 
 
 def finished(run_dir: Path, steps: int) -> bool:
-    latest = run_dir / "checkpoints" / "latest"
-    return latest.exists() and latest.read_text().strip() == f"step_{steps:08d}"
+    """The run's latest complete checkpoint is the one at `steps`."""
+    from megatron_lcl.checkpoint import read_meta, resolve_checkpoint
+
+    found = resolve_checkpoint(str(run_dir / "checkpoints"))
+    return found is not None and read_meta(found)["step"] == steps
 
 
 def pretrain(mode: str, run_dir: Path, sizes: Sizes, data: dict, seed: int, extra=()) -> None:
@@ -99,9 +100,9 @@ def pretrain(mode: str, run_dir: Path, sizes: Sizes, data: dict, seed: int, extr
             *overrides(sizes, data, seed), *extra]
     log(f"{mode}: pre-training {sizes.steps} steps -> {run_dir}")
     t0 = time.time()
-    import pretrain_lcl  # in this process: the runs share one megatron-core import and process group
+    from megatron_lcl import train  # in this process: the runs share one megatron-core import and process group
 
-    code = pretrain_lcl.main(argv)
+    code = train.main(argv)
     if code != 0 or not finished(run_dir, sizes.steps):
         raise RuntimeError(f"pre-training {mode} failed (exit {code}); see {run_dir}/metrics.jsonl")
     log(f"{mode}: done in {time.time() - t0:.0f} s")
@@ -109,8 +110,9 @@ def pretrain(mode: str, run_dir: Path, sizes: Sizes, data: dict, seed: int, extr
 
 def training_summary(run_dir: Path) -> dict:
     """Last logged losses and the collapse monitor (mean over the last 10 logged steps: noisy)."""
-    with open(run_dir / "metrics.jsonl") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    from megatron_lcl.checkpoint import read_metrics
+
+    rows = read_metrics(str(run_dir))
     tail = rows[-10:]
 
     def mean(key):
@@ -127,7 +129,7 @@ def training_summary(run_dir: Path) -> dict:
 
 
 def config_loss_mode(run_dir: Path) -> str:
-    from megatron_lcl.training.config_io import load_config
+    from megatron_lcl.config import load_config
 
     return load_config(str(run_dir / "config.yaml"), []).loss.mode
 

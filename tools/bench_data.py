@@ -11,16 +11,15 @@ images/s and tokens/s per worker (one worker = one process = one core) and packi
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lcl.data.loader import build_loader  # noqa: E402
-from megatron_lcl.data.prepare import prepare  # noqa: E402
-from megatron_lcl.data.synthetic import write_corpus  # noqa: E402
-from megatron_lcl.data.tokenizer import LCLTokenizer, train_tokenizer  # noqa: E402
+from megatron_lcl.config import DataConfig
+from megatron_lcl.data.loader import build_loader
+from megatron_lcl.data.prepare import prepare
+from megatron_lcl.data.synthetic import write_corpus
+from megatron_lcl.data.tokenizer import LCLTokenizer, train_tokenizer
 
 
 def build_inputs(work: str, args) -> tuple:
@@ -43,9 +42,10 @@ def measure(prepared: str, tokenizer: str, args) -> dict:
 
     # A DataLoader worker runs torch with one thread; measure the in-process case the same way.
     torch.set_num_threads(1)
-    loader = build_loader(prepared, tokenizer, seq_length=args.seq_length, image_size=args.image_size,
-                          num_image_tokens=args.num_image_tokens, micro_batch_size=args.micro_batch_size,
-                          seed=0, num_workers=args.num_workers, packing=args.packing)
+    data = DataConfig(path=[prepared], tokenizer=tokenizer, seq_length=args.seq_length,
+                      micro_batch_size=args.micro_batch_size, seed=0, num_workers=args.num_workers,
+                      packing=args.packing)
+    loader = build_loader(data, image_size=args.image_size, num_image_tokens=args.num_image_tokens)
     pad_id = LCLTokenizer(tokenizer).pad_id
     images = tokens = real = text_targets = 0
     it = iter(loader)

@@ -11,16 +11,17 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 
-warnings.filterwarnings("ignore")
+from megatron_lcl.runtime.mcore_compat import filter_known_warnings
+
+filter_known_warnings()  # before megatron.core is imported
 
 
 def parameter_counts():
     from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, HeadsConfig, LMConfig, ModelConfig,
                                      ParallelConfig, VisionConfig, apply_preset)
     from megatron_lcl.models.lcl_model import LCLModel
-    from megatron_lcl.models.params import count_parameters_by_group
+    from megatron_lcl.models.flops import count_parameters_by_group
     from megatron_lcl.runtime import initialize_distributed
 
     initialize_distributed(ParallelConfig())
@@ -48,7 +49,7 @@ def step_worker(args):
     from megatron_lcl.models.lcl_model import LCLModel
     from megatron_lcl.runtime import initialize_distributed
     from megatron_lcl.testing import random_batch
-    from megatron_lcl.training.step import forward_loss
+    from megatron_lcl.training.pipeline import forward_loss
 
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp)
     initialize_distributed(parallel)
@@ -91,7 +92,7 @@ def main(argv=None):
                         f"--master_port={29600 + tp}", __file__, "--worker",
                         f"--tp={tp}", f"--steps={args.steps}", f"--batch-size={args.batch_size}",
                         f"--seq-length={args.seq_length}"], check=True,
-                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                       env=dict(os.environ))
 
 
 if __name__ == "__main__":

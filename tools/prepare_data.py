@@ -10,12 +10,9 @@ See docs/data.md for the formats and the rules applied here.
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lcl.data.prepare import INPUT_PATTERNS, PrepareOptions, prepare  # noqa: E402
+from megatron_lcl.data.prepare import INPUT_PATTERNS, PrepareOptions, prepare
 
 
 def main(argv=None) -> None:

@@ -13,18 +13,16 @@ checkpoint. The spec format is documented in megatron_lcl/scaling/sweep.py.
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lcl.scaling.sweep import (backfill_eval, expand_points, finished_points, load_spec,  # noqa: E402
+from megatron_lcl.scaling.sweep import (backfill_eval, expand_points, finished_points, load_spec,
                                         run_setup, run_sweep, write_slurm_array)
 
 
 def list_points(spec) -> None:
-    from megatron_lcl.scaling.flops import flops_per_sample, parameter_counts
-    from megatron_lcl.training.config_io import load_config
+    from megatron_lcl.models.flops import flops_per_sample, parameter_counts
+    from megatron_lcl.config import load_config
 
     done = finished_points(spec.results_csv)
     print(f"{'#':>3} {'point':<28}{'params':>12}{'steps':>8}{'batch':>7}{'est. FLOPs':>12}  status")

@@ -8,16 +8,14 @@ writes PREFIX.model and PREFIX.vocab (ids: 0 <pad>, 1 <unk>, 2 <s>, 3 </s>, 4 <B
 
 import argparse
 import os
-import sys
 
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_lcl.data.prepare import INPUT_PATTERNS, list_inputs  # noqa: E402
-from megatron_lcl.data.skips import SkipCounter  # noqa: E402
-from megatron_lcl.data.sources import read_source  # noqa: E402
-from megatron_lcl.data.tokenizer import LCLTokenizer, train_tokenizer  # noqa: E402
+from megatron_lcl.data.prepare import INPUT_PATTERNS, list_inputs
+from megatron_lcl.data.skips import SkipCounter
+from megatron_lcl.data.sources import read_source
+from megatron_lcl.data.tokenizer import LCLTokenizer, train_tokenizer
 
 
 def iter_texts(fmt: str, inputs, skips: SkipCounter, max_docs: int):

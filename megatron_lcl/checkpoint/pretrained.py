@@ -1,6 +1,6 @@
-"""Single-process access to a megatron_lcl checkpoint saved at any TP/PP.
+"""Weights-only checkpoints, and single-process access to any megatron_lcl checkpoint.
 
-    from megatron_lcl.hf.pretrained import load_pretrained
+    from megatron_lcl.checkpoint import load_pretrained
     lcl = load_pretrained("runs/demo/checkpoints")            # its `latest`, or one step_* folder
     latents, v = lcl.encode_images(pixel_values)              # [n, M, h_vit], [n, e]
     logits = lcl.lm_logits(tokens)                            # text only: [b, s, vocab]
@@ -13,6 +13,10 @@ from dataclasses import replace
 from typing import Optional
 
 import torch
+
+from megatron_lcl.checkpoint.run_dir import read_meta, resolve_checkpoint, save_atomically
+from megatron_lcl.config import LCLConfig, ParallelConfig, config_from_dict, section_to_dict
+from megatron_lcl.runtime.layout import ParallelLayout
 
 
 class LCLPretrained:
@@ -42,47 +46,40 @@ class LCLPretrained:
         return out.logits.transpose(0, 1)  # [s, b, v] -> [b, s, v]
 
 
-def ensure_single_process():
+def ensure_single_process() -> ParallelLayout:
+    """Initialise a one-process TP=PP=1 layout unless megatron-core's groups already exist."""
     from megatron.core import parallel_state as ps
 
-    from megatron_lcl.config import ParallelConfig
     from megatron_lcl.runtime import initialize_distributed
 
     if not ps.model_parallel_is_initialized():
         initialize_distributed(ParallelConfig())
-    assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1, \
-        "load_pretrained runs in a single process (TP=PP=1)"
+    layout = ParallelLayout.current()
+    assert layout.tp_size == 1 and layout.pp_size == 1, "load_pretrained runs in a single process (TP=PP=1)"
+    return layout
 
 
-def config_from_meta(meta: dict):
-    from megatron_lcl.training.config_io import from_dict
-    from megatron_lcl.training.config import LCLConfig
-
-    return from_dict(LCLConfig, meta["config"], "")
-
-
-def single_rank_model_config(cfg, saved_tp: int):
+def single_rank_model_config(cfg: LCLConfig, saved_tp: int):
     """The model section to rebuild at TP=1: same padded vocabulary as the checkpoint's."""
     lm = replace(cfg.model.lm, make_vocab_size_divisible_by=cfg.model.lm.make_vocab_size_divisible_by * saved_tp)
     return replace(cfg.model, lm=lm, transformer_impl="local")
 
 
 def load_pretrained(path: str) -> LCLPretrained:
+    """The whole model of a checkpoint (a run dir, a `checkpoints/` root or a `step_*` folder) at TP=PP=1."""
     from megatron.core import dist_checkpointing
 
-    from megatron_lcl.config import ParallelConfig
-    from megatron_lcl.models.lcl_model import LCLModel
-    from megatron_lcl.training.checkpointing import read_meta, resolve_checkpoint
+    from megatron_lcl.models.factory import build_model
 
     ensure_single_process()
     ckpt = resolve_checkpoint(path)
     if ckpt is None:
         raise FileNotFoundError(f"no complete checkpoint under {path}")
     meta = read_meta(ckpt)
-    cfg = config_from_meta(meta)
+    cfg = config_from_dict(meta["config"])
     model_cfg = single_rank_model_config(cfg, meta["parallel"]["tensor_model_parallel_size"])
     cfg = replace(cfg, model=model_cfg)
-    model = LCLModel(model_cfg, ParallelConfig())
+    model = build_model(model_cfg, ParallelConfig())
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
     model.load_state_dict(loaded["model"])
     return LCLPretrained(model, cfg, ckpt)
@@ -93,27 +90,10 @@ def full_state_dict(model) -> dict:
     return {k: v.detach() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
-def save_model_checkpoint(model, cfg, path: str) -> str:
-    """Write a weights-only megatron_lcl checkpoint (all ranks call it): dist-checkpointing files +
-    `meta.json` with the config and parallel layout, loadable by `load_pretrained`, by the converters
-    and by training (`checkpoint.load=... checkpoint.load_optimizer=false`)."""
-    import json
-    import os
-
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-
-    from megatron_lcl.config import section_to_dict
-    from megatron_lcl.training.checkpointing import META, parallel_layout
-
-    if dist.get_rank() == 0:
-        os.makedirs(path, exist_ok=True)
-    dist.barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, path)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        with open(os.path.join(path, META), "w") as f:
-            json.dump({"step": 0, "weights_only": True, "parallel": parallel_layout(),
-                       "config": section_to_dict(cfg)}, f, indent=1)
-    dist.barrier()
-    return path
+def save_weights(model, cfg: LCLConfig, path: str, layout: Optional[ParallelLayout] = None) -> str:
+    """Write a weights-only checkpoint at `path` (all ranks call it), atomically: dist-checkpointing
+    files + `meta.json` with the config and parallel layout. Loadable by `load_pretrained`, by the
+    converters and by training (`checkpoint.load=... checkpoint.load_optimizer=false`)."""
+    layout = layout or ParallelLayout.current()
+    return save_atomically(path.rstrip("/"), {"model": model.sharded_state_dict()}, lambda: {
+        "step": 0, "weights_only": True, "parallel": layout.sizes(), "config": section_to_dict(cfg)})

@@ -14,8 +14,9 @@ from typing import Any, List, Optional, Sequence
 
 import yaml
 
-from megatron_lcl.config import LM_PRESETS, VISION_PRESETS, ConfigError, LMConfig, VisionConfig, section_to_dict
-from megatron_lcl.training.config import LCLConfig
+from megatron_lcl.config.model import LM_PRESETS, VISION_PRESETS, LMConfig, VisionConfig, apply_preset
+from megatron_lcl.config.run import LCLConfig
+from megatron_lcl.config.validate import ConfigError
 
 PRESETS = {VisionConfig: VISION_PRESETS, LMConfig: LM_PRESETS}
 
@@ -30,7 +31,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> LC
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(LCLConfig, raw, "")
+    return config_from_dict(raw)
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -65,8 +66,6 @@ def from_dict(cls, raw: Any, where: str):
     values = {k: _coerce(hints[k], v, _join(where, k)) for k, v in raw.items()}
     obj = cls()
     if cls in PRESETS and values.get("preset") is not None:
-        from megatron_lcl.config import apply_preset
-
         try:
             obj = apply_preset(cls(preset=values["preset"]), PRESETS[cls])
         except ValueError as e:
@@ -121,6 +120,20 @@ def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
+def section_to_dict(section) -> dict:
+    """Dataclass -> plain dict (nested), for YAML dumps and checkpoints."""
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        out[f.name] = section_to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def config_from_dict(raw: dict) -> LCLConfig:
+    """The inverse of `section_to_dict(cfg)` (e.g. the config a checkpoint's meta.json holds)."""
+    return from_dict(LCLConfig, raw, "")
+
+
 def config_to_yaml(cfg: LCLConfig) -> str:
     return yaml.safe_dump(section_to_dict(cfg), sort_keys=False)
 
@@ -128,5 +141,5 @@ def config_to_yaml(cfg: LCLConfig) -> str:
 def save_config(cfg: LCLConfig, path: str) -> None:
     """Write the resolved config (every field, presets applied); loading it gives back `cfg`."""
     with open(path, "w") as f:
-        f.write("# resolved configuration of this run (megatron_lcl.training.config_io)\n")
+        f.write("# resolved configuration of this run (megatron_lcl.config)\n")
         f.write(config_to_yaml(cfg))

@@ -1,13 +1,10 @@
-"""Typed configuration for megatron_lcl.
+"""The model sections of the configuration (ViT, LM, heads, loss, parallel layout, precision), their
+presets, and `build_transformer_config`: the one place a megatron-core `TransformerConfig` is made.
 
-Every section is a dataclass; an experiment is one YAML file plus `a.b=c` overrides (see
-`megatron_lcl.training.config_io`). Functions receive the section they use, not the whole tree.
-`validate_model_config` checks everything that would otherwise fail deep inside megatron-core with a
-message naming the fields, and `build_transformer_config` is the one place a megatron-core
-`TransformerConfig` is made.
+Validation of these sections lives in `megatron_lcl.config.validate`.
 """
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -137,89 +134,6 @@ def padded_vocab_size(lm: LMConfig, tensor_model_parallel_size: int) -> int:
     return ((lm.vocab_size + multiple - 1) // multiple) * multiple
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message names the fields involved."""
-
-
-def validate_model_config(model: ModelConfig, parallel: ParallelConfig,
-                          precision: Optional[PrecisionConfig] = None,
-                          seq_length: Optional[int] = None) -> None:
-    """Fail at start-up, with messages naming the fields, on configs megatron-core would choke on."""
-    errors = []
-    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    v, lm = model.vision, model.lm
-
-    def need(cond, msg):
-        if not cond:
-            errors.append(msg)
-
-    for name, section in (("model.vision", v), ("model.lm", lm)):
-        need(section.hidden_size % section.num_attention_heads == 0,
-             f"{name}.hidden_size ({section.hidden_size}) must be divisible by "
-             f"{name}.num_attention_heads ({section.num_attention_heads})")
-        need(section.num_attention_heads % tp == 0,
-             f"{name}.num_attention_heads ({section.num_attention_heads}) must be divisible by "
-             f"parallel.tensor_model_parallel_size ({tp})")
-        need(section.ffn_hidden_size % tp == 0,
-             f"{name}.ffn_hidden_size ({section.ffn_hidden_size}) must be divisible by "
-             f"parallel.tensor_model_parallel_size ({tp})")
-    need(v.image_size % v.patch_size == 0,
-         f"model.vision.image_size ({v.image_size}) must be divisible by "
-         f"model.vision.patch_size ({v.patch_size})")
-    need(0.0 <= v.drop_path_rate < 1.0,
-         f"model.vision.drop_path_rate ({v.drop_path_rate}) must be in [0, 1)")
-    need(model.heads.embed_dim % model.heads.pool_num_heads == 0 and
-         v.hidden_size % model.heads.pool_num_heads == 0,
-         f"model.heads.pool_num_heads ({model.heads.pool_num_heads}) must divide "
-         f"model.vision.hidden_size ({v.hidden_size})")
-    need(model.transformer_impl in ("auto", "transformer_engine", "local"),
-         f"model.transformer_impl ({model.transformer_impl!r}) must be auto, transformer_engine or local")
-    need(not (parallel.sequence_parallel and pp > 1),
-         "parallel.sequence_parallel with parallel.pipeline_model_parallel_size > 1 is not supported: "
-         "the carried v_i rows would be split over tensor-parallel ranks with the sequence")
-    need(not (parallel.sequence_parallel and tp == 1),
-         "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
-    need(parallel.virtual_pipeline_model_parallel_size is None,
-         "parallel.virtual_pipeline_model_parallel_size: the interleaved (virtual) pipeline schedule "
-         "is not supported by the vision-language pipeline; leave it unset")
-    if seq_length is not None:
-        need(seq_length <= lm.max_position_embeddings,
-             f"data.seq_length ({seq_length}) exceeds model.lm.max_position_embeddings "
-             f"({lm.max_position_embeddings})")
-        need(v.num_image_tokens + 2 <= seq_length,
-             f"one image needs model.vision.num_image_tokens + 2 = {v.num_image_tokens + 2} positions, "
-             f"more than data.seq_length ({seq_length})")
-    errors += _pipeline_split_errors(lm.num_layers, parallel)
-    if precision is not None:
-        need(precision.params_dtype in ("fp32", "bf16"),
-             f"precision.params_dtype ({precision.params_dtype!r}) must be fp32 or bf16")
-        need(precision.fp8 in (None, "hybrid", "e4m3"),
-             f"precision.fp8 ({precision.fp8!r}) must be null, hybrid or e4m3")
-        need(precision.fp8 is None or model.transformer_impl != "local",
-             "precision.fp8 needs Transformer Engine layers; model.transformer_impl is 'local'")
-    if errors:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
-
-
-def _pipeline_split_errors(num_layers: int, parallel: ParallelConfig) -> list:
-    pp = parallel.pipeline_model_parallel_size
-    first, last = parallel.num_layers_in_first_pipeline_stage, parallel.num_layers_in_last_pipeline_stage
-    if pp == 1:
-        if first is not None or last is not None:
-            return ["parallel.num_layers_in_first/last_pipeline_stage need "
-                    "parallel.pipeline_model_parallel_size > 1"]
-        return []
-    rest_layers = num_layers - (first or 0) - (last or 0)
-    rest_stages = pp - (first is not None) - (last is not None)
-    if rest_layers < 0 or (rest_stages == 0 and rest_layers != 0) or (
-            rest_stages > 0 and rest_layers % rest_stages != 0):
-        return [f"pipeline split does not add up: model.lm.num_layers ({num_layers}) minus "
-                f"num_layers_in_first_pipeline_stage ({first}) and num_layers_in_last_pipeline_stage "
-                f"({last}) must divide evenly over the remaining {rest_stages} of "
-                f"parallel.pipeline_model_parallel_size ({pp}) stages"]
-    return []
-
-
 def _dtype(precision: Optional[PrecisionConfig]) -> torch.dtype:
     return torch.bfloat16 if precision is not None and precision.params_dtype == "bf16" else torch.float32
 
@@ -270,12 +184,3 @@ def build_transformer_config(section, parallel: ParallelConfig, *, init_method_s
     if precision is not None and precision.fp8 is not None:
         kwargs.update(fp8=precision.fp8)
     return TransformerConfig(**kwargs)
-
-
-def section_to_dict(section) -> dict:
-    """Dataclass -> plain dict (nested), for YAML dumps and checkpoints."""
-    out = {}
-    for f in fields(section):
-        value = getattr(section, f.name)
-        out[f.name] = section_to_dict(value) if hasattr(value, "__dataclass_fields__") else value
-    return out

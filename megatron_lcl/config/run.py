@@ -1,15 +1,14 @@
-"""The run configuration: the model sections of `megatron_lcl.config` plus data, training, optimizer,
-logging and checkpoint sections. One YAML per experiment + `a.b=c` overrides (`config_io`).
+"""The run configuration: the model sections (`config.model`) plus data, training, optimizer, logging
+and checkpoint sections, composed in `LCLConfig`. One YAML per experiment + `a.b=c` overrides
+(`config.io`); validation in `config.validate`.
 
-Each function receives the section it uses; `LCLConfig` only composes them and checks the fields
-that relate sections to each other (`validate_run_config`).
+Each function receives the section it uses, not the whole tree.
 """
 
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from megatron_lcl.config import (ConfigError, LossConfig, ModelConfig, ParallelConfig, PrecisionConfig,
-                                 validate_model_config)
+from megatron_lcl.config.model import LossConfig, ModelConfig, ParallelConfig, PrecisionConfig
 
 
 @dataclass
@@ -92,54 +91,3 @@ class LCLConfig:
 
 def num_microbatches(train: TrainConfig, data: DataConfig, dp_size: int) -> int:
     return train.global_batch_size // (data.micro_batch_size * dp_size)
-
-
-def validate_run_config(cfg: LCLConfig, world_size: Optional[int] = None) -> None:
-    """Fail before start-up with every problem listed, each naming its fields."""
-    errors = []
-
-    def need(cond, msg):
-        if not cond:
-            errors.append(msg)
-
-    try:
-        validate_model_config(cfg.model, cfg.parallel, cfg.precision, cfg.data.seq_length)
-    except ConfigError as e:
-        errors += [line.strip()[2:] for line in str(e).splitlines()[1:]]
-    t, o, d, c = cfg.train, cfg.optimizer, cfg.data, cfg.checkpoint
-    need(d.path is not None, "data.path is required: the prepared shards (tools/prepare_data.py)")
-    need(d.tokenizer is not None, "data.tokenizer is required: a .model from tools/train_tokenizer.py")
-    need(cfg.loss.mode in ("lcl", "gen", "con"), f"loss.mode ({cfg.loss.mode!r}) must be lcl, gen or con")
-    need(t.train_steps > 0, f"train.train_steps ({t.train_steps}) must be > 0")
-    need(d.micro_batch_size > 0, f"data.micro_batch_size ({d.micro_batch_size}) must be > 0")
-    need(o.decay_style in ("cosine", "linear", "constant"),
-         f"optimizer.decay_style ({o.decay_style!r}) must be cosine, linear or constant")
-    need(0 <= o.min_lr <= o.lr, f"optimizer.min_lr ({o.min_lr}) must be in [0, optimizer.lr ({o.lr})]")
-    need(o.warmup_steps >= 0, f"optimizer.warmup_steps ({o.warmup_steps}) must be >= 0")
-    need(d.packing in ("auto", "truncate", "concat", "pack"),
-         f"data.packing ({d.packing!r}) must be auto, truncate, concat or pack")
-    need(cfg.logging.log_interval > 0, f"logging.log_interval ({cfg.logging.log_interval}) must be > 0")
-    need(c.optimizer_format in ("auto", "fully_reshardable", "dp_reshardable"),
-         f"checkpoint.optimizer_format ({c.optimizer_format!r}) must be auto, fully_reshardable or dp_reshardable")
-    need(c.keep_last >= 1, f"checkpoint.keep_last ({c.keep_last}) must be >= 1")
-    need(c.save_interval is None or c.save_interval > 0,
-         f"checkpoint.save_interval ({c.save_interval}) must be > 0 or null")
-    if world_size is not None:
-        errors += _batch_errors(cfg, world_size)
-    if errors:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
-
-
-def _batch_errors(cfg: LCLConfig, world_size: int) -> List[str]:
-    p = cfg.parallel
-    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-    if world_size % model_parallel:
-        return [f"world size ({world_size}) must be divisible by parallel.tensor_model_parallel_size "
-                f"({p.tensor_model_parallel_size}) x parallel.pipeline_model_parallel_size "
-                f"({p.pipeline_model_parallel_size})"]
-    dp = world_size // model_parallel
-    per_step = cfg.data.micro_batch_size * dp
-    if cfg.train.global_batch_size % per_step:
-        return [f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
-                f"data.micro_batch_size ({cfg.data.micro_batch_size}) x data-parallel size ({dp})"]
-    return []

@@ -4,8 +4,7 @@ Public API (imported lazily, so `from megatron_lcl.data.batch import LCLBatch` s
 
     LCLTokenizer(model_path)                       tokenizer.py
     train_tokenizer(texts, model_prefix, vocab_size)
-    build_loader(data_path, tokenizer_path, *, seq_length, image_size, num_image_tokens,
-                 micro_batch_size, dp_rank, dp_size, seed, num_workers, ...)  -> LCLDataLoader
+    build_loader(data: DataConfig, *, image_size, num_image_tokens, dp_rank, dp_size)  -> LCLDataLoader
     LCLDataLoader: iterate for LCLBatch; state_dict() / load_state_dict(); skip_counts()
     prepare(source, inputs, output_dir, images_dir=None, options=None)       prepare.py
     write_corpus(output, num_docs, image_size, seed, ...)                    synthetic.py
@@ -14,7 +13,7 @@ Public API (imported lazily, so `from megatron_lcl.data.batch import LCLBatch` s
 See docs/data.md for formats, rules and commands.
 """
 
-import importlib
+from megatron_lcl.lazy import lazy_getattr
 
 _EXPORTS = {
     "LCLBatch": "batch",
@@ -32,8 +31,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -31,7 +31,7 @@ the state. Use `loader.skip_counts()` for metrics.
 import glob
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import count
 from typing import Iterator, List, Optional, Sequence, Union
 
@@ -39,6 +39,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from megatron_lcl.config import DataConfig
 from megatron_lcl.data import skips as S
 from megatron_lcl.data.batch import LCLBatch
 from megatron_lcl.data.documents import from_wds_sample
@@ -53,26 +54,34 @@ STATE_VERSION = 1
 
 @dataclass(frozen=True)
 class LoaderConfig:
+    """One DP rank's loader: the `data` config section plus what the model and the layout decide.
+
+    `data.packing`: "auto" is the paper's rule per source (MMC4 "truncate", OBELICS/LAION "concat");
+    "truncate": one document per sample; "concat": windows over concatenated documents;
+    "pack": MMC4 documents truncated as in "truncate", then several whole documents per sample.
+    Validation of these values is `megatron_lcl.config.validate`'s (the loader relies on it).
+    """
+
+    data: DataConfig
     shards: tuple  # sorted prepared shard paths
-    tokenizer_path: str
-    seq_length: int
     image_size: int
     num_image_tokens: int
-    micro_batch_size: int
-    dp_rank: int
-    dp_size: int
-    seed: int
-    num_workers: int
-    shuffle_buffer: int = 256
-    # "auto": the paper's rule per source (MMC4 "truncate", OBELICS/LAION "concat");
-    # "truncate": one document per sample; "concat": windows over concatenated documents;
-    # "pack": MMC4 documents truncated as in "truncate", then several whole documents per sample.
-    packing: str = "auto"
+    dp_rank: int = 0
+    dp_size: int = 1
     train_transform: bool = True
 
     @property
     def logical_workers(self) -> int:
-        return max(self.num_workers, 1)
+        return max(self.data.num_workers, 1)
+
+    def fingerprint(self) -> dict:
+        """The settings a saved loader state is only valid for (checked on load)."""
+        d = self.data
+        return {"shards": [os.path.basename(s) for s in self.shards], "seq_length": d.seq_length,
+                "image_size": self.image_size, "num_image_tokens": self.num_image_tokens,
+                "micro_batch_size": d.micro_batch_size, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                "seed": d.seed, "num_workers": d.num_workers, "shuffle_buffer": d.shuffle_buffer,
+                "packing": d.packing, "train_transform": self.train_transform}
 
 
 def find_shards(data_path: Union[str, Sequence[str]]) -> tuple:
@@ -96,7 +105,7 @@ class _WorkerStream:
         self.worker = logical_worker
         self.reader = cfg.dp_rank * cfg.logical_workers + logical_worker
         self.num_readers = cfg.dp_size * cfg.logical_workers
-        self.tokenizer = LCLTokenizer(cfg.tokenizer_path)
+        self.tokenizer = LCLTokenizer(cfg.data.tokenizer)
         self.ids = SpecialIds.of(self.tokenizer)
         self.skips = SkipCounter()  # skips since the last batch handed out
 
@@ -105,12 +114,12 @@ class _WorkerStream:
         cfg = self.cfg
         for epoch in count():
             order = list(cfg.shards)
-            random.Random(f"{cfg.seed}-shards-{epoch}").shuffle(order)
+            random.Random(f"{cfg.data.seed}-shards-{epoch}").shuffle(order)
             split_by_shard = len(order) >= self.num_readers
             mine = order[self.reader::self.num_readers] if split_by_shard else order
-            rng = random.Random(f"{cfg.seed}-buffer-{epoch}-{self.reader}")
+            rng = random.Random(f"{cfg.data.seed}-buffer-{epoch}-{self.reader}")
             seen = 0
-            for shard, sample in _shuffled(self._read(mine, split_by_shard), cfg.shuffle_buffer, rng):
+            for shard, sample in _shuffled(self._read(mine, split_by_shard), cfg.data.shuffle_buffer, rng):
                 seen += 1
                 yield epoch, shard, sample
             if seen == 0 and epoch == 0:
@@ -151,26 +160,26 @@ class _WorkerStream:
             except ValueError as e:
                 self.skips.add(S.BAD_SAMPLE, where, str(e)[:120])
                 continue
-            rng = random.Random(f"{cfg.seed}-{epoch}-{doc.key}")
+            rng = random.Random(f"{cfg.data.seed}-{epoch}-{doc.key}")
             layout = document_layout(doc, rng)
             if not any(kind == "image" for kind, _ in layout):
                 self.skips.add(S.NO_USABLE_IMAGE, where)
                 continue
             usable[epoch] = usable.get(epoch, 0) + 1
-            packing = cfg.packing if cfg.packing != "auto" else ("truncate" if doc.source == "mmc4" else "concat")
+            packing = cfg.data.packing if cfg.data.packing != "auto" else ("truncate" if doc.source == "mmc4" else "concat")
             if packing == "truncate" and slots < fast_forward:
                 slots += 1
                 yield None
                 continue
             segments = tokenize_layout(doc, layout, self.tokenizer, self.ids, cfg.num_image_tokens,
-                                       crop_seed=f"{cfg.seed}-{epoch}-{doc.key}")
+                                       crop_seed=f"{cfg.data.seed}-{epoch}-{doc.key}")
             if packing == "truncate":
                 slots += 1
-                yield truncate_and_pad(segments, cfg.seq_length, self.ids.pad, origin=where)
+                yield truncate_and_pad(segments, cfg.data.seq_length, self.ids.pad, origin=where)
                 continue
             if doc.source not in packers:  # one packer per source keeps sources unmixed
-                packers[doc.source] = (DocumentPacker(cfg.seq_length, self.ids.pad) if packing == "pack" else
-                                       ConcatPacker(cfg.seq_length, self.ids.pad, cfg.num_image_tokens))
+                packers[doc.source] = (DocumentPacker(cfg.data.seq_length, self.ids.pad) if packing == "pack" else
+                                       ConcatPacker(cfg.data.seq_length, self.ids.pad, cfg.num_image_tokens))
             for sample in packers[doc.source].add(segments, origin=where):
                 slots += 1
                 yield sample
@@ -203,7 +212,7 @@ class _WorkerStream:
             if images is None:
                 continue
             pending.append((sample, images))
-            if len(pending) == self.cfg.micro_batch_size:
+            if len(pending) == self.cfg.data.micro_batch_size:
                 batch = collate([s for s, _ in pending], [i for _, i in pending], self.ids,
                                 self.cfg.image_size, self.cfg.num_image_tokens)
                 meta = {"worker": self.worker, "cursor": slot, "skips": self.skips.state_dict(),
@@ -289,9 +298,9 @@ class LCLDataLoader:
         dataset = _StreamDataset(cfg, list(self.cursors), self.batches_consumed % cfg.logical_workers)
         # Our randomness is all seeded explicitly; a private generator keeps torch's DataLoader from
         # drawing its worker base seed from (and so moving) the training process's global RNG.
-        loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
-                            collate_fn=_passthrough, prefetch_factor=2 if cfg.num_workers else None,
-                            generator=torch.Generator().manual_seed(cfg.seed))
+        loader = DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers,
+                            collate_fn=_passthrough, prefetch_factor=2 if cfg.data.num_workers else None,
+                            generator=torch.Generator().manual_seed(cfg.data.seed))
         for batch, meta in loader:
             self.cursors[meta["worker"]] = meta["cursor"]
             received = SkipCounter()
@@ -305,24 +314,18 @@ class LCLDataLoader:
         """{reason: count} of data dropped so far (for metrics); `self.skips.examples` names them."""
         return dict(self.skips.counts)
 
-    def _fingerprint(self) -> dict:
-        fp = asdict(self.cfg)
-        fp["shards"] = [os.path.basename(s) for s in self.cfg.shards]
-        fp.pop("tokenizer_path")
-        return fp
-
     def state_dict(self) -> dict:
         return {
             "version": STATE_VERSION,
             "batches_consumed": self.batches_consumed,
             "cursors": list(self.cursors),
             "skips": self.skips.state_dict(),
-            "config": self._fingerprint(),
+            "config": self.cfg.fingerprint(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         assert state.get("version") == STATE_VERSION, f"unknown data loader state version {state.get('version')}"
-        mine = self._fingerprint()
+        mine = self.cfg.fingerprint()
         diffs = [f"{k}: saved {state['config'].get(k)!r}, now {v!r}" for k, v in mine.items()
                  if state["config"].get(k) != v]
         if diffs:
@@ -333,29 +336,11 @@ class LCLDataLoader:
         self.skips.load_state_dict(state["skips"])
 
 
-def build_loader(
-    data_path: Union[str, Sequence[str]],
-    tokenizer_path: str,
-    *,
-    seq_length: int,
-    image_size: int,
-    num_image_tokens: int,
-    micro_batch_size: int,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    seed: int = 1234,
-    num_workers: int = 2,
-    shuffle_buffer: int = 256,
-    packing: str = "auto",
-    train_transform: bool = True,
-) -> LCLDataLoader:
-    """The training loader for one data-parallel rank (see the module docstring)."""
+def build_loader(data: DataConfig, *, image_size: int, num_image_tokens: int, dp_rank: int = 0,
+                 dp_size: int = 1, train_transform: bool = True) -> LCLDataLoader:
+    """The training loader for one data-parallel rank (see the module docstring). `data` is the run
+    config's data section, validated by `megatron_lcl.config.validate_config` (`data.path`: folders,
+    globs or shard paths of prepared shards; `data.tokenizer`: the sentencepiece model)."""
     assert 0 <= dp_rank < dp_size, f"dp_rank ({dp_rank}) must be in [0, dp_size={dp_size})"
-    assert packing in ("auto", "truncate", "concat", "pack"), (
-        f"packing must be auto|truncate|concat|pack, got {packing!r}")
-    assert num_image_tokens + 2 < seq_length, (
-        f"seq_length ({seq_length}) must exceed num_image_tokens + 2 ({num_image_tokens + 2})")
-    cfg = LoaderConfig(find_shards(data_path), str(tokenizer_path), seq_length, image_size,
-                       num_image_tokens, micro_batch_size, dp_rank, dp_size, seed, num_workers,
-                       shuffle_buffer, packing, train_transform)
-    return LCLDataLoader(cfg)
+    return LCLDataLoader(LoaderConfig(data, find_shards(data.path), image_size, num_image_tokens, dp_rank,
+                                      dp_size, train_transform))

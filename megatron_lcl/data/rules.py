@@ -22,6 +22,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, List, Optional, Tuple
 
+from megatron_lcl.config.validate import min_seq_length
 from megatron_lcl.data.documents import DocImage, Document
 
 MIN_SIMILARITY = 0.24
@@ -150,9 +151,8 @@ class ConcatPacker:
     """
 
     def __init__(self, seq_length: int, pad_id: int, num_image_tokens: int):
-        assert num_image_tokens + 2 < seq_length, (
-            f"an image needs num_image_tokens + 2 = {num_image_tokens + 2} positions; "
-            f"seq_length ({seq_length}) must be larger")
+        assert seq_length >= min_seq_length(num_image_tokens), (  # validated with the config
+            f"seq_length ({seq_length}) is shorter than one image needs ({min_seq_length(num_image_tokens)})")
         self.seq_length, self.pad_id = seq_length, pad_id
         self.current = BuiltSample(tokens=[])
 

@@ -14,7 +14,7 @@ Python API (imported lazily):
 See docs/eval.md.
 """
 
-import importlib
+from megatron_lcl.lazy import lazy_getattr
 
 _EXPORTS = {
     "VisionEncoder": "encoders",
@@ -32,8 +32,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -75,7 +75,7 @@ def load_hf_clip(path: str) -> VisionEncoder:
 
 
 def load_lcl_checkpoint(path: str) -> VisionEncoder:
-    from megatron_lcl.hf.pretrained import load_pretrained
+    from megatron_lcl.checkpoint import load_pretrained
 
     lcl = load_pretrained(path)
     vision = lcl.cfg.model.vision
@@ -107,14 +107,13 @@ def freeze(encoder: VisionEncoder) -> VisionEncoder:
 def random_init_checkpoint(config_path: str, out: str, overrides=(), seed: int = None) -> str:
     """Write a weights-only checkpoint of the model a config describes, at its random initialisation
     (the `random init` row of the loss ablation). Runs in this process (TP=PP=1)."""
-    from megatron_lcl.config import ParallelConfig
-    from megatron_lcl.hf.pretrained import save_model_checkpoint
+    from megatron_lcl.checkpoint import save_weights
+    from megatron_lcl.config import ParallelConfig, load_config
+    from megatron_lcl.models.factory import build_model
     from megatron_lcl.runtime import initialize_distributed, set_seed
-    from megatron_lcl.training.config_io import load_config
-    from megatron_lcl.training.schedule import build_model_stage
 
     cfg = load_config(config_path, list(overrides))
     initialize_distributed(ParallelConfig(), cfg.train.seed if seed is None else seed)
     set_seed(cfg.train.seed if seed is None else seed)
-    model = build_model_stage(cfg.model, ParallelConfig(), cfg.precision)
-    return save_model_checkpoint(model, cfg, out)
+    model = build_model(cfg.model, ParallelConfig(), cfg.precision)
+    return save_weights(model, cfg, out)

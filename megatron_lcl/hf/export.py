@@ -6,7 +6,7 @@ import os
 from safetensors.torch import save_file
 
 from megatron_lcl.hf.convert import build_hf_models, lcl_heads_state
-from megatron_lcl.hf.pretrained import full_state_dict, load_pretrained
+from megatron_lcl.checkpoint.pretrained import full_state_dict, load_pretrained
 from megatron_lcl.hf.tokenizer import export_tokenizer
 
 MODEL_CARD = """# LCL pre-trained vision encoder (megatron_lcl export)

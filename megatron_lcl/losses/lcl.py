@@ -17,7 +17,6 @@ from megatron_lcl.config import LossConfig
 from megatron_lcl.losses.contrastive import contrastive_loss_sum
 from megatron_lcl.losses.generation import generation_loss_sum
 
-LOSS_MODES = ("lcl", "gen", "con")
 
 
 @dataclass
@@ -37,11 +36,10 @@ class LossTerms:
 
 
 class LCLLoss:
-    """Combines the two terms. `dp_group` is the data-parallel group (negatives are gathered over it)."""
+    """Combines the two terms. `dp_group` is the data-parallel group (negatives are gathered over it).
+    `cfg.mode` is one of `megatron_lcl.config.validate.LOSS_MODES` (checked there)."""
 
     def __init__(self, cfg: LossConfig, dp_group: Optional[dist.ProcessGroup] = None):
-        if cfg.mode not in LOSS_MODES:
-            raise ValueError(f"loss.mode ({cfg.mode!r}) must be one of {LOSS_MODES}")
         self.dp_group = dp_group
         self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         self.gen_weight = 0.0 if cfg.mode == "con" else 1.0

@@ -1,4 +1,4 @@
-"""Analytic FLOPs and parameter model of one LCL training step.
+"""The FLOPs and parameter model of the LCL model: analytic counts per group, and counts of a built one.
 
 Counting convention (Kaplan et al. 2020, Chinchilla, PaLM's MFU): a matmul of `[m, k] x [k, n]` is
 2·m·k·n FLOPs; convolutions likewise; elementwise work (norms, softmax, activations, biases,
@@ -16,13 +16,21 @@ so its backward is 1x. The model mirrors `megatron_lcl.models` group by group:
     per image     contrastive  2 logit matrices of [n, N] over e (N = images in the global micro-batch)
 
 tests/test_scaling.py compares this with torch's FlopCounterMode on built
-models; `parameter_counts` matches `count_parameters_by_group` exactly.
+models; `parameter_counts` (analytic) matches `count_parameters_by_group` (of a built model) exactly.
 """
 
 from collections import OrderedDict
 from typing import Optional
 
 from megatron_lcl.config import LMConfig, ModelConfig, VisionConfig, padded_vocab_size
+
+# Parameter groups of an `LCLModel`, by name prefix (a DDP wrapper's `module.` is stripped).
+PARAMETER_GROUPS = OrderedDict([
+    ("vit", ("vision.",)),
+    ("projector", ("projector.",)),
+    ("lm", ("lm.",)),
+    ("heads", ("image_head.", "text_head.")),
+])
 
 # Dense peak FLOP/s per accelerator, for MFU. Pass your own to `mfu` for anything else.
 PEAK_FLOPS_PER_S = {
@@ -77,6 +85,23 @@ def parameter_counts(cfg: ModelConfig, tensor_model_parallel_size: int = 1) -> "
     counts["total"] = sum(counts.values())
     counts["lm_embedding"] = (padded_vocab_size(cfg.lm, tensor_model_parallel_size)
                               + cfg.lm.max_position_embeddings) * cfg.lm.hidden_size
+    return counts
+
+
+def count_parameters_by_group(model) -> "OrderedDict[str, int]":
+    """{group: number of parameters} of a built model on this rank, plus 'total'. The tied output
+    layer counts once."""
+    counts = OrderedDict((g, 0) for g in PARAMETER_GROUPS)
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        name = name.removeprefix("module.")
+        group = next((g for g, prefixes in PARAMETER_GROUPS.items() if name.startswith(prefixes)), None)
+        assert group is not None, f"parameter {name} belongs to no group"
+        counts[group] += p.numel()
+    counts["total"] = sum(counts.values())
     return counts
 
 

@@ -1,5 +1,8 @@
 """The LCL model: ViT + projector + image head on the first stage, OPT LM across stages, text head last.
 
+Architecture only: how stages exchange tensors (v_i carried to the last stage) is the pipeline's
+business (`megatron_lcl.training.pipeline`); a stage exposes `embed`, `decode` and `finish`.
+
 Sequence layout and the batch contract are in `megatron_lcl.data.batch`. For each image j the ViT
 latents `[M, h_v]` are projected to the LM width and fill positions boi_j+1 .. boi_j+M of sample
 `image_sample_index[j]`; v_j comes from attention pooling of the same latents and t_j from the LM
@@ -35,20 +38,6 @@ def image_token_index(image_sample_index, boi_positions, num_image_tokens: int):
     positions = (boi_positions[:, None] + offsets[None, :]).reshape(-1)  # [n*M]
     samples = image_sample_index.repeat_interleave(num_image_tokens)  # [n*M]
     return samples, positions
-
-
-def carry_rows_needed(max_images: int, embed_dim: int, micro_batch_size: int, hidden_size: int) -> int:
-    """K: rows of `[b, h]` that hold up to `max_images` feature vectors of size e between stages."""
-    return max(1, -(-max_images * embed_dim // (micro_batch_size * hidden_size)))
-
-
-def pack_rows(features: torch.Tensor, rows: int, b: int, h: int) -> torch.Tensor:
-    """`[n, e]` -> `[rows, b, h]`, zero padded (differentiable)."""
-    flat = features.reshape(-1)
-    assert flat.numel() <= rows * b * h, (
-        f"{features.shape[0]} images do not fit the {rows} carry rows of the pipeline buffer; "
-        "raise the max images per micro-batch the pipeline is built for")
-    return torch.cat([flat, flat.new_zeros(rows * b * h - flat.numel())]).view(rows, b, h)
 
 
 def contrastive_image_mask(boi_positions: torch.Tensor) -> torch.Tensor:
@@ -97,10 +86,11 @@ class LCLModel(MegatronModule):
         return self.lm.shared_embedding_or_output_weight()
 
     def set_input_tensor(self, input_tensor) -> None:
-        """Called by megatron-core's schedule on every stage but the first: `[s + K, b, h]`."""
+        """Called by megatron-core's schedule on every stage but the first, with what the previous
+        stage sent (the pipeline code in `megatron_lcl.training.pipeline` decides its layout)."""
         if isinstance(input_tensor, (list, tuple)):
             input_tensor = input_tensor[0]
-        self._stage_input = input_tensor
+        self.stage_input = input_tensor
 
     # stages ---------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor):
@@ -125,44 +115,28 @@ class LCLModel(MegatronModule):
         boi_hidden = hidden[boi_positions, image_sample_index]  # [n, h]
         return logits, self.text_head(boi_hidden)
 
-    def forward(self, tokens, position_ids, images, image_sample_index, boi_positions,
-                with_logits: bool = True) -> LCLOutput:
-        """Whole model on one stage (pipeline size 1). Inputs as in `LCLBatch`."""
-        assert self.pre_process and self.post_process, "PP > 1 runs through forward_stage"
-        hidden, image_features = self.embed(tokens, position_ids, images, image_sample_index, boi_positions)
-        self.lm.set_input_tensor(None)
-        hidden = self.lm.decode(hidden)
-        return self._finish(hidden, image_features, image_sample_index, boi_positions, with_logits)
-
-    def forward_stage(self, batch, carry_rows: int, with_logits: bool = True):
-        """One pipeline stage. Returns `[s + K, b, h]` to send on, or `LCLOutput` on the last stage.
-
-        v_i is produced on the first stage but needed on the last, so its `[n, e]` values travel in
-        K = `carry_rows` extra rows appended to the hidden states (zero padded); middle stages pass
-        them through untouched and autograd carries v's gradient back to the ViT. `batch` may be
-        None on middle stages (they need no data).
-        """
+    def decode(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This stage's LM layers (+ final LN on the last stage): `[s, b, h]` -> `[s, b, h]`."""
         if self.pre_process:
-            hidden, image_features = self.embed(batch.tokens, batch.position_ids, batch.images,
-                                                batch.image_sample_index, batch.boi_positions)
             self.lm.set_input_tensor(None)
-            carry = pack_rows(image_features, carry_rows, hidden.shape[1], hidden.shape[2])
-        else:
-            x = self._stage_input  # [s + K, b, h]
-            hidden, carry = x[:-carry_rows], x[-carry_rows:]
-            self.lm.set_input_tensor(hidden)  # TransformerBlock reads it instead of its argument
-            hidden = None
-        hidden = self.lm.decode(hidden)  # [s, b, h]
-        if not self.post_process:
-            return torch.cat([hidden, carry], dim=0)  # [s + K, b, h]
-        n, e = batch.num_images, self.text_head.proj.out_features
-        image_features = carry.reshape(-1)[: n * e].view(n, e)
-        return self._finish(hidden, image_features, batch.image_sample_index, batch.boi_positions,
-                            with_logits)
+            return self.lm.decode(hidden)
+        self.lm.set_input_tensor(hidden)  # megatron-core's TransformerBlock reads it from here
+        return self.lm.decode(None)
 
-    def _finish(self, hidden, image_features, image_sample_index, boi_positions, with_logits):
+    def finish(self, hidden, image_features, image_sample_index, boi_positions,
+               with_logits: bool = True) -> LCLOutput:
+        """Last stage: hidden `[s, b, h]` + v `[n, e]` of all n images -> LCLOutput (L_con images only)."""
         logits, text_features = self.head(hidden, image_sample_index, boi_positions, with_logits)
         valid = contrastive_image_mask(boi_positions)
         return LCLOutput(logits=logits, image_features=image_features[valid],
                          text_features=text_features[valid], logit_scale=self.text_head.scale(),
                          hidden=hidden)
+
+    def forward(self, tokens, position_ids, images, image_sample_index, boi_positions,
+                with_logits: bool = True) -> LCLOutput:
+        """Whole model on one stage (pipeline size 1). Inputs as in `LCLBatch`."""
+        assert self.pre_process and self.post_process, \
+            "with PP > 1 the stages run through megatron_lcl.training.pipeline.forward_stage"
+        hidden, image_features = self.embed(tokens, position_ids, images, image_sample_index, boi_positions)
+        hidden = self.decode(hidden)
+        return self.finish(hidden, image_features, image_sample_index, boi_positions, with_logits)

@@ -42,8 +42,7 @@ def select_transformer_impl(requested: str = "auto", *, cuda: bool = None, te: b
             raise ConfigError("model.transformer_impl=transformer_engine needs CUDA and an importable "
                               "transformer_engine (pip install 'megatron_lcl[gpu]'); use 'local' or 'auto'")
         return TRANSFORMER_ENGINE
-    if requested != "auto":
-        raise ConfigError(f"model.transformer_impl ({requested!r}) must be auto, transformer_engine or local")
+    assert requested == "auto", f"model.transformer_impl ({requested!r}): see megatron_lcl.config.validate"
     return TRANSFORMER_ENGINE if (cuda and te) else LOCAL
 
 

@@ -3,7 +3,8 @@
 This is the ONE place in megatron_lcl that patches torch or megatron-core. It is switched on by
 `megatron_lcl.runtime.distributed` only when CUDA is absent, and is a no-op otherwise.
 
-megatron-core assumes CUDA in a handful of places (measured with mcore 0.16.1, see DESIGN.md):
+megatron-core assumes CUDA in a handful of places (measured with megatron-core 0.16.1; its other version
+adaptations are in `mcore_compat.py`):
 - the tensor-parallel RNG tracker reads and writes CUDA generator states;
 - `torch.cuda.current_device / synchronize / current_stream` are called directly;
 - `device="cuda"` literals in the pipeline schedules, attention-mask helpers and buffers;
@@ -86,7 +87,3 @@ def enable_cpu_runtime() -> None:
 
     _CudaToCpuMode().__enter__()  # stays pushed for the life of the process
     _ENABLED = True
-
-
-def cpu_runtime_enabled() -> bool:
-    return _ENABLED

@@ -9,10 +9,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_lcl.config import ParallelConfig
+from megatron_lcl.runtime.layout import ParallelLayout
 
 
-def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10) -> None:
-    """Initialise torch.distributed (from RANK/WORLD_SIZE/MASTER_ADDR/...) and megatron-core's groups.
+def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10) -> ParallelLayout:
+    """Initialise torch.distributed (from RANK/WORLD_SIZE/MASTER_ADDR/...) and megatron-core's groups;
+    returns this process's `ParallelLayout`.
 
     On a machine without CUDA this switches on the CPU runtime and uses gloo; with CUDA it binds the
     process to LOCAL_RANK's GPU and uses nccl. Safe to call in a single process without torchrun.
@@ -35,6 +37,7 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_m
         else:
             dist.init_process_group(backend=backend, timeout=timeout)  # torchrun's env://
     initialize_model_parallel(parallel, seed)
+    return ParallelLayout.current()
 
 
 def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
@@ -74,12 +77,13 @@ def set_seed(seed: int) -> None:
 
 
 def destroy_distributed() -> None:
+    if not dist.is_initialized():
+        return
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 def free_port() -> int:

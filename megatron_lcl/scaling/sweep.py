@@ -44,10 +44,11 @@ from typing import Callable, Dict, List, Optional
 
 import yaml
 
-from megatron_lcl.scaling.flops import flops_per_sample, parameter_counts, training_flops
+from megatron_lcl.checkpoint.run_dir import read_metrics
+from megatron_lcl.models.flops import flops_per_sample, parameter_counts, training_flops
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PRETRAIN = os.path.join(REPO_ROOT, "pretrain_lcl.py")
+DRIVER = "megatron_lcl.train"  # the module pretrain_lcl.py runs
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for tools/sweep.py
 FINISHED = ("ok", "diverged")
 EXIT_STATUS = {0: "ok", 1: "diverged", 2: "config_error"}
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -144,7 +145,7 @@ def _steps_for(spec: SweepSpec, budget: dict, overrides: List[str]) -> int:
     """train_steps of a budget; a FLOPs budget is divided by the point's FLOPs per step."""
     if "train_steps" in budget:
         return int(budget["train_steps"])
-    from megatron_lcl.training.config_io import load_config
+    from megatron_lcl.config import load_config
 
     cfg = load_config(spec.base_config, overrides)
     per_step = flops_per_sample(cfg.model, cfg.data.seq_length, spec.images_per_sample) * budget["global_batch_size"]
@@ -175,7 +176,7 @@ def expand_points(spec: SweepSpec) -> List[SweepPoint]:
 
 def write_point_config(point: SweepPoint, spec: SweepSpec):
     """The point's resolved config (presets and overrides applied), as a YAML the driver can run."""
-    from megatron_lcl.training.config_io import load_config, save_config
+    from megatron_lcl.config import load_config, save_config
 
     cfg = load_config(spec.base_config, point.overrides + [f"run_dir={point.run_dir}"])
     os.makedirs(os.path.dirname(point.config_path), exist_ok=True)
@@ -193,14 +194,13 @@ def run_point(config_path: str, overrides: List[str], run_dir: str, nproc: int =
     """
     argv = ["--config", config_path, f"run_dir={run_dir}", *overrides]
     if nproc == 1:
-        cmd = [sys.executable, PRETRAIN, *argv]
+        cmd = [sys.executable, "-m", DRIVER, *argv]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               PRETRAIN, *argv]
+               "-m", DRIVER, *argv]
     # A point is its own job: drop torch.distributed variables this process may carry (e.g. a
     # MASTER_PORT its own process group is bound to), so the child picks fresh ones.
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith("TORCHELASTIC_")}
-    env.update(PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.run(cmd, env=env, cwd=os.getcwd()).returncode
 
@@ -267,7 +267,7 @@ def run_sweep(spec: SweepSpec, runner: Runner = run_point, only: Optional[List[i
 def backfill_eval(spec: SweepSpec, only: Optional[List[int]] = None, log=print) -> List[dict]:
     """Run the eval_command on finished points whose row has no probe accuracy yet (e.g. points
     trained before an evaluation was configured) and append their updated rows."""
-    from megatron_lcl.training.config_io import load_config
+    from megatron_lcl.config import load_config
 
     assert spec.eval_command, "the spec has no eval_command"
     latest = {r["point"]: r for r in read_results(spec.results_csv)}
@@ -314,14 +314,6 @@ def _point_lock(spec: SweepSpec, point: SweepPoint):
 
 # ---------------------------------------------------------------------------------- results
 
-def read_metrics(run_dir: str) -> List[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def read_probe_accuracy(run_dir: str) -> Optional[float]:
     """Top-1 in [0, 1] from RUN_DIR/probe.json (written by the spec's eval_command), else None.
 
@@ -349,7 +341,7 @@ def final_losses(rows: List[dict], window: float) -> Dict[str, float]:
 
 def collect_result(point: SweepPoint, cfg, spec: SweepSpec, status: str, wall_s: float) -> dict:
     """One CSV row: sizes, parameter counts, FLOPs, consumed data and final loss terms of a point."""
-    rows = read_metrics(point.run_dir)
+    rows = read_metrics(point.run_dir, missing_ok=True)
     m, d, t = cfg.model, cfg.data, cfg.train
     tp = cfg.parallel.tensor_model_parallel_size
     params = parameter_counts(m, tp)

@@ -1,1 +1,2 @@
-"""Training: forward/backward steps, the driver, checkpoints, logging."""
+"""Training: the `Trainer`, the vision-language pipeline (`pipeline.py`), the optimizer and its LR
+schedule (`optim.py`), metrics and preemption signals. The driver is `megatron_lcl.train`."""

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from megatron_lcl.checkpoint.run_dir import METRICS, TENSORBOARD, run_path
+
 
 def singular_value_stats(features: torch.Tensor) -> dict:
     """Collapse monitor for features `[n, e]` (the normalised v_i of a global batch).
@@ -38,14 +40,14 @@ class MetricsWriter:
     """
 
     def __init__(self, run_dir: str, start_step: int, tensorboard: bool = True):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = run_path(run_dir, METRICS)
         _truncate_after(self.path, start_step)
         self.file = open(self.path, "a")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1)
+            self.tb = SummaryWriter(run_path(run_dir, TENSORBOARD), purge_step=start_step + 1)
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")

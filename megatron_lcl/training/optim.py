@@ -1,23 +1,31 @@
-"""Optimizer and learning-rate schedule, both megatron-core's.
+"""The optimizer and its learning-rate schedule, both megatron-core's (as lingua's `optim.py`).
 
-AdamW (decoupled weight decay; no decay on biases and parameters with < 2 dims, see
-`megatron_lcl.training.optimizer`), gradient
-clipping by global norm, the distributed optimizer as an option, cosine (or linear) decay after a
-linear warmup (`OptimizerParamScheduler`).
+AdamW with decoupled weight decay, gradient clipping by global norm, the distributed optimizer as an
+option, and cosine (or linear) decay after a linear warmup (`OptimizerParamScheduler`).
+
+Weight decay: none on biases and on parameters with fewer than 2 dimensions (norms, layer-scale, the
+class/position/query tokens and the 0-D `logit_scale`, as open_clip). megatron-core's default rule
+(`len(shape) == 1`) would decay the 0-D temperature, so the rule is given as an override.
 """
 
 import math
 
 import torch
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
-from megatron_lcl.config import ParallelConfig, PrecisionConfig
-from megatron_lcl.training.config import OptimizerConfig, TrainConfig
-from megatron_lcl.training.optimizer import build_optimizer as build_megatron_optimizer
+from megatron_lcl.config import OptimizerConfig, ParallelConfig, PrecisionConfig, TrainConfig
+
+
+def no_weight_decay_overrides() -> dict:
+    key = ParamKey(name="*.bias", predicate=ParamPredicate(name="ndim_lt_2", fn=lambda p: p.dim() < 2))
+    return {key: ParamGroupOverride(wd_mult=0.0)}
 
 
 def build_optimizer(ddp_model, cfg: OptimizerConfig, parallel: ParallelConfig, precision: PrecisionConfig):
+    """`get_megatron_optimizer` over the DDP-wrapped model, with the weight-decay rule above."""
     bf16 = precision.params_dtype == "bf16"
     mcore_cfg = McoreOptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
@@ -25,7 +33,7 @@ def build_optimizer(ddp_model, cfg: OptimizerConfig, parallel: ParallelConfig, p
         clip_grad=cfg.clip_grad, decoupled_weight_decay=True,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32)
-    return build_megatron_optimizer(mcore_cfg, [ddp_model])
+    return get_megatron_optimizer(mcore_cfg, [ddp_model], config_overrides=no_weight_decay_overrides())
 
 
 def build_scheduler(optimizer, cfg: OptimizerConfig, train: TrainConfig) -> OptimizerParamScheduler:

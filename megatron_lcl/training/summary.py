@@ -4,14 +4,9 @@
 """
 
 import argparse
-import json
-import os
 from typing import List
 
-
-def read_metrics(run_dir: str) -> List[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from megatron_lcl.checkpoint.run_dir import read_metrics
 
 
 def summary_text(rows: List[dict]) -> str:

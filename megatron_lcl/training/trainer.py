@@ -20,21 +20,18 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
-from megatron_lcl.config import section_to_dict
+from megatron_lcl import checkpoint as ckpt
+from megatron_lcl.config import LCLConfig, num_microbatches, save_config, section_to_dict, validate_config
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.losses.contrastive import gather_rows
-from megatron_lcl.models.params import count_parameters_by_group
+from megatron_lcl.models.factory import build_model
+from megatron_lcl.models.flops import count_parameters_by_group, throughput_metrics
 from megatron_lcl.runtime import initialize_distributed
-from megatron_lcl.scaling.flops import throughput_metrics
-from megatron_lcl.training import checkpointing as ckpt
-from megatron_lcl.training.config import LCLConfig, num_microbatches, validate_run_config
-from megatron_lcl.training.config_io import save_config
 from megatron_lcl.training.metrics import MetricsWriter, ProgressLine, singular_value_stats
 from megatron_lcl.training.optim import (build_optimizer, build_scheduler, clamp_logit_scale, current_lr,
                                          drop_path_rate_at)
-from megatron_lcl.training.schedule import PipelineShape, build_model_stage, forward_backward, wrap_ddp
+from megatron_lcl.training.pipeline import PipelineShape, forward_backward, wrap_ddp
 from megatron_lcl.training.signals import StopRequest
 
 # Values summed over the world each step. Each is contributed by the ranks named in `_step_stats`.
@@ -73,7 +70,7 @@ def record_launch(run_dir: str, start_step: int, world_size: int) -> None:
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "start_step": start_step, "world_size": world_size,
            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "argv": sys.argv,
            "git_commit": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain", "-uno"))}
-    with open(os.path.join(run_dir, "launches.jsonl"), "a") as f:
+    with open(ckpt.run_path(run_dir, ckpt.LAUNCHES), "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
@@ -95,20 +92,19 @@ class Trainer:
     # ---------------------------------------------------------------------------------- set-up
     def setup(self) -> "Trainer":
         cfg = self.cfg
-        initialize_distributed(cfg.parallel, cfg.train.seed)
-        validate_run_config(cfg, dist.get_world_size())
-        self.dp_size = ps.get_data_parallel_world_size()
-        self.num_microbatches = num_microbatches(cfg.train, cfg.data, self.dp_size)
-        self.model = build_model_stage(cfg.model, cfg.parallel, cfg.precision)
+        self.layout = layout = initialize_distributed(cfg.parallel, cfg.train.seed)
+        validate_config(cfg, layout.world_size)
+        self.num_microbatches = num_microbatches(cfg.train, cfg.data, layout.dp_size)
+        self.model = build_model(cfg.model, cfg.parallel, cfg.precision, first_stage=layout.is_first_stage,
+                                 last_stage=layout.is_last_stage)
         self.ddp = wrap_ddp(self.model, cfg.parallel)
         self.optimizer = build_optimizer(self.ddp, cfg.optimizer, cfg.parallel, cfg.precision)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.train)
-        self.loss_fn = LCLLoss(cfg.loss, ps.get_data_parallel_group())
-        max_images = cfg.data.seq_length // (cfg.model.vision.num_image_tokens + 2)
-        self.shape = PipelineShape.for_model(cfg.model, cfg.data.seq_length, cfg.data.micro_batch_size, max_images)
-        if ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage():
+        self.loss_fn = LCLLoss(cfg.loss, layout.dp_group)
+        self.shape = PipelineShape.for_model(cfg.model, cfg.data.seq_length, cfg.data.micro_batch_size)
+        if layout.needs_data:
             self.loader = self.build_loader()
-        if ps.is_pipeline_first_stage():
+        if layout.is_first_stage:
             self.model.image_head.register_forward_hook(self._capture_image_features)
         self.maybe_resume()
         self.data_iter = iter(self.loader) if self.loader is not None else None
@@ -128,14 +124,12 @@ class Trainer:
         if vocab > self.cfg.model.lm.vocab_size:
             raise ValueError(f"data.tokenizer ({d.tokenizer}) has {vocab} tokens, more than "
                              f"model.lm.vocab_size ({self.cfg.model.lm.vocab_size})")
-        return build_loader(d.path, d.tokenizer, seq_length=d.seq_length, image_size=v.image_size,
-                            num_image_tokens=v.num_image_tokens, micro_batch_size=d.micro_batch_size,
-                            dp_rank=ps.get_data_parallel_rank(), dp_size=self.dp_size, seed=d.seed,
-                            num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, packing=d.packing)
+        return build_loader(d, image_size=v.image_size, num_image_tokens=v.num_image_tokens,
+                            dp_rank=self.layout.dp_rank, dp_size=self.layout.dp_size)
 
     @property
     def checkpoint_root(self) -> str:
-        return os.path.join(self.cfg.run_dir, "checkpoints")
+        return ckpt.checkpoints_dir(self.cfg.run_dir)
 
     def maybe_resume(self) -> None:
         c = self.cfg.checkpoint
@@ -145,7 +139,7 @@ class Trainer:
             if c.load:
                 raise FileNotFoundError(f"checkpoint.load ({c.load}) holds no checkpoint yet")
             return
-        meta = ckpt.load_checkpoint(found, self.model, self.optimizer, self.scheduler, self.loader,
+        meta = ckpt.load_checkpoint(found, self.model, self.optimizer, self.scheduler, self.loader, self.layout,
                                     load_optimizer=c.load_optimizer, load_data_state=c.load_data_state,
                                     log=log0)
         self.state = TrainState(**meta.get("train_state", {}))  # weights-only: start at step 0
@@ -153,18 +147,18 @@ class Trainer:
         log0(f"resumed from {found} at step {self.state.step}")
 
     def write_run_dir(self) -> None:
-        if dist.get_rank() != 0:
+        if self.layout.rank != 0:
             return
         os.makedirs(self.cfg.run_dir, exist_ok=True)
-        save_config(self.cfg, os.path.join(self.cfg.run_dir, "config.yaml"))
-        record_launch(self.cfg.run_dir, self.state.step, dist.get_world_size())
+        save_config(self.cfg, ckpt.run_path(self.cfg.run_dir, ckpt.CONFIG))
+        record_launch(self.cfg.run_dir, self.state.step, self.layout.world_size)
         self.writer = MetricsWriter(self.cfg.run_dir, self.state.step, self.cfg.logging.tensorboard)
         self.progress = ProgressLine(self.cfg.train.train_steps, self.state.step)
         counts = count_parameters_by_group(self.model)
-        log0(f"run dir {self.cfg.run_dir} | world {dist.get_world_size()} = TP "
-             f"{self.cfg.parallel.tensor_model_parallel_size} x PP {self.cfg.parallel.pipeline_model_parallel_size}"
-             f" x DP {self.dp_size} | {self.num_microbatches} micro-batch(es) of {self.cfg.data.micro_batch_size}"
-             f" per step | parameters on rank 0: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+        log0(f"run dir {self.cfg.run_dir} | world {self.layout.world_size} = TP {self.layout.tp_size} x PP "
+             f"{self.layout.pp_size} x DP {self.layout.dp_size} | {self.num_microbatches} micro-batch(es) of "
+             f"{self.cfg.data.micro_batch_size} per step | parameters on rank 0: "
+             + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
     # ---------------------------------------------------------------------------------- one step
     def next_batches(self) -> Optional[list]:
@@ -181,12 +175,12 @@ class Trainer:
         cfg = self.cfg
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        if ps.is_pipeline_first_stage():
+        if self.layout.is_first_stage:
             self.model.vision.set_drop_path_rate(drop_path_rate_at(
                 self.state.step, cfg.model.vision.drop_path_rate, cfg.train.drop_path_ramp_steps))
         self._captured = [] if collect_features and cfg.logging.collapse_monitor else None
         per_micro = forward_backward(self.ddp, iter(batches) if batches is not None else None,
-                                     self.num_microbatches, self.loss_fn, self.shape)
+                                     self.num_microbatches, self.loss_fn, self.shape, self.layout)
         stats = self._step_stats(per_micro, batches)
         self._captured = None
         stats["skipped"] = not math.isfinite(stats["loss"])
@@ -205,9 +199,9 @@ class Trainer:
 
     def _step_stats(self, per_micro: List[dict], batches: Optional[list]) -> dict:
         """Sum one vector over the world: each value comes from the ranks that own it (zeros elsewhere)."""
-        tp0, dp0 = ps.get_tensor_model_parallel_rank() == 0, ps.get_data_parallel_rank() == 0
+        layout, dp0 = self.layout, self.layout.dp_rank == 0
         local = dict.fromkeys(STAT_KEYS, 0.0)
-        if ps.is_pipeline_last_stage() and tp0 and dp0:  # loss terms are already global over DP
+        if layout.is_last_stage and layout.is_logging_rank:  # loss terms are already global over DP
             n = len(per_micro)
             for key, src in (("loss", "loss"), ("lm_loss", "lm_loss"), ("con_loss", "con_loss"),
                              ("con_top1", "con_top1")):
@@ -215,7 +209,7 @@ class Trainer:
             local["text_tokens"] = sum(float(m["num_text_tokens"]) for m in per_micro)
             local["con_images"] = sum(float(m["num_images"]) for m in per_micro)
             local["logit_scale"] = float(self.model.text_head.scale())
-        if ps.is_pipeline_first_stage() and tp0:  # this DP rank's share of the counts
+        if layout.is_first_stage and layout.tp_rank == 0:  # this DP rank's share of the counts
             local["images"] = float(sum(b.num_images for b in batches))
             if self._captured is not None:
                 local.update(self._collapse_stats(dp0))
@@ -227,7 +221,7 @@ class Trainer:
     def _collapse_stats(self, dp0: bool) -> dict:
         """Effective rank of the normalised v_i of the whole step, gathered over the DP group."""
         local = torch.cat(self._captured) if self._captured else torch.zeros(0, self.cfg.model.heads.embed_dim)
-        features, _, _ = gather_rows(local, ps.get_data_parallel_group())
+        features, _, _ = gather_rows(local, self.layout.dp_group)
         return singular_value_stats(features) if dp0 else {}
 
     # ---------------------------------------------------------------------------------- the loop
@@ -296,7 +290,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- outputs
     def log(self, stats: dict, window: "_Window", data_skips: dict) -> None:
-        if dist.get_rank() != 0:
+        if self.layout.rank != 0:
             return
         row = {"step": self.state.step, **{k: v for k, v in asdict(self.state).items() if k != "step"}}
         row.pop("consecutive_nonfinite")
@@ -311,7 +305,7 @@ class Trainer:
         images_per_step = window.images / max(window.steps, 1)
         row.update(throughput_metrics(self.cfg.model, self.cfg.data.seq_length, self.cfg.train.global_batch_size,
                                       images_per_step, row["step_time_s"], self.cfg.logging.peak_flops_per_s,
-                                      dist.get_world_size(), loss_mode=self.cfg.loss.mode))
+                                      self.layout.world_size, loss_mode=self.cfg.loss.mode))
         row.update({f"skipped/{k}": v for k, v in sorted(data_skips.items())})
         self.writer.write(row)
         if self.cfg.logging.console:
@@ -322,10 +316,10 @@ class Trainer:
 
     def gather_data_skips(self) -> dict:
         """{reason: count} of data the loaders dropped so far, summed over DP ranks (valid on rank 0)."""
-        if not (ps.is_pipeline_first_stage() and ps.get_tensor_model_parallel_rank() == 0):
+        if not (self.layout.is_first_stage and self.layout.tp_rank == 0):
             return {}
-        counts = [None] * self.dp_size
-        dist.all_gather_object(counts, self.loader.skip_counts(), group=ps.get_data_parallel_group())
+        counts = [None] * self.layout.dp_size
+        dist.all_gather_object(counts, self.loader.skip_counts(), group=self.layout.dp_group)
         total = {}
         for c in counts:
             for reason, n in c.items():
@@ -338,7 +332,7 @@ class Trainer:
         meta = {"train_state": asdict(self.state), "config": section_to_dict(self.cfg)}
         path = ckpt.save_checkpoint(self.checkpoint_root, self.state.step, self.model, self.optimizer,
                                     self.scheduler, self.loader, meta, self.cfg.checkpoint.keep_last,
-                                    self.cfg.checkpoint.optimizer_format)
+                                    self.layout, self.cfg.checkpoint.optimizer_format)
         self._last_saved_step = self.state.step
         log0(f"saved checkpoint {path}")
 

@@ -13,6 +13,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from megatron_lcl.config import DataConfig
+from megatron_lcl.data.loader import build_loader
 from megatron_lcl.data.prepare import PrepareOptions, prepare
 from megatron_lcl.data.skips import SkipCounter
 from megatron_lcl.data.sources import read_mmc4
@@ -92,3 +94,11 @@ def loader_kwargs(tokenizer_path):
     return dict(tokenizer_path=tokenizer_path, seq_length=SEQ_LENGTH, image_size=IMAGE_SIZE,
                 num_image_tokens=NUM_IMAGE_TOKENS, micro_batch_size=3, seed=7, num_workers=0,
                 shuffle_buffer=16)
+
+
+def make_loader(path, *, tokenizer_path, image_size, num_image_tokens, dp_rank=0, dp_size=1,
+                train_transform=True, **data_fields):
+    """`build_loader` from `loader_kwargs`-style keywords: the data-section ones go into a DataConfig."""
+    data = DataConfig(path=[str(path)], tokenizer=tokenizer_path, **data_fields)
+    return build_loader(data, image_size=image_size, num_image_tokens=num_image_tokens, dp_rank=dp_rank,
+                        dp_size=dp_size, train_transform=train_transform)

@@ -8,10 +8,10 @@ import torch
 import webdataset as wds
 
 from megatron_lcl.data.documents import DocImage, Document, to_wds_sample
-from megatron_lcl.data.loader import _WorkerStream, build_loader
+from megatron_lcl.data.loader import _WorkerStream
 from megatron_lcl.data.tokenizer import LCLTokenizer
 from megatron_lcl.data.transforms import CLIP_MEAN, decode_image, eval_transform, train_transform
-from data_helpers import IMAGE_SIZE, NUM_IMAGE_TOKENS, SEQ_LENGTH, jpeg_bytes
+from data_helpers import IMAGE_SIZE, NUM_IMAGE_TOKENS, SEQ_LENGTH, jpeg_bytes, make_loader
 from data_helpers import loader_kwargs, prepared_mmc4, synthetic_mmc4, tokenizer_path  # noqa: F401 (fixtures)
 
 
@@ -29,7 +29,7 @@ def assert_same_batches(a, b):
 
 def test_batch_contract(prepared_mmc4, loader_kwargs):
     tok = LCLTokenizer(loader_kwargs["tokenizer_path"])
-    batches = take(build_loader(prepared_mmc4, **loader_kwargs), 6)
+    batches = take(make_loader(prepared_mmc4, **loader_kwargs), 6)
     b, s = 3, SEQ_LENGTH
     for batch in batches:
         batch.validate(NUM_IMAGE_TOKENS)
@@ -53,10 +53,10 @@ def test_batch_contract(prepared_mmc4, loader_kwargs):
 
 
 def test_deterministic_for_a_seed(prepared_mmc4, loader_kwargs):
-    a = take(build_loader(prepared_mmc4, **loader_kwargs), 4)
-    b = take(build_loader(prepared_mmc4, **loader_kwargs), 4)  # e.g. the other TP rank of the replica
+    a = take(make_loader(prepared_mmc4, **loader_kwargs), 4)
+    b = take(make_loader(prepared_mmc4, **loader_kwargs), 4)  # e.g. the other TP rank of the replica
     assert_same_batches(a, b)
-    c = take(build_loader(prepared_mmc4, **dict(loader_kwargs, seed=8)), 4)
+    c = take(make_loader(prepared_mmc4, **dict(loader_kwargs, seed=8)), 4)
     assert not torch.equal(a[0].tokens, c[0].tokens)
 
 
@@ -65,14 +65,14 @@ def test_dp_split_disjoint_and_covering(prepared_mmc4, loader_kwargs, dp_size, n
     all_keys = None
     seen = []
     for rank in range(dp_size):
-        loader = build_loader(prepared_mmc4, **dict(loader_kwargs, dp_rank=rank, dp_size=dp_size,
+        loader = make_loader(prepared_mmc4, **dict(loader_kwargs, dp_rank=rank, dp_size=dp_size,
                                                     num_workers=num_workers))
         for w in range(num_workers):
             keys = [raw["__key__"] for epoch, _, raw in
                     itertools.takewhile(lambda x: x[0] == 0, _WorkerStream(loader.cfg, w).documents())]
             seen.append(keys)
         if all_keys is None:
-            ref = build_loader(prepared_mmc4, **loader_kwargs)
+            ref = make_loader(prepared_mmc4, **loader_kwargs)
             all_keys = [raw["__key__"] for epoch, _, raw in
                         itertools.takewhile(lambda x: x[0] == 0, _WorkerStream(ref.cfg, 0).documents())]
     flat = [k for keys in seen for k in keys]
@@ -83,7 +83,7 @@ def test_dp_split_disjoint_and_covering(prepared_mmc4, loader_kwargs, dp_size, n
 def test_dp_ranks_get_different_documents_end_to_end(prepared_mmc4, loader_kwargs):
     origins = []
     for rank in range(2):
-        loader = build_loader(prepared_mmc4, **dict(loader_kwargs, dp_rank=rank, dp_size=2))
+        loader = make_loader(prepared_mmc4, **dict(loader_kwargs, dp_rank=rank, dp_size=2))
         mine = set()
         for _ in itertools.islice(iter(loader), 5):
             mine |= {o for sample in loader.last_batch_origins for o in sample}
@@ -95,24 +95,24 @@ def test_dp_ranks_get_different_documents_end_to_end(prepared_mmc4, loader_kwarg
                          [(2, "auto", 3), (2, "auto", 4), (0, "concat", 5), (2, "pack", 3), (0, "auto", 27)])
 def test_exact_resume(prepared_mmc4, loader_kwargs, num_workers, packing, consumed):
     kwargs = dict(loader_kwargs, num_workers=num_workers, packing=packing)
-    uninterrupted = take(build_loader(prepared_mmc4, **kwargs), consumed + 8)
-    first = build_loader(prepared_mmc4, **kwargs)
+    uninterrupted = take(make_loader(prepared_mmc4, **kwargs), consumed + 8)
+    first = make_loader(prepared_mmc4, **kwargs)
     assert_same_batches(take(first, consumed), uninterrupted[:consumed])
     state = first.state_dict()
     assert state["batches_consumed"] == consumed
-    resumed = build_loader(prepared_mmc4, **kwargs)
+    resumed = make_loader(prepared_mmc4, **kwargs)
     resumed.load_state_dict(state)
     assert_same_batches(take(resumed, 4), uninterrupted[consumed:consumed + 4])
-    again = build_loader(prepared_mmc4, **kwargs)  # resuming a resumed run
+    again = make_loader(prepared_mmc4, **kwargs)  # resuming a resumed run
     again.load_state_dict(resumed.state_dict())
     assert_same_batches(take(again, 4), uninterrupted[consumed + 4:])
     # (0, "auto", 27): ~70 documents per epoch, 27 batches of 3 resume across an epoch boundary.
 
 
 def test_state_from_other_settings_is_refused(prepared_mmc4, loader_kwargs):
-    loader = build_loader(prepared_mmc4, **loader_kwargs)
+    loader = make_loader(prepared_mmc4, **loader_kwargs)
     take(loader, 1)
-    other = build_loader(prepared_mmc4, **dict(loader_kwargs, dp_size=2))
+    other = make_loader(prepared_mmc4, **dict(loader_kwargs, dp_size=2))
     with pytest.raises(ValueError, match="dp_size"):
         other.load_state_dict(loader.state_dict())
 
@@ -129,7 +129,7 @@ def test_bad_samples_in_shards_are_counted_and_named(tmp_path, loader_kwargs):
         sink.write({"__key__": "nojson", "json": b"{broken", "img0.jpg": jpeg_bytes()})
         sink.write(to_wds_sample(Document("lowsim", "mmc4", ["t"], [DocImage(data=jpeg_bytes(), matched_text_index=0,
                                                                              matched_sim=0.1)], "src:lowsim")))
-    loader = build_loader(str(tmp_path), **dict(loader_kwargs, micro_batch_size=2, shuffle_buffer=0))
+    loader = make_loader(str(tmp_path), **dict(loader_kwargs, micro_batch_size=2, shuffle_buffer=0))
     # 6 good documents (3 batches) per epoch; the bad ones come last in the shard, so their skips
     # arrive with the first batch of the next epoch: batch 4 carries epoch 0's, batch 7 epoch 1's.
     batches = take(loader, 7)
@@ -176,7 +176,7 @@ def test_obelics_and_laion_end_to_end(tmp_path, loader_kwargs):
     for source, inputs in (("obelics", [str(tmp_path / "obelics.jsonl")]), ("laion", [str(tmp_path / "00000.tar")])):
         out = str(tmp_path / f"prepared_{source}")
         prepare(source, inputs, out, progress=False)
-        loader = build_loader(out, **loader_kwargs)
+        loader = make_loader(out, **loader_kwargs)
         batches = take(loader, 5)
         for batch in batches:
             batch.validate(NUM_IMAGE_TOKENS)
@@ -192,7 +192,7 @@ def test_unusable_data_fails_loudly_instead_of_spinning(tmp_path, loader_kwargs)
     with wds.TarWriter(str(tmp_path / "shard-000000.tar")) as sink:
         sink.write({"__key__": "nojson", "json": b"{broken"})
     with pytest.raises(RuntimeError, match="no usable document"):
-        take(build_loader(str(tmp_path), **loader_kwargs), 1)
+        take(make_loader(str(tmp_path), **loader_kwargs), 1)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -200,5 +200,5 @@ def test_loader_leaves_the_global_rng_alone(prepared_mmc4, loader_kwargs, num_wo
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    take(build_loader(prepared_mmc4, **dict(loader_kwargs, num_workers=num_workers)), 2)
+    take(make_loader(prepared_mmc4, **dict(loader_kwargs, num_workers=num_workers)), 2)
     assert torch.equal(torch.rand(3), expected)

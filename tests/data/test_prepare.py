@@ -93,8 +93,6 @@ def test_laion_prepare(tmp_path):
 
 
 def test_cli_prints_summary(tmp_path, synthetic_mmc4, capsys):
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
     import prepare_data
 
     prepare_data.main(["--format", "mmc4", "--input", synthetic_mmc4, "--output", str(tmp_path / "o"),

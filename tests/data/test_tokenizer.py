@@ -31,10 +31,7 @@ def test_tiny_vocab_trains(tmp_path):
 
 
 def test_train_tokenizer_cli(tmp_path, synthetic_mmc4, capsys):
-    import os
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
     import train_tokenizer as cli
 
     cli.main(["--format", "mmc4", "--input", synthetic_mmc4, "--output", str(tmp_path / "tok" / "lcl"),

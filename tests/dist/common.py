@@ -2,14 +2,14 @@
 
 import argparse
 import os
-import warnings
 
 import torch
 import torch.distributed as dist
 
-warnings.filterwarnings("ignore")
+from megatron_lcl.config import HeadsConfig, LMConfig, ModelConfig, VisionConfig
+from megatron_lcl.runtime.mcore_compat import filter_known_warnings
 
-from megatron_lcl.config import HeadsConfig, LMConfig, ModelConfig, VisionConfig  # noqa: E402
+filter_known_warnings()  # the check scripts import megatron.core after this module
 
 
 def tiny_model_config(**vision_overrides) -> ModelConfig:

@@ -10,13 +10,13 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from common import gather_cat, named_full, parse_out_dir, save_rank0, tiny_model_config
 from megatron_lcl.config import LossConfig, ParallelConfig
-from megatron_lcl.hf.pretrained import save_model_checkpoint
-from megatron_lcl.training.config import LCLConfig
+from megatron_lcl.checkpoint import save_weights
+from megatron_lcl.config import LCLConfig
 from megatron_lcl.losses import LCLLoss, contrastive_loss_sum
 from megatron_lcl.models.lcl_model import LCLModel
 from megatron_lcl.runtime import initialize_distributed, initialize_model_parallel, set_seed
 from megatron_lcl.testing import random_batch, slice_batch
-from megatron_lcl.training.step import forward_loss
+from megatron_lcl.training.pipeline import forward_loss
 
 SEED = 1234
 CFG = tiny_model_config()
@@ -61,7 +61,7 @@ def run_tp2(out):
         logits = model(BATCH.tokens, BATCH.position_ids, BATCH.images, BATCH.image_sample_index,
                        BATCH.boi_positions).logits
     full_logits = gather_cat(logits, tp, dim=-1).transpose(0, 1)  # [s, b, v/tp] -> [b, s, v]
-    save_model_checkpoint(model, LCLConfig(model=CFG), f"{out}/tp2_checkpoint")
+    save_weights(model, LCLConfig(model=CFG), f"{out}/tp2_checkpoint")
     save_rank0({"logits": full_logits, "batch": BATCH}, out, "tp2_checkpoint_outputs.pt")
 
 

@@ -9,18 +9,17 @@ and one distributed-optimizer step at TP2 x PP2 x DP2 against the same step done
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from common import collect_full, load_full_weights, parse_out_dir, save_rank0, tiny_model_config
-from megatron_lcl.config import LossConfig, ParallelConfig
+from megatron_lcl.config import LossConfig, OptimizerConfig, ParallelConfig, PrecisionConfig
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.models.lcl_model import LCLModel
-from megatron_lcl.runtime import initialize_distributed, initialize_model_parallel, set_seed
+from megatron_lcl.models.factory import build_model
+from megatron_lcl.runtime import ParallelLayout, initialize_distributed, initialize_model_parallel, set_seed
 from megatron_lcl.testing import random_batch, slice_batch
-from megatron_lcl.training.schedule import PipelineShape, build_model_stage, forward_backward, wrap_ddp
-from megatron_lcl.training.optimizer import build_optimizer
-from megatron_lcl.training.step import forward_loss
+from megatron_lcl.training.optim import build_optimizer
+from megatron_lcl.training.pipeline import PipelineShape, forward_backward, forward_loss, wrap_ddp
 
 SEED, NUM_MB, MB_SAMPLES, SEQ = 1234, 4, 4, 48
 CFG = tiny_model_config()
@@ -66,17 +65,17 @@ def run_layout(weights, tp, pp, distributed_optimizer, out, name, first_stage_la
                               num_layers_in_first_pipeline_stage=first_stage_layers,
                               use_distributed_optimizer=distributed_optimizer)
     initialize_model_parallel(parallel, SEED)
-    model = build_model_stage(CFG, parallel)
+    layout = ParallelLayout.current()
+    model = build_model(CFG, parallel, first_stage=layout.is_first_stage, last_stage=layout.is_last_stage)
     load_full_weights(model, weights, ps.get_tensor_model_parallel_rank(), tp)
     ddp = wrap_ddp(model, parallel)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mbs = MB_SAMPLES // dp
     local = iter([slice_batch(b, slice(dp_rank * mbs, (dp_rank + 1) * mbs)) for b in GLOBAL])
-    shape = PipelineShape.for_model(CFG, SEQ, mbs, max_images_per_sample=2)
+    shape = PipelineShape.for_model(CFG, SEQ, mbs)  # room for 2 images per sample
     optimizer = None
     if distributed_optimizer:
-        optimizer = build_optimizer(OptimizerConfig(
-            optimizer="adam", use_distributed_optimizer=True, **OPT), [ddp])
+        optimizer = build_optimizer(ddp, OptimizerConfig(**OPT), parallel, PrecisionConfig())
         # The scheduler is what applies the per-group wd_mult (as in training).
         OptimizerParamScheduler(optimizer, init_lr=OPT["lr"], max_lr=OPT["lr"], min_lr=OPT["lr"],
                                 lr_warmup_steps=0, lr_decay_steps=1, lr_decay_style="constant",
@@ -85,7 +84,7 @@ def run_layout(weights, tp, pp, distributed_optimizer, out, name, first_stage_la
         optimizer.zero_grad()
     else:
         ddp.zero_grad_buffer()
-    metrics = forward_backward(ddp, local, NUM_MB, LCLLoss(LossConfig(), ps.get_data_parallel_group()), shape)
+    metrics = forward_backward(ddp, local, NUM_MB, LCLLoss(LossConfig(), layout.dp_group), shape, layout)
     tp_group = ps.get_tensor_model_parallel_group()
     result = {}
     result["first_stage_lm_layers"] = len(model.lm.decoder.layers) if ps.is_pipeline_first_stage() else None

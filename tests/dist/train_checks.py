@@ -17,8 +17,8 @@ from megatron.core import parallel_state as ps
 from common import parse_out_dir
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.testing import random_batch, slice_batch
-from megatron_lcl.training.config_io import load_config
-from megatron_lcl.training.schedule import forward_backward
+from megatron_lcl.config import load_config
+from megatron_lcl.training.pipeline import forward_backward
 from megatron_lcl.training.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,7 +81,8 @@ def eval_loss(trainer) -> float:
     local = slice_batch(global_batch(), slice(rank * per_rank, (rank + 1) * per_rank))
     shape = trainer.shape.__class__(trainer.shape.seq_length, per_rank, trainer.shape.carry_rows)
     metrics = forward_backward(trainer.ddp, iter([local, local]), 1,
-                               LCLLoss(trainer.cfg.loss, ps.get_data_parallel_group()), shape, forward_only=True)
+                               LCLLoss(trainer.cfg.loss, ps.get_data_parallel_group()), shape, trainer.layout,
+                               forward_only=True)
     value = [float(metrics[0]["loss"]) if metrics and ps.get_tensor_model_parallel_rank() == 0 and rank == 0
              else 0.0]
     obj = [None] * dist.get_world_size()

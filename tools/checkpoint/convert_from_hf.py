@@ -11,9 +11,10 @@ dist-checkpoint: training loads it at any TP/PP (`checkpoint.load=<folder> check
 """
 
 import argparse
-import warnings
 
-warnings.filterwarnings("ignore")
+from megatron_lcl.runtime.mcore_compat import filter_known_warnings
+
+filter_known_warnings()  # before megatron.core is imported
 
 
 def check_sizes(cfg, vision_hf=None, lm_hf=None) -> None:
@@ -46,7 +47,7 @@ def convert(cfg, vision_dir, lm_dir, save_dir, log=print) -> str:
 
     from megatron_lcl.config import ParallelConfig
     from megatron_lcl.hf.convert import lm_from_hf, vision_from_hf
-    from megatron_lcl.hf.pretrained import ensure_single_process, save_model_checkpoint
+    from megatron_lcl.checkpoint import ensure_single_process, save_weights
     from megatron_lcl.models.lcl_model import LCLModel
     from megatron_lcl.runtime import set_seed
 
@@ -76,7 +77,7 @@ def convert(cfg, vision_dir, lm_dir, save_dir, log=print) -> str:
             if name in state:
                 p.copy_(state[name])
     log(f"initialised {len(state)} tensors from HF ({'vision ' if vision_hf else ''}{'lm' if lm_hf else ''})")
-    return save_model_checkpoint(model, cfg, save_dir)
+    return save_weights(model, cfg, save_dir)
 
 
 def main(argv=None):
@@ -89,7 +90,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not (args.vision or args.lm):
         parser.error("give --vision and/or --lm")
-    from megatron_lcl.training.config_io import load_config
+    from megatron_lcl.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     path = convert(cfg, args.vision, args.lm, args.save)

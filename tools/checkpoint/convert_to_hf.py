@@ -7,9 +7,10 @@ OUT/lcl_heads.safetensors and OUT/README.md (what each file is and how to use it
 """
 
 import argparse
-import warnings
 
-warnings.filterwarnings("ignore")
+from megatron_lcl.runtime.mcore_compat import filter_known_warnings
+
+filter_known_warnings()  # before megatron.core is imported
 
 
 def main(argv=None):

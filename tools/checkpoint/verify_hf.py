@@ -9,9 +9,10 @@ tokenizer ids equal. Exits 1 when a figure is out of bounds.
 import argparse
 import os
 import sys
-import warnings
 
-warnings.filterwarnings("ignore")
+from megatron_lcl.runtime.mcore_compat import filter_known_warnings
+
+filter_known_warnings()  # before megatron.core is imported
 
 
 def main(argv=None) -> dict:
@@ -22,7 +23,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
 
-    from megatron_lcl.hf.pretrained import load_pretrained
+    from megatron_lcl.checkpoint import load_pretrained
     from megatron_lcl.hf.verify import BOUNDS, compare, compare_tokenizers, load_hf, within_bounds
     from megatron_lcl.testing import random_batch
 

@@ -1,0 +1,192 @@
+"""The one home of configuration validation: every rule once, each message naming its fields.
+
+    errors = config_errors(cfg, world_size=8)     # [] when the run config can work
+    validate_config(cfg, world_size=8)            # raises ConfigError listing all of them
+
+`model_config_errors` checks the model sections alone (for tools that build a model without a run).
+The data loader, the loss and the layer specs rely on these checks instead of repeating them; where
+they need a rule's value (the positions one image takes), they call the function defined here.
+"""
+
+from typing import List, Optional
+
+from megatron_lcl.config.model import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_lcl.config.run import LCLConfig
+
+PACKINGS = ("auto", "truncate", "concat", "pack")
+LOSS_MODES = ("lcl", "gen", "con")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the fields involved."""
+
+
+def min_seq_length(num_image_tokens: int) -> int:
+    """Shortest sequence that holds one image with context before it: a text token (at least `<s>`),
+    `<BoI>`, the M image positions and `<EoI>`. The loader's packing rules place images with it."""
+    return num_image_tokens + 3
+
+
+def max_images_per_sample(num_image_tokens: int, seq_length: int) -> int:
+    """Upper bound on the images one sample can hold: each takes `<BoI>`, M positions and `<EoI>`."""
+    return seq_length // (num_image_tokens + 2)
+
+
+def raise_errors(errors: List[str]) -> None:
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def validate_config(cfg: LCLConfig, world_size: Optional[int] = None) -> None:
+    """Fail before start-up with every problem listed, each naming its fields."""
+    raise_errors(config_errors(cfg, world_size))
+
+
+def validate_model_config(model: ModelConfig, parallel: ParallelConfig,
+                          precision: Optional[PrecisionConfig] = None,
+                          seq_length: Optional[int] = None) -> None:
+    raise_errors(model_config_errors(model, parallel, precision, seq_length))
+
+
+def config_errors(cfg: LCLConfig, world_size: Optional[int] = None) -> List[str]:
+    """Every problem of a run config; with `world_size`, also the batch/parallel arithmetic."""
+    errors = model_config_errors(cfg.model, cfg.parallel, cfg.precision, cfg.data.seq_length)
+    errors += _run_errors(cfg)
+    if world_size is not None:
+        errors += _batch_errors(cfg, world_size)
+    return errors
+
+
+def model_config_errors(model: ModelConfig, parallel: ParallelConfig,
+                        precision: Optional[PrecisionConfig] = None,
+                        seq_length: Optional[int] = None) -> List[str]:
+    """Configs megatron-core would choke on deep inside, found at start-up."""
+    errors = _width_errors(model, parallel.tensor_model_parallel_size)
+    errors += _parallel_errors(parallel)
+    errors += _pipeline_split_errors(model.lm.num_layers, parallel)
+    v, lm = model.vision, model.lm
+
+    def need(cond, msg):
+        if not cond:
+            errors.append(msg)
+
+    need(v.image_size % v.patch_size == 0,
+         f"model.vision.image_size ({v.image_size}) must be divisible by "
+         f"model.vision.patch_size ({v.patch_size})")
+    need(0.0 <= v.drop_path_rate < 1.0,
+         f"model.vision.drop_path_rate ({v.drop_path_rate}) must be in [0, 1)")
+    need(model.heads.embed_dim % model.heads.pool_num_heads == 0 and
+         v.hidden_size % model.heads.pool_num_heads == 0,
+         f"model.heads.pool_num_heads ({model.heads.pool_num_heads}) must divide "
+         f"model.vision.hidden_size ({v.hidden_size})")
+    need(model.transformer_impl in ("auto", "transformer_engine", "local"),
+         f"model.transformer_impl ({model.transformer_impl!r}) must be auto, transformer_engine or local")
+    if seq_length is not None:
+        need(seq_length <= lm.max_position_embeddings,
+             f"data.seq_length ({seq_length}) exceeds model.lm.max_position_embeddings "
+             f"({lm.max_position_embeddings})")
+        need(min_seq_length(v.num_image_tokens) <= seq_length,
+             f"one image needs model.vision.num_image_tokens + 3 = {min_seq_length(v.num_image_tokens)} "
+             f"positions (context, <BoI>, {v.num_image_tokens} image positions, <EoI>), more than "
+             f"data.seq_length ({seq_length})")
+    if precision is not None:
+        errors += _precision_errors(precision, model)
+    return errors
+
+
+def _width_errors(model: ModelConfig, tp: int) -> List[str]:
+    errors = []
+    for name, section in (("model.vision", model.vision), ("model.lm", model.lm)):
+        if section.hidden_size % section.num_attention_heads:
+            errors.append(f"{name}.hidden_size ({section.hidden_size}) must be divisible by "
+                          f"{name}.num_attention_heads ({section.num_attention_heads})")
+        if section.num_attention_heads % tp:
+            errors.append(f"{name}.num_attention_heads ({section.num_attention_heads}) must be divisible by "
+                          f"parallel.tensor_model_parallel_size ({tp})")
+        if section.ffn_hidden_size % tp:
+            errors.append(f"{name}.ffn_hidden_size ({section.ffn_hidden_size}) must be divisible by "
+                          f"parallel.tensor_model_parallel_size ({tp})")
+    return errors
+
+
+def _parallel_errors(parallel: ParallelConfig) -> List[str]:
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    errors = []
+    if parallel.sequence_parallel and pp > 1:
+        errors.append("parallel.sequence_parallel with parallel.pipeline_model_parallel_size > 1 is not "
+                      "supported: the carried v_i rows would be split over tensor-parallel ranks with the sequence")
+    if parallel.sequence_parallel and tp == 1:
+        errors.append("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
+    if parallel.virtual_pipeline_model_parallel_size is not None:
+        errors.append("parallel.virtual_pipeline_model_parallel_size: the interleaved (virtual) pipeline "
+                      "schedule is not supported by the vision-language pipeline; leave it unset")
+    return errors
+
+
+def _pipeline_split_errors(num_layers: int, parallel: ParallelConfig) -> List[str]:
+    pp = parallel.pipeline_model_parallel_size
+    first, last = parallel.num_layers_in_first_pipeline_stage, parallel.num_layers_in_last_pipeline_stage
+    if pp == 1:
+        if first is not None or last is not None:
+            return ["parallel.num_layers_in_first/last_pipeline_stage need "
+                    "parallel.pipeline_model_parallel_size > 1"]
+        return []
+    rest_layers = num_layers - (first or 0) - (last or 0)
+    rest_stages = pp - (first is not None) - (last is not None)
+    if rest_layers < 0 or (rest_stages == 0 and rest_layers != 0) or (
+            rest_stages > 0 and rest_layers % rest_stages != 0):
+        return [f"pipeline split does not add up: model.lm.num_layers ({num_layers}) minus "
+                f"num_layers_in_first_pipeline_stage ({first}) and num_layers_in_last_pipeline_stage "
+                f"({last}) must divide evenly over the remaining {rest_stages} of "
+                f"parallel.pipeline_model_parallel_size ({pp}) stages"]
+    return []
+
+
+def _precision_errors(precision: PrecisionConfig, model: ModelConfig) -> List[str]:
+    errors = []
+    if precision.params_dtype not in ("fp32", "bf16"):
+        errors.append(f"precision.params_dtype ({precision.params_dtype!r}) must be fp32 or bf16")
+    if precision.fp8 not in (None, "hybrid", "e4m3"):
+        errors.append(f"precision.fp8 ({precision.fp8!r}) must be null, hybrid or e4m3")
+    if precision.fp8 is not None and model.transformer_impl == "local":
+        errors.append("precision.fp8 needs Transformer Engine layers; model.transformer_impl is 'local'")
+    return errors
+
+
+def _run_errors(cfg: LCLConfig) -> List[str]:
+    t, o, d, c = cfg.train, cfg.optimizer, cfg.data, cfg.checkpoint
+    checks = [
+        (d.path is not None, "data.path is required: the prepared shards (tools/prepare_data.py)"),
+        (d.tokenizer is not None, "data.tokenizer is required: a .model from tools/train_tokenizer.py"),
+        (cfg.loss.mode in LOSS_MODES, f"loss.mode ({cfg.loss.mode!r}) must be lcl, gen or con"),
+        (t.train_steps > 0, f"train.train_steps ({t.train_steps}) must be > 0"),
+        (d.micro_batch_size > 0, f"data.micro_batch_size ({d.micro_batch_size}) must be > 0"),
+        (d.num_workers >= 0, f"data.num_workers ({d.num_workers}) must be >= 0"),
+        (o.decay_style in ("cosine", "linear", "constant"),
+         f"optimizer.decay_style ({o.decay_style!r}) must be cosine, linear or constant"),
+        (0 <= o.min_lr <= o.lr, f"optimizer.min_lr ({o.min_lr}) must be in [0, optimizer.lr ({o.lr})]"),
+        (o.warmup_steps >= 0, f"optimizer.warmup_steps ({o.warmup_steps}) must be >= 0"),
+        (d.packing in PACKINGS, f"data.packing ({d.packing!r}) must be auto, truncate, concat or pack"),
+        (cfg.logging.log_interval > 0, f"logging.log_interval ({cfg.logging.log_interval}) must be > 0"),
+        (c.optimizer_format in ("auto", "fully_reshardable", "dp_reshardable"),
+         f"checkpoint.optimizer_format ({c.optimizer_format!r}) must be auto, fully_reshardable or dp_reshardable"),
+        (c.keep_last >= 1, f"checkpoint.keep_last ({c.keep_last}) must be >= 1"),
+        (c.save_interval is None or c.save_interval > 0,
+         f"checkpoint.save_interval ({c.save_interval}) must be > 0 or null"),
+    ]
+    return [msg for ok, msg in checks if not ok]
+
+
+def _batch_errors(cfg: LCLConfig, world_size: int) -> List[str]:
+    p = cfg.parallel
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    if world_size % model_parallel:
+        return [f"world size ({world_size}) must be divisible by parallel.tensor_model_parallel_size "
+                f"({p.tensor_model_parallel_size}) x parallel.pipeline_model_parallel_size "
+                f"({p.pipeline_model_parallel_size})"]
+    dp = world_size // model_parallel
+    per_step = cfg.data.micro_batch_size * dp
+    if cfg.train.global_batch_size % per_step:
+        return [f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
+                f"data.micro_batch_size ({cfg.data.micro_batch_size}) x data-parallel size ({dp})"]
+    return []

@@ -1,0 +1,84 @@
+"""Adaptations to the megatron-core version this project pins (0.16.1), kept together so an upgrade
+is one reviewable diff. The CPU adaptation (CUDA calls mapped to CPU) is its sibling `cpu.py`.
+
+Each entry names the version it was written for and what to check when upgrading.
+"""
+
+import warnings
+
+import torch
+
+MCORE_VERSION = "0.16.1"
+
+# Warnings known and understood here, each filtered by the start of its message (never a whole
+# category), so a new deprecation at the next upgrade still shows. (message regex, category); the
+# regexes contain no ':' so that pytest.ini-style filters can carry them too (tests/conftest.py).
+KNOWN_WARNINGS = (
+    # CPU / no Apex or Transformer Engine: megatron-core (0.16.1) says it falls back to torch, as intended.
+    (r"Transformer Engine and Apex are not installed", UserWarning),
+    (r"Apex is not installed", UserWarning),
+    # megatron-core 0.16.1 warns on its own import (inference contexts, multi-latent attention, jit).
+    (r"The following imports from `dynamic_context.py` will be removed", DeprecationWarning),
+    (r"The 'megatron.core.transformer.custom_layers.transformer_engine'", DeprecationWarning),
+    (r"`torch.jit.script_method` is deprecated", DeprecationWarning),
+    # megatron-core 0.16.1 defaults, not our settings: TransformerConfig's cuda_graph_scope default and
+    # the MLP submodule spec. Upgrade check: drop these when the defaults stop warning.
+    (r"full scope is deprecated", UserWarning),
+    (r"MLP requires ffn_hidden_size, but it was not provided", DeprecationWarning),
+    # megatron-core 0.16.1 dist-checkpointing calls torch.distributed.checkpoint APIs torch deprecates.
+    (r"`load_state_dict` is deprecated and will be removed in future versions", FutureWarning),
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
+    # megatron-core 0.16.1 layers read the TP group from parallel_state when none is passed; "will be
+    # mandatory soon". Upgrade check: pass `tp_group` (from ParallelLayout) when this becomes an error.
+    (r"Warning. tp_group is None, using default tp group", DeprecationWarning),
+)
+
+
+def filter_known_warnings() -> None:
+    """Silence the warnings in KNOWN_WARNINGS (and only those). Call before importing megatron.core."""
+    for message, category in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def resolve_optimizer_format(name: str) -> str:
+    """`auto` -> fully_reshardable where megatron-core can load it, else dp_reshardable.
+
+    megatron-core 0.16 cannot load a fully_reshardable distributed-optimizer state into torch's AdamW
+    (the optimizer used without Apex/Transformer Engine, e.g. on CPU): it trips over AdamW's `step`.
+    """
+    if name != "auto":
+        return name
+    from megatron.core.optimizer import distrib_optimizer
+
+    return "fully_reshardable" if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False) else "dp_reshardable"
+
+
+def _chained(optimizer) -> list:
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def materialise_optimizer_state(optimizer) -> None:
+    """megatron-core 0.16: DistributedOptimizer.state_dict() reads Adam's `step`, which a fresh torch
+    AdamW (no Apex/TE, e.g. on CPU) does not have yet: give it megatron-core's own dummy state (a
+    private method in 0.16), which the load then overwrites (the model weights are loaded after it)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in _chained(optimizer):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def restore_adam_steps(optimizer) -> None:
+    """megatron-core 0.16, distributed optimizer without Apex/TE: after a load every parameter shares
+    the SAME `step` tensor (AdamW increments it in place, once per parameter) and the sharded-state
+    load overwrites it with the template's value. The true step is in each param group
+    (`group["step"]`): give every parameter its own copy."""
+    for opt in _chained(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            for p in group["params"]:
+                state = inner.state.get(p, {})
+                if "step" in group and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                elif torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
