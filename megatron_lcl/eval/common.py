@@ -106,7 +106,8 @@ def fit_heads(head: torch.nn.Module, encoder: VisionEncoder, cfg, num_examples: 
     warmup_epochs, seed).
     """
     groups = [{"params": list(head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    optimizer = torch.optim.AdamW(groups + encoder_param_groups(encoder, cfg.mode, cfg.encoder_lr, cfg.weight_decay))
+    optimizer = torch.optim.AdamW(groups + encoder_param_groups(encoder, cfg.mode, cfg.encoder_lr, cfg.weight_decay),
+                                  betas=(0.9, getattr(cfg, "adam_beta2", 0.999)))
     generator = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = len(batches(num_examples, cfg.batch_size, generator, drop_last))
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
@@ -211,3 +212,15 @@ def write_json(path: Optional[str], obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
+
+
+def parse_with_preset(parser: argparse.ArgumentParser, argv, presets: dict) -> argparse.Namespace:
+    """Parse `argv`; `--preset NAME` first sets the defaults in `presets[NAME]` (a {dest: value} dict,
+    e.g. paper Table 8's steps/batch/lr/warm-up/weight decay), and explicit flags still win."""
+    parser.add_argument("--preset", choices=sorted(presets), help="hyper-parameter preset (e.g. paper: Table 8)")
+    args, _ = parser.parse_known_args(argv)
+    if args.preset:
+        unknown = set(presets[args.preset]) - set(vars(args))
+        assert not unknown, f"preset {args.preset!r} sets unknown options {sorted(unknown)}"
+        parser.set_defaults(**presets[args.preset])
+    return parser.parse_args(argv)
