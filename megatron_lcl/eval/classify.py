@@ -165,7 +165,7 @@ def run_classification_streaming(encoder: VisionEncoder, train_source, eval_sour
             "num_eval": len(eval_source), "encoder_unchanged": guard.unchanged, "time_s": round(time.time() - t0, 1),
             "world_size": runtime.world, "bad_samples": bad_samples_report(train_source, eval_source,
                                                                            train_bad, eval_bad, runtime),
-            "config": asdict(cfg)}
+            "config": asdict(cfg), "_model": model}
 
 
 def bad_samples_report(train_source, eval_source, train_bad: BadSampleLog, eval_bad: BadSampleLog,
@@ -256,6 +256,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = config_from_args(ProbeConfig, args)
     result = run_from_args(args, cfg)
+    result.pop("_model", None)  # the trained TransferModel (stream engine; for callers in Python)
     if int(os.environ.get("RANK", "0")) != 0:
         return result
     result.update(name=args.name or args.encoder, mode=args.mode, data=args.data, label_field=args.label_field)

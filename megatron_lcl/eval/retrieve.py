@@ -17,28 +17,39 @@ so a collapsed encoder whose similarities are all equal scores 0, never 100.
 """
 
 import argparse
+import os
 import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from megatron_lcl.eval.classify import default_pool_heads
 from megatron_lcl.eval.common import (MODES, LatentSource, add_config_args, config_from_args, fit_heads,
-                                      format_table, frozen_guard, seed_everything, write_json)
-from megatron_lcl.eval.datasets import ImageSet, load_pairs, split
+                                      format_table, frozen_guard, parse_with_preset, seed_everything, write_json)
+from megatron_lcl.eval.datasets import ImageSet, is_synthetic_corpus, load_pairs, split
 from megatron_lcl.eval.encoders import VisionEncoder, load_encoder
+from megatron_lcl.eval.engine import (EngineConfig, Runtime, TransferModel, eval_batches, fit, init_runtime,
+                                      merge_bad_logs)
+from megatron_lcl.eval.karpathy import CaptionedTestSet, is_captions_json, load_captioned_test_set
+from megatron_lcl.eval.streaming import (BadSampleLog, CaptionedImages, ImageSetSource, LabeledImages,
+                                         SubsetSource, pair_source)
 from megatron_lcl.losses.contrastive import contrastive_loss_sum
 from megatron_lcl.models.heads import AttentionPooling
 
 KS = (1, 5, 10)
+# Paper Table 8 / A.2 (retrieval): CC12M + CC3M + SBU, 5000 steps of 16k pairs, AdamW lr 1e-3 (new
+# parameters) and 1e-5 (pre-trained), wd 1e-4, betas (0.9, 0.95), 500 warm-up steps, cosine.
+PRESETS = {"paper": dict(steps=5000, batch_size=16384, lr=1e-3, encoder_lr=1e-5, weight_decay=1e-4,
+                         adam_beta2=0.95, warmup_steps=500, engine="stream")}
 
 
 @dataclass
-class RetrievalConfig:
+class RetrievalConfig(EngineConfig):
     mode: str = "frozen"  # frozen | full
     epochs: int = 30
     batch_size: int = 64  # contrastive batch: negatives are the other pairs in it
@@ -52,6 +63,7 @@ class RetrievalConfig:
     text_heads: int = 4
     max_text_tokens: int = 48
     max_vocab: int = 20000
+    vocab_captions: int = 200000  # stream engine: the word vocabulary comes from this many training captions
     seed: int = 0
 
 
@@ -151,6 +163,12 @@ class RetrievalModel(torch.nn.Module):
         self.text = TextEncoder(vocab_size, cfg)
         self.logit_scale = torch.nn.Parameter(torch.tensor(1 / 0.07).log())
 
+    def forward(self, latents: torch.Tensor, tokens: torch.Tensor):
+        """-> L2-normalised image features `[n, e]`, text features `[n, e]`, logit scale (<= 100)."""
+        v = F.normalize(self.image(latents), dim=-1)
+        t = F.normalize(self.text(tokens), dim=-1)
+        return v, t, self.logit_scale.exp().clamp(max=100)
+
     def loss(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Symmetric InfoNCE over the batch (CLIP's loss, `losses.contrastive` on one process): the mean
         over the n pairs of (CE(image->text) + CE(text->image)) / 2, logit scale capped at 100."""
@@ -205,6 +223,108 @@ def run_retrieval(encoder: VisionEncoder, train_set: ImageSet, eval_set: ImageSe
             "encoder_unchanged": guard.unchanged, "time_s": round(time.time() - t0, 1), "config": asdict(cfg)}
 
 
+# ------------------------------------------------------------------------------------------ streaming, DDP
+
+def retrieval_step(model, batch: dict, tokenizer: WordTokenizer, cfg: RetrievalConfig,
+                   runtime: Runtime) -> torch.Tensor:
+    """Symmetric InfoNCE with the negatives of every rank (`contrastive_loss_sum` over
+    `runtime.gather_group`, ragged counts allowed); local sum x world / global count."""
+    tokens = tokenizer(batch.get("captions", []), cfg.max_text_tokens).to(runtime.device)  # [b, T]
+    v, t, scale = model(batch["pixels"].to(runtime.device), tokens)  # [b, e], [b, e], []
+    loss_sum, num_global, _ = contrastive_loss_sum(v.float(), t.float(), scale, runtime.gather_group)
+    return loss_sum * runtime.world / max(num_global, 1)
+
+
+def fit_tokenizer(source, cfg: RetrievalConfig) -> WordTokenizer:
+    """Word vocabulary from the first `cfg.vocab_captions` training captions (the same on every rank)."""
+    n = min(len(source), cfg.vocab_captions)
+    return WordTokenizer.fit([source.caption(i) for i in range(n)], cfg.max_vocab)
+
+
+@torch.no_grad()
+def test_set_similarity(model: TransferModel, test_set, tokenizer: WordTokenizer, cfg: RetrievalConfig,
+                        runtime: Runtime, bad: BadSampleLog):
+    """Image embeddings computed shard-wise on the ranks and gathered; every caption embedded on each
+    rank. Images that cannot be read are dropped with their captions.
+    -> (similarity `[n_images_kept, n_texts_kept]`, text_to_image `[n_texts_kept]`)."""
+    model.eval()
+    mine = {}
+    for batch in eval_batches(LabeledImages(test_set, model.encoder.image_size), 256, runtime, cfg.num_workers):
+        bad.extend(batch["bad"])
+        if len(batch["index"]):
+            v = F.normalize(model.head.image(model.latents(batch["pixels"].to(runtime.device))), dim=-1)
+            mine.update(zip(batch["index"].tolist(), v.float().cpu()))
+    image_emb = {i: e for part in runtime.all_gather_objects(mine) for i, e in part.items()}
+    kept = sorted(image_emb)  # image indices that were read
+    new_index = torch.full((len(test_set),), -1, dtype=torch.long)
+    new_index[kept] = torch.arange(len(kept))
+    text_to_image = new_index[torch.as_tensor(test_set.text_to_image, dtype=torch.long)]
+    texts = [c for c, k in zip(test_set.captions, text_to_image.tolist()) if k >= 0]
+    tokens = tokenizer(texts, cfg.max_text_tokens)
+    t = torch.cat([F.normalize(model.head.text(tokens[i:i + 512].to(runtime.device)), dim=-1).float().cpu()
+                   for i in range(0, len(texts), 512)])
+    return torch.stack([image_emb[i] for i in kept]) @ t.T, text_to_image[text_to_image >= 0]
+
+
+def as_test_set(source, name: str):
+    """A pairs source (one caption per image) seen as a CaptionedTestSet-like object."""
+    if isinstance(source, CaptionedTestSet):
+        return source
+    source.name = name
+    source.captions = [source.caption(i) for i in range(len(source))]
+    source.text_to_image = np.arange(len(source))
+    source.labels = np.arange(len(source))
+    return source
+
+
+def run_retrieval_streaming(encoder: VisionEncoder, train_source, test_sets: list, cfg: RetrievalConfig,
+                            runtime: Runtime, checkpoint: Optional[str] = None) -> dict:
+    """Contrastive transfer on streamed pairs, data-parallel (engine.fit), then TR/IR@k on each test
+    set (Karpathy: 5 captions per image; TR counts a hit if any of the image's captions is in the
+    top k, IR ranks the images for every caption). `recall_pct` is the first set's."""
+    tokenizer = fit_tokenizer(train_source, cfg)
+    torch.manual_seed(cfg.seed)  # equal head initialisation on every rank
+    model = TransferModel(encoder, RetrievalModel(encoder.hidden_size, len(tokenizer.vocab), cfg), cfg.mode)
+    train_bad, test_bad = BadSampleLog(), BadSampleLog()
+    with frozen_guard(encoder, cfg.mode) as guard:
+        t0 = time.time()
+        fit(model, CaptionedImages(train_source, encoder.image_size),
+            lambda m, b: retrieval_step(m, b, tokenizer, cfg, runtime), cfg, runtime, train_bad, checkpoint,
+            "retrieval")
+        by_set = {}
+        for test_set in test_sets:
+            similarity, text_to_image = test_set_similarity(model, test_set, tokenizer, cfg, runtime, test_bad)
+            by_set[test_set.name] = dict(recall_at_k(similarity, text_to_image), num_images=similarity.shape[0],
+                                         num_captions=similarity.shape[1])
+    first = by_set[test_sets[0].name]
+    return {"task": "retrieval", "encoder": encoder.source, "encoder_kind": encoder.kind,
+            "recall_pct": {k: v for k, v in first.items() if "@" in k}, "recall_by_set": by_set,
+            "num_train": len(train_source), "num_eval": first["num_images"], "vocab_size": len(tokenizer.vocab),
+            "encoder_unchanged": guard.unchanged, "time_s": round(time.time() - t0, 1), "world_size": runtime.world,
+            "bad_samples": {"train_index": train_source.problems.as_dict(),
+                            "test_index": {t.name: t.problems.as_dict() for t in test_sets},
+                            "train_read": merge_bad_logs(train_bad, runtime),
+                            "test_read": merge_bad_logs(test_bad, runtime)},
+            "config": asdict(cfg), "_model": model}
+
+
+def stream_sources(data: List[str], eval_data: Optional[List[str]], image_root: Optional[str],
+                   eval_fraction: float, seed: int):
+    """(train source, [test sets]): --eval-data files (Karpathy/COCO JSON, jsonl, shards) or a split."""
+    def source(paths):
+        if len(paths) == 1 and is_synthetic_corpus(paths[0]):
+            return ImageSetSource(load_pairs(paths[0]))
+        return pair_source(paths)
+
+    train = source(data)
+    if not eval_data:
+        train_idx, eval_idx = split(len(train), eval_fraction, seed)
+        return SubsetSource(train, train_idx), [as_test_set(SubsetSource(train, eval_idx), "held-out")]
+    tests = [load_captioned_test_set(p, image_root) if is_captions_json(p) else as_test_set(source([p]), p)
+             for p in eval_data]
+    return train, tests
+
+
 def load_pair_splits(data: str, eval_data: Optional[str], eval_fraction: float, seed: int):
     if eval_data:
         return load_pairs(data), load_pairs(eval_data)
@@ -214,8 +334,11 @@ def load_pair_splits(data: str, eval_data: Optional[str], eval_fraction: float, 
 
 
 def results_table(results: list) -> str:
-    rows = [[r.get("name", r["encoder"]), r["mode"], r["data"]] +
-            [r["recall_pct"][f"{d}@{k}"] for d in ("TR", "IR") for k in KS] for r in results]
+    rows = []
+    for r in results:
+        for name, recall in r.get("recall_by_set", {r["data"]: r["recall_pct"]}).items():
+            rows.append([r.get("name", r["encoder"]), r["mode"], name] +
+                        [recall[f"{d}@{k}"] for d in ("TR", "IR") for k in KS])
     names = [f"{d}@{k}" for d in ("TR", "IR") for k in KS]
     return format_table(["Vision encoder", "transfer", "data"], [("retrieval", names)], rows)
 
@@ -223,24 +346,54 @@ def results_table(results: list) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--encoder", required=True, help="megatron_lcl checkpoint or HF CLIPVisionModel folder")
-    p.add_argument("--data", required=True, help="synthetic corpus, webdataset shards or pairs .jsonl")
-    p.add_argument("--eval-data", help="held-out pairs (default: a seeded split of --data)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="synthetic corpus, pairs .jsonl, or webdataset shards (several: CC12M CC3M SBU)")
+    p.add_argument("--eval-data", nargs="+", help="test sets: Karpathy JSON (dataset_coco.json, "
+                   "dataset_flickr30k.json), COCO-format captions, pairs .jsonl or shards (default: a split)")
+    p.add_argument("--image-root", help="folder the Karpathy JSON's filepath/filename are relative to "
+                   "(default: the JSON's folder)")
     p.add_argument("--eval-fraction", type=float, default=0.2)
     p.add_argument("--mode", choices=MODES, default="frozen")
     add_config_args(p, RetrievalConfig)  # --epochs --batch-size --lr ... --embed-dim --text-width ... --seed
+    p.add_argument("--engine", choices=("auto", "memory", "stream"), default="auto",
+                   help="memory: small in-memory sets; stream: lazy data, DDP under torchrun, checkpoints, "
+                        "Karpathy test sets (auto: stream unless --data is a synthetic corpus in one process)")
+    p.add_argument("--checkpoint", help="stream engine: save/resume the retrieval heads here")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast on GPU (CPU: fp32)")
     p.add_argument("--name", help="row name in the printed table (default: the encoder path)")
     p.add_argument("--output", help="write the results JSON here")
-    return p.parse_args(argv)
+    return parse_with_preset(p, argv, PRESETS)
+
+
+def use_stream_engine(args) -> bool:
+    if args.engine != "auto":
+        return args.engine == "stream"
+    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 or len(args.data) > 1 or not is_synthetic_corpus(args.data[0])
+            or any(is_captions_json(p) for p in args.eval_data or []))
+
+
+def run_from_args(args, cfg: RetrievalConfig) -> dict:
+    if not use_stream_engine(args):
+        if len(args.data) > 1 or len(args.eval_data or []) > 1:
+            raise ValueError("several --data / --eval-data sets need --engine stream")
+        eval_data = args.eval_data[0] if args.eval_data else None
+        train_set, eval_set = load_pair_splits(args.data[0], eval_data, args.eval_fraction, args.seed)
+        return run_retrieval(load_encoder(args.encoder), train_set, eval_set, cfg)
+    runtime = init_runtime(args.precision)
+    train, tests = stream_sources(args.data, args.eval_data, args.image_root, args.eval_fraction, args.seed)
+    return run_retrieval_streaming(load_encoder(args.encoder), train, tests, cfg, runtime, args.checkpoint)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = config_from_args(RetrievalConfig, args)
-    train_set, eval_set = load_pair_splits(args.data, args.eval_data, args.eval_fraction, args.seed)
-    result = run_retrieval(load_encoder(args.encoder), train_set, eval_set, cfg)
-    result.update(name=args.name or args.encoder, mode=args.mode, data=args.data)
+    result = run_from_args(args, cfg)
+    result.pop("_model", None)  # the trained TransferModel (stream engine; for callers in Python)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return result
+    result.update(name=args.name or args.encoder, mode=args.mode, data=" ".join(args.data))
     print(results_table([result]))
-    print(f"{result['num_train']} train / {result['num_eval']} held-out pairs, {result['time_s']} s; "
+    print(f"{result['num_train']} train pairs / {result['num_eval']} test images, {result['time_s']} s; "
           f"encoder weights unchanged: {result['encoder_unchanged']}")
     write_json(args.output, result)
     return result

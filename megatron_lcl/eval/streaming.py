@@ -161,9 +161,10 @@ class TarSource:
     `json["caption"]`, read lazily). Samples without an image or the wanted field go to `problems`.
     """
 
-    def __init__(self, path: str, want: str, label_field: str = "label"):
+    def __init__(self, path, want: str, label_field: str = "label"):
         assert want in ("label", "caption"), want
-        self.shards = shard_paths(path)
+        paths = [path] if isinstance(path, str) else list(path)  # several sets: CC12M + CC3M + SBU
+        self.shards = sorted({shard for p in paths for shard in shard_paths(p)})
         if not self.shards:
             raise ValueError(f"{path}: no webdataset shards (*.tar)")
         self.want, self.label_field, self.problems = want, label_field, BadSampleLog()
@@ -342,13 +343,15 @@ def labeled_source(path: str, label_field: str = "label"):
     raise ValueError(f"{path}: not an ImageFolder (class sub-folders of images) or webdataset shards (*.tar)")
 
 
-def pair_source(path: str):
-    """Webdataset shards or a `.jsonl` of {image, caption} as an image-caption source."""
-    if path.endswith(".jsonl") and os.path.isfile(path):
-        return JsonlPairsSource(path)
-    if shard_paths(path):
-        return TarSource(path, "caption")
-    raise ValueError(f"{path}: not a .jsonl of {{image, caption}} or webdataset shards (*.tar)")
+def pair_source(paths):
+    """Webdataset shards (one or several paths/globs) or one `.jsonl` of {image, caption}."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if len(paths) == 1 and paths[0].endswith(".jsonl") and os.path.isfile(paths[0]):
+        return JsonlPairsSource(paths[0])
+    missing = [p for p in paths if not shard_paths(p)]
+    if missing:
+        raise ValueError(f"{missing}: not a .jsonl of {{image, caption}} or webdataset shards (*.tar)")
+    return TarSource(paths, "caption")
 
 
 # ------------------------------------------------------------------------------------------ datasets
