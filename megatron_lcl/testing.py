@@ -16,7 +16,8 @@ def random_batch(images_per_sample: Sequence[Sequence[int]], seq_length: int, nu
                  pad_from: Optional[Sequence[int]] = None) -> LCLBatch:
     """A batch whose sample b holds images with `<BoI>` at each position in `images_per_sample[b]`.
 
-    Text fills the other positions; `pad_from[b]` (optional) starts padding there.
+    Text fills the other positions; `pad_from[b]` (optional) starts padding there. All text belongs to
+    one document, so every image but one at position 0 has context (enters L_con).
     """
     g = torch.Generator().manual_seed(seed)
     b = len(images_per_sample)
@@ -41,7 +42,8 @@ def random_batch(images_per_sample: Sequence[Sequence[int]], seq_length: int, nu
         position_ids=torch.arange(seq_length).expand(b, seq_length).contiguous(),
         images=torch.randn(n, 3, image_size, image_size, generator=g),
         image_sample_index=torch.tensor(sample_index, dtype=torch.long),
-        boi_positions=torch.tensor(bois, dtype=torch.long))
+        boi_positions=torch.tensor(bois, dtype=torch.long),
+        image_has_context=torch.tensor(bois, dtype=torch.long) > 0)
 
 
 def slice_batch(batch: LCLBatch, samples: slice) -> LCLBatch:
@@ -52,5 +54,5 @@ def slice_batch(batch: LCLBatch, samples: slice) -> LCLBatch:
         tokens=batch.tokens[samples], labels=batch.labels[samples], loss_mask=batch.loss_mask[samples],
         position_ids=batch.position_ids[samples], images=batch.images[keep],
         image_sample_index=batch.image_sample_index[keep] - int(idx[0]),
-        boi_positions=batch.boi_positions[keep],
+        boi_positions=batch.boi_positions[keep], image_has_context=batch.image_has_context[keep],
         image_labels=None if batch.image_labels is None else batch.image_labels[keep])

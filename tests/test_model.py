@@ -68,11 +68,12 @@ def test_vit_attention_is_bidirectional(model):
     assert not torch.allclose(out[:, 0], base[:, 0])  # class token sees the last patch
 
 
-def test_boi_at_position_zero_is_excluded_from_contrastive(model):
+def test_images_without_context_are_excluded_from_contrastive(model):
     batch = random_batch([[0, 20], [9]], seq_length=48, num_image_tokens=M, image_size=16,
                          vocab_size=192, seed=3)
-    out = _run(model, batch)
-    assert out.image_features.shape[0] == out.text_features.shape[0] == 2
+    with torch.no_grad():
+        terms = forward_loss(model, batch, LCLLoss(LossConfig()))
+    assert float(terms.num_images) == 2 and float(terms.con_excluded) == 1 and float(terms.con_batch) == 2
 
 
 def _grads(model, mode):
@@ -157,3 +158,65 @@ def test_bf16_model_matches_fp32_within_bf16_precision(single_rank):
         losses[dtype] = terms
     for key in ("lm_loss", "con_loss"):
         torch.testing.assert_close(getattr(losses["bf16"], key), getattr(losses["fp32"], key), rtol=3e-2, atol=3e-2)
+
+
+def _step_reference(model, batches, rng, con_weight=0.1):
+    """L_gen per micro-batch (mean) + lambda x one InfoNCE over all images of the step, in one pass."""
+    import torch.nn.functional as F
+
+    from megatron_lcl.losses import generation_loss_sum
+    from megatron_lcl.runtime.distributed import set_rng_state
+
+    set_rng_state(rng)
+    model.zero_grad(set_to_none=True)
+    gen, image_features, text_features = 0.0, [], []
+    for b in batches:
+        o = model(b.tokens, b.position_ids, b.images, b.image_sample_index, b.boi_positions)
+        gen_sum, count = generation_loss_sum(o.logits, b.labels, b.loss_mask)
+        gen = gen + gen_sum / count / len(batches)
+        image_features.append(o.image_features[b.image_has_context])
+        text_features.append(o.text_features[b.image_has_context])
+    v, t = torch.cat(image_features), torch.cat(text_features)
+    logits = o.logit_scale * v @ t.T
+    target = torch.arange(len(v))
+    con = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    (gen + con_weight * con).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _step_feature_cache(model, batches, rng):
+    from megatron_lcl.runtime import ParallelLayout
+    from megatron_lcl.runtime.distributed import set_rng_state
+    from megatron_lcl.training.pipeline import PipelineShape, step_forward_backward
+
+    set_rng_state(rng)
+    model.zero_grad(set_to_none=True)
+    shape = PipelineShape(seq_length=48, micro_batch_size=2, carry_rows=1)
+    metrics = step_forward_backward(model, batches, len(batches), LCLLoss(LossConfig(contrastive_batch="step")),
+                                    shape, ParallelLayout.current())
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, metrics
+
+
+def test_step_contrastive_replays_dropout_and_drop_path(single_rank):
+    """contrastive_batch=step in one process with dropout, attention dropout and drop-path on: the
+    feature-cache step (forward-only pass, RNG put back, training pass + surrogate) gives the gradient
+    of the one-pass reference that draws the same masks; another RNG state gives another gradient."""
+    from megatron_lcl.models.lcl_model import LCLModel
+    from megatron_lcl.runtime import set_seed
+    from megatron_lcl.runtime.distributed import get_rng_state
+
+    cfg = tiny_model_config(drop_path_rate=0.3, hidden_dropout=0.1, attention_dropout=0.1)
+    cfg.lm.hidden_dropout = cfg.lm.attention_dropout = 0.1
+    set_seed(5)
+    model = LCLModel(cfg, ParallelConfig()).train()
+    batches = [random_batch(layout, 48, M, 16, 192, seed=20 + k)
+               for k, layout in enumerate([[[0, 20], [9]], [[4], []], [[], []]])]
+    rng = get_rng_state()
+    expected = _step_reference(model, batches, rng)
+    got, metrics = _step_feature_cache(model, batches, rng)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert [float(m["con_batch"]) for m in metrics] == [3.0] * 3  # 4 images, one at <BoI> 0
+    torch.manual_seed(123)
+    other = _step_reference(model, batches, get_rng_state())
+    assert not torch.allclose(other["vision.conv1.weight"], expected["vision.conv1.weight"])  # masks matter

@@ -65,3 +65,28 @@ def test_distributed_optimizer_step_equals_reference_step(results):
                                    atol=1e-6, rtol=1e-5, msg=name)
     assert all(torch.isfinite(t).all() for t in got.values())
     assert results["tp2_pp2_dp2_step"]["grad_norm"] > 1.0  # so clipping was active in both
+
+
+STEP_KEYS = ("loss", "lm_loss", "con_loss", "con_top1", "num_images", "con_batch")
+
+
+def test_step_contrastive_losses_equal_one_infonce_over_the_step(results):
+    """contrastive_batch=step at TP2 x PP2 x DP2, 4 micro-batches (one without any image, one with
+    imageless DP ranks): every micro-batch reports the step's L_con over all N images, as the reference."""
+    ref, got = results["reference_step_contrastive"]["terms"], results["tp2_pp2_dp2_stepcon"]["terms"]
+    assert len(got) == len(ref) == 4
+    # 13 images, one at <BoI> 0 (no context): 12 in the step's L_con; micro-batch 3 has none
+    assert float(ref[0]["con_batch"]) == 12 and float(ref[3]["num_images"]) == 0
+    for k, (r, g) in enumerate(zip(ref, got)):
+        for key in STEP_KEYS:
+            torch.testing.assert_close(g[key].float(), r[key].float(), atol=1e-5, rtol=1e-5,
+                                       msg=f"micro-batch {k}, {key}")
+
+
+def test_step_contrastive_gradients_equal_the_reference(results):
+    ref, got = results["reference_step_contrastive"]["grads"], results["tp2_pp2_dp2_stepcon"]["grads"]
+    assert ref.keys() == got.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    for name in ("text_head.logit_scale", "image_head.proj.weight", "vision.conv1.weight"):
+        assert ref[name].abs().max() > 0, name  # the step L_con reaches the scale, the heads and the ViT

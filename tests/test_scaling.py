@@ -110,6 +110,27 @@ def test_flops_model_matches_torch_flop_counter(single_rank, name, mode):
         assert "LCLModel.lm.output_layer" not in by_module and fwd["output"] == 0
 
 
+def test_feature_pass_flops_match_a_forward_without_logits(single_rank):
+    """contrastive_batch=step's extra pass (forward, no output layer) as torch's counter sees it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_lcl.testing import random_batch
+
+    cfg = CONFIGS["tiny"]
+    model = _build(cfg).train()
+    seq, m = 80, cfg.vision.num_image_tokens
+    batch = random_batch([[3, 3 + m + 6], [10]], seq_length=seq, num_image_tokens=m,
+                         image_size=cfg.vision.image_size, vocab_size=cfg.lm.vocab_size)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(batch.tokens, batch.position_ids, batch.images, batch.image_sample_index, batch.boi_positions,
+              with_logits=False)
+    flops = step_flops(cfg, seq, batch.num_images / 2, samples=2, feature_pass=True)
+    assert flops["feature_pass"] == pytest.approx(counter.get_total_flops(), rel=0.05)
+    assert step_flops(cfg, seq, 1.5, samples=2)["feature_pass"] == 0  # micro_batch: no extra pass
+    assert flops["total"] == pytest.approx(step_flops(cfg, seq, 1.5, samples=2)["total"] + flops["feature_pass"])
+
+
 def test_flops_at_paper_scale_and_mfu():
     """ViT-B/16 + OPT-125M at 2048 positions: the LM dominates; training FLOPs ~ 6 N D for the LM."""
     from megatron_lcl.config import LM_PRESETS, VISION_PRESETS, apply_preset
@@ -316,6 +337,24 @@ def test_budget_can_restrict_model_sizes(tmp_path):
     with pytest.raises(ValueError, match="names models"):
         sweep.load_spec(write_spec(tmp_path, TWO_MODELS, [{"train_steps": 2, "global_batch_size": 2,
                                                            "models": ["c"]}]))
+
+
+def test_contrastive_batch_is_a_sweep_axis(tmp_path):
+    """`contrastive_batch` (samples per InfoNCE over all DP ranks) = the global batch -> step-wide
+    negatives; smaller -> per-micro-batch negatives with that micro-batch size (DP 2 here)."""
+    from megatron_lcl.config import load_config
+
+    budgets = [{"train_steps": 2, "global_batch_size": 8, "contrastive_batch": c} for c in (8, 4, 2)]
+    spec = sweep.load_spec(write_spec(tmp_path, TWO_MODELS[:1], budgets, nproc=2))
+    points = sweep.expand_points(spec)
+    assert [p.name for p in points] == ["a-8x2-c8", "a-8x2-c4", "a-8x2-c2"]
+    cfgs = [load_config(spec.base_config, p.overrides) for p in points]
+    assert [(c.loss.contrastive_batch, c.data.micro_batch_size) for c in cfgs] == [
+        ("step", 2), ("micro_batch", 2), ("micro_batch", 1)]
+    assert [sweep.contrastive_batch_samples(c, spec.nproc) for c in cfgs] == [8, 4, 2]
+    bad = sweep.load_spec(write_spec(tmp_path, TWO_MODELS[:1], [dict(budgets[0], contrastive_batch=3)], nproc=2))
+    with pytest.raises(ValueError, match="contrastive_batch"):
+        sweep.expand_points(bad)
 
 
 def test_report_on_synthetic_isoflop_results(tmp_path):

@@ -106,6 +106,7 @@ def test_paper_configs(name, vision, lr):
         (lr, 0.9, 0.95, 0.1, 2000, "cosine")
     assert (v.drop_path_rate, cfg.loss.con_weight, cfg.data.seq_length, cfg.precision.params_dtype) == \
         (0.2, 0.1, 2048, "bf16")
+    assert cfg.loss.contrastive_batch == "step"  # the paper's negatives: the whole step
     assert cfg.data.path == ["/data/a", "/data/b"]
     validate_config(cfg, world_size=8)
 
@@ -184,7 +185,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(data_root, tmp_path, mon
     """From step 3 on the loss is NaN: steps are skipped (weights untouched), 2 in a row stop the run."""
     from megatron_lcl.training import trainer as trainer_mod
 
-    real = trainer_mod.forward_backward
+    real = trainer_mod.step_forward_backward
     calls = []
 
     def nan_from_step_3(*args, **kwargs):
@@ -195,7 +196,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(data_root, tmp_path, mon
                 m["loss"] = m["loss"] * float("nan")
         return metrics
 
-    monkeypatch.setattr(trainer_mod, "forward_backward", nan_from_step_3)
+    monkeypatch.setattr(trainer_mod, "step_forward_backward", nan_from_step_3)
     run = tmp_path / "nan"
     assert pretrain_lcl.main(argv(data_root, run, "train.max_consecutive_nonfinite=2")) == 1
     out = capsys.readouterr().out
@@ -207,7 +208,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(data_root, tmp_path, mon
     meta = json.loads((run / "checkpoints" / "step_00000004" / "meta.json").read_text())
     assert meta["train_state"]["skipped_steps"] == 2
     # The checkpoint is intact: a resumed run (real losses again) picks up at step 4.
-    monkeypatch.setattr(trainer_mod, "forward_backward", real)
+    monkeypatch.setattr(trainer_mod, "step_forward_backward", real)
     assert pretrain_lcl.main(argv(data_root, run)) == 0
     assert [r["step"] for r in read_rows(run)][-2:] == [5, 6]
 

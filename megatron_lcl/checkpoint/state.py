@@ -17,38 +17,20 @@ naming the previous complete checkpoint; stale `*.tmp` folders are removed on th
 """
 
 import os
-import random
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_lcl.checkpoint.run_dir import (checkpoint_name, prune, read_meta, remove_stale_tmp, save_atomically,
                                              write_latest)
 from megatron_lcl.runtime import mcore_compat
+from megatron_lcl.runtime.distributed import get_rng_state, set_rng_state
 from megatron_lcl.runtime.layout import ParallelLayout
 
 
 # ------------------------------------------------------------------------------------------ state
-
-def _rng_state() -> dict:
-    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
 
 def _sharded_state(model, optimizer, scheduler, loader, layout: ParallelLayout, *, is_loading: bool,
                    with_optimizer: bool = True,
@@ -71,7 +53,7 @@ def _sharded_state(model, optimizer, scheduler, loader, layout: ParallelLayout, 
         state["scheduler"] = scheduler.state_dict()
     if with_rng:  # DP replicas share RNG streams (seeded by pipeline rank): one copy per (pp, tp)
         state["rng"] = ShardedObject(
-            "rng_state", None if is_loading else _rng_state(),
+            "rng_state", None if is_loading else get_rng_state(),
             (layout.pp_size, layout.tp_size),
             (pp, tp), replica_id=dp)
     if with_data and loader is not None:  # TP ranks and the last stage hold copies of stage 0's loader
@@ -148,7 +130,7 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, layout: Para
         mcore_compat.restore_adam_steps(optimizer)
         scheduler.load_state_dict(state["scheduler"])
     if "rng" in state:
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
     if "data" in state and loader is not None:
         loader.load_state_dict(state["data"])
     return meta

@@ -99,6 +99,10 @@ class ModelConfig:
 class LossConfig:
     mode: str = "lcl"  # lcl (L_gen + lambda * L_con) | gen | con
     con_weight: float = 0.1  # lambda; paper Table 6b: 0.1 best
+    # Negatives of L_con. step (the paper's semantics): one InfoNCE over all images of all
+    # micro-batches on all data-parallel ranks of the step (a feature cache, see
+    # megatron_lcl.training.pipeline). micro_batch: one InfoNCE per micro-batch (its images on all DP ranks).
+    contrastive_batch: str = "step"
 
 
 @dataclass

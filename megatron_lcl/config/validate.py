@@ -15,6 +15,7 @@ from megatron_lcl.config.run import LCLConfig
 
 PACKINGS = ("auto", "truncate", "concat", "pack")
 LOSS_MODES = ("lcl", "gen", "con")
+CONTRASTIVE_BATCHES = ("step", "micro_batch")
 
 
 class ConfigError(ValueError):
@@ -159,6 +160,8 @@ def _run_errors(cfg: LCLConfig) -> List[str]:
         (d.path is not None, "data.path is required: the prepared shards (tools/prepare_data.py)"),
         (d.tokenizer is not None, "data.tokenizer is required: a .model from tools/train_tokenizer.py"),
         (cfg.loss.mode in LOSS_MODES, f"loss.mode ({cfg.loss.mode!r}) must be lcl, gen or con"),
+        (cfg.loss.contrastive_batch in CONTRASTIVE_BATCHES,
+         f"loss.contrastive_batch ({cfg.loss.contrastive_batch!r}) must be step or micro_batch"),
         (t.train_steps > 0, f"train.train_steps ({t.train_steps}) must be > 0"),
         (d.micro_batch_size > 0, f"data.micro_batch_size ({d.micro_batch_size}) must be > 0"),
         (d.num_workers >= 0, f"data.num_workers ({d.num_workers}) must be >= 0"),

@@ -13,7 +13,9 @@ are image placeholders, `<EoI>` or padding are 0; predicting `<BoI>` is allowed.
 
 Images are flattened over the micro-batch in (sample, position) order: image j belongs to sample
 `image_sample_index[j]`, its `<BoI>` sits at `boi_positions[j]` and its M latents fill positions
-`boi_positions[j] + 1 ... boi_positions[j] + M`.
+`boi_positions[j] + 1 ... boi_positions[j] + M`. `image_has_context[j]` says whether text of image j's
+own document precedes it in its sample (the context rule of `megatron_lcl.data.rules`): only those
+images enter L_con.
 """
 
 from dataclasses import dataclass, fields
@@ -31,6 +33,7 @@ class LCLBatch:
     images: torch.Tensor  # [n, 3, H, W] float32, normalised; n may be 0
     image_sample_index: torch.Tensor  # [n] int64, sample of each image
     boi_positions: torch.Tensor  # [n] int64, position of each image's <BoI> in its sample
+    image_has_context: torch.Tensor  # [n] bool, own-document text precedes the image (enters L_con)
     image_labels: Optional[torch.Tensor] = None  # [n] int64 class labels (synthetic/eval only)
 
     @property
@@ -50,7 +53,9 @@ class LCLBatch:
         for name in ("labels", "loss_mask", "position_ids"):
             assert getattr(self, name).shape == (b, s), f"{name} must be [b, s]=({b}, {s})"
         n = self.num_images
-        assert self.image_sample_index.shape == (n,) and self.boi_positions.shape == (n,)
+        assert self.image_sample_index.shape == self.boi_positions.shape == self.image_has_context.shape == (n,)
+        assert not bool((self.image_has_context & (self.boi_positions == 0)).any()), \
+            "an image at position 0 has no context"
         if n:
             assert int(self.image_sample_index.max()) < b, "image_sample_index out of range"
             last = int((self.boi_positions + num_image_tokens).max())

@@ -255,6 +255,7 @@ def collate(samples: List[BuiltSample], images: List[List[torch.Tensor]], ids: S
         images=torch.stack(flat) if flat else torch.empty(0, 3, image_size, image_size),
         image_sample_index=torch.tensor([i for i, smp in enumerate(samples) for _ in smp.images], dtype=torch.long),
         boi_positions=torch.tensor([p for smp in samples for p in smp.boi_positions], dtype=torch.long),
+        image_has_context=torch.tensor([c for smp in samples for c in smp.image_context], dtype=torch.bool),
         image_labels=(torch.tensor([-1 if l is None else l for l in labels_given], dtype=torch.long)
                       if any(l is not None for l in labels_given) else None),
     )

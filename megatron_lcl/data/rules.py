@@ -14,6 +14,11 @@ Sequence layout (M = num_image_tokens): every image is `<BoI>`, M x `<img>`, `<E
   text may be cut anywhere (consecutive windows overlap by one token, as in GPT pre-training), an
   image that would be cut moves whole to the next window (the rest of the current one is padded).
 
+Context rule (for L_con): an image has context when text of its OWN document precedes it inside the
+sample (`<s>` alone does not count, nor text of an earlier document packed into the same window, nor
+text left in the previous window). Each packer records it per image (`BuiltSample.image_context`);
+images without context still feed L_gen but are left out of L_con.
+
 All randomness comes from a `random.Random` the caller seeds per document, so a document is built
 the same way whichever worker or rank reads it.
 """
@@ -36,6 +41,7 @@ class Segment:
     tokens: List[int]
     image: Optional[DocImage] = None  # set for image segments (<BoI> <img>*M <EoI>)
     crop_seed: str = ""  # seeds the image's random crop
+    is_text: bool = False  # the document's own text (not <s>, </s> or an image): context for a later image
 
 
 @dataclass
@@ -43,6 +49,7 @@ class BuiltSample:
     tokens: List[int]  # seq_length + 1 ids
     boi_positions: List[int] = field(default_factory=list)
     images: List[Segment] = field(default_factory=list)  # image segments, parallel to boi_positions
+    image_context: List[bool] = field(default_factory=list)  # parallel: own-document text precedes it
     origins: List[str] = field(default_factory=list)  # documents it was built from
     num_padding: int = 0
 
@@ -110,7 +117,7 @@ def tokenize_layout(doc: Document, layout: Layout, tokenizer, ids: SpecialIds,
         if kind == "text":
             tokens = tokenizer.encode(doc.texts[i])
             if tokens:
-                yield Segment(tokens)
+                yield Segment(tokens, is_text=True)
         else:
             yield Segment(image_tokens, doc.images[i], f"{crop_seed}-img{i}")
     yield Segment([ids.eos])
@@ -125,6 +132,7 @@ def truncate_and_pad(segments: Iterable[Segment], seq_length: int, pad_id: int, 
     """
     total = seq_length + 1
     sample = BuiltSample(tokens=[], origins=[origin])
+    context = False  # own text seen before the current position
     for k, seg in enumerate(segments):
         pos = len(sample.tokens)
         if seg.image is not None:
@@ -132,10 +140,12 @@ def truncate_and_pad(segments: Iterable[Segment], seq_length: int, pad_id: int, 
                 break
             sample.boi_positions.append(pos)
             sample.images.append(seg)
+            sample.image_context.append(context)
         elif pos + len(seg.tokens) > total:
             if k <= 1:  # a first text segment longer than the whole sample: the only cut allowed
                 sample.tokens += seg.tokens[: total - pos]
             break
+        context = context or seg.is_text
         sample.tokens += seg.tokens
     sample.num_padding = total - len(sample.tokens)
     sample.tokens += [pad_id] * sample.num_padding
@@ -155,31 +165,37 @@ class ConcatPacker:
             f"seq_length ({seq_length}) is shorter than one image needs ({min_seq_length(num_image_tokens)})")
         self.seq_length, self.pad_id = seq_length, pad_id
         self.current = BuiltSample(tokens=[])
+        self.context = False  # the current window holds text of the current document
 
     def add(self, segments: Iterable[Segment], origin: str) -> Iterator[BuiltSample]:
         total = self.seq_length + 1
         self.current.origins.append(origin)
+        self.context = False  # a new document: earlier text in the window is not its context
         for seg in segments:
             if seg.image is not None:
                 if len(self.current.tokens) + len(seg.tokens) > self.seq_length:
                     yield self._close(carry=False, origin=origin)
                 self.current.boi_positions.append(len(self.current.tokens))
                 self.current.images.append(seg)
+                self.current.image_context.append(self.context)
                 self.current.tokens += seg.tokens
                 continue
             tokens = seg.tokens
             while tokens:
                 room = total - len(self.current.tokens)
                 self.current.tokens += tokens[:room]
+                self.context = self.context or seg.is_text
                 tokens = tokens[room:]
                 if len(self.current.tokens) == total:
                     yield self._close(carry=True, origin=origin)
+                    self.context = seg.is_text  # the carried token is this segment's last one
 
     def _close(self, carry: bool, origin: str) -> BuiltSample:
         done = self.current
         done.num_padding = self.seq_length + 1 - len(done.tokens)
         done.tokens += [self.pad_id] * done.num_padding
         self.current = BuiltSample(tokens=[done.tokens[-1]] if carry else [], origins=[origin])
+        self.context = False
         return done
 
 
@@ -216,6 +232,7 @@ class DocumentPacker:
             sample.tokens += doc.tokens
             sample.boi_positions += [offset + p for p in doc.boi_positions]
             sample.images += doc.images
+            sample.image_context += doc.image_context
             sample.origins += doc.origins
             fitting = [k for k, d in enumerate(self.pending) if self._fits(sample, d)]
             best = max(fitting, key=lambda k: len(self.pending[k].tokens), default=None)

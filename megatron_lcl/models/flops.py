@@ -13,7 +13,10 @@ so its backward is 1x. The model mirrors `megatron_lcl.models` group by group:
                   heads      attention pooling (1 query, M keys) + W1, and W2 on the <BoI> output
     per sequence  lm         L x (QKV, scores, context, proj, FFN) over s positions
                   output     s x h x V_padded logits (tied weight: both gradients; skipped for loss=con)
-    per image     contrastive  2 logit matrices of [n, N] over e (N = images in the global micro-batch)
+    per image     contrastive  2 logit matrices of [n, N] over e (N = images in the contrastive batch:
+                               the global micro-batch, or the whole step with contrastive_batch=step)
+    feature pass  contrastive_batch=step: one more forward of vit, projector, lm layers and heads
+                  (no output layer, no backward) that collects the step's features first
 
 tests/test_scaling.py compares this with torch's FlopCounterMode on built
 models; `parameter_counts` (analytic) matches `count_parameters_by_group` (of a built model) exactly.
@@ -138,13 +141,14 @@ def lm_forward_flops(lm: LMConfig, seq_length: int, causal_half: bool = False) -
 def step_flops(cfg: ModelConfig, seq_length: int, images_per_sample: float, samples: int = 1, *,
                contrastive_negatives: Optional[int] = None, loss_mode: str = "lcl",
                backward: bool = True, tensor_model_parallel_size: int = 1,
-               causal_half: bool = False) -> "OrderedDict[str, float]":
+               causal_half: bool = False, feature_pass: bool = False) -> "OrderedDict[str, float]":
     """FLOPs by group for `samples` sequences holding `images_per_sample` images each (on average).
 
     `contrastive_negatives` is N, the images one InfoNCE row is scored against (images of the global
     micro-batch); None leaves the [n, N] logit matmuls out (they are < 0.1% at realistic sizes).
-    With `backward`, forward + backward (the training step); else forward only. Returns
-    {vit, projector, lm, output, heads, contrastive, total}.
+    With `backward`, forward + backward (the training step); else forward only. `feature_pass`: the
+    step-wide L_con's extra forward (`loss.contrastive_batch=step` with several micro-batches). Returns
+    {vit, projector, lm, output, heads, contrastive, feature_pass, total}.
     """
     assert loss_mode in ("lcl", "gen", "con"), f"loss_mode {loss_mode!r}"
     v, lm = cfg.vision, cfg.lm
@@ -163,6 +167,10 @@ def step_flops(cfg: ModelConfig, seq_length: int, images_per_sample: float, samp
         ("heads", images * heads_forward_flops(cfg) * mult),
         ("contrastive", contrastive * mult),
     ])
+    forward_no_output = (images * (vit["patchify"] + vit["vit_layers"] + heads_forward_flops(cfg) +
+                                   2 * v.num_image_tokens * v.hidden_size * lm.hidden_size)
+                         + samples * lm_forward_flops(lm, seq_length, causal_half))
+    flops["feature_pass"] = forward_no_output if feature_pass and loss_mode != "gen" else 0.0
     flops["total"] = sum(flops.values())
     return flops
 

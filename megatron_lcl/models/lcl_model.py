@@ -26,8 +26,8 @@ from megatron_lcl.models.vision import VisionTransformer
 @dataclass
 class LCLOutput:
     logits: Optional[torch.Tensor]  # [s, b, v/tp] vocab-parallel (None when not needed)
-    image_features: torch.Tensor  # v: [n_valid, e], L2-normalised
-    text_features: torch.Tensor  # t: [n_valid, e], L2-normalised
+    image_features: torch.Tensor  # v: [n, e], L2-normalised, every image of the micro-batch
+    text_features: torch.Tensor  # t: [n, e], L2-normalised (from the <BoI> before each image)
     logit_scale: torch.Tensor  # s = exp(logit_scale) clamped, scalar
     hidden: torch.Tensor  # LM output after the final LN, [s, b, h]
 
@@ -38,11 +38,6 @@ def image_token_index(image_sample_index, boi_positions, num_image_tokens: int):
     positions = (boi_positions[:, None] + offsets[None, :]).reshape(-1)  # [n*M]
     samples = image_sample_index.repeat_interleave(num_image_tokens)  # [n*M]
     return samples, positions
-
-
-def contrastive_image_mask(boi_positions: torch.Tensor) -> torch.Tensor:
-    """Images whose <BoI> has preceding context. At position 0 t_i sees nothing: excluded from L_con."""
-    return boi_positions > 0
 
 
 class LCLModel(MegatronModule):
@@ -125,12 +120,11 @@ class LCLModel(MegatronModule):
 
     def finish(self, hidden, image_features, image_sample_index, boi_positions,
                with_logits: bool = True) -> LCLOutput:
-        """Last stage: hidden `[s, b, h]` + v `[n, e]` of all n images -> LCLOutput (L_con images only)."""
+        """Last stage: hidden `[s, b, h]` + v `[n, e]` of all n images -> LCLOutput. Which images enter
+        L_con (the context rule) is the loss's business: `LCLBatch.image_has_context`."""
         logits, text_features = self.head(hidden, image_sample_index, boi_positions, with_logits)
-        valid = contrastive_image_mask(boi_positions)
-        return LCLOutput(logits=logits, image_features=image_features[valid],
-                         text_features=text_features[valid], logit_scale=self.text_head.scale(),
-                         hidden=hidden)
+        return LCLOutput(logits=logits, image_features=image_features, text_features=text_features,
+                         logit_scale=self.text_head.scale(), hidden=hidden)
 
     def forward(self, tokens, position_ids, images, image_sample_index, boi_positions,
                 with_logits: bool = True) -> LCLOutput:

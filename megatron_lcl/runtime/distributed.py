@@ -76,6 +76,30 @@ def set_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def get_rng_state() -> dict:
+    """Every generator this process draws from: python, numpy, torch (and CUDA), and megatron-core's
+    tensor-parallel tracker. `set_rng_state` puts them back (checkpoints; replaying a forward pass)."""
+    from megatron.core import tensor_parallel
+
+    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    # a copy: the tracker keeps the dict it is given and updates it in place as it draws
+    tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
+
+
 def destroy_distributed() -> None:
     if not dist.is_initialized():
         return

@@ -13,7 +13,10 @@ A spec (see examples/scaling/tiny_ladder.yaml):
     budgets                  [{global_batch_size, train_steps}] or [{global_batch_size, flops}]:
                              a FLOPs budget becomes train_steps through the FLOPs model (IsoFLOP sweeps);
                              optional `models: [names]` restricts a budget to some sizes, optional
-                             `overrides` apply to its points only
+                             `overrides` apply to its points only, optional `contrastive_batch` (samples
+                             whose images share one InfoNCE, over all DP ranks) makes the contrastive
+                             batch an axis: = global_batch_size -> loss.contrastive_batch=step, smaller ->
+                             micro_batch with data.micro_batch_size = contrastive_batch / DP
     images_per_sample        expected images per sequence, to turn a FLOPs budget into steps
     warmup_fraction          optimizer.warmup_steps = round(fraction x train_steps) (optional)
     final_loss_window        the final loss is the mean over this last fraction of logged steps
@@ -59,6 +62,7 @@ CSV_COLUMNS = [
     "lm_hidden", "lm_layers", "lm_ffn", "vocab_size", "seq_length", "global_batch_size", "train_steps",
     "params_vit", "params_projector", "params_lm", "params_heads", "params_total", "params_non_embedding",
     "flops_per_sample", "train_flops", "samples", "tokens", "text_tokens", "images", "images_per_sample",
+    "contrastive_batch", "con_batch",
     "loss", "lm_loss", "con_loss", "con_top1", "loss_last", "probe_accuracy",
     "step_time_s", "model_flops_per_s", "wall_s", "run_dir",
 ]
@@ -136,9 +140,38 @@ def _flatten(prefix: str, tree: dict) -> List[str]:
 def _budget_name(budget: dict) -> str:
     if "name" in budget:
         return str(budget["name"])
+    suffix = f"-c{budget['contrastive_batch']}" if "contrastive_batch" in budget else ""
     if "flops" in budget:
-        return f"{float(budget['flops']):.2g}".replace("+", "")
-    return f"{budget['global_batch_size']}x{budget['train_steps']}"
+        return f"{float(budget['flops']):.2g}".replace("+", "") + suffix
+    return f"{budget['global_batch_size']}x{budget['train_steps']}" + suffix
+
+
+def data_parallel_size(cfg, nproc: int) -> int:
+    p = cfg.parallel
+    return max(nproc // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size), 1)
+
+
+def _contrastive_overrides(spec: SweepSpec, budget: dict, overrides: List[str]) -> List[str]:
+    """A budget's `contrastive_batch` (samples) as config overrides (see the module docstring)."""
+    if "contrastive_batch" not in budget:
+        return []
+    from megatron_lcl.config import load_config
+
+    size, gbs = int(budget["contrastive_batch"]), int(budget["global_batch_size"])
+    if size == gbs:
+        return ["loss.contrastive_batch=step"]
+    dp = data_parallel_size(load_config(spec.base_config, overrides), spec.nproc)
+    if size > gbs or size % dp or gbs % size:
+        raise ValueError(f"{spec.spec_path}: budget {budget}: contrastive_batch ({size}) must equal "
+                         f"global_batch_size ({gbs}) or divide it and be a multiple of the DP size ({dp})")
+    return ["loss.contrastive_batch=micro_batch", f"data.micro_batch_size={size // dp}"]
+
+
+def contrastive_batch_samples(cfg, nproc: int) -> int:
+    """Samples whose images share one InfoNCE (over all DP ranks) in a run of this config."""
+    if cfg.loss.contrastive_batch == "step":
+        return cfg.train.global_batch_size
+    return cfg.data.micro_batch_size * data_parallel_size(cfg, nproc)
 
 
 def _steps_for(spec: SweepSpec, budget: dict, overrides: List[str]) -> int:
@@ -163,6 +196,7 @@ def expand_points(spec: SweepSpec) -> List[SweepPoint]:
             model_overrides = _flatten("model", {k: v for k, v in model.items() if k != "name"})
             overrides = common + model_overrides + [f"train.global_batch_size={budget['global_batch_size']}"]
             overrides += [str(o).format(output_dir=spec.output_dir) for o in budget.get("overrides", [])]
+            overrides += _contrastive_overrides(spec, budget, overrides)
             steps = _steps_for(spec, budget, overrides)
             overrides.append(f"train.train_steps={steps}")
             if spec.warmup_fraction is not None:
@@ -336,7 +370,8 @@ def final_losses(rows: List[dict], window: float) -> Dict[str, float]:
     """Mean of each loss term over the last `window` fraction of logged steps (at least one row):
     one step's loss is one batch's loss, too noisy to fit."""
     tail = rows[-max(1, round(window * len(rows))):]
-    return {k: sum(r[k] for r in tail) / len(tail) for k in ("loss", "lm_loss", "con_loss", "con_top1")}
+    keys = ("loss", "lm_loss", "con_loss", "con_top1") + (("con_batch",) if all("con_batch" in r for r in tail) else ())
+    return {k: sum(r[k] for r in tail) / len(tail) for k in keys}
 
 
 def collect_result(point: SweepPoint, cfg, spec: SweepSpec, status: str, wall_s: float) -> dict:
@@ -352,6 +387,7 @@ def collect_result(point: SweepPoint, cfg, spec: SweepSpec, status: str, wall_s:
                image_tokens=m.vision.num_image_tokens, lm_hidden=m.lm.hidden_size, lm_layers=m.lm.num_layers,
                lm_ffn=m.lm.ffn_hidden_size, vocab_size=m.lm.vocab_size, seq_length=d.seq_length,
                global_batch_size=t.global_batch_size, train_steps=t.train_steps,
+               contrastive_batch=contrastive_batch_samples(cfg, spec.nproc),
                params_vit=params["vit"], params_projector=params["projector"], params_lm=params["lm"],
                params_heads=params["heads"], params_total=params["total"],
                params_non_embedding=params["total"] - params["lm_embedding"], wall_s=round(wall_s, 2))
@@ -361,7 +397,9 @@ def collect_result(point: SweepPoint, cfg, spec: SweepSpec, status: str, wall_s:
         return row
     last = rows[-1]
     samples, images = last["consumed_samples"], last["consumed_images"]
-    flops_kwargs = dict(loss_mode=cfg.loss.mode, tensor_model_parallel_size=tp)  # tp: vocab padding
+    micro_batches = t.global_batch_size // (d.micro_batch_size * data_parallel_size(cfg, spec.nproc))
+    flops_kwargs = dict(loss_mode=cfg.loss.mode, tensor_model_parallel_size=tp,  # tp: vocab padding
+                        feature_pass=cfg.loss.contrastive_batch == "step" and micro_batches > 1)
     per_sample = flops_per_sample(m, d.seq_length, images / max(samples, 1), **flops_kwargs)
     step_times = [r["step_time_s"] for r in rows[1:]] or [rows[0]["step_time_s"]]  # row 0 holds warm-up
     step_time_s = sum(step_times) / len(step_times)

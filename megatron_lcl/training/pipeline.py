@@ -10,10 +10,20 @@ with `seq_length = s + K`; middle stages pass the rows through untouched and aut
 gradient back to the ViT. The model itself knows nothing of this (it exposes embed/decode/finish).
 
 How the loss terms combine: per micro-batch, `LCLLoss` returns this rank's share of
-`mean_tokens(L_gen) + lambda * mean_images(L_con)` where both means run over the micro-batch on all
-data-parallel ranks (negatives = that micro-batch's images on every DP rank). The schedule divides
-each micro-batch's loss by the number of micro-batches and DDP averages gradients over DP ranks,
-so a step optimises the mean over micro-batches of the global per-micro-batch loss.
+`mean_tokens(L_gen)` over the micro-batch on all data-parallel ranks, plus lambda x L_con. The schedule
+divides each micro-batch's loss by the number of micro-batches and DDP averages gradients over DP
+ranks, so a step optimises the mean over micro-batches of L_gen plus lambda x L_con, where L_con is
+
+- `loss.contrastive_batch=micro_batch` (`forward_backward`): the mean over micro-batches of each
+  micro-batch's InfoNCE (negatives: that micro-batch's images on every DP rank);
+- `loss.contrastive_batch=step` (`step_forward_backward`, the paper's semantics): ONE InfoNCE over
+  all images of the step. A feature cache ("gradient cache"): (1) a forward-only pass through the
+  pipeline collects v_i and t_i of every micro-batch on the last stage (no vocabulary logits);
+  (2) `LCLLoss.step_contrastive` computes the step's L_con, local rows against gathered columns, and
+  its gradients with respect to every v_i, t_i and the scale; (3) the usual 1F1B pass backpropagates
+  L_gen plus the surrogate of those cached gradients. The RNG state is put back between (1) and (3), so
+  dropout and drop-path draw the same masks in both passes and the surrogate's gradient is exact.
+  Cost: one extra forward pass without the output layer (`models.flops.step_flops`).
 """
 
 from dataclasses import dataclass
@@ -27,7 +37,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_lcl.config import ModelConfig, ParallelConfig, max_images_per_sample
 from megatron_lcl.data.batch import LCLBatch
 from megatron_lcl.losses import LCLLoss, LossTerms
-from megatron_lcl.models.lcl_model import LCLModel
+from megatron_lcl.losses.lcl import FeatureGrads
+from megatron_lcl.models.lcl_model import LCLModel, LCLOutput
+from megatron_lcl.runtime.distributed import get_rng_state, set_rng_state
 from megatron_lcl.runtime.layout import ParallelLayout
 
 
@@ -100,52 +112,123 @@ def forward_stage(model: LCLModel, batch: Optional[LCLBatch], carry_rows: int, w
 
 # ------------------------------------------------------------------------------ loss and schedule
 
-def loss_terms(out, batch: LCLBatch, loss_fn: LCLLoss) -> LossTerms:
+def loss_terms(out: LCLOutput, batch: LCLBatch, loss_fn: LCLLoss,
+               feature_grads: Optional[FeatureGrads] = None) -> LossTerms:
     """`LCLOutput` of the last stage + the batch's targets -> the named loss terms."""
     return loss_fn(out.logits, out.image_features, out.text_features, out.logit_scale,
-                   batch.labels, batch.loss_mask)
+                   batch.labels, batch.loss_mask, batch.image_has_context, feature_grads)
 
 
 def forward_loss(model: LCLModel, batch: LCLBatch, loss_fn: LCLLoss) -> LossTerms:
     """One micro-batch through the whole model (pipeline size 1) and the loss."""
-    out = model(batch.tokens, batch.position_ids, batch.images, batch.image_sample_index,
-                batch.boi_positions, with_logits=loss_fn.needs_logits)
-    return loss_terms(out, batch, loss_fn)
+    return loss_terms(_whole_model(model, batch, loss_fn.needs_logits), batch, loss_fn)
 
 
-class LCLForwardStep:
-    """megatron-core `forward_step_func`: returns (output, loss_func); loss_func -> (loss, logs)."""
+def _whole_model(model: LCLModel, batch: LCLBatch, with_logits: bool) -> LCLOutput:
+    return model(batch.tokens, batch.position_ids, batch.images, batch.image_sample_index,
+                 batch.boi_positions, with_logits=with_logits)
 
-    def __init__(self, loss_fn: LCLLoss, shape: PipelineShape, layout: ParallelLayout):
-        self.loss_fn, self.shape = loss_fn, shape
+
+class _StageStep:
+    """megatron-core `forward_step_func` skeleton: run this stage, hand non-last outputs on; the last
+    stage's `LCLOutput` goes to `self.on_last(out, batch)` -> (loss tensor, {name: value})."""
+
+    def __init__(self, shape: PipelineShape, layout: ParallelLayout, with_logits: bool):
+        self.shape, self.with_logits = shape, with_logits
         self.first, self.last = layout.is_first_stage, layout.is_last_stage
 
     def __call__(self, data_iterator: Optional[Iterator[LCLBatch]], model):
         batch = next(data_iterator) if (self.first or self.last) else None
         stage = model.module if isinstance(model, DistributedDataParallel) else model
         if self.first and self.last:
-            terms = forward_loss(stage, batch, self.loss_fn)
+            out = _whole_model(stage, batch, self.with_logits)
         else:
-            out = forward_stage(stage, batch, self.shape.carry_rows, self.loss_fn.needs_logits)
+            out = forward_stage(stage, batch, self.shape.carry_rows, self.with_logits)
             if not self.last:
                 return out, None  # [s + K, b, h] to the next stage
-            terms = loss_terms(out, batch, self.loss_fn)
-        return terms.total, partial(_loss_func, terms)
+        loss, logs = self.on_last(out, batch)
+        return loss, partial(_loss_func, logs)
+
+    def on_last(self, out: LCLOutput, batch: LCLBatch):
+        raise NotImplementedError
 
 
-def _loss_func(terms, output_tensor):
-    return output_tensor, {k: v.detach().clone() for k, v in terms.metrics().items()}
+def _loss_func(logs: dict, output_tensor):
+    return output_tensor, logs
+
+
+class LCLForwardStep(_StageStep):
+    """The training step's forward: loss terms per micro-batch (with the step's feature gradients
+    in order, one per micro-batch, when `feature_grads` is given)."""
+
+    def __init__(self, loss_fn: LCLLoss, shape: PipelineShape, layout: ParallelLayout,
+                 feature_grads: Optional[List[FeatureGrads]] = None):
+        super().__init__(shape, layout, loss_fn.needs_logits)
+        self.loss_fn = loss_fn
+        self.feature_grads = iter(feature_grads) if feature_grads is not None else None
+
+    def on_last(self, out, batch):
+        grads = next(self.feature_grads) if self.feature_grads is not None else None
+        terms = loss_terms(out, batch, self.loss_fn, grads)
+        return terms.total, {k: v.detach().clone() for k, v in terms.metrics().items()}
+
+
+class FeatureStep(_StageStep):
+    """Forward only, no logits: keeps each micro-batch's L_con features (v, t) and the scale."""
+
+    def __init__(self, shape: PipelineShape, layout: ParallelLayout):
+        super().__init__(shape, layout, with_logits=False)
+        self.image, self.text, self.scale = [], [], None
+
+    def on_last(self, out, batch):
+        mask = batch.image_has_context  # [n]
+        self.image.append(out.image_features[mask].detach())  # [n_con, e]
+        self.text.append(out.text_features[mask].detach())
+        self.scale = out.logit_scale.detach()
+        return out.logit_scale.detach() * 0.0, {}
+
+
+def run_schedule(step: _StageStep, model, data_iterator, num_microbatches: int, shape: PipelineShape,
+                 layout: ParallelLayout, forward_only: bool) -> List[dict]:
+    """megatron-core's schedule (1F1B when PP > 1) over `num_microbatches` micro-batches."""
+    pipelined = layout.pp_size > 1
+    return get_forward_backward_func()(
+        forward_step_func=step, data_iterator=data_iterator, model=[model], num_microbatches=num_microbatches,
+        seq_length=shape.seq_length + (shape.carry_rows if pipelined else 0),  # [s + K, b, h] sent
+        micro_batch_size=shape.micro_batch_size, forward_only=forward_only)
 
 
 def forward_backward(model, data_iterator, num_microbatches: int, loss_fn: LCLLoss,
                      shape: PipelineShape, layout: ParallelLayout, forward_only: bool = False) -> List[dict]:
-    """One step's forward and backward over `num_microbatches` micro-batches (1F1B when PP > 1).
+    """One step's forward and backward, L_con per micro-batch (`contrastive_batch=micro_batch`).
 
     Returns the per-micro-batch metric dicts on the last stage (empty list elsewhere).
     """
-    pipelined = layout.pp_size > 1
-    return get_forward_backward_func()(
-        forward_step_func=LCLForwardStep(loss_fn, shape, layout), data_iterator=data_iterator,
-        model=[model], num_microbatches=num_microbatches,
-        seq_length=shape.seq_length + (shape.carry_rows if pipelined else 0),  # [s + K, b, h] sent
-        micro_batch_size=shape.micro_batch_size, forward_only=forward_only)
+    return run_schedule(LCLForwardStep(loss_fn, shape, layout), model, data_iterator, num_microbatches,
+                        shape, layout, forward_only)
+
+
+def uses_feature_pass(loss_fn: LCLLoss, num_microbatches: int) -> bool:
+    """Whether a step runs the feature pass: step-wide L_con over more than one micro-batch."""
+    return loss_fn.step_negatives and num_microbatches > 1
+
+
+def step_forward_backward(model, batches: Optional[List[LCLBatch]], num_microbatches: int, loss_fn: LCLLoss,
+                          shape: PipelineShape, layout: ParallelLayout) -> List[dict]:
+    """One step's forward and backward with L_con over the whole step (the feature cache above).
+
+    `batches`: this rank's micro-batches (None on middle stages). Falls back to `forward_backward`
+    where the two are the same (one micro-batch per step, or no L_con).
+    """
+    data = (lambda: iter(batches)) if batches is not None else (lambda: None)
+    if not uses_feature_pass(loss_fn, num_microbatches):
+        return forward_backward(model, data(), num_microbatches, loss_fn, shape, layout)
+    rng = get_rng_state()
+    features = FeatureStep(shape, layout)
+    with torch.no_grad():
+        run_schedule(features, model, data(), num_microbatches, shape, layout, forward_only=True)
+    set_rng_state(rng)  # the training pass draws the same dropout / drop-path masks
+    grads = (loss_fn.step_contrastive(features.image, features.text, features.scale)
+             if layout.is_last_stage else None)
+    return run_schedule(LCLForwardStep(loss_fn, shape, layout, grads), model, data(), num_microbatches,
+                        shape, layout, forward_only=False)

@@ -3,7 +3,8 @@
 Per step, on every rank:
 
     batches   <- next micro-batches from the loader (first and last pipeline stages only)
-    forward_backward (megatron-core schedule, 1F1B when PP > 1)
+    step_forward_backward (megatron-core schedule, 1F1B when PP > 1; with loss.contrastive_batch=step
+                 a forward-only feature pass first, so L_con's negatives are the whole step)
     stats     <- one all-reduce over the world: losses (last stage), image/token counts (first stage),
                  collapse monitor (first stage), stop flags (every rank) - so all ranks agree on
                  skipping a non-finite step and on stopping after a signal
@@ -31,11 +32,12 @@ from megatron_lcl.runtime import initialize_distributed
 from megatron_lcl.training.metrics import MetricsWriter, ProgressLine, singular_value_stats
 from megatron_lcl.training.optim import (build_optimizer, build_scheduler, clamp_logit_scale, current_lr,
                                          drop_path_rate_at)
-from megatron_lcl.training.pipeline import PipelineShape, forward_backward, wrap_ddp
+from megatron_lcl.training.pipeline import PipelineShape, step_forward_backward, uses_feature_pass, wrap_ddp
 from megatron_lcl.training.signals import StopRequest
 
 # Values summed over the world each step. Each is contributed by the ranks named in `_step_stats`.
-STAT_KEYS = ("loss", "lm_loss", "con_loss", "con_top1", "text_tokens", "con_images", "logit_scale",
+STAT_KEYS = ("loss", "lm_loss", "con_loss", "con_top1", "text_tokens", "con_images", "con_excluded",
+             "con_batch", "logit_scale",
              "images", "effective_rank", "effective_rank_frac", "sv_entropy", "stop")
 
 
@@ -179,8 +181,8 @@ class Trainer:
             self.model.vision.set_drop_path_rate(drop_path_rate_at(
                 self.state.step, cfg.model.vision.drop_path_rate, cfg.train.drop_path_ramp_steps))
         self._captured = [] if collect_features and cfg.logging.collapse_monitor else None
-        per_micro = forward_backward(self.ddp, iter(batches) if batches is not None else None,
-                                     self.num_microbatches, self.loss_fn, self.shape, self.layout)
+        per_micro = step_forward_backward(self.ddp, batches, self.num_microbatches, self.loss_fn, self.shape,
+                                          self.layout)
         stats = self._step_stats(per_micro, batches)
         self._captured = None
         stats["skipped"] = not math.isfinite(stats["loss"])
@@ -194,7 +196,8 @@ class Trainer:
         return stats
 
     def _capture_image_features(self, _module, _inputs, output) -> None:
-        if self._captured is not None:
+        # The training pass only: with contrastive_batch=step a no-grad feature pass runs first.
+        if self._captured is not None and torch.is_grad_enabled():
             self._captured.append(output.detach().float())  # v: [n, e] per micro-batch
 
     def _step_stats(self, per_micro: List[dict], batches: Optional[list]) -> dict:
@@ -208,6 +211,8 @@ class Trainer:
                 local[key] = sum(float(m[src]) for m in per_micro) / n
             local["text_tokens"] = sum(float(m["num_text_tokens"]) for m in per_micro)
             local["con_images"] = sum(float(m["num_images"]) for m in per_micro)
+            local["con_excluded"] = sum(float(m["con_excluded"]) for m in per_micro)
+            local["con_batch"] = sum(float(m["con_batch"]) for m in per_micro) / n
             local["logit_scale"] = float(self.model.text_head.scale())
         if layout.is_first_stage and layout.tp_rank == 0:  # this DP rank's share of the counts
             local["images"] = float(sum(b.num_images for b in batches))
@@ -295,7 +300,7 @@ class Trainer:
         row = {"step": self.state.step, **{k: v for k, v in asdict(self.state).items() if k != "step"}}
         row.pop("consecutive_nonfinite")
         row.update(window.means())  # losses: mean over the window's finite steps
-        for key in ("logit_scale", "grad_norm"):  # the last step's
+        for key in ("logit_scale", "grad_norm", "con_batch", "con_excluded"):  # the last step's
             row[key] = stats[key]
         row["lr"] = current_lr(self.optimizer)
         if self._collapse_measured(stats):
@@ -305,7 +310,9 @@ class Trainer:
         images_per_step = window.images / max(window.steps, 1)
         row.update(throughput_metrics(self.cfg.model, self.cfg.data.seq_length, self.cfg.train.global_batch_size,
                                       images_per_step, row["step_time_s"], self.cfg.logging.peak_flops_per_s,
-                                      self.layout.world_size, loss_mode=self.cfg.loss.mode))
+                                      self.layout.world_size, loss_mode=self.cfg.loss.mode,
+                                      contrastive_negatives=int(stats["con_batch"]),
+                                      feature_pass=uses_feature_pass(self.loss_fn, self.num_microbatches)))
         row.update({f"skipped/{k}": v for k, v in sorted(data_skips.items())})
         self.writer.write(row)
         if self.cfg.logging.console:

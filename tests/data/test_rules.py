@@ -200,3 +200,53 @@ def test_truncation_tokenizes_only_what_fits():
     layout = document_layout(doc, random.Random(0))
     sample = truncate_and_pad(tokenize_layout(doc, layout, tok, IDS, M, "s"), 64, IDS.pad)
     assert sample.num_padding < 6 and tok.calls < 20
+
+
+# ----------------------------------------------------------------------------- the context rule
+
+def laion_pair(key, image_first, words=3):
+    doc = Document(key, "laion", [" ".join(["w"] * words)], [DocImage(data=key.encode(), matched_text_index=0)],
+                   f"test:{key}")
+    return doc, [("image", 0), ("text", 0)] if image_first else [("text", 0), ("image", 0)]
+
+
+def test_context_rule_mmc4_image_right_after_bos_has_none():
+    """`<s>` alone is no context: the first image (before its sentence) is left out of L_con."""
+    doc = mmc4_doc(num_texts=2, sims=[0.3, 0.3])
+    layout = [("image", 0), ("text", 0), ("image", 1), ("text", 1)]
+    sample = truncate_and_pad(tokenize_layout(doc, layout, WordTokenizer(), IDS, M, "s"), 64, IDS.pad)
+    assert sample.boi_positions == [1, 1 + M + 2 + 4] and sample.image_context == [False, True]
+
+
+def test_context_rule_in_packed_laion_random_windows():
+    """Several pairs per window: an image before its caption has only OTHER documents' text before
+    it (excluded); an image after its caption is kept."""
+    packer, tok = ConcatPacker(40, IDS.pad, M), WordTokenizer()
+    windows = []
+    for k in range(6):
+        doc, layout = laion_pair(f"p{k}", image_first=k % 2 == 1)
+        windows += packer.add(tokenize_layout(doc, layout, tok, IDS, M, "s"), doc.origin)
+    first = windows[0]  # [<s> w w w img </s>] [<s> img w w w </s>] ...
+    assert first.boi_positions[:2] == [4, 4 + M + 2 + 2] and first.image_context[:2] == [True, False]
+    for w in windows:  # everywhere: kept iff its caption precedes it in the window (a moved image: none)
+        for p, ctx in zip(w.boi_positions, w.image_context):
+            assert ctx == (p > 0 and w.tokens[p - 1] != IDS.bos), (p, w.tokens)
+
+
+def test_context_rule_across_obelics_windows():
+    """Text cut at a window edge stays context for its document's next image; an image moved whole to
+    the next window starts it at position 0 with no context."""
+    tok = WordTokenizer()
+    packer = ConcatPacker(40, IDS.pad, M)
+    cut = list(packer.add(tokenize_layout(*_obelics("a", "ti", 45), tok, IDS, M, "s"), "a"))
+    assert len(cut) == 1  # 1 + 45 words fill the first window; the image follows in the second
+    packer_2 = ConcatPacker(40, IDS.pad, M)
+    moved = list(packer_2.add(tokenize_layout(*_obelics("b", "titi", 12), tok, IDS, M, "s"), "b"))
+    assert moved[0].image_context == [True]  # after 12 words of its own text
+    assert packer.current.image_context == [True] and packer.current.boi_positions[0] > 0
+    assert packer_2.current.boi_positions == [0] and packer_2.current.image_context == [False]
+
+
+def _obelics(key, pattern, words):
+    doc = obelics_doc(key, pattern, words)
+    return doc, doc.order

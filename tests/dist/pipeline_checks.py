@@ -4,22 +4,28 @@ Reference: TP=PP=DP=1 in one process on the global batch (equal to DP=2 by the c
 Compared: TP1 x PP2 x DP4, TP2 x PP2 x DP2 (losses, gradients incl. the ViT through the carried rows),
 and one distributed-optimizer step at TP2 x PP2 x DP2 against the same step done by hand.
 4 micro-batches of 4 samples each; in micro-batch 2 the second half of the samples has no image.
+
+contrastive_batch=step: TP2 x PP2 x DP2 with the feature cache against a single-process reference
+that computes L_con over ALL images of the step at once (STEP_GLOBAL: micro-batch 3 holds no image at
+all, micro-batch 2 none on half the ranks, and images at position 0 are left out of L_con).
 """
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from common import collect_full, load_full_weights, parse_out_dir, save_rank0, tiny_model_config
 from megatron_lcl.config import LossConfig, OptimizerConfig, ParallelConfig, PrecisionConfig
-from megatron_lcl.losses import LCLLoss
+from megatron_lcl.losses import LCLLoss, generation_loss_sum
 from megatron_lcl.models.lcl_model import LCLModel
 from megatron_lcl.models.factory import build_model
 from megatron_lcl.runtime import ParallelLayout, initialize_distributed, initialize_model_parallel, set_seed
 from megatron_lcl.testing import random_batch, slice_batch
 from megatron_lcl.training.optim import build_optimizer
-from megatron_lcl.training.pipeline import PipelineShape, forward_backward, forward_loss, wrap_ddp
+from megatron_lcl.training.pipeline import (PipelineShape, forward_backward, forward_loss, step_forward_backward,
+                                            wrap_ddp)
 
 SEED, NUM_MB, MB_SAMPLES, SEQ = 1234, 4, 4, 48
 CFG = tiny_model_config()
@@ -31,6 +37,8 @@ LAYOUTS = [  # <BoI> positions per sample, for each global micro-batch
     [[11], [4, 22], [6], [0, 17]],
 ]
 GLOBAL = [random_batch(layout, SEQ, M, 16, 192, seed=10 + k) for k, layout in enumerate(LAYOUTS)]
+STEP_GLOBAL = GLOBAL[:3] + [random_batch([[], [], [], []], SEQ, M, 16, 192, seed=13)]
+CON_WEIGHT = 0.1
 OPT = dict(lr=1e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0)
 
 
@@ -60,7 +68,33 @@ def reference(out):
     return weights
 
 
-def run_layout(weights, tp, pp, distributed_optimizer, out, name, first_stage_layers=None):
+def reference_step_contrastive(out):
+    """L_gen per micro-batch (mean over micro-batches) + lambda x ONE InfoNCE over the step's images."""
+    set_seed(SEED)
+    model = LCLModel(CFG, ParallelConfig())
+    gen, image_features, text_features, lm_losses = 0.0, [], [], []
+    for batch in STEP_GLOBAL:
+        o = model(batch.tokens, batch.position_ids, batch.images, batch.image_sample_index, batch.boi_positions)
+        gen_sum, count = generation_loss_sum(o.logits, batch.labels, batch.loss_mask)
+        gen = gen + gen_sum / count / NUM_MB
+        lm_losses.append((gen_sum / count).detach())
+        image_features.append(o.image_features[batch.image_has_context])
+        text_features.append(o.text_features[batch.image_has_context])
+    v, t = torch.cat(image_features), torch.cat(text_features)  # [N, e], every image of the step
+    logits = o.logit_scale * v @ t.T  # [N, N]
+    target = torch.arange(len(v))
+    con = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    (gen + CON_WEIGHT * con).backward()
+    top1 = ((logits.argmax(1) == target) & (logits.argmax(0) == target)).float().mean()
+    terms = [{"lm_loss": lm, "con_loss": con.detach(), "con_top1": top1, "con_batch": torch.tensor(float(len(v))),
+              "num_images": b.image_has_context.sum().float(), "loss": lm + CON_WEIGHT * con.detach()}
+             for lm, b in zip(lm_losses, STEP_GLOBAL)]
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    save_rank0({"terms": terms, "grads": grads}, out, "reference_step_contrastive.pt")
+
+
+def run_layout(weights, tp, pp, distributed_optimizer, out, name, first_stage_layers=None,
+               contrastive_batch="micro_batch"):
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               num_layers_in_first_pipeline_stage=first_stage_layers,
                               use_distributed_optimizer=distributed_optimizer)
@@ -71,7 +105,8 @@ def run_layout(weights, tp, pp, distributed_optimizer, out, name, first_stage_la
     ddp = wrap_ddp(model, parallel)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mbs = MB_SAMPLES // dp
-    local = iter([slice_batch(b, slice(dp_rank * mbs, (dp_rank + 1) * mbs)) for b in GLOBAL])
+    step = contrastive_batch == "step"
+    local = [slice_batch(b, slice(dp_rank * mbs, (dp_rank + 1) * mbs)) for b in (STEP_GLOBAL if step else GLOBAL)]
     shape = PipelineShape.for_model(CFG, SEQ, mbs)  # room for 2 images per sample
     optimizer = None
     if distributed_optimizer:
@@ -84,7 +119,11 @@ def run_layout(weights, tp, pp, distributed_optimizer, out, name, first_stage_la
         optimizer.zero_grad()
     else:
         ddp.zero_grad_buffer()
-    metrics = forward_backward(ddp, local, NUM_MB, LCLLoss(LossConfig(), layout.dp_group), shape, layout)
+    loss_fn = LCLLoss(LossConfig(contrastive_batch=contrastive_batch, con_weight=CON_WEIGHT), layout.dp_group)
+    if step:
+        metrics = step_forward_backward(ddp, local, NUM_MB, loss_fn, shape, layout)
+    else:
+        metrics = forward_backward(ddp, iter(local), NUM_MB, loss_fn, shape, layout)
     tp_group = ps.get_tensor_model_parallel_group()
     result = {}
     result["first_stage_lm_layers"] = len(model.lm.decoder.layers) if ps.is_pipeline_first_stage() else None
@@ -108,11 +147,14 @@ def main():
     out = parse_out_dir()
     initialize_distributed(ParallelConfig(), SEED)
     weights = reference(out)
+    reference_step_contrastive(out)
     # uneven split: the first stage (which also holds the ViT) gets 1 of the 4 LM layers
     run_layout(weights, tp=1, pp=2, distributed_optimizer=False, out=out, name="tp1_pp2_dp4",
                first_stage_layers=1)
     run_layout(weights, tp=2, pp=2, distributed_optimizer=False, out=out, name="tp2_pp2_dp2")
     run_layout(weights, tp=2, pp=2, distributed_optimizer=True, out=out, name="tp2_pp2_dp2_step")
+    run_layout(weights, tp=2, pp=2, distributed_optimizer=False, out=out, name="tp2_pp2_dp2_stepcon",
+               contrastive_batch="step")
     dist.barrier()
     if dist.get_rank() == 0:
         open(f"{out}/done", "w").close()
