@@ -27,7 +27,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pyarrow"],
+        "dev": ["pytest>=8", "pyarrow", "pycocoevalcap>=1.2"],
+        "eval": ["pycocoevalcap>=1.2"],  # CIDEr / BLEU of captioning transfer (its PTB tokenizer needs Java)
         "obelics": ["pyarrow"],  # OBELICS parquet shards
         "gpu": ["transformer-engine[pytorch]>=1.12"],
         "apex": ["apex"],

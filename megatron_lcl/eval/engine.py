@@ -283,6 +283,9 @@ def fit(model: TransferModel, dataset, step_loss: Callable, cfg, runtime: Runtim
     bar = progress_bar(plan, start, runtime, desc)
     for step, batch in enumerate(train_batches(dataset, cfg, runtime, plan, start), start):
         bad.extend(batch["bad"])
+        if not len(batch["index"]):  # every rank must join DDP's all-reduce: stop with the names
+            raise RuntimeError(f"rank {runtime.rank}: every sample of its part of global batch {step} is "
+                               f"unreadable: {[f'{b.origin}: {b.reason}' for b in batch['bad']][:8]}")
         set_cosine_lr(optimizer, step, plan.total, plan.warmup)
         with runtime.autocast():
             loss = step_loss(ddp, batch)

@@ -117,3 +117,30 @@ def load_captioned_test_set(path: str, image_root: Optional[str] = None, split: 
     if "annotations" in head:
         return load_coco_captions(path, image_root or os.path.dirname(os.path.abspath(path)))
     return load_karpathy(path, image_root, split)
+
+
+class PairsTestSet:
+    """A pairs source (one caption per image: jsonl, shards, a split) seen as a test set."""
+
+    def __init__(self, source, name: str):
+        self.source, self.name, self.problems, self.class_names = source, name, source.problems, []
+        self.captions = [source.caption(i) for i in range(len(source))]  # [n_texts]
+        self.text_to_image = np.arange(len(source))  # caption j belongs to image j
+        self.labels = np.arange(len(source))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def origin(self, i: int) -> str:
+        return self.source.origin(i)
+
+    def image_bytes(self, i: int):
+        return self.source.image_bytes(i)
+
+    def caption(self, i: int) -> str:
+        return self.captions[i]
+
+
+def as_test_set(source, name: str):
+    """A CaptionedTestSet as it is; any other pairs source wrapped as a PairsTestSet."""
+    return source if isinstance(source, CaptionedTestSet) else PairsTestSet(source, name)

@@ -24,7 +24,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +34,7 @@ from megatron_lcl.eval.datasets import ImageSet, is_synthetic_corpus, load_pairs
 from megatron_lcl.eval.encoders import VisionEncoder, load_encoder
 from megatron_lcl.eval.engine import (EngineConfig, Runtime, TransferModel, eval_batches, fit, init_runtime,
                                       merge_bad_logs)
-from megatron_lcl.eval.karpathy import CaptionedTestSet, is_captions_json, load_captioned_test_set
+from megatron_lcl.eval.karpathy import as_test_set, is_captions_json, load_captioned_test_set
 from megatron_lcl.eval.streaming import (BadSampleLog, CaptionedImages, ImageSetSource, LabeledImages,
                                          SubsetSource, pair_source)
 from megatron_lcl.losses.contrastive import contrastive_loss_sum
@@ -264,17 +263,6 @@ def test_set_similarity(model: TransferModel, test_set, tokenizer: WordTokenizer
     t = torch.cat([F.normalize(model.head.text(tokens[i:i + 512].to(runtime.device)), dim=-1).float().cpu()
                    for i in range(0, len(texts), 512)])
     return torch.stack([image_emb[i] for i in kept]) @ t.T, text_to_image[text_to_image >= 0]
-
-
-def as_test_set(source, name: str):
-    """A pairs source (one caption per image) seen as a CaptionedTestSet-like object."""
-    if isinstance(source, CaptionedTestSet):
-        return source
-    source.name = name
-    source.captions = [source.caption(i) for i in range(len(source))]
-    source.text_to_image = np.arange(len(source))
-    source.labels = np.arange(len(source))
-    return source
 
 
 def run_retrieval_streaming(encoder: VisionEncoder, train_source, test_sets: list, cfg: RetrievalConfig,

@@ -69,7 +69,8 @@ def colour_caption_samples(n: int, seed: int) -> list:
     out = []
     for _ in range(n):
         c = names[rng.randrange(len(names))]
-        out.append({"png": png(COLOURS[c], rng=rng), "txt": f"a {c} square".encode(), "cls": str(names.index(c)).encode()})
+        out.append({"png": png(COLOURS[c], rng=rng), "txt": f"a {c} square".encode(),
+                    "cls": str(names.index(c)).encode()})
     return out
 
 
@@ -95,3 +96,61 @@ def write_karpathy(root: Path, name: str = "dataset_coco.json", with_problems: b
     path = root / name
     path.write_text(json.dumps({"images": images, "dataset": "coco"}))
     return path
+
+
+EIGHT = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
+         "black": (10, 10, 10), "white": (245, 245, 245), "purple": (140, 40, 170), "orange": (250, 140, 20)}
+EIGHT_CAPTIONS = {"red": "a red square", "green": "a green block", "blue": "the blue tile",
+                  "yellow": "yellow paint", "black": "a black square at night", "white": "white snow",
+                  "purple": "the purple block", "orange": "an orange tile"}
+
+
+def write_caption_pairs(root: Path) -> Path:
+    """8 distinct images with distinct captions as a pairs .jsonl (+ the images under root/img)."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(9)
+    lines = []
+    for name, colour in EIGHT.items():
+        (root / "img" / f"{name}.png").write_bytes(png(colour, rng=rng))
+        lines.append(json.dumps({"image": f"img/{name}.png", "caption": EIGHT_CAPTIONS[name]}))
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "pairs.jsonl"
+
+
+def write_tiny_lm(path: Path, texts) -> Path:
+    """A random tiny OPTForCausalLM + a word-level tokenizer over `texts`' words, save_pretrained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+
+    words = sorted({w for t in texts for w in t.split()})
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="</s>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(str(path))
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                    max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=1, dropout=0.0, attention_dropout=0.0)
+    OPTForCausalLM(cfg).save_pretrained(str(path))
+    return path
+
+
+def assert_same_weights(two: dict, one: dict, steps: int, lr: float) -> None:
+    """Equal to float32 round-off. Exception: attention key biases (`in_proj_bias`'s middle third,
+    `k_proj.bias`), whose gradient is exactly zero in theory (softmax is shift-invariant) and
+    round-off noise in practice, which Adam normalises to steps of up to lr: there only
+    |difference| <= steps x lr is required."""
+    assert set(two) == set(one) and one
+    for k in one:
+        a, b = two[k], one[k]
+        if k.endswith("in_proj_bias"):
+            h = a.shape[0] // 3
+            assert (a[h:2 * h] - b[h:2 * h]).abs().max() <= steps * lr, k
+            a, b = torch.cat([a[:h], a[2 * h:]]), torch.cat([b[:h], b[2 * h:]])
+        elif k.endswith("k_proj.bias"):
+            assert (a - b).abs().max() <= steps * lr, k
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")

@@ -1,0 +1,229 @@
+"""Captioning transfer (paper Appendix A.2, Fig. 3c): the pre-trained vision encoder, a new MLP
+projector and a pre-trained causal language model (any HF `AutoModelForCausalLM` folder: the OPT that
+`tools/checkpoint/convert_to_hf.py` exports, or a user's LLM). The M latents of an image, projected
+to the LM width, are the LM's prefix; the caption follows and is learned with next-token
+cross-entropy. `frozen`: the encoder is fixed (bitwise checked); `full`: it trains at `--encoder-lr`.
+The LM trains at `--lr` unless `--no-train-lm` (then only the projector learns).
+
+    python -m megatron_lcl.eval.caption --encoder runs/NAME/checkpoints --lm runs/NAME/hf/lm \
+        --data /data/laion_coco_10m/{00000..00999}.tar --eval-data coco/dataset_coco.json \
+        --image-root coco --preset paper --checkpoint out/cap.pt --output out/cap.json
+    # --data: webdataset shards (image + .txt) or a .jsonl of {"image", "caption"};
+    # --eval-data: Karpathy JSON (COCO test split) or COCO-format captions (NoCaps val) or pairs.
+
+Decoding is greedy (`--num-beams 1`) or beam search; scores are CIDEr and BLEU-4 from pycocoevalcap
+(caption_metrics.py: PTB tokenizer when Java is present, else a Python tokenizer, named in the output).
+"""
+
+import argparse
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_lcl.eval.caption_metrics import caption_scores
+from megatron_lcl.eval.common import (MODES, add_config_args, config_from_args, format_table, frozen_guard,
+                                      parse_with_preset, write_json)
+from megatron_lcl.eval.encoders import VisionEncoder, load_encoder
+from megatron_lcl.eval.engine import (EngineConfig, Runtime, TransferModel, eval_batches, fit, init_runtime,
+                                      merge_bad_logs)
+from megatron_lcl.eval.karpathy import as_test_set, is_captions_json, load_captioned_test_set
+from megatron_lcl.eval.streaming import BadSampleLog, CaptionedImages, LabeledImages, pair_source
+
+# Paper Table 8 / A.2 (captioning): LAION-COCO 10M, 20k steps of 512, AdamW lr 1e-4 (one rate, the
+# encoder's too in full mode), wd 1e-4, betas (0.9, 0.95), 1000 warm-up steps, cosine.
+PRESETS = {"paper": dict(steps=20000, batch_size=512, lr=1e-4, encoder_lr=1e-4, weight_decay=1e-4,
+                         adam_beta2=0.95, warmup_steps=1000)}
+
+
+@dataclass
+class CaptionConfig(EngineConfig):
+    mode: str = "frozen"  # frozen | full (the vision encoder)
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-4  # projector and (train_lm) the language model
+    encoder_lr: float = 1e-5  # full mode only
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    train_lm: bool = True
+    max_caption_tokens: int = 40
+    max_new_tokens: int = 30
+    num_beams: int = 1  # 1: greedy
+    metric_tokenizer: str = "auto"  # auto (PTB if Java is present) | ptb | python
+    seed: int = 0
+
+
+class CaptionHead(torch.nn.Module):
+    """latents `[b, M, h]` -> MLP -> prefix `[b, M, d]`; the LM reads prefix + caption embeddings."""
+
+    def __init__(self, hidden_size: int, lm: torch.nn.Module, train_lm: bool):
+        super().__init__()
+        width = lm.get_input_embeddings().embedding_dim
+        self.projector = torch.nn.Sequential(torch.nn.Linear(hidden_size, width), torch.nn.GELU(),
+                                             torch.nn.Linear(width, width))
+        self.lm = lm
+        self.lm.requires_grad_(train_lm)
+
+    def forward(self, latents: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Next-token CE over the caption tokens -> (loss sum, number of target tokens)."""
+        prefix = self.projector(latents)  # [b, M, d]
+        b, m, _ = prefix.shape
+        embeds = torch.cat([prefix, self.lm.get_input_embeddings()(input_ids)], dim=1)  # [b, M+T, d]
+        mask = torch.cat([attention_mask.new_ones(b, m), attention_mask], dim=1)  # [b, M+T]
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits  # [b, M+T, V]
+        predictions = logits[:, m - 1:-1].float()  # position M-1+t predicts caption token t: [b, T, V]
+        targets = input_ids.masked_fill(attention_mask == 0, -100)  # [b, T]
+        loss_sum = F.cross_entropy(predictions.reshape(-1, predictions.shape[-1]), targets.reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+        return loss_sum, (targets != -100).sum()
+
+
+def tokenize_captions(tokenizer, captions: List[str], max_tokens: int):
+    """Caption tokens + EOS, right-padded -> input_ids, attention_mask `[b, T]` (no BOS: the image
+    prefix starts the sequence)."""
+    rows = [tokenizer(c, add_special_tokens=False)["input_ids"][:max_tokens - 1] + [tokenizer.eos_token_id]
+            for c in captions]
+    width = max((len(r) for r in rows), default=1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    return ids, mask
+
+
+def caption_step(model, batch: dict, tokenizer, cfg: CaptionConfig, runtime: Runtime) -> torch.Tensor:
+    """CE over every caption token of the global batch: local sum x world / global token count."""
+    ids, mask = tokenize_captions(tokenizer, batch.get("captions", []), cfg.max_caption_tokens)
+    loss_sum, count = model(batch["pixels"].to(runtime.device), ids.to(runtime.device), mask.to(runtime.device))
+    (total,) = runtime.all_sum([float(count)])
+    return loss_sum * runtime.world / max(total, 1.0)
+
+
+@torch.no_grad()
+def generate(model: TransferModel, pixels: torch.Tensor, tokenizer, cfg: CaptionConfig) -> List[str]:
+    """Greedy (num_beams=1) or beam-search captions of `pixels [b, 3, S, S]` (HF `generate` on the
+    projected prefix as `inputs_embeds`)."""
+    head = model.head
+    prefix = head.projector(model.latents(pixels))  # [b, M, d]
+    mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = head.lm.generate(inputs_embeds=prefix.to(head.lm.dtype), attention_mask=mask, do_sample=False,
+                           max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def references_of(test_set) -> Dict[int, List[str]]:
+    refs: Dict[int, List[str]] = {}
+    for caption, i in zip(test_set.captions, test_set.text_to_image.tolist()):
+        refs.setdefault(int(i), []).append(caption)
+    return refs
+
+
+def caption_test_set(model: TransferModel, test_set, tokenizer, cfg: CaptionConfig, runtime: Runtime,
+                     bad: BadSampleLog) -> Dict[int, str]:
+    """{image index: generated caption} over all ranks (each rank captions its shard)."""
+    model.eval()
+    mine = {}
+    for batch in eval_batches(LabeledImages(test_set, model.encoder.image_size), 64, runtime, cfg.num_workers):
+        bad.extend(batch["bad"])
+        if len(batch["index"]):
+            with runtime.autocast():
+                texts = generate(model, batch["pixels"].to(runtime.device), tokenizer, cfg)
+            mine.update(zip(batch["index"].tolist(), texts))
+    return {i: c for part in runtime.all_gather_objects(mine) for i, c in part.items()}
+
+
+def score_test_set(model, test_set, tokenizer, cfg: CaptionConfig, runtime: Runtime, bad: BadSampleLog) -> dict:
+    """CIDEr / BLEU-4 over the images that could be read, plus a few examples."""
+    hypotheses = caption_test_set(model, test_set, tokenizer, cfg, runtime, bad)
+    references = {i: r for i, r in references_of(test_set).items() if i in hypotheses}
+    scores = caption_scores(references, hypotheses, cfg.metric_tokenizer) if runtime.is_main else {}
+    examples = [{"image": test_set.origin(i), "caption": hypotheses[i], "references": references[i][:2]}
+                for i in sorted(hypotheses)[:5]]
+    return dict(scores, examples=examples)
+
+
+def load_lm(path: str):
+    """Any HF causal LM folder (config + weights + tokenizer) -> (model in float32, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"no HF language model (config.json) at {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{path}: the tokenizer has no EOS token (needed to end captions)")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
+
+
+def run_captioning(encoder: VisionEncoder, lm_path: str, train_source, test_sets: list, cfg: CaptionConfig,
+                   runtime: Runtime, checkpoint: Optional[str] = None) -> dict:
+    """Train projector (+ LM, + encoder in full mode) on caption pairs, data-parallel; score each test set."""
+    lm, tokenizer = load_lm(lm_path)
+    torch.manual_seed(cfg.seed)  # equal projector initialisation on every rank
+    model = TransferModel(encoder, CaptionHead(encoder.hidden_size, lm, cfg.train_lm), cfg.mode)
+    train_bad, test_bad = BadSampleLog(), BadSampleLog()
+    with frozen_guard(encoder, cfg.mode) as guard:
+        t0 = time.time()
+        fit(model, CaptionedImages(train_source, encoder.image_size),
+            lambda m, b: caption_step(m, b, tokenizer, cfg, runtime), cfg, runtime, train_bad, checkpoint, "caption")
+        by_set = {t.name: score_test_set(model, t, tokenizer, cfg, runtime, test_bad) for t in test_sets}
+    return {"task": "captioning", "encoder": encoder.source, "encoder_kind": encoder.kind, "lm": lm_path,
+            "scores_by_set": by_set, "num_train": len(train_source), "encoder_unchanged": guard.unchanged,
+            "time_s": round(time.time() - t0, 1), "world_size": runtime.world,
+            "bad_samples": {"train_index": train_source.problems.as_dict(),
+                            "test_index": {t.name: t.problems.as_dict() for t in test_sets},
+                            "train_read": merge_bad_logs(train_bad, runtime),
+                            "test_read": merge_bad_logs(test_bad, runtime)},
+            "config": asdict(cfg), "_model": model, "_tokenizer": tokenizer}
+
+
+def results_table(result: dict) -> str:
+    rows = [[result.get("name", result["encoder"]), result["mode"], name, s.get("BLEU-4"), s.get("CIDEr")]
+            for name, s in result["scores_by_set"].items()]
+    return format_table(["Vision encoder", "transfer", "test set"], [("captioning", ["B@4", "CIDEr"])], rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--encoder", required=True, help="megatron_lcl checkpoint or HF CLIPVisionModel folder")
+    p.add_argument("--lm", required=True, help="HF AutoModelForCausalLM folder (with its tokenizer)")
+    p.add_argument("--data", required=True, nargs="+", help="caption pairs: webdataset shards or a .jsonl")
+    p.add_argument("--eval-data", required=True, nargs="+",
+                   help="Karpathy JSON (COCO test), COCO-format captions (NoCaps val), or pairs")
+    p.add_argument("--image-root", help="folder the test JSON's image paths are relative to")
+    p.add_argument("--mode", choices=MODES, default="frozen")
+    add_config_args(p, CaptionConfig)
+    p.add_argument("--checkpoint", help="save/resume the captioning model here")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast on GPU (CPU: fp32)")
+    p.add_argument("--name", help="row name in the printed table (default: the encoder path)")
+    p.add_argument("--output", help="write the results JSON here")
+    return parse_with_preset(p, argv, PRESETS)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = config_from_args(CaptionConfig, args)
+    runtime = init_runtime(args.precision)
+    tests = [load_captioned_test_set(p, args.image_root) if is_captions_json(p) else as_test_set(pair_source(p), p)
+             for p in args.eval_data]
+    result = run_captioning(load_encoder(args.encoder), args.lm, pair_source(args.data), tests, cfg, runtime,
+                            args.checkpoint)
+    result.pop("_model"), result.pop("_tokenizer")
+    if not runtime.is_main:
+        return result
+    result.update(name=args.name or args.encoder, mode=args.mode, data=" ".join(args.data))
+    print(results_table(result))
+    tokenizers = {s.get("tokenizer") for s in result["scores_by_set"].values()}
+    print(f"{result['num_train']} training pairs, {result['time_s']} s; metric tokenizer: {', '.join(tokenizers)}; "
+          f"encoder weights unchanged: {result['encoder_unchanged']}")
+    write_json(args.output, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
