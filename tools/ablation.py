@@ -1,19 +1,26 @@
-"""The paper's loss ablation (Table 6a) at small scale: pre-train the tiny model on the synthetic MMC4
-corpus with loss.mode = lcl, gen and con (same steps, seeds and data), add the random-init baseline,
-and evaluate every vision encoder by frozen transfer (attention-probe classification and retrieval
-with a new text encoder) on a separate synthetic corpus. Writes OUT/ablation.{json,md}.
+"""The paper's loss ablation (Table 6a) at small scale, with seeds: pre-train the tiny model on a
+synthetic MMC4 corpus with loss.mode = lcl, gen and con (same steps and data per seed), add the
+random-init baseline, and evaluate every vision encoder by frozen transfer (attention-probe
+classification and retrieval with a new text encoder) on a separate synthetic corpus. Every mode runs
+with each of `--seeds` seeds (model init, data order, evaluation split); the table reports mean ± sd.
+Writes OUT/ablation.{json,md}.
 
     python tools/ablation.py --out runs/ablation                 # the measured table in docs/eval.md
     python tools/ablation.py --out /tmp/ablation --small          # CI size: a few steps, ~1-2 min
 
-OUT/ holds data/ (pre-training corpus, tokenizer, shards; evaluation corpus), runs/<mode>/ (each
-pre-training run dir: config.yaml, metrics.jsonl, checkpoints/), random_init/ and eval/<name>.json.
-A rerun skips pre-training runs and evaluations that already finished (delete their folders to redo).
+`--corpus scenes` (default): two-object scenes pre-trained on the `train` split and evaluated on the
+`heldout` split, whose counted object is always a (shape, colour) pair pre-training never showed
+(`megatron_lcl/data/scenes.py`). `--corpus shapes`: the demo's one-shape pictures.
+
+OUT/ holds data/ (pre-training corpus, tokenizer, shards; evaluation corpus), runs/<mode>/seed<k>/
+(each pre-training run dir), random_init/seed<k>/ and eval/<mode>_seed<k>.json. A rerun skips
+pre-training runs and evaluations that already finished (delete their folders to redo).
 """
 
 import argparse
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +35,20 @@ TASK_NAMES = {"lcl": "Gen. + Con. (LCL)", "gen": "Gen. only", "con": "Con. only"
 
 @dataclass
 class Sizes:
-    docs: int = 600  # pre-training corpus documents (~4 usable images each)
+    docs: int = 600  # pre-training corpus documents (~2.5 images each)
     eval_docs: int = 300  # evaluation corpus (a different seed: no image is shared)
     steps: int = 300
     seq_length: int = 128
     micro_batch_size: int = 4
-    global_batch_size: int = 8
+    global_batch_size: int = 16  # 4 micro-batches: the step's L_con sees all ~40 images
     warmup_steps: int = 25
     probe_epochs: int = 30
     retrieval_epochs: int = 30
+    seeds: int = 3
 
 
 SMALL = Sizes(docs=40, eval_docs=30, steps=3, seq_length=64, micro_batch_size=2, global_batch_size=4,
-              warmup_steps=1, probe_epochs=2, retrieval_epochs=2)
+              warmup_steps=1, probe_epochs=2, retrieval_epochs=2, seeds=1)
 
 
 def log(msg: str) -> None:
@@ -49,8 +57,9 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------ data
 
-def build_data(data_dir: Path, sizes: Sizes, seed: int) -> dict:
-    """Synthetic MMC4 corpus -> tokenizer -> prepared shards, plus an evaluation corpus (seed + 1)."""
+def build_data(data_dir: Path, sizes: Sizes, seed: int, corpus: str) -> dict:
+    """Synthetic MMC4 corpus -> tokenizer -> prepared shards, plus an evaluation corpus (seed + 1;
+    scenes: the held-out split)."""
     from megatron_lcl.data.prepare import PrepareOptions, prepare
     from megatron_lcl.data.skips import SkipCounter
     from megatron_lcl.data.sources import read_mmc4
@@ -61,8 +70,9 @@ def build_data(data_dir: Path, sizes: Sizes, seed: int) -> dict:
              "shards": data_dir / "shards", "eval": data_dir / "eval_corpus"}
     if (data_dir / ".done").exists():
         return paths
-    jsonl = write_corpus(str(paths["corpus"]), num_docs=sizes.docs, image_size=32, seed=seed)
-    write_corpus(str(paths["eval"]), num_docs=sizes.eval_docs, image_size=32, seed=seed + 1)
+    jsonl = write_corpus(str(paths["corpus"]), num_docs=sizes.docs, image_size=32, seed=seed, kind=corpus)
+    write_corpus(str(paths["eval"]), num_docs=sizes.eval_docs, image_size=32, seed=seed + 1, kind=corpus,
+                 split="heldout" if corpus == "scenes" else "train")
     texts = [t for p in jsonl for doc in read_mmc4(p, str(paths["corpus"]), SkipCounter()) for t in doc.texts]
     paths["tokenizer"].parent.mkdir(parents=True, exist_ok=True)
     train_tokenizer(texts, str(paths["tokenizer"])[:-len(".model")], vocab_size=400, character_coverage=1.0)
@@ -94,18 +104,18 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 def pretrain(mode: str, run_dir: Path, sizes: Sizes, data: dict, seed: int, extra=()) -> None:
     if finished(run_dir, sizes.steps):
-        log(f"{mode}: finished run found in {run_dir}")
+        log(f"{mode} seed {seed}: finished run found in {run_dir}")
         return
     argv = ["--config", str(TINY_CONFIG), f"run_dir={run_dir}", f"loss.mode={mode}", "logging.console=false",
             *overrides(sizes, data, seed), *extra]
-    log(f"{mode}: pre-training {sizes.steps} steps -> {run_dir}")
+    log(f"{mode} seed {seed}: pre-training {sizes.steps} steps -> {run_dir}")
     t0 = time.time()
     from megatron_lcl import train  # in this process: the runs share one megatron-core import and process group
 
     code = train.main(argv)
     if code != 0 or not finished(run_dir, sizes.steps):
         raise RuntimeError(f"pre-training {mode} failed (exit {code}); see {run_dir}/metrics.jsonl")
-    log(f"{mode}: done in {time.time() - t0:.0f} s")
+    log(f"{mode} seed {seed}: done in {time.time() - t0:.0f} s")
 
 
 def training_summary(run_dir: Path) -> dict:
@@ -183,32 +193,68 @@ def fmt(x, digits=1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def markdown_table(rows: list, sizes: Sizes) -> str:
-    head = ("| pre-training loss | shape acc-1 | colour acc-1 | TR@1 | IR@1 | TR@5 | IR@5 | "
-            "latent erank (eval) | v erank frac (train) | lm_loss | con_loss | con_top1 | paper TR@1 |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+def _recall(key):
+    return lambda r: r["eval"]["retrieval"]["recall_pct"][key]
+
+
+def _train(key):
+    return lambda r: (r.get("train") or {}).get(key)
+
+
+# (column, value of one run, digits)
+COLUMNS = [
+    ("shape acc-1", lambda r: r["eval"]["classify_label"]["accuracy_pct"]["acc-1"], 1),
+    ("colour acc-1", lambda r: r["eval"]["classify_colour"]["accuracy_pct"]["acc-1"], 1),
+    ("TR@1", _recall("TR@1"), 1), ("IR@1", _recall("IR@1"), 1), ("TR@5", _recall("TR@5"), 1),
+    ("IR@5", _recall("IR@5"), 1),
+    ("latent erank (eval)", lambda r: r["eval"]["latent_effective_rank"], 1),
+    ("v erank frac (train)", _train("effective_rank_frac_last10"), 2),
+    ("lm_loss", _train("lm_loss_last10"), 2), ("con_loss", _train("con_loss_last10"), 2),
+    ("con_top1", _train("con_top1_last10"), 2),
+]
+
+
+def mean_sd(values: list, digits: int) -> str:
+    """`mean ± sd` over seeds (sample sd; a single value alone), `-` when not measured."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt(values[0], digits)
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def summarise(rows: list) -> dict:
+    """{mode: {column: [value per seed]}} in mode order."""
+    out = {}
     for r in rows:
-        ret = r["eval"]["retrieval"]["recall_pct"]
-        t = r.get("train") or {}
-        lines.append("| " + " | ".join([
-            TASK_NAMES[r["mode"]], fmt(r["eval"]["classify_label"]["accuracy_pct"]["acc-1"]),
-            fmt(r["eval"]["classify_colour"]["accuracy_pct"]["acc-1"]), fmt(ret["TR@1"]), fmt(ret["IR@1"]),
-            fmt(ret["TR@5"]), fmt(ret["IR@5"]), fmt(r["eval"]["latent_effective_rank"]),
-            fmt(t.get("effective_rank_frac_last10"), 2), fmt(t.get("lm_loss_last10"), 2),
-            fmt(t.get("con_loss_last10"), 2), fmt(t.get("con_top1_last10"), 2),
-            fmt(PAPER_TR1.get(r["mode"]))]) + " |")
+        per = out.setdefault(r["mode"], {name: [] for name, _, _ in COLUMNS})
+        for name, get, _ in COLUMNS:
+            per[name].append(get(r))
+    return out
+
+
+def markdown_table(rows: list) -> str:
+    head = "| pre-training loss | " + " | ".join(name for name, _, _ in COLUMNS) + " | paper TR@1 |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for mode, per in summarise(rows).items():
+        cells = [mean_sd(per[name], digits) for name, _, digits in COLUMNS]
+        lines.append(f"| {TASK_NAMES[mode]} | " + " | ".join(cells) + f" | {fmt(PAPER_TR1.get(mode))} |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(out: Path, rows: list, sizes: Sizes, args) -> str:
-    table = markdown_table(rows, sizes)
+    table = markdown_table(rows)
+    seeds = sorted({r["seed"] for r in rows})
     header = (f"Loss ablation (paper Table 6a) at small scale: tiny model (examples/configs/tiny_cpu.yaml), "
               f"{sizes.steps} pre-training steps x {sizes.global_batch_size} sequences of {sizes.seq_length} "
-              f"tokens on {sizes.docs} synthetic MMC4 documents, seed {args.seed}; frozen transfer on a "
-              f"separate {sizes.eval_docs}-document synthetic corpus (80/20 split), percent."
+              f"tokens (micro-batch {sizes.micro_batch_size}, step-wide contrastive negatives) on {sizes.docs} "
+              f"synthetic `{args.corpus}` documents; frozen transfer on a separate {sizes.eval_docs}-document "
+              f"corpus{' (held-out attribute combinations)' if args.corpus == 'scenes' else ''}, 80/20 split, "
+              f"percent; mean ± sd over seeds {seeds}."
               f"{' Overrides: ' + ' '.join(args.overrides) + '.' if args.overrides else ''}\n\n")
     (out / "ablation.md").write_text(header + table)
-    (out / "ablation.json").write_text(json.dumps({"sizes": vars(sizes), "seed": args.seed,
+    (out / "ablation.json").write_text(json.dumps({"sizes": vars(sizes), "seeds": seeds, "corpus": args.corpus,
                                                    "overrides": args.overrides, "rows": rows},
                                                   indent=1) + "\n")
     return header + table
@@ -217,15 +263,17 @@ def write_report(out: Path, rows: list, sizes: Sizes, args) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--small", action="store_true", help="CI size: a few steps and epochs")
+    p.add_argument("--small", action="store_true", help="CI size: a few steps and epochs, one seed")
+    p.add_argument("--corpus", choices=("scenes", "shapes"), default="scenes")
     p.add_argument("--steps", type=int, help="pre-training steps (default 300; 3 with --small)")
     p.add_argument("--docs", type=int, help="pre-training corpus documents")
-    p.add_argument("--micro-batch-size", type=int, help="sequences per micro-batch (default 4): the contrastive "
-                   "negatives are the other images of the micro-batch")
-    p.add_argument("--global-batch-size", type=int, help="sequences per step (default 8)")
+    p.add_argument("--seeds", type=int, help="seeds per mode (default 3; 1 with --small)")
+    p.add_argument("--micro-batch-size", type=int, help="sequences per micro-batch (default 4)")
+    p.add_argument("--global-batch-size", type=int, help="sequences per step (default 16): the step's images "
+                   "are the contrastive negatives")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--no-random-init", action="store_true", help="skip the random-init baseline")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="first seed (the data's); seeds are seed, seed+1, ...")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="extra pre-training overrides for every run (after the driver's own)")
     p.add_argument("--threads", type=int, default=1,
@@ -233,10 +281,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def pretrained_rows(args, sizes: Sizes, data: dict, out: Path) -> list:
+    rows = []
+    for seed in range(args.seed, args.seed + sizes.seeds):
+        for mode in args.modes:
+            run_dir = out / "runs" / mode / f"seed{seed}"
+            pretrain(mode, run_dir, sizes, data, seed, args.overrides)
+            rows.append({"mode": mode, "seed": seed, "checkpoint": str(run_dir / "checkpoints"),
+                         "train": training_summary(run_dir)})
+        if not args.no_random_init:
+            random_dir = out / "random_init" / f"seed{seed}"
+            if not (random_dir / "meta.json").exists():
+                from megatron_lcl.eval.encoders import random_init_checkpoint
+
+                random_init_checkpoint(str(TINY_CONFIG), str(random_dir),
+                                       overrides(sizes, data, seed) + list(args.overrides), seed=seed)
+            rows.append({"mode": "random", "seed": seed, "checkpoint": str(random_dir), "train": None})
+    return rows
+
+
 def main(argv=None) -> list:
     args = parse_args(argv)
     sizes = SMALL if args.small else Sizes()
-    given = {k: getattr(args, k) for k in ("steps", "docs", "micro_batch_size", "global_batch_size")}
+    given = {k: getattr(args, k) for k in ("steps", "docs", "micro_batch_size", "global_batch_size", "seeds")}
     sizes = Sizes(**{**vars(sizes), **{k: v for k, v in given.items() if v}})
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
@@ -244,23 +311,12 @@ def main(argv=None) -> list:
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
     t0 = time.time()
-    data = build_data(out / "data", sizes, args.seed)
+    data = build_data(out / "data", sizes, args.seed, args.corpus)
     log(f"data ready in {out / 'data'}")
-    rows = []
-    for mode in args.modes:
-        pretrain(mode, out / "runs" / mode, sizes, data, args.seed, args.overrides)
-        rows.append({"mode": mode, "checkpoint": str(out / "runs" / mode / "checkpoints"),
-                     "train": training_summary(out / "runs" / mode)})
-    if not args.no_random_init:
-        random_dir = out / "random_init"
-        if not (random_dir / "meta.json").exists():
-            from megatron_lcl.eval.encoders import random_init_checkpoint
-
-            random_init_checkpoint(str(TINY_CONFIG), str(random_dir),
-                                   overrides(sizes, data, args.seed) + list(args.overrides))
-        rows.append({"mode": "random", "checkpoint": str(random_dir), "train": None})
+    rows = pretrained_rows(args, sizes, data, out)
     for row in rows:
-        row["eval"] = evaluate(row["mode"], Path(row["checkpoint"]), data["eval"], out / "eval", sizes, args.seed)
+        name = f"{row['mode']}_seed{row['seed']}"
+        row["eval"] = evaluate(name, Path(row["checkpoint"]), data["eval"], out / "eval", sizes, row["seed"])
     print(write_report(out, rows, sizes, args))
     log(f"wrote {out / 'ablation.md'} and ablation.json in {time.time() - t0:.0f} s")
     return rows

@@ -1,6 +1,7 @@
-"""Synthetic interleaved corpus in MMC4 format, for the demo and tests.
+"""Synthetic interleaved corpus in MMC4 format, for the demo, tests and the small-scale loss ablation.
 
     python -m megatron_lcl.data.synthetic --output DIR --num-docs 200 --image-size 64 --seed 0
+    python -m megatron_lcl.data.synthetic --output DIR --kind scenes --split train      # or --split heldout
 
 writes `DIR/docs_00000.jsonl ...` (MMC4 documents: `text_list`, `image_info`) and `DIR/images/*.jpg`.
 Each image is a coloured shape (circle, square, triangle, cross, star, ...) on a textured background
@@ -9,6 +10,11 @@ striped background, in the top left") and sits among filler sentences. Every ima
 `label` (the shape class), `label_name`, `colour` and `background` for transfer evaluation; about one
 image in six gets a `matched_sim` below 0.24 (so the similarity rule has work to do) and a few
 documents have no usable image at all. Deterministic by seed.
+
+`--kind scenes` (`scenes.py`) draws two-object scenes whose description is only recoverable by binding
+attributes to places ("two red triangles left of a blue circle"), with distractor sentences about
+scenes that are not shown, and a compositional split: `train` never shows a quarter of the
+(shape, colour) pairs, `heldout` shows them as the counted object of every scene.
 """
 
 import argparse
@@ -146,8 +152,12 @@ def make_document(doc_id: int, rng: random.Random, image_size: int, images_dir: 
 
 
 def write_corpus(output: str, num_docs: int, image_size: int = 64, seed: int = 0, docs_per_shard: int = 100,
-                 max_images: int = 8, filler: int = 6) -> List[str]:
-    """Write the corpus; returns the jsonl shard paths."""
+                 max_images: int = 8, filler: int = 6, kind: str = "shapes", split: str = "train") -> List[str]:
+    """Write the corpus (`kind` shapes | scenes; `split` train | heldout, scenes only); returns the
+    jsonl shard paths."""
+    from megatron_lcl.data import scenes
+
+    assert kind in ("shapes", "scenes"), f"kind ({kind!r}) must be shapes or scenes"
     images_dir = os.path.join(output, "images")
     os.makedirs(images_dir, exist_ok=True)
     paths = []
@@ -156,7 +166,10 @@ def write_corpus(output: str, num_docs: int, image_size: int = 64, seed: int = 0
         with open(path, "w") as f:
             for doc_id in range(start, min(start + docs_per_shard, num_docs)):
                 rng = random.Random(f"{seed}-{doc_id}")
-                doc = make_document(doc_id, rng, image_size, images_dir, max_images, filler)
+                if kind == "scenes":
+                    doc = scenes.make_document(doc_id, rng, image_size, images_dir, min(max_images, 4), split)
+                else:
+                    doc = make_document(doc_id, rng, image_size, images_dir, max_images, filler)
                 f.write(json.dumps(doc) + "\n")
         paths.append(path)
     return paths
@@ -171,10 +184,13 @@ def main(argv=None) -> None:
     p.add_argument("--docs-per-shard", type=int, default=100)
     p.add_argument("--max-images", type=int, default=8, help="images per document: 1..N (>6 exercises the cap)")
     p.add_argument("--filler", type=int, default=6, help="up to N filler sentences before and after")
+    p.add_argument("--kind", choices=("shapes", "scenes"), default="shapes")
+    p.add_argument("--split", choices=("train", "heldout"), default="train",
+                   help="scenes: train never shows the held-out (shape, colour) pairs; heldout always does")
     args = p.parse_args(argv)
     t0 = time.time()
     paths = write_corpus(args.output, args.num_docs, args.image_size, args.seed, args.docs_per_shard,
-                         args.max_images, args.filler)
+                         args.max_images, args.filler, args.kind, args.split)
     print(f"wrote {args.num_docs} documents in {len(paths)} jsonl shard(s) + images/ to {args.output} "
           f"({time.time() - t0:.1f} s)")
 
@@ -185,7 +201,8 @@ if __name__ == "__main__":
 
 def labeled_images(corpus_dir: str, min_similarity: float = 0.0) -> List[dict]:
     """Every image of a synthetic corpus with its labels, for transfer evaluation:
-    `{"path", "label", "label_name", "colour", "background", "caption"}` in corpus order."""
+    `{"path", "label", "label_name", "colour", "background", "caption"}` (scenes add `count`,
+    `relation`, `shape_b`, `colour_b`, `held_out`) in corpus order."""
     items = []
     for name in sorted(os.listdir(corpus_dir)):
         if not name.endswith(".jsonl"):
@@ -196,10 +213,10 @@ def labeled_images(corpus_dir: str, min_similarity: float = 0.0) -> List[dict]:
                 for info in doc["image_info"]:
                     if info["matched_sim"] < min_similarity:
                         continue
+                    extra = {k: v for k, v in info.items() if k not in
+                             ("image_name", "raw_url", "matched_text_index", "matched_sim")}
                     items.append({
-                        "path": os.path.join(corpus_dir, "images", info["image_name"]),
-                        "label": info["label"], "label_name": info["label_name"],
-                        "colour": info["colour"], "background": info["background"],
+                        **extra, "path": os.path.join(corpus_dir, "images", info["image_name"]),
                         "caption": doc["text_list"][info["matched_text_index"]],
                     })
     return items
