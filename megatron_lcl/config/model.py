@@ -43,6 +43,9 @@ class VisionConfig:
     num_attention_heads: int = 4
     ffn_hidden_size: int = 256
     layernorm_epsilon: float = 1e-5
+    # MLP activation: gelu (exact erf, open_clip / HF `gelu`) | quick_gelu (x * sigmoid(1.702 x), the
+    # `hidden_act` of every openai/clip-vit-* release; set it to continue from those weights).
+    activation: str = "gelu"
     layer_scale_init: Optional[float] = 0.1  # None disables layer-scale
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over depth
     attention_dropout: float = 0.0
@@ -123,6 +126,15 @@ class PrecisionConfig:
     fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine only)
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's GELU approximation (HF `quick_gelu`, megatron-core `activations.quick_gelu`)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+# The activations a config may name (`VisionConfig.activation`; the LM is OPT: relu).
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "relu": F.relu}
+
+
 def apply_preset(section, presets: dict):
     """Return `section` with its preset's sizes (the YAML loader applies explicit keys after this)."""
     if section.preset is None:
@@ -162,7 +174,7 @@ def build_transformer_config(section, parallel: ParallelConfig, *, init_method_s
         layernorm_epsilon=section.layernorm_epsilon,
         attention_dropout=section.attention_dropout,
         hidden_dropout=section.hidden_dropout,
-        activation_func={"gelu": F.gelu, "relu": F.relu}[activation],
+        activation_func=ACTIVATIONS[activation],
         add_bias_linear=True,
         normalization="LayerNorm",
         init_method_std=init_method_std,

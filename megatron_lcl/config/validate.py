@@ -16,6 +16,7 @@ from megatron_lcl.config.run import LCLConfig
 PACKINGS = ("auto", "truncate", "concat", "pack")
 LOSS_MODES = ("lcl", "gen", "con")
 CONTRASTIVE_BATCHES = ("step", "micro_batch")
+VISION_ACTIVATIONS = ("gelu", "quick_gelu")
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,8 @@ def model_config_errors(model: ModelConfig, parallel: ParallelConfig,
     need(v.image_size % v.patch_size == 0,
          f"model.vision.image_size ({v.image_size}) must be divisible by "
          f"model.vision.patch_size ({v.patch_size})")
+    need(v.activation in VISION_ACTIVATIONS,
+         f"model.vision.activation ({v.activation!r}) must be one of {', '.join(VISION_ACTIVATIONS)}")
     need(0.0 <= v.drop_path_rate < 1.0,
          f"model.vision.drop_path_rate ({v.drop_path_rate}) must be in [0, 1)")
     need(model.heads.embed_dim % model.heads.pool_num_heads == 0 and

@@ -13,6 +13,10 @@ and `from_hf` are written next to each other. Besides plain copies (`COPY`):
 - `POSITION_OFFSET`: OPT's learned positions have 2 extra (never read) rows in front.
 - `TIED`: OPT's `lm_head` is our word embedding.
 
+Before weights move, `vision_import_errors` / `lm_import_errors` compare the HF configs with ours:
+sizes and every field that changes the function (activation, LayerNorm eps, OPT's LayerNorm placement,
+embedding projection, biases, tying); what we cannot represent is refused, naming the field.
+
 ViT <-> `CLIPVisionModel`: same layout; our post-LN is HF's `post_layernorm`, which we apply to all
 tokens (HF applies it to the pooled token only), so our latents = `post_layernorm(last_hidden_state)`.
 """
@@ -196,13 +200,72 @@ def lm_from_hf(hf: State, lm: LMConfig) -> State:
     return _convert(_lm_table(lm), hf, to_hf=False)
 
 
+# ---- configs: what the HF side must have for the weights to compute our function ----
+
+OPT_LAYERNORM_EPS = 1e-5  # transformers' OPT builds nn.LayerNorm with its default eps (no config field)
+
+
+def _mismatch(ours_name: str, ours, theirs_name: str, theirs) -> List[str]:
+    return [] if ours == theirs else [f"{ours_name} is {ours!r}, the HF model has {theirs_name}={theirs!r}"]
+
+
+def vision_import_errors(vision: VisionConfig, clip) -> List[str]:
+    """Every `CLIPVisionConfig` field that differs from `vision` in size or in the function computed.
+
+    CLIP's layers are pre-LN with `pre_layrnorm` and `post_layernorm` (fixed in transformers), as ours.
+    """
+    errors = []
+    for ours, theirs in (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                         ("num_attention_heads", "num_attention_heads"), ("ffn_hidden_size", "intermediate_size"),
+                         ("patch_size", "patch_size"), ("image_size", "image_size")):
+        errors += _mismatch(f"model.vision.{ours}", getattr(vision, ours), theirs, getattr(clip, theirs))
+    act = clip.hidden_act
+    if act not in ACTIVATIONS_HF:
+        errors.append(f"hidden_act={act!r} of the HF vision model is not supported "
+                      f"(model.vision.activation: one of {', '.join(ACTIVATIONS_HF)})")
+    else:
+        errors += _mismatch("model.vision.activation", vision.activation, "hidden_act", act)
+    errors += _mismatch("model.vision.layernorm_epsilon", vision.layernorm_epsilon, "layer_norm_eps",
+                        clip.layer_norm_eps)
+    errors += _mismatch("the ViT's input channels", 3, "num_channels", clip.num_channels)
+    return errors
+
+
+def lm_import_errors(lm: LMConfig, opt) -> List[str]:
+    """Every `OPTConfig` field that differs from `lm` in size or in the function computed (our LM is
+    OPT-125M's architecture: pre-LN, ReLU, biases, affine LayerNorms with eps 1e-5, tied embeddings)."""
+    errors = []
+    for ours, theirs in (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                         ("num_attention_heads", "num_attention_heads"), ("ffn_hidden_size", "ffn_dim"),
+                         ("max_position_embeddings", "max_position_embeddings")):
+        errors += _mismatch(f"model.lm.{ours}", getattr(lm, ours), theirs, getattr(opt, theirs))
+    fixed = (("do_layer_norm_before", True, "post-LayerNorm OPT layers (OPT-350m) are not supported: ours are pre-LN"),
+             ("_remove_final_layer_norm", False, "OPT without a final LayerNorm is not supported"),
+             ("word_embed_proj_dim", opt.hidden_size,
+              f"an embedding projection (word_embed_proj_dim != hidden_size {opt.hidden_size}) is not supported"),
+             ("activation_function", "relu", "only relu is supported (model.lm is OPT's architecture)"),
+             ("enable_bias", True, "OPT without linear biases is not supported"),
+             ("layer_norm_elementwise_affine", True, "OPT LayerNorms without weight/bias are not supported"),
+             ("tie_word_embeddings", True, "an untied lm_head is not supported (ours is tied to the embedding)"))
+    for field_name, want, why in fixed:
+        value = getattr(opt, field_name, want)
+        if value != want:
+            errors.append(f"{field_name}={value!r} of the HF language model: {why}")
+    errors += _mismatch("model.lm.layernorm_epsilon", lm.layernorm_epsilon, "the fixed OPT LayerNorm eps",
+                        OPT_LAYERNORM_EPS)
+    return errors
+
+
+ACTIVATIONS_HF = ("gelu", "quick_gelu")  # HF `hidden_act` names == ours (`VisionConfig.activation`)
+
+
 def clip_vision_config(vision: VisionConfig):
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
         hidden_size=vision.hidden_size, intermediate_size=vision.ffn_hidden_size,
         num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_attention_heads,
-        image_size=vision.image_size, patch_size=vision.patch_size, hidden_act="gelu",
+        image_size=vision.image_size, patch_size=vision.patch_size, hidden_act=vision.activation,
         layer_norm_eps=vision.layernorm_epsilon, attention_dropout=0.0, num_channels=3)
 
 
@@ -224,9 +287,12 @@ def build_hf_models(state: State, vision: VisionConfig, lm: LMConfig, vocab_size
     """-> (CLIPVisionModel, OPTForCausalLM) in eval mode with our weights loaded strictly."""
     from transformers import CLIPVisionModel, OPTForCausalLM
 
-    clip = CLIPVisionModel(clip_vision_config(vision)).eval()
+    clip_cfg, opt_cfg = clip_vision_config(vision), opt_config(lm, vocab_size)
+    errors = vision_import_errors(vision, clip_cfg) + lm_import_errors(lm, opt_cfg)
+    assert not errors, "cannot export to transformers without changing the function: " + "; ".join(errors)
+    clip = CLIPVisionModel(clip_cfg).eval()
     _load_strict(clip, vision_to_hf(state, vision))
-    opt = OPTForCausalLM(opt_config(lm, vocab_size)).eval()
+    opt = OPTForCausalLM(opt_cfg).eval()
     _load_strict(opt, lm_to_hf(state, lm))
     return clip, opt
 

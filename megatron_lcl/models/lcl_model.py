@@ -56,7 +56,7 @@ class LCLModel(MegatronModule):
         self.num_image_tokens = cfg.vision.num_image_tokens
         if pre_process:
             vit_config = build_transformer_config(cfg.vision, parallel, init_method_std=cfg.init_method_std,
-                                                  precision=precision, activation="gelu",
+                                                  precision=precision, activation=cfg.vision.activation,
                                                   pipeline_split=False)
             self.vision = VisionTransformer(vit_config, cfg.vision,
                                             vit_layer_spec(impl, cfg.vision.layer_scale_init))

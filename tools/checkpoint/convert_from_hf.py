@@ -5,7 +5,10 @@
 
 `--vision`: a `CLIPVisionModel` folder (the vision tower of a CLIP checkpoint works too); `--lm`: an
 `OPTForCausalLM` folder. The model sizes in the config must match them (the tool says which field does
-not). The LCL heads and projector keep their fresh initialisation, layer-scale starts at 1. Either
+not), and every config field that changes the function must agree or be supported: a CLIP with
+`hidden_act: quick_gelu` (all openai/clip-vit-* releases) needs `model.vision.activation=quick_gelu`;
+post-LN OPT layers, `word_embed_proj_dim != hidden_size`, other activations are refused, naming the
+field. The LCL heads and projector keep their fresh initialisation, layer-scale starts at 1. Either
 side may be omitted (that part stays randomly initialised). The result is a megatron-core
 dist-checkpoint: training loads it at any TP/PP (`checkpoint.load=<folder> checkpoint.load_optimizer=false`).
 """
@@ -17,26 +20,17 @@ from megatron_lcl.runtime.mcore_compat import filter_known_warnings
 filter_known_warnings()  # before megatron.core is imported
 
 
-def check_sizes(cfg, vision_hf=None, lm_hf=None) -> None:
+def check_hf_configs(cfg, vision_hf=None, lm_hf=None) -> None:
+    """Refuse HF models whose sizes or function (activation, LayerNorm eps and placement, embedding
+    projection, ...) differ from the config, naming each field (`megatron_lcl.hf.convert`)."""
     from megatron_lcl.config import ConfigError
+    from megatron_lcl.hf.convert import lm_import_errors, vision_import_errors
 
-    pairs = []
+    wrong = []
     if vision_hf is not None:
-        c, v = vision_hf.config, cfg.model.vision
-        pairs += [("model.vision.hidden_size", v.hidden_size, c.hidden_size),
-                  ("model.vision.num_layers", v.num_layers, c.num_hidden_layers),
-                  ("model.vision.num_attention_heads", v.num_attention_heads, c.num_attention_heads),
-                  ("model.vision.ffn_hidden_size", v.ffn_hidden_size, c.intermediate_size),
-                  ("model.vision.patch_size", v.patch_size, c.patch_size),
-                  ("model.vision.image_size", v.image_size, c.image_size)]
+        wrong += vision_import_errors(cfg.model.vision, vision_hf.config)
     if lm_hf is not None:
-        c, lm = lm_hf.config, cfg.model.lm
-        pairs += [("model.lm.hidden_size", lm.hidden_size, c.hidden_size),
-                  ("model.lm.num_layers", lm.num_layers, c.num_hidden_layers),
-                  ("model.lm.num_attention_heads", lm.num_attention_heads, c.num_attention_heads),
-                  ("model.lm.ffn_hidden_size", lm.ffn_hidden_size, c.ffn_dim),
-                  ("model.lm.max_position_embeddings", lm.max_position_embeddings, c.max_position_embeddings)]
-    wrong = [f"{name} is {ours}, the HF model has {theirs}" for name, ours, theirs in pairs if ours != theirs]
+        wrong += lm_import_errors(cfg.model.lm, lm_hf.config)
     if wrong:
         raise ConfigError("config does not match the HF weights: " + "; ".join(wrong))
 
@@ -54,7 +48,7 @@ def convert(cfg, vision_dir, lm_dir, save_dir, log=print) -> str:
     ensure_single_process()
     vision_hf = CLIPVisionModel.from_pretrained(vision_dir) if vision_dir else None
     lm_hf = OPTForCausalLM.from_pretrained(lm_dir) if lm_dir else None
-    check_sizes(cfg, vision_hf, lm_hf)
+    check_hf_configs(cfg, vision_hf, lm_hf)
     set_seed(cfg.train.seed)
     model = LCLModel(cfg.model, ParallelConfig())
     state = {}
