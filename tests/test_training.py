@@ -94,21 +94,7 @@ def test_yaml_overrides_and_presets():
     assert (cfg.model.vision.hidden_size, cfg.model.vision.patch_size) == (768, 32)
 
 
-@pytest.mark.parametrize("name, vision, lr", [("vit_b16_opt125m_mmc4", (224, 16, 768, 12), 3e-4),
-                                              ("vit_l14_opt125m_laion_mmc4", (224, 14, 1024, 24), 5e-4)])
-def test_paper_configs(name, vision, lr):
-    cfg = load_config(str(ROOT / "examples" / "configs" / f"{name}.yaml"),
-                      ["data.path=[/data/a, /data/b]", "data.tokenizer=/data/tok.model"])
-    v, o = cfg.model.vision, cfg.optimizer
-    assert (v.image_size, v.patch_size, v.hidden_size, v.num_layers) == vision
-    assert (cfg.model.lm.hidden_size, cfg.model.lm.num_layers, cfg.model.lm.max_position_embeddings) == (768, 12, 2048)
-    assert (o.lr, o.adam_beta1, o.adam_beta2, o.weight_decay, o.warmup_steps, o.decay_style) == \
-        (lr, 0.9, 0.95, 0.1, 2000, "cosine")
-    assert (v.drop_path_rate, cfg.loss.con_weight, cfg.data.seq_length, cfg.precision.params_dtype) == \
-        (0.2, 0.1, 2048, "bf16")
-    assert cfg.loss.contrastive_batch == "step"  # the paper's negatives: the whole step
-    assert cfg.data.path == ["/data/a", "/data/b"]
-    validate_config(cfg, world_size=8)
+# test_paper_configs: tests/test_paper_configs.py (reads the paper facts from megatron_lcl.config.paper)
 
 
 def test_resolved_config_round_trips(tmp_path):
