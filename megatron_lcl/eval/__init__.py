@@ -1,7 +1,9 @@
-"""Transfer evaluation of vision encoders (paper Appendix A.2): classification and retrieval.
+"""Transfer evaluation of vision encoders (paper Appendix A.2): classification, retrieval, captioning.
 
     python -m megatron_lcl.eval.classify --encoder CKPT_OR_HF_DIR --data DATA [--mode frozen|full]
     python -m megatron_lcl.eval.retrieve --encoder CKPT_OR_HF_DIR --data PAIRS [--mode frozen|full]
+    python -m megatron_lcl.eval.caption --encoder CKPT_OR_HF_DIR --lm HF_LM --data PAIRS --eval-data KARPATHY_JSON
+    (all three run data-parallel under torchrun; --preset paper: Table 8)
 
 Python API (imported lazily):
 
@@ -10,6 +12,8 @@ Python API (imported lazily):
     run_classification(encoder, train_set, eval_set, ProbeConfig) -> dict
     run_retrieval(encoder, train_set, eval_set, RetrievalConfig) -> dict  retrieve.py
     recall_at_k(similarity, text_to_image) -> {"TR@1": ..., "IR@10": ...}   (percent)
+    run_classification_streaming / run_retrieval_streaming / run_captioning   (streaming, DDP)
+    load_karpathy(json) -> CaptionedTestSet; caption_scores(refs, hyps) -> CIDEr, BLEU-4
 
 See docs/eval.md.
 """
@@ -28,6 +32,12 @@ _EXPORTS = {
     "RetrievalConfig": "retrieve",
     "run_retrieval": "retrieve",
     "recall_at_k": "retrieve",
+    "run_classification_streaming": "classify",
+    "run_retrieval_streaming": "retrieve",
+    "CaptionConfig": "caption",
+    "run_captioning": "caption",
+    "caption_scores": "caption_metrics",
+    "load_karpathy": "karpathy",
 }
 
 __all__ = sorted(_EXPORTS)
