@@ -6,7 +6,7 @@ Each function receives the section it uses, not the whole tree.
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
 
 from megatron_lcl.config.model import LossConfig, ModelConfig, ParallelConfig, PrecisionConfig
 
@@ -15,7 +15,9 @@ from megatron_lcl.config.model import LossConfig, ModelConfig, ParallelConfig, P
 class DataConfig:
     """Where the prepared shards are and how micro-batches are built (`megatron_lcl.data.loader`)."""
 
-    path: Optional[List[str]] = None  # prepared shards: folders, globs or shards (tools/prepare_data.py)
+    # prepared shards: folders, globs or shards (tools/prepare_data.py); a weighted blend in Megatron's
+    # convention alternates weight and path: [0.5, /data/laion, 0.5, /data/mmc4] (see `data_blend`)
+    path: Optional[List[Any]] = None
     tokenizer: Optional[str] = None  # sentencepiece .model (tools/train_tokenizer.py)
     seq_length: int = 128
     micro_batch_size: int = 2  # samples per micro-batch per data-parallel rank
@@ -87,6 +89,24 @@ class LCLConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def path_weight(item) -> Optional[float]:
+    if isinstance(item, bool):
+        return None
+    try:
+        return float(item)
+    except (TypeError, ValueError):
+        return None
+
+
+def data_blend(path: Optional[List[Any]]) -> Optional[List[Tuple[float, str]]]:
+    """`[w1, p1, w2, p2, ...]` (Megatron's `--data-path` convention) -> [(w1, p1), ...]; None when
+    `path` is a plain list of paths. Weights are relative (the loader normalises them); whether they
+    are positive and well placed is `config.validate`'s to check."""
+    if not path or len(path) < 2 or len(path) % 2 or path_weight(path[0]) is None:
+        return None
+    return [(path_weight(w), str(p)) for w, p in zip(path[0::2], path[1::2])]
 
 
 def num_microbatches(train: TrainConfig, data: DataConfig, dp_size: int) -> int:

@@ -11,7 +11,7 @@ they need a rule's value (the positions one image takes), they call the function
 from typing import List, Optional
 
 from megatron_lcl.config.model import ModelConfig, ParallelConfig, PrecisionConfig
-from megatron_lcl.config.run import LCLConfig
+from megatron_lcl.config.run import LCLConfig, path_weight, data_blend
 
 PACKINGS = ("auto", "truncate", "concat", "pack")
 LOSS_MODES = ("lcl", "gen", "con")
@@ -180,7 +180,23 @@ def _run_errors(cfg: LCLConfig) -> List[str]:
         (c.save_interval is None or c.save_interval > 0,
          f"checkpoint.save_interval ({c.save_interval}) must be > 0 or null"),
     ]
-    return [msg for ok, msg in checks if not ok]
+    return [msg for ok, msg in checks if not ok] + _data_path_errors(d.path)
+
+
+def _data_path_errors(path) -> List[str]:
+    """A weighted blend alternates positive weights and paths; a plain list holds paths only."""
+    if not path:
+        return []
+    blend = data_blend(path)
+    if blend is None:
+        if any(path_weight(p) is not None for p in path):
+            return [f"data.path ({path}) mixes weights and paths: a weighted blend alternates them, "
+                    f"weight first ([0.5, /data/laion, 0.5, /data/mmc4]), plain paths have no weights"]
+        return []
+    errors = [f"data.path: weight {w} of {p} must be > 0" for w, p in blend if not w > 0]
+    errors += [f"data.path: {p!r} is where a path should follow weight {w}" for w, p in blend
+               if path_weight(p) is not None]
+    return errors
 
 
 def _batch_errors(cfg: LCLConfig, world_size: int) -> List[str]:

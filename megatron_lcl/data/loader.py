@@ -23,6 +23,13 @@ decoding, cheap) and rotates worker ids so the next batch comes from the worker 
 The state is only valid for the same data, seed, dp_rank/dp_size, num_workers, batch size and sequence
 settings (checked on load).
 
+Weighted blends (`data.path: [0.5, /data/laion, 0.5, /data/mmc4]`, Megatron's convention). Each source
+keeps its own shards, DP split, shuffle, epochs and packer: one document stream per source and reader.
+A reader's slot k takes its next sample from the source drawn by the k-th draw of a generator seeded
+with (seed, reader): the choice sequence is a pure function of (seed, reader, slot), so the one slot
+cursor per worker still resumes exactly (replaying the draws tells how far each source stream went).
+Samples per source are counted like skips (`loader.source_counts()`, saved in the state).
+
 Skipped data. Workers count what they drop (by reason, naming shard and key) and send the counts
 with each batch; `loader.skips` (a SkipCounter) holds the totals of consumed batches and is saved in
 the state. Use `loader.skip_counts()` for metrics.
@@ -40,6 +47,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_lcl.config import DataConfig
+from megatron_lcl.config.run import data_blend
 from megatron_lcl.data import skips as S
 from megatron_lcl.data.batch import LCLBatch
 from megatron_lcl.data.documents import from_wds_sample
@@ -50,6 +58,15 @@ from megatron_lcl.data.tokenizer import LCLTokenizer
 from megatron_lcl.data.transforms import decode_image, eval_transform, train_transform
 
 STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BlendSource:
+    """One weighted source of a blend: its name in metrics, its normalised weight, its sorted shards."""
+
+    name: str
+    weight: float
+    shards: tuple
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,7 @@ class LoaderConfig:
     dp_rank: int = 0
     dp_size: int = 1
     train_transform: bool = True
+    blend: tuple = ()  # BlendSource per source of a weighted data.path; () for one unweighted source
 
     @property
     def logical_workers(self) -> int:
@@ -81,7 +99,9 @@ class LoaderConfig:
                 "image_size": self.image_size, "num_image_tokens": self.num_image_tokens,
                 "micro_batch_size": d.micro_batch_size, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                 "seed": d.seed, "num_workers": d.num_workers, "shuffle_buffer": d.shuffle_buffer,
-                "packing": d.packing, "train_transform": self.train_transform}
+                "packing": d.packing, "train_transform": self.train_transform,
+                **({"blend": [[b.name, b.weight, [os.path.basename(s) for s in b.shards]] for b in self.blend]}
+                   if self.blend else {})}
 
 
 def find_shards(data_path: Union[str, Sequence[str]]) -> tuple:
@@ -93,6 +113,18 @@ def find_shards(data_path: Union[str, Sequence[str]]) -> tuple:
     if not shards:
         raise FileNotFoundError(f"no prepared shards (*.tar) at {data_path}; run tools/prepare_data.py")
     return tuple(sorted(set(shards)))
+
+
+def find_blend(data_path: Sequence) -> tuple:
+    """`[w1, p1, w2, p2, ...]` -> BlendSource per source, weights normalised to sum 1, names from the
+    paths (folder name; `_2`, `_3`, ... appended when two are the same)."""
+    blend = data_blend(list(data_path))
+    total = sum(w for w, _ in blend)
+    names = []
+    for _, path in blend:
+        name = os.path.basename(os.path.dirname(path) if glob.has_magic(path) else path.rstrip("/")) or path
+        names.append(name if name not in names else f"{name}_{len(names) + 1}")
+    return tuple(BlendSource(n, w / total, find_shards(p)) for n, (w, p) in zip(names, blend))
 
 
 # ----------------------------------------------------------------------------- per-worker stream
@@ -109,15 +141,17 @@ class _WorkerStream:
         self.ids = SpecialIds.of(self.tokenizer)
         self.skips = SkipCounter()  # skips since the last batch handed out
 
-    def documents(self) -> Iterator[tuple]:
-        """(epoch, shard name, wds sample) forever, in this reader's seeded order."""
+    def documents(self, shards: Optional[tuple] = None, tag: str = "") -> Iterator[tuple]:
+        """(epoch, shard name, wds sample) forever, in this reader's seeded order, of `shards` (default:
+        all; a blend source passes its own, and its `tag` keeps its seeds apart)."""
         cfg = self.cfg
+        shards = cfg.shards if shards is None else shards
         for epoch in count():
-            order = list(cfg.shards)
-            random.Random(f"{cfg.data.seed}-shards-{epoch}").shuffle(order)
+            order = list(shards)
+            random.Random(f"{cfg.data.seed}{tag}-shards-{epoch}").shuffle(order)
             split_by_shard = len(order) >= self.num_readers
             mine = order[self.reader::self.num_readers] if split_by_shard else order
-            rng = random.Random(f"{cfg.data.seed}-buffer-{epoch}-{self.reader}")
+            rng = random.Random(f"{cfg.data.seed}{tag}-buffer-{epoch}-{self.reader}")
             seen = 0
             for shard, sample in _shuffled(self._read(mine, split_by_shard), cfg.data.shuffle_buffer, rng):
                 seen += 1
@@ -125,7 +159,7 @@ class _WorkerStream:
             if seen == 0 and epoch == 0:
                 raise RuntimeError(
                     f"DP rank {cfg.dp_rank} worker {self.worker} got no documents from "
-                    f"{len(cfg.shards)} shard(s); use fewer readers (dp_size x num_workers = {self.num_readers})")
+                    f"{len(shards)} shard(s){tag and ' of blend source ' + tag[1:]}; use fewer readers (dp_size x num_workers = {self.num_readers})")
 
     def _read(self, shards: List[str], split_by_shard: bool) -> Iterator[tuple]:
         index = 0
@@ -141,7 +175,37 @@ class _WorkerStream:
                     yield name, sample
                 index += 1
 
-    def built_samples(self, fast_forward: int = 0) -> Iterator[Optional[BuiltSample]]:
+    def samples(self, fast_forward: int = 0) -> Iterator[tuple]:
+        """(source name or None, built sample or None): one item per slot, from one source or a blend."""
+        if not self.cfg.blend:
+            for sample in self.built_samples(fast_forward=fast_forward):
+                yield None, sample
+            return
+        blend = self.cfg.blend
+        choices = self._blend_choices()
+        behind = [0] * len(blend)  # slots each source stream gives before the resume point
+        for _ in range(fast_forward):
+            behind[next(choices)] += 1
+        choices = self._blend_choices()
+        streams = [self.built_samples(b.shards, fast_forward=behind[i], tag=f"-{b.name}")
+                   for i, b in enumerate(blend)]
+        while True:
+            i = next(choices)
+            yield blend[i].name, next(streams[i])
+
+    def _blend_choices(self) -> Iterator[int]:
+        """The source index of every slot of this reader: seeded by (seed, reader), drawn by weight."""
+        rng = random.Random(f"{self.cfg.data.seed}-blend-{self.reader}")
+        cumulative, total = [], 0.0
+        for b in self.cfg.blend:
+            total += b.weight
+            cumulative.append(total)
+        while True:
+            u = rng.random() * total
+            yield next((i for i, c in enumerate(cumulative) if u < c), len(cumulative) - 1)
+
+    def built_samples(self, shards: Optional[tuple] = None, fast_forward: int = 0,
+                      tag: str = "") -> Iterator[Optional[BuiltSample]]:
         """Samples with token layouts, images still encoded. One yielded item = one slot.
 
         In "truncate" packing a document is one slot whatever its length, so the first
@@ -150,7 +214,7 @@ class _WorkerStream:
         cfg = self.cfg
         packers, slots = {}, 0
         usable = {}  # epoch -> documents that passed, to fail loudly rather than spin on unusable data
-        for epoch, shard, raw in self.documents():
+        for epoch, shard, raw in self.documents(shards, tag):
             if epoch > 0 and not usable.get(epoch - 1):
                 raise RuntimeError(f"DP rank {cfg.dp_rank} worker {self.worker}: no usable document in a "
                                    f"whole epoch of its data; skipped:\n{self.skips.summary()}")
@@ -202,7 +266,7 @@ class _WorkerStream:
     def batches(self, start_slot: int) -> Iterator[tuple]:
         """(LCLBatch, meta) forever, starting after `start_slot` slots (fast-forwarded)."""
         pending, slot = [], 0
-        for sample in self.built_samples(fast_forward=start_slot):
+        for source, sample in self.samples(fast_forward=start_slot):
             slot += 1
             if slot <= start_slot:
                 if slot == start_slot:
@@ -211,12 +275,13 @@ class _WorkerStream:
             images = self.decode_images(sample)
             if images is None:
                 continue
-            pending.append((sample, images))
+            pending.append((sample, images, source))
             if len(pending) == self.cfg.data.micro_batch_size:
-                batch = collate([s for s, _ in pending], [i for _, i in pending], self.ids,
+                batch = collate([s for s, _, _ in pending], [i for _, i, _ in pending], self.ids,
                                 self.cfg.image_size, self.cfg.num_image_tokens)
                 meta = {"worker": self.worker, "cursor": slot, "skips": self.skips.state_dict(),
-                        "origins": [s.origins for s, _ in pending]}
+                        "origins": [s.origins for s, _, _ in pending],
+                        "sources": [name for _, _, name in pending if name is not None]}
                 self.skips = SkipCounter()
                 pending = []
                 yield batch, meta
@@ -292,6 +357,7 @@ class LCLDataLoader:
         self.batches_consumed = 0
         self.cursors = [0] * cfg.logical_workers
         self.skips = SkipCounter()
+        self.source_samples = {b.name: 0 for b in cfg.blend}  # blend only: samples handed out per source
         self.last_batch_origins: List[List[str]] = []  # per sample: the "shard:key"s it was built from
 
     def __iter__(self) -> Iterator[LCLBatch]:
@@ -307,6 +373,8 @@ class LCLDataLoader:
             received = SkipCounter()
             received.load_state_dict(meta["skips"])
             self.skips.merge(received)
+            for name in meta["sources"]:
+                self.source_samples[name] += 1
             self.batches_consumed += 1
             self.last_batch_origins = meta["origins"]
             yield batch
@@ -315,33 +383,43 @@ class LCLDataLoader:
         """{reason: count} of data dropped so far (for metrics); `self.skips.examples` names them."""
         return dict(self.skips.counts)
 
+    def source_counts(self) -> dict:
+        """{source name: samples handed out so far} of a blend (for metrics); {} for one source."""
+        return dict(self.source_samples)
+
     def state_dict(self) -> dict:
         return {
             "version": STATE_VERSION,
             "batches_consumed": self.batches_consumed,
             "cursors": list(self.cursors),
             "skips": self.skips.state_dict(),
+            **({"source_samples": dict(self.source_samples)} if self.cfg.blend else {}),
             "config": self.cfg.fingerprint(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         assert state.get("version") == STATE_VERSION, f"unknown data loader state version {state.get('version')}"
         mine = self.cfg.fingerprint()
-        diffs = [f"{k}: saved {state['config'].get(k)!r}, now {v!r}" for k, v in mine.items()
-                 if state["config"].get(k) != v]
+        saved = state["config"]
+        diffs = [f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in {**mine, **saved}
+                 if saved.get(k) != mine.get(k)]
         if diffs:
             raise ValueError("data loader state does not match this loader (exact resume needs the same "
                              "data and settings): " + "; ".join(diffs))
         self.batches_consumed = state["batches_consumed"]
         self.cursors = list(state["cursors"])
         self.skips.load_state_dict(state["skips"])
+        if self.cfg.blend:
+            self.source_samples = dict(state["source_samples"])
 
 
 def build_loader(data: DataConfig, *, image_size: int, num_image_tokens: int, dp_rank: int = 0,
                  dp_size: int = 1, train_transform: bool = True) -> LCLDataLoader:
     """The training loader for one data-parallel rank (see the module docstring). `data` is the run
     config's data section, validated by `megatron_lcl.config.validate_config` (`data.path`: folders,
-    globs or shard paths of prepared shards; `data.tokenizer`: the sentencepiece model)."""
+    globs or shard paths of prepared shards, or a weighted blend `[w1, path1, w2, path2, ...]`; `data.tokenizer`: the sentencepiece model)."""
     assert 0 <= dp_rank < dp_size, f"dp_rank ({dp_rank}) must be in [0, dp_size={dp_size})"
-    return LCLDataLoader(LoaderConfig(data, find_shards(data.path), image_size, num_image_tokens, dp_rank,
-                                      dp_size, train_transform))
+    blend = find_blend(data.path) if data_blend(data.path) else ()
+    shards = tuple(s for b in blend for s in b.shards) if blend else find_shards(data.path)
+    return LCLDataLoader(LoaderConfig(data, shards, image_size, num_image_tokens, dp_rank, dp_size,
+                                      train_transform, blend))
