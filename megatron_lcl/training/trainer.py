@@ -243,7 +243,7 @@ class Trainer:
             window.add(stats, time.time() - t0, cfg.train.global_batch_size * cfg.data.seq_length)
             stop = self._stop_reason(stats, start)
             if log_now or stop is not None:
-                self.log(stats, window, self.gather_data_skips())
+                self.log(stats, window, self.gather_data_skips(), self.gather_source_counts())
                 window = _Window()
             if stop is None and cfg.checkpoint.save_interval and \
                     self.state.step % cfg.checkpoint.save_interval == 0:
@@ -294,7 +294,7 @@ class Trainer:
         log0(messages[status] + f" | checkpoints in {self.checkpoint_root}")
 
     # ---------------------------------------------------------------------------------- outputs
-    def log(self, stats: dict, window: "_Window", data_skips: dict) -> None:
+    def log(self, stats: dict, window: "_Window", data_skips: dict, source_counts: dict) -> None:
         if self.layout.rank != 0:
             return
         row = {"step": self.state.step, **{k: v for k, v in asdict(self.state).items() if k != "step"}}
@@ -314,6 +314,7 @@ class Trainer:
                                       contrastive_negatives=int(stats["con_batch"]),
                                       feature_pass=uses_feature_pass(self.loss_fn, self.num_microbatches)))
         row.update({f"skipped/{k}": v for k, v in sorted(data_skips.items())})
+        row.update({f"source_samples/{k}": v for k, v in sorted(source_counts.items())})  # blends only
         self.writer.write(row)
         if self.cfg.logging.console:
             self.progress.show(row)
@@ -323,14 +324,21 @@ class Trainer:
 
     def gather_data_skips(self) -> dict:
         """{reason: count} of data the loaders dropped so far, summed over DP ranks (valid on rank 0)."""
+        return self._sum_over_dp(lambda: self.loader.skip_counts())
+
+    def gather_source_counts(self) -> dict:
+        """{blend source: samples} the loaders handed out so far, summed over DP ranks (valid on rank 0)."""
+        return self._sum_over_dp(lambda: self.loader.source_counts())
+
+    def _sum_over_dp(self, local_counts) -> dict:
         if not (self.layout.is_first_stage and self.layout.tp_rank == 0):
             return {}
         counts = [None] * self.layout.dp_size
-        dist.all_gather_object(counts, self.loader.skip_counts(), group=self.layout.dp_group)
+        dist.all_gather_object(counts, local_counts(), group=self.layout.dp_group)
         total = {}
         for c in counts:
-            for reason, n in c.items():
-                total[reason] = total.get(reason, 0) + n
+            for key, n in c.items():
+                total[key] = total.get(key, 0) + n
         return total
 
     def save(self) -> None:
