@@ -3,6 +3,7 @@
     python tools/prepare_data.py --format mmc4 --input mmc4/docs/ --images-dir mmc4/images --output data/mmc4
     python tools/prepare_data.py --format obelics --input 'obelics/*.parquet' --output data/obelics
     python tools/prepare_data.py --format laion --input 'laion/{00000..00099}.tar' --output data/laion
+    python tools/prepare_data.py --format mmc4_pair --input mmc4/docs/ --images-dir mmc4/images --output data/mmc4_pair
 
 Writes DIR/shard-000000.tar ... (one sample per document) and DIR/summary.json, and prints a
 summary: documents and images in/out, drops by reason with examples (file:line or shard:key).
@@ -22,7 +23,7 @@ def main(argv=None) -> None:
     p.add_argument("--input", required=True, nargs="+", help="files, folders or globs")
     p.add_argument("--output", required=True, help="output folder for shard-*.tar")
     p.add_argument("--images-dir", default=None,
-                   help="MMC4: folder of image files named by image_name (default: INPUT/images or INPUT); "
+                   help="MMC4 / MMC4-Pair: folder of image files named by image_name (default: INPUT/images or INPUT); "
                         "OBELICS: base for relative image paths (default: the row file's folder)")
     p.add_argument("--shard-size", type=int, default=defaults.shard_size, help="documents per output shard")
     p.add_argument("--min-similarity", type=float, default=defaults.min_similarity, help="MMC4 matched_sim threshold")

@@ -6,6 +6,11 @@ Deterministic, document-level rules are applied here, once:
 - every image is loaded and decoded (missing file / corrupt bytes -> that image is dropped and
   counted); images larger than `max_image_side` are downscaled, non-JPEGs re-encoded as JPEG.
 - enormous documents (> `max_doc_chars` characters or > `max_doc_images` images) are dropped.
+- MMC4-Pair (`--format mmc4_pair`, paper Sec. 4.1: a paired dataset for CLIP-style comparisons): the
+  MMC4 rules above, then every kept image becomes one pair document, the image with its matched
+  sentence (`text_list[matched_text_index]`, MMC4's bipartite CLIP-similarity matching). Pairs are
+  written as image-text pair documents (source "laion": one image, one caption, laid out and packed
+  at load time as LAION-Random is); `meta.pair_of` names the MMC4 document.
 The random per-sample choices (which <= 6 MMC4 images, before/after placement) happen at load time
 (rules.py), so one prepared dataset serves every seed.
 """
@@ -32,6 +37,7 @@ INPUT_PATTERNS = {
     "mmc4": ("*.jsonl", "*.jsonl.zip"),
     "obelics": ("*.jsonl", "*.parquet"),
     "laion": ("*.tar",),
+    "mmc4_pair": ("*.jsonl", "*.jsonl.zip"),
 }
 
 
@@ -126,6 +132,16 @@ def filter_document(doc: Document, skips: SkipCounter, args: "PrepareOptions") -
     return _keep_images(doc, keep)
 
 
+def mmc4_pairs(doc: Document) -> List[Document]:
+    """A filtered MMC4 document -> one (image, matched sentence) pair document per image, in order."""
+    pairs = []
+    for j, img in enumerate(doc.images):
+        image = DocImage(img.data, img.path, 0, img.matched_sim, img.label, {**img.meta, "pair_of": doc.key})
+        pairs.append(Document(f"{doc.key}_i{j}", "laion", [doc.texts[img.matched_text_index]], [image],
+                              f"{doc.origin} image {j}"))
+    return pairs
+
+
 def _keep_images(doc: Document, keep: List[int]) -> Document:
     new_index = {old: new for new, old in enumerate(keep)}
     images = [doc.images[j] for j in keep]
@@ -153,14 +169,15 @@ def _prepare_files(source: str, files: List[str], pattern: str, images_dir: Opti
             tqdm(desc=f"prepare {source} [{part}]", unit="doc", disable=not progress, position=part) as bar:
         for path in files:
             try:
-                for doc in read_source(source, path, images_dir, summary.skips):
+                reader_format = "mmc4" if source == "mmc4_pair" else source
+                for doc in read_source(reader_format, path, images_dir, summary.skips):
                     summary.docs_in += 1
                     summary.images_in += len(doc.images)
                     kept = filter_document(doc, summary.skips, options)
-                    if kept is not None:
-                        sink.write(to_wds_sample(kept))
+                    for out in ([] if kept is None else mmc4_pairs(kept) if source == "mmc4_pair" else [kept]):
+                        sink.write(to_wds_sample(out))
                         summary.docs_out += 1
-                        summary.images_out += len(kept.images)
+                        summary.images_out += len(out.images)
                     bar.update(1)
                     bar.set_postfix(out=summary.docs_out, skipped=summary.skips.total(), refresh=False)
             except Exception as e:  # an unreadable file (bad zip, broken parquet): count it, go on
