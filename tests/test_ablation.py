@@ -40,6 +40,9 @@ def test_table_and_collapse_monitor(ablation):
     for row in ("Gen. + Con. (LCL)", "Gen. only", "Con. only", "random init"):
         assert row in table
     assert "mean ± sd over seeds [1234]" in table and report["corpus"] == "scenes"
+    assert [r["mode"] for r in report["rows"]] == ["lcl", "gen", "con", "random"]
+    gen = next(r for r in report["rows"] if r["mode"] == "gen")["train"]
+    assert gen["con_loss_last10"] is None  # not trained: shown as "-", not as a logged 0
     for r in report["rows"]:
         assert r["eval"]["classify_label"]["encoder_unchanged"] and r["eval"]["retrieval"]["encoder_unchanged"]
         assert math.isfinite(r["eval"]["latent_effective_rank"]) and r["eval"]["latent_effective_rank"] >= 1
