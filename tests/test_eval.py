@@ -10,7 +10,6 @@ import tarfile
 
 import pytest
 import torch
-from PIL import Image
 
 from megatron_lcl.eval.classify import ProbeConfig, run_classification, topk_accuracy_pct
 from megatron_lcl.eval.datasets import ImageSet, load_labeled, load_pairs
@@ -18,20 +17,10 @@ from megatron_lcl.eval.encoders import VisionEncoder, load_encoder, weights_fing
 from megatron_lcl.eval.retrieve import RetrievalConfig, recall_at_k, run_retrieval
 
 from common import tiny_model_config
+from eval_fixtures import png
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COLOURS = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (235, 210, 40)]
-
-
-def png(colour, size=16, rng=None) -> bytes:
-    """A solid colour square with a few random noise pixels."""
-    img = Image.new("RGB", (size, size), colour)
-    rng = rng or random.Random(0)
-    for _ in range(8):
-        img.putpixel((rng.randrange(size), rng.randrange(size)), tuple(rng.randrange(256) for _ in range(3)))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def colour_set(n: int, seed: int, random_labels: bool = False) -> ImageSet:

@@ -356,8 +356,8 @@ def pair_source(paths):
 
 # ------------------------------------------------------------------------------------------ datasets
 
-class LabeledImages(torch.utils.data.Dataset):
-    """Item i -> (pixels `[3, S, S]`, label, i), or a BadSample."""
+class _SourceImages(torch.utils.data.Dataset):
+    """Item i of a source, its image read and decoded in the worker: pixels `[3, S, S]` or a BadSample."""
 
     def __init__(self, source, image_size: int):
         self.source, self.image_size = source, image_size
@@ -365,28 +365,26 @@ class LabeledImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int):
+    def pixels(self, i: int):
         data = self.source.image_bytes(i)
         if isinstance(data, BadSample):
             return data
-        pixels = decode(data, self.source.origin(i), self.image_size)
+        return decode(data, self.source.origin(i), self.image_size)
+
+
+class LabeledImages(_SourceImages):
+    """Item i -> (pixels `[3, S, S]`, label, i), or a BadSample."""
+
+    def __getitem__(self, i: int):
+        pixels = self.pixels(i)
         return pixels if isinstance(pixels, BadSample) else (pixels, int(self.source.labels[i]), i)
 
 
-class CaptionedImages(torch.utils.data.Dataset):
+class CaptionedImages(_SourceImages):
     """Item i -> (pixels `[3, S, S]`, caption, i), or a BadSample (caption read in the worker too)."""
 
-    def __init__(self, source, image_size: int):
-        self.source, self.image_size = source, image_size
-
-    def __len__(self) -> int:
-        return len(self.source)
-
     def __getitem__(self, i: int):
-        data = self.source.image_bytes(i)
-        if isinstance(data, BadSample):
-            return data
-        pixels = decode(data, self.source.origin(i), self.image_size)
+        pixels = self.pixels(i)
         if isinstance(pixels, BadSample):
             return pixels
         try:
