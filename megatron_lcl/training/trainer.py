@@ -213,7 +213,7 @@ class Trainer:
             local["con_images"] = sum(float(m["num_images"]) for m in per_micro)
             local["con_excluded"] = sum(float(m["con_excluded"]) for m in per_micro)
             local["con_batch"] = sum(float(m["con_batch"]) for m in per_micro) / n
-            local["logit_scale"] = float(self.model.text_head.scale())
+            local["logit_scale"] = float(self.model.text_head.scale().detach())
         if layout.is_first_stage and layout.tp_rank == 0:  # this DP rank's share of the counts
             local["images"] = float(sum(b.num_images for b in batches))
             if self._captured is not None:
