@@ -5,7 +5,7 @@ Where the paper contradicts itself the table holds every statement (`Fact.altern
 chosen, with the reason (`Fact.why`). `PAPER_RUNS` maps each example config to the facts it follows, as
 dotted config keys; tests/test_paper_configs.py reads the YAMLs against this table (never a copy).
 
-The contradictions (paper text: /work/shared/paper/lcl_neurips2024.txt, or the PDF):
+The contradictions (read in the paper's text):
 - Main run length: Table 7 says 20k train steps; Sec. 4.1 says "200k iterations with 64k images per
   batch on average"; Sec. 4.3 / Tables 3-4 say 13B images seen. 200k x 64k = 13.1B, 20k x 64k = 1.3B:
   the text is consistent with the image count, Table 7 is not. Chosen: 200k.
