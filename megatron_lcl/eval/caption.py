@@ -32,6 +32,7 @@ from megatron_lcl.eval.engine import (EngineConfig, Runtime, TransferModel, eval
                                       merge_bad_logs)
 from megatron_lcl.eval.karpathy import as_test_set, is_captions_json, load_captioned_test_set
 from megatron_lcl.eval.streaming import BadSampleLog, CaptionedImages, LabeledImages, pair_source
+from megatron_lcl.runtime.mcore_compat import filter_known_warnings
 
 # Paper Table 8 / A.2 (captioning): LAION-COCO 10M, 20k steps of 512, AdamW lr 1e-4 (one rate, the
 # encoder's too in full mode), wd 1e-4, betas (0.9, 0.95), 1000 warm-up steps, cosine.
@@ -206,6 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    filter_known_warnings()  # the CLI's process imports megatron.core after this
     args = parse_args(argv)
     cfg = config_from_args(CaptionConfig, args)
     runtime = init_runtime(args.precision)

@@ -30,6 +30,7 @@ from megatron_lcl.eval.engine import (EngineConfig, Runtime, TransferModel, eval
 from megatron_lcl.eval.streaming import (BadSampleLog, ImageSetSource, LabeledImages, SubsetSource,
                                          labeled_source)
 from megatron_lcl.models.heads import AttentionPooling
+from megatron_lcl.runtime.mcore_compat import filter_known_warnings
 
 # Paper Table 8 (classification): IN-1K train, 90 epochs (~14k steps) of 8192, AdamW lr 1e-4 (one
 # rate: used for the encoder too in full mode), wd 1e-4, betas (0.9, 0.95), 1500 warm-up steps, cosine.
@@ -253,6 +254,7 @@ def run_from_args(args, cfg: ProbeConfig) -> dict:
 
 
 def main(argv=None) -> dict:
+    filter_known_warnings()  # the CLI's process imports megatron.core after this
     args = parse_args(argv)
     cfg = config_from_args(ProbeConfig, args)
     result = run_from_args(args, cfg)

@@ -39,6 +39,7 @@ from megatron_lcl.eval.streaming import (BadSampleLog, CaptionedImages, ImageSet
                                          SubsetSource, pair_source)
 from megatron_lcl.losses.contrastive import contrastive_loss_sum
 from megatron_lcl.models.heads import AttentionPooling
+from megatron_lcl.runtime.mcore_compat import filter_known_warnings
 
 KS = (1, 5, 10)
 # Paper Table 8 / A.2 (retrieval): CC12M + CC3M + SBU, 5000 steps of 16k pairs, AdamW lr 1e-3 (new
@@ -373,6 +374,7 @@ def run_from_args(args, cfg: RetrievalConfig) -> dict:
 
 
 def main(argv=None) -> dict:
+    filter_known_warnings()  # the CLI's process imports megatron.core after this
     args = parse_args(argv)
     cfg = config_from_args(RetrievalConfig, args)
     result = run_from_args(args, cfg)
