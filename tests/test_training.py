@@ -199,6 +199,20 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(data_root, tmp_path, mon
     assert [r["step"] for r in read_rows(run)][-2:] == [5, 6]
 
 
+def test_latest_naming_a_missing_checkpoint_falls_back_to_the_newest_complete(data_root, tmp_path, capsys):
+    run = tmp_path / "dangling"
+    assert pretrain_lcl.main(argv(data_root, run, "train.exit_after_steps=2", "checkpoint.save_interval=1")) == 0
+    ckpts = run / "checkpoints"
+    (ckpts / "latest").write_text("step_00000099\n")  # e.g. deleted by hand, or a copy gone wrong
+    capsys.readouterr()
+    assert pretrain_lcl.main(argv(data_root, run, "train.train_steps=3")) == 0
+    out = capsys.readouterr().out
+    assert "names 'step_00000099', which is missing or incomplete: skipped; using the newest complete " \
+           "checkpoint, step_00000002" in out
+    assert [r["step"] for r in read_rows(run)] == [1, 2, 3]
+    assert (ckpts / "step_00000001").exists() is False and (ckpts / "step_00000002").exists()  # keep_last
+
+
 def test_interrupted_save_leaves_the_previous_checkpoint_loadable(data_root, tmp_path, monkeypatch):
     from megatron_lcl.checkpoint import state as checkpointing
 

@@ -50,9 +50,18 @@ def read_metrics(run_dir: str, missing_ok: bool = False) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def resolve_checkpoint(path: str) -> Optional[str]:
+def complete_checkpoints(root: str) -> List[str]:
+    """The complete `step_*` checkpoints under `root` (those with meta.json), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(TMP_SUFFIX))
+    return [os.path.join(root, d) for d in names if os.path.exists(os.path.join(root, d, META))]
+
+
+def resolve_checkpoint(path: str, log=None) -> Optional[str]:
     """A checkpoint folder from `path`: a run directory, a `checkpoints/` root (its `latest`) or one
-    `step_*` folder. Returns None when `path` holds no complete checkpoint yet."""
+    `step_*` folder. Returns None when `path` holds no complete checkpoint yet. When `latest` names a
+    folder that is missing or incomplete, the newest complete checkpoint is used and `log` told why."""
     if os.path.exists(os.path.join(path, META)):
         return path
     if os.path.isdir(checkpoints_dir(path)) and not os.path.exists(os.path.join(path, LATEST)):
@@ -62,9 +71,16 @@ def resolve_checkpoint(path: str) -> Optional[str]:
         with open(latest) as f:
             name = f.read().strip()
         found = os.path.join(path, name)
-        if not os.path.exists(os.path.join(found, META)):
-            raise FileNotFoundError(f"{latest} names {name}, which is not a complete checkpoint")
-        return found
+        if os.path.exists(os.path.join(found, META)):
+            return found
+        fallback = complete_checkpoints(path)
+        if not fallback:
+            raise FileNotFoundError(f"{latest} names {name!r}, which is not a complete checkpoint, and "
+                                    f"{path} holds no other complete checkpoint")
+        if log is not None:
+            log(f"{latest} names {name!r}, which is missing or incomplete: skipped; using the newest "
+                f"complete checkpoint, {os.path.basename(fallback[-1])}")
+        return fallback[-1]
     if os.path.isdir(path) or not os.path.exists(path):
         return None
     raise FileNotFoundError(f"{path} is neither a checkpoint (no {META}) nor a checkpoints folder")
@@ -89,15 +105,31 @@ def save_atomically(final: str, state: dict, meta_fn) -> str:
         os.makedirs(tmp)
     dist.barrier()
     dist_checkpointing.save(state, tmp)
-    dist.barrier()  # every rank's shards are on disk
+    dist.barrier()  # every rank's shards are written
     if rank0:
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta_fn(), f, indent=1)
+        _fsync_tree(tmp)  # on disk before the rename makes the checkpoint visible
         if os.path.exists(final):  # saved again (e.g. at the same step): the newer one wins
             shutil.rmtree(final)
         os.rename(tmp, final)
     dist.barrier()
     return final
+
+
+def _fsync_tree(folder: str) -> None:
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_replaceable(final: str) -> None:
@@ -116,9 +148,8 @@ def write_latest(root: str, name: str) -> None:
 
 def prune(root: str, keep_last: int) -> None:
     """Keep the newest `keep_last` complete `step_*` checkpoints under `root`."""
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(TMP_SUFFIX))
-    for old in done[:-keep_last]:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    for old in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_tmp(root: str) -> None:

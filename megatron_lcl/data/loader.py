@@ -56,6 +56,7 @@ from megatron_lcl.data.rules import (BuiltSample, ConcatPacker, DocumentPacker, 
 from megatron_lcl.data.skips import SkipCounter
 from megatron_lcl.data.tokenizer import LCLTokenizer
 from megatron_lcl.data.transforms import decode_image, eval_transform, train_transform
+from megatron_lcl.runtime.signals import ignore_stop_signals
 
 STATE_VERSION = 1
 
@@ -365,9 +366,12 @@ class LCLDataLoader:
         dataset = _StreamDataset(cfg, list(self.cursors), self.batches_consumed % cfg.logical_workers)
         # Our randomness is all seeded explicitly; a private generator keeps torch's DataLoader from
         # drawing its worker base seed from (and so moving) the training process's global RNG.
+        # Workers ignore stop signals: a job-wide SIGTERM must not kill them before the rank's last
+        # step and save (the rank closes them itself).
         loader = DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers,
                             collate_fn=_passthrough, prefetch_factor=2 if cfg.data.num_workers else None,
-                            generator=torch.Generator().manual_seed(cfg.data.seed))
+                            generator=torch.Generator().manual_seed(cfg.data.seed),
+                            worker_init_fn=ignore_stop_signals)
         for batch, meta in loader:
             self.cursors[meta["worker"]] = meta["cursor"]
             received = SkipCounter()

@@ -7,7 +7,7 @@ signal reaches them at different times.
 
 import signal
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from megatron_lcl.runtime.signals import STOP_SIGNALS
 
 
 class StopRequest:

@@ -136,7 +136,7 @@ class Trainer:
     def maybe_resume(self) -> None:
         c = self.cfg.checkpoint
         path = c.load or (self.checkpoint_root if c.auto_resume else None)
-        found = ckpt.resolve_checkpoint(path) if path else None
+        found = ckpt.resolve_checkpoint(path, log=log0) if path else None
         if found is None:
             if c.load:
                 raise FileNotFoundError(f"checkpoint.load ({c.load}) holds no checkpoint yet")

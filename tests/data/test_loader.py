@@ -202,3 +202,25 @@ def test_loader_leaves_the_global_rng_alone(prepared_mmc4, loader_kwargs, num_wo
     torch.manual_seed(0)
     take(make_loader(prepared_mmc4, **dict(loader_kwargs, num_workers=num_workers)), 2)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_loader_workers_outlive_a_job_wide_stop_signal(prepared_mmc4, loader_kwargs):
+    """torchrun and slurm signal every process of the job: SIGTERM/SIGUSR1 to the DataLoader workers
+    must not kill them before the rank's last step and save (the rank stops them when it closes)."""
+    import os
+    import signal
+
+    import psutil
+
+    loader = make_loader(prepared_mmc4, **dict(loader_kwargs, num_workers=2))
+    stream = iter(loader)
+    first = next(stream)
+    workers = psutil.Process(os.getpid()).children()
+    assert len(workers) == 2
+    for w in workers:
+        w.send_signal(signal.SIGTERM)
+        w.send_signal(signal.SIGUSR1)
+    more = [next(stream) for _ in range(3)]  # the workers still serve batches
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert first.tokens.shape == more[-1].tokens.shape
+    stream.close()
