@@ -39,7 +39,7 @@ import glob
 import os
 import random
 from dataclasses import dataclass
-from itertools import count
+from itertools import accumulate, count
 from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -197,13 +197,10 @@ class _WorkerStream:
     def _blend_choices(self) -> Iterator[int]:
         """The source index of every slot of this reader: seeded by (seed, reader), drawn by weight."""
         rng = random.Random(f"{self.cfg.data.seed}-blend-{self.reader}")
-        cumulative, total = [], 0.0
-        for b in self.cfg.blend:
-            total += b.weight
-            cumulative.append(total)
+        cumulative = list(accumulate(b.weight for b in self.cfg.blend))
+        sources = range(len(cumulative))
         while True:
-            u = rng.random() * total
-            yield next((i for i, c in enumerate(cumulative) if u < c), len(cumulative) - 1)
+            yield rng.choices(sources, cum_weights=cumulative)[0]  # one rng.random() per slot
 
     def built_samples(self, shards: Optional[tuple] = None, fast_forward: int = 0,
                       tag: str = "") -> Iterator[Optional[BuiltSample]]:

@@ -214,16 +214,11 @@ def load_pairs(path: str) -> ImageSet:
 
 
 def _jsonl_pairs(path: str) -> ImageSet:
-    images, origins, captions = [], [], []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "image" not in row or "caption" not in row:
-                raise ValueError(f"{path}:{n}: needs keys 'image' and 'caption', has {sorted(row)}")
-            image = os.path.join(os.path.dirname(path), row["image"])
-            images.append(_read(image))
-            origins.append(image)
-            captions.append(str(row["caption"]))
-    return ImageSet(images, origins, captions=captions)
+    """The pairs the streaming source parses, read into memory; here a malformed row is an error."""
+    from megatron_lcl.eval.streaming import JsonlPairsSource  # streaming builds on this module
+
+    source = JsonlPairsSource(path)
+    if source.problems.count:
+        raise ValueError(source.problems.named[0])  # "<path>:<line>: needs keys 'image' and 'caption' ..."
+    origins = [source.origin(i) for i in range(len(source))]
+    return ImageSet([_read(p) for p in origins], origins, captions=[source.caption(i) for i in range(len(source))])
