@@ -55,6 +55,13 @@ def named_full(model, tp_group, what: str = "param") -> dict:
     return out
 
 
+def mark_done(out_dir: str) -> None:
+    """After every rank got here, rank 0 writes OUT/done: what tests/multirank.py waits for."""
+    dist.barrier()
+    if dist.get_rank() == 0:
+        open(os.path.join(out_dir, "done"), "w").close()
+
+
 def save_rank0(obj, out_dir: str, name: str) -> None:
     if dist.get_rank() == 0:
         torch.save(obj, os.path.join(out_dir, name))

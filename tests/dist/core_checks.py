@@ -8,7 +8,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from common import gather_cat, named_full, parse_out_dir, save_rank0, tiny_model_config
+from common import gather_cat, mark_done, named_full, parse_out_dir, save_rank0, tiny_model_config
 from megatron_lcl.config import LossConfig, ParallelConfig
 from megatron_lcl.checkpoint import save_weights
 from megatron_lcl.config import LCLConfig
@@ -116,9 +116,7 @@ def main():
     run_reference(out)
     run_tp2(out)
     run_dp2(out)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        open(f"{out}/done", "w").close()
+    mark_done(out)
 
 
 if __name__ == "__main__":

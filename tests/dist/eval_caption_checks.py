@@ -3,10 +3,8 @@ writes the fixtures into OUT/..; rank 0 saves the trained projector + LM weights
 
 import os
 
-import torch
-import torch.distributed as dist
 
-from common import parse_out_dir
+from common import mark_done, parse_out_dir, save_rank0
 from eval_fixtures import patch_encoder
 from megatron_lcl.eval import caption
 from megatron_lcl.eval.engine import init_runtime
@@ -29,11 +27,8 @@ def main():
     out = parse_out_dir()
     runtime = init_runtime()
     weights = caption_weights(os.path.dirname(os.path.abspath(out)), runtime)
-    if dist.get_rank() == 0:
-        torch.save(weights, os.path.join(out, "caption_ddp.pt"))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        open(os.path.join(out, "done"), "w").close()
+    save_rank0(weights, out, "caption_ddp.pt")
+    mark_done(out)
 
 
 if __name__ == "__main__":

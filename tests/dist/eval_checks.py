@@ -7,10 +7,8 @@ the trained weights, which the test compares with the same runs in one process.
 
 import os
 
-import torch
-import torch.distributed as dist
 
-from common import parse_out_dir
+from common import mark_done, parse_out_dir, save_rank0
 from eval_fixtures import patch_encoder
 from megatron_lcl.eval import classify, retrieve
 from megatron_lcl.eval.engine import init_runtime
@@ -52,11 +50,8 @@ def main():
                          "--engine", "stream", "--steps", "2", "--batch-size", "8", "--num-workers", "1",
                          "--output", os.path.join(out, "cli_cls.json")])
     results["cli_world"] = cli["world_size"]
-    if dist.get_rank() == 0:
-        torch.save(results, os.path.join(out, "ddp.pt"))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        open(os.path.join(out, "done"), "w").close()
+    save_rank0(results, out, "ddp.pt")
+    mark_done(out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from common import collect_full, load_full_weights, parse_out_dir, save_rank0, tiny_model_config
+from common import collect_full, load_full_weights, mark_done, parse_out_dir, save_rank0, tiny_model_config
 from megatron_lcl.config import LossConfig, OptimizerConfig, ParallelConfig, PrecisionConfig
 from megatron_lcl.losses import LCLLoss, generation_loss_sum
 from megatron_lcl.models.lcl_model import LCLModel
@@ -155,9 +155,7 @@ def main():
     run_layout(weights, tp=2, pp=2, distributed_optimizer=True, out=out, name="tp2_pp2_dp2_step")
     run_layout(weights, tp=2, pp=2, distributed_optimizer=False, out=out, name="tp2_pp2_dp2_stepcon",
                contrastive_batch="step")
-    dist.barrier()
-    if dist.get_rank() == 0:
-        open(f"{out}/done", "w").close()
+    mark_done(out)
 
 
 if __name__ == "__main__":

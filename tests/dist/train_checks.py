@@ -14,7 +14,7 @@ import signal
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from common import parse_out_dir
+from common import mark_done, parse_out_dir
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.testing import random_batch, slice_batch
 from megatron_lcl.config import load_config
@@ -117,7 +117,7 @@ def main():
     if dist.get_rank() == 0:
         with open(os.path.join(out, "train_checks.json"), "w") as f:
             json.dump(results, f, indent=1)
-        open(os.path.join(out, "done"), "w").close()
+    mark_done(out)
 
 
 if __name__ == "__main__":
