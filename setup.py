@@ -12,7 +12,7 @@ setup(
     # torch is deliberately unpinned: cluster users bring their own CUDA build.
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16.1",
+        "megatron-core>=0.16.1,<0.17",  # the tested range; see README "Upgrading megatron-core"
         "sentencepiece>=0.2",
         "protobuf",
         "webdataset>=0.2.100",
