@@ -95,6 +95,9 @@ class ModelConfig:
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     # Which layer implementation: "auto" picks Transformer Engine when CUDA and TE are present.
     transformer_impl: str = "auto"  # auto | transformer_engine | local
+    # Core attention of the local layers (Transformer Engine layers keep TE's): sdpa runs
+    # torch's scaled_dot_product_attention (fused kernels); unfused is megatron-core's DotProductAttention.
+    attention: str = "sdpa"  # sdpa | unfused
     init_method_std: float = 0.02
 
 

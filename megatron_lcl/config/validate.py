@@ -85,6 +85,8 @@ def model_config_errors(model: ModelConfig, parallel: ParallelConfig,
          f"model.vision.hidden_size ({v.hidden_size})")
     need(model.transformer_impl in ("auto", "transformer_engine", "local"),
          f"model.transformer_impl ({model.transformer_impl!r}) must be auto, transformer_engine or local")
+    need(model.attention in ("sdpa", "unfused"),
+         f"model.attention ({model.attention!r}) must be sdpa or unfused")
     if seq_length is not None:
         need(seq_length <= lm.max_position_embeddings,
              f"data.seq_length ({seq_length}) exceeds model.lm.max_position_embeddings "

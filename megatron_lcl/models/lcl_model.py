@@ -59,10 +59,10 @@ class LCLModel(MegatronModule):
                                                   precision=precision, activation=cfg.vision.activation,
                                                   pipeline_split=False)
             self.vision = VisionTransformer(vit_config, cfg.vision,
-                                            vit_layer_spec(impl, cfg.vision.layer_scale_init))
+                                            vit_layer_spec(impl, cfg.vision.layer_scale_init, cfg.attention))
             self.projector = torch.nn.Linear(cfg.vision.hidden_size, cfg.lm.hidden_size)
             self.image_head = ImageHead(cfg.vision.hidden_size, cfg.heads)
-        self.lm = OPTLanguageModel(lm_config, lm_layer_spec(impl),
+        self.lm = OPTLanguageModel(lm_config, lm_layer_spec(impl, cfg.attention),
                                    vocab_size=padded_vocab_size(cfg.lm, parallel.tensor_model_parallel_size),
                                    max_sequence_length=cfg.lm.max_position_embeddings,
                                    pre_process=pre_process, post_process=post_process)

@@ -3,10 +3,15 @@
 Transformer Engine is used when CUDA is present and `transformer_engine` imports (or when the config
 forces it); otherwise megatron-core's local layers, which run on CPU. Nothing else in megatron_lcl
 imports Transformer Engine.
+
+`model.attention` picks the core attention of the local layers: `sdpa` (`SDPAttention`, through
+`torch.nn.functional.scaled_dot_product_attention`) or `unfused` (megatron-core's `DotProductAttention`).
+Transformer Engine layers always keep TE's own attention.
 """
 
 import copy
 import functools
+import importlib
 import importlib.util
 
 import torch
@@ -14,10 +19,13 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_lcl.config import ConfigError
+from megatron_lcl.models.attention import SDPAttention
 from megatron_lcl.models.layers import layer_scale_linear
 
 TRANSFORMER_ENGINE = "transformer_engine"
 LOCAL = "local"
+SDPA = "sdpa"
+UNFUSED = "unfused"
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,7 +33,7 @@ def transformer_engine_available() -> bool:
     if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
         return False
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        importlib.import_module("transformer_engine.pytorch")
     except Exception:  # a broken TE install (wrong CUDA, missing libs) counts as absent
         return False
     return True
@@ -46,25 +54,31 @@ def select_transformer_impl(requested: str = "auto", *, cuda: bool = None, te: b
     return TRANSFORMER_ENGINE if (cuda and te) else LOCAL
 
 
-def _base_gpt_layer_spec(impl: str) -> ModuleSpec:
+def _base_gpt_layer_spec(impl: str, attention: str = SDPA) -> ModuleSpec:
+    """megatron-core's GPT layer for `impl`; local layers get the core attention `attention` picks."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if impl == TRANSFORMER_ENGINE:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec()
+    spec = gpt_layer_specs.get_gpt_layer_local_spec()  # core attention: DotProductAttention (unfused)
+    assert attention in (SDPA, UNFUSED), f"model.attention ({attention!r}): see megatron_lcl.config.validate"
+    if attention == SDPA:
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
-def lm_layer_spec(impl: str) -> ModuleSpec:
+def lm_layer_spec(impl: str, attention: str = SDPA) -> ModuleSpec:
     """Causal pre-LN GPT layer (the OPT layout)."""
-    return _base_gpt_layer_spec(impl)
+    return _base_gpt_layer_spec(impl, attention)
 
 
-def vit_layer_spec(impl: str, layer_scale_init=None) -> ModuleSpec:
+def vit_layer_spec(impl: str, layer_scale_init=None, attention: str = SDPA) -> ModuleSpec:
     """Bidirectional pre-LN layer with optional layer-scale and drop-path on both residual branches.
 
     megatron-core's own local ViT spec hard-codes a causal mask; here self-attention is `no_mask`.
     """
-    spec = copy.deepcopy(_base_gpt_layer_spec(impl))
+    spec = copy.deepcopy(_base_gpt_layer_spec(impl, attention))
     attention = spec.submodules.self_attention
     attention.params = dict(attention.params, attn_mask_type=AttnMaskType.no_mask)
     row_parallel = attention.submodules.linear_proj
