@@ -79,7 +79,7 @@ def load_pretrained(path: str) -> LCLPretrained:
     cfg = config_from_dict(meta["config"])
     model_cfg = single_rank_model_config(cfg, meta["parallel"]["tensor_model_parallel_size"])
     cfg = replace(cfg, model=model_cfg)
-    model = build_model(model_cfg, ParallelConfig())
+    model = build_model(model_cfg, ParallelConfig(), device=torch.device("cpu"))  # callers place it
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
     model.load_state_dict(loaded["model"])
     return LCLPretrained(model, cfg, ckpt)

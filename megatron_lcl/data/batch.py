@@ -40,12 +40,16 @@ class LCLBatch:
     def num_images(self) -> int:
         return int(self.images.shape[0])
 
-    def to(self, device) -> "LCLBatch":
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            moved[f.name] = value.to(device) if isinstance(value, torch.Tensor) else value
-        return LCLBatch(**moved)
+    def to(self, device, non_blocking: bool = False) -> "LCLBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "LCLBatch":
+        """Called by torch's DataLoader (`pin_memory=True`) so host-to-GPU copies can be asynchronous."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> "LCLBatch":
+        return LCLBatch(**{f.name: (fn(v) if isinstance(v, torch.Tensor) else v)
+                           for f in fields(self) for v in [getattr(self, f.name)]})
 
     def validate(self, num_image_tokens: int) -> None:
         """Assert the invariants the model relies on (cheap; call in tests and on load)."""

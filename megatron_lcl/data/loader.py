@@ -56,6 +56,7 @@ from megatron_lcl.data.rules import (BuiltSample, ConcatPacker, DocumentPacker, 
 from megatron_lcl.data.skips import SkipCounter
 from megatron_lcl.data.tokenizer import LCLTokenizer
 from megatron_lcl.data.transforms import decode_image, eval_transform, train_transform
+from megatron_lcl.runtime.device import pin_memory_enabled
 from megatron_lcl.runtime.signals import ignore_stop_signals
 
 STATE_VERSION = 1
@@ -368,7 +369,7 @@ class LCLDataLoader:
         loader = DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers,
                             collate_fn=_passthrough, prefetch_factor=2 if cfg.data.num_workers else None,
                             generator=torch.Generator().manual_seed(cfg.data.seed),
-                            worker_init_fn=ignore_stop_signals)
+                            worker_init_fn=ignore_stop_signals, pin_memory=pin_memory_enabled())
         for batch, meta in loader:
             self.cursors[meta["worker"]] = meta["cursor"]
             received = SkipCounter()

@@ -73,11 +73,11 @@ def init_runtime(precision: str = "bf16") -> Runtime:
     """torch.distributed from torchrun's environment (nccl + this rank's GPU, or gloo on CPU) via
     `megatron_lcl.runtime.initialize_distributed`; a single process needs no launcher."""
     from megatron_lcl.config import ParallelConfig
-    from megatron_lcl.runtime import initialize_distributed
+    from megatron_lcl.runtime import device as compute_device, initialize_distributed
 
     initialize_distributed(ParallelConfig())
     world, rank = dist.get_world_size(), dist.get_rank()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = compute_device()
     if world == 1:
         return Runtime(0, 1, device, None, None, precision)
     return Runtime(rank, world, device, dist.group.WORLD, dist.new_group(), precision)

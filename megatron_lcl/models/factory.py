@@ -2,15 +2,22 @@
 
 from typing import Optional
 
+import torch
+
 from megatron_lcl.config import ModelConfig, ParallelConfig, PrecisionConfig, validate_model_config
 from megatron_lcl.models.lcl_model import LCLModel
+from megatron_lcl.runtime.device import device as compute_device
 
 
 def build_model(cfg: ModelConfig, parallel: ParallelConfig, precision: Optional[PrecisionConfig] = None, *,
-                first_stage: bool = True, last_stage: bool = True) -> LCLModel:
-    """The LCL model stage holding the first and/or last pipeline stage's parts (config validated first).
+                first_stage: bool = True, last_stage: bool = True,
+                device: Optional[torch.device] = None) -> LCLModel:
+    """The LCL model stage holding the first and/or last pipeline stage's parts (config validated first),
+    on `device` (default: this process's compute device, `megatron_lcl.runtime.device()`).
 
-    Data parallelism (DDP) is applied from outside, by the training code.
+    Weights are initialised on the CPU (full tensors, then split: TP=k starts from TP=1's weights) and
+    then moved. Data parallelism (DDP) is applied from outside, by the training code.
     """
     validate_model_config(cfg, parallel, precision)
-    return LCLModel(cfg, parallel, precision, pre_process=first_stage, post_process=last_stage)
+    model = LCLModel(cfg, parallel, precision, pre_process=first_stage, post_process=last_stage)
+    return model.to(device if device is not None else compute_device())

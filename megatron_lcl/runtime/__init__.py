@@ -1,6 +1,7 @@
 """Process-level runtime: distributed initialisation, the parallel layout, the CPU adaptation of
 megatron-core (`cpu.py`) and its version adaptations (`mcore_compat.py`)."""
 
+from megatron_lcl.runtime.device import device, pin_memory_enabled, to_device
 from megatron_lcl.runtime.distributed import (
     destroy_distributed,
     free_port,
@@ -10,5 +11,5 @@ from megatron_lcl.runtime.distributed import (
 )
 from megatron_lcl.runtime.layout import ParallelLayout
 
-__all__ = ["initialize_distributed", "initialize_model_parallel", "destroy_distributed", "set_seed", "free_port",
+__all__ = ["device", "to_device", "pin_memory_enabled", "initialize_distributed", "initialize_model_parallel", "destroy_distributed", "set_seed", "free_port",
            "ParallelLayout"]

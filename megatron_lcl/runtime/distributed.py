@@ -29,15 +29,23 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_m
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl" if use_cuda else "gloo"
         timeout = datetime.timedelta(minutes=timeout_minutes)
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            # One process needs no rendezvous: a fresh local port, whatever MASTER_PORT an
-            # enclosing launcher (or an earlier in-process run) left in the environment.
+        if launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # env:// (RANK, WORLD_SIZE, MASTER_ADDR/PORT). Under torchrun also for ONE process: its
+            # workers must use the agent's store (TORCHELASTIC_USE_AGENT_STORE), or the rendezvous waits
+            # forever.
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # A plain process (tests, notebooks, `python tool.py`): one rank on a fresh local port,
+            # whatever MASTER_PORT an earlier in-process run left in the environment.
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                     rank=0, world_size=1, timeout=timeout)
-        else:
-            dist.init_process_group(backend=backend, timeout=timeout)  # torchrun's env://
     initialize_model_parallel(parallel, seed)
     return ParallelLayout.current()
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (torch.distributed.run / elastic agent) started this process."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:

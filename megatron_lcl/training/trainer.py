@@ -28,7 +28,7 @@ from megatron_lcl.losses import LCLLoss
 from megatron_lcl.losses.contrastive import gather_rows
 from megatron_lcl.models.factory import build_model
 from megatron_lcl.models.flops import count_parameters_by_group, throughput_metrics
-from megatron_lcl.runtime import initialize_distributed
+from megatron_lcl.runtime import device, initialize_distributed, to_device
 from megatron_lcl.training.metrics import MetricsWriter, ProgressLine, singular_value_stats
 from megatron_lcl.training.optim import (build_optimizer, build_scheduler, clamp_logit_scale, current_lr,
                                          drop_path_rate_at)
@@ -170,7 +170,8 @@ class Trainer:
         # The loader must not move the training RNG (torch's DataLoader draws worker seeds from it
         # when it starts): otherwise a resumed run would drop different paths than an uninterrupted one.
         with torch.random.fork_rng(devices=[]):
-            return [next(self.data_iter) for _ in range(self.num_microbatches)]
+            batches = [next(self.data_iter) for _ in range(self.num_microbatches)]
+        return [to_device(b) for b in batches]
 
     def train_step(self, batches: Optional[list], collect_features: bool = False) -> dict:
         """Forward + backward over the step's micro-batches, then the optimizer step unless non-finite."""
@@ -219,13 +220,13 @@ class Trainer:
             if self._captured is not None:
                 local.update(self._collapse_stats(dp0))
         local["stop"] = 1.0 if self.stop else 0.0
-        vec = torch.tensor([local[k] for k in STAT_KEYS], dtype=torch.float64)
+        vec = torch.tensor([local[k] for k in STAT_KEYS], dtype=torch.float64, device=device())
         dist.all_reduce(vec)
         return dict(zip(STAT_KEYS, vec.tolist()))
 
     def _collapse_stats(self, dp0: bool) -> dict:
         """Effective rank of the normalised v_i of the whole step, gathered over the DP group."""
-        local = torch.cat(self._captured) if self._captured else torch.zeros(0, self.cfg.model.heads.embed_dim)
+        local = torch.cat(self._captured) if self._captured else torch.zeros(0, self.cfg.model.heads.embed_dim, device=device())
         features, _, _ = gather_rows(local, self.layout.dp_group)
         return singular_value_stats(features) if dp0 else {}
 
