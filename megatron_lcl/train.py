@@ -12,6 +12,7 @@ loss); 2 invalid configuration (the message names the fields).
 """
 
 import argparse
+import os
 import sys
 
 from megatron_lcl.config import ConfigError, config_to_yaml, load_config, validate_config
@@ -36,7 +37,10 @@ def main(argv=None) -> int:
     overrides = list(args.overrides) + ([f"checkpoint.load={args.load}"] if args.load else [])
     try:
         cfg = load_config(args.config, overrides)
-        validate_config(cfg)
+        if args.print_config:
+            validate_config(cfg)
+        else:  # the world torchrun launched, before any process group is built on it
+            validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), check_files=True)
     except ConfigError as e:
         print(f"config error ({args.config or 'defaults'}): {e}", file=sys.stderr)
         return 2

@@ -1,10 +1,12 @@
 """Config validation messages and backend selection (no distributed state needed)."""
 
+from pathlib import Path
+
 import pytest
 
 from megatron_lcl.config import (ConfigError, LMConfig, ModelConfig, ParallelConfig, PrecisionConfig,
-                                 VisionConfig, VISION_PRESETS, apply_preset, padded_vocab_size,
-                                 validate_model_config)
+                                 VisionConfig, VISION_PRESETS, apply_preset, config_errors, load_config,
+                                 padded_vocab_size, validate_model_config)
 from megatron_lcl.models.specs import LOCAL, TRANSFORMER_ENGINE, select_transformer_impl
 
 
@@ -81,3 +83,66 @@ def test_sequence_parallel_with_pipeline_is_rejected():
         validate_model_config(ModelConfig(), ParallelConfig(tensor_model_parallel_size=2,
                                                             pipeline_model_parallel_size=2,
                                                             sequence_parallel=True))
+
+
+# ------------------------------------------------- run-config mistakes: one message, exit status 2
+
+TINY = str(Path(__file__).resolve().parent.parent / "examples" / "configs" / "tiny_cpu.yaml")
+
+
+@pytest.fixture
+def run_files(tmp_path):
+    """A tokenizer file and a folder with one shard: enough for the file checks (nothing is read)."""
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "shard-000000.tar").write_bytes(b"")
+    (tmp_path / "lcl.model").write_bytes(b"")
+    return [f"data.path={tmp_path / 'shards'}", f"data.tokenizer={tmp_path / 'lcl.model'}"]
+
+
+@pytest.mark.parametrize("world_size, tp, pp, message", [
+    (3, 2, 1, "world size (3) must be divisible by parallel.tensor_model_parallel_size (2) x "
+              "parallel.pipeline_model_parallel_size (1)"),
+    (6, 2, 2, "world size (6) must be divisible by parallel.tensor_model_parallel_size (2) x "
+              "parallel.pipeline_model_parallel_size (2)"),
+    (2, 4, 1, "parallel.tensor_model_parallel_size (4) x parallel.pipeline_model_parallel_size (1) = 4 "
+              "ranks per model replica, more than the world size (2)"),
+])
+def test_world_size_rules_name_the_parallel_fields(world_size, tp, pp, message):
+    cfg = load_config(TINY, [f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
+                             "model.lm.num_attention_heads=8", "model.lm.num_layers=4"])
+    assert config_errors(cfg, world_size) == [message]
+    assert config_errors(cfg) == []  # the heads/FFN/layer split themselves are fine
+
+
+@pytest.mark.parametrize("world_size, overrides, message", [
+    ("1", ["parallel.tensor_model_parallel_size=2"],
+     "parallel.tensor_model_parallel_size (2) x parallel.pipeline_model_parallel_size (1) = 2 ranks per "
+     "model replica, more than the world size (1)"),
+    ("3", ["parallel.tensor_model_parallel_size=2"],
+     "world size (3) must be divisible by parallel.tensor_model_parallel_size (2)"),
+    ("1", ["data.path=[]"], "data.path is required, got []"),
+    ("1", ["data.path="], "data.path is required, got None"),
+    ("1", ["data.path=/nonexistent/shards"], "data.path: no prepared shards (*.tar) at /nonexistent/shards"),
+    ("1", ["data.path=[1.0, /nonexistent/a]"], "data.path: no prepared shards (*.tar) at /nonexistent/a"),
+    ("1", ["data.tokenizer="], "data.tokenizer is required"),
+    ("1", ["data.tokenizer=/nonexistent/lcl.model"], "data.tokenizer (/nonexistent/lcl.model) does not exist"),
+])
+def test_driver_reports_run_config_mistakes_once_with_status_2(world_size, overrides, message, run_files,
+                                                              tmp_path, monkeypatch, capsys):
+    """The driver stops before any process group or model exists: one message, no traceback, status 2."""
+    from megatron_lcl import train
+
+    monkeypatch.setenv("WORLD_SIZE", world_size)  # what torchrun sets; nothing is initialised from it here
+    assert train.main(["--config", TINY, f"run_dir={tmp_path / 'run'}", *run_files, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error ({TINY}): invalid configuration:\n  - {message}"), err
+    assert err.count("\n  - ") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_file_checks_pass_for_existing_files_and_are_opt_in(run_files):
+    cfg = load_config(TINY, run_files)
+    assert config_errors(cfg, 1, check_files=True) == []
+    missing = load_config(TINY, ["data.path=/nonexistent", "data.tokenizer=/nonexistent.model"])
+    assert config_errors(missing) == []  # tools validating a config for another machine do not look for files
+    assert len(config_errors(missing, check_files=True)) == 2

@@ -2,16 +2,19 @@
 
     errors = config_errors(cfg, world_size=8)     # [] when the run config can work
     validate_config(cfg, world_size=8)            # raises ConfigError listing all of them
+    validate_config(cfg, world_size=8, check_files=True)   # and data.path / data.tokenizer exist
 
 `model_config_errors` checks the model sections alone (for tools that build a model without a run).
 The data loader, the loss and the layer specs rely on these checks instead of repeating them; where
 they need a rule's value (the positions one image takes), they call the function defined here.
 """
 
+import glob
+import os
 from typing import List, Optional
 
 from megatron_lcl.config.model import ModelConfig, ParallelConfig, PrecisionConfig
-from megatron_lcl.config.run import LCLConfig, path_weight, data_blend
+from megatron_lcl.config.run import DataConfig, LCLConfig, path_weight, data_blend
 
 PACKINGS = ("auto", "truncate", "concat", "pack")
 LOSS_MODES = ("lcl", "gen", "con")
@@ -39,9 +42,9 @@ def raise_errors(errors: List[str]) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
 
-def validate_config(cfg: LCLConfig, world_size: Optional[int] = None) -> None:
+def validate_config(cfg: LCLConfig, world_size: Optional[int] = None, check_files: bool = False) -> None:
     """Fail before start-up with every problem listed, each naming its fields."""
-    raise_errors(config_errors(cfg, world_size))
+    raise_errors(config_errors(cfg, world_size, check_files))
 
 
 def validate_model_config(model: ModelConfig, parallel: ParallelConfig,
@@ -50,12 +53,15 @@ def validate_model_config(model: ModelConfig, parallel: ParallelConfig,
     raise_errors(model_config_errors(model, parallel, precision, seq_length))
 
 
-def config_errors(cfg: LCLConfig, world_size: Optional[int] = None) -> List[str]:
-    """Every problem of a run config; with `world_size`, also the batch/parallel arithmetic."""
+def config_errors(cfg: LCLConfig, world_size: Optional[int] = None, check_files: bool = False) -> List[str]:
+    """Every problem of a run config; with `world_size`, also the batch/parallel arithmetic; with
+    `check_files`, also that the data and tokenizer files exist (on the machine that runs it)."""
     errors = model_config_errors(cfg.model, cfg.parallel, cfg.precision, cfg.data.seq_length)
     errors += _run_errors(cfg)
     if world_size is not None:
         errors += _batch_errors(cfg, world_size)
+    if check_files:
+        errors += data_file_errors(cfg.data)
     return errors
 
 
@@ -162,7 +168,7 @@ def _precision_errors(precision: PrecisionConfig, model: ModelConfig) -> List[st
 def _run_errors(cfg: LCLConfig) -> List[str]:
     t, o, d, c = cfg.train, cfg.optimizer, cfg.data, cfg.checkpoint
     checks = [
-        (d.path is not None, "data.path is required: the prepared shards (tools/prepare_data.py)"),
+        (bool(d.path), f"data.path is required, got {d.path!r}: the prepared shards (tools/prepare_data.py)"),
         (d.tokenizer is not None, "data.tokenizer is required: a .model from tools/train_tokenizer.py"),
         (cfg.loss.mode in LOSS_MODES, f"loss.mode ({cfg.loss.mode!r}) must be lcl, gen or con"),
         (cfg.loss.contrastive_batch in CONTRASTIVE_BATCHES,
@@ -201,9 +207,26 @@ def _data_path_errors(path) -> List[str]:
     return errors
 
 
+def data_file_errors(data: DataConfig) -> List[str]:
+    """`data.tokenizer` is a file; every `data.path` entry (folder, glob or shard) gives prepared shards."""
+    errors = []
+    if data.tokenizer and not os.path.isfile(data.tokenizer):
+        errors.append(f"data.tokenizer ({data.tokenizer}) does not exist; train one with tools/train_tokenizer.py")
+    blend = data_blend(data.path) if data.path else None
+    for path in [p for _, p in blend] if blend else [str(p) for p in data.path or []]:
+        pattern = os.path.join(path, "*.tar") if os.path.isdir(path) else path
+        if not glob.glob(pattern):
+            errors.append(f"data.path: no prepared shards (*.tar) at {path}; run tools/prepare_data.py")
+    return errors
+
+
 def _batch_errors(cfg: LCLConfig, world_size: int) -> List[str]:
     p = cfg.parallel
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    if model_parallel > world_size:
+        return [f"parallel.tensor_model_parallel_size ({p.tensor_model_parallel_size}) x "
+                f"parallel.pipeline_model_parallel_size ({p.pipeline_model_parallel_size}) = {model_parallel} "
+                f"ranks per model replica, more than the world size ({world_size})"]
     if world_size % model_parallel:
         return [f"world size ({world_size}) must be divisible by parallel.tensor_model_parallel_size "
                 f"({p.tensor_model_parallel_size}) x parallel.pipeline_model_parallel_size "

@@ -118,14 +118,14 @@ class Trainer:
         from megatron_lcl.data.loader import build_loader
         from megatron_lcl.data.tokenizer import LCLTokenizer
 
+        from megatron_lcl.config.validate import ConfigError, data_file_errors, raise_errors
+
         d, v = self.cfg.data, self.cfg.model.vision
-        if not os.path.exists(d.tokenizer):
-            raise FileNotFoundError(f"data.tokenizer ({d.tokenizer}) does not exist; train one with "
-                                    "tools/train_tokenizer.py")
+        raise_errors(data_file_errors(d))  # the driver checked them; a Trainer built directly gets the same message
         vocab = LCLTokenizer(d.tokenizer).vocab_size
         if vocab > self.cfg.model.lm.vocab_size:
-            raise ValueError(f"data.tokenizer ({d.tokenizer}) has {vocab} tokens, more than "
-                             f"model.lm.vocab_size ({self.cfg.model.lm.vocab_size})")
+            raise ConfigError(f"data.tokenizer ({d.tokenizer}) has {vocab} tokens, more than "
+                              f"model.lm.vocab_size ({self.cfg.model.lm.vocab_size})")
         return build_loader(d, image_size=v.image_size, num_image_tokens=v.num_image_tokens,
                             dp_rank=self.layout.dp_rank, dp_size=self.layout.dp_size)
 
