@@ -172,6 +172,7 @@ def test_whole_model_sdpa_equals_unfused(single_rank):
     for model in (sdpa.lm, sdpa.vision):
         assert isinstance(model.decoder.layers[0].self_attention.core_attention, SDPAttention)
     assert sdpa.state_dict().keys() == unfused.state_dict().keys()
+    assert sdpa.sharded_state_dict().keys() == unfused.sharded_state_dict().keys()  # checkpoints
     for key in ("loss", "lm_loss", "con_loss"):
         torch.testing.assert_close(sdpa_terms[key], unfused_terms[key], rtol=1e-5, atol=0)
     assert sdpa_grads.keys() == unfused_grads.keys()
