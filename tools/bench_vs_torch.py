@@ -1,0 +1,305 @@
+"""Benchmark: megatron_lcl's training step against the same model written as plain PyTorch.
+
+    python tools/bench_vs_torch.py            # CPU: tiny ViT + tiny LM, seq 256, fp32, micro-batch 4
+    python tools/bench_vs_torch.py            # CUDA: ViT-L/14 + OPT-125M, seq 2048, bf16, largest micro-batch
+    python tools/bench_vs_torch.py --vision B/16 --lm opt-125m --seq-length 1024 --micro-batch 2 --json out.json
+
+One process builds both models: megatron_lcl's (`build_model`, megatron-core DDP + optimizer, one
+`step_forward_backward` per step, as the trainer runs it) and the twin of `tools/torch_twin.py`
+(HF CLIPVisionModel + OPTForCausalLM with SDPA, torch AdamW, bf16 by autocast). Timed steps
+(forward + backward + optimizer) alternate between the two. It prints step time, images/s, tokens/s
+(sequence positions), model TFLOP/s (`megatron_lcl.models.flops.step_flops`) and MFU against `--peak`
+or a matmul peak measured in the same run, and the ratio ours / twin of images/s. FLOPs per sample
+are also counted by torch's FlopCounterMode on both models, so the two provably do the same work.
+Figures, not a test. On a GPU machine, `CUDA_VISIBLE_DEVICES=` runs the CPU case. `--micro-batch auto` (the CUDA default) doubles the micro-batch while a step
+of each model fits and times both at the largest that fits both.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+from megatron_lcl.runtime.mcore_compat import filter_known_warnings
+
+filter_known_warnings()  # before megatron.core is imported
+
+import torch  # noqa: E402
+
+from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, LMConfig, LossConfig, ModelConfig,  # noqa: E402
+                                 OptimizerConfig, ParallelConfig, PrecisionConfig, VisionConfig, apply_preset)
+from megatron_lcl.models.flops import step_flops  # noqa: E402
+
+GPU_DEFAULTS = dict(vision="L/14", lm="opt-125m", seq_length=2048, dtype="bf16", micro_batch="auto")
+CPU_DEFAULTS = dict(vision="tiny", lm="tiny", seq_length=256, dtype="fp32", micro_batch="4")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+def model_config(args) -> ModelConfig:
+    vocab = args.vocab_size or (50272 if args.lm == "opt-125m" else 1000)
+    return ModelConfig(vision=apply_preset(VisionConfig(preset=args.vision, layer_scale_init=0.1), VISION_PRESETS),
+                       lm=apply_preset(LMConfig(preset=args.lm, vocab_size=vocab, make_vocab_size_divisible_by=8),
+                                       LM_PRESETS),
+                       transformer_impl="local", attention=args.attention)
+
+
+def image_positions(images_per_sample: int, seq_length: int, num_image_tokens: int) -> list:
+    """`<BoI>` positions spread over the sequence, text before each (every image enters L_con)."""
+    stride = seq_length // images_per_sample
+    assert stride > num_image_tokens + 4, (
+        f"{images_per_sample} images of {num_image_tokens} positions do not fit seq_length {seq_length}")
+    return [4 + j * stride for j in range(images_per_sample)]
+
+
+def make_batch(cfg: ModelConfig, args, micro_batch: int, device):
+    from megatron_lcl.testing import random_batch
+
+    positions = image_positions(args.images_per_sample, args.seq_length, cfg.vision.num_image_tokens)
+    batch = random_batch([positions] * micro_batch, seq_length=args.seq_length,
+                         num_image_tokens=cfg.vision.num_image_tokens, image_size=cfg.vision.image_size,
+                         vocab_size=cfg.lm.vocab_size)
+    return batch.to(device)
+
+
+# ------------------------------------------------------------------------------------ the two steps
+
+class OursStep:
+    """megatron_lcl as the trainer runs it: DDP, megatron-core optimizer, the pipeline's step function."""
+
+    def __init__(self, cfg: ModelConfig, args, device):
+        from megatron_lcl.losses import LCLLoss
+        from megatron_lcl.models.factory import build_model
+        from megatron_lcl.runtime import ParallelLayout
+        from megatron_lcl.training.optim import build_optimizer
+        from megatron_lcl.training.pipeline import wrap_ddp
+
+        parallel, self.precision = ParallelConfig(), PrecisionConfig(params_dtype=args.dtype)
+        self.cfg, self.args, self.device = cfg, args, device
+        self.model = build_model(cfg, parallel, self.precision)  # on `device`
+        self.layout = ParallelLayout.current()
+        self.loss_fn = LCLLoss(LossConfig(), self.layout.dp_group)
+        self.flops_counted = count_flops(lambda batch: self.loss_terms(batch).total, cfg, args, device)
+        self.model.zero_grad(set_to_none=True)
+        self.ddp = wrap_ddp(self.model, parallel)
+        self.optimizer = build_optimizer(self.ddp, OptimizerConfig(lr=1e-4, warmup_steps=0), parallel, self.precision)
+
+    def loss_terms(self, batch):
+        from megatron_lcl.training.pipeline import forward_loss
+
+        return forward_loss(self.model, batch, self.loss_fn)
+
+    @property
+    def core_attention(self) -> str:
+        return type(self.model.lm.decoder.layers[0].self_attention.core_attention).__name__
+
+    def __call__(self, batch) -> None:
+        from megatron_lcl.training.pipeline import PipelineShape, step_forward_backward
+
+        shape = PipelineShape.for_model(self.cfg, self.args.seq_length, batch.tokens.shape[0])
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        step_forward_backward(self.ddp, [batch], 1, self.loss_fn, shape, self.layout)
+        self.optimizer.step()
+
+
+class TwinStep:
+    """The plain-PyTorch twin as an open_clip user trains it: fp32 weights, bf16 autocast, AdamW, clipping."""
+
+    def __init__(self, cfg: ModelConfig, args, device):
+        from torch_twin import TorchTwin
+
+        self.twin = TorchTwin(cfg).to(device)
+        self.device, self.autocast = device, args.dtype == "bf16"
+        self.loss_cfg, optim = LossConfig(), OptimizerConfig(lr=1e-4)
+        self.flops_counted = count_flops(lambda batch: self.loss(batch)["total"], cfg, args, device)
+        self.twin.zero_grad(set_to_none=True)
+        self.optimizer = torch.optim.AdamW(self.twin.parameters(), lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
+                                           eps=optim.adam_eps, weight_decay=optim.weight_decay,
+                                           fused=device.type == "cuda")
+        self.clip_grad = optim.clip_grad
+
+    def loss(self, batch):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.twin.loss(batch, self.loss_cfg)
+
+    def __call__(self, batch) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss(batch)["total"].backward()
+        torch.nn.utils.clip_grad_norm_(self.twin.parameters(), self.clip_grad)
+        self.optimizer.step()
+
+
+def count_flops(loss_of, cfg: ModelConfig, args, device) -> int:
+    """FLOPs of one forward + backward of one sample, counted by FlopCounterMode (attention through
+    the math kernel, whose matmuls the counter sees on every device)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = make_batch(cfg, args, 1, device)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss_of(batch).backward()
+    return counter.get_total_flops()
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+# ------------------------------------------------------------------------------------ timing
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, batch, device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    step(batch)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def fits(step, cfg, args, micro_batch: int, device) -> bool:
+    """Whether one step at `micro_batch` runs without running out of accelerator memory."""
+    try:
+        timed(step, make_batch(cfg, args, micro_batch, device), device)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def largest_micro_batch(step, cfg, args, device) -> int:
+    """Double the micro-batch from 1 while a step fits (up to --max-micro-batch); 0 if none fits."""
+    best, micro_batch = 0, 1
+    while micro_batch <= args.max_micro_batch and fits(step, cfg, args, micro_batch, device):
+        best, micro_batch = micro_batch, micro_batch * 2
+    return best
+
+
+def measure_matmul_peak(device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in `dtype` (the same run's peak, for MFU)."""
+    n, iters = (8192, 20) if device.type == "cuda" else (1024, 5)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    synchronize(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - start)
+
+
+def summarize(times: list, cfg: ModelConfig, args, micro_batch: int, peak: float) -> dict:
+    step_time_s = statistics.median(times)
+    images = args.images_per_sample * micro_batch
+    flops = step_flops(cfg, args.seq_length, args.images_per_sample, samples=micro_batch,
+                       contrastive_negatives=images)["total"]
+    return {"step_time_s": step_time_s, "images_per_s": images / step_time_s,
+            "tokens_per_s": micro_batch * args.seq_length / step_time_s,
+            "model_tflops_per_s": flops / step_time_s / 1e12, "mfu": flops / step_time_s / peak}
+
+
+# ------------------------------------------------------------------------------------ main
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vision", help="vision preset (default: L/14 on CUDA, tiny on CPU)")
+    parser.add_argument("--lm", help="LM preset (default: opt-125m on CUDA, tiny on CPU)")
+    parser.add_argument("--seq-length", type=int, help="default: 2048 on CUDA, 256 on CPU")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--micro-batch", help="an integer or 'auto' (default: auto on CUDA, 4 on CPU)")
+    parser.add_argument("--max-micro-batch", type=int, default=64)
+    parser.add_argument("--attention", choices=("sdpa", "unfused"), default="sdpa",
+                        help="megatron_lcl's core attention (model.attention)")
+    parser.add_argument("--images-per-sample", type=int, default=3)
+    parser.add_argument("--vocab-size", type=int, help="default: 50272 with opt-125m, else 1000")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each model first")
+    parser.add_argument("--peak", type=float, help="peak FLOP/s for MFU (default: a matmul measured now)")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    for key, value in (GPU_DEFAULTS if torch.cuda.is_available() else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None) -> dict:
+    from megatron_lcl.runtime import destroy_distributed, device, initialize_distributed
+
+    args = parse_args(argv)
+    initialize_distributed(ParallelConfig())
+    dev, cfg = device(), model_config(args)
+    ours, twin = OursStep(cfg, args, dev), TwinStep(cfg, args, dev)
+    micro_batch, largest = int(args.micro_batch) if args.micro_batch != "auto" else 0, {}
+    if not micro_batch:
+        largest = {"megatron_lcl": largest_micro_batch(ours, cfg, args, dev),
+                   "torch_twin": largest_micro_batch(twin, cfg, args, dev)}
+        micro_batch = min(largest.values())
+        assert micro_batch > 0, f"not even micro-batch 1 fits: {largest}"
+    peak = args.peak or measure_matmul_peak(dev, DTYPES[args.dtype])
+    batch = make_batch(cfg, args, micro_batch, dev)
+    times = {"megatron_lcl": [], "torch_twin": []}
+    for i in range(args.warmup + args.steps):
+        for name, step in (("megatron_lcl", ours), ("torch_twin", twin)):
+            elapsed = timed(step, batch, dev)
+            if i >= args.warmup:
+                times[name].append(elapsed)
+    result = report(args, cfg, dev, micro_batch, largest, peak, ours, twin, times)
+    print_result(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    destroy_distributed()
+    return result
+
+
+def report(args, cfg, dev, micro_batch, largest, peak, ours, twin, times) -> dict:
+    analytic = step_flops(cfg, args.seq_length, args.images_per_sample, samples=1)["total"]
+    result = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "config": {"vision": args.vision, "lm": args.lm, "seq_length": args.seq_length, "dtype": args.dtype,
+                   "images_per_sample": args.images_per_sample, "micro_batch": micro_batch,
+                   "vocab_size": cfg.lm.vocab_size, "steps": args.steps},
+        "largest_micro_batch": largest,
+        "peak_flops_per_s": peak, "peak_source": "--peak" if args.peak else f"{args.dtype} matmul measured",
+        "flops_per_sample": {"analytic": analytic, "counted_megatron_lcl": ours.flops_counted,
+                             "counted_torch_twin": twin.flops_counted},
+        "parameters": {"megatron_lcl": parameter_count(ours.model), "torch_twin": parameter_count(twin.twin)},
+        "megatron_lcl": dict(summarize(times["megatron_lcl"], cfg, args, micro_batch, peak),
+                             core_attention=ours.core_attention),
+        "torch_twin": dict(summarize(times["torch_twin"], cfg, args, micro_batch, peak),
+                           core_attention="transformers sdpa"),
+    }
+    result["ratio_images_per_s"] = result["megatron_lcl"]["images_per_s"] / result["torch_twin"]["images_per_s"]
+    return result
+
+
+def print_result(r: dict) -> None:
+    c, f = r["config"], r["flops_per_sample"]
+    print(f"{r['device']}: ViT {c['vision']} + LM {c['lm']}, seq {c['seq_length']}, {c['dtype']}, micro-batch "
+          f"{c['micro_batch']} x {c['images_per_sample']} images" +
+          (f" (largest that fits: {r['largest_micro_batch']})" if r["largest_micro_batch"] else ""))
+    print(f"FLOPs per sample (fwd+bwd): analytic {f['analytic']:.4g}, counted megatron_lcl "
+          f"{f['counted_megatron_lcl']:.4g}, counted twin {f['counted_torch_twin']:.4g}; parameters "
+          f"{r['parameters']['megatron_lcl']:,} vs {r['parameters']['torch_twin']:,}")
+    print(f"peak {r['peak_flops_per_s'] / 1e12:.1f} TFLOP/s ({r['peak_source']})")
+    print(f"{'':<14}{'step_time_s':>12}{'images/s':>11}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}  attention")
+    for name in ("megatron_lcl", "torch_twin"):
+        m = r[name]
+        print(f"{name:<14}{m['step_time_s']:>12.4f}{m['images_per_s']:>11.1f}{m['tokens_per_s']:>12,.0f}"
+              f"{m['model_tflops_per_s']:>10.3f}{m['mfu']:>8.1%}  {m['core_attention']}")
+    print(f"ratio megatron_lcl / twin images/s: {r['ratio_images_per_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
