@@ -120,6 +120,7 @@ def test_unsupported_input_names_the_config_field(single_rank, what):
 
 # --- inside megatron-core layers, TP=1 ---------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:If you are using transformer_engine as the transformer implementation")
 def test_selective_recompute_of_core_attention(single_rank):
     """A causal TransformerBlock with SDPA under selective recompute (`core_attn`, megatron-core's
     `_checkpointed_attention_forward`) == the unfused block without recompute, output and gradients."""
