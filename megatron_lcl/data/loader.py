@@ -32,7 +32,9 @@ Samples per source are counted like skips (`loader.source_counts()`, saved in th
 
 Skipped data. Workers count what they drop (by reason, naming shard and key) and send the counts
 with each batch; `loader.skips` (a SkipCounter) holds the totals of consumed batches and is saved in
-the state. Use `loader.skip_counts()` for metrics.
+the state. Use `loader.skip_counts()` for metrics. A shard that breaks mid-way counts as many
+`corrupt_shard` as samples were lost after the break, with a warning line naming shard and key
+(`sources.tar_samples`).
 """
 
 import glob
@@ -43,7 +45,6 @@ from itertools import accumulate, count
 from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_lcl.config import DataConfig
@@ -54,6 +55,7 @@ from megatron_lcl.data.documents import from_wds_sample
 from megatron_lcl.data.rules import (BuiltSample, ConcatPacker, DocumentPacker, SpecialIds, document_layout,
                                      tokenize_layout, truncate_and_pad)
 from megatron_lcl.data.skips import SkipCounter
+from megatron_lcl.data.sources import tar_samples
 from megatron_lcl.data.tokenizer import LCLTokenizer
 from megatron_lcl.data.transforms import decode_image, eval_transform, train_transform
 from megatron_lcl.runtime.device import pin_memory_enabled
@@ -165,17 +167,16 @@ class _WorkerStream:
 
     def _read(self, shards: List[str], split_by_shard: bool) -> Iterator[tuple]:
         index = 0
+        who = f"DP rank {self.cfg.dp_rank} worker {self.worker}: "
         for shard in shards:
             name = os.path.basename(shard)
-
-            def on_error(exn, name=name):
-                self.skips.add(S.CORRUPT_SHARD, name, repr(exn)[:120])
-                return True
-
-            for sample in wds.tarfile_samples([{"url": shard}], handler=on_error):
+            for sample in tar_samples(shard, self._count_lost, who):
                 if split_by_shard or index % self.num_readers == self.reader:
                     yield name, sample
                 index += 1
+
+    def _count_lost(self, where: str, detail: str, n: int) -> None:
+        self.skips.add(S.CORRUPT_SHARD, where, detail, count=n)  # the counter of the batch in the making
 
     def samples(self, fast_forward: int = 0) -> Iterator[tuple]:
         """(source name or None, built sample or None): one item per slot, from one source or a blend."""
