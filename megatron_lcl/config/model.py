@@ -119,7 +119,9 @@ class ParallelConfig:
     num_layers_in_first_pipeline_stage: Optional[int] = None
     num_layers_in_last_pipeline_stage: Optional[int] = None
     virtual_pipeline_model_parallel_size: Optional[int] = None  # not supported: clear error
-    sequence_parallel: bool = False  # GPU (Transformer Engine) only
+    # Split the LM's LayerNorm/dropout activations along the sequence over TP ranks (TP > 1, PP = 1).
+    # The ViT runs without it: its token count (1 + patches, 257 for L/14) need not divide by TP.
+    sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
 
 
@@ -183,7 +185,7 @@ def build_transformer_config(section, parallel: ParallelConfig, *, init_method_s
         init_method_std=init_method_std,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=pp,
-        sequence_parallel=parallel.sequence_parallel,
+        sequence_parallel=parallel.sequence_parallel and isinstance(section, LMConfig),  # see ParallelConfig
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,

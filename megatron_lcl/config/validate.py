@@ -97,6 +97,10 @@ def model_config_errors(model: ModelConfig, parallel: ParallelConfig,
         need(seq_length <= lm.max_position_embeddings,
              f"data.seq_length ({seq_length}) exceeds model.lm.max_position_embeddings "
              f"({lm.max_position_embeddings})")
+        need(not parallel.sequence_parallel or seq_length % parallel.tensor_model_parallel_size == 0,
+             f"parallel.sequence_parallel splits the sequence over tensor-parallel ranks: data.seq_length "
+             f"({seq_length}) must be divisible by parallel.tensor_model_parallel_size "
+             f"({parallel.tensor_model_parallel_size})")
         need(min_seq_length(v.num_image_tokens) <= seq_length,
              f"one image needs model.vision.num_image_tokens + 3 = {min_seq_length(v.num_image_tokens)} "
              f"positions (context, <BoI>, {v.num_image_tokens} image positions, <EoI>), more than "

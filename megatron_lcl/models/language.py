@@ -6,8 +6,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -20,7 +19,7 @@ class OPTLanguageModel(LanguageModule):
     the embedding, only the last (`post_process`) the final LN and output layer.
     """
 
-    def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec, vocab_size: int,
+    def __init__(self, config: TransformerConfig, spec: TransformerBlockSubmodules, vocab_size: int,
                  max_sequence_length: int, pre_process: bool = True, post_process: bool = True):
         super().__init__(config=config)
         self.pre_process, self.post_process = pre_process, post_process
@@ -30,7 +29,7 @@ class OPTLanguageModel(LanguageModule):
             self.embedding = LanguageModelEmbedding(
                 config=config, vocab_size=vocab_size, max_sequence_length=max_sequence_length,
                 position_embedding_type="learned_absolute")
-        self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=pre_process,
+        self.decoder = TransformerBlock(config=config, spec=spec, pre_process=pre_process,
                                         post_process=post_process)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(

@@ -51,3 +51,18 @@ def layer_scale_linear(row_parallel_cls: type) -> type:
     LayerScaleRowParallelLinear.__name__ = f"LayerScale{row_parallel_cls.__name__}"
     LayerScaleRowParallelLinear.__qualname__ = LayerScaleRowParallelLinear.__name__
     return LayerScaleRowParallelLinear
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch's LayerNorm with megatron-core's norm signature, usable under sequence parallelism.
+
+    megatron-core's local norm (`WrappedTorchNorm`) refuses sequence parallelism; all SP needs from a
+    norm is that its weight and bias, replicated over TP ranks but fed different sequence chunks, get
+    their gradients summed over the TP group. Marking them `sequence_parallel` makes megatron-core's
+    `finalize_model_grads` do exactly that (as it does for Apex / Transformer Engine norms).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        for p in (self.weight, self.bias):
+            setattr(p, "sequence_parallel", config.sequence_parallel)

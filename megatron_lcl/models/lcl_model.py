@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_lcl.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config, padded_vocab_size
 from megatron_lcl.models.heads import ImageHead, TextHead
 from megatron_lcl.models.language import OPTLanguageModel
-from megatron_lcl.models.specs import lm_layer_spec, select_transformer_impl, vit_layer_spec
+from megatron_lcl.models.specs import block_spec, lm_layer_spec, select_transformer_impl, vit_layer_spec
 from megatron_lcl.models.vision import VisionTransformer
 
 
@@ -58,11 +59,11 @@ class LCLModel(MegatronModule):
             vit_config = build_transformer_config(cfg.vision, parallel, init_method_std=cfg.init_method_std,
                                                   precision=precision, activation=cfg.vision.activation,
                                                   pipeline_split=False)
-            self.vision = VisionTransformer(vit_config, cfg.vision,
-                                            vit_layer_spec(impl, cfg.vision.layer_scale_init, cfg.attention))
+            vit_layers = vit_layer_spec(impl, cfg.vision.layer_scale_init, cfg.attention)
+            self.vision = VisionTransformer(vit_config, cfg.vision, block_spec(vit_layers, impl, vit_config))
             self.projector = torch.nn.Linear(cfg.vision.hidden_size, cfg.lm.hidden_size)
             self.image_head = ImageHead(cfg.vision.hidden_size, cfg.heads)
-        self.lm = OPTLanguageModel(lm_config, lm_layer_spec(impl, cfg.attention),
+        self.lm = OPTLanguageModel(lm_config, block_spec(lm_layer_spec(impl, cfg.attention), impl, lm_config),
                                    vocab_size=padded_vocab_size(cfg.lm, parallel.tensor_model_parallel_size),
                                    max_sequence_length=cfg.lm.max_position_embeddings,
                                    pre_process=pre_process, post_process=post_process)
@@ -105,10 +106,17 @@ class LCLModel(MegatronModule):
         return self.lm.embed(tokens, position_ids, image_embeds, index), image_features
 
     def head(self, hidden, image_sample_index, boi_positions, with_logits: bool = True):
-        """Last stage: hidden `[s, b, h]` -> (logits `[s, b, v/tp]` or None, t `[n, e]`)."""
+        """Last stage: hidden `[s, b, h]` -> (logits `[s, b, v/tp]` or None, t `[n, e]`, hidden `[s, b, h]`).
+
+        Under sequence parallelism `hidden` arrives as this rank's `[s/tp, b, h]` chunk: the output layer
+        gathers it itself (megatron-core's ColumnParallelLinear); the `<BoI>` rows are read from the
+        gathered sequence, whose backward hands each rank its own chunk's gradient (the text head runs
+        replicated over TP ranks)."""
         logits = self.lm.logits(hidden) if with_logits else None
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         boi_hidden = hidden[boi_positions, image_sample_index]  # [n, h]
-        return logits, self.text_head(boi_hidden)
+        return logits, self.text_head(boi_hidden), hidden
 
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
         """This stage's LM layers (+ final LN on the last stage): `[s, b, h]` -> `[s, b, h]`."""
@@ -122,7 +130,7 @@ class LCLModel(MegatronModule):
                with_logits: bool = True) -> LCLOutput:
         """Last stage: hidden `[s, b, h]` + v `[n, e]` of all n images -> LCLOutput. Which images enter
         L_con (the context rule) is the loss's business: `LCLBatch.image_has_context`."""
-        logits, text_features = self.head(hidden, image_sample_index, boi_positions, with_logits)
+        logits, text_features, hidden = self.head(hidden, image_sample_index, boi_positions, with_logits)
         return LCLOutput(logits=logits, image_features=image_features, text_features=text_features,
                          logit_scale=self.text_head.scale(), hidden=hidden)
 

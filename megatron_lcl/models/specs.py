@@ -20,7 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_lcl.config import ConfigError
 from megatron_lcl.models.attention import SDPAttention
-from megatron_lcl.models.layers import layer_scale_linear
+from megatron_lcl.models.layers import LayerNorm, layer_scale_linear
 
 TRANSFORMER_ENGINE = "transformer_engine"
 LOCAL = "local"
@@ -60,12 +60,30 @@ def _base_gpt_layer_spec(impl: str, attention: str = SDPA) -> ModuleSpec:
 
     if impl == TRANSFORMER_ENGINE:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec()  # core attention: DotProductAttention (unfused)
+    spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec())  # core attention: DotProductAttention
     assert attention in (SDPA, UNFUSED), f"model.attention ({attention!r}): see megatron_lcl.config.validate"
     if attention == SDPA:
-        spec = copy.deepcopy(spec)
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    # megatron-core's local norm refuses sequence parallelism; ours is the same LayerNorm, SP-ready.
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = LayerNorm
     return spec
+
+
+def block_spec(layer_spec: ModuleSpec, impl: str, config):
+    """The TransformerBlock of `layer_spec` layers with the final norm of `impl` (this pipeline stage's
+    share of `config.num_layers`).
+
+    Given only a layer spec, megatron-core 0.16 picks the final norm itself (Apex or torch's, the
+    latter refusing sequence parallelism even under Transformer Engine); here it matches the layers.
+    """
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    if impl == TRANSFORMER_ENGINE:
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        final_norm = LayerNorm
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(config),
+                                      layer_norm=final_norm)
 
 
 def lm_layer_spec(impl: str, attention: str = SDPA) -> ModuleSpec:

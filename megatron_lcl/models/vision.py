@@ -2,8 +2,7 @@
 
 import torch
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lcl.config import VisionConfig
@@ -17,7 +16,7 @@ class VisionTransformer(MegatronModule):
     The ViT is never split over pipeline stages: build it with a config whose pipeline size is 1.
     """
 
-    def __init__(self, config: TransformerConfig, vision: VisionConfig, layer_spec: ModuleSpec):
+    def __init__(self, config: TransformerConfig, vision: VisionConfig, spec: TransformerBlockSubmodules):
         super().__init__(config=config)
         assert config.pipeline_model_parallel_size == 1, "the ViT lives whole on the first pipeline stage"
         hidden = vision.hidden_size
@@ -28,7 +27,7 @@ class VisionTransformer(MegatronModule):
         self.position_embeddings = torch.nn.Parameter(torch.zeros(self.num_tokens, hidden))
         self.ln_pre = torch.nn.LayerNorm(hidden, eps=vision.layernorm_epsilon)
         # post_process=True: the block's final LayerNorm is the ViT's post-LN.
-        self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=True,
+        self.decoder = TransformerBlock(config=config, spec=spec, pre_process=True,
                                         post_process=True)
         for p in (self.class_token, self.position_embeddings):
             torch.nn.init.normal_(p, std=hidden ** -0.5)

@@ -6,7 +6,8 @@ This is the ONE place in megatron_lcl that patches torch or megatron-core. It is
 megatron-core assumes CUDA in a handful of places (measured with megatron-core 0.16.1; its other version
 adaptations are in `mcore_compat.py`):
 - the tensor-parallel RNG tracker reads and writes CUDA generator states;
-- `torch.cuda.current_device / synchronize / current_stream` are called directly;
+- `torch.cuda.current_device / synchronize / current_stream` are called directly (the first also as
+  `device=` of buffers made in autograd backward passes);
 - `device="cuda"` literals in the pipeline schedules, attention-mask helpers and buffers;
 - `param.type() == 'torch.cuda.FloatTensor'` asserts in grad clipping and the distributed optimizer.
 
@@ -79,7 +80,10 @@ def enable_cpu_runtime() -> None:
     # (not torch.manual_seed: that calls torch.cuda.manual_seed_all itself)
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     torch.cuda.manual_seed_all = lambda seed: None
-    torch.cuda.current_device = lambda: 0
+    # A device, not the index 0: megatron-core writes `device=torch.cuda.current_device()`, also in the
+    # backward of its autograd Functions (the sequence-parallel reduce-scatter), where the mode below
+    # is not active.
+    torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.current_stream = lambda device=None: _NullStream()
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
