@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megatron_lcl.config import LossConfig, ParallelConfig
 from megatron_lcl.losses import LCLLoss
@@ -106,10 +107,26 @@ def test_loss_con_gives_no_gradient_to_lm_head(model):
     assert _grads(model, "con")["text_head.proj.weight"].abs().max() > 0
 
 
-def test_lcl_total_is_weighted_sum(model):
-    terms = forward_loss(model, _batch(2), LCLLoss(LossConfig(mode="lcl", con_weight=0.1)))
-    torch.testing.assert_close(terms.loss, terms.lm_loss + 0.1 * terms.con_loss)
-    torch.testing.assert_close(terms.total.detach(), terms.loss)  # single rank: total == logged value
+def test_loss_terms_equal_plain_torch_losses(model):
+    """L_gen is plain cross-entropy over the micro-batch's text targets taken together, L_con the
+    symmetric CLIP loss over the images with context, the total their weighted sum (single rank)."""
+    batch = _batch(2)
+    terms = forward_loss(model, batch, LCLLoss(LossConfig(mode="lcl", con_weight=0.1)))
+    with torch.no_grad():
+        out = model(batch.tokens, batch.position_ids, batch.images, batch.image_sample_index,
+                    batch.boi_positions, with_logits=True)
+    logits = out.logits.transpose(0, 1).reshape(-1, out.logits.shape[-1]).float()  # [s, b, v] -> [b * s, v]
+    keep = batch.loss_mask.reshape(-1).bool()
+    lm_loss = F.cross_entropy(logits[keep], batch.labels.reshape(-1)[keep])
+    context = batch.image_has_context
+    v, t = out.image_features[context].float(), out.text_features[context].float()  # [n_con, e]
+    similarity = out.logit_scale * v @ t.t()  # [n_con, n_con], image rows
+    positives = torch.arange(v.shape[0])
+    con_loss = (F.cross_entropy(similarity, positives) + F.cross_entropy(similarity.t(), positives)) / 2
+    assert v.shape[0] >= 2 and terms.num_images == v.shape[0] and terms.num_text_tokens == keep.sum()
+    torch.testing.assert_close(terms.lm_loss, lm_loss)
+    torch.testing.assert_close(terms.con_loss, con_loss)
+    torch.testing.assert_close(terms.total.detach(), lm_loss + 0.1 * con_loss)
 
 
 def test_logit_scale_init_and_clamp(model):
