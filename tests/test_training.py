@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megatron_lcl import train as pretrain_lcl
 from megatron_lcl.checkpoint import read_metrics
@@ -83,12 +84,23 @@ def without_timing(rows: list) -> list:
 # ------------------------------------------------------------------------------------------ config
 
 def test_yaml_overrides_and_presets():
-    cfg = load_config(TINY, ["optimizer.lr=3e-4", "model.vision.preset=B/16", "model.vision.image_size=224",
-                             "checkpoint.save_interval=null", "train.exit_after_steps=5"])
+    overrides = ["optimizer.lr=3e-4", "model.vision.preset=B/16", "model.vision.image_size=224",
+                 "checkpoint.save_interval=null", "train.exit_after_steps=5"]
+    cfg = load_config(TINY, overrides)
     assert cfg.optimizer.lr == 3e-4 and isinstance(cfg.optimizer.lr, float)
     assert (cfg.model.vision.hidden_size, cfg.model.vision.num_layers, cfg.model.vision.patch_size) == (768, 12, 16)
     assert cfg.checkpoint.save_interval is None and cfg.train.exit_after_steps == 5
-    assert cfg.data.seq_length == 128  # untouched YAML value
+    # Every other value of the flat sections is what the YAML file says (data.path: one path -> a list).
+    overridden = {o.split("=")[0] for o in overrides}
+    with open(TINY) as f:
+        raw = yaml.safe_load(f)
+    untouched = {f"{section}.{key}": value for section in ("data", "train", "optimizer", "loss", "parallel",
+                                                          "precision", "logging", "checkpoint")
+                 for key, value in raw[section].items() if f"{section}.{key}" not in overridden}
+    assert len(untouched) > 20
+    for name, value in untouched.items():
+        section, key = name.split(".")
+        assert getattr(getattr(cfg, section), key) == ([value] if name == "data.path" else value), name
     # Keys given explicitly win over the preset, wherever they come from.
     cfg = load_config(TINY, ["model.vision.preset=B/16", "model.vision.patch_size=32"])
     assert (cfg.model.vision.hidden_size, cfg.model.vision.patch_size) == (768, 32)
