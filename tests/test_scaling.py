@@ -385,7 +385,6 @@ def test_report_on_synthetic_isoflop_results(tmp_path):
 
 # ------------------------------------------------------------------------------ end to end
 
-@pytest.mark.skipif(not (ROOT / "pretrain_lcl.py").exists(), reason="the training driver pretrain_lcl.py is not there yet")
 def test_two_point_sweep_end_to_end_with_the_real_driver(tmp_path):
     """Setup (synthetic corpus, tokenizer, shards) + 2 points trained by pretrain_lcl.py in subprocesses,
     results appended to the CSV; a rerun skips both."""
