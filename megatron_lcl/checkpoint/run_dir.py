@@ -10,12 +10,17 @@
 A checkpoint folder holds dist-checkpointing files and `meta.json` (step, parallel layout, config,
 train state); `latest` names the newest complete one. Writes are atomic: into `NAME.tmp/`, then
 renamed (`save_atomically`), so a crash never leaves a half-written checkpoint under its final name.
+A failure on any rank (e.g. no space left on the device) fails the save on every rank with one
+message (`agree_on_error`), and the partial `NAME.tmp/` is removed. A checkpoint whose files turn
+out unreadable or truncated at load (`check_checkpoint_files`) is renamed `NAME.broken/`: kept for
+inspection, never counted as complete, never pruned.
 """
 
 import json
 import os
+import re
 import shutil
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 CONFIG = "config.yaml"
 LAUNCHES = "launches.jsonl"
@@ -25,6 +30,17 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
 TMP_SUFFIX = ".tmp"
+BROKEN_SUFFIX = ".broken"
+_STEP_DIR = re.compile(r"step_\d+$")  # not step_N.tmp (partial) or step_N.broken (failed to load)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or loaded; raised on every rank with the same message.
+    `reason`: the first failing rank's error alone."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def run_path(run_dir: str, name: str) -> str:
@@ -54,7 +70,7 @@ def complete_checkpoints(root: str) -> List[str]:
     """The complete `step_*` checkpoints under `root` (those with meta.json), oldest first."""
     if not os.path.isdir(root):
         return []
-    names = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(TMP_SUFFIX))
+    names = sorted(d for d in os.listdir(root) if _STEP_DIR.match(d))
     return [os.path.join(root, d) for d in names if os.path.exists(os.path.join(root, d, META))]
 
 
@@ -94,27 +110,105 @@ def read_meta(ckpt: str) -> dict:
 def save_atomically(final: str, state: dict, meta_fn) -> str:
     """All ranks: write `state` with dist-checkpointing into `final.tmp/`; then rank 0 adds `meta.json`
     (`meta_fn()`) and renames the folder to `final`. `final` may only replace a checkpoint or an
-    empty folder."""
+    empty folder. A failure on any rank raises CheckpointError on every rank, after rank 0 removed
+    `final.tmp/` (it may be what filled the disk); `final`, `latest` and older checkpoints are untouched."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     tmp, rank0 = final + TMP_SUFFIX, dist.get_rank() == 0
-    if rank0:
-        _check_replaceable(final)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    dist_checkpointing.save(state, tmp)
-    dist.barrier()  # every rank's shards are written
-    if rank0:
-        with open(os.path.join(tmp, META), "w") as f:
-            json.dump(meta_fn(), f, indent=1)
-        _fsync_tree(tmp)  # on disk before the rename makes the checkpoint visible
-        if os.path.exists(final):  # saved again (e.g. at the same step): the newer one wins
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    dist.barrier()
+    try:
+        agree_on_error(lambda: rank0 and _fresh_folder(final, tmp), f"saving {final}")
+        agree_on_error(lambda: dist_checkpointing.save(state, tmp), f"saving {final}")
+        agree_on_error(lambda: rank0 and _finish(tmp, final, meta_fn), f"saving {final}")
+    except CheckpointError:
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
+
+
+def _fresh_folder(final: str, tmp: str) -> None:
+    _check_replaceable(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+
+def _finish(tmp: str, final: str, meta_fn) -> None:
+    with open(os.path.join(tmp, META), "w") as f:
+        json.dump(meta_fn(), f, indent=1)
+    _fsync_tree(tmp)  # on disk before the rename makes the checkpoint visible
+    if os.path.exists(final):  # saved again (e.g. at the same step): the newer one wins
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
+def agree_on_error(fn: Callable, what: str):
+    """Run `fn` on every rank, then agree: when it raised on any rank, raise CheckpointError on every
+    rank naming `what`, the first failing rank and its error, rather than leave the others waiting in
+    the next collective. Returns `fn`'s result."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        result, error = fn(), None
+    except (Exception, CheckpointException) as e:
+        result, error = None, f"rank {dist.get_rank()}: {_describe(e)}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e is not None]
+    if failed:
+        more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        raise CheckpointError(f"{what} failed on {failed[0]}{more}", reason=failed[0].split(": ", 1)[1])
+    return result
+
+
+def _describe(e: BaseException) -> str:
+    """One line for an error; torch's CheckpointException wraps each rank's error with its traceback."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))[0]
+    if isinstance(e, CheckpointError):
+        return str(e)
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
+def check_checkpoint_files(ckpt: str) -> None:
+    """Raise CheckpointError naming the file when a file of `ckpt` is unreadable or shorter than the
+    checkpoint's own index (`.metadata`) says: a truncated copy or a disk that filled up under it."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+
+    def read(name, fn):
+        try:
+            return fn(os.path.join(ckpt, name))
+        except Exception as e:
+            raise CheckpointError(f"{name} is unreadable ({_describe(e)})") from None
+
+    def read_json(path):
+        with open(path) as f:
+            return json.load(f)
+
+    read(META, read_json)
+    read("metadata.json", read_json)  # dist-checkpointing's own (backend, version)
+    index = read(".metadata", lambda _: FileSystemReader(ckpt).read_metadata())
+    read("common.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False))
+    needed = {}
+    for info in index.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        have = read(name, os.path.getsize)
+        if have < size:
+            raise CheckpointError(f"{name} is truncated ({have} bytes; its index, .metadata, says {size})")
+
+
+def quarantine(ckpt: str) -> str:
+    """Rename a checkpoint that failed to load to `NAME.broken` (`.broken2`, ... if taken); returns the new path."""
+    target, n = ckpt + BROKEN_SUFFIX, 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{ckpt}{BROKEN_SUFFIX}{n}"
+    os.rename(ckpt, target)
+    return target
 
 
 def _fsync_tree(folder: str) -> None:

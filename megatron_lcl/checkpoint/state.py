@@ -7,8 +7,9 @@ Layout of `run_dir/checkpoints/` (names in `run_dir.py`)::
     latest              text file naming the newest complete checkpoint ("step_00000200")
 
 A checkpoint holds the model (`sharded_state_dict`, so it reshards on load to another TP/PP), the
-optimizer (its sharded state, built from the model's), the LR scheduler, RNG states (per pipeline x
-tensor rank), the data-loader state of every data-parallel rank and the training progress (step,
+optimizer (its sharded state, built from the model's), the LR scheduler, RNG states (one per rank:
+DP ranks draw different amounts, e.g. drop-path masks for different image counts), the data-loader
+state of every data-parallel rank and the training progress (step,
 consumed samples/images/tokens, skipped-step count) in `meta.json`.
 
 Atomicity: all ranks write into `step_N.tmp/`; after a barrier rank 0 renames it to `step_N/` and
@@ -23,11 +24,14 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_lcl.checkpoint.run_dir import (checkpoint_name, prune, read_meta, remove_stale_tmp, save_atomically,
-                                             write_latest)
+from megatron_lcl.checkpoint.run_dir import (CheckpointError, agree_on_error, check_checkpoint_files,
+                                             checkpoint_name, complete_checkpoints, prune, quarantine, read_meta,
+                                             remove_stale_tmp, save_atomically, write_latest)
 from megatron_lcl.runtime import mcore_compat
 from megatron_lcl.runtime.distributed import get_rng_state, set_rng_state
 from megatron_lcl.runtime.layout import ParallelLayout
+
+RNG_KEY = "rng_state_per_rank"  # checkpoints before it kept "rng_state" per (pp, tp): re-seeded on load
 
 
 # ------------------------------------------------------------------------------------------ state
@@ -51,11 +55,11 @@ def _sharded_state(model, optimizer, scheduler, loader, layout: ParallelLayout, 
         state["optimizer"] = optimizer.sharded_state_dict(
             state["model"], is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
         state["scheduler"] = scheduler.state_dict()
-    if with_rng:  # DP replicas share RNG streams (seeded by pipeline rank): one copy per (pp, tp)
+    if with_rng:  # one per rank: DP replicas start from one seed but draw different amounts
         state["rng"] = ShardedObject(
-            "rng_state", None if is_loading else get_rng_state(),
-            (layout.pp_size, layout.tp_size),
-            (pp, tp), replica_id=dp)
+            RNG_KEY, None if is_loading else get_rng_state(),
+            (layout.pp_size, layout.tp_size, layout.dp_size),
+            (pp, tp, dp), replica_id=0)
     if with_data and loader is not None:  # TP ranks and the last stage hold copies of stage 0's loader
         state["data"] = ShardedObject(
             "data_loader", None if is_loading else loader.state_dict(),
@@ -82,22 +86,66 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, loader, m
     state = _sharded_state(model, optimizer, scheduler, loader, layout, is_loading=False,
                            optimizer_format=optimizer_format)
     final = save_atomically(os.path.join(root, name), state, lambda: dict(
-        meta, step=step, parallel=layout.sizes(), optimizer_format=optimizer_format))
-    if dist.get_rank() == 0:
-        write_latest(root, name)
-        prune(root, keep_last)
-    dist.barrier()
+        meta, step=step, parallel=layout.sizes(), optimizer_format=optimizer_format, rng=RNG_KEY))
+    agree_on_error(lambda: dist.get_rank() == 0 and (write_latest(root, name), prune(root, keep_last)),
+                   f"pointing {root}/latest at {name}")
     return final
 
 
 # ------------------------------------------------------------------------------------------ load
 
+def load_newest_loadable(found: str, model, optimizer, scheduler, loader, layout: ParallelLayout, *,
+                         fall_back: bool, own_root: bool, log=print, **load_kwargs) -> tuple:
+    """Load `found`, or, when its files are unreadable or truncated and `fall_back`, the newest older
+    complete checkpoint beside it whose files are intact. Returns (checkpoint loaded, its meta.json).
+
+    Every rank checks the files and the ranks agree (one may see a bad file the others do not). A
+    skipped checkpoint is logged once with the file and the reason; in the run's own checkpoints
+    folder (`own_root`) it is renamed `NAME.broken` (kept, never pruned, never counted as complete)
+    and `latest` is pointed at the checkpoint loaded. Errors of the load itself (e.g. a config that
+    does not match the checkpoint) are not the checkpoint's fault: they raise, nothing is renamed.
+    """
+    root, rank0 = os.path.dirname(found), dist.get_rank() == 0
+    older = [c for c in reversed(complete_checkpoints(root)) if os.path.basename(c) < os.path.basename(found)]
+    candidates = [found] + (older if fall_back else [])
+    for i, candidate in enumerate(candidates):
+        try:
+            agree_on_error(lambda: check_checkpoint_files(candidate), f"checking {candidate}")
+        except CheckpointError as e:
+            if not fall_back:
+                raise
+            renamed = agree_on_error(lambda: quarantine(candidate) if rank0 and own_root else None,
+                                     f"renaming {candidate}")
+            kept = _from_rank0(renamed)
+            nxt = os.path.basename(candidates[i + 1]) if i + 1 < len(candidates) else "none left"
+            log(f"skipped checkpoint {candidate}: {e.reason}; "
+                + (f"renamed to {os.path.basename(kept)}" if kept else "left in place") + f"; next: {nxt}")
+            continue
+        meta = agree_on_error(lambda: load_checkpoint(candidate, model, optimizer, scheduler, loader, layout,
+                                                      log=log, **load_kwargs), f"loading {candidate}")
+        if candidate != found and own_root:
+            agree_on_error(lambda: rank0 and write_latest(root, os.path.basename(candidate)),
+                           f"pointing {root}/latest at {candidate}")
+        return candidate, meta
+    raise CheckpointError(f"no checkpoint in {root} could be loaded (each skipped one is named above); "
+                          "set checkpoint.auto_resume=false to start afresh")
+
+
+def _from_rank0(obj):
+    objs = [obj]
+    dist.broadcast_object_list(objs, src=0)
+    return objs[0]
+
+
 def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, layout: ParallelLayout, *,
                     load_optimizer: bool = True, load_data_state: bool = True, log=print) -> dict:
     """Load `ckpt` into this rank's model/optimizer/scheduler/loader; returns its meta.json.
 
-    The model (and optimizer) reshard to the current TP/PP. RNG states are restored only at the
-    same TP/PP and the data-loader state only at the same DP size (else a fresh stream, logged).
+    The model (and optimizer) reshard to the current TP/PP/DP. RNG states are restored only at the
+    same TP/PP/DP (each rank its own; otherwise the ranks keep their fresh seeds, logged). The
+    data-loader state is restored at the same DP size, else the loaders continue after what the old
+    ranks read (`LCLDataLoader.continue_from`). A distributed-optimizer state in the dp_reshardable
+    format loads at another DP size but not at another TP/PP (a clear error).
     """
     meta = read_meta(ckpt)
     if meta.get("weights_only"):  # written by save_weights / convert_from_hf: model alone
@@ -108,20 +156,26 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, layout: Para
     saved, now = meta["parallel"], layout.sizes()
     same_mp = all(saved[k] == now[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size"))
     same_dp = saved["data_parallel_size"] == now["data_parallel_size"]
-    if not same_mp:
+    same_rng = same_mp and same_dp and meta.get("rng") == RNG_KEY
+    if not same_mp or not same_dp:
         log(f"checkpoint {ckpt} was saved at {saved}; resharding to {now} (RNG states re-seeded)")
+    elif not same_rng:
+        log(f"checkpoint {ckpt} holds no per-rank RNG states (an older format): RNG states re-seeded")
     fmt = meta["optimizer_format"]
     if load_optimizer and not same_mp and fmt == "dp_reshardable" and _uses_distributed_optimizer(optimizer):
         raise ValueError(
             f"{ckpt} holds a distributed-optimizer state in the dp_reshardable format, which loads only "
             f"at the TP/PP it was saved at ({saved}); set checkpoint.load_optimizer=false to load the "
             "model alone (fresh optimizer), or save with checkpoint.optimizer_format=fully_reshardable (GPU)")
-    if load_data_state and not same_dp:
-        log(f"data-parallel size changed ({saved['data_parallel_size']} -> {now['data_parallel_size']}): "
-            "the data loader starts a fresh stream")
     state = _sharded_state(model, optimizer, scheduler, loader, layout, is_loading=True,
-                           with_optimizer=load_optimizer, with_rng=same_mp,
+                           with_optimizer=load_optimizer, with_rng=same_rng,
                            with_data=load_data_state and same_dp, optimizer_format=fmt)
+    if load_data_state and not same_dp and loader is not None:  # every old DP rank's loader state
+        log(f"data-parallel size changed ({saved['data_parallel_size']} -> {now['data_parallel_size']}): "
+            "the data loaders continue with the shards no old rank had opened")
+        old_dp = saved["data_parallel_size"]
+        state["data_old"] = {str(i): ShardedObject("data_loader", None, (old_dp,), (i,), replica_id=0)
+                             for i in range(old_dp)}
     state = dist_checkpointing.load(state, ckpt)
     model.load_state_dict(state["model"])
     if load_optimizer:
@@ -133,4 +187,6 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, layout: Para
         set_rng_state(state["rng"])
     if "data" in state and loader is not None:
         loader.load_state_dict(state["data"])
+    if "data_old" in state:
+        loader.continue_from([state["data_old"][str(i)] for i in range(len(state["data_old"]))])
     return meta

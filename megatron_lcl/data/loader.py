@@ -23,6 +23,14 @@ decoding, cheap) and rotates worker ids so the next batch comes from the worker 
 The state is only valid for the same data, seed, dp_rank/dp_size, num_workers, batch size and sequence
 settings (checked on load).
 
+Another data-parallel size (a job requeued on fewer or more nodes): `continue_from(old states)`. Each
+reader's state records where it reads (epoch, shard). A shard that some old reader had opened counts
+as read; the shards of that epoch no old reader had opened are split among the new readers (the same
+rule as above), then the epochs continue with the new split. Nothing is read twice; what is lost is
+the unread rest of the opened shards (at most one shard plus the shuffle buffer per old reader, and
+the rest of an epoch's share of readers that had finished theirs are not re-read either). Slot
+cursors start at 0; skip and source counters carry over (summed onto DP rank 0).
+
 Weighted blends (`data.path: [0.5, /data/laion, 0.5, /data/mmc4]`, Megatron's convention). Each source
 keeps its own shards, DP split, shuffle, epochs and packer: one document stream per source and reader.
 A reader's slot k takes its next sample from the source drawn by the k-th draw of a generator seeded
@@ -136,8 +144,10 @@ def find_blend(data_path: Sequence) -> tuple:
 class _WorkerStream:
     """The deterministic sample stream of one reader (one worker of one DP rank)."""
 
-    def __init__(self, cfg: LoaderConfig, logical_worker: int):
+    def __init__(self, cfg: LoaderConfig, logical_worker: int, unread: Optional[dict] = None):
         self.cfg = cfg
+        self.unread = unread or {}  # {tag: {epoch: shard names}} after a DP-size change (continue_from)
+        self.read_position = {}  # {tag: [epoch, shard name]}: the shard this reader is reading
         self.worker = logical_worker
         self.reader = cfg.dp_rank * cfg.logical_workers + logical_worker
         self.num_readers = cfg.dp_size * cfg.logical_workers
@@ -150,20 +160,25 @@ class _WorkerStream:
         all; a blend source passes its own, and its `tag` keeps its seeds apart)."""
         cfg = self.cfg
         shards = cfg.shards if shards is None else shards
-        for epoch in count():
-            order = list(shards)
-            random.Random(f"{cfg.data.seed}{tag}-shards-{epoch}").shuffle(order)
-            split_by_shard = len(order) >= self.num_readers
-            mine = order[self.reader::self.num_readers] if split_by_shard else order
+        unread = self.unread.get(tag, {})
+        for epoch in count(min(unread, default=0)):
+            order = epoch_order(shards, f"{cfg.data.seed}{tag}", epoch, unread)
+            mine, split_by_shard = reader_shards(order, self.reader, self.num_readers)
             rng = random.Random(f"{cfg.data.seed}{tag}-buffer-{epoch}-{self.reader}")
             seen = 0
-            for shard, sample in _shuffled(self._read(mine, split_by_shard), cfg.data.shuffle_buffer, rng):
+            for shard, sample in _shuffled(self._tracked(self._read(mine, split_by_shard), tag, epoch),
+                                           cfg.data.shuffle_buffer, rng):
                 seen += 1
                 yield epoch, shard, sample
-            if seen == 0 and epoch == 0:
+            if seen == 0 and epoch == 0 and not unread:
                 raise RuntimeError(
                     f"DP rank {cfg.dp_rank} worker {self.worker} got no documents from "
                     f"{len(shards)} shard(s){tag and ' of blend source ' + tag[1:]}; use fewer readers (dp_size x num_workers = {self.num_readers})")
+
+    def _tracked(self, items: Iterator[tuple], tag: str, epoch: int) -> Iterator[tuple]:
+        for name, sample in items:
+            self.read_position[tag] = [epoch, name]
+            yield name, sample
 
     def _read(self, shards: List[str], split_by_shard: bool) -> Iterator[tuple]:
         index = 0
@@ -215,7 +230,8 @@ class _WorkerStream:
         packers, slots = {}, 0
         usable = {}  # epoch -> documents that passed, to fail loudly rather than spin on unusable data
         for epoch, shard, raw in self.documents(shards, tag):
-            if epoch > 0 and not usable.get(epoch - 1):
+            cut = self.unread.get(tag, {})  # epochs a DP-size change cut short may give this reader nothing
+            if epoch > min(cut, default=0) and epoch - 1 not in cut and not usable.get(epoch - 1):
                 raise RuntimeError(f"DP rank {cfg.dp_rank} worker {self.worker}: no usable document in a "
                                    f"whole epoch of its data; skipped:\n{self.skips.summary()}")
             where = f"{shard}:{raw.get('__key__', '?')}"
@@ -280,11 +296,55 @@ class _WorkerStream:
                 batch = collate([s for s, _, _ in pending], [i for _, i, _ in pending], self.ids,
                                 self.cfg.image_size, self.cfg.num_image_tokens)
                 meta = {"worker": self.worker, "cursor": slot, "skips": self.skips.state_dict(),
+                        "read_position": {k: list(v) for k, v in self.read_position.items()},
                         "origins": [s.origins for s, _, _ in pending],
                         "sources": [name for _, _, name in pending if name is not None]}
                 self.skips = SkipCounter()
                 pending = []
                 yield batch, meta
+
+
+def epoch_order(shards: Sequence[str], seed: str, epoch: int, unread: dict) -> List[str]:
+    """The shards of `epoch` in their seeded order; only the `unread` ones of an epoch a DP-size change cut."""
+    order = list(shards)
+    random.Random(f"{seed}-shards-{epoch}").shuffle(order)
+    if epoch in unread:
+        keep = set(unread[epoch])
+        order = [s for s in order if os.path.basename(s) in keep]
+    return order
+
+
+def reader_shards(order: List[str], reader: int, num_readers: int) -> tuple:
+    """(the shards `reader` reads, whether it reads them whole): its own shards when there are at
+    least as many as readers, else all of them (keeping every num_readers-th document)."""
+    split_by_shard = len(order) >= num_readers
+    return (order[reader::num_readers] if split_by_shard else order), split_by_shard
+
+
+def unread_shards(cfg: LoaderConfig, old_states: List[dict]) -> dict:
+    """{tag: {epoch: unread shard names}} from the states of every DP rank of another DP size: per
+    epoch between the slowest and the furthest old reader, the shards no old reader had opened."""
+    old = old_states[0]["config"]
+    old_readers = old["dp_size"] * max(old["num_workers"], 1)
+    positions = [p for state in old_states for p in state["read_positions"]]  # reader = dp * workers + w
+    before = old_states[0].get("unread", {})
+    sources = [(f"-{b.name}", b.shards) for b in cfg.blend] if cfg.blend else [("", cfg.shards)]
+    result = {}
+    for tag, shards in sources:
+        at = [p.get(tag, [min(before.get(tag, {}), default=0), None]) for p in positions]
+        result[tag] = {}
+        for epoch in range(min(e for e, _ in at), max(e for e, _ in at) + 1):
+            order = [os.path.basename(s) for s in
+                     epoch_order(shards, f"{cfg.data.seed}{tag}", epoch, before.get(tag, {}))]
+            opened = set()
+            for reader, (reader_epoch, name) in enumerate(at):
+                mine, _ = reader_shards(order, reader, old_readers)
+                if epoch < reader_epoch:
+                    opened.update(mine)
+                elif epoch == reader_epoch and name is not None:
+                    opened.update(mine[:mine.index(name) + 1])
+            result[tag][epoch] = [s for s in order if s not in opened]
+    return result
 
 
 def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -329,14 +389,14 @@ def collate(samples: List[BuiltSample], images: List[List[torch.Tensor]], ids: S
 
 
 class _StreamDataset(IterableDataset):
-    def __init__(self, cfg: LoaderConfig, cursors: List[int], rotation: int):
-        self.cfg, self.cursors, self.rotation = cfg, cursors, rotation
+    def __init__(self, cfg: LoaderConfig, cursors: List[int], rotation: int, unread: dict):
+        self.cfg, self.cursors, self.rotation, self.unread = cfg, cursors, rotation, unread
 
     def __iter__(self):
         info = get_worker_info()
         physical = info.id if info is not None else 0
         logical = (physical + self.rotation) % self.cfg.logical_workers
-        stream = _WorkerStream(self.cfg, logical)
+        stream = _WorkerStream(self.cfg, logical, self.unread)
         return stream.batches(start_slot=self.cursors[logical])
 
 
@@ -359,10 +419,13 @@ class LCLDataLoader:
         self.skips = SkipCounter()
         self.source_samples = {b.name: 0 for b in cfg.blend}  # blend only: samples handed out per source
         self.last_batch_origins: List[List[str]] = []  # per sample: the "shard:key"s it was built from
+        self.read_positions = [{} for _ in range(cfg.logical_workers)]  # per worker: {tag: [epoch, shard]}
+        self.unread = {}  # after a DP-size change: {tag: {epoch: shard names}} (see continue_from)
 
     def __iter__(self) -> Iterator[LCLBatch]:
         cfg = self.cfg
-        dataset = _StreamDataset(cfg, list(self.cursors), self.batches_consumed % cfg.logical_workers)
+        dataset = _StreamDataset(cfg, list(self.cursors), self.batches_consumed % cfg.logical_workers,
+                                 self.unread)
         # Our randomness is all seeded explicitly; a private generator keeps torch's DataLoader from
         # drawing its worker base seed from (and so moving) the training process's global RNG.
         # Workers ignore stop signals: a job-wide SIGTERM must not kill them before the rank's last
@@ -373,6 +436,7 @@ class LCLDataLoader:
                             worker_init_fn=ignore_stop_signals, pin_memory=pin_memory_enabled())
         for batch, meta in loader:
             self.cursors[meta["worker"]] = meta["cursor"]
+            self.read_positions[meta["worker"]] = meta["read_position"]
             received = SkipCounter()
             received.load_state_dict(meta["skips"])
             self.skips.merge(received)
@@ -395,6 +459,8 @@ class LCLDataLoader:
             "version": STATE_VERSION,
             "batches_consumed": self.batches_consumed,
             "cursors": list(self.cursors),
+            "read_positions": [dict(p) for p in self.read_positions],
+            "unread": self.unread,
             "skips": self.skips.state_dict(),
             **({"source_samples": dict(self.source_samples)} if self.cfg.blend else {}),
             "config": self.cfg.fingerprint(),
@@ -412,8 +478,28 @@ class LCLDataLoader:
         self.batches_consumed = state["batches_consumed"]
         self.cursors = list(state["cursors"])
         self.skips.load_state_dict(state["skips"])
+        self.read_positions = [dict(p) for p in state.get("read_positions", self.read_positions)]
+        self.unread = state.get("unread", {})
         if self.cfg.blend:
             self.source_samples = dict(state["source_samples"])
+
+    def continue_from(self, old_states: List[dict]) -> None:
+        """Continue after what the loaders of another data-parallel size read: `old_states` are their
+        `state_dict()`s, by DP rank (see the module docstring for what is skipped, nothing repeats)."""
+        mine, saved = self.cfg.fingerprint(), old_states[0]["config"]
+        diffs = [f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in {**mine, **saved}
+                 if k not in ("dp_rank", "dp_size") and saved.get(k) != mine.get(k)]
+        if diffs or "read_positions" not in old_states[0]:
+            raise ValueError("the saved data loader states cannot be continued at another data-parallel size "
+                             "(" + ("; ".join(diffs) or "saved before read positions were recorded") + ")")
+        self.unread = unread_shards(self.cfg, old_states)
+        if self.cfg.dp_rank == 0:  # the counters of everything read so far, once
+            for state in old_states:
+                old = SkipCounter()
+                old.load_state_dict(state["skips"])
+                self.skips.merge(old)
+                for name, n in state.get("source_samples", {}).items():
+                    self.source_samples[name] += n
 
 
 def build_loader(data: DataConfig, *, image_size: int, num_image_tokens: int, dp_rank: int = 0,

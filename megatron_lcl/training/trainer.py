@@ -141,9 +141,12 @@ class Trainer:
             if c.load:
                 raise FileNotFoundError(f"checkpoint.load ({c.load}) holds no checkpoint yet")
             return
-        meta = ckpt.load_checkpoint(found, self.model, self.optimizer, self.scheduler, self.loader, self.layout,
-                                    load_optimizer=c.load_optimizer, load_data_state=c.load_data_state,
-                                    log=log0)
+        # From a checkpoints folder (not one named step_* folder): fall back past unreadable checkpoints.
+        fall_back = os.path.realpath(found) != os.path.realpath(path)
+        own_root = os.path.realpath(os.path.dirname(found)) == os.path.realpath(self.checkpoint_root)
+        found, meta = ckpt.load_newest_loadable(
+            found, self.model, self.optimizer, self.scheduler, self.loader, self.layout, fall_back=fall_back,
+            own_root=own_root, load_optimizer=c.load_optimizer, load_data_state=c.load_data_state, log=log0)
         self.state = TrainState(**meta.get("train_state", {}))  # weights-only: start at step 0
         self._last_saved_step = self.state.step
         log0(f"resumed from {found} at step {self.state.step}")

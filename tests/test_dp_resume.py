@@ -1,0 +1,74 @@
+"""A run continues at another data-parallel size (a job requeued on fewer or more nodes): DP 1 -> 2 and
+DP 2 -> 1, with the distributed optimizer (dp_reshardable on CPU).
+
+The DP=1 halves run in this process (world size 1), the DP=2 halves in ONE torchrun launch of
+tests/dist/dp_checks.py. Checked: the model and optimizer state after the load equal those saved
+(layout-independent sums), training goes on from the saved step, and the data position continues:
+no document is read twice, and the new ranks read only shards no old rank had opened.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+from multirank import DIST_DIR, run_torchrun
+from test_training import build_corpus
+
+sys.path.insert(0, str(DIST_DIR))
+import dp_checks  # noqa: E402  (tests/dist holds the helpers the DP=2 launch shares)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_rendezvous_env():
+    """In-process runs set RANK/WORLD_SIZE/MASTER_* in os.environ; the torchrun launch must not inherit them."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def run_here(out, run: str, steps: int) -> dict:
+    """One DP=1 run in this process (then its process group is torn down)."""
+    from megatron_lcl.runtime import destroy_distributed
+
+    try:
+        return dp_checks.recorded_run(dp_checks.dp_resume_config(str(out), run, f"train.train_steps={steps}"))
+    finally:
+        destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp_resume")
+    build_corpus(out)
+    dp1 = run_here(out, "dp1", 3)
+    run_torchrun("dp_checks.py", 2, out, timeout_s=400)
+    dist_results = json.loads((out / "dp_checks.json").read_text())
+    shutil.copytree(out / "dp2", out / "down")
+    down = run_here(out, "down", 6)
+    return {"dp1": dp1, "up": dist_results["up"], "dp2": dist_results["down"], "down": down}
+
+
+def shards(origins) -> set:
+    return {o.split(":")[0] for o in origins}
+
+
+@pytest.mark.parametrize("before, after", [("dp1", "up"), ("dp2", "down")])
+def test_training_continues_at_another_data_parallel_size(results, before, after):
+    saved, loaded = results[before], results[after]
+    assert loaded["start"]["step"] == 3
+    assert loaded["start"]["params"] == pytest.approx(saved["end"]["params"], rel=1e-12)
+    assert loaded["start"]["moments"] == pytest.approx(saved["end"]["moments"], rel=1e-12)
+    assert saved["end"]["moments"] > 0
+    assert len(saved["consumed"]) == len(loaded["consumed"]) == 12  # 3 steps x global batch 4
+    # The data position: nothing twice, and only shards no old rank had opened after the change.
+    everything = saved["consumed"] + loaded["consumed"]
+    assert len(set(everything)) == len(everything)
+    assert not shards(saved["consumed"]) & shards(loaded["consumed"])
