@@ -5,7 +5,7 @@ Validation of these sections lives in `megatron_lcl.config.validate`.
 """
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,27 @@ class ParallelConfig:
     # The ViT runs without it: its token count (1 + patches, 257 for L/14) need not divide by TP.
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # ---- Performance knobs (docs/training.md "Performance knobs"; megatron-core's names). Each gives
+    # the same losses and gradients as its default (tests/test_perf_knobs.py): less memory or more overlap.
+    # Activation recomputation, applied to the ViT's and the LM's TransformerBlock alike:
+    # - selective: recompute `recompute_modules` in backward (core_attn: the [b, heads, s, s] attention
+    #   scores/probs/dropout, the large activation at long sequences);
+    # - full: keep only the input of each chunk of layers and recompute the chunk in backward.
+    #   `uniform`: every layer, in chunks of `recompute_num_layers` (must divide each block's layers);
+    #   `block`: only the first `recompute_num_layers` layers of each block (the ViT's, and the LM's on
+    #   each pipeline stage), the rest keep their activations.
+    # Dropout and drop-path masks are redrawn identically (megatron-core restores the RNG states).
+    recompute_granularity: Optional[str] = None  # null | selective | full
+    recompute_method: Optional[str] = None  # full only: uniform | block
+    recompute_num_layers: Optional[int] = None  # full only
+    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])  # selective only
+    # DDP: start each bucket's gradient all-reduce (reduce-scatter with the distributed optimizer) while
+    # the backward of the step's last micro-batch is still running, instead of after it.
+    overlap_grad_reduce: bool = False
+    bucket_size: Optional[int] = None  # parameters per bucket (overlap_grad_reduce only); null: max(40M, 1M x DP)
+    # Distributed optimizer: all-gather the updated parameters bucket by bucket during the next forward
+    # (forward pre-hooks) instead of at the end of the optimizer step. Needs overlap_grad_reduce (buckets).
+    overlap_param_gather: bool = False
 
 
 @dataclass
@@ -198,6 +219,10 @@ def build_transformer_config(section, parallel: ParallelConfig, *, init_method_s
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
+        recompute_granularity=parallel.recompute_granularity,  # see ParallelConfig
+        recompute_method=parallel.recompute_method,
+        recompute_num_layers=parallel.recompute_num_layers,
+        recompute_modules=list(parallel.recompute_modules),
     )
     if pipeline_split and pp > 1:
         kwargs.update(num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,

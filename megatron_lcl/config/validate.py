@@ -20,6 +20,12 @@ PACKINGS = ("auto", "truncate", "concat", "pack")
 LOSS_MODES = ("lcl", "gen", "con")
 CONTRASTIVE_BATCHES = ("step", "micro_batch")
 VISION_ACTIVATIONS = ("gelu", "quick_gelu")
+RECOMPUTE_GRANULARITIES = ("selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+# Of megatron-core 0.16.1's selective modules only core_attn works here: "layernorm" always takes the
+# Transformer Engine path (`CheckpointWithoutOutput.fp8 = fp8 is not None`, True for False), and "mlp"
+# hands the local fc2's bias Parameter out of the checkpoint (its backward then recurses without end).
+RECOMPUTE_MODULES = ("core_attn",)
 
 
 class ConfigError(ValueError):
@@ -58,6 +64,7 @@ def config_errors(cfg: LCLConfig, world_size: Optional[int] = None, check_files:
     `check_files`, also that the data and tokenizer files exist (on the machine that runs it)."""
     errors = model_config_errors(cfg.model, cfg.parallel, cfg.precision, cfg.data.seq_length)
     errors += _run_errors(cfg)
+    errors += _overlap_loss_errors(cfg)
     if world_size is not None:
         errors += _batch_errors(cfg, world_size)
     if check_files:
@@ -72,6 +79,7 @@ def model_config_errors(model: ModelConfig, parallel: ParallelConfig,
     errors = _width_errors(model, parallel.tensor_model_parallel_size)
     errors += _parallel_errors(parallel)
     errors += _pipeline_split_errors(model.lm.num_layers, parallel)
+    errors += _perf_knob_errors(model, parallel)
     v, lm = model.vision, model.lm
 
     def need(cond, msg):
@@ -155,6 +163,59 @@ def _pipeline_split_errors(num_layers: int, parallel: ParallelConfig) -> List[st
                 f"num_layers_in_first_pipeline_stage ({first}) and num_layers_in_last_pipeline_stage "
                 f"({last}) must divide evenly over the remaining {rest_stages} of "
                 f"parallel.pipeline_model_parallel_size ({pp}) stages"]
+    return []
+
+
+def _perf_knob_errors(model: ModelConfig, parallel: ParallelConfig) -> List[str]:
+    """Activation recomputation and DDP overlap (ParallelConfig's performance knobs)."""
+    p, errors = parallel, []
+    granularity, method, n = p.recompute_granularity, p.recompute_method, p.recompute_num_layers
+    if granularity not in (None,) + RECOMPUTE_GRANULARITIES:
+        errors.append(f"parallel.recompute_granularity ({granularity!r}) must be null, selective or full")
+    if granularity == "full":
+        if method not in RECOMPUTE_METHODS or n is None or n < 1:
+            errors.append(f"parallel.recompute_granularity=full needs parallel.recompute_method uniform or "
+                          f"block (got {method!r}) and parallel.recompute_num_layers >= 1 (got {n!r})")
+        elif method == "uniform":
+            blocks = {"model.vision.num_layers": [model.vision.num_layers],
+                      "the model.lm.num_layers of each pipeline stage": _lm_stage_layers(model.lm.num_layers, p)}
+            errors += [f"parallel.recompute_method=uniform recomputes chunks of parallel.recompute_num_layers "
+                       f"({n}) layers: it must divide {where} ({layers})"
+                       for where, layers in blocks.items() if any(k % n for k in layers)]
+    elif method is not None or n is not None:
+        errors.append(f"parallel.recompute_method ({method!r}) and parallel.recompute_num_layers ({n!r}) "
+                      f"apply to parallel.recompute_granularity=full only (it is {granularity!r}); leave them null")
+    if granularity == "selective":
+        unknown = [m for m in p.recompute_modules if m not in RECOMPUTE_MODULES]
+        if unknown or not p.recompute_modules:
+            errors.append(f"parallel.recompute_modules ({p.recompute_modules}) must be a non-empty list of "
+                          f"{', '.join(RECOMPUTE_MODULES)}")
+    if p.bucket_size is not None and (not p.overlap_grad_reduce or p.bucket_size < 1):
+        errors.append(f"parallel.bucket_size ({p.bucket_size}) must be >= 1 and needs "
+                      "parallel.overlap_grad_reduce=true (megatron-core uses one bucket without it)")
+    if p.overlap_param_gather and not (p.use_distributed_optimizer and p.overlap_grad_reduce):
+        errors.append("parallel.overlap_param_gather needs parallel.use_distributed_optimizer=true and "
+                      "parallel.overlap_grad_reduce=true (the parameters are gathered per gradient bucket)")
+    return errors
+
+
+def _lm_stage_layers(num_layers: int, parallel: ParallelConfig) -> List[int]:
+    """LM layers on each pipeline stage (as `_pipeline_split_errors` accepts the split)."""
+    pp, first, last = (parallel.pipeline_model_parallel_size, parallel.num_layers_in_first_pipeline_stage,
+                       parallel.num_layers_in_last_pipeline_stage)
+    ends = [k for k in (first, last) if k is not None]
+    rest_stages = pp - len(ends)
+    if rest_stages == 0:
+        return ends
+    return ends + [(num_layers - sum(ends)) // rest_stages]
+
+
+def _overlap_loss_errors(cfg: LCLConfig) -> List[str]:
+    """megatron-core's overlapped reduce starts a bucket when every parameter in it has its gradient,
+    and waits for that at the end of the step: every parameter must get one in every step."""
+    if cfg.parallel.overlap_grad_reduce and cfg.loss.mode != "lcl":
+        return [f"parallel.overlap_grad_reduce needs loss.mode=lcl: with loss.mode={cfg.loss.mode} some heads "
+                "get no gradient, and megatron-core's overlapped reduce waits for every parameter's"]
     return []
 
 

@@ -6,6 +6,10 @@ option, and cosine (or linear) decay after a linear warmup (`OptimizerParamSched
 Weight decay: none on biases and on parameters with fewer than 2 dimensions (norms, layer-scale, the
 class/position/query tokens and the 0-D `logit_scale`, as open_clip). megatron-core's default rule
 (`len(shape) == 1`) would decay the 0-D temperature, so the rule is given as an override.
+
+With `parallel.overlap_param_gather` the step updates this rank's shard only; the other shards reach
+the model in the next forward pass (DDP's forward pre-hooks). `sync_params` gathers them at once,
+for whatever reads the weights outside a forward pass (saving a checkpoint).
 """
 
 import math
@@ -32,8 +36,16 @@ def build_optimizer(ddp_model, cfg: OptimizerConfig, parallel: ParallelConfig, p
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad, decoupled_weight_decay=True,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
+        overlap_param_gather=parallel.overlap_param_gather,  # as DDP's (megatron-core wants both)
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32)
     return get_megatron_optimizer(mcore_cfg, [ddp_model], config_overrides=no_weight_decay_overrides())
+
+
+def sync_params(ddp_model) -> None:
+    """Finish the parameter all-gather that `overlap_param_gather` defers to the next forward pass, so
+    every rank holds the updated weights now. A no-op without it (the step gathered them already)."""
+    if ddp_model.ddp_config.overlap_param_gather:
+        ddp_model.start_param_sync(force_sync=True)
 
 
 def build_scheduler(optimizer, cfg: OptimizerConfig, train: TrainConfig) -> OptimizerParamScheduler:

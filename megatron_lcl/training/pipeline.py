@@ -44,10 +44,19 @@ from megatron_lcl.runtime.layout import ParallelLayout
 
 
 def wrap_ddp(model: LCLModel, parallel: ParallelConfig) -> DistributedDataParallel:
-    """megatron-core DDP (grads reduced in fp32, over the DP group), wired into the schedule."""
+    """megatron-core DDP (grads reduced in fp32, over the DP group), wired into the schedule.
+
+    The schedule runs all micro-batches but the last under `no_sync` and ends with `finalize_model_grads`
+    (`ddp.finish_grad_sync`): without `parallel.overlap_grad_reduce` the whole reduce happens there; with
+    it, each bucket's reduce starts from the backward hooks of the last micro-batch and is only waited
+    for there. With `parallel.overlap_param_gather` the parameters are all-gathered by forward pre-hooks
+    (see `megatron_lcl.training.optim.sync_params`).
+    """
     ddp = DistributedDataParallel(
         model.config, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.use_distributed_optimizer),
+            grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.use_distributed_optimizer,
+            overlap_grad_reduce=parallel.overlap_grad_reduce, bucket_size=parallel.bucket_size,
+            overlap_param_gather=parallel.overlap_param_gather),
         model)
     model.config.no_sync_func = ddp.no_sync
     model.config.finalize_model_grads_func = finalize_model_grads

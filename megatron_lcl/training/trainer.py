@@ -31,7 +31,7 @@ from megatron_lcl.models.flops import count_parameters_by_group, throughput_metr
 from megatron_lcl.runtime import device, initialize_distributed, to_device
 from megatron_lcl.training.metrics import MetricsWriter, ProgressLine, singular_value_stats
 from megatron_lcl.training.optim import (build_optimizer, build_scheduler, clamp_logit_scale, current_lr,
-                                         drop_path_rate_at)
+                                         drop_path_rate_at, sync_params)
 from megatron_lcl.training.pipeline import PipelineShape, step_forward_backward, uses_feature_pass, wrap_ddp
 from megatron_lcl.training.signals import StopRequest
 
@@ -348,6 +348,7 @@ class Trainer:
     def save(self) -> None:
         if self.state.step == self._last_saved_step:
             return
+        sync_params(self.ddp)  # overlap_param_gather: the shards other ranks updated, before they are saved
         meta = {"train_state": asdict(self.state), "config": section_to_dict(self.cfg)}
         path = ckpt.save_checkpoint(self.checkpoint_root, self.state.step, self.model, self.optimizer,
                                     self.scheduler, self.loader, meta, self.cfg.checkpoint.keep_last,
