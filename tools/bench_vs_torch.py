@@ -16,6 +16,7 @@ of each model fits and times both at the largest that fits both.
 """
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -166,20 +167,29 @@ def fits(step, cfg, args, micro_batch: int, device) -> bool:
     """Whether one step at `micro_batch` runs without running out of accelerator memory."""
     try:
         timed(step, make_batch(cfg, args, micro_batch, device), device)
-        return True
-    except torch.cuda.OutOfMemoryError:
-        return False
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        ok = True
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or cuBLAS failing to allocate its workspace
+        if "out of memory" not in str(e) and "ALLOC_FAILED" not in str(e):
+            raise
+        ok = False
+    gc.collect()  # the failed step's tensors, before handing their memory back
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ok
 
 
-def largest_micro_batch(step, cfg, args, device) -> int:
-    """Double the micro-batch from 1 while a step fits (up to --max-micro-batch); 0 if none fits."""
-    best, micro_batch = 0, 1
-    while micro_batch <= args.max_micro_batch and fits(step, cfg, args, micro_batch, device):
-        best, micro_batch = micro_batch, micro_batch * 2
-    return best
+def largest_micro_batches(steps: dict, cfg, args, device) -> dict:
+    """{name: the largest power-of-two micro-batch (<= --max-micro-batch) whose step fits; 0 if none}.
+    The models take turns at each size, so each search runs with the other's optimizer state resident."""
+    largest, growing, micro_batch = {name: 0 for name in steps}, set(steps), 1
+    while growing and micro_batch <= args.max_micro_batch:
+        for name in sorted(growing):
+            if fits(steps[name], cfg, args, micro_batch, device):
+                largest[name] = micro_batch
+            else:
+                growing.discard(name)
+        micro_batch *= 2
+    return largest
 
 
 def measure_matmul_peak(device, dtype: torch.dtype) -> float:
@@ -241,8 +251,7 @@ def main(argv=None) -> dict:
     ours, twin = OursStep(cfg, args, dev), TwinStep(cfg, args, dev)
     micro_batch, largest = int(args.micro_batch) if args.micro_batch != "auto" else 0, {}
     if not micro_batch:
-        largest = {"megatron_lcl": largest_micro_batch(ours, cfg, args, dev),
-                   "torch_twin": largest_micro_batch(twin, cfg, args, dev)}
+        largest = largest_micro_batches({"megatron_lcl": ours, "torch_twin": twin}, cfg, args, dev)
         micro_batch = min(largest.values())
         assert micro_batch > 0, f"not even micro-batch 1 fits: {largest}"
     peak = args.peak or measure_matmul_peak(dev, DTYPES[args.dtype])

@@ -115,7 +115,7 @@ def install_wheels(wheels: str, site: str) -> dict:
     missing = [w for w in files if not _installed(os.path.basename(w).split("-")[0])]
     if missing:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        "--no-cache-dir", "--upgrade", "--target", site, *missing],
+                        "--no-cache-dir", "--upgrade", "--root-user-action=ignore", "--target", site, *missing],
                        check=True, timeout=BUDGET_S["install"])
     return {"installed": [os.path.basename(w) for w in missing],
             "already_present": [os.path.basename(w) for w in files if w not in missing], "site": site}
