@@ -34,7 +34,7 @@ def test_micro_batch_with_an_imageless_dp_rank_is_counted(results):
     assert results["reference"]["terms"][2]["num_images"] == 3
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS + ["tp2_pp2_dp2_step"])  # _step: reduce-scattered, then gathered
 def test_gradients_equal_single_rank(results, layout):
     ref, got = results["reference"]["grads"], results[layout]["grads"]
     assert ref.keys() == got.keys()
@@ -54,8 +54,12 @@ def test_uneven_split_puts_fewer_layers_on_the_first_stage(results):
 
 def test_distributed_optimizer_step_equals_reference_step(results):
     """TP2 x PP2 x DP2 with megatron-core's distributed optimizer (clip 1.0, AdamW, wd on >=2-D
-    weights only) gives the weights a hand-written single-process AdamW step gives."""
+    weights only) gives the weights a hand-written single-process AdamW step gives, from the same
+    gradients (test_gradients_equal_single_rank) and the same global gradient norm."""
     ref, got = results["reference"], results["tp2_pp2_dp2_step"]["updated"]
+    grad_norm = results["tp2_pp2_dp2_step"]["grad_norm"]
+    assert grad_norm == pytest.approx(float(ref["grad_norm"]), rel=1e-5)
+    assert ref["grad_norm"] > 1.0  # so clipping (to 1.0) was active in both
     assert ref["updated"].keys() == got.keys()
     for name, expected in ref["updated"].items():
         # Adam divides by |g| + eps: elements whose gradient is ~0 (e.g. attention key biases, which
@@ -64,7 +68,6 @@ def test_distributed_optimizer_step_equals_reference_step(results):
         torch.testing.assert_close(got[name][well_conditioned], expected[well_conditioned],
                                    atol=1e-6, rtol=1e-5, msg=name)
     assert all(torch.isfinite(t).all() for t in got.values())
-    assert results["tp2_pp2_dp2_step"]["grad_norm"] > 1.0  # so clipping was active in both
 
 
 STEP_KEYS = ("loss", "lm_loss", "con_loss", "con_top1", "num_images", "con_batch")

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.distributed.param_and_grad_buffer import shard_buffer
 
 from common import collect_full, load_full_weights, mark_done, parse_out_dir, save_rank0, tiny_model_config
 from megatron_lcl.config import LossConfig, OptimizerConfig, ParallelConfig, PrecisionConfig
@@ -55,7 +56,7 @@ def reference(out):
     # The step megatron-core's optimizer should take: clip to global norm 1, AdamW, no decay on
     # biases and on params with fewer than 2 dims (norms, layer-scale, logit_scale).
     params = dict(model.named_parameters())
-    torch.nn.utils.clip_grad_norm_(params.values(), OPT["clip_grad"])
+    grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), OPT["clip_grad"])  # the norm before clipping
     decayed = {n for n, p in params.items() if p.dim() >= 2 and not n.endswith(".bias")}
     decay = [p for n, p in params.items() if n in decayed]
     no_decay = [p for n, p in params.items() if n not in decayed]
@@ -64,8 +65,18 @@ def reference(out):
                              betas=(OPT["adam_beta1"], OPT["adam_beta2"]), eps=OPT["adam_eps"])
     adam.step()
     updated = {n: p.detach().clone() for n, p in model.named_parameters()}
-    save_rank0({"terms": terms, "grads": grads, "updated": updated}, out, "reference.pt")
+    save_rank0({"terms": terms, "grads": grads, "updated": updated, "grad_norm": grad_norm}, out, "reference.pt")
     return weights
+
+
+def gather_reduced_grad_shards(ddp) -> None:
+    """With the distributed optimizer, megatron-core reduce-scatters each bucket's gradients: a DP rank
+    holds the reduced values of its own shard only. All-gather the shards so main_grad is whole."""
+    for group in ddp.bucket_groups:
+        pg, size = group.intra_distributed_optimizer_instance_group, group.intra_distributed_optimizer_instance_size
+        for bucket in group.buckets:
+            shards = list(shard_buffer(bucket.grad_data, size))
+            dist.all_gather(shards, shards[pg.rank()].clone(), group=pg)
 
 
 def reference_step_contrastive(out):
@@ -128,6 +139,8 @@ def run_layout(weights, tp, pp, distributed_optimizer, out, name, first_stage_la
     result = {}
     result["first_stage_lm_layers"] = len(model.lm.decoder.layers) if ps.is_pipeline_first_stage() else None
     if optimizer is not None:
+        gather_reduced_grad_shards(ddp)
+        result["grads"] = collect_full(ddp, tp_group, "main_grad")  # what the step is taken with
         ok, grad_norm, _ = optimizer.step()
         result["updated"] = collect_full(ddp, tp_group, "param")
         result["grad_norm"] = grad_norm
