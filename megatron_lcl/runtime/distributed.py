@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_lcl.config import ParallelConfig
+from megatron_lcl.config import ConfigError, ParallelConfig
 from megatron_lcl.runtime.layout import ParallelLayout
 
 
@@ -55,7 +55,7 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> Non
     world = dist.get_world_size()
     model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
     if world % model_parallel != 0:
-        raise ValueError(
+        raise ConfigError(
             f"world size ({world}) must be divisible by parallel.tensor_model_parallel_size "
             f"({parallel.tensor_model_parallel_size}) x parallel.pipeline_model_parallel_size "
             f"({parallel.pipeline_model_parallel_size})")
