@@ -21,7 +21,8 @@ TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "tiny_cpu.yaml")
 # (setting, the default it must equal)
 PAIRS = [("selective", "reference"), ("full_uniform", "reference"), ("full_block", "reference"),
-         ("overlap_grad", "reference"), ("distopt_overlap_param", "distopt_overlap_grad")]
+         ("overlap_grad", "reference"), ("distopt_overlap_param", "distopt_overlap_grad"),
+         ("pp2_knobs", "pp2_reference")]
 STAT_KEYS = ("loss", "lm_loss", "con_loss", "con_top1", "grad_norm")
 
 
@@ -38,9 +39,10 @@ def _assert_equal(expected: dict, actual: dict, what: str):
         torch.testing.assert_close(actual[name], expected[name], atol=0, rtol=0, msg=f"{what} {name}")
 
 
-def test_reference_trains_every_parameter(results):
-    """Every parameter has a gradient and moved, so the comparisons below cover all of them."""
-    ref = results["reference"]
+@pytest.mark.parametrize("default", ["reference", "pp2_reference"])
+def test_reference_trains_every_parameter(results, default):
+    """Every parameter (of every rank) has a gradient and moved, so the comparisons cover all of them."""
+    ref = results[default]
     assert not [n for n, g in ref["main_grads"].items() if g.abs().max() == 0]
     assert not [n for n in ref["params"] if torch.equal(ref["params"][n], ref["initial"][n])]
     assert all(s["loss"] > 1.0 and s["grad_norm"] > 1.0 for s in ref["stats"])  # clipping at 1.0 is active
@@ -72,6 +74,7 @@ def test_recompute_settings_recompute_what_they_say(results):
     assert set(_calls(results["full_uniform"], "layer").values()) == {12}
     first = {n for n in ref if n.endswith("layers.0")}  # block, 1 layer: the first of the ViT and the LM
     assert first == {"vision.decoder.layers.0", "lm.decoder.layers.0"}
+    assert set(_calls(results["pp2_knobs"], "layer").values()) == {12}  # stage 0: ViT + 2 LM layers
     assert {n: 12 if n in first else 8 for n in ref} == _calls(results["full_block"], "layer")
 
 

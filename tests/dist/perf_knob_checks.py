@@ -13,6 +13,8 @@ first step and from the backward hooks after it.
     overlap_grad          overlap_grad_reduce, bucket_size 3000 (several buckets)
     distopt_overlap_grad  distributed optimizer + overlap_grad_reduce, bucket_size 3000
     distopt_overlap_param ... + overlap_param_gather
+    pp2_reference         PP=2 (DP=1): v_i carried between stages through megatron-core's 1F1B schedule
+    pp2_knobs             PP=2 with full uniform recompute and overlap_grad_reduce (bucket_size 3000)
 
 Writes OUT/<variant>.pt (rank 0) for tests/test_perf_knobs.py to compare.
 """
@@ -48,6 +50,9 @@ VARIANTS = {
     "overlap_grad": BUCKET,
     "distopt_overlap_grad": DISTOPT,
     "distopt_overlap_param": dict(overlap_param_gather=True, **DISTOPT),
+    "pp2_reference": dict(pipeline_model_parallel_size=2),
+    "pp2_knobs": dict(pipeline_model_parallel_size=2, recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=2, **BUCKET),
 }
 
 
@@ -66,11 +71,12 @@ class InMemoryTrainer(Trainer):
 
 
 def run_config(out: str, name: str, knobs: dict) -> LCLConfig:
+    dp_size = 2 // knobs.get("pipeline_model_parallel_size", 1)
     return LCLConfig(
         model=CFG, parallel=ParallelConfig(**knobs), loss=LossConfig(contrastive_batch="step"),
         data=DataConfig(path=["in-memory"], tokenizer="in-memory", seq_length=SEQ,
                         micro_batch_size=MICRO_BATCH_SIZE),
-        train=TrainConfig(global_batch_size=MICRO_BATCH_SIZE * MICRO_BATCHES * 2, train_steps=STEPS,
+        train=TrainConfig(global_batch_size=MICRO_BATCH_SIZE * MICRO_BATCHES * dp_size, train_steps=STEPS,
                           drop_path_ramp_steps=0),
         optimizer=OptimizerConfig(lr=1e-3, warmup_steps=0),
         logging=LoggingConfig(console=False, tensorboard=False),
@@ -91,12 +97,19 @@ def count_forward_calls(model) -> dict:
     return counts
 
 
+def on_every_rank(local: dict) -> dict:
+    """{"rank<r>/<name>": tensor} of every rank (DP replicas, or the pipeline stages' own parameters)."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    return {f"rank{r}/{n}": t for r, d in enumerate(everyone) for n, t in d.items()}
+
+
 def params(model) -> dict:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return on_every_rank({n: p.detach().clone() for n, p in model.named_parameters()})
 
 
 def main_grads(model) -> dict:
-    return {n: p.main_grad.detach().clone() for n, p in model.named_parameters()}
+    return on_every_rank({n: p.main_grad.detach().clone() for n, p in model.named_parameters()})
 
 
 def max_over_ranks(value: float) -> float:
