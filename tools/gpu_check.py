@@ -45,14 +45,16 @@ TAIL_CHARS = 3000
 REFERENCE = "a_reference.pt"  # (a): the CPU run's weights, batch, losses and gradients
 
 
-class PartTimeout(Exception):
-    pass
-
-
 class PartFailed(Exception):
+    """A child process of the part failed; `output` is what it printed."""
+
     def __init__(self, message: str, output: str = ""):
         super().__init__(message)
         self.output = output
+
+
+class PartTimeout(PartFailed):
+    """The part ran past its time budget (its processes were killed)."""
 
 
 # ------------------------------------------------------------------------------------ processes
@@ -77,7 +79,7 @@ class Runner:
             os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
             output, _ = proc.communicate()
             self._log(what, cmd, output, "killed at the time budget")
-            raise PartTimeout(f"{what} ran past the part's time budget") from None
+            raise PartTimeout(f"{what} ran past the part's time budget", output) from None
         self._log(what, cmd, output, f"exit {proc.returncode}")
         if proc.returncode != 0:
             last = next((line for line in reversed(output.splitlines()) if line.strip()), "")
@@ -210,10 +212,9 @@ def run_part(runner: Runner, part: str) -> dict:
     try:
         result = PART_FUNCTIONS[part](runner)
         status = result.pop("status", None) or ("passed" if result.get("passed") else "failed")
-    except PartTimeout as e:
-        result, status = {"error": str(e)}, "timeout"
     except PartFailed as e:
-        result, status = {"error": str(e), "output_tail": e.output[-TAIL_CHARS:]}, "failed"
+        status = "timeout" if isinstance(e, PartTimeout) else "failed"
+        result = {"error": str(e), "output_tail": e.output[-TAIL_CHARS:]}
     except Exception as e:  # a part's own bug must not lose the other parts' results
         result, status = {"error": f"{type(e).__name__}: {e}"}, "failed"
     return dict(result, status=status, elapsed_s=round(time.monotonic() - start, 1), budget_s=budget_s)
@@ -232,10 +233,19 @@ def summary_markdown(report: dict) -> str:
     lines = [f"# gpu_check: {report['device_name']}", "",
              f"{report['started']}, torch {report.get('torch', '?')}, device `{report['device']}`"
              + (", --small" if report["small"] else ""), "",
-             "| part | status | result | seconds |", "| --- | --- | --- | --- |"]
+             *setup_lines(report["setup"]), "| part | status | result | seconds |", "| --- | --- | --- | --- |"]
     for part, r in report["parts"].items():
         lines.append(f"| {part} {PART_NAMES[part]} | {r['status']} | {part_line(part, r)} | {r['elapsed_s']} |")
     return "\n".join(lines) + "\n"
+
+
+def setup_lines(setup: dict) -> list:
+    if not setup:
+        return []
+    if "error" in setup:
+        return [f"wheels: **not installed**: {setup['error']}", ""]
+    return [f"wheels installed into {setup['site']}: {', '.join(setup['installed']) or 'none'}; already "
+            f"present: {', '.join(setup['already_present']) or 'none'}", ""]
 
 
 def part_line(part: str, r: dict) -> str:
@@ -439,8 +449,12 @@ def main(argv=None) -> int:
     args.work = args.work or tempfile.mkdtemp(prefix="gpu_check_")
     os.makedirs(args.work, exist_ok=True)
     report = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "small": args.small, "parts": {}}
-    setup = install_wheels(args.wheels, args.site) if args.wheels else {}
+    try:
+        setup = install_wheels(args.wheels, args.site) if args.wheels else {}
+    except (OSError, subprocess.SubprocessError) as e:  # recorded; the parts then say what is missing
+        setup = {"error": f"--wheels {args.wheels}: {type(e).__name__}: {e}", "site": args.site}
     report.update(environment(args), setup=setup)
+    write_report(args.out, report)
     runner = Runner(args, child_env(args, setup.get("site")))
     for part in args.parts.split(","):
         print(f"[gpu_check] part {part} ({PART_NAMES[part]}), budget {args.budget_s[part]} s ...", flush=True)
