@@ -33,8 +33,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # worker processes import megatron_lcl from the working tree
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # on every child's PYTHONPATH
 
 PARTS = ("a", "b", "c", "d")
 PART_NAMES = {"a": "equivalence", "b": "training", "c": "benchmark", "d": "te"}
