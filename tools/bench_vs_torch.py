@@ -11,8 +11,9 @@ One process builds both models: megatron_lcl's (`build_model`, megatron-core DDP
 (sequence positions), model TFLOP/s (`megatron_lcl.models.flops.step_flops`) and MFU against `--peak`
 or a matmul peak measured in the same run, and the ratio ours / twin of images/s. FLOPs per sample
 are also counted by torch's FlopCounterMode on both models, so the two provably do the same work.
-Figures, not a test. On a GPU machine, `CUDA_VISIBLE_DEVICES=` runs the CPU case. `--micro-batch auto` (the CUDA default) doubles the micro-batch while a step
-of each model fits and times both at the largest that fits both.
+Figures, not a test. On a GPU machine, `CUDA_VISIBLE_DEVICES=` runs the CPU case. `--micro-batch auto`
+(the CUDA default) doubles the micro-batch while a step of each model fits (the two take turns) and
+times both at the largest that fits both.
 """
 
 import argparse
@@ -116,9 +117,9 @@ class TwinStep:
         self.loss_cfg, optim = LossConfig(), OptimizerConfig(lr=1e-4)
         self.flops_counted = count_flops(lambda batch: self.loss(batch)["total"], cfg, args, device)
         self.twin.zero_grad(set_to_none=True)
-        self.optimizer = torch.optim.AdamW(self.twin.parameters(), lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
-                                           eps=optim.adam_eps, weight_decay=optim.weight_decay,
-                                           fused=device.type == "cuda")
+        self.optimizer = torch.optim.AdamW(self.twin.parameters(), lr=optim.lr,
+                                           betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps,
+                                           weight_decay=optim.weight_decay, fused=device.type == "cuda")
         self.clip_grad = optim.clip_grad
 
     def loss(self, batch):
