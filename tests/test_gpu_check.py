@@ -81,3 +81,15 @@ def test_a_part_out_of_time_keeps_the_others_results(tmp_path):
     assert a["elapsed_s"] < 30  # the reference process was killed at the budget, not waited for
     assert d["status"] == "skipped"
     assert "| a equivalence | timeout |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_equivalence_measure_sees_a_difference():
+    import torch
+    from gpu_check import TOLERANCE, compare
+
+    ref_grads = {"a": torch.tensor([3.0, 4.0]), "b": torch.ones(4)}
+    grads = {"a": torch.tensor([3.0, 4.0 + 5e-3]), "b": torch.ones(4)}  # |diff| / |ref| = 5e-3 / 5
+    r = compare({"total": 2.0004}, grads, {"total": 2.0}, ref_grads, "cuda:0")
+    assert r["loss_rel_diff"]["total"] == pytest.approx(2e-4)
+    assert r["grad_max_rel_diff"] == pytest.approx(1e-3, rel=1e-4) and r["grad_worst_parameter"] == "a"
+    assert r["grad_max_rel_diff"] > TOLERANCE
