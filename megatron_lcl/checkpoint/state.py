@@ -30,6 +30,7 @@ from megatron_lcl.checkpoint.run_dir import (CheckpointError, agree_on_error, ch
 from megatron_lcl.runtime import mcore_compat
 from megatron_lcl.runtime.distributed import get_rng_state, set_rng_state
 from megatron_lcl.runtime.layout import ParallelLayout
+from megatron_lcl.runtime.signals import shielded_from_stop_signals
 
 RNG_KEY = "rng_state_per_rank"  # checkpoints before it kept "rng_state" per (pp, tp): re-seeded on load
 
@@ -85,8 +86,9 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, loader, m
         remove_stale_tmp(root)
     state = _sharded_state(model, optimizer, scheduler, loader, layout, is_loading=False,
                            optimizer_format=optimizer_format)
-    final = save_atomically(os.path.join(root, name), state, lambda: dict(
-        meta, step=step, parallel=layout.sizes(), optimizer_format=optimizer_format, rng=RNG_KEY))
+    with shielded_from_stop_signals():  # the writer processes megatron-core starts outlive a job-wide stop
+        final = save_atomically(os.path.join(root, name), state, lambda: dict(
+            meta, step=step, parallel=layout.sizes(), optimizer_format=optimizer_format, rng=RNG_KEY))
     agree_on_error(lambda: dist.get_rank() == 0 and (write_latest(root, name), prune(root, keep_last)),
                    f"pointing {root}/latest at {name}")
     return final
