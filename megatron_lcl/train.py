@@ -8,7 +8,10 @@ The run directory gets the resolved `config.yaml`, `metrics.jsonl`, `tensorboard
 `checkpoints/`. A rerun with the same run_dir resumes from its latest checkpoint; `--load DIR`
 starts from another run's checkpoint (any TP/PP). SIGTERM/SIGUSR1: save and exit 0.
 Exit status: 0 finished, stopped by a signal or by train.exit_after_steps; 1 diverged (non-finite
-loss); 2 invalid configuration (the message names the fields).
+loss); 2 invalid configuration (the message names the fields). torchrun's agent exits 1 whenever a
+rank fails or it was signalled, so with $LCL_EXIT_STATUS_FILE set rank 0 also writes "<exit status>
+<reason>" there ("0 preempted", "2 config_error", ...): examples/pretrain_lcl.sh exits with that
+status and requeues the slurm job after "0 preempted".
 """
 
 import argparse
@@ -18,7 +21,8 @@ import sys
 from megatron_lcl.config import ConfigError, config_to_yaml, load_config, validate_config
 from megatron_lcl.runtime.mcore_compat import filter_known_warnings
 
-EXIT_CODES = {"completed": 0, "exit_after_steps": 0, "preempted": 0, "diverged": 1}
+EXIT_CODES = {"completed": 0, "exit_after_steps": 0, "preempted": 0, "diverged": 1, "config_error": 2}
+EXIT_STATUS_FILE_ENV = "LCL_EXIT_STATUS_FILE"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,8 +46,7 @@ def main(argv=None) -> int:
         else:  # the world torchrun launched, before any process group is built on it
             validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), check_files=True)
     except ConfigError as e:
-        print(f"config error ({args.config or 'defaults'}): {e}", file=sys.stderr)
-        return 2
+        return config_error(args, e)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
@@ -52,13 +55,26 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(cfg).setup()
     except ConfigError as e:
-        print(f"config error ({args.config or 'defaults'}): {e}", file=sys.stderr)
-        return 2
+        return config_error(args, e)
     try:
         status = trainer.train()
     finally:
         trainer.close()
-    return EXIT_CODES[status]
+    return report_exit(status)
+
+
+def config_error(args: argparse.Namespace, error: ConfigError) -> int:
+    print(f"config error ({args.config or 'defaults'}): {error}", file=sys.stderr)
+    return report_exit("config_error")
+
+
+def report_exit(reason: str) -> int:
+    """The exit status for `reason`; rank 0 also writes it to $LCL_EXIT_STATUS_FILE when set."""
+    code, path = EXIT_CODES[reason], os.environ.get(EXIT_STATUS_FILE_ENV)
+    if path and os.environ.get("RANK", "0") == "0":
+        with open(path, "w") as f:
+            f.write(f"{code} {reason}\n")
+    return code
 
 
 def run(argv=None) -> None:
