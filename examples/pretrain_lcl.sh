@@ -1,28 +1,34 @@
 #!/usr/bin/env bash
 # Launch LCL pre-training: `sbatch` on a slurm cluster, or plain `bash` on one machine.
 #
-#   sbatch --nodes=8 examples/pretrain_lcl.sh examples/configs/vit_b16_opt125m_mmc4.yaml \
-#       data.path=/data/mmc4_prepared data.tokenizer=/data/tokenizer/lcl.model
+#   sbatch --nodes=8 --gpus-per-node=8 examples/pretrain_lcl.sh \
+#       examples/configs/vit_b16_opt125m_mmc4.yaml data.path=/data/mmc4_prepared data.tokenizer=/data/tokenizer/lcl.model
 #   NPROC=2 bash examples/pretrain_lcl.sh examples/configs/tiny_cpu.yaml      # local, 2 processes
 #
 # Under slurm, `srun` starts one torchrun per node (rendezvous on the first node); torchrun starts
-# GPUS_PER_NODE ranks. Preemption / time limit: 120 s before the limit slurm sends SIGUSR1 to this
-# batch shell (`B:`), which forwards it to the training step; torchrun passes it on to every rank
-# (--signals-to-handle), each finishes its step, the checkpoint is saved, ranks exit 0, and this
-# script requeues the job, which resumes from run_dir/checkpoints (checkpoint.auto_resume).
-# `scancel --signal=TERM` or a preemption SIGTERM take the same path. Without slurm: NPROC local
-# processes (GPUs if present, else CPU + gloo). Arguments after the config are overrides.
+# NPROC ranks per node (default: the node's GPUs, 1 without GPUs; `NPROC=4 sbatch ...` sets it) on
+# all the node's CPUs (--exclusive). Arguments after the config are overrides.
+#
+# Stopping: a stop signal (SIGUSR1 or SIGTERM) may reach any process of the job: this batch shell
+# (`--signal=B:USR1@120` before the time limit, `scancel --batch --signal=...`), the training step
+# (`scancel --signal=...`, whose processes all get it), or everything (`scontrol requeue`, `scancel`,
+# preemption). The shell forwards what it gets to the step; torchrun forwards what it gets to the
+# ranks (--signals-to-handle, waiting SHUTDOWN_S before SIGKILL); each rank finishes its step, saves
+# and exits 0, with its helper processes kept alive until then (megatron_lcl/runtime/signals.py).
+# Rank 0 writes its exit status to $LCL_EXIT_STATUS_FILE (torchrun's own is 1 after a signal or a
+# failed rank): after "0 preempted" this script requeues the job (a cancelled job stays cancelled),
+# which resumes from run_dir/checkpoints; otherwise it exits with the driver's status (2: config
+# error) or, without one, srun's/torchrun's, so a crashed run ends FAILED.
 #
 #SBATCH --job-name=lcl-pretrain
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=96
 #SBATCH --time=24:00:00
 #SBATCH --signal=B:USR1@120
+#SBATCH --exclusive
 #SBATCH --requeue
-#SBATCH --output=logs/%x-%j.out
-#SBATCH --error=logs/%x-%j.err
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
 set -euo pipefail
 
 CONFIG=${1:?usage: pretrain_lcl.sh CONFIG.yaml [section.key=value ...]}
@@ -32,36 +38,57 @@ PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 cd "$ROOT"
 mkdir -p logs
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-# torchrun forwards these to its ranks and gives them SHUTDOWN_S to save before SIGKILL.
+export LCL_EXIT_STATUS_FILE=$ROOT/logs/exit-status-${SLURM_JOB_ID:-local-$$}
+rm -f "$LCL_EXIT_STATUS_FILE"
+NPROC=${NPROC:-${SLURM_GPUS_ON_NODE:-$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)}}
 TORCHRUN_ARGS="--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=${SHUTDOWN_S:-600}"
 
+forward() {  # forward() SIGNAL: pass a stop signal on to the training processes
+  echo "SIG$1: asking the ranks to save and stop"
+  if [ -n "${SLURM_JOB_ID:-}" ]; then scancel --signal="$1" "$SLURM_JOB_ID.0" || true
+  else kill -s "$1" "${TRAIN_PID:-}" 2>/dev/null || true; fi
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+
 if [ -n "${SLURM_JOB_ID:-}" ]; then
-  GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-  echo "job $SLURM_JOB_ID: $SLURM_NNODES node(s) x $GPUS_PER_NODE GPU(s), rendezvous $MASTER_ADDR:$MASTER_PORT"
-  STOP_SIGNAL=""
-  trap 'STOP_SIGNAL=USR1; echo "SIGUSR1: asking the ranks to save and stop"; scancel --signal=USR1 "$SLURM_JOB_ID.$STEP_ID"' USR1
-  trap 'STOP_SIGNAL=TERM; scancel --signal=TERM "$SLURM_JOB_ID.$STEP_ID"' TERM
-  STEP_ID=0
-  # Single quotes: SLURM_NODEID is expanded per node inside srun.
-  srun --kill-on-bad-exit=1 bash -c '
+  echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s) x $NPROC rank(s), rendezvous $MASTER_ADDR:$MASTER_PORT"
+  # Step 0 of the job. Single quotes: SLURM_NODEID is expanded per node inside srun.
+  srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" bash -c '
     exec "$0" -m torch.distributed.run $4 \
       --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" --nproc_per_node="$1" \
       --rdzv_backend=c10d --rdzv_endpoint="$2:$3" --rdzv_id="$SLURM_JOB_ID" \
       pretrain_lcl.py --config "${@:5}"' \
-    "$PYTHON" "$GPUS_PER_NODE" "$MASTER_ADDR" "$MASTER_PORT" "$TORCHRUN_ARGS" "$CONFIG" "$@" &
-  SRUN_PID=$!
-  # `wait` returns early when a trapped signal arrives: keep waiting for the ranks to save and exit.
-  while ! wait "$SRUN_PID"; do kill -0 "$SRUN_PID" 2>/dev/null || break; done
-  if [ -n "$STOP_SIGNAL" ]; then
-    echo "stopped by SIG$STOP_SIGNAL after saving; requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
-  fi
+    "$PYTHON" "$NPROC" "$MASTER_ADDR" "$MASTER_PORT" "$TORCHRUN_ARGS" "$CONFIG" "$@" &
 else
-  NPROC=${NPROC:-$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)}
   echo "local: $NPROC process(es)"
   # shellcheck disable=SC2086
-  exec "$PYTHON" -m torch.distributed.run $TORCHRUN_ARGS --standalone --nproc_per_node="$NPROC" \
-    pretrain_lcl.py --config "$CONFIG" "$@"
+  "$PYTHON" -m torch.distributed.run $TORCHRUN_ARGS --standalone --nproc_per_node="$NPROC" \
+    pretrain_lcl.py --config "$CONFIG" "$@" &
 fi
+TRAIN_PID=$!
+# `wait` also returns when a trapped signal arrives: keep waiting until the training has exited.
+while true; do
+  wait "$TRAIN_PID" && LAUNCHER_STATUS=0 || LAUNCHER_STATUS=$?
+  kill -0 "$TRAIN_PID" 2>/dev/null || break
+done
+STATUS=$LAUNCHER_STATUS REASON="no exit status from rank 0"
+[ -f "$LCL_EXIT_STATUS_FILE" ] && read -r STATUS REASON < "$LCL_EXIT_STATUS_FILE"
+rm -f "$LCL_EXIT_STATUS_FILE"
+if [ "$STATUS $REASON" = "0 preempted" ]; then
+  if [ -n "${SLURM_JOB_ID:-}" ]; then
+    echo "stopped by a signal after saving; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" || echo "job $SLURM_JOB_ID was not requeued (cancelled, or requeued already)"
+  else
+    echo "stopped by a signal after saving; rerun the same command to resume"
+  fi
+  exit 0
+fi
+if [ "$STATUS" != 0 ] || [ "$LAUNCHER_STATUS" != 0 ]; then
+  [ "$STATUS" != 0 ] || STATUS=$LAUNCHER_STATUS
+  echo "training failed: exit status $STATUS ($REASON; launcher exit $LAUNCHER_STATUS)" >&2
+fi
+exit "$STATUS"

@@ -1,0 +1,129 @@
+"""Preemption as a user or a scheduler does it: the stop signal goes to the torchrun AGENT, which
+signals each rank's whole process group (rank, DataLoader worker, megatron-core's checkpoint
+writer processes). The run must still finish its step, save it, keep the older checkpoints and
+resume from it; and the launcher reports the driver's exit status (0 after a preemption save, 2 for
+a config error) although torchrun's agent exits 1 in both cases.
+
+Two 2-rank launches of the tiny model (DataLoader workers on, a save every 10 steps so the writer
+processes exist before the signal): plain torchrun + SIGTERM to the agent, then
+examples/pretrain_lcl.sh on the same run_dir (resumes) + SIGUSR1 to its torchrun agent.
+loss.mode=gen: with contrastive terms this tiny corpus hits a ragged-image-count hang at step 14
+(rank without context images skips the contrastive gather's backward all-reduce), unrelated here.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_lcl.checkpoint import read_metrics
+from megatron_lcl.runtime.distributed import free_port
+from test_training import build_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+SAVE_INTERVAL = 10
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("preempt_data")
+    build_corpus(root)
+    return root
+
+
+def overrides(data_root: Path, run_dir: Path) -> list:
+    return [f"run_dir={run_dir}", f"data.path={data_root / 'shards'}",
+            f"data.tokenizer={data_root / 'tokenizer' / 'lcl.model'}", "data.seq_length=64",
+            "data.micro_batch_size=2", "data.num_workers=1", "data.shuffle_buffer=8",
+            "train.global_batch_size=4", "train.train_steps=400", "optimizer.warmup_steps=2",
+            "loss.mode=gen", "logging.log_interval=1", f"checkpoint.save_interval={SAVE_INTERVAL}",
+            "checkpoint.keep_last=3"]
+
+
+def env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
+
+
+def last_step(run_dir: Path) -> int:
+    rows = read_metrics(str(run_dir), missing_ok=True)
+    return rows[-1]["step"] if rows else 0
+
+
+def signal_at_step(proc: subprocess.Popen, pid: int, sig: int, run_dir: Path, step: int, timeout_s=400) -> str:
+    """Send `sig` to `pid` once run_dir has logged `step`; returns the launch's output after it exits."""
+    deadline = time.time() + timeout_s
+    while last_step(run_dir) < step:
+        assert proc.poll() is None, f"the run exited ({proc.returncode}) before step {step}:\n{proc.stdout.read()}"
+        assert time.time() < deadline, f"step {step} not reached in {timeout_s} s"
+        time.sleep(0.2)
+    os.kill(pid, sig)
+    output, _ = proc.communicate(timeout=timeout_s)
+    return output
+
+
+def torchrun_agent_of(script_pid: int) -> int:
+    """The torchrun process examples/pretrain_lcl.sh started (its only child)."""
+    for _ in range(100):
+        children = Path(f"/proc/{script_pid}/task/{script_pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.1)
+    raise AssertionError("examples/pretrain_lcl.sh started no torchrun")
+
+
+def checkpoints(run_dir: Path) -> list:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+
+
+def launches(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "launches.jsonl").read_text().splitlines()]
+
+
+def test_stop_signal_to_the_torchrun_agent_saves_and_resumes(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    # 1) plain torchrun (the README's command); SIGTERM to the agent once step 25 is logged.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(ROOT / "pretrain_lcl.py"), "--config", str(ROOT / "examples/configs/tiny_cpu.yaml"),
+           *overrides(data_root, run_dir)]
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = signal_at_step(agent, agent.pid, signal.SIGTERM, run_dir, 25)
+    stopped = last_step(run_dir)  # the step the ranks were at: they finish it, then save it
+    assert stopped >= 25
+    assert agent.returncode == 1, output[-3000:]  # torchrun's agent exits 1 after a signal (torch's choice)
+    assert f"stop signal (SIGTERM) received: saved step {stopped}" in output, output[-3000:]
+    assert "BrokenPipeError" not in output and "DataLoader worker" not in output, output[-3000:]
+    kept = [f"step_{s:08d}" for s in (10, 20, stopped) if s <= stopped]
+    assert checkpoints(run_dir) == sorted(set(kept))  # older saves kept, no step_*.tmp left behind
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
+
+    # 2) the launcher on the same run_dir resumes from that step; SIGUSR1 to its torchrun agent.
+    script = subprocess.Popen(["bash", "examples/pretrain_lcl.sh", "examples/configs/tiny_cpu.yaml",
+                               *overrides(data_root, run_dir)], cwd=ROOT, env=dict(env(), NPROC="2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = signal_at_step(script, torchrun_agent_of(script.pid), signal.SIGUSR1, run_dir, stopped + 5)
+    assert launches(run_dir)[-1]["start_step"] == stopped
+    resumed_rows = [r["step"] for r in read_metrics(str(run_dir))]
+    assert resumed_rows.count(stopped + 1) == 1 and resumed_rows.count(stopped) == 1  # no step redone
+    second = last_step(run_dir)
+    assert script.returncode == 0, output[-3000:]  # the launcher reports rank 0's "0 preempted"
+    assert f"stop signal (SIGUSR1) received: saved step {second}" in output, output[-3000:]
+    assert "stopped by a signal after saving" in output
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{second:08d}"
+    expected = sorted({f"step_{s:08d}" for s in range(SAVE_INTERVAL, second + 1, SAVE_INTERVAL)} |
+                      {f"step_{stopped:08d}", f"step_{second:08d}"})[-3:]
+    assert checkpoints(run_dir) == expected
+
+
+def test_config_error_exits_2_through_the_launcher(tmp_path):
+    """The ranks exit 2, torchrun's agent 1; examples/pretrain_lcl.sh exits 2 with the message."""
+    proc = subprocess.run(["bash", "examples/pretrain_lcl.sh", "examples/configs/tiny_cpu.yaml",
+                           f"run_dir={tmp_path / 'run'}", "parallel.tensor_model_parallel_size=3"],
+                          cwd=ROOT, env=dict(env(), NPROC="2"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "tensor_model_parallel_size" in proc.stderr and "config error" in proc.stderr
+    assert "training failed: exit status 2 (config_error; launcher exit 1)" in proc.stderr
