@@ -96,14 +96,28 @@ class LCLModel(MegatronModule):
 
     def embed(self, tokens, position_ids, images, image_sample_index, boi_positions):
         """First stage: -> (decoder input `[s, b, h]`, v `[n, e]` for all n images)."""
-        image_embeds, index, image_features = None, None, None
-        if images.shape[0] > 0:
-            latents, image_features = self.encode_images(images)
-            image_embeds = self.projector(latents).flatten(0, 1)  # [n, M, h] -> [n*M, h]
-            index = image_token_index(image_sample_index, boi_positions, self.num_image_tokens)
-        else:
-            image_features = images.new_zeros((0, self.image_head.proj.out_features))
+        if images.shape[0] == 0:
+            return self._embed_without_images(tokens, position_ids, images)
+        latents, image_features = self.encode_images(images)
+        image_embeds = self.projector(latents).flatten(0, 1)  # [n, M, h] -> [n*M, h]
+        index = image_token_index(image_sample_index, boi_positions, self.num_image_tokens)
         return self.lm.embed(tokens, position_ids, image_embeds, index), image_features
+
+    def _embed_without_images(self, tokens, position_ids, images):
+        """A micro-batch without images still runs the image path, on one blank image whose outputs
+        enter the LM input and v with weight 0 (as Megatron-LM's multimodal models do).
+
+        So every rank runs the same backward whatever its data: the image path's parameters get their
+        (zero) gradients at the same point of the backward as with images (DDP's overlapped gradient
+        buckets are reduced in the same order on every rank), the data-parallel gather of L_con sees v
+        in the graph on every rank, and dropout/drop-path draw the same numbers in the feature pass and
+        the training pass of `loss.contrastive_batch=step`.
+        """
+        latents = self.vision(images.new_zeros((1,) + tuple(images.shape[1:])))  # [1, M, h_v]
+        # forward(), not __call__: no hooks, so monitors of v (the collapse monitor) never see the blank.
+        image_features = self.image_head.forward(latents)[:0]  # [0, e]
+        hidden = self.lm.embed(tokens, position_ids)
+        return hidden + 0.0 * self.projector(latents).sum().to(hidden.dtype), image_features
 
     def head(self, hidden, image_sample_index, boi_positions, with_logits: bool = True):
         """Last stage: hidden `[s, b, h]` -> (logits `[s, b, v/tp]` or None, t `[n, e]`, hidden `[s, b, h]`).

@@ -57,8 +57,13 @@ VARIANTS = {
 
 
 def local_batches(dp_rank: int) -> list:
-    """This rank's micro-batches of every step, in order (different per step, micro-batch and rank)."""
-    return [random_batch(IMAGES[mb], seq_length=SEQ, num_image_tokens=M, image_size=CFG.vision.image_size,
+    """This rank's micro-batches of every step, in order (different per step, micro-batch and rank).
+
+    DP rank 1's last micro-batch of the last step holds no image: the image path then gets no real
+    gradient there, yet every rank must run the same backward (the L_con gather, the DDP buckets)."""
+    def images(step, mb):
+        return [[], []] if (dp_rank, step, mb) == (1, STEPS - 1, MICRO_BATCHES - 1) else IMAGES[mb]
+    return [random_batch(images(step, mb), seq_length=SEQ, num_image_tokens=M, image_size=CFG.vision.image_size,
                          vocab_size=CFG.lm.vocab_size, seed=100 * step + 10 * mb + dp_rank)
             for step in range(STEPS) for mb in range(MICRO_BATCHES)]
 
