@@ -16,8 +16,8 @@
 # ranks (--signals-to-handle, waiting SHUTDOWN_S before SIGKILL); each rank finishes its step, saves
 # and exits 0, with its helper processes kept alive until then (megatron_lcl/runtime/signals.py).
 # Rank 0 writes its exit status to $LCL_EXIT_STATUS_FILE (torchrun's own is 1 after a signal or a
-# failed rank): after "0 preempted" this script requeues the job (a cancelled job stays cancelled),
-# which resumes from run_dir/checkpoints; otherwise it exits with the driver's status (2: config
+# failed rank): after "0 preempted" this script requeues a job that is still RUNNING (a cancelled job
+# stays cancelled; `scontrol requeue` requeues by itself), which resumes from run_dir/checkpoints; otherwise it exits with the driver's status (2: config
 # error) or, without one, srun's/torchrun's, so a crashed run ends FAILED.
 #
 #SBATCH --job-name=lcl-pretrain
@@ -80,8 +80,15 @@ STATUS=$LAUNCHER_STATUS REASON="no exit status from rank 0"
 rm -f "$LCL_EXIT_STATUS_FILE"
 if [ "$STATUS $REASON" = "0 preempted" ]; then
   if [ -n "${SLURM_JOB_ID:-}" ]; then
-    echo "stopped by a signal after saving; requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID" || echo "job $SLURM_JOB_ID was not requeued (cancelled, or requeued already)"
+    # RUNNING: the signal came from --signal / scancel --signal. CANCELLED (scancel) stays cancelled;
+    # a job `scontrol requeue`d or preempted with PreemptMode=REQUEUE is requeued by slurm already.
+    JOB_STATE=$(scontrol show job "$SLURM_JOB_ID" --oneliner | grep -o 'JobState=[A-Z_]*' | cut -d= -f2 || true)
+    if [ "$JOB_STATE" = RUNNING ] || [ "$JOB_STATE" = PREEMPTED ]; then
+      echo "stopped by a signal after saving; requeueing job $SLURM_JOB_ID"
+      scontrol requeue "$SLURM_JOB_ID"
+    else
+      echo "stopped by a signal after saving; job $SLURM_JOB_ID is $JOB_STATE: not requeued by this script"
+    fi
   else
     echo "stopped by a signal after saving; rerun the same command to resume"
   fi
