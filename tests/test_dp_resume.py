@@ -10,15 +10,12 @@ no document is read twice, and the new ranks read only shards no old rank had op
 import json
 import os
 import shutil
-import sys
 
 import pytest
 
-from multirank import DIST_DIR, run_torchrun
+import dp_checks  # tests/dist (on pytest's pythonpath): the helpers the DP=2 launch shares
+from multirank import run_torchrun
 from test_training import build_corpus
-
-sys.path.insert(0, str(DIST_DIR))
-import dp_checks  # noqa: E402  (tests/dist holds the helpers the DP=2 launch shares)
 
 
 @pytest.fixture(scope="module", autouse=True)

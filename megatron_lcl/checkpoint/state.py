@@ -176,7 +176,9 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, layout: Para
         log(f"data-parallel size changed ({saved['data_parallel_size']} -> {now['data_parallel_size']}): "
             "the data loaders continue with the shards no old rank had opened")
         old_dp = saved["data_parallel_size"]
-        state["data_old"] = {str(i): ShardedObject("data_loader", None, (old_dp,), (i,), replica_id=0)
+        # Every rank reads every old loader state; one of them (rank (0, 0, 0)) is the main replica.
+        here = (layout.tp_rank, layout.pp_rank, layout.dp_rank)
+        state["data_old"] = {str(i): ShardedObject("data_loader", None, (old_dp,), (i,), replica_id=here)
                              for i in range(old_dp)}
     state = dist_checkpointing.load(state, ckpt)
     model.load_state_dict(state["model"])

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from common import mark_done, parse_out_dir
-from megatron_lcl.config import load_config
+from megatron_lcl.config import ParallelConfig, load_config
+from megatron_lcl.runtime import initialize_distributed
 from megatron_lcl.training.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -67,6 +68,7 @@ def recorded_run(cfg) -> dict:
 
 def main():
     out = parse_out_dir()
+    initialize_distributed(ParallelConfig())  # the trainers below reuse this process group
     if dist.get_rank() == 0:
         shutil.copytree(os.path.join(out, "dp1"), os.path.join(out, "up"))
     dist.barrier()

@@ -175,7 +175,8 @@ def phase_checks(out: str) -> dict:
     results["straight"] = rows(straight)
     killed = config(out, "killed")
     results["killed"] = {"before": listing(killed), **run(killed), "rows": rows(killed)}
-    base = config(out, "base", "train.train_steps=6")
+    # Stopped at step 6 of the same 10-step schedule as `straight` (its LR schedule is the same).
+    base = config(out, "base", "train.exit_after_steps=6")
     run(base)
     results["truncated"] = check_truncated(out, base)
     results["dangling"] = check_dangling(out, base)
