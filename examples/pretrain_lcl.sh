@@ -85,7 +85,7 @@ if [ "$STATUS $REASON" = "0 preempted" ]; then
     JOB_STATE=$(scontrol show job "$SLURM_JOB_ID" --oneliner | grep -o 'JobState=[A-Z_]*' | cut -d= -f2 || true)
     if [ "$JOB_STATE" = RUNNING ] || [ "$JOB_STATE" = PREEMPTED ]; then
       echo "stopped by a signal after saving; requeueing job $SLURM_JOB_ID"
-      scontrol requeue "$SLURM_JOB_ID"
+      scontrol requeue "$SLURM_JOB_ID" || echo "scontrol requeue $SLURM_JOB_ID failed: resubmit to resume"
     else
       echo "stopped by a signal after saving; job $SLURM_JOB_ID is $JOB_STATE: not requeued by this script"
     fi
