@@ -67,11 +67,14 @@ def signal_at_step(proc: subprocess.Popen, pid: int, sig: int, run_dir: Path, st
 
 
 def torchrun_agent_of(script_pid: int) -> int:
-    """The torchrun process examples/pretrain_lcl.sh started (its only child)."""
+    """The torchrun process examples/pretrain_lcl.sh started."""
     for _ in range(100):
-        children = Path(f"/proc/{script_pid}/task/{script_pid}/children").read_text().split()
-        if children:
-            return int(children[0])
+        for child in Path(f"/proc/{script_pid}/task/{script_pid}/children").read_text().split():
+            try:
+                if b"torch.distributed.run" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return int(child)
+            except FileNotFoundError:  # a short-lived child (mkdir) already gone
+                pass
         time.sleep(0.1)
     raise AssertionError("examples/pretrain_lcl.sh started no torchrun")
 
