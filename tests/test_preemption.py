@@ -7,8 +7,6 @@ a config error) although torchrun's agent exits 1 in both cases.
 Two 2-rank launches of the tiny model (DataLoader workers on, a save every 10 steps so the writer
 processes exist before the signal): plain torchrun + SIGTERM to the agent, then
 examples/pretrain_lcl.sh on the same run_dir (resumes) + SIGUSR1 to its torchrun agent.
-loss.mode=gen: with contrastive terms this tiny corpus hits a ragged-image-count hang at step 14
-(rank without context images skips the contrastive gather's backward all-reduce), unrelated here.
 """
 
 import json
@@ -41,7 +39,7 @@ def overrides(data_root: Path, run_dir: Path) -> list:
             f"data.tokenizer={data_root / 'tokenizer' / 'lcl.model'}", "data.seq_length=64",
             "data.micro_batch_size=2", "data.num_workers=1", "data.shuffle_buffer=8",
             "train.global_batch_size=4", "train.train_steps=400", "optimizer.warmup_steps=2",
-            "loss.mode=gen", "logging.log_interval=1", f"checkpoint.save_interval={SAVE_INTERVAL}",
+            "logging.log_interval=1", f"checkpoint.save_interval={SAVE_INTERVAL}",
             "checkpoint.keep_last=3"]
 
 

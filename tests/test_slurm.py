@@ -12,7 +12,6 @@ step it was at, and a requeue must resume from exactly that step:
   scancel JOB                                                          -> save, CANCELLED, no requeue
 
 Failures end FAILED with the driver's exit status: a config error 2, a crash in training 1.
-loss.mode=gen: see tests/test_preemption.py (a contrastive-loss hang on this tiny corpus).
 """
 
 import json
@@ -62,7 +61,7 @@ def overrides(data_root: Path, run_dir: Path) -> list:
             f"data.tokenizer={data_root / 'tokenizer' / 'lcl.model'}", "data.seq_length=64",
             "data.micro_batch_size=2", "data.num_workers=1", "data.shuffle_buffer=8",
             "train.global_batch_size=4", "train.train_steps=2000", "optimizer.warmup_steps=2",
-            "loss.mode=gen", "logging.log_interval=1", "checkpoint.save_interval=10", "checkpoint.keep_last=2"]
+            "logging.log_interval=1", "checkpoint.save_interval=10", "checkpoint.keep_last=2"]
 
 
 def launches(run_dir: Path) -> list:
