@@ -15,10 +15,11 @@
 # preemption). The shell forwards what it gets to the step; torchrun forwards what it gets to the
 # ranks (--signals-to-handle, waiting SHUTDOWN_S before SIGKILL); each rank finishes its step, saves
 # and exits 0, with its helper processes kept alive until then (megatron_lcl/runtime/signals.py).
-# Rank 0 writes its exit status to $LCL_EXIT_STATUS_FILE (torchrun's own is 1 after a signal or a
+# The ranks write their exit status to $LCL_EXIT_STATUS_FILE (torchrun's own is 1 after a signal or a
 # failed rank): after "0 preempted" this script requeues a job that is still RUNNING (a cancelled job
-# stays cancelled; `scontrol requeue` requeues by itself), which resumes from run_dir/checkpoints; otherwise it exits with the driver's status (2: config
-# error) or, without one, srun's/torchrun's, so a crashed run ends FAILED.
+# stays cancelled; `scontrol requeue` requeues by itself), which resumes from run_dir/checkpoints;
+# otherwise it exits with the driver's status (2: config error) or, without one, srun's/torchrun's,
+# so a crashed run ends FAILED.
 #
 #SBATCH --job-name=lcl-pretrain
 #SBATCH --nodes=1
@@ -75,7 +76,7 @@ while true; do
   wait "$TRAIN_PID" && LAUNCHER_STATUS=0 || LAUNCHER_STATUS=$?
   kill -0 "$TRAIN_PID" 2>/dev/null || break
 done
-STATUS=$LAUNCHER_STATUS REASON="no exit status from rank 0"
+STATUS=$LAUNCHER_STATUS REASON="no exit status from the ranks"
 [ -f "$LCL_EXIT_STATUS_FILE" ] && read -r STATUS REASON < "$LCL_EXIT_STATUS_FILE"
 rm -f "$LCL_EXIT_STATUS_FILE"
 if [ "$STATUS $REASON" = "0 preempted" ]; then

@@ -9,7 +9,7 @@ The run directory gets the resolved `config.yaml`, `metrics.jsonl`, `tensorboard
 starts from another run's checkpoint (any TP/PP). SIGTERM/SIGUSR1: save and exit 0.
 Exit status: 0 finished, stopped by a signal or by train.exit_after_steps; 1 diverged (non-finite
 loss); 2 invalid configuration (the message names the fields). torchrun's agent exits 1 whenever a
-rank fails or it was signalled, so with $LCL_EXIT_STATUS_FILE set rank 0 also writes "<exit status>
+rank fails or it was signalled, so with $LCL_EXIT_STATUS_FILE set the ranks also write "<exit status>
 <reason>" there ("0 preempted", "2 config_error", ...): examples/pretrain_lcl.sh exits with that
 status and requeues the slurm job after "0 preempted".
 """
@@ -69,11 +69,15 @@ def config_error(args: argparse.Namespace, error: ConfigError) -> int:
 
 
 def report_exit(reason: str) -> int:
-    """The exit status for `reason`; rank 0 also writes it to $LCL_EXIT_STATUS_FILE when set."""
+    """The exit status for `reason`, also written to $LCL_EXIT_STATUS_FILE when set. Every rank
+    writes (the reasons are agreed over ranks, or a config error all ranks see): torchrun stops the
+    other ranks as soon as one exits non-zero, so rank 0 alone might never get to it."""
     code, path = EXIT_CODES[reason], os.environ.get(EXIT_STATUS_FILE_ENV)
-    if path and os.environ.get("RANK", "0") == "0":
-        with open(path, "w") as f:
+    if path:
+        tmp = f"{path}.{os.environ.get('RANK', '0')}"
+        with open(tmp, "w") as f:
             f.write(f"{code} {reason}\n")
+        os.replace(tmp, path)
     return code
 
 

@@ -111,7 +111,7 @@ def test_stop_signal_to_the_torchrun_agent_saves_and_resumes(data_root, tmp_path
     resumed_rows = [r["step"] for r in read_metrics(str(run_dir))]
     assert resumed_rows.count(stopped + 1) == 1 and resumed_rows.count(stopped) == 1  # no step redone
     second = last_step(run_dir)
-    assert script.returncode == 0, output[-3000:]  # the launcher reports rank 0's "0 preempted"
+    assert script.returncode == 0, output[-3000:]  # the launcher reports the ranks' "0 preempted"
     assert f"stop signal (SIGUSR1) received: saved step {second}" in output, output[-3000:]
     assert "stopped by a signal after saving" in output
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{second:08d}"
