@@ -52,10 +52,14 @@ def main(argv=None) -> int:
         return 0
     from megatron_lcl.training.trainer import Trainer
 
+    trainer = Trainer(cfg)
     try:
-        trainer = Trainer(cfg).setup()
-    except ConfigError as e:
-        return config_error(args, e)
+        trainer.setup()
+    except BaseException as e:
+        trainer.close()  # the stop-signal handlers setup() installed first
+        if isinstance(e, ConfigError):
+            return config_error(args, e)
+        raise
     try:
         status = trainer.train()
     finally:

@@ -149,6 +149,42 @@ def test_processes_started_in_the_shield_outlive_stop_signals():
     assert proc.stdout.split() == ["[]", f"[{int(signal.SIGTERM)}]", "2", "alive"], proc.stdout
 
 
+KILLED_RANK = """
+import os, signal
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron_lcl.runtime.mcore_compat import start_checkpoint_writer_queue
+from megatron_lcl.runtime.signals import shielded_from_stop_signals
+
+with shielded_from_stop_signals():  # as the first save does
+    start_checkpoint_writer_queue()
+filesystem_async._results_queue.put("ok")
+assert filesystem_async._get_write_results_queue().get() == "ok"  # megatron-core uses this queue
+print(open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the rank dies outright (OOM killer, scancel --signal=KILL)
+"""
+
+
+def test_checkpoint_writer_manager_dies_with_its_rank():
+    """megatron-core's writer Manager must not outlive a rank killed outright: a leftover ignores the
+    stop signals (it was started in the shield) and holds the job's output pipes open."""
+    proc = subprocess.run([sys.executable, "-c", KILLED_RANK], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    helpers = [int(p) for p in proc.stdout.split()]
+    assert helpers, "the Manager (and its resource tracker) were started"
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_running(pid) for pid in helpers):
+        time.sleep(0.2)
+    assert not [pid for pid in helpers if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_config_error_exits_2_through_the_launcher(tmp_path):
     """The ranks exit 2, torchrun's agent 1; examples/pretrain_lcl.sh exits 2 with the message."""
     proc = subprocess.run(["bash", "examples/pretrain_lcl.sh", "examples/configs/tiny_cpu.yaml",

@@ -87,6 +87,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, loader, m
     state = _sharded_state(model, optimizer, scheduler, loader, layout, is_loading=False,
                            optimizer_format=optimizer_format)
     with shielded_from_stop_signals():  # the writer processes megatron-core starts outlive a job-wide stop
+        mcore_compat.start_checkpoint_writer_queue()  # ... but not their rank
         final = save_atomically(os.path.join(root, name), state, lambda: dict(
             meta, step=step, parallel=layout.sizes(), optimizer_format=optimizer_format, rng=RNG_KEY))
     agree_on_error(lambda: dist.get_rank() == 0 and (write_latest(root, name), prune(root, keep_last)),

@@ -487,11 +487,14 @@ class LCLDataLoader:
         """Continue after what the loaders of another data-parallel size read: `old_states` are their
         `state_dict()`s, by DP rank (see the module docstring for what is skipped, nothing repeats)."""
         mine, saved = self.cfg.fingerprint(), old_states[0]["config"]
-        diffs = [f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in {**mine, **saved}
-                 if k not in ("dp_rank", "dp_size") and saved.get(k) != mine.get(k)]
+        # New readers start on the shards no old reader opened: only which shards, in which epoch order
+        # (seed, blend), must match; the batching (micro-batch size, workers, packing...) may change.
+        diffs = [f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in ("shards", "seed", "blend")
+                 if saved.get(k) != mine.get(k)]
         if diffs or "read_positions" not in old_states[0]:
             raise ValueError("the saved data loader states cannot be continued at another data-parallel size "
-                             "(" + ("; ".join(diffs) or "saved before read positions were recorded") + ")")
+                             "(" + ("; ".join(diffs) or "saved before read positions were recorded") + "); "
+                             "set checkpoint.load_data_state=false to start the data stream afresh")
         self.unread = unread_shards(self.cfg, old_states)
         if self.cfg.dp_rank == 0:  # the counters of everything read so far, once
             for state in old_states:

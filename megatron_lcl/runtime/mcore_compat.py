@@ -28,6 +28,10 @@ KNOWN_WARNINGS = (
     # megatron-core 0.16.1 dist-checkpointing calls torch.distributed.checkpoint APIs torch deprecates.
     (r"`load_state_dict` is deprecated and will be removed in future versions", FutureWarning),
     (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
+    # megatron-core 0.16.1's distributed optimizer and sequence-parallel mappings call the collectives
+    # torch 2.13 renames. Upgrade check: gone when megatron-core calls the *_single names.
+    (r"`torch.distributed.all_gather_into_tensor` is deprecated", FutureWarning),
+    (r"`torch.distributed.reduce_scatter_tensor` is deprecated", FutureWarning),
     # megatron-core 0.16.1 layers read the TP group from parallel_state when none is passed; "will be
     # mandatory soon". Upgrade check: pass `tp_group` (from ParallelLayout) when this becomes an error.
     (r"Warning. tp_group is None, using default tp group", DeprecationWarning),
@@ -82,3 +86,39 @@ def restore_adam_steps(optimizer) -> None:
                     state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
                 elif torch.is_tensor(state.get("step")):
                     state["step"] = state["step"].clone()
+
+
+# megatron-core 0.16.1 (dist_checkpointing/strategies/filesystem_async.py): the checkpoint writers
+# report through a queue of a `multiprocessing.Manager` it spawns at the first save and keeps for the
+# life of the process. A rank killed outright (SIGKILL, OOM) leaves that Manager behind for ever, and
+# one started inside `runtime.signals.shielded_from_stop_signals` ignores SIGTERM too. Here the same
+# queue comes from a Manager that dies with its rank (Linux PR_SET_PDEATHSIG). Upgrade check: the
+# module still has `_results_queue` and fills it lazily in `_get_write_results_queue`.
+_writer_manager = None
+
+
+def start_checkpoint_writer_queue() -> None:
+    """Create megatron-core's checkpoint-writer results queue (once per process) on a Manager whose
+    server process ends when this process does."""
+    global _writer_manager
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    _writer_manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    _writer_manager.start(_die_with_parent)
+    filesystem_async._results_queue = _writer_manager.Queue()
+
+
+def _die_with_parent() -> None:
+    """In the Manager's server process: SIGKILL when the process that started it exits (Linux)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the Manager outlives a killed rank, as before
+        pass

@@ -94,6 +94,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------- set-up
     def setup(self) -> "Trainer":
         cfg = self.cfg
+        self.stop.install()  # first: a stop signal during a long set-up (resume) must not kill the rank
         self.layout = layout = initialize_distributed(cfg.parallel, cfg.train.seed)
         validate_config(cfg, layout.world_size)
         self.num_microbatches = num_microbatches(cfg.train, cfg.data, layout.dp_size)
@@ -110,7 +111,6 @@ class Trainer:
             self.model.image_head.register_forward_hook(self._capture_image_features)
         self.maybe_resume()
         self.data_iter = iter(self.loader) if self.loader is not None else None
-        self.stop.install()
         self.write_run_dir()
         return self
 
