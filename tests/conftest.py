@@ -1,18 +1,35 @@
 """Shared fixtures. Multi-rank checks run once per module under torchrun (see tests/dist/)."""
 
+import os
+
 import pytest
 
 from multirank import run_torchrun
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def single_rank():
-    """megatron-core initialised in this process: world size 1, TP=PP=DP=1 (gloo on CPU)."""
+    """megatron-core initialised in this process: world size 1, TP=PP=DP=1 (gloo on CPU). Per module:
+    modules that run the driver in process tear the process group down after them."""
     from megatron_lcl.config import ParallelConfig
     from megatron_lcl.runtime import initialize_distributed
 
     initialize_distributed(ParallelConfig(), seed=1234)
     yield
+
+
+@pytest.fixture(scope="module")
+def restore_rendezvous_env():
+    """In-process runs set RANK/WORLD_SIZE/MASTER_* in os.environ; later subprocesses (torchrun
+    launches) must not inherit them. Modules that run in process use it with `usefixtures`."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

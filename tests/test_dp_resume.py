@@ -8,7 +8,6 @@ no document is read twice, and the new ranks read only shards no old rank had op
 """
 
 import json
-import os
 import shutil
 
 import pytest
@@ -18,17 +17,7 @@ from multirank import run_torchrun
 from test_training import build_corpus
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_rendezvous_env():
-    """In-process runs set RANK/WORLD_SIZE/MASTER_* in os.environ; the torchrun launch must not inherit them."""
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("restore_rendezvous_env")  # in-process runs set RANK, MASTER_*...
 
 
 def run_here(out, run: str, steps: int) -> dict:

@@ -44,17 +44,7 @@ def build_corpus(root: Path) -> None:
     prepare("mmc4", [str(corpus)], str(root / "shards"), options=PrepareOptions(shard_size=15), progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_rendezvous_env():
-    """In-process runs set RANK/WORLD_SIZE/MASTER_* in os.environ; later subprocesses must not inherit them."""
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("restore_rendezvous_env")  # in-process runs set RANK, MASTER_*...
 
 
 @pytest.fixture(scope="module")

@@ -102,3 +102,22 @@ def collect_full(model, tp_group, what: str) -> dict:
     for d in everyone:
         merged.update(d)
     return merged
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_YAML = os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml")
+
+
+def tiny_run_config(out: str, run: str, *overrides: str):
+    """The tiny model of examples/configs/tiny_cpu.yaml on the corpus tests/test_training.py builds in
+    `out` (shards/, tokenizer/), run dir `out/run`: 4 steps of 2 x 2 sequences of 64 tokens, quiet,
+    no periodic saves. `overrides` (section.key=value) win."""
+    from megatron_lcl.config import load_config
+
+    return load_config(TINY_YAML, [
+        f"run_dir={os.path.join(out, run)}", f"data.path={os.path.join(out, 'shards')}",
+        f"data.tokenizer={os.path.join(out, 'tokenizer', 'lcl.model')}", "data.seq_length=64",
+        "data.micro_batch_size=2", "data.num_workers=0", "data.shuffle_buffer=8",
+        "train.global_batch_size=4", "train.train_steps=4", "train.drop_path_ramp_steps=2",
+        "optimizer.warmup_steps=1", "logging.log_interval=1", "logging.console=false",
+        "logging.tensorboard=false", "checkpoint.save_interval=null", *overrides])

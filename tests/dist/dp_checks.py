@@ -14,23 +14,15 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from common import mark_done, parse_out_dir
-from megatron_lcl.config import ParallelConfig, load_config
+from common import mark_done, parse_out_dir, tiny_run_config
+from megatron_lcl.config import ParallelConfig
 from megatron_lcl.runtime import initialize_distributed
 from megatron_lcl.training.trainer import Trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml")
 
 
 def dp_resume_config(out: str, run: str, *overrides: str):
-    return load_config(TINY, [
-        f"run_dir={os.path.join(out, run)}", f"data.path={os.path.join(out, 'shards')}",
-        f"data.tokenizer={os.path.join(out, 'tokenizer', 'lcl.model')}", "data.seq_length=64",
-        "data.micro_batch_size=2", "data.num_workers=0", "data.shuffle_buffer=8",
-        "train.global_batch_size=4", "train.drop_path_ramp_steps=2", "optimizer.warmup_steps=1",
-        "logging.log_interval=1", "logging.console=false", "logging.tensorboard=false",
-        "checkpoint.save_interval=null", "parallel.use_distributed_optimizer=true", *overrides])
+    return tiny_run_config(out, run, "parallel.use_distributed_optimizer=true", *overrides)
 
 
 def fingerprints(trainer) -> dict:

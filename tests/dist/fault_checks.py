@@ -27,25 +27,16 @@ import sys
 
 import torch.distributed as dist
 
-from common import mark_done
+from common import mark_done, tiny_run_config
 from megatron_lcl.checkpoint import CheckpointError
-from megatron_lcl.config import load_config
 from megatron_lcl.training.trainer import Trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml")
 TIMING_KEYS = {"step_time_s", "tokens_per_s", "images_per_s", "model_flops_per_s", "mfu"}
 
 
 def config(out: str, run: str, *overrides: str):
-    return load_config(TINY, [
-        f"run_dir={os.path.join(out, run)}", f"data.path={os.path.join(out, 'shards')}",
-        f"data.tokenizer={os.path.join(out, 'tokenizer', 'lcl.model')}", "data.seq_length=64",
-        "data.micro_batch_size=2", "data.num_workers=0", "data.shuffle_buffer=8",
-        "train.global_batch_size=4", "train.train_steps=10", "train.drop_path_ramp_steps=2",
-        "model.vision.drop_path_rate=0.2", "optimizer.warmup_steps=1", "logging.log_interval=1",
-        "logging.console=false", "logging.tensorboard=false", "checkpoint.save_interval=2",
-        "checkpoint.keep_last=3", *overrides])
+    return tiny_run_config(out, run, "train.train_steps=10", "model.vision.drop_path_rate=0.2",
+                           "checkpoint.save_interval=2", "checkpoint.keep_last=3", *overrides)
 
 
 def run(cfg) -> dict:

@@ -14,25 +14,15 @@ import signal
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from common import mark_done, parse_out_dir
+from common import mark_done, parse_out_dir, tiny_run_config
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.testing import random_batch, slice_batch
-from megatron_lcl.config import load_config
 from megatron_lcl.training.pipeline import forward_backward
 from megatron_lcl.training.trainer import Trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml")
 
 
-def config(out: str, run: str, *overrides: str):
-    return load_config(TINY, [
-        f"run_dir={os.path.join(out, run)}", f"data.path={os.path.join(out, 'shards')}",
-        f"data.tokenizer={os.path.join(out, 'tokenizer', 'lcl.model')}", "data.seq_length=64",
-        "data.micro_batch_size=2", "data.num_workers=0", "data.shuffle_buffer=8",
-        "train.global_batch_size=4", "train.train_steps=4", "train.drop_path_ramp_steps=2",
-        "optimizer.warmup_steps=1", "logging.log_interval=1", "logging.console=false",
-        "logging.tensorboard=false", "checkpoint.save_interval=null", *overrides])
+config = tiny_run_config
 
 
 def run(cfg, trainer_cls=Trainer) -> str:
