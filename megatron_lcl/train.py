@@ -8,7 +8,8 @@ The run directory gets the resolved `config.yaml`, `metrics.jsonl`, `tensorboard
 `checkpoints/`. A rerun with the same run_dir resumes from its latest checkpoint; `--load DIR`
 starts from another run's checkpoint (any TP/PP). SIGTERM/SIGUSR1: save and exit 0.
 Exit status: 0 finished, stopped by a signal or by train.exit_after_steps; 1 diverged (non-finite
-loss); 2 invalid configuration (the message names the fields). torchrun's agent exits 1 whenever a
+loss) or a checkpoint that could not be saved or loaded (one line names it); 2 invalid configuration
+(the message names the fields). torchrun's agent exits 1 whenever a
 rank fails or it was signalled, so with $LCL_EXIT_STATUS_FILE set the ranks also write "<exit status>
 <reason>" there ("0 preempted", "2 config_error", ...): examples/pretrain_lcl.sh exits with that
 status and requeues the slurm job after "0 preempted".
@@ -21,7 +22,8 @@ import sys
 from megatron_lcl.config import ConfigError, config_to_yaml, load_config, validate_config
 from megatron_lcl.runtime.mcore_compat import filter_known_warnings
 
-EXIT_CODES = {"completed": 0, "exit_after_steps": 0, "preempted": 0, "diverged": 1, "config_error": 2}
+EXIT_CODES = {"completed": 0, "exit_after_steps": 0, "preempted": 0, "diverged": 1, "checkpoint_error": 1,
+              "config_error": 2}
 EXIT_STATUS_FILE_ENV = "LCL_EXIT_STATUS_FILE"
 
 
@@ -52,6 +54,8 @@ def main(argv=None) -> int:
         return 0
     from megatron_lcl.training.trainer import Trainer
 
+    from megatron_lcl.checkpoint import CheckpointError
+
     trainer = Trainer(cfg)
     try:
         trainer.setup()
@@ -59,12 +63,22 @@ def main(argv=None) -> int:
         trainer.close()  # the stop-signal handlers setup() installed first
         if isinstance(e, ConfigError):
             return config_error(args, e)
+        if isinstance(e, CheckpointError):
+            return checkpoint_error(e)
         raise
     try:
         status = trainer.train()
+    except CheckpointError as e:  # a save failed on some rank (every rank raises the same error)
+        return checkpoint_error(e)
     finally:
         trainer.close()
     return report_exit(status)
+
+
+def checkpoint_error(error: Exception) -> int:
+    """One line (the error names the checkpoint, the rank and the cause), no traceback, exit 1."""
+    print(f"checkpoint error: {error}", file=sys.stderr)
+    return report_exit("checkpoint_error")
 
 
 def config_error(args: argparse.Namespace, error: ConfigError) -> int:

@@ -11,6 +11,7 @@ examples/pretrain_lcl.sh on the same run_dir (resumes) + SIGUSR1 to its torchrun
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,7 +113,9 @@ def test_stop_signal_to_the_torchrun_agent_saves_and_resumes(data_root, tmp_path
     assert resumed_rows.count(stopped + 1) == 1 and resumed_rows.count(stopped) == 1  # no step redone
     second = last_step(run_dir)
     assert script.returncode == 0, output[-3000:]  # the launcher reports the ranks' "0 preempted"
-    assert f"stop signal (SIGUSR1) received: saved step {second}" in output, output[-3000:]
+    # The rank names the first stop signal it got: SIGUSR1 forwarded by the agent, or the SIGTERM of the
+    # agent's shutdown when that arrives first (seen under load); either way it saved the step it was at.
+    assert re.search(rf"stop signal \(SIG(USR1|TERM)\) received: saved step {second}\b", output), output[-3000:]
     assert "stopped by a signal after saving" in output
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{second:08d}"
     expected = sorted({f"step_{s:08d}" for s in range(SAVE_INTERVAL, second + 1, SAVE_INTERVAL)} |

@@ -215,6 +215,22 @@ def test_latest_naming_a_missing_checkpoint_falls_back_to_the_newest_complete(da
     assert (ckpts / "step_00000001").exists() is False and (ckpts / "step_00000002").exists()  # keep_last
 
 
+def test_an_unloadable_named_checkpoint_ends_with_one_line_and_exit_1(data_root, tmp_path, capsys):
+    """`--load` naming one step_* folder whose files are broken: no fallback (the user chose it), one
+    line naming the folder, the file and the reason, exit status 1, no traceback."""
+    run = tmp_path / "broken"
+    assert pretrain_lcl.main(argv(data_root, run, "train.exit_after_steps=2")) == 0
+    step = run / "checkpoints" / "step_00000002"
+    meta = step / "meta.json"
+    meta.write_text(meta.read_text()[: len(meta.read_text()) // 2])  # truncated
+    capsys.readouterr()
+    assert pretrain_lcl.main(argv(data_root, tmp_path / "other", "--load", str(step))) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("checkpoint error: ")]
+    assert len(lines) == 1 and str(step) in lines[0] and "meta.json" in lines[0], err
+    assert "Traceback" not in err
+
+
 def test_interrupted_save_leaves_the_previous_checkpoint_loadable(data_root, tmp_path, monkeypatch):
     from megatron_lcl.checkpoint import state as checkpointing
 

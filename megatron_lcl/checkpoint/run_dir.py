@@ -154,8 +154,8 @@ def agree_on_error(fn: Callable, what: str):
         result, error = fn(), None
     except (Exception, CheckpointException) as e:
         result, error = None, f"rank {dist.get_rank()}: {_describe(e)}"
-        # Said here at once: if `fn` was itself collective, the other ranks may still wait inside it.
-        print(f"{what} failed on {error}", file=sys.stderr, flush=True)
+        if dist.get_world_size() > 1:  # said at once: if `fn` was collective, the others may wait inside it
+            print(f"{what} failed on {error}", file=sys.stderr, flush=True)
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     failed = [e for e in errors if e is not None]
