@@ -218,3 +218,19 @@ def test_image_folder_webdataset_and_jsonl_sources(tmp_path):
     assert pairs.captions == ["red 0", "red 1", "red 2"] and pairs.pixels([2], 8).shape == (1, 3, 8, 8)
     with pytest.raises(ValueError, match="not a synthetic corpus"):
         load_labeled(str(tmp_path / "nothing_here"))
+
+
+def test_scenes_probe_fields_are_the_documents_labels(tmp_path):
+    """Any categorical image_info field of a synthetic corpus is a probe task (the ablation's count and
+    colour_b); the labels are the ones the documents record; an unknown field names the valid ones."""
+    from megatron_lcl.data import labeled_images
+    from megatron_lcl.data.synthetic import write_corpus
+
+    write_corpus(str(tmp_path), num_docs=6, image_size=16, seed=5, kind="scenes")
+    items = labeled_images(str(tmp_path))
+    for field in ("count", "colour_b"):
+        images = load_labeled(str(tmp_path), field)
+        assert [images.class_names[k] for k in images.labels] == [it[field] for it in items]
+    assert set(load_labeled(str(tmp_path), "count").class_names) <= {"one", "two"}
+    with pytest.raises(ValueError, match="must be label or one of its categorical image_info fields: .*colour_b"):
+        load_labeled(str(tmp_path), "held_out")  # a bool, not a class

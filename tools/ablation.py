@@ -161,26 +161,35 @@ def latent_spread(encoder, images) -> dict:
             stats["effective_rank"] / encoder.hidden_size}
 
 
-def evaluate(name: str, checkpoint: Path, eval_corpus: Path, out: Path, sizes: Sizes, seed: int) -> dict:
+# Attention-probe tasks per corpus (image_info fields). Scenes add two that need more than one
+# object's colour: `count` (one or two copies of object A) and `colour_b` (the colour of object B, the
+# one A is left of / above: the colour bound to its place in the scene).
+PROBE_FIELDS = {"shapes": ("label", "colour"), "scenes": ("label", "colour", "count", "colour_b")}
+
+
+def evaluate(name: str, checkpoint: Path, eval_corpus: Path, out: Path, sizes: Sizes, seed: int,
+             corpus: str = "scenes") -> dict:
     from megatron_lcl.eval.classify import ProbeConfig, load_splits, run_classification
     from megatron_lcl.eval.encoders import load_encoder
     from megatron_lcl.eval.retrieve import RetrievalConfig, load_pair_splits, run_retrieval
 
     path = out / f"{name}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    result = json.loads(path.read_text()) if path.exists() else {"name": name, "checkpoint": str(checkpoint)}
+    probes = [f for f in PROBE_FIELDS[corpus] if f"classify_{f}" not in result]
+    if not probes and "retrieval" in result:  # finished earlier (a rerun adds only probes it lacks)
+        return result
     t0 = time.time()
     encoder = load_encoder(str(checkpoint))
-    result = {"name": name, "checkpoint": str(checkpoint)}
-    for field in ("label", "colour"):  # shape class (the corpus' label) and colour
+    for field in probes:
         train_set, eval_set = load_splits(str(eval_corpus), None, field, 0.2, seed)
         r = run_classification(encoder, train_set, eval_set, ProbeConfig(epochs=sizes.probe_epochs, seed=seed))
         result[f"classify_{field}"] = r
-    train_set, eval_set = load_pair_splits(str(eval_corpus), None, 0.2, seed)
-    result["retrieval"] = run_retrieval(encoder, train_set, eval_set,
-                                        RetrievalConfig(epochs=sizes.retrieval_epochs, seed=seed))
-    result.update(latent_spread(encoder, eval_set))
-    result["eval_time_s"] = round(time.time() - t0, 1)
+    if "retrieval" not in result:
+        train_set, eval_set = load_pair_splits(str(eval_corpus), None, 0.2, seed)
+        result["retrieval"] = run_retrieval(encoder, train_set, eval_set,
+                                            RetrievalConfig(epochs=sizes.retrieval_epochs, seed=seed))
+        result.update(latent_spread(encoder, eval_set))
+    result["eval_time_s"] = round(result.get("eval_time_s", 0.0) + time.time() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     log(f"{name}: evaluated in {result['eval_time_s']} s")
@@ -197,6 +206,10 @@ def _recall(key):
     return lambda r: r["eval"]["retrieval"]["recall_pct"][key]
 
 
+def _probe(field):
+    return lambda r: (r["eval"].get(f"classify_{field}") or {}).get("accuracy_pct", {}).get("acc-1")
+
+
 def _train(key):
     return lambda r: (r.get("train") or {}).get(key)
 
@@ -205,6 +218,7 @@ def _train(key):
 COLUMNS = [
     ("shape acc-1", lambda r: r["eval"]["classify_label"]["accuracy_pct"]["acc-1"], 1),
     ("colour acc-1", lambda r: r["eval"]["classify_colour"]["accuracy_pct"]["acc-1"], 1),
+    ("count acc-1", _probe("count"), 1), ("colour B acc-1", _probe("colour_b"), 1),  # scenes only
     ("TR@1", _recall("TR@1"), 1), ("IR@1", _recall("IR@1"), 1), ("TR@5", _recall("TR@5"), 1),
     ("IR@5", _recall("IR@5"), 1),
     ("latent erank (eval)", lambda r: r["eval"]["latent_effective_rank"], 1),
@@ -316,7 +330,8 @@ def main(argv=None) -> list:
     rows = pretrained_rows(args, sizes, data, out)
     for row in rows:
         name = f"{row['mode']}_seed{row['seed']}"
-        row["eval"] = evaluate(name, Path(row["checkpoint"]), data["eval"], out / "eval", sizes, row["seed"])
+        row["eval"] = evaluate(name, Path(row["checkpoint"]), data["eval"], out / "eval", sizes, row["seed"],
+                               args.corpus)
     print(write_report(out, rows, sizes, args))
     log(f"wrote {out / 'ablation.md'} and ablation.json in {time.time() - t0:.0f} s")
     return rows

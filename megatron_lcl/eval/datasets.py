@@ -132,11 +132,13 @@ def _synthetic_labeled(corpus: str, label_field: str) -> ImageSet:
         from megatron_lcl.data.synthetic import SHAPES
 
         names, labels = list(SHAPES), [it["label"] for it in items]
-    elif label_field in ("colour", "background"):
+    elif all(isinstance(it.get(label_field), str) for it in items):  # a categorical image_info field
         names = sorted({it[label_field] for it in items})
         labels = [names.index(it[label_field]) for it in items]
     else:
-        raise ValueError(f"label_field ({label_field!r}) for a synthetic corpus must be label, colour or background")
+        fields = sorted(k for k, v in items[0].items() if isinstance(v, str) and k not in ("path", "caption"))
+        raise ValueError(f"label_field ({label_field!r}) for this synthetic corpus must be label or one of "
+                         f"its categorical image_info fields: {', '.join(fields)}")
     paths = [it["path"] for it in items]
     return ImageSet([_read(p) for p in paths], paths, labels=labels, class_names=names)
 
