@@ -9,12 +9,11 @@ The data loader, the loss and the layer specs rely on these checks instead of re
 they need a rule's value (the positions one image takes), they call the function defined here.
 """
 
-import glob
 import os
 from typing import List, Optional
 
 from megatron_lcl.config.model import ModelConfig, ParallelConfig, PrecisionConfig
-from megatron_lcl.config.run import DataConfig, LCLConfig, path_weight, data_blend
+from megatron_lcl.config.run import DataConfig, LCLConfig, path_weight, data_blend, shards_at
 
 PACKINGS = ("auto", "truncate", "concat", "pack")
 LOSS_MODES = ("lcl", "gen", "con")
@@ -279,8 +278,7 @@ def data_file_errors(data: DataConfig) -> List[str]:
         errors.append(f"data.tokenizer ({data.tokenizer}) does not exist; train one with tools/train_tokenizer.py")
     blend = data_blend(data.path) if data.path else None
     for path in [p for _, p in blend] if blend else [str(p) for p in data.path or []]:
-        pattern = os.path.join(path, "*.tar") if os.path.isdir(path) else path
-        if not glob.glob(pattern):
+        if not shards_at(path):
             errors.append(f"data.path: no prepared shards (*.tar) at {path}; run tools/prepare_data.py")
     return errors
 

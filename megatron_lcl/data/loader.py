@@ -56,7 +56,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_lcl.config import DataConfig
-from megatron_lcl.config.run import data_blend
+from megatron_lcl.config.run import data_blend, shards_at
 from megatron_lcl.data import skips as S
 from megatron_lcl.data.batch import LCLBatch
 from megatron_lcl.data.documents import from_wds_sample
@@ -121,7 +121,7 @@ def find_shards(data_path: Union[str, Sequence[str]]) -> tuple:
     items = [data_path] if isinstance(data_path, str) else list(data_path)
     shards = []
     for item in items:
-        shards += glob.glob(os.path.join(item, "*.tar")) if os.path.isdir(item) else glob.glob(item)
+        shards += shards_at(item)
     if not shards:
         raise FileNotFoundError(f"no prepared shards (*.tar) at {data_path}; run tools/prepare_data.py")
     return tuple(sorted(set(shards)))
@@ -229,8 +229,8 @@ class _WorkerStream:
         cfg = self.cfg
         packers, slots = {}, 0
         usable = {}  # epoch -> documents that passed, to fail loudly rather than spin on unusable data
+        cut = self.unread.get(tag, {})  # epochs a DP-size change cut short may give this reader nothing
         for epoch, shard, raw in self.documents(shards, tag):
-            cut = self.unread.get(tag, {})  # epochs a DP-size change cut short may give this reader nothing
             if epoch > min(cut, default=0) and epoch - 1 not in cut and not usable.get(epoch - 1):
                 raise RuntimeError(f"DP rank {cfg.dp_rank} worker {self.worker}: no usable document in a "
                                    f"whole epoch of its data; skipped:\n{self.skips.summary()}")
