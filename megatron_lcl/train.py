@@ -57,18 +57,12 @@ def main(argv=None) -> int:
     from megatron_lcl.checkpoint import CheckpointError
 
     trainer = Trainer(cfg)
-    try:
+    try:  # close() also when setup() fails: it removes the stop-signal handlers setup() installs first
         trainer.setup()
-    except BaseException as e:
-        trainer.close()  # the stop-signal handlers setup() installed first
-        if isinstance(e, ConfigError):
-            return config_error(args, e)
-        if isinstance(e, CheckpointError):
-            return checkpoint_error(e)
-        raise
-    try:
         status = trainer.train()
-    except CheckpointError as e:  # a save failed on some rank (every rank raises the same error)
+    except ConfigError as e:
+        return config_error(args, e)
+    except CheckpointError as e:  # a load or save failed on some rank (every rank raises the same error)
         return checkpoint_error(e)
     finally:
         trainer.close()

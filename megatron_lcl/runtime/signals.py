@@ -12,8 +12,8 @@ and saves before it exits, so the processes it relies on meanwhile must not die 
   blocked across fork and exec, while a Python handler does not survive exec).
 
 The rank closes its helpers itself when it exits; multiprocessing ends a Manager that does not
-answer with SIGKILL. A rank killed outright (SIGKILL, os._exit) leaves its Manager behind, as it
-always did; such a leftover now needs SIGKILL (torchrun's escalation sends it to the process group).
+answer with SIGKILL. A rank killed outright (SIGKILL, os._exit) takes megatron-core's writer Manager
+with it (`mcore_compat.start_checkpoint_writer_queue`: PR_SET_PDEATHSIG).
 """
 
 import signal
