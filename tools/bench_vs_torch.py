@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, LMConfig, LossConfig, ModelConfig,  # noqa: E402
                                  OptimizerConfig, ParallelConfig, PrecisionConfig, VisionConfig, apply_preset)
-from megatron_lcl.models.flops import step_flops  # noqa: E402
+from megatron_lcl.models.flops import step_flops, throughput_metrics  # noqa: E402
 
 GPU_DEFAULTS = dict(vision="L/14", lm="opt-125m", seq_length=2048, dtype="bf16", micro_batch="auto")
 CPU_DEFAULTS = dict(vision="tiny", lm="tiny", seq_length=256, dtype="fp32", micro_batch="4")
@@ -211,11 +211,11 @@ def measure_matmul_peak(device, dtype: torch.dtype) -> float:
 def summarize(times: list, cfg: ModelConfig, args, micro_batch: int, peak: float) -> dict:
     step_time_s = statistics.median(times)
     images = args.images_per_sample * micro_batch
-    flops = step_flops(cfg, args.seq_length, args.images_per_sample, samples=micro_batch,
-                       contrastive_negatives=images)["total"]
+    rates = throughput_metrics(cfg, args.seq_length, micro_batch, images, step_time_s, peak,
+                               contrastive_negatives=images)  # what the training log reports
     return {"step_time_s": step_time_s, "images_per_s": images / step_time_s,
             "tokens_per_s": micro_batch * args.seq_length / step_time_s,
-            "model_tflops_per_s": flops / step_time_s / 1e12, "mfu": flops / step_time_s / peak}
+            "model_tflops_per_s": rates["model_flops_per_s"] / 1e12, "mfu": rates["mfu"]}
 
 
 # ------------------------------------------------------------------------------------ main
