@@ -127,6 +127,12 @@ class TwinStep:
             return self.twin.loss(batch, self.loss_cfg)
 
     def __call__(self, batch) -> None:
+        from megatron_lcl.runtime.cpu import native_torch
+
+        with native_torch():  # as a plain PyTorch user runs it: without megatron_lcl's CPU adaptation
+            self._step(batch)
+
+    def _step(self, batch) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.loss(batch)["total"].backward()
         torch.nn.utils.clip_grad_norm_(self.twin.parameters(), self.clip_grad)

@@ -9,6 +9,8 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_lcl.models.layers import ColumnParallelLinear
+
 
 class OPTLanguageModel(LanguageModule):
     """Learned absolute positions, pre-LN decoder, ReLU MLP, final LN, output tied to the embedding.
@@ -32,7 +34,7 @@ class OPTLanguageModel(LanguageModule):
         self.decoder = TransformerBlock(config=config, spec=spec, pre_process=pre_process,
                                         post_process=post_process)
         if post_process:
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
+            self.output_layer = ColumnParallelLinear(
                 config.hidden_size, vocab_size, config=config, init_method=config.init_method,
                 bias=False, skip_bias_add=False, gather_output=False,
                 skip_weight_param_allocation=pre_process)

@@ -1,8 +1,11 @@
-"""Small building blocks megatron-core does not have: layer-scale + drop-path on a residual branch."""
+"""Small building blocks megatron-core does not have: layer-scale + drop-path on a residual branch,
+an SP-ready LayerNorm, and tensor-parallel linears with a direct path when the matrix is not split."""
 
 import functools
 
 import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -66,3 +69,48 @@ class LayerNorm(torch.nn.LayerNorm):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         for p in (self.weight, self.bias):
             setattr(p, "sequence_parallel", config.sequence_parallel)
+
+
+def _holds_whole_matrix(linear) -> bool:
+    """True when this rank holds the whole weight and the forward has nothing to communicate or defer:
+    tensor-parallel size 1, no sequence parallelism, no expert parallelism, no fused or deferred weight
+    gradient, no activation offloading."""
+    cfg = linear.config
+    return (linear.tp_group.size() == 1 and not linear.sequence_parallel and not linear.is_expert
+            and not linear.gradient_accumulation_fusion and not cfg.defer_embedding_wgrad_compute
+            and not cfg.delay_wgrad_compute and not cfg.cpu_offloading)
+
+
+class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """megatron-core's column-parallel linear; unsplit (`_holds_whole_matrix`) its forward is one
+    `F.linear` with the bias inside the matmul.
+
+    At TP = 1 megatron-core's forward runs a Python autograd Function around the matmul and two
+    identity communication Functions, and adds the bias as a separate op; at small widths that is a
+    fifth of a layer's time on CPU, and on GPU a kernel per linear. The direct path computes the same
+    product with the same gradients (`tests/test_layers.py`). Returning the bias already added (and
+    `None` as the bias) is what `skip_bias_add` callers expect too: megatron-core's bias-dropout-add and
+    MLP add a returned bias only when it is not None.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.whole = _holds_whole_matrix(self)
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if not self.whole:
+            return super().forward(input_, weight, runtime_gather_output)
+        return F.linear(input_, self.weight if weight is None else weight, self.bias), None
+
+
+class RowParallelLinear(tensor_parallel.RowParallelLinear):
+    """megatron-core's row-parallel linear with the direct path of `ColumnParallelLinear`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.whole = _holds_whole_matrix(self)
+
+    def forward(self, input_):
+        if not self.whole:
+            return super().forward(input_)
+        return F.linear(input_, self.weight, self.bias), None

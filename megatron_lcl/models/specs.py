@@ -20,7 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_lcl.config import ConfigError
 from megatron_lcl.models.attention import SDPAttention
-from megatron_lcl.models.layers import LayerNorm, layer_scale_linear
+from megatron_lcl.models.layers import ColumnParallelLinear, LayerNorm, RowParallelLinear, layer_scale_linear
 
 TRANSFORMER_ENGINE = "transformer_engine"
 LOCAL = "local"
@@ -62,8 +62,12 @@ def _base_gpt_layer_spec(impl: str, attention: str = SDPA) -> ModuleSpec:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec())  # core attention: DotProductAttention
     assert attention in (SDPA, UNFUSED), f"model.attention ({attention!r}): see megatron_lcl.config.validate"
+    attn, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
     if attention == SDPA:
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        attn.core_attention = SDPAttention
+    # megatron-core's linears, with a direct path when the matrix is not split (models/layers.py).
+    attn.linear_qkv = mlp.linear_fc1 = ColumnParallelLinear
+    attn.linear_proj = mlp.linear_fc2 = RowParallelLinear
     # megatron-core's local norm refuses sequence parallelism; ours is the same LayerNorm, SP-ready.
     spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = LayerNorm
     return spec

@@ -88,6 +88,40 @@ def restore_adam_steps(optimizer) -> None:
                     state["step"] = state["step"].clone()
 
 
+# megatron-core 0.16.1 without Transformer Engine or Apex (CPU, or a GPU node without them) falls back
+# to `utils.local_multi_tensor_l2_norm` / `local_multi_tensor_scale` for gradient clipping and the
+# mixed-precision copies: a Python loop over the tensors, and the norm turns every per-tensor norm into
+# a Python float (on a GPU, one host sync per parameter, each step). These drop-ins compute the same
+# values with torch's foreach ops (one host sync in all, where megatron-core reads the total norm).
+# Upgrade check: the two modules still choose `l2_norm_impl` / `multi_tensor_scale_impl` at import.
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for `amp_C.multi_tensor_l2norm` (per_tensor=False): `([norm of all tensors], None)`."""
+    assert not per_tensor, "megatron-core 0.16.1 asks for the total norm only"
+    norms = torch._foreach_norm(tensor_lists[0], 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for `amp_C.multi_tensor_scale`: dst = src * scale, for each pair."""
+    src, dst = tensor_lists
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def use_foreach_multi_tensor_ops() -> None:
+    """Where megatron-core fell back to its local multi-tensor ops, use the foreach ones above."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    if clip_grads.multi_tensor_applier is utils.local_multi_tensor_applier:
+        clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl = _foreach_l2_norm, _foreach_scale
+    if mcore_optimizer.multi_tensor_applier is utils.local_multi_tensor_applier:
+        mcore_optimizer.multi_tensor_scale_impl = _foreach_scale
+
+
 # megatron-core 0.16.1 (dist_checkpointing/strategies/filesystem_async.py): the checkpoint writers
 # report through a queue of a `multiprocessing.Manager` it spawns at the first save and keeps for the
 # life of the process. A rank killed outright (SIGKILL, OOM) leaves that Manager behind for ever, and
