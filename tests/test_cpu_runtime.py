@@ -115,3 +115,12 @@ def test_foreach_multi_tensor_ops_equal_megatron_cores_local_ones(single_rank):
     mcore_compat._foreach_scale(0, None, [in_place, in_place], 0.25)
     for a, b, c in zip(dst, expected_dst, in_place):
         assert torch.equal(a, b) and torch.equal(c, b)
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_freed_memory_is_kept_unless_the_user_set_malloc_options(single_rank, monkeypatch):
+    for name in [k for k in __import__("os").environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    assert cpu._keep_freed_memory()
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert not cpu._keep_freed_memory()

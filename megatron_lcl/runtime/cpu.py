@@ -102,6 +102,8 @@ def enable_cpu_runtime() -> None:
     fused_softmax.get_default_causal_mask = _causal_mask
     schedules.backward_step = natively(schedules.backward_step)
 
+    _keep_freed_memory()
+
     global _MODE
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()  # stays pushed for the life of the process
@@ -109,6 +111,31 @@ def enable_cpu_runtime() -> None:
 
 
 _MODE = None
+
+# glibc's malloc options (mallopt): the sizes below which freed memory stays in the process.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+MALLOC_SETTINGS = {_M_MMAP_THRESHOLD: 64 << 20, _M_TRIM_THRESHOLD: 256 << 20, _M_TOP_PAD: 64 << 20}
+
+
+def _keep_freed_memory() -> bool:
+    """Have glibc keep freed activation-sized blocks for reuse instead of returning them to the kernel.
+
+    torch's CPU allocator has no cache: every activation and gradient is a fresh malloc, and with glibc's
+    defaults a block of a few MB is mmap-ed and unmapped each time (or trimmed off the heap), so every
+    step page-faults its whole working set again. Keeping up to 256 MB of freed memory (what a caching
+    allocator does on a GPU) takes 15-25 % off a small model's CPU step (docs/gpu.md). Skipped when the
+    user set any MALLOC_* variable, or the C library is not glibc. Returns whether it applied.
+    """
+    import ctypes
+    import os
+
+    if any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(option, value) == 1 for option, value in MALLOC_SETTINGS.items())
 
 
 @functools.lru_cache(maxsize=None)
