@@ -11,6 +11,14 @@ PAD, BOS, EOS, BOI, EOI, IMG = 0, 1, 2, 3, 4, 5
 FIRST_TEXT_ID = 6
 
 
+def spread_image_positions(seq_length: int, num_image_tokens: int, count: int) -> list:
+    """`count` `<BoI>` positions spread over a sequence, text before each (every image enters L_con)."""
+    stride = (seq_length - 4) // count
+    assert stride >= num_image_tokens + 3, (
+        f"{count} images of {num_image_tokens} positions do not fit seq_length {seq_length}")
+    return [4 + i * stride for i in range(count)]
+
+
 def random_batch(images_per_sample: Sequence[Sequence[int]], seq_length: int, num_image_tokens: int,
                  image_size: int, vocab_size: int, seed: int = 0,
                  pad_from: Optional[Sequence[int]] = None) -> LCLBatch:

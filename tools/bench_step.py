@@ -95,14 +95,6 @@ KNOB_SETTINGS = {
 }
 
 
-def image_positions(seq_length: int, num_image_tokens: int, count: int) -> list:
-    """`count` <BoI> positions spread over the sequence, each image with text before it."""
-    stride = (seq_length - 4) // count
-    assert stride >= num_image_tokens + 3, (
-        f"{count} images of {num_image_tokens} positions do not fit --seq-length {seq_length}")
-    return [4 + i * stride for i in range(count)]
-
-
 def knob_parallel(knobs: dict, bucket_size):
     from megatron_lcl.config import ParallelConfig
 
@@ -154,7 +146,7 @@ def knob_worker(args):
     from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, LMConfig, ModelConfig, ParallelConfig,
                                      PrecisionConfig, VisionConfig, apply_preset)
     from megatron_lcl.runtime import initialize_distributed, to_device
-    from megatron_lcl.testing import random_batch
+    from megatron_lcl.testing import random_batch, spread_image_positions
 
     layout = initialize_distributed(ParallelConfig())
     cfg = ModelConfig(vision=apply_preset(VisionConfig(preset=args.vision_preset), VISION_PRESETS),
@@ -162,7 +154,7 @@ def knob_worker(args):
                       transformer_impl="auto")
     precision = PrecisionConfig(params_dtype="bf16" if torch.cuda.is_available() else "fp32")
     M = cfg.vision.num_image_tokens
-    positions = image_positions(args.seq_length, M, args.images_per_sample)
+    positions = spread_image_positions(args.seq_length, M, args.images_per_sample)
     batches = [to_device(random_batch([positions] * args.batch_size, seq_length=args.seq_length, num_image_tokens=M,
                                       image_size=cfg.vision.image_size, vocab_size=1000,
                                       seed=1000 * layout.dp_rank + i))

@@ -47,18 +47,10 @@ def model_config(args) -> ModelConfig:
                        transformer_impl="local", attention=args.attention)
 
 
-def image_positions(images_per_sample: int, seq_length: int, num_image_tokens: int) -> list:
-    """`<BoI>` positions spread over the sequence, text before each (every image enters L_con)."""
-    stride = seq_length // images_per_sample
-    assert stride > num_image_tokens + 4, (
-        f"{images_per_sample} images of {num_image_tokens} positions do not fit seq_length {seq_length}")
-    return [4 + j * stride for j in range(images_per_sample)]
-
-
 def make_batch(cfg: ModelConfig, args, micro_batch: int, device):
-    from megatron_lcl.testing import random_batch
+    from megatron_lcl.testing import random_batch, spread_image_positions
 
-    positions = image_positions(args.images_per_sample, args.seq_length, cfg.vision.num_image_tokens)
+    positions = spread_image_positions(args.seq_length, cfg.vision.num_image_tokens, args.images_per_sample)
     batch = random_batch([positions] * micro_batch, seq_length=args.seq_length,
                          num_image_tokens=cfg.vision.num_image_tokens, image_size=cfg.vision.image_size,
                          vocab_size=cfg.lm.vocab_size)
