@@ -115,6 +115,11 @@ def test_foreach_multi_tensor_ops_equal_megatron_cores_local_ones(single_rank):
     mcore_compat._foreach_scale(0, None, [in_place, in_place], 0.25)
     for a, b, c in zip(dst, expected_dst, in_place):
         assert torch.equal(a, b) and torch.equal(c, b)
+    # the mixed-precision copy: fp32 -> bf16 at scale 1
+    bf16, expected_bf16 = ([torch.empty_like(t, dtype=torch.bfloat16) for t in tensors] for _ in range(2))
+    mcore_compat._foreach_scale(0, None, [tensors, bf16], 1.0)
+    utils.local_multi_tensor_scale(0, None, [tensors, expected_bf16], 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(bf16, expected_bf16))
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")

@@ -106,6 +106,8 @@ def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
     src, dst = tensor_lists
     if all(a is b for a, b in zip(src, dst)):
         torch._foreach_mul_(dst, scale)
+    elif scale == 1.0:  # the mixed-precision optimizer's fp32 main params -> bf16 model params, each step
+        torch._foreach_copy_(dst, src)
     else:
         torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
 
