@@ -54,10 +54,8 @@ class OPTLanguageModel(LanguageModule):
         """
         words = self.embedding.word_embeddings(tokens)  # [b, s, h]
         if image_embeds is not None and image_embeds.shape[0] > 0:
-            is_image = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
-            is_image[image_index] = True
-            spliced = torch.zeros_like(words).index_put(image_index, image_embeds.to(words.dtype))
-            words = torch.where(is_image.unsqueeze(-1), spliced, words)
+            # out of place: the replaced word embeddings get no gradient, the latents get theirs
+            words = words.index_put(image_index, image_embeds.to(words.dtype))
         x = words + self.embedding.position_embeddings(position_ids)  # [b, s, h]
         x = x.transpose(0, 1).contiguous()  # [b, s, h] -> [s, b, h]
         if self.config.sequence_parallel:
