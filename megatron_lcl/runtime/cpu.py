@@ -17,8 +17,8 @@ the type check are handled by a `TorchFunctionMode` that rewrites CUDA devices t
 That mode costs a Python call for every torch operation, so the hot code, which holds no CUDA literal,
 runs without it (`native_torch`): the model's forward (`training.pipeline`), megatron-core's backward
 step, and torch's optimizer update (`native_optimizer_steps`). The one literal in those paths,
-megatron-core's causal mask of the unfused attention, is made on CPU here. On a small model that is
-a quarter of the CPU step (`tools/bench_vs_torch.py`).
+megatron-core's causal mask of the unfused attention, is made on CPU here. That took about a tenth
+off the tiny model's CPU step (`tools/bench_vs_torch.py`).
 """
 
 import contextlib
