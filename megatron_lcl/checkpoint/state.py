@@ -71,7 +71,7 @@ def _sharded_state(model, optimizer, scheduler, loader, layout: ParallelLayout, 
 def _uses_distributed_optimizer(optimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+    return any(isinstance(o, DistributedOptimizer) for o in mcore_compat.chained_optimizers(optimizer))
 
 
 # ------------------------------------------------------------------------------------------ save

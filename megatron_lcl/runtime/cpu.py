@@ -27,6 +27,8 @@ import functools
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_lcl.runtime.mcore_compat import chained_optimizers
+
 _ENABLED = False
 
 
@@ -171,7 +173,7 @@ def native_optimizer_steps(optimizer) -> None:
     update is plain torch; megatron-core's own part of the step (grad norm, clipping) keeps the mode."""
     if _MODE is None:
         return
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in chained_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         if inner is not None and not getattr(inner.step, "native", False):
             inner.step = natively(inner.step)

@@ -57,7 +57,8 @@ def resolve_optimizer_format(name: str) -> str:
     return "fully_reshardable" if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False) else "dp_reshardable"
 
 
-def _chained(optimizer) -> list:
+def chained_optimizers(optimizer) -> list:
+    """The optimizers inside a megatron-core optimizer: a ChainedOptimizer's parts, else itself."""
     return getattr(optimizer, "chained_optimizers", [optimizer])
 
 
@@ -67,7 +68,7 @@ def materialise_optimizer_state(optimizer) -> None:
     private method in 0.16), which the load then overwrites (the model weights are loaded after it)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for opt in _chained(optimizer):
+    for opt in chained_optimizers(optimizer):
         if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
             opt._init_optimizer_states_with_dummy_values()
 
@@ -77,7 +78,7 @@ def restore_adam_steps(optimizer) -> None:
     the SAME `step` tensor (AdamW increments it in place, once per parameter) and the sharded-state
     load overwrites it with the template's value. The true step is in each param group
     (`group["step"]`): give every parameter its own copy."""
-    for opt in _chained(optimizer):
+    for opt in chained_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         for group in getattr(inner, "param_groups", []):
             for p in group["params"]:

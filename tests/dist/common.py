@@ -1,6 +1,7 @@
 """Shared by the multi-rank check scripts (run under torchrun by tests/test_*_parallel.py)."""
 
 import argparse
+import json
 import os
 
 import torch
@@ -65,6 +66,12 @@ def mark_done(out_dir: str) -> None:
 def save_rank0(obj, out_dir: str, name: str) -> None:
     if dist.get_rank() == 0:
         torch.save(obj, os.path.join(out_dir, name))
+
+
+def save_json_rank0(obj, out_dir: str, name: str) -> None:
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(obj, f, indent=1)
 
 
 def global_name(name: str, model) -> str:

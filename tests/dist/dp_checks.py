@@ -7,16 +7,16 @@ Both record the documents each step consumed ("shard:key", over all DP ranks) an
 the model and optimizer state right after the load / right before the save. Results: OUT/dp_checks.json.
 """
 
-import json
 import os
 import shutil
 
 import torch
 import torch.distributed as dist
 
-from common import mark_done, parse_out_dir, tiny_run_config
+from common import mark_done, parse_out_dir, save_json_rank0, tiny_run_config
 from megatron_lcl.config import ParallelConfig
 from megatron_lcl.runtime import initialize_distributed
+from megatron_lcl.runtime.mcore_compat import chained_optimizers
 from megatron_lcl.training.trainer import Trainer
 
 
@@ -29,7 +29,7 @@ def fingerprints(trainer) -> dict:
     """Layout-independent sums of the model's parameters and of the optimizer's Adam moments."""
     params = sum(float(p.detach().double().sum()) for p in trainer.model.parameters())
     moments = torch.zeros(1, dtype=torch.float64)
-    for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+    for opt in chained_optimizers(trainer.optimizer):
         for state in opt.optimizer.state.values():
             moments += state["exp_avg"].double().sum() + state["exp_avg_sq"].double().sum()
     dist.all_reduce(moments, group=trainer.layout.dp_group)  # the distributed optimizer shards them over DP
@@ -66,9 +66,7 @@ def main():
     dist.barrier()
     results = {"up": recorded_run(dp_resume_config(out, "up", "train.train_steps=6")),
                "down": recorded_run(dp_resume_config(out, "dp2", "train.train_steps=3"))}
-    if dist.get_rank() == 0:
-        with open(os.path.join(out, "dp_checks.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    save_json_rank0(results, out, "dp_checks.json")
     mark_done(out)
 
 

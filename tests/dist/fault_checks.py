@@ -27,7 +27,7 @@ import sys
 
 import torch.distributed as dist
 
-from common import mark_done, tiny_run_config
+from common import mark_done, save_json_rank0, tiny_run_config
 from megatron_lcl.checkpoint import CheckpointError
 from megatron_lcl.training.trainer import Trainer
 
@@ -184,9 +184,7 @@ def main():
         phase_kill(args.out)
         sys.exit("phase kill: rank 1 should have been killed during the step-4 save")
     results = phase_checks(args.out)
-    if dist.get_rank() == 0:
-        with open(os.path.join(args.out, "fault_checks.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    save_json_rank0(results, args.out, "fault_checks.json")
     mark_done(args.out)
 
 

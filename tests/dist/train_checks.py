@@ -14,7 +14,7 @@ import signal
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from common import mark_done, parse_out_dir, tiny_run_config
+from common import mark_done, parse_out_dir, save_json_rank0, tiny_run_config
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.testing import random_batch, slice_batch
 from megatron_lcl.training.pipeline import forward_backward
@@ -104,9 +104,7 @@ def main():
     results = {"preempt": check_preempt(out)}
     for layout in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         results[layout] = check_reshard(out, layout)
-    if dist.get_rank() == 0:
-        with open(os.path.join(out, "train_checks.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    save_json_rank0(results, out, "train_checks.json")
     mark_done(out)
 
 
