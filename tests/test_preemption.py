@@ -26,6 +26,7 @@ from test_training import build_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 SAVE_INTERVAL = 10
+KEEP_LAST = 3
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def overrides(data_root: Path, run_dir: Path) -> list:
             "data.micro_batch_size=2", "data.num_workers=1", "data.shuffle_buffer=8",
             "train.global_batch_size=4", "train.train_steps=400", "optimizer.warmup_steps=2",
             "logging.log_interval=1", f"checkpoint.save_interval={SAVE_INTERVAL}",
-            "checkpoint.keep_last=3"]
+            f"checkpoint.keep_last={KEEP_LAST}"]
 
 
 def env() -> dict:
@@ -82,6 +83,13 @@ def checkpoints(run_dir: Path) -> list:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
 
 
+def kept_checkpoints(last: int, *signal_saves: int) -> list:
+    """What the run directory holds after training to `last`: a save every SAVE_INTERVAL steps and at
+    each stop signal (`signal_saves`, and `last`), the newest KEEP_LAST of them."""
+    saved = set(range(SAVE_INTERVAL, last + 1, SAVE_INTERVAL)) | {last, *signal_saves}
+    return [f"step_{s:08d}" for s in sorted(saved)][-KEEP_LAST:]
+
+
 def launches(run_dir: Path) -> list:
     return [json.loads(line) for line in (run_dir / "launches.jsonl").read_text().splitlines()]
 
@@ -99,8 +107,7 @@ def test_stop_signal_to_the_torchrun_agent_saves_and_resumes(data_root, tmp_path
     assert agent.returncode == 1, output[-3000:]  # torchrun's agent exits 1 after a signal (torch's choice)
     assert f"stop signal (SIGTERM) received: saved step {stopped}" in output, output[-3000:]
     assert "BrokenPipeError" not in output and "DataLoader worker" not in output, output[-3000:]
-    kept = [f"step_{s:08d}" for s in (10, 20, stopped) if s <= stopped]
-    assert checkpoints(run_dir) == sorted(set(kept))  # older saves kept, no step_*.tmp left behind
+    assert checkpoints(run_dir) == kept_checkpoints(stopped)  # older saves kept, no step_*.tmp left behind
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
 
     # 2) the launcher on the same run_dir resumes from that step; SIGUSR1 to its torchrun agent.
@@ -118,9 +125,7 @@ def test_stop_signal_to_the_torchrun_agent_saves_and_resumes(data_root, tmp_path
     assert re.search(rf"stop signal \(SIG(USR1|TERM)\) received: saved step {second}\b", output), output[-3000:]
     assert "stopped by a signal after saving" in output
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{second:08d}"
-    expected = sorted({f"step_{s:08d}" for s in range(SAVE_INTERVAL, second + 1, SAVE_INTERVAL)} |
-                      {f"step_{stopped:08d}", f"step_{second:08d}"})[-3:]
-    assert checkpoints(run_dir) == expected
+    assert checkpoints(run_dir) == kept_checkpoints(second, stopped)
 
 
 SHIELD_CHECK = """
