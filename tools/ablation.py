@@ -146,21 +146,6 @@ def config_loss_mode(run_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------------------ evaluation
 
-def latent_spread(encoder, images) -> dict:
-    """Collapse check at evaluation time: effective rank of the centred, token-averaged latents of the
-    evaluation images (1 = every image looks the same to the encoder; up to the hidden width)."""
-    import torch
-
-    from megatron_lcl.training.metrics import singular_value_stats
-
-    with torch.no_grad():
-        pooled = torch.cat([encoder(images.pixels(list(range(i, min(i + 256, len(images)))), encoder.image_size))
-                            .mean(dim=1) for i in range(0, len(images), 256)])  # [n, h]
-    stats = singular_value_stats(pooled - pooled.mean(dim=0))
-    return {"latent_effective_rank": stats["effective_rank"], "latent_effective_rank_frac":
-            stats["effective_rank"] / encoder.hidden_size}
-
-
 # Attention-probe tasks per corpus (image_info fields). Scenes add two that need more than one
 # object's colour: `count` (one or two copies of object A) and `colour_b` (the colour of object B, the
 # one A is left of / above: the colour bound to its place in the scene).
@@ -169,26 +154,21 @@ PROBE_FIELDS = {"shapes": ("label", "colour"), "scenes": ("label", "colour", "co
 
 def evaluate(name: str, checkpoint: Path, eval_corpus: Path, out: Path, sizes: Sizes, seed: int,
              corpus: str = "scenes") -> dict:
-    from megatron_lcl.eval.classify import ProbeConfig, load_splits, run_classification
+    """Frozen transfer of one encoder (megatron_lcl.eval.transfer); a rerun adds only what it lacks."""
+    from megatron_lcl.eval import transfer
     from megatron_lcl.eval.encoders import load_encoder
-    from megatron_lcl.eval.retrieve import RetrievalConfig, load_pair_splits, run_retrieval
 
     path = out / f"{name}.json"
     result = json.loads(path.read_text()) if path.exists() else {"name": name, "checkpoint": str(checkpoint)}
-    probes = [f for f in PROBE_FIELDS[corpus] if f"classify_{f}" not in result]
-    if not probes and "retrieval" in result:  # finished earlier (a rerun adds only probes it lacks)
+    have = {k: v for k, v in result.items() if k.startswith("classify_") or k == "retrieval"}
+    if all(f"classify_{f}" in have for f in PROBE_FIELDS[corpus]) and "retrieval" in have:
         return result
     t0 = time.time()
     encoder = load_encoder(str(checkpoint))
-    for field in probes:
-        train_set, eval_set = load_splits(str(eval_corpus), None, field, 0.2, seed)
-        r = run_classification(encoder, train_set, eval_set, ProbeConfig(epochs=sizes.probe_epochs, seed=seed))
-        result[f"classify_{field}"] = r
-    if "retrieval" not in result:
-        train_set, eval_set = load_pair_splits(str(eval_corpus), None, 0.2, seed)
-        result["retrieval"] = run_retrieval(encoder, train_set, eval_set,
-                                            RetrievalConfig(epochs=sizes.retrieval_epochs, seed=seed))
-        result.update(latent_spread(encoder, eval_set))
+    details = transfer.evaluate(encoder, str(eval_corpus), PROBE_FIELDS[corpus], sizes.probe_epochs, seed, have,
+                                retrieval_epochs=sizes.retrieval_epochs)
+    result.update(details)
+    result["latent_effective_rank"] = details["retrieval"]["latent_effective_rank"]
     result["eval_time_s"] = round(result.get("eval_time_s", 0.0) + time.time() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")

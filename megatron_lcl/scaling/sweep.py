@@ -1,4 +1,4 @@
-"""Scaling sweeps: a spec (YAML) over a ladder of model sizes x compute budgets -> one run per point.
+"""Scaling sweeps: a spec (YAML) over arms x model sizes x compute budgets x seeds -> one run per point.
 
     spec = load_spec("examples/scaling/tiny_ladder.yaml")
     run_sweep(spec)                      # runs what is missing, appends to OUTPUT/results.csv
@@ -10,9 +10,14 @@ A spec (see examples/scaling/tiny_ladder.yaml):
     output_dir               OUTPUT/configs/<point>.yaml, OUTPUT/runs/<point>/, OUTPUT/results.csv
     overrides                `a.b=c` applied to every point; `{output_dir}` is substituted
     models                   [{name, vision: {...}, lm: {...}, heads: {...}}]: model.* keys
-    budgets                  [{global_batch_size, train_steps}] or [{global_batch_size, flops}]:
-                             a FLOPs budget becomes train_steps through the FLOPs model (IsoFLOP sweeps);
-                             optional `models: [names]` restricts a budget to some sizes, optional
+    arms                     optional [{name, overrides: [a.b=c, ...]}]: named override sets compared
+                             at matched data and compute (e.g. loss.mode=lcl | con | gen)
+    seeds                    optional [int]: each point runs once per seed (train.seed)
+    budgets                  [{global_batch_size, train_steps | flops | samples}]: a FLOPs budget
+                             becomes train_steps through the FLOPs model (IsoFLOP sweeps), `samples`
+                             (samples seen) becomes samples / global_batch_size steps; optional
+                             `name`; optional `models: [names]` / `arms: [names]` restrict a budget to
+                             some sizes / arms, optional
                              `overrides` apply to its points only, optional `contrastive_batch` (samples
                              whose images share one InfoNCE, over all DP ranks) makes the contrastive
                              batch an axis: = global_batch_size -> loss.contrastive_batch=step, smaller ->
@@ -23,12 +28,14 @@ A spec (see examples/scaling/tiny_ladder.yaml):
     nproc                    processes per point (torchrun --nproc_per_node; 1 runs plain python)
     setup                    [{creates: PATH, run: SHELL}] run once before the points, skipped if PATH exists
     eval_command             shell command run after a point trains ({run_dir}, {config}, {output_dir},
-                             {python}); it writes RUN_DIR/probe.json: {"probe_accuracy": top-1 in [0, 1]}
-                             or megatron_lcl.eval.classify's --output JSON (the CSV column stays empty
-                             when there is none; `tools/sweep.py SPEC --eval-only` fills it in later)
+                             {python}, {seed}, {arm}); it writes RUN_DIR/eval.json ({"metrics": {name:
+                             number}}, e.g. megatron_lcl.eval.transfer's --output: every metric becomes
+                             a results.csv column) or RUN_DIR/probe.json ({"probe_accuracy": top-1} or
+                             megatron_lcl.eval.classify's --output). Columns stay empty when there is
+                             none; `tools/sweep.py SPEC --eval-only` fills them in later
     slurm                    {partition, account, time, gpus_per_node, cpus_per_task, max_parallel, extra}
 
-Points are named `<model>-<budget>`. A point is finished when results.csv has an `ok` (or
+Points are named `<model>-<budget>`, with arms and seeds `<arm>-<model>-<budget>-s<seed>`. A point is finished when results.csv has an `ok` (or
 `diverged`) row for it; anything else is (re)run. The driver resumes an interrupted point from its
 own checkpoint in its run directory, so a sweep can be stopped and restarted at any moment.
 """
@@ -56,8 +63,8 @@ FINISHED = ("ok", "diverged")
 EXIT_STATUS = {0: "ok", 1: "diverged", 2: "config_error"}
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
-CSV_COLUMNS = [
-    "point", "model", "budget", "status",
+CSV_COLUMNS = [  # then one column per evaluation metric (eval.json), in the order first seen
+    "point", "arm", "model", "budget", "seed", "status",
     "vit_hidden", "vit_layers", "vit_ffn", "image_size", "patch_size", "image_tokens",
     "lm_hidden", "lm_layers", "lm_ffn", "vocab_size", "seq_length", "global_batch_size", "train_steps",
     "params_vit", "params_projector", "params_lm", "params_heads", "params_total", "params_non_embedding",
@@ -83,6 +90,8 @@ class SweepSpec:
     setup: List[dict] = field(default_factory=list)
     eval_command: Optional[str] = None
     slurm: dict = field(default_factory=dict)
+    arms: List[dict] = field(default_factory=list)
+    seeds: List[int] = field(default_factory=list)
     spec_path: Optional[str] = None
 
     @property
@@ -93,12 +102,14 @@ class SweepSpec:
 @dataclass
 class SweepPoint:
     index: int
-    name: str  # <model>-<budget>
+    name: str  # <model>-<budget>, or <arm>-<model>-<budget>-s<seed>
     model: str
     budget: str
     overrides: List[str]  # everything but run_dir, applied on top of base_config
     config_path: str  # the resolved config written for this point
     run_dir: str
+    arm: str = ""
+    seed: Optional[int] = None
 
 
 def load_spec(path: str) -> SweepSpec:
@@ -115,13 +126,24 @@ def load_spec(path: str) -> SweepSpec:
     names = [m.get("name") for m in spec.models]
     if None in names or len(set(names)) != len(names):
         raise ValueError(f"{path}: every entry of `models` needs a unique `name`, got {names}")
+    arm_names = [a.get("name") for a in spec.arms]
+    if None in arm_names or len(set(arm_names)) != len(arm_names) or \
+            any(set(a) - {"name", "overrides"} for a in spec.arms):
+        raise ValueError(f"{path}: every entry of `arms` is {{name, overrides: [...]}} with a unique name, "
+                         f"got {spec.arms}")
+    if len(set(spec.seeds)) != len(spec.seeds) or not all(isinstance(s, int) for s in spec.seeds):
+        raise ValueError(f"{path}: `seeds` must be distinct integers, got {spec.seeds}")
     for b in spec.budgets:
-        if "global_batch_size" not in b or ("train_steps" in b) == ("flops" in b):
-            raise ValueError(f"{path}: budget {b} needs global_batch_size and one of train_steps or flops")
-        unknown_models = sorted(set(b.get("models", [])) - set(names))
-        if unknown_models:
-            raise ValueError(f"{path}: budget {b} names models {unknown_models} that `models` does not define")
+        if "global_batch_size" not in b or sum(k in b for k in BUDGET_KINDS) != 1:
+            raise ValueError(f"{path}: budget {b} needs global_batch_size and one of {', '.join(BUDGET_KINDS)}")
+        for key, defined in (("models", names), ("arms", arm_names)):
+            unknown = sorted(set(b.get(key, [])) - set(defined))
+            if unknown:
+                raise ValueError(f"{path}: budget {b} names {key} {unknown} that `{key}` does not define")
     return spec
+
+
+BUDGET_KINDS = ("train_steps", "flops", "samples")
 
 
 # ---------------------------------------------------------------------------------- points
@@ -143,6 +165,8 @@ def _budget_name(budget: dict) -> str:
     suffix = f"-c{budget['contrastive_batch']}" if "contrastive_batch" in budget else ""
     if "flops" in budget:
         return f"{float(budget['flops']):.2g}".replace("+", "") + suffix
+    if "samples" in budget:
+        return f"{float(budget['samples']):.2g}".replace("+", "") + "samples" + suffix
     return f"{budget['global_batch_size']}x{budget['train_steps']}" + suffix
 
 
@@ -175,37 +199,55 @@ def contrastive_batch_samples(cfg, nproc: int) -> int:
 
 
 def _steps_for(spec: SweepSpec, budget: dict, overrides: List[str]) -> int:
-    """train_steps of a budget; a FLOPs budget is divided by the point's FLOPs per step."""
+    """train_steps of a budget; a FLOPs budget is divided by the point's FLOPs per step (of its loss
+    mode: matched compute across arms), a samples budget by the global batch."""
     if "train_steps" in budget:
         return int(budget["train_steps"])
+    if "samples" in budget:
+        return max(1, round(float(budget["samples"]) / budget["global_batch_size"]))
     from megatron_lcl.config import load_config
 
     cfg = load_config(spec.base_config, overrides)
-    per_step = flops_per_sample(cfg.model, cfg.data.seq_length, spec.images_per_sample) * budget["global_batch_size"]
+    per_step = flops_per_sample(cfg.model, cfg.data.seq_length, spec.images_per_sample,
+                                loss_mode=cfg.loss.mode) * budget["global_batch_size"]
     return max(1, round(float(budget["flops"]) / per_step))
 
 
 def expand_points(spec: SweepSpec) -> List[SweepPoint]:
-    """models x budgets, in spec order (budgets outer: cheap points of every size come first)."""
-    common = [o.format(output_dir=spec.output_dir) for o in spec.overrides]
+    """seeds x budgets x models x arms, in spec order: seeds outer (a stopped sweep has whole seeds),
+    then budgets (cheap points of every size first), arms inner (every arm of a size and budget runs
+    before the next, so finished points always compare arms at matched compute)."""
     points = []
-    for budget in spec.budgets:
-        for model in spec.models:
-            if "models" in budget and model["name"] not in budget["models"]:
-                continue
-            model_overrides = _flatten("model", {k: v for k, v in model.items() if k != "name"})
-            overrides = common + model_overrides + [f"train.global_batch_size={budget['global_batch_size']}"]
-            overrides += [str(o).format(output_dir=spec.output_dir) for o in budget.get("overrides", [])]
-            overrides += _contrastive_overrides(spec, budget, overrides)
-            steps = _steps_for(spec, budget, overrides)
-            overrides.append(f"train.train_steps={steps}")
-            if spec.warmup_fraction is not None:
-                overrides.append(f"optimizer.warmup_steps={round(spec.warmup_fraction * steps)}")
-            name = f"{model['name']}-{_budget_name(budget)}"
-            points.append(SweepPoint(len(points), name, model["name"], _budget_name(budget), overrides,
-                                     os.path.join(spec.output_dir, "configs", f"{name}.yaml"),
-                                     os.path.join(spec.output_dir, "runs", name)))
+    for seed in spec.seeds or [None]:
+        for budget in spec.budgets:
+            for model in spec.models:
+                for arm in spec.arms or [None]:
+                    if "models" in budget and model["name"] not in budget["models"] or \
+                            arm is not None and "arms" in budget and arm["name"] not in budget["arms"]:
+                        continue
+                    points.append(_point(spec, len(points), budget, model, arm, seed))
     return points
+
+
+def _point(spec: SweepSpec, index: int, budget: dict, model: dict, arm: Optional[dict],
+           seed: Optional[int]) -> SweepPoint:
+    """One point's overrides, in order: spec, model, budget, arm, contrastive batch, seed, steps."""
+    fill = lambda items: [str(o).format(output_dir=spec.output_dir) for o in items]  # noqa: E731
+    overrides = fill(spec.overrides) + _flatten("model", {k: v for k, v in model.items() if k != "name"})
+    overrides += [f"train.global_batch_size={budget['global_batch_size']}"] + fill(budget.get("overrides", []))
+    overrides += fill(arm["overrides"]) if arm else []
+    overrides += _contrastive_overrides(spec, budget, overrides)
+    overrides += [f"train.seed={seed}"] if seed is not None else []
+    steps = _steps_for(spec, budget, overrides)
+    overrides.append(f"train.train_steps={steps}")
+    if spec.warmup_fraction is not None:
+        overrides.append(f"optimizer.warmup_steps={round(spec.warmup_fraction * steps)}")
+    parts = ([arm["name"]] if arm else []) + [model["name"], _budget_name(budget)] + \
+        ([f"s{seed}"] if seed is not None else [])
+    name = "-".join(parts)
+    return SweepPoint(index, name, model["name"], _budget_name(budget), overrides,
+                      os.path.join(spec.output_dir, "configs", f"{name}.yaml"),
+                      os.path.join(spec.output_dir, "runs", name), arm["name"] if arm else "", seed)
 
 
 def write_point_config(point: SweepPoint, spec: SweepSpec):
@@ -259,12 +301,17 @@ def run_setup(spec: SweepSpec) -> None:
 
 
 def run_eval(spec: SweepSpec, point: SweepPoint) -> None:
-    """The spec's eval_command for a trained point (it writes RUN_DIR/probe.json); failures are logged."""
+    """The spec's eval_command for a trained point (it writes RUN_DIR/eval.json or probe.json);
+    failures are logged and leave the metric columns empty."""
+    from megatron_lcl.config import load_config
+
+    seed = point.seed if point.seed is not None else load_config(point.config_path).train.seed
     command = spec.eval_command.format(run_dir=shlex.quote(point.run_dir), config=shlex.quote(point.config_path),
-                                       python=shlex.quote(sys.executable), output_dir=shlex.quote(spec.output_dir))
+                                       python=shlex.quote(sys.executable), output_dir=shlex.quote(spec.output_dir),
+                                       seed=seed, arm=shlex.quote(point.arm))
     code = subprocess.run(command, shell=True, cwd=os.getcwd()).returncode
     if code != 0:
-        print(f"[sweep] {point.name}: eval_command exited {code}; probe_accuracy left empty", flush=True)
+        print(f"[sweep] {point.name}: eval_command exited {code}; its metrics are left empty", flush=True)
 
 
 def run_sweep(spec: SweepSpec, runner: Runner = run_point, only: Optional[List[int]] = None,
@@ -299,8 +346,9 @@ def run_sweep(spec: SweepSpec, runner: Runner = run_point, only: Optional[List[i
 
 
 def backfill_eval(spec: SweepSpec, only: Optional[List[int]] = None, log=print) -> List[dict]:
-    """Run the eval_command on finished points whose row has no probe accuracy yet (e.g. points
-    trained before an evaluation was configured) and append their updated rows."""
+    """Run the eval_command on finished points whose run directory has no evaluation yet (e.g. points
+    trained before an evaluation was configured, or whose evaluation failed), and append an updated
+    row for every finished point whose row lacks metrics its evaluation has."""
     from megatron_lcl.config import load_config
 
     assert spec.eval_command, "the spec has no eval_command"
@@ -308,16 +356,17 @@ def backfill_eval(spec: SweepSpec, only: Optional[List[int]] = None, log=print) 
     appended = []
     for point in expand_points(spec):
         row = latest.get(point.name)
-        if (only is not None and point.index not in only) or row is None or row["status"] != "ok" \
-                or row["probe_accuracy"] != "":
+        if (only is not None and point.index not in only) or row is None or row["status"] != "ok":
             continue
-        log(f"[sweep] {point.name}: evaluating")
-        run_eval(spec, point)
-        cfg = load_config(point.config_path)
-        new = collect_result(point, cfg, spec, "ok", float(row["wall_s"] or 0.0))
-        if new["probe_accuracy"] != "":
-            append_row(spec.results_csv, new)
-            appended.append(new)
+        if not read_eval_metrics(point.run_dir):
+            log(f"[sweep] {point.name}: evaluating")
+            run_eval(spec, point)
+        metrics = read_eval_metrics(point.run_dir)
+        if not metrics or all(str(row.get(k) or "") != "" for k in metrics):
+            continue
+        new = collect_result(point, load_config(point.config_path), spec, "ok", float(row["wall_s"] or 0.0))
+        append_row(spec.results_csv, new)
+        appended.append(new)
     return appended
 
 
@@ -347,6 +396,23 @@ def _point_lock(spec: SweepSpec, point: SweepPoint):
 
 
 # ---------------------------------------------------------------------------------- results
+
+def read_eval_metrics(run_dir: str) -> Dict[str, float]:
+    """Every metric the point's evaluation wrote: RUN_DIR/eval.json ({"metrics": {name: number}} or a
+    flat {name: number}) and `probe_accuracy` from RUN_DIR/probe.json. {} when there is none."""
+    metrics = {}
+    probe = read_probe_accuracy(run_dir)
+    if probe is not None:
+        metrics["probe_accuracy"] = probe
+    path = os.path.join(run_dir, "eval.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            result = json.load(f)
+        values = result.get("metrics", result)
+        metrics.update({k: float(v) for k, v in values.items() if isinstance(v, (int, float))
+                        and not isinstance(v, bool)})
+    return metrics
+
 
 def read_probe_accuracy(run_dir: str) -> Optional[float]:
     """Top-1 in [0, 1] from RUN_DIR/probe.json (written by the spec's eval_command), else None.
@@ -381,7 +447,8 @@ def collect_result(point: SweepPoint, cfg, spec: SweepSpec, status: str, wall_s:
     tp = cfg.parallel.tensor_model_parallel_size
     params = parameter_counts(m, tp)
     row = dict.fromkeys(CSV_COLUMNS, "")
-    row.update(point=point.name, model=point.model, budget=point.budget, status=status, run_dir=point.run_dir,
+    row.update(point=point.name, arm=point.arm, model=point.model, budget=point.budget,
+               seed="" if point.seed is None else point.seed, status=status, run_dir=point.run_dir,
                vit_hidden=m.vision.hidden_size, vit_layers=m.vision.num_layers, vit_ffn=m.vision.ffn_hidden_size,
                image_size=m.vision.image_size, patch_size=m.vision.patch_size,
                image_tokens=m.vision.num_image_tokens, lm_hidden=m.lm.hidden_size, lm_layers=m.lm.num_layers,
@@ -410,8 +477,7 @@ def collect_result(point: SweepPoint, cfg, spec: SweepSpec, status: str, wall_s:
                loss_last=last["loss"], step_time_s=round(step_time_s, 4),
                model_flops_per_s=f"{per_sample * t.global_batch_size / step_time_s:.6g}")
     row.update({k: round(v, 6) for k, v in final_losses(rows, spec.final_loss_window).items()})
-    probe = read_probe_accuracy(point.run_dir)
-    row["probe_accuracy"] = "" if probe is None else probe
+    row.update(read_eval_metrics(point.run_dir))
     return row
 
 
@@ -426,17 +492,42 @@ def _locked(path: str):
 
 
 def append_row(csv_path: str, row: dict) -> None:
-    """Append one row (header first when the file is new); locked, so slurm array tasks can share it."""
+    """Append one row (header first when the file is new); locked, so slurm array tasks can share it.
+    A row with a column the file lacks (a new evaluation metric) rewrites the file with the wider
+    header first (atomically: older rows get the column empty)."""
     os.makedirs(os.path.dirname(csv_path) or ".", exist_ok=True)
     with _locked(csv_path + ".lock"):
-        new = not os.path.exists(csv_path) or os.path.getsize(csv_path) == 0
+        header = _csv_header(csv_path)
+        wider = header + [k for k in list(CSV_COLUMNS) + list(row) if k not in header]
+        if header and wider != header:
+            _rewrite_csv(csv_path, wider)
         with open(csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            if new:
+            writer = csv.DictWriter(f, fieldnames=wider)
+            if not header:
                 writer.writeheader()
-            writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+            writer.writerow({k: row.get(k, "") for k in wider})
             f.flush()
             os.fsync(f.fileno())
+
+
+def _csv_header(csv_path: str) -> List[str]:
+    if not os.path.exists(csv_path) or os.path.getsize(csv_path) == 0:
+        return []
+    with open(csv_path, newline="") as f:
+        return next(csv.reader(f), [])
+
+
+def _rewrite_csv(csv_path: str, columns: List[str]) -> None:
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    tmp = csv_path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: r.get(k) or "" for k in columns} for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, csv_path)
 
 
 def read_results(csv_path: str) -> List[dict]:

@@ -1,0 +1,125 @@
+"""Frozen transfer of a pre-trained vision encoder as a flat table of metrics: attention-probe
+top-1 for each labelled field and image-text retrieval recall, on one labelled corpus split 80/20.
+What sweeps and ablations compare across pre-training runs.
+
+    python -m megatron_lcl.eval.transfer --encoder RUN/checkpoints --data EVAL_CORPUS \
+        --probes label colour count colour_b --seed 1 --output RUN/transfer.json
+
+`--output` gets {"metrics": {name: value in [0, 1]}, "details": {...}}: `probe_<field>` (top-1),
+`retrieval_tr1`, `retrieval_ir1`, `retrieval_tr5`, `retrieval_ir5`, `probe_mean` (mean over the
+probes), and `latent_effective_rank` (collapse check, not a fraction). A sweep turns every metric into
+a results.csv column (megatron_lcl.scaling.sweep.read_eval_metrics).
+
+The evaluation corpus should be held out from pre-training: for the scenes corpus, its `heldout`
+split (object pairs pre-training never shows; `python -m megatron_lcl.data.synthetic --kind scenes
+--split heldout`). `--seed` picks the 80/20 split and the heads' initialisation.
+"""
+
+import argparse
+import json
+import os
+import time
+from typing import Dict, Sequence
+
+RECALL_KEYS = {"TR@1": "retrieval_tr1", "IR@1": "retrieval_ir1", "TR@5": "retrieval_tr5", "IR@5": "retrieval_ir5"}
+
+
+def latent_spread(encoder, images) -> dict:
+    """Collapse check: effective rank of the centred, token-averaged latents of `images` (1 = every
+    image looks the same to the encoder; up to the hidden width)."""
+    import torch
+
+    from megatron_lcl.training.metrics import singular_value_stats
+
+    with torch.no_grad():
+        pooled = torch.cat([encoder(images.pixels(list(range(i, min(i + 256, len(images)))), encoder.image_size))
+                            .mean(dim=1) for i in range(0, len(images), 256)])  # [n, h]
+    stats = singular_value_stats(pooled - pooled.mean(dim=0))
+    return {"latent_effective_rank": stats["effective_rank"],
+            "latent_effective_rank_frac": stats["effective_rank"] / encoder.hidden_size}
+
+
+def probe(encoder, data: str, field: str, epochs: int, seed: int, eval_fraction: float = 0.2) -> dict:
+    """Frozen attention probe on `data`'s `field` labels (classify's result dict)."""
+    from megatron_lcl.eval.classify import ProbeConfig, load_splits, run_classification
+
+    train_set, eval_set = load_splits(data, None, field, eval_fraction, seed)
+    return run_classification(encoder, train_set, eval_set, ProbeConfig(epochs=epochs, seed=seed))
+
+
+def retrieval(encoder, data: str, epochs: int, seed: int, eval_fraction: float = 0.2) -> dict:
+    """Frozen retrieval transfer (a new text encoder) on `data`'s captions (retrieve's result dict,
+    plus the latent spread of the evaluation images)."""
+    from megatron_lcl.eval.retrieve import RetrievalConfig, load_pair_splits, run_retrieval
+
+    train_set, eval_set = load_pair_splits(data, None, eval_fraction, seed)
+    result = run_retrieval(encoder, train_set, eval_set, RetrievalConfig(epochs=epochs, seed=seed))
+    result.update(latent_spread(encoder, eval_set))
+    return result
+
+
+def flat_metrics(details: dict) -> Dict[str, float]:
+    """{probe_<field>, probe_mean, retrieval_*, latent_effective_rank} from `evaluate`'s details."""
+    metrics = {}
+    for key, result in details.items():
+        if key.startswith("classify_"):
+            metrics["probe_" + key[len("classify_"):]] = result["accuracy_pct"]["acc-1"] / 100.0
+    probes = [v for k, v in metrics.items() if k.startswith("probe_")]
+    if probes:
+        metrics["probe_mean"] = sum(probes) / len(probes)
+    if "retrieval" in details:
+        recall = details["retrieval"]["recall_pct"]
+        metrics.update({name: recall[k] / 100.0 for k, name in RECALL_KEYS.items() if k in recall})
+        metrics["latent_effective_rank"] = details["retrieval"]["latent_effective_rank"]
+    return metrics
+
+
+def evaluate(encoder, data: str, probes: Sequence[str], epochs: int, seed: int, details: dict = None,
+             retrieval_epochs: int = None) -> dict:
+    """Probe every field in `probes` and run retrieval, skipping what `details` already holds (a rerun
+    adds only what is missing). Returns the details dict ({classify_<field>: ..., retrieval: ...})."""
+    details = dict(details or {})
+    for field in probes:
+        if f"classify_{field}" not in details:
+            details[f"classify_{field}"] = probe(encoder, data, field, epochs, seed)
+    if "retrieval" not in details:
+        details["retrieval"] = retrieval(encoder, data, retrieval_epochs or epochs, seed)
+    return details
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--encoder", required=True, help="megatron_lcl checkpoint (folder or run's checkpoints/) "
+                   "or HF CLIPVisionModel folder")
+    p.add_argument("--data", required=True, help="labelled synthetic corpus (held out from pre-training)")
+    p.add_argument("--probes", nargs="*", default=["label", "colour"], help="image_info fields to probe")
+    p.add_argument("--epochs", type=int, default=30, help="probe and retrieval training epochs")
+    p.add_argument("--seed", type=int, default=0, help="80/20 split and head initialisation")
+    p.add_argument("--output", required=True, help="JSON file: {metrics, details}")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    from megatron_lcl.eval.encoders import load_encoder
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    encoder = load_encoder(args.encoder)
+    details = evaluate(encoder, args.data, args.probes, args.epochs, args.seed)
+    out = {"encoder": args.encoder, "data": args.data, "seed": args.seed, "epochs": args.epochs,
+           "metrics": flat_metrics(details), "details": details, "eval_time_s": round(time.time() - t0, 1)}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tmp = args.output + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, args.output)
+    print(" ".join(f"{k}={v:.4g}" for k, v in out["metrics"].items()), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
