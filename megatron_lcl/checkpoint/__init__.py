@@ -16,7 +16,8 @@ _EXPORTS = {
     "METRICS": "run_dir", "TENSORBOARD": "run_dir", "checkpoint_name": "run_dir", "checkpoints_dir": "run_dir",
     "read_meta": "run_dir", "read_metrics": "run_dir", "resolve_checkpoint": "run_dir", "run_path": "run_dir",
     "save_checkpoint": "state", "load_checkpoint": "state", "load_newest_loadable": "state",
-    "CheckpointError": "run_dir",
+    "CheckpointError": "run_dir", "LOCK": "run_dir", "RunDirInUse": "run_dir", "lock_run_dir": "run_dir",
+    "unlock_run_dir": "run_dir", "run_dir_write_error": "run_dir",
     "LCLPretrained": "pretrained", "load_pretrained": "pretrained", "save_weights": "pretrained",
     "full_state_dict": "pretrained", "ensure_single_process": "pretrained",
 }

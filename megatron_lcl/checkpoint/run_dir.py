@@ -6,6 +6,7 @@
       metrics.jsonl      one JSON object per logged step             read_metrics()
       tensorboard/       the same scalars for TensorBoard
       checkpoints/       step_00000100/ ... and `latest`             megatron_lcl.checkpoint
+      run.lock           held (flock) by the launch that runs here   lock_run_dir()
 
 A checkpoint folder holds dist-checkpointing files and `meta.json` (step, parallel layout, config,
 train state); `latest` names the newest complete one. Writes are atomic: into `NAME.tmp/`, then
@@ -14,13 +15,23 @@ A failure on any rank (e.g. no space left on the device) fails the save on every
 message (`agree_on_error`), and the partial `NAME.tmp/` is removed. A checkpoint whose files turn
 out unreadable or truncated at load (`check_checkpoint_files`) is renamed `NAME.broken/`: kept for
 inspection, never counted as complete, never pruned.
+
+One launch at a time: rank 0 holds an exclusive `flock` on `run.lock` for the life of the run
+(`lock_run_dir`); the kernel releases it when the process ends, however it ends (a SIGKILLed job never
+blocks its requeue). A second launch on the directory gets `RunDirInUse` naming the holder (host, pid,
+slurm job), which `run.lock` records. flock works across the nodes of NFS (v4) and Lustre mounted with
+`-o flock`; on a file system without it, the lock holds per node only.
 """
 
+import fcntl
 import json
 import os
-import sys
 import re
 import shutil
+import socket
+import sys
+import tempfile
+import time
 from typing import Callable, List, Optional
 
 CONFIG = "config.yaml"
@@ -30,6 +41,7 @@ TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
+LOCK = "run.lock"
 TMP_SUFFIX = ".tmp"
 BROKEN_SUFFIX = ".broken"
 _STEP_DIR = re.compile(r"step_\d+$")  # not step_N.tmp (partial) or step_N.broken (failed to load)
@@ -42,6 +54,71 @@ class CheckpointError(RuntimeError):
     def __init__(self, message: str, reason: str = ""):
         super().__init__(message)
         self.reason = reason or message
+
+
+class RunDirInUse(RuntimeError):
+    """Another launch holds the run directory's lock (the message names the directory and the holder)."""
+
+
+def run_dir_write_error(run_dir: str) -> Optional[str]:
+    """Why this process cannot create files in `run_dir` (and its checkpoints/), else None. Creates
+    `run_dir` when missing; checks by creating and removing a file (permission bits say nothing
+    about read-only mounts, and nothing at all to root)."""
+    for folder in (run_dir, checkpoints_dir(run_dir)):
+        try:
+            if folder == run_dir:
+                os.makedirs(folder, exist_ok=True)
+            elif not os.path.isdir(folder):
+                continue
+            with tempfile.TemporaryFile(dir=folder, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            return f"run_dir {run_dir}: cannot write in {folder} ({e.strerror or e})"
+    return None
+
+
+_held_locks = set()  # file descriptors of the run-directory locks this process holds
+
+
+def _close_held_locks_in_child() -> None:
+    """In a forked child (DataLoader worker, checkpoint writer): close the inherited lock descriptors,
+    so an orphaned child never keeps a dead run's lock (closing does not unlock: the parent's remains)."""
+    for fd in _held_locks:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
+def lock_run_dir(run_dir: str) -> int:
+    """Take the exclusive lock of `run_dir` for this process (until `unlock_run_dir` or exit) and
+    record the holder in it; raise RunDirInUse naming the holder when another process has it.
+    Returns the lock's file descriptor."""
+    os.makedirs(run_dir, exist_ok=True)
+    fd = os.open(run_path(run_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "holder unknown"
+        os.close(fd)
+        raise RunDirInUse(f"run directory {run_dir} is in use by another launch ({holder}); wait for it to "
+                          f"end or stop it, or give this run another run_dir") from None
+    job = os.environ.get("SLURM_JOB_ID")
+    holder = (f"host {socket.gethostname()}, pid {os.getpid()}, slurm job {job or 'none'}, since "
+              f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (holder + "\n").encode(), 0)
+    _held_locks.add(fd)
+    return fd
+
+
+def unlock_run_dir(fd: int) -> None:
+    _held_locks.discard(fd)
+    os.close(fd)  # releases the flock
 
 
 def run_path(run_dir: str, name: str) -> str:
@@ -116,10 +193,17 @@ def save_atomically(final: str, state: dict, meta_fn) -> str:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
+    from megatron_lcl.runtime.mcore_compat import deferred_rank0_write_errors
+
     tmp, rank0 = final + TMP_SUFFIX, dist.get_rank() == 0
+
+    def write_files():
+        with deferred_rank0_write_errors():  # rank 0's common.pt / .metadata / metadata.json: see there
+            dist_checkpointing.save(state, tmp)
+
     try:
         agree_on_error(lambda: rank0 and _fresh_folder(final, tmp), f"saving {final}")
-        agree_on_error(lambda: dist_checkpointing.save(state, tmp), f"saving {final}")
+        agree_on_error(write_files, f"saving {final}")
         agree_on_error(lambda: rank0 and _finish(tmp, final, meta_fn), f"saving {final}")
     except CheckpointError:
         if rank0:
@@ -153,26 +237,41 @@ def agree_on_error(fn: Callable, what: str):
     try:
         result, error = fn(), None
     except (Exception, CheckpointException) as e:
-        result, error = None, f"rank {dist.get_rank()}: {_describe(e)}"
-        if dist.get_world_size() > 1:  # said at once: if `fn` was collective, the others may wait inside it
-            print(f"{what} failed on {error}", file=sys.stderr, flush=True)
+        result, error = None, _rank_error(e)
+        if dist.get_world_size() > 1 and error[0]:  # said at once: if `fn` was collective, the others may wait in it
+            print(f"{what} failed on {error[1]}", file=sys.stderr, flush=True)
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     failed = [e for e in errors if e is not None]
     if failed:
-        more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
-        raise CheckpointError(f"{what} failed on {failed[0]}{more}", reason=failed[0].split(": ", 1)[1])
+        first = sorted(failed, key=lambda e: not e[0])[0][1]  # a rank's own error before "failed elsewhere"
+        firsthand = sum(1 for e in failed if e[0])
+        more = f" (and {firsthand - 1} more rank(s))" if firsthand > 1 else ""
+        raise CheckpointError(f"{what} failed on {first}{more}", reason=first.split(": ", 1)[1])
     return result
 
 
+def _rank_error(e: BaseException) -> tuple:
+    """(firsthand, "rank R: Error: message") for an error raised on this rank. torch's
+    CheckpointException carries the failing ranks' errors (keyed by rank) on the rank that gathered
+    them; elsewhere it carries none: not firsthand, another rank has the details."""
+    import torch.distributed as dist
+
+    failures = getattr(e, "failures", None)
+    if failures:
+        rank = min(failures)
+        return True, f"rank {rank}: {_describe(failures[rank][0])}"
+    return failures is None, f"rank {dist.get_rank()}: {_describe(e)}"
+
+
 def _describe(e: BaseException) -> str:
-    """One line for an error; torch's CheckpointException wraps each rank's error with its traceback."""
+    """One line for an error (its first line, whole: it may name a file or a shard)."""
     failures = getattr(e, "failures", None)
     if failures:
         e = next(iter(failures.values()))[0]
     if isinstance(e, CheckpointError):
         return str(e)
-    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    return (f"{type(e).__name__}: {e}".splitlines() or [type(e).__name__])[0]
 
 
 def check_checkpoint_files(ckpt: str) -> None:
@@ -236,11 +335,16 @@ def _check_replaceable(final: str) -> None:
 
 def write_latest(root: str, name: str) -> None:
     tmp = os.path.join(root, LATEST + TMP_SUFFIX)
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, LATEST))
+    try:
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(root, LATEST))
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def prune(root: str, keep_last: int) -> None:

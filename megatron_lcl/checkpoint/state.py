@@ -18,6 +18,7 @@ naming the previous complete checkpoint; stale `*.tmp` folders are removed on th
 """
 
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -81,18 +82,27 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler, loader, m
     """Save atomically as `root/step_N`, point `latest` at it, keep the newest `keep_last`."""
     optimizer_format = mcore_compat.resolve_optimizer_format(optimizer_format)
     name = checkpoint_name(step)
-    if dist.get_rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        remove_stale_tmp(root)
+    agree_on_error(lambda: dist.get_rank() == 0 and _prepare_root(root), f"saving {root}/{name}")
     state = _sharded_state(model, optimizer, scheduler, loader, layout, is_loading=False,
                            optimizer_format=optimizer_format)
     with shielded_from_stop_signals():  # the writer processes megatron-core starts outlive a job-wide stop
         mcore_compat.start_checkpoint_writer_queue()  # ... but not their rank
         final = save_atomically(os.path.join(root, name), state, lambda: dict(
             meta, step=step, parallel=layout.sizes(), optimizer_format=optimizer_format, rng=RNG_KEY))
-    agree_on_error(lambda: dist.get_rank() == 0 and (write_latest(root, name), prune(root, keep_last)),
-                   f"pointing {root}/latest at {name}")
+    try:
+        agree_on_error(lambda: dist.get_rank() == 0 and write_latest(root, name), f"pointing {root}/latest at {name}")
+    except CheckpointError:  # `latest` still names the previous checkpoint: the new one leaves no trace
+        if dist.get_rank() == 0:
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    if dist.get_rank() == 0:
+        prune(root, keep_last)
     return final
+
+
+def _prepare_root(root: str) -> None:
+    os.makedirs(root, exist_ok=True)
+    remove_stale_tmp(root)
 
 
 # ------------------------------------------------------------------------------------------ load

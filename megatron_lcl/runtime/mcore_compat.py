@@ -4,7 +4,9 @@ is one reviewable diff. The CPU adaptation (CUDA calls mapped to CPU) is its sib
 Each entry names the version it was written for and what to check when upgrading.
 """
 
+import functools
 import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -159,3 +161,45 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):  # not Linux: the Manager outlives a killed rank, as before
         pass
+
+
+# megatron-core 0.16.1 (dist_checkpointing/serialization.py `save`): rank 0 alone writes three files
+# between the save's collectives: `common.pt` (TorchCommonSaveStrategy.save_common, before the
+# planning collectives), the index `.metadata` (FileSystemWriterAsync.finish, in
+# save_state_dict_async_finalize before the broadcast of the write status) and `metadata.json`
+# (save_config, before the closing barrier). A write error there (no space left) raises on rank 0
+# only, and the other ranks wait in the next collective until the process group times out (~10 min).
+# Upgrade check: `save` still writes these three on rank 0 only, by these names.
+@contextmanager
+def deferred_rank0_write_errors():
+    """Inside, the three rank-0 writes of `dist_checkpointing.save` record their error instead of
+    raising, so every rank runs the save's collectives to the end; the first error is raised on leaving
+    (the caller agrees on it with the other ranks). Data files need nothing: their writers report
+    errors through the save's own gather, and every rank raises."""
+    from megatron.core.dist_checkpointing import serialization
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    errors = []
+
+    def deferring(fn):
+        @functools.wraps(fn)
+        def write(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any write error, raised after the collectives
+                errors.append(e)
+        return write
+
+    targets = [(TorchCommonSaveStrategy, "save_common"), (FileSystemWriterAsync, "finish"),
+               (serialization, "save_config")]
+    originals = [(owner, name, owner.__dict__[name]) for owner, name in targets]
+    for owner, name, fn in originals:
+        setattr(owner, name, deferring(fn))
+    try:
+        yield
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+    if errors:
+        raise errors[0]

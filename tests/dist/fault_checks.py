@@ -9,9 +9,12 @@ folder not yet renamed): torchrun then ends the job. `--phase checks` (the launc
 - truncated: for each of a .distcp, .metadata, common.pt and meta.json truncated in the newest
              checkpoint (step 6): the run resumes from step 4, renames step 6 to step_00000006.broken.
 - dangling:  `latest` naming a deleted folder: resumes from the newest complete one.
-- enospc:    "no space left on device" on rank 1 while writing the step-8 save: both ranks stop
-             with one CheckpointError, step_00000008.tmp is gone, `latest` and older checkpoints are
-             intact, and the relaunch resumes from step 6.
+- enospc:    "no space left on device" while writing each file of the step-8 save in turn (data files
+             on rank 1 and on rank 0; rank 0's index .metadata, common.pt, metadata.json, meta.json,
+             latest): every rank stops with the same CheckpointError naming the rank and the file,
+             within seconds (before: a .metadata error hung all ranks for the gloo timeout), no
+             step_00000008(.tmp) is left, `latest` and older checkpoints are intact, and the relaunch
+             resumes from step 6.
 Each fault's resumed steps are compared with the straight run's (bitwise). Results: OUT/fault_checks.json.
 """
 
@@ -24,6 +27,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 
 import torch.distributed as dist
 
@@ -136,27 +140,68 @@ def check_dangling(out: str, base) -> dict:
     return {**run(cfg), "rows": rows(cfg)}
 
 
-def check_enospc(out: str, base) -> dict:
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+# Every file a save writes, and the rank that writes it: (name the failing write starts with, rank).
+# Rank 0 alone writes the index `.metadata`, common.pt, metadata.json, meta.json and `latest`; every
+# rank writes its data files (`__R_0.distcp`, in megatron-core's forked writer processes).
+WRITE_FAULTS = [("__1_", 1), ("__0_", 0), (".metadata", 0), ("common.pt", 0), ("metadata.json", 0),
+                ("meta.json", 0), ("latest", 0)]
 
+
+@contextlib.contextmanager
+def disk_full_for(prefix: str, rank: int):
+    """On `rank`: opening a file whose name starts with `prefix` for writing fails with ENOSPC, as on a
+    full disk (builtins.open and io.open, which pathlib uses, inherited by forked writer processes;
+    torch.save, which opens its file in C++)."""
+    import builtins
+    import torch
+
+    real_open, real_save = builtins.open, torch.save
+
+    def full(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    def hits(path, mode) -> bool:
+        return isinstance(path, (str, os.PathLike)) and os.path.basename(os.fspath(path)).startswith(prefix) \
+            and any(c in mode for c in "wax+")
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if hits(file, mode):
+            full(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def failing_save(obj, f, *args, **kwargs):
+        if hits(f, "w"):
+            full(f)
+        return real_save(obj, f, *args, **kwargs)
+
+    if dist.get_rank() == rank:
+        builtins.open = io.open = failing_open
+        torch.save = failing_save
+    try:
+        yield
+    finally:
+        builtins.open = io.open = real_open
+        torch.save = real_save
+
+
+def check_write_errors(out: str, base) -> dict:
+    """A write error in each file of the step-8 save, one launch each on one run directory: every rank
+    stops with the same CheckpointError (no hang: timed), no step_00000008(.tmp) is left, `latest` stays
+    at step 6, so each next launch resumes from step 6; the last one, without a fault, finishes."""
     cfg = config(out, "enospc")
     copy_run(base, cfg)
-    real_write = filesystem_async._write_item
-
-    def disk_full(*args, **kwargs):  # runs in the writer processes (forked)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    if dist.get_rank() == 1:
-        filesystem_async._write_item = disk_full
-    try:
-        failed = run(cfg)
-    finally:
-        filesystem_async._write_item = real_write
-    with open(os.path.join(cfg.run_dir, "checkpoints", "latest")) as f:
-        latest_after_failure = f.read().strip()
-    relaunched = run(cfg)
-    return {"failed": failed, "latest_after_failure": latest_after_failure, "relaunched": relaunched,
-            "rows": rows(cfg)}
+    results = {}
+    for prefix, rank in WRITE_FAULTS:
+        started = time.time()
+        with disk_full_for(prefix, rank):
+            failed = run(cfg)
+        statuses = [None] * dist.get_world_size()
+        dist.all_gather_object(statuses, failed["status"])
+        with open(os.path.join(cfg.run_dir, "checkpoints", "latest")) as f:
+            latest = f.read().strip()
+        results[f"{prefix}@{rank}"] = {**failed, "statuses": statuses, "latest": latest,
+                                      "seconds": time.time() - started}
+    return {"faults": results, "relaunched": run(cfg), "rows": rows(cfg)}
 
 
 def phase_checks(out: str) -> dict:
@@ -171,7 +216,7 @@ def phase_checks(out: str) -> dict:
     run(base)
     results["truncated"] = check_truncated(out, base)
     results["dangling"] = check_dangling(out, base)
-    results["enospc"] = check_enospc(out, base)
+    results["enospc"] = check_write_errors(out, base)
     return results
 
 
