@@ -19,6 +19,7 @@ setup(
         "tensorboard",
         "psutil",  # required by megatron-core dist-checkpointing (save hangs without it)
         "numpy",
+        "scipy",  # scaling fits: E(C) = a (C + b)^c + d, crossovers
         "pillow",
         "pyyaml",
         "tqdm",

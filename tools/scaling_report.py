@@ -11,6 +11,15 @@ Fits (all with bootstrap confidence intervals over the runs):
   optimal size        N_opt(C) = k C^b: for IsoFLOP sweeps (every size at the same FLOPs per budget)
                       the minimum of a parabola in log N per budget; otherwise the frontier runs' N
 Writes OUT/report.md, OUT/loss_vs_compute.png, OUT/loss_vs_params.png, OUT/optimal_params.png.
+
+A sweep with `arms` (objectives compared at matched compute; megatron_lcl/scaling/arms.py) gets the
+comparison report instead: per transfer metric (`--metrics`), error = 1 - metric vs compute on each
+arm's Pareto front, fits E = a C^c and E = a (C + b)^c + d with bootstrap intervals over points and
+seeds, exponent differences, crossovers, a held-out check; OUT/report.md, report.json and
+OUT/error_vs_compute_<metric>.png.
+
+    python tools/scaling_report.py runs/scaling/lcl_vs_con/results.csv --out docs/scaling/lcl_vs_con \
+        --spec examples/scaling/lcl_vs_con.yaml
 """
 
 import argparse
@@ -335,12 +344,16 @@ def main(argv=None) -> int:
     p.add_argument("--spec", help="the sweep spec: only its points are used, and it is cited in the report")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--level", type=float, default=0.9, help="confidence level of the intervals")
+    p.add_argument("--metrics", nargs="+", default=list(TRANSFER_METRICS),
+                   help="arms comparison: the transfer metrics (results.csv columns, in [0, 1]) to fit")
     args = p.parse_args(argv)
     rows = load_rows(args.csv, args.spec)
     if len(rows) < 2:
         print(f"{args.csv}: {len(rows)} finished run(s); a fit needs at least 2", file=sys.stderr)
         return 1
     os.makedirs(args.out, exist_ok=True)
+    if any(r.get("arm") for r in rows):
+        return arms_main(args, rows, argv)
     a = analyse(rows, args.loss, args.params, args.bootstrap, args.level)
     plot_loss_vs_compute(rows, a, os.path.join(args.out, "loss_vs_compute.png"))
     plot_loss_vs_params(rows, a, os.path.join(args.out, "loss_vs_params.png"))
@@ -351,6 +364,43 @@ def main(argv=None) -> int:
     print(text[: text.index("## Plots")])
     print(f"wrote {args.out}/report.md and 3 PNGs")
     return 0
+
+
+TRANSFER_METRICS = ("retrieval_tr1", "retrieval_ir1", "retrieval_tr5", "probe_mean")
+
+
+def arms_main(args, rows: List[dict], argv) -> int:
+    """The comparison of a sweep's arms on transfer metrics (megatron_lcl.scaling.arms)."""
+    import json
+
+    from megatron_lcl.scaling.arms import compare
+    from megatron_lcl.scaling.arms_report import bootstrap_summary, write_report as write_arms_report
+
+    missing = [m for m in args.metrics if not any(np.isfinite(_number(r.get(m))) for r in rows)]
+    if missing:
+        print(f"{args.csv}: no values for metric(s) {missing}; columns: {sorted(rows[0])}", file=sys.stderr)
+        return 2
+    for r in rows:
+        r["seed"] = "" if r.get("seed") in (None, "") else str(r["seed"])
+    cmp = compare(rows, args.metrics, num_samples=min(args.bootstrap, 400), level=args.level)
+    title = args.title or os.path.basename(os.path.dirname(os.path.abspath(args.csv)))
+    command = "python tools/scaling_report.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    probes = sorted(k for k in rows[0] if k.startswith("probe_") and k != "probe_accuracy")
+    text = write_arms_report(cmp, rows, args.out, title, command, args.csv, args.spec,
+                             table_metrics=list(dict.fromkeys(list(args.metrics) + probes)))
+    summary = {m: bootstrap_summary(cmp, m) for m in args.metrics}
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=float)
+    print(text[: text.find("## Side points") if "## Side points" in text else text.find("## Configurations")])
+    print(f"wrote {args.out}/report.md, report.json and {len(args.metrics)} PNGs")
+    return 0
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 if __name__ == "__main__":

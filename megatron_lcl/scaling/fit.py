@@ -1,4 +1,4 @@
-"""Power-law fits for scaling sweeps, with bootstrap confidence intervals (numpy only).
+"""Power-law fits for scaling sweeps, with bootstrap confidence intervals.
 
     L(x) = a * x^-alpha            least squares on log L = log a - alpha log x
     L(x) = E + a * x^-alpha        with an irreducible loss E: for each E on a grid (then refined),
@@ -9,10 +9,14 @@ x is compute C (FLOPs) or parameters N. The compute-optimal frontier is either t
 (C, L) over all runs (`pareto_frontier`), or, for IsoFLOP sweeps (several model sizes per compute
 budget), the minimum of a parabola in log N per budget (`isoflop_optima`, Chinchilla approach 2);
 N_opt(C) = k * C^a is then a power law too (`fit_power_law(..., increasing=True)`).
+
+    E(C) = a * (C + b)^c + d       `fit_saturating` (scipy least squares in log E), the form Nezhurina
+                                   et al. 2025 fit to the Pareto front of transfer error vs compute;
+                                   `crossovers` finds where two fitted curves cross
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -180,3 +184,99 @@ def isoflop_optima(budget: Sequence[str], compute: Sequence[float], params: Sequ
                                      float(c2 * x_min ** 2 + c1 * x_min + c0), True)
         out.append(opt)
     return sorted(out, key=lambda o: o.compute)
+
+
+# ---------------------------------------------------------------------------------- E(C) = a (C + b)^c + d
+
+@dataclass
+class SaturatingLaw:
+    """E(C) = a * (C/scale + b)^c + d (Nezhurina et al. 2025: the Pareto front of error vs compute).
+    C is divided by `scale` (the smallest compute fitted) so that b is in those units and the fit is
+    well conditioned; c < 0 is the scaling exponent, d >= 0 the error compute does not remove."""
+
+    a: float
+    b: float
+    c: float
+    d: float
+    scale: float
+    rmse_log: float = float("nan")
+    n: int = 0
+
+    def __call__(self, compute):
+        return self.a * (np.asarray(compute, dtype=float) / self.scale + self.b) ** self.c + self.d
+
+    def params(self) -> Dict[str, float]:
+        """In compute units: E = a (C + b)^c + d with C and b in FLOPs."""
+        return {"a": self.a * self.scale ** -self.c, "b": self.b * self.scale, "c": self.c, "d": self.d}
+
+
+SATURATING_MIN_POINTS = 5  # four parameters: at least one degree of freedom
+
+
+def fit_saturating(compute: Sequence[float], error: Sequence[float],
+                   start: Optional[SaturatingLaw] = None) -> SaturatingLaw:
+    """Least squares in log E (relative errors) with b >= 0, c in [-5, 0), 0 <= d < min E. The surface
+    is flat along ridges (b and c trade off), so: a grid over (b, c) where the best (a, d) of each
+    cell is a weighted linear least squares (variable projection), then a local refinement from the
+    best cell (and from `start`, e.g. the full-data fit for bootstrap refits). Needs
+    SATURATING_MIN_POINTS distinct compute values."""
+    from scipy.optimize import least_squares
+
+    x, y = _check(compute, error)
+    assert len(np.unique(x)) >= SATURATING_MIN_POINTS, \
+        f"a * (C + b)^c + d needs >= {SATURATING_MIN_POINTS} distinct compute values, got {len(np.unique(x))}"
+    scale = float(x.min())
+    xs, ly, d_max = x / scale, np.log(y), float(y.min()) * (1 - 1e-6)
+    lower, upper = [-30.0, 0.0, -5.0, 0.0], [30.0, 1e3, -1e-4, d_max]
+
+    def residual(p):  # p = (log a, b, c, d)
+        return np.log(np.exp(p[0]) * (xs + p[1]) ** p[2] + p[3]) - ly
+
+    starts = [_best_grid_cell(xs, y, d_max)]
+    if start is not None:
+        starts.append([np.log(start.a) + start.c * np.log(scale / start.scale), start.b * start.scale / scale,
+                       start.c, min(start.d, d_max)])
+    best = None
+    for p0 in starts:
+        r = least_squares(residual, np.clip(np.nan_to_num(p0), lower, upper), bounds=(lower, upper), method="trf")
+        if best is None or r.cost < best.cost:
+            best = r
+    la, b, c, d = best.x
+    law = SaturatingLaw(float(np.exp(la)), float(b), float(c), float(d), scale, n=len(x))
+    law.rmse_log = float(np.sqrt(np.mean((np.log(law(x)) - ly) ** 2)))
+    return law
+
+
+def _best_grid_cell(xs: np.ndarray, y: np.ndarray, d_max: float) -> list:
+    """(log a, b, c, d) of the best (b, c) grid cell; in each cell a >= 0 and 0 <= d <= d_max solve
+    the least squares of a * (xs + b)^c + d against y weighted by 1 / y (relative errors)."""
+    b = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 31)])[:, None, None]
+    c = np.linspace(-5.0, -0.01, 120)[None, :, None]
+    f = (xs[None, None, :] + b) ** c  # [nb, nc, n]
+    w2 = (1.0 / y) ** 2
+    sff, sf, s1 = (w2 * f * f).sum(-1), (w2 * f).sum(-1), w2.sum()
+    sfy, sy = (w2 * f * y).sum(-1), (w2 * y).sum()
+    det = sff * s1 - sf * sf
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where(det > 0, (sfy * s1 - sf * sy) / det, 0.0)
+        d = np.clip(np.where(det > 0, (sff * sy - sf * sfy) / det, 0.0), 0.0, d_max)
+        a = np.maximum(np.where(d != 0, (sfy - d * sf) / sff, sfy / sff), 1e-300)  # refit a at the clipped d
+        pred = a[..., None] * f + d[..., None]
+        sse = (np.log(np.maximum(pred, 1e-300)) - np.log(y)) ** 2
+    sse = np.nan_to_num(sse.sum(-1), nan=np.inf)
+    i, j = np.unravel_index(np.argmin(sse), sse.shape)
+    return [float(np.log(a[i, j])), float(b[i, 0, 0]), float(c[0, j, 0]), float(d[i, j])]
+
+
+def crossovers(f: Callable, g: Callable, lo: float, hi: float, num: int = 400) -> List[float]:
+    """Compute values in [lo, hi] where curves f and g cross (sign changes of f - g on a log grid,
+    each refined by bisection in log C). Empty when they do not cross there."""
+    from scipy.optimize import brentq
+
+    grid = np.geomspace(lo, hi, num)
+    diff = np.asarray(f(grid), dtype=float) - np.asarray(g(grid), dtype=float)
+    out = []
+    for i in np.nonzero(np.sign(diff[:-1]) * np.sign(diff[1:]) < 0)[0]:
+        h = lambda t: float(f(np.exp(t)) - g(np.exp(t)))  # noqa: E731
+        out.append(float(np.exp(brentq(h, np.log(grid[i]), np.log(grid[i + 1])))))
+    return out

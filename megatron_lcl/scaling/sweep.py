@@ -498,7 +498,7 @@ def append_row(csv_path: str, row: dict) -> None:
     os.makedirs(os.path.dirname(csv_path) or ".", exist_ok=True)
     with _locked(csv_path + ".lock"):
         header = _csv_header(csv_path)
-        wider = header + [k for k in list(CSV_COLUMNS) + list(row) if k not in header]
+        wider = list(dict.fromkeys(header + list(CSV_COLUMNS) + list(row)))
         if header and wider != header:
             _rewrite_csv(csv_path, wider)
         with open(csv_path, "a", newline="") as f:
