@@ -17,7 +17,7 @@ from megatron_lcl.eval.encoders import VisionEncoder, load_encoder, weights_fing
 from megatron_lcl.eval.retrieve import RetrievalConfig, recall_at_k, run_retrieval
 
 from common import tiny_model_config
-from eval_fixtures import png
+from eval_fixtures import EIGHT_CAPTIONS, png, write_caption_pairs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COLOURS = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (235, 210, 40)]
@@ -132,6 +132,53 @@ def hf_clip_dir(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def exported(single_rank, tmp_path_factory):
+    """A tiny checkpoint whose config names a sentencepiece tokenizer, exported by convert_to_hf."""
+    from dataclasses import replace
+
+    from megatron_lcl.checkpoint import save_weights
+    from megatron_lcl.config import LCLConfig, ParallelConfig
+    from megatron_lcl.data.tokenizer import train_tokenizer
+    from megatron_lcl.hf.export import export_to_hf
+    from megatron_lcl.models.lcl_model import LCLModel
+    from megatron_lcl.runtime import set_seed
+
+    root = tmp_path_factory.mktemp("export")
+    sp = train_tokenizer(list(EIGHT_CAPTIONS.values()) * 20, str(root / "sp"), 64)
+    cfg = LCLConfig(model=CFG)
+    cfg = replace(cfg, data=replace(cfg.data, tokenizer=sp))
+    set_seed(7)
+    checkpoint = save_weights(LCLModel(CFG, ParallelConfig()), cfg, str(root / "checkpoint"))
+    export_to_hf(checkpoint, str(root / "hf"), log=lambda *a: None)
+    return root, sp
+
+
+def test_caption_transfer_from_a_convert_to_hf_export(exported, tmp_path, capsys):
+    """The documented command with the exported LM (`--lm OUT/lm`): lm/ is a complete HF folder (its
+    tokenizer gives sentencepiece's ids, the config its EOS) and the captions are not empty."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from megatron_lcl.data.tokenizer import LCLTokenizer
+    from megatron_lcl.eval import caption
+
+    root, sp = exported
+    ours, theirs = LCLTokenizer(sp), AutoTokenizer.from_pretrained(str(root / "hf" / "lm"))
+    text = "a red square at night"
+    assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    config = AutoConfig.from_pretrained(str(root / "hf" / "lm"))
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (ours.pad_id, ours.bos_id, ours.eos_id)
+    pairs = write_caption_pairs(tmp_path)
+    result = caption.main(["--encoder", str(root / "hf"), "--lm", str(root / "hf" / "lm"), "--data", str(pairs),
+                           "--eval-data", str(pairs), "--steps", "40", "--batch-size", "8", "--lr", "3e-3",
+                           "--num-workers", "0", "--metric-tokenizer", "python",
+                           "--output", str(tmp_path / "cap.json")])
+    predictions = json.loads((tmp_path / "cap.predictions.pairs.json").read_text())
+    assert len(predictions) == 8 and all(p["caption"].strip() for p in predictions), predictions
+    assert predictions[0]["image_id"] == str(tmp_path / "img" / "red.png")  # pairs sets: the image's file
+    assert result["scores_by_set"][str(pairs)]["CIDEr"] > 0
+
+
+@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     from megatron_lcl.data.synthetic import write_corpus
 
@@ -216,8 +263,11 @@ def test_image_folder_webdataset_and_jsonl_sources(tmp_path):
         json.dumps({"image": f"folder/red/{i}.png", "caption": f"red {i}"}) + "\n" for i in range(3)))
     pairs = load_pairs(str(tmp_path / "pairs.jsonl"))
     assert pairs.captions == ["red 0", "red 1", "red 2"] and pairs.pixels([2], 8).shape == (1, 3, 8, 8)
-    with pytest.raises(ValueError, match="not a synthetic corpus"):
+    with pytest.raises(ValueError, match="nothing_here: no such file or directory"):
         load_labeled(str(tmp_path / "nothing_here"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: not a synthetic corpus"):
+        load_labeled(str(tmp_path / "empty"))
 
 
 def test_scenes_probe_fields_are_the_documents_labels(tmp_path):

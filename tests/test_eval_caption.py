@@ -1,7 +1,8 @@
 """Captioning transfer: a tiny random OPT + MLP projector over a fixed encoder overfits 8 image-caption
 pairs and decodes them back (greedy and beam); CIDEr/BLEU of references against themselves are
 maximal and of shuffled ones low (with the Python tokenizer, and with PTB where Java exists); the CLI
-on a Karpathy test set; a 2-rank captioning step equals 1 rank."""
+on a Karpathy test set writes every prediction; an LM that cannot encode captions is refused; a 2-rank
+captioning step equals 1 rank. (Captioning with a convert_to_hf export: tests/test_eval.py.)"""
 
 import json
 
@@ -26,6 +27,11 @@ def caption_fixtures(tmp_path_factory):
     pairs = write_caption_pairs(root)
     write_karpathy(root / "coco")
     lm = write_tiny_lm(root / "lm", list(EIGHT_CAPTIONS.values()) + ["square", "colour", "block", "the"])
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     image_size=16, patch_size=8)).save_pretrained(str(root / "clip"))
     return root, pairs, lm
 
 
@@ -63,12 +69,7 @@ def test_captioning_overfits_eight_pairs_and_decodes_them(caption_fixtures):
 
 def test_caption_cli_on_karpathy_test_set(caption_fixtures, tmp_path, capsys):
     root, pairs, lm = caption_fixtures
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                     image_size=16, patch_size=8)).save_pretrained(str(tmp_path / "clip"))
-    result = caption.main(["--encoder", str(tmp_path / "clip"), "--lm", str(lm), "--data", str(pairs),
+    result = caption.main(["--encoder", str(root / "clip"), "--lm", str(lm), "--data", str(pairs),
                            "--eval-data", str(root / "coco" / "dataset_coco.json"), "--steps", "3",
                            "--batch-size", "4", "--num-workers", "0", "--num-beams", "2",
                            "--checkpoint", str(tmp_path / "cap.pt"), "--output", str(tmp_path / "cap.json")])
@@ -78,6 +79,42 @@ def test_caption_cli_on_karpathy_test_set(caption_fixtures, tmp_path, capsys):
     scores = saved["scores_by_set"]["dataset_coco.json:test"]
     assert scores["num_images"] == 4 and 0 <= scores["CIDEr"] and len(scores["examples"]) == 4
     assert torch.load(tmp_path / "cap.pt", weights_only=False)["step"] == 3 and result["encoder_unchanged"]
+    # every prediction, beside the metrics, in COCO result format (image_id: the Karpathy cocoid)
+    predictions = json.loads((tmp_path / "cap.predictions.dataset_coco_test.json").read_text())
+    assert [p["image_id"] for p in predictions] == [0, 1, 2, 3] and all(set(p) == {"image_id", "caption"}
+                                                                        for p in predictions)
+    written = str(tmp_path / "cap.predictions.dataset_coco_test.json")
+    assert saved["predictions_files"] == {"dataset_coco.json:test": written}
+    assert f"predictions (4 captions of dataset_coco.json:test): {written}" in printed
+    assert "bad samples: none" in printed
+
+
+def test_caption_refuses_an_lm_without_tokenizer_and_empty_targets(caption_fixtures, tmp_path, capsys):
+    """An LM folder without tokenizer files (AutoTokenizer then builds an empty tokenizer: every caption
+    becomes no tokens, the run would learn only EOS) is refused before training, naming the folder;
+    so is a run in which every training target was empty. One line each, exit status 2."""
+    import shutil
+
+    from megatron_lcl.eval.cli import run_cli
+
+    root, pairs, lm = caption_fixtures
+    bare = tmp_path / "lm_without_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(lm / name, bare / name)
+    common = ["--encoder", str(root / "clip"), "--eval-data", str(pairs), "--steps", "2", "--batch-size", "4",
+              "--num-workers", "0"]
+    assert run_cli(caption.main, common + ["--lm", str(bare), "--data", str(pairs)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # nothing but the error: refused before loading weights
+    assert err == [f"error: --lm {bare}: its tokenizer turns every caption into no tokens (e.g. 'a red square' -> []; "
+                   f"1 tokens in its vocabulary; tokenizer files here: none)"]
+    (tmp_path / "empty.jsonl").write_text("".join(json.dumps({"image": f"{root}/img/{c}.png", "caption": ""}) + "\n"
+                                                  for c in ("red", "green", "blue", "black")))
+    assert run_cli(caption.main, common + ["--lm", str(lm), "--data", str(tmp_path / "empty.jsonl")]) == 2
+    err = capsys.readouterr().err  # after training (transformers' and the engine's progress bars before it)
+    assert "Traceback" not in err and [line for line in err.splitlines() if "error" in line] == [
+        f"error: --lm {lm}: every training target was empty (each caption tokenized to no tokens, only EOS was "
+        f"learned): check the training captions and the LM's tokenizer"]
 
 
 def test_two_rank_captioning_equals_one_rank(caption_fixtures):

@@ -11,7 +11,8 @@ from eval_fixtures import (assert_same_weights, colour_caption_samples, patch_en
                            write_karpathy, write_shard)
 from megatron_lcl.eval import classify, retrieve
 from megatron_lcl.eval.engine import GlobalBatches, Runtime, loader
-from megatron_lcl.eval.karpathy import load_captioned_test_set, load_karpathy
+from megatron_lcl.eval.cli import run_cli
+from megatron_lcl.eval.karpathy import as_test_set, load_captioned_test_set, load_karpathy
 from megatron_lcl.eval.retrieve import recall_at_k
 from megatron_lcl.eval.streaming import LabeledImages, labeled_source, pair_source
 from multirank import run_torchrun
@@ -202,3 +203,134 @@ def test_paper_presets_are_table_8():
         (90, 8192, 2e-4, 1e-4, 1500, 0.95)  # an explicit flag wins over the preset
     args = retrieve.parse_args(["--encoder", "e", "--data", "d", "--preset", "paper"])
     assert (args.steps, args.batch_size, args.lr, args.encoder_lr, args.warmup_steps) == (5000, 16384, 1e-3, 1e-5, 500)
+
+
+# ------------------------------------------------------------------------------------------ as a user meets it
+
+def test_karpathy_duplicate_test_image_merged_and_counted(tmp_path):
+    """A test image listed twice is one image (else it ties with itself: never an IR@1 hit), its
+    captions merged, the extra listing counted as "duplicate image"; the same for a pairs .jsonl."""
+    path = write_karpathy(tmp_path)
+    data = json.loads(path.read_text())
+    data["images"].append(dict(data["images"][2], sentences=[{"raw": "A blue square."}, {"raw": "blue again"}]))
+    path.write_text(json.dumps(data))
+    test = load_karpathy(str(path))
+    assert len(test) == 4 and len(test.captions) == 21  # "A blue square." already there; "blue again" merged
+    assert test.references(2)[-1] == "blue again" and test.image_ids == [0, 1, 2, 3]
+    assert test.problems.by_reason == {"duplicate image": 1} and "images[5]: duplicate image (the file of " \
+        "images[2]" in test.problems.named[0]
+    sim = torch.eye(4)[:, test.text_to_image]  # a perfect model scores 100 once the duplicate is merged
+    assert recall_at_k(sim * 2 - 1, torch.as_tensor(test.text_to_image))["IR@1"] == 100.0
+    lines = [{"image": "val2014/COCO_val2014_000000000000.png", "caption": c} for c in ("red", "a red one")]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    pairs = as_test_set(pair_source(str(tmp_path / "pairs.jsonl")), "pairs")
+    assert len(pairs) == 1 and pairs.captions == ["red", "a red one"] and pairs.problems.by_reason == {
+        "duplicate image": 1}
+
+
+def _cli(module, argv, capsys):
+    """The command's exit status and its stderr lines (run as `python -m` runs it: cli.run_cli)."""
+    code = run_cli(module.main, argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def _bad_input_cases(root, tmp_path):
+    """(argv after --encoder, what the one line must contain) for each kind of bad input."""
+    coco, shards = root / "coco" / "dataset_coco.json", str(root / "shards")
+    no_test = tmp_path / "train_only.json"
+    no_test.write_text(json.dumps({"images": [{"split": "train", "filename": "x.png", "sentences": [{"raw": "x"}]}]}))
+    no_raw = tmp_path / "no_raw.json"
+    data = json.loads(coco.read_text())
+    data["images"][1]["sentences"][2] = {"tokens": ["a", "square"]}
+    no_raw.write_text(json.dumps(data))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [\n  {"split": "test",}\n]}')
+    return [
+        (["--data", shards, "--eval-data", str(no_test)],
+         f"{no_test}: no images with split 'test' (splits in the file: train 1)"),
+        (["--data", shards, "--eval-data", str(root / "coco" / "datset_coco.json")],
+         f"--eval-data {root}/coco/datset_coco.json: no such file or directory"),
+        (["--data", shards, "--eval-data", str(no_raw)],
+         f"{no_raw}: images[1].sentences[2]: no 'raw' (has keys ['tokens'])"),
+        (["--data", shards, "--eval-data", str(broken)], f"{broken}: not JSON (Expecting property name enclosed in "
+                                                         f"double quotes at line 2 column 20)"),
+        (["--data", shards, "--eval-data", str(coco), "--image-root", str(tmp_path)],
+         f"{coco}: none of the 6 images with split 'test' is usable: 6 left out (missing file 5, no captions 1)"),
+        (["--data", shards, "--eval-data", str(coco), "--steps", "5", "--warmup-steps", "10", "--batch-size", "8"],
+         "--warmup-steps 10 is not shorter than the run (--steps 5: 5 steps)"),
+        (["--data", shards, "--eval-data", str(coco), "--preset", "paper"],
+         "--batch-size (16384) is larger than the training set (48 examples)"),
+        (["--data", str(tmp_path / "nothing-*.tar"), "--eval-data", str(coco)],
+         f"--data {tmp_path}/nothing-*.tar: the pattern matches no file"),
+    ]
+
+
+def test_every_bad_input_is_one_line_and_exit_2(fixtures, tmp_path, capsys):
+    hf = str(fixtures / "hf_vision")
+    for argv, message in _bad_input_cases(fixtures, tmp_path):
+        code, err = _cli(retrieve, ["--encoder", hf, "--num-workers", "0"] + argv, capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
+    code, err = _cli(retrieve, ["--encoder", str(tmp_path / "no_encoder"), "--data", str(fixtures / "shards")], capsys)
+    assert (code, err) == (2, [f"error: --encoder {tmp_path}/no_encoder: no such file or directory"])
+    code, err = _cli(classify, ["--encoder", hf, "--data", str(fixtures / "folder" / "val"), "--eval-data",
+                                str(fixtures / "folder" / "vall")], capsys)
+    assert (code, err) == (2, [f"error: --eval-data {fixtures}/folder/vall: no such file or directory"])
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\n[1, 2]\nnot json\n')
+    code, err = _cli(retrieve, ["--encoder", hf, "--data", str(tmp_path / "bad.jsonl")], capsys)
+    assert code == 2 and err == [
+        f"error: {tmp_path}/bad.jsonl: no {{image, caption}} pairs: 3 left out (missing key 'caption' 1, not JSON 1, "
+        f"not a JSON object 1), e.g. {tmp_path}/bad.jsonl:1: missing key 'caption' (has keys ['image']); "
+        f"{tmp_path}/bad.jsonl:2: not a JSON object (a list)"]
+
+
+def test_bad_input_from_the_command_line_exits_2_without_traceback(fixtures):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "megatron_lcl.eval.retrieve", "--encoder", str(fixtures / "hf_vision"),
+                           "--data", str(fixtures / "shards"), "--eval-data", str(fixtures / "coco" / "typo.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"error: --eval-data {fixtures}/coco/typo.json: no such file or directory"
+
+
+def test_retrieval_trains_from_karpathy_json_with_overlap_warning(fixtures, tmp_path, capsys):
+    """--data dataset_coco.json: train + restval, every caption a pair; tested on its test split (or
+    --eval-split val); the training image that is also a test image is reported with counts."""
+    coco = write_karpathy(tmp_path / "coco", train_per_colour=2)
+    hf = str(fixtures / "hf_vision")
+    result = retrieve.main(["--encoder", hf, "--data", str(coco), "--steps", "3", "--batch-size", "8",
+                            "--num-workers", "0", "--output", str(tmp_path / "ret.json")])
+    out = capsys.readouterr().out
+    assert result["num_train"] == 2 * 4 * 2 * 5 + 1  # (train + restval) x colours x 2 images x 5 captions + 1
+    assert list(result["recall_by_set"]) == ["dataset_coco.json:test"] and result["num_eval"] == 4
+    assert result["overlap"]["dataset_coco.json:test"]["count"] == 1
+    assert "warning: 1 of the 4 test images of dataset_coco.json:test are also training images (same file)" in out
+    assert "note: warm-up 10 steps (default) is not shorter than the run (--steps 3: 3 steps): scaled to 0 (the " \
+        "defaults' 1 of 30 epochs)" in out
+    assert "training: 3 steps x batch 8 = 0.296 epochs of 81 examples; warm-up 0 steps" in out
+    assert "bad samples: none" in out
+    val = retrieve.main(["--encoder", hf, "--data", str(coco), "--eval-data", str(coco), "--eval-split", "val",
+                         "--steps", "2", "--batch-size", "8", "--num-workers", "0"])
+    assert val["recall_by_set"]["dataset_coco.json:val"]["num_images"] == 4 and not val["overlap"][
+        "dataset_coco.json:val"]["count"]
+
+
+def test_preset_prints_settings_and_scales_warmup_to_a_short_run(fixtures, capsys):
+    result = retrieve.main(["--encoder", str(fixtures / "hf_vision"), "--data", str(fixtures / "shards"),
+                            "--eval-data", str(fixtures / "coco" / "dataset_coco.json"), "--preset", "paper",
+                            "--batch-size", "8", "--steps", "20", "--num-workers", "0"])
+    out = capsys.readouterr().out
+    settings = next(line for line in out.splitlines() if line.startswith("settings: "))
+    for value in ("steps=20 ", "batch_size=8 ", "lr=0.001 ", "encoder_lr=1e-05 ", "weight_decay=0.0001 ",
+                  "adam_beta2=0.95 ", "warmup_steps=2 "):  # the preset's, the flags', the warm-up fitted to the run
+        assert value in settings, (value, settings)
+    assert settings.endswith("(preset paper; set by flags: batch_size, num_workers, steps)")
+    assert ("note: warm-up 500 steps (--preset) is not shorter than the run (--steps 20: 20 steps): scaled to 2 "
+            "(the preset's 500 of 5000 steps)") in out
+    assert result["config"]["warmup_steps"] == 2 and "warm-up 2 steps" in out
+    # the bad samples of the run, counted by reason, at the end
+    assert out.rstrip().endswith("bad samples (left out; the first 50 are named in the results JSON):\n"
+                                 "  train index: 1 (no image member 1)\n"
+                                 "  test index dataset_coco.json:test: 2 (missing file 1, no captions 1)")

@@ -8,15 +8,20 @@ The LM trains at `--lr` unless `--no-train-lm` (then only the projector learns).
     python -m megatron_lcl.eval.caption --encoder runs/NAME/checkpoints --lm runs/NAME/hf/lm \
         --data /data/laion_coco_10m/{00000..00999}.tar --eval-data coco/dataset_coco.json \
         --image-root coco --preset paper --checkpoint out/cap.pt --output out/cap.json
-    # --data: webdataset shards (image + .txt) or a .jsonl of {"image", "caption"};
-    # --eval-data: Karpathy JSON (COCO test split) or COCO-format captions (NoCaps val) or pairs.
+    # --data: webdataset shards (image + .txt), a .jsonl of {"image", "caption"}, or a Karpathy JSON
+    # (its train + restval split, every caption a pair); --eval-data: Karpathy JSON (its --eval-split,
+    # default test), COCO-format captions (NoCaps val) or pairs. With --output out/cap.json every
+    # generated caption goes to out/cap.predictions.<test set>.json, COCO result format
+    # [{"image_id", "caption"}] (image_id: cocoid / COCO id; for pairs sets the image's file).
 
 Decoding is greedy (`--num-beams 1`) or beam search; scores are CIDEr and BLEU-4 from pycocoevalcap
 (caption_metrics.py: PTB tokenizer when Java is present, else a Python tokenizer, named in the output).
 """
 
 import argparse
+import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
@@ -25,13 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lcl.eval.caption_metrics import caption_scores
-from megatron_lcl.eval.common import (MODES, add_config_args, config_from_args, format_table, frozen_guard,
-                                      parse_with_preset, write_json)
+from megatron_lcl.eval.cli import (bad_samples_lines, check_paths, is_main_rank, parse_with_preset,
+                                   predictions_path, run_cli, start_run)
+from megatron_lcl.eval.common import MODES, add_config_args, config_from_args, format_table, frozen_guard, write_json
 from megatron_lcl.eval.encoders import VisionEncoder, load_encoder
 from megatron_lcl.eval.engine import (EngineConfig, Runtime, TransferModel, eval_batches, fit, init_runtime,
                                       merge_bad_logs)
-from megatron_lcl.eval.karpathy import as_test_set, is_captions_json, load_captioned_test_set
-from megatron_lcl.eval.streaming import BadSampleLog, CaptionedImages, LabeledImages, pair_source
+from megatron_lcl.eval.errors import InputError
+from megatron_lcl.eval.karpathy import test_sets, training_pairs
+from megatron_lcl.eval.streaming import BadSampleLog, CaptionedImages, LabeledImages
 from megatron_lcl.runtime.mcore_compat import filter_known_warnings
 
 # Paper Table 8 / A.2 (captioning): LAION-COCO 10M, 20k steps of 512, AdamW lr 1e-4 (one rate, the
@@ -96,11 +103,13 @@ def tokenize_captions(tokenizer, captions: List[str], max_tokens: int):
     return ids, mask
 
 
-def caption_step(model, batch: dict, tokenizer, cfg: CaptionConfig, runtime: Runtime) -> torch.Tensor:
-    """CE over every caption token of the global batch: local sum x world / global token count."""
+def caption_step(model, batch: dict, tokenizer, cfg: CaptionConfig, runtime: Runtime, seen: dict) -> torch.Tensor:
+    """CE over every caption token of the global batch: local sum x world / global token count.
+    `seen["caption_tokens"]` adds up the global batch's caption tokens (EOS not counted)."""
     ids, mask = tokenize_captions(tokenizer, batch.get("captions", []), cfg.max_caption_tokens)
     loss_sum, count = model(batch["pixels"].to(runtime.device), ids.to(runtime.device), mask.to(runtime.device))
-    (total,) = runtime.all_sum([float(count)])
+    total, captions = runtime.all_sum([float(count), float(mask.sum() - len(mask))])
+    seen["caption_tokens"] = seen.get("caption_tokens", 0.0) + captions
     return loss_sum * runtime.world / max(total, 1.0)
 
 
@@ -140,39 +149,95 @@ def caption_test_set(model: TransferModel, test_set, tokenizer, cfg: CaptionConf
 
 
 def score_test_set(model, test_set, tokenizer, cfg: CaptionConfig, runtime: Runtime, bad: BadSampleLog) -> dict:
-    """CIDEr / BLEU-4 over the images that could be read, plus a few examples."""
+    """CIDEr / BLEU-4 over the images that could be read, a few examples, and every prediction
+    (`predictions`: COCO result format, [{"image_id", "caption"}] in image order)."""
     hypotheses = caption_test_set(model, test_set, tokenizer, cfg, runtime, bad)
     references = {i: r for i, r in references_of(test_set).items() if i in hypotheses}
     scores = caption_scores(references, hypotheses, cfg.metric_tokenizer) if runtime.is_main else {}
     examples = [{"image": test_set.origin(i), "caption": hypotheses[i], "references": references[i][:2]}
                 for i in sorted(hypotheses)[:5]]
-    return dict(scores, examples=examples)
+    predictions = [{"image_id": _json_id(test_set.image_ids[i]), "caption": hypotheses[i]} for i in sorted(hypotheses)]
+    return dict(scores, examples=examples, predictions=predictions)
 
 
-def load_lm(path: str):
-    """Any HF causal LM folder (config + weights + tokenizer) -> (model in float32, tokenizer)."""
+def _json_id(image_id):
+    return image_id.item() if hasattr(image_id, "item") else image_id
+
+
+def load_lm(path: str, train_source=None):
+    """Any HF causal LM folder (config + weights + tokenizer) -> (model in float32, tokenizer). With
+    `train_source`, the tokenizer is checked on its captions first (`check_tokenizer`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"no HF language model (config.json) at {path}")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"{path}: the tokenizer has no EOS token (needed to end captions)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
+        raise InputError(f"--lm {path}: no HF language model here (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if train_source is not None:
+            check_tokenizer(tokenizer, path, train_source)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, InputError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"--lm {path}: not loadable as a HF causal LM with its tokenizer "
+                         f"({type(e).__name__}: {first})") from None
+    vocab = lm.get_input_embeddings().num_embeddings
+    if tokenizer.eos_token_id is None or len(tokenizer) > vocab:
+        raise InputError(f"--lm {path}: the tokenizer " + ("has no EOS token (needed to end captions)"
+                         if tokenizer.eos_token_id is None else f"has {len(tokenizer)} tokens, more than the model's "
+                         f"vocabulary ({vocab}): it does not belong to this model"))
+    return lm, tokenizer
+
+
+def check_lm(path: str, train_source) -> None:
+    """`load_lm`'s checks that need no weights: a config.json, a tokenizer that encodes the captions."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise InputError(f"--lm {path}: no HF language model here (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"--lm {path}: no loadable tokenizer ({type(e).__name__}: {first})") from None
+    check_tokenizer(tokenizer, path, train_source)
+
+
+def check_tokenizer(tokenizer, lm_path: str, source, samples: int = 64) -> None:
+    """Refuse a tokenizer that turns the training captions into no tokens (e.g. an LM folder without
+    tokenizer files, where AutoTokenizer builds an empty tokenizer: the run would learn only EOS and
+    caption nothing). Judged on up to `samples` captions spread over the training source."""
+    picks = sorted({round(k * (len(source) - 1) / max(1, samples - 1)) for k in range(min(samples, len(source)))})
+    captions = [c for c in (source.caption(i) for i in picks) if c.strip()]
+    if not captions:
+        return  # nothing to judge the tokenizer by; caption_step's count decides after training
+    if not any(tokenizer(c, add_special_tokens=False)["input_ids"] for c in captions):
+        files = sorted(n for n in os.listdir(lm_path) if n.startswith(("tokenizer", "vocab", "merges", "spiece"))
+                       or n.endswith(".model"))
+        raise InputError(f"--lm {lm_path}: its tokenizer turns every caption into no tokens (e.g. {captions[0]!r} "
+                         f"-> []; {len(tokenizer)} tokens in its vocabulary; tokenizer files here: {files or 'none'})")
 
 
 def run_captioning(encoder: VisionEncoder, lm_path: str, train_source, test_sets: list, cfg: CaptionConfig,
                    runtime: Runtime, checkpoint: Optional[str] = None) -> dict:
-    """Train projector (+ LM, + encoder in full mode) on caption pairs, data-parallel; score each test set."""
-    lm, tokenizer = load_lm(lm_path)
+    """Train projector (+ LM, + encoder in full mode) on caption pairs, data-parallel; score each test set.
+    Refuses (InputError) an LM whose tokenizer cannot encode the captions, and a run in which every
+    training target was empty (only EOS)."""
+    lm, tokenizer = load_lm(lm_path, train_source)
     torch.manual_seed(cfg.seed)  # equal projector initialisation on every rank
     model = TransferModel(encoder, CaptionHead(encoder.hidden_size, lm, cfg.train_lm), cfg.mode)
-    train_bad, test_bad = BadSampleLog(), BadSampleLog()
+    train_bad, test_bad, seen = BadSampleLog(), BadSampleLog(), {}
     with frozen_guard(encoder, cfg.mode) as guard:
         t0 = time.time()
         fit(model, CaptionedImages(train_source, encoder.image_size),
-            lambda m, b: caption_step(m, b, tokenizer, cfg, runtime), cfg, runtime, train_bad, checkpoint, "caption")
+            lambda m, b: caption_step(m, b, tokenizer, cfg, runtime, seen), cfg, runtime, train_bad, checkpoint,
+            "caption")
+        if seen and not seen["caption_tokens"]:
+            raise InputError(f"--lm {lm_path}: every training target was empty (each caption tokenized to no tokens, "
+                             f"only EOS was learned): check the training captions and the LM's tokenizer")
         by_set = {t.name: score_test_set(model, t, tokenizer, cfg, runtime, test_bad) for t in test_sets}
+    predictions = {name: scores.pop("predictions") for name, scores in by_set.items()}
     return {"task": "captioning", "encoder": encoder.source, "encoder_kind": encoder.kind, "lm": lm_path,
             "scores_by_set": by_set, "num_train": len(train_source), "encoder_unchanged": guard.unchanged,
             "time_s": round(time.time() - t0, 1), "world_size": runtime.world,
@@ -180,7 +245,7 @@ def run_captioning(encoder: VisionEncoder, lm_path: str, train_source, test_sets
                             "test_index": {t.name: t.problems.as_dict() for t in test_sets},
                             "train_read": merge_bad_logs(train_bad, runtime),
                             "test_read": merge_bad_logs(test_bad, runtime)},
-            "config": asdict(cfg), "_model": model, "_tokenizer": tokenizer}
+            "config": asdict(cfg), "predictions_by_set": predictions, "_model": model, "_tokenizer": tokenizer}
 
 
 def results_table(result: dict) -> str:
@@ -193,39 +258,62 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--encoder", required=True, help="megatron_lcl checkpoint or HF CLIPVisionModel folder")
     p.add_argument("--lm", required=True, help="HF AutoModelForCausalLM folder (with its tokenizer)")
-    p.add_argument("--data", required=True, nargs="+", help="caption pairs: webdataset shards or a .jsonl")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="caption pairs: webdataset shards, a .jsonl, or a Karpathy JSON (train + restval)")
     p.add_argument("--eval-data", required=True, nargs="+",
                    help="Karpathy JSON (COCO test), COCO-format captions (NoCaps val), or pairs")
-    p.add_argument("--image-root", help="folder the test JSON's image paths are relative to")
+    p.add_argument("--eval-split", default="test", help="the Karpathy split to test on (test, val)")
+    p.add_argument("--image-root", help="folder the JSON files' image paths are relative to (default: the JSON's)")
     p.add_argument("--mode", choices=MODES, default="frozen")
     add_config_args(p, CaptionConfig)
     p.add_argument("--checkpoint", help="save/resume the captioning model here")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast on GPU (CPU: fp32)")
     p.add_argument("--name", help="row name in the printed table (default: the encoder path)")
-    p.add_argument("--output", help="write the results JSON here")
+    p.add_argument("--output", help="write the results JSON here (and every prediction beside it)")
     return parse_with_preset(p, argv, PRESETS)
+
+
+def write_predictions(output: Optional[str], predictions_by_set: Dict[str, list]) -> Dict[str, str]:
+    """Each test set's predictions beside the results JSON (cli.predictions_path) -> {set: file}."""
+    if not output:
+        return {}
+    files = {name: predictions_path(output, name) for name in predictions_by_set}
+    for name, path in files.items():
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(predictions_by_set[name], f)
+    return files
 
 
 def main(argv=None) -> dict:
     filter_known_warnings()  # the CLI's process imports megatron.core after this
     args = parse_args(argv)
+    for flag in ("encoder", "lm", "data", "eval_data", "image_root"):
+        check_paths("--" + flag.replace("_", "-"), getattr(args, flag))
     cfg = config_from_args(CaptionConfig, args)
+    train = training_pairs(args.data, args.image_root)
+    tests = test_sets(args.eval_data, args.image_root, args.eval_split)
+    started = start_run(args, cfg, len(train), train, {t.name: t for t in tests})
+    check_lm(args.lm, train)  # before any weights load: a bad --lm is a one-line error at once
     runtime = init_runtime(args.precision)
-    tests = [load_captioned_test_set(p, args.image_root) if is_captions_json(p) else as_test_set(pair_source(p), p)
-             for p in args.eval_data]
-    result = run_captioning(load_encoder(args.encoder), args.lm, pair_source(args.data), tests, cfg, runtime,
-                            args.checkpoint)
+    result = run_captioning(load_encoder(args.encoder), args.lm, train, tests, cfg, runtime, args.checkpoint)
     result.pop("_model"), result.pop("_tokenizer")
-    if not runtime.is_main:
+    predictions = result.pop("predictions_by_set")
+    if not is_main_rank():
         return result
-    result.update(name=args.name or args.encoder, mode=args.mode, data=" ".join(args.data))
+    result.update(name=args.name or args.encoder, mode=args.mode, data=" ".join(args.data), **started,
+                  predictions_files=write_predictions(args.output, predictions))
     print(results_table(result))
     tokenizers = {s.get("tokenizer") for s in result["scores_by_set"].values()}
     print(f"{result['num_train']} training pairs, {result['time_s']} s; metric tokenizer: {', '.join(tokenizers)}; "
           f"encoder weights unchanged: {result['encoder_unchanged']}")
+    for name, path in result["predictions_files"].items():
+        print(f"predictions ({len(predictions[name])} captions of {name}): {path}")
+    print("\n".join(bad_samples_lines(result["bad_samples"])))
     write_json(args.output, result)
+    result["predictions_by_set"] = predictions
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -14,6 +14,7 @@ Python (e.g. for sweeps): `linear_probe_accuracy(checkpoint, data) -> top-1 in [
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -21,8 +22,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_lcl.eval.cli import (bad_samples_lines, check_paths, is_main_rank, parse_with_preset, run_cli,
+                                   start_run)
 from megatron_lcl.eval.common import (MODES, LatentSource, add_config_args, config_from_args, fit_heads,
-                                      format_table, frozen_guard, parse_with_preset, seed_everything, write_json)
+                                      format_table, frozen_guard, seed_everything, write_json)
 from megatron_lcl.eval.datasets import ImageSet, is_image_folder, is_synthetic_corpus, load_labeled, split
 from megatron_lcl.eval.encoders import VisionEncoder, load_encoder
 from megatron_lcl.eval.engine import (EngineConfig, Runtime, TransferModel, eval_batches, fit, init_runtime,
@@ -243,14 +246,21 @@ def use_stream_engine(args) -> bool:
 
 
 def run_from_args(args, cfg: ProbeConfig) -> dict:
+    for flag in ("encoder", "data", "eval_data"):
+        check_paths("--" + flag.replace("_", "-"), getattr(args, flag))
     if not use_stream_engine(args):
         train_set, eval_set = load_splits(args.data, args.eval_data, args.label_field, args.eval_fraction, args.seed)
-        return run_classification(load_encoder(args.encoder), train_set, eval_set, cfg)
-    runtime = init_runtime(args.precision)
+        started = start_run(args, cfg)
+        return dict(run_classification(load_encoder(args.encoder), train_set, eval_set, cfg), **started)
     train_source, eval_source = stream_splits(args.data, args.eval_data, args.label_field, args.eval_fraction,
                                               args.seed)
-    return run_classification_streaming(load_encoder(args.encoder), train_source, eval_source, cfg, runtime,
-                                        args.checkpoint)
+    separate = args.eval_data is not None  # a split of --data (or its train/ and val/) is checked by nothing
+    started = start_run(args, cfg, len(train_source), train_source if separate else None,
+                        {args.eval_data: eval_source} if separate else None)
+    runtime = init_runtime(args.precision)
+    result = run_classification_streaming(load_encoder(args.encoder), train_source, eval_source, cfg, runtime,
+                                          args.checkpoint)
+    return dict(result, **started)
 
 
 def main(argv=None) -> dict:
@@ -259,15 +269,17 @@ def main(argv=None) -> dict:
     cfg = config_from_args(ProbeConfig, args)
     result = run_from_args(args, cfg)
     result.pop("_model", None)  # the trained TransferModel (stream engine; for callers in Python)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_rank():
         return result
     result.update(name=args.name or args.encoder, mode=args.mode, data=args.data, label_field=args.label_field)
     print(results_table([result]))
     print(f"{result['num_train']} train / {result['num_eval']} eval images, {result['num_classes']} classes, "
           f"{result['time_s']} s; encoder weights unchanged: {result['encoder_unchanged']}")
+    if "bad_samples" in result:
+        print("\n".join(bad_samples_lines(result["bad_samples"])))
     write_json(args.output, result)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

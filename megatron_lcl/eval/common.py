@@ -1,6 +1,7 @@
 """Shared by the transfer tasks: where latents come from (frozen: computed once; full: with gradients),
 the learning-rate schedule, seeding, the head-fitting loop, the frozen-weights guard, the config
-dataclass <-> argparse bridge, and the Table-1-style text table."""
+dataclass <-> argparse bridge, and the Table-1-style text table (what the commands print around a
+run, presets included: cli.py)."""
 
 import argparse
 import contextlib
@@ -212,15 +213,3 @@ def write_json(path: Optional[str], obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
-
-
-def parse_with_preset(parser: argparse.ArgumentParser, argv, presets: dict) -> argparse.Namespace:
-    """Parse `argv`; `--preset NAME` first sets the defaults in `presets[NAME]` (a {dest: value} dict,
-    e.g. paper Table 8's steps/batch/lr/warm-up/weight decay), and explicit flags still win."""
-    parser.add_argument("--preset", choices=sorted(presets), help="hyper-parameter preset (e.g. paper: Table 8)")
-    args, _ = parser.parse_known_args(argv)
-    if args.preset:
-        unknown = set(presets[args.preset]) - set(vars(args))
-        assert not unknown, f"preset {args.preset!r} sets unknown options {sorted(unknown)}"
-        parser.set_defaults(**presets[args.preset])
-    return parser.parse_args(argv)

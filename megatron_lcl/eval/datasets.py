@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_lcl.eval.errors import InputError
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 
 
@@ -58,7 +60,7 @@ class ImageSet:
                 try:
                     t = preprocess_image(self.images[i], image_size)
                 except Exception as e:
-                    raise ValueError(f"cannot decode image {self.origins[i]}: {e}") from e
+                    raise InputError(f"{self.origins[i]}: cannot decode image ({type(e).__name__}: {e})") from e
                 if cacheable:
                     self._cache[i] = t
             out.append(t)
@@ -68,7 +70,7 @@ class ImageSet:
 def split(n: int, eval_fraction: float, seed: int) -> Tuple[List[int], List[int]]:
     """Seeded random (train, eval) index split; eval gets round(n * eval_fraction) items."""
     if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction ({eval_fraction}) must be in (0, 1)")
+        raise InputError(f"--eval-fraction ({eval_fraction}) must be in (0, 1)")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(n * eval_fraction))
@@ -118,8 +120,10 @@ def load_labeled(path: str, label_field: str = "label") -> ImageSet:
     shards = shard_paths(path)
     if shards:
         return _webdataset(shards, label_field, want="label")
-    raise ValueError(f"{path}: not a synthetic corpus (docs_*.jsonl + images/), an ImageFolder "
-                     f"(class sub-folders of images) or webdataset shards (*.tar)")
+    what = "no such file or directory" if not os.path.exists(path) else \
+        "not a synthetic corpus (docs_*.jsonl + images/), an ImageFolder (class sub-folders of images) " \
+        "or webdataset shards (*.tar)"
+    raise InputError(f"{path}: {what}")
 
 
 def _synthetic_labeled(corpus: str, label_field: str) -> ImageSet:
@@ -127,7 +131,7 @@ def _synthetic_labeled(corpus: str, label_field: str) -> ImageSet:
 
     items = labeled_images(corpus)
     if not items:
-        raise ValueError(f"{corpus}: no images")
+        raise InputError(f"{corpus}: no images")
     if label_field == "label":
         from megatron_lcl.data.synthetic import SHAPES
 
@@ -137,7 +141,7 @@ def _synthetic_labeled(corpus: str, label_field: str) -> ImageSet:
         labels = [names.index(it[label_field]) for it in items]
     else:
         fields = sorted(k for k, v in items[0].items() if isinstance(v, str) and k not in ("path", "caption"))
-        raise ValueError(f"label_field ({label_field!r}) for this synthetic corpus must be label or one of "
+        raise InputError(f"--label-field ({label_field!r}) for this synthetic corpus must be label or one of "
                          f"its categorical image_info fields: {', '.join(fields)}")
     paths = [it["path"] for it in items]
     return ImageSet([_read(p) for p in paths], paths, labels=labels, class_names=names)
@@ -171,7 +175,7 @@ def _webdataset(shards: List[str], label_field: str, want: str) -> ImageSet:
             where = f"{shard}:{key}"
             image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
             if image is None:
-                raise ValueError(f"{where}: no image member ({'/'.join(IMAGE_EXTS)}); has {sorted(parts)}")
+                raise InputError(f"{where}: no image member ({'/'.join(IMAGE_EXTS)}); has {sorted(parts)}")
             meta = json.loads(parts["json"]) if "json" in parts else {}
             if want == "label":
                 if "cls" in parts:
@@ -179,7 +183,7 @@ def _webdataset(shards: List[str], label_field: str, want: str) -> ImageSet:
                 elif label_field in meta:
                     label = int(meta[label_field])
                 else:
-                    raise ValueError(f"{where}: no class (a .cls member or json[{label_field!r}])")
+                    raise InputError(f"{where}: no class (a .cls member or json[{label_field!r}])")
                 labels.append(label)
             else:
                 if "txt" in parts:
@@ -187,7 +191,7 @@ def _webdataset(shards: List[str], label_field: str, want: str) -> ImageSet:
                 elif "caption" in meta:
                     text = str(meta["caption"])
                 else:
-                    raise ValueError(f"{where}: no caption (a .txt member or json['caption'])")
+                    raise InputError(f"{where}: no caption (a .txt member or json['caption'])")
                 captions.append(text)
             images.append(image)
             origins.append(where)
@@ -207,12 +211,14 @@ def load_pairs(path: str) -> ImageSet:
         items = labeled_images(path)
         return ImageSet([_read(it["path"]) for it in items], [it["path"] for it in items],
                         captions=[it["caption"] for it in items])
-    if path.endswith(".jsonl") and os.path.isfile(path):
+    if path.endswith(".jsonl"):
         return _jsonl_pairs(path)
     shards = shard_paths(path)
     if shards:
         return _webdataset(shards, "label", want="caption")
-    raise ValueError(f"{path}: not a synthetic corpus, a .jsonl of {{image, caption}} or webdataset shards")
+    what = "no such file or directory" if not os.path.exists(path) else \
+        "not a synthetic corpus, a .jsonl of {image, caption} or webdataset shards"
+    raise InputError(f"{path}: {what}")
 
 
 def _jsonl_pairs(path: str) -> ImageSet:
@@ -221,6 +227,6 @@ def _jsonl_pairs(path: str) -> ImageSet:
 
     source = JsonlPairsSource(path)
     if source.problems.count:
-        raise ValueError(source.problems.named[0])  # "<path>:<line>: needs keys 'image' and 'caption' ..."
+        raise InputError(source.problems.named[0])  # "<path>:<line>: missing key 'caption' ..."
     origins = [source.origin(i) for i in range(len(source))]
     return ImageSet([_read(p) for p in origins], origins, captions=[source.caption(i) for i in range(len(source))])

@@ -57,12 +57,18 @@ def is_hf_vision_dir(path: str) -> bool:
 def load_encoder(path: str) -> VisionEncoder:
     """A megatron_lcl checkpoint (`checkpoints/` root or a `step_*` folder), a HF `CLIPVisionModel`
     folder, or a folder written by `tools/checkpoint/convert_to_hf.py` (its `vision/` is used)."""
+    from megatron_lcl.checkpoint import resolve_checkpoint
+    from megatron_lcl.eval.errors import InputError
+
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no vision encoder at {path}")
+        raise InputError(f"--encoder {path}: no such file or directory")
     if os.path.isdir(os.path.join(path, "vision")) and is_hf_vision_dir(os.path.join(path, "vision")):
         path = os.path.join(path, "vision")
     if is_hf_vision_dir(path):
         return load_hf_clip(path)
+    if resolve_checkpoint(path) is None:
+        raise InputError(f"--encoder {path}: neither a megatron_lcl checkpoint (a run's checkpoints/ or a step_* "
+                         f"folder) nor a HF CLIPVisionModel folder (config.json with model_type clip_vision_model)")
     return load_lcl_checkpoint(path)
 
 

@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from megatron_lcl.eval.common import encoder_param_groups, set_cosine_lr
 from megatron_lcl.eval.encoders import VisionEncoder, freeze
-from megatron_lcl.eval.streaming import BadSampleLog, collate
+from megatron_lcl.eval.errors import InputError
+from megatron_lcl.eval.streaming import BadSampleLog, collate, reason_kind
 
 
 # ------------------------------------------------------------------------------------------ runtime
@@ -87,11 +88,15 @@ def merge_bad_logs(log: BadSampleLog, runtime: Runtime) -> dict:
     """One BadSampleLog dict over all ranks (each rank read different samples)."""
     merged = BadSampleLog()
     for saved in runtime.all_gather_objects(log.as_dict()):
+        named_kinds: dict = {}
         for entry in saved["named"]:
             origin, _, reason = entry.partition(": ")
             merged.add(origin, reason)
+            named_kinds[reason_kind(reason)] = named_kinds.get(reason_kind(reason), 0) + 1
         merged.count += saved["count"] - len(saved["named"])  # counted but not named
         merged.reads += saved["reads"] - len(saved["named"])
+        for kind, n in saved["by_reason"].items():
+            merged.by_reason[kind] = merged.by_reason.get(kind, 0) + n - named_kinds.get(kind, 0)
     return merged.as_dict()
 
 
@@ -104,8 +109,8 @@ class GlobalBatches(torch.utils.data.Sampler):
 
     def __init__(self, n: int, batch_size: int, runtime: Runtime, seed: int, epoch: int, start: int = 0,
                  shuffle: bool = True, drop_last: bool = True):
-        assert batch_size % runtime.world == 0, \
-            f"batch_size ({batch_size}) must be divisible by the number of ranks ({runtime.world})"
+        if batch_size % runtime.world:
+            raise InputError(f"--batch-size ({batch_size}) must be divisible by the number of ranks ({runtime.world})")
         self.n, self.batch_size, self.runtime, self.start = n, batch_size, runtime, start
         self.seed, self.epoch, self.shuffle, self.drop_last = seed, epoch, shuffle, drop_last
 
@@ -240,10 +245,50 @@ def schedule(num_examples: int, cfg) -> Schedule:
     cfg.warmup_epochs epochs)."""
     per_epoch = num_examples // cfg.batch_size
     if per_epoch == 0:
-        raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({num_examples})")
+        raise InputError(f"--batch-size ({cfg.batch_size}) is larger than the training set ({num_examples} examples)")
     total = cfg.steps or cfg.epochs * per_epoch
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * per_epoch)
     return Schedule(total, warmup, per_epoch)
+
+
+def fit_warmup_to_run(cfg, num_examples: int, preset: Optional[dict], explicit: set) -> Optional[str]:
+    """A warm-up no shorter than the run leaves the learning rate below its peak throughout (e.g.
+    `--preset paper --steps 5`: warm-up 500). A warm-up the command line set is refused (InputError
+    naming both); one from `preset` or the defaults is scaled to the run, keeping its fraction of
+    that preset's (or the defaults') own run, and a note says so (`cfg.warmup_steps` is set).
+    `explicit`: the config fields given on the command line."""
+    plan = schedule(num_examples, cfg)
+    if plan.warmup < plan.total:
+        return None
+    field = "warmup_steps" if cfg.warmup_steps is not None else "warmup_epochs"
+    flag, value = "--" + field.replace("_", "-"), getattr(cfg, field)
+    run = f"--steps {cfg.steps}" if cfg.steps else f"--epochs {cfg.epochs} x {plan.per_epoch} steps"
+    if field in explicit:
+        unit = "" if field == "warmup_steps" else f" ({plan.warmup} steps)"
+        raise InputError(f"{flag} {value}{unit} is not shorter than the run ({run}: {plan.total} steps): the learning "
+                         f"rate would never reach its peak; lower {flag}")
+    if preset and field in preset:
+        own_total = preset.get("steps") or preset.get("epochs", cfg.epochs) * plan.per_epoch
+        fraction, origin = plan.warmup / own_total, f"the preset's {plan.warmup} of {own_total} steps"
+        where = "--preset"
+    else:
+        defaults = type(cfg)()
+        fraction, origin = defaults.warmup_epochs / defaults.epochs, \
+            f"the defaults' {defaults.warmup_epochs:g} of {defaults.epochs} epochs"
+        where = "default"
+    cfg.warmup_steps = round(plan.total * fraction)
+    return (f"warm-up {plan.warmup} steps ({where}) is not shorter than the run ({run}: {plan.total} steps): "
+            f"scaled to {cfg.warmup_steps} ({origin})")
+
+
+def describe_plan(plan: Schedule, num_examples: int, cfg, start: int) -> str:
+    """One line: steps x batch = epochs of the training set, warm-up, learning rates."""
+    epochs = plan.total * cfg.batch_size / num_examples
+    lrs = f"lr {cfg.lr:g}" + (f", encoder lr {cfg.encoder_lr:g}" if cfg.mode == "full" else "")
+    resumed = f", resuming at step {start}" if start else ""
+    return (f"training: {plan.total} steps x batch {cfg.batch_size} = {epochs:.3g} epochs of {num_examples} "
+            f"examples; warm-up {plan.warmup} steps; {lrs}; weight decay {cfg.weight_decay:g}; "
+            f"betas (0.9, {cfg.adam_beta2:g}){resumed}")
 
 
 def train_batches(dataset, cfg, runtime: Runtime, plan: Schedule, start_step: int) -> Iterator[dict]:
@@ -279,13 +324,15 @@ def fit(model: TransferModel, dataset, step_loss: Callable, cfg, runtime: Runtim
     plan = schedule(len(dataset), cfg)
     ckpt = EvalCheckpoint(checkpoint_path, runtime)
     start = ckpt.load(model, optimizer, bad)
+    if runtime.is_main:
+        print(describe_plan(plan, len(dataset), cfg, start), flush=True)
     model.train()
     bar = progress_bar(plan, start, runtime, desc)
     for step, batch in enumerate(train_batches(dataset, cfg, runtime, plan, start), start):
         bad.extend(batch["bad"])
         if not len(batch["index"]):  # every rank must join DDP's all-reduce: stop with the names
-            raise RuntimeError(f"rank {runtime.rank}: every sample of its part of global batch {step} is "
-                               f"unreadable: {[f'{b.origin}: {b.reason}' for b in batch['bad']][:8]}")
+            raise InputError(f"every sample of this rank's part of global batch {step} is unreadable: "
+                             f"{'; '.join(f'{b.origin}: {b.reason}' for b in batch['bad'][:4])}", every_rank=False)
         set_cosine_lr(optimizer, step, plan.total, plan.warmup)
         with runtime.autocast():
             loss = step_loss(ddp, batch)

@@ -6,9 +6,11 @@ text->image (IR) recall@1/5/10 on held-out pairs, in percent.
     python -m megatron_lcl.eval.retrieve --encoder runs/tiny/checkpoints --data data/synth_eval
     python -m megatron_lcl.eval.retrieve --encoder hf_out/vision --data pairs.jsonl --mode full \
         --eval-data test_pairs.jsonl --output results/ret.json
+    python -m megatron_lcl.eval.retrieve --encoder hf_out --data coco/dataset_coco.json --image-root coco
     # --data: a synthetic corpus (each image and its matched sentence), webdataset shards
-    # (image + .txt) or a .jsonl of {"image": path, "caption": text}; held out: --eval-data or a
-    # seeded --eval-fraction split.
+    # (image + .txt), a .jsonl of {"image": path, "caption": text}, or a Karpathy JSON (its train +
+    # restval split, every caption a pair); held out: --eval-data (a Karpathy JSON's --eval-split,
+    # default test), the Karpathy --data's --eval-split, or a seeded --eval-fraction split.
 
 Text is tokenized by words (lower-cased, punctuation split off) with a vocabulary built from the
 training captions; each caption ends with an end token whose output is the text feature.
@@ -19,6 +21,7 @@ so a collapsed encoder whose similarities are all equal scores 0, never 100.
 import argparse
 import os
 import re
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -28,13 +31,17 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lcl.eval.classify import default_pool_heads
+from megatron_lcl.eval.cli import (bad_samples_lines, check_paths, is_main_rank, parse_with_preset, run_cli,
+                                   start_run)
 from megatron_lcl.eval.common import (MODES, LatentSource, add_config_args, config_from_args, fit_heads,
-                                      format_table, frozen_guard, parse_with_preset, seed_everything, write_json)
+                                      format_table, frozen_guard, seed_everything, write_json)
 from megatron_lcl.eval.datasets import ImageSet, is_synthetic_corpus, load_pairs, split
 from megatron_lcl.eval.encoders import VisionEncoder, load_encoder
 from megatron_lcl.eval.engine import (EngineConfig, Runtime, TransferModel, eval_batches, fit, init_runtime,
                                       merge_bad_logs)
-from megatron_lcl.eval.karpathy import as_test_set, is_captions_json, load_captioned_test_set
+from megatron_lcl.eval.errors import InputError
+from megatron_lcl.eval.karpathy import (CaptionPairs, as_test_set, is_captions_json, load_captioned_test_set,
+                                        test_sets, training_pairs)
 from megatron_lcl.eval.streaming import (BadSampleLog, CaptionedImages, ImageSetSource, LabeledImages,
                                          SubsetSource, pair_source)
 from megatron_lcl.losses.contrastive import contrastive_loss_sum
@@ -298,20 +305,21 @@ def run_retrieval_streaming(encoder: VisionEncoder, train_source, test_sets: lis
 
 
 def stream_sources(data: List[str], eval_data: Optional[List[str]], image_root: Optional[str],
-                   eval_fraction: float, seed: int):
-    """(train source, [test sets]): --eval-data files (Karpathy/COCO JSON, jsonl, shards) or a split."""
+                   eval_fraction: float, seed: int, eval_split: str = "test"):
+    """(train source, [test sets]): --eval-data files (Karpathy/COCO JSON, jsonl, shards); without
+    them, a Karpathy --data's `eval_split`, else a seeded split of --data."""
     def source(paths):
         if len(paths) == 1 and is_synthetic_corpus(paths[0]):
             return ImageSetSource(load_pairs(paths[0]))
         return pair_source(paths)
 
-    train = source(data)
-    if not eval_data:
-        train_idx, eval_idx = split(len(train), eval_fraction, seed)
-        return SubsetSource(train, train_idx), [as_test_set(SubsetSource(train, eval_idx), "held-out")]
-    tests = [load_captioned_test_set(p, image_root) if is_captions_json(p) else as_test_set(source([p]), p)
-             for p in eval_data]
-    return train, tests
+    train = training_pairs(data, image_root, source)
+    if eval_data:
+        return train, test_sets(eval_data, image_root, eval_split, source)
+    if isinstance(train, CaptionPairs) and train.set.split is not None:  # a Karpathy file: its test split
+        return train, [load_captioned_test_set(data[0], image_root, eval_split)]
+    train_idx, eval_idx = split(len(train), eval_fraction, seed)
+    return SubsetSource(train, train_idx), [as_test_set(SubsetSource(train, eval_idx), "held-out")]
 
 
 def load_pair_splits(data: str, eval_data: Optional[str], eval_fraction: float, seed: int):
@@ -336,9 +344,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--encoder", required=True, help="megatron_lcl checkpoint or HF CLIPVisionModel folder")
     p.add_argument("--data", required=True, nargs="+",
-                   help="synthetic corpus, pairs .jsonl, or webdataset shards (several: CC12M CC3M SBU)")
+                   help="synthetic corpus, pairs .jsonl, webdataset shards (several: CC12M CC3M SBU), or a "
+                        "Karpathy JSON (dataset_coco.json: its train + restval split)")
     p.add_argument("--eval-data", nargs="+", help="test sets: Karpathy JSON (dataset_coco.json, "
-                   "dataset_flickr30k.json), COCO-format captions, pairs .jsonl or shards (default: a split)")
+                   "dataset_flickr30k.json), COCO-format captions, pairs .jsonl or shards (default: the Karpathy "
+                   "--data's --eval-split, else a split)")
+    p.add_argument("--eval-split", default="test", help="the Karpathy split to test on (test, val)")
     p.add_argument("--image-root", help="folder the Karpathy JSON's filepath/filename are relative to "
                    "(default: the JSON's folder)")
     p.add_argument("--eval-fraction", type=float, default=0.2)
@@ -362,15 +373,22 @@ def use_stream_engine(args) -> bool:
 
 
 def run_from_args(args, cfg: RetrievalConfig) -> dict:
+    for flag in ("encoder", "data", "eval_data", "image_root"):
+        check_paths("--" + flag.replace("_", "-"), getattr(args, flag))
     if not use_stream_engine(args):
         if len(args.data) > 1 or len(args.eval_data or []) > 1:
-            raise ValueError("several --data / --eval-data sets need --engine stream")
+            raise InputError("several --data / --eval-data sets need --engine stream")
         eval_data = args.eval_data[0] if args.eval_data else None
         train_set, eval_set = load_pair_splits(args.data[0], eval_data, args.eval_fraction, args.seed)
-        return run_retrieval(load_encoder(args.encoder), train_set, eval_set, cfg)
+        started = start_run(args, cfg)
+        return dict(run_retrieval(load_encoder(args.encoder), train_set, eval_set, cfg), **started)
+    train, tests = stream_sources(args.data, args.eval_data, args.image_root, args.eval_fraction, args.seed,
+                                  args.eval_split)
+    held_out_split = not args.eval_data and not isinstance(train, CaptionPairs)  # disjoint by construction
+    started = start_run(args, cfg, len(train), None if held_out_split else train, {t.name: t for t in tests})
     runtime = init_runtime(args.precision)
-    train, tests = stream_sources(args.data, args.eval_data, args.image_root, args.eval_fraction, args.seed)
-    return run_retrieval_streaming(load_encoder(args.encoder), train, tests, cfg, runtime, args.checkpoint)
+    result = run_retrieval_streaming(load_encoder(args.encoder), train, tests, cfg, runtime, args.checkpoint)
+    return dict(result, **started)
 
 
 def main(argv=None) -> dict:
@@ -379,15 +397,17 @@ def main(argv=None) -> dict:
     cfg = config_from_args(RetrievalConfig, args)
     result = run_from_args(args, cfg)
     result.pop("_model", None)  # the trained TransferModel (stream engine; for callers in Python)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_rank():
         return result
     result.update(name=args.name or args.encoder, mode=args.mode, data=" ".join(args.data))
     print(results_table([result]))
     print(f"{result['num_train']} train pairs / {result['num_eval']} test images, {result['time_s']} s; "
           f"encoder weights unchanged: {result['encoder_unchanged']}")
+    if "bad_samples" in result:
+        print("\n".join(bad_samples_lines(result["bad_samples"])))
     write_json(args.output, result)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

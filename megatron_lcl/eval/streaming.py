@@ -20,6 +20,7 @@ member, no label, empty class folder) are listed in the source's `problems`.
 
 import json
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from megatron_lcl.eval.datasets import IMAGE_EXTS, ImageSet, is_image_folder, shard_paths
+from megatron_lcl.eval.errors import InputError
 
 MAX_NAMED_PROBLEMS = 50  # named in results; beyond that only counted
 
@@ -40,14 +42,22 @@ class BadSample:
     reason: str
 
 
+def reason_kind(reason: str) -> str:
+    """What went wrong, without the details: "cannot decode image (UnidentifiedImageError: ...)" ->
+    "cannot decode image" (every reason starts with its kind, then ":" or "(" and the details)."""
+    return re.split(r"[:(;]", reason, maxsplit=1)[0].strip()
+
+
 @dataclass
 class BadSampleLog:
-    """Bad samples by origin: `count` distinct ones (the first MAX_NAMED_PROBLEMS also `named`), and
-    `reads` failed reads (a bad image in the training set fails once per epoch)."""
+    """Bad samples by origin: `count` distinct ones (the first MAX_NAMED_PROBLEMS also `named`),
+    `reads` failed reads (a bad image in the training set fails once per epoch), and `by_reason`
+    the distinct ones per `reason_kind`."""
 
     count: int = 0
     reads: int = 0
     named: List[str] = field(default_factory=list)
+    by_reason: Dict[str, int] = field(default_factory=dict)
     _seen: set = field(default_factory=set, repr=False)
 
     def add(self, origin: str, reason: str) -> None:
@@ -56,6 +66,8 @@ class BadSampleLog:
             return
         self._seen.add(origin)
         self.count += 1
+        kind = reason_kind(reason)
+        self.by_reason[kind] = self.by_reason.get(kind, 0) + 1
         if len(self.named) < MAX_NAMED_PROBLEMS:
             self.named.append(f"{origin}: {reason}")
 
@@ -64,10 +76,12 @@ class BadSampleLog:
             self.add(b.origin, b.reason)
 
     def as_dict(self) -> dict:
-        return {"count": self.count, "reads": self.reads, "named": list(self.named)}
+        return {"count": self.count, "reads": self.reads, "named": list(self.named),
+                "by_reason": dict(self.by_reason)}
 
     def load(self, saved: dict) -> None:
         self.count, self.reads, self.named = saved["count"], saved["reads"], list(saved["named"])
+        self.by_reason = dict(saved.get("by_reason", {}))
         self._seen = {n.split(": ", 1)[0] for n in self.named}
 
 
@@ -106,11 +120,11 @@ class ImageFolderSource:
 
     def __init__(self, root: str):
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"no ImageFolder at {root}")
+            raise InputError(f"{root}: no such folder (an ImageFolder root/<class>/<image>)")
         self.root = root
         self.class_names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if not self.class_names:
-            raise ValueError(f"{root}: no class sub-folders")
+            raise InputError(f"{root}: no class sub-folders (an ImageFolder is root/<class>/<image>)")
         self.problems = BadSampleLog()
         names, labels = [], []
         for k, name in enumerate(self.class_names):
@@ -121,7 +135,8 @@ class ImageFolderSource:
             names += [os.path.join(name, n) for n in files]
             labels += [k] * len(files)
         if not names:
-            raise ValueError(f"{root}: no images in any class folder")
+            raise InputError(f"{root}: no images ({'/'.join(IMAGE_EXTS)}) in any of its "
+                             f"{len(self.class_names)} class folders")
         self.files = _strings(names)  # [n] relative paths
         self.labels = np.asarray(labels, dtype=np.int32)  # [n]
 
@@ -166,7 +181,7 @@ class TarSource:
         paths = [path] if isinstance(path, str) else list(path)  # several sets: CC12M + CC3M + SBU
         self.shards = sorted({shard for p in paths for shard in shard_paths(p)})
         if not self.shards:
-            raise ValueError(f"{path}: no webdataset shards (*.tar)")
+            raise InputError(f"{path}: no webdataset shards (*.tar)")
         self.want, self.label_field, self.problems = want, label_field, BadSampleLog()
         rows = []  # (shard, key, image offset, image size, text offset, text size, text kind, label)
         for s, shard in enumerate(self.shards):
@@ -180,7 +195,8 @@ class TarSource:
                 if row is not None:
                     rows.append(row)
         if not rows:
-            raise ValueError(f"{path}: no usable samples; problems: {self.problems.named[:5]}")
+            raise InputError(f"{path}: no usable samples in {len(self.shards)} shard(s): "
+                             f"{problems_summary(self.problems)}")
         cols = list(zip(*rows))
         self.shard_ids = np.asarray(cols[0], dtype=np.int32)
         self.keys = _strings(cols[1])
@@ -198,7 +214,11 @@ class TarSource:
             return None
         text, kind, label = parts.get("txt"), 0, -1
         if self.want == "label":
-            label = self._label(shard, parts)
+            try:
+                label = self._label(shard, parts)
+            except ValueError as e:  # a .cls that is not an integer, a json member that is not JSON
+                self.problems.add(where, f"bad class ({type(e).__name__}: {e})")
+                return None
             if label is None:
                 self.problems.add(where, f"no class (a .cls member or json[{self.label_field!r}])")
                 return None
@@ -260,24 +280,39 @@ class TarSource:
 # ------------------------------------------------------------------------------------------ jsonl / ImageSet
 
 class JsonlPairsSource:
-    """`{"image": path, "caption": text}` lines (image paths relative to the file)."""
+    """`{"image": path, "caption": text}` lines (image paths relative to the file). A line that is not
+    such an object is left out and named in `problems` (`path:line`)."""
 
     def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: no such file")
         self.path, self.problems = path, BadSampleLog()
         images, captions = [], []
         with open(path) as f:
             for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if "image" not in row or "caption" not in row:
-                    self.problems.add(f"{path}:{n}", f"needs keys 'image' and 'caption', has {sorted(row)}")
-                    continue
-                images.append(os.path.join(os.path.dirname(path), row["image"]))
-                captions.append(str(row["caption"]))
+                if line.strip():
+                    row = self._row(line, f"{path}:{n}")
+                    if row is not None:
+                        images.append(os.path.join(os.path.dirname(path), row["image"]))
+                        captions.append(str(row["caption"]))
         if not images:
-            raise ValueError(f"{path}: no pairs; problems: {self.problems.named[:5]}")
+            raise InputError(f"{path}: no {{image, caption}} pairs: {problems_summary(self.problems)}")
         self.images, self.captions = _strings(images), _strings(captions)
+
+    def _row(self, line: str, where: str) -> Optional[dict]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            self.problems.add(where, f"not JSON ({e.msg} at column {e.colno})")
+            return None
+        if not isinstance(row, dict):
+            self.problems.add(where, f"not a JSON object (a {type(row).__name__})")
+            return None
+        missing = [k for k in ("image", "caption") if k not in row]
+        if missing:
+            self.problems.add(where, f"missing key {missing[0]!r} (has keys {sorted(row)})")
+            return None
+        return row
 
     def __len__(self) -> int:
         return len(self.images)
@@ -340,18 +375,30 @@ def labeled_source(path: str, label_field: str = "label"):
         return ImageFolderSource(path)
     if shard_paths(path):
         return TarSource(path, "label", label_field)
-    raise ValueError(f"{path}: not an ImageFolder (class sub-folders of images) or webdataset shards (*.tar)")
+    what = "no such file or directory" if not os.path.exists(path) else \
+        "not an ImageFolder (class sub-folders of images) or webdataset shards (*.tar)"
+    raise InputError(f"{path}: {what}")
 
 
 def pair_source(paths):
     """Webdataset shards (one or several paths/globs) or one `.jsonl` of {image, caption}."""
     paths = [paths] if isinstance(paths, str) else list(paths)
-    if len(paths) == 1 and paths[0].endswith(".jsonl") and os.path.isfile(paths[0]):
+    if len(paths) == 1 and paths[0].endswith(".jsonl"):
         return JsonlPairsSource(paths[0])
-    missing = [p for p in paths if not shard_paths(p)]
-    if missing:
-        raise ValueError(f"{missing}: not a .jsonl of {{image, caption}} or webdataset shards (*.tar)")
+    for p in paths:
+        if not shard_paths(p):
+            what = "no such file or directory" if not os.path.exists(p) else \
+                "not a .jsonl of {image, caption}, a Karpathy/COCO .json or webdataset shards (*.tar)"
+            raise InputError(f"{p}: {what}")
     return TarSource(paths, "caption")
+
+
+def problems_summary(problems: BadSampleLog, examples: int = 2) -> str:
+    """'3 left out (missing file 2, no captions 1), e.g. X: missing file; Y: no captions' (one line)."""
+    if not problems.count:
+        return "nothing was left out"
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(problems.by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{problems.count} left out ({kinds}), e.g. {'; '.join(problems.named[:examples])}"
 
 
 # ------------------------------------------------------------------------------------------ datasets

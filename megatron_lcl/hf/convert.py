@@ -283,11 +283,14 @@ def opt_config(lm: LMConfig, vocab_size: int, pad_token_id: int = 0, bos_token_i
         eos_token_id=eos_token_id)
 
 
-def build_hf_models(state: State, vision: VisionConfig, lm: LMConfig, vocab_size: int):
-    """-> (CLIPVisionModel, OPTForCausalLM) in eval mode with our weights loaded strictly."""
+def build_hf_models(state: State, vision: VisionConfig, lm: LMConfig, vocab_size: int,
+                    special_ids: Dict[str, int] = None):
+    """-> (CLIPVisionModel, OPTForCausalLM) in eval mode with our weights loaded strictly.
+    `special_ids`: the tokenizer's {pad,bos,eos}_token_id for the OPT config (and so its generation
+    defaults); without one, OPT's own 0 / 1 / 2."""
     from transformers import CLIPVisionModel, OPTForCausalLM
 
-    clip_cfg, opt_cfg = clip_vision_config(vision), opt_config(lm, vocab_size)
+    clip_cfg, opt_cfg = clip_vision_config(vision), opt_config(lm, vocab_size, **(special_ids or {}))
     errors = vision_import_errors(vision, clip_cfg) + lm_import_errors(lm, opt_cfg)
     assert not errors, "cannot export to transformers without changing the function: " + "; ".join(errors)
     clip = CLIPVisionModel(clip_cfg).eval()

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from megatron_lcl.hf.convert import build_hf_models, lcl_heads_state
 from megatron_lcl.checkpoint.pretrained import full_state_dict, load_pretrained
-from megatron_lcl.hf.tokenizer import export_tokenizer
+from megatron_lcl.hf.tokenizer import to_hf_tokenizer
 
 MODEL_CARD = """# LCL pre-trained vision encoder (megatron_lcl export)
 
@@ -17,8 +17,8 @@ Source checkpoint: `{checkpoint}`
 | folder / file | what | load with |
 | --- | --- | --- |
 | `vision/` | the ViT | `transformers.CLIPVisionModel.from_pretrained(".../vision")` |
-| `lm/` | the causal LM (OPT architecture) | `transformers.OPTForCausalLM.from_pretrained(".../lm")` |
-| `tokenizer/` | sentencepiece tokenizer with `<BoI>`, `<EoI>`, `<img>` | `transformers.AutoTokenizer.from_pretrained(".../tokenizer")` |
+| `lm/` | the causal LM (OPT architecture) with its tokenizer | `transformers.AutoModelForCausalLM.from_pretrained(".../lm")`, `AutoTokenizer.from_pretrained(".../lm")` |
+| `tokenizer/` | the same sentencepiece tokenizer with `<BoI>`, `<EoI>`, `<img>` | `transformers.AutoTokenizer.from_pretrained(".../tokenizer")` |
 | `lcl_heads.safetensors` | LCL heads (below) | `safetensors.torch.load_file` |
 
 The image latents the LM was trained on are `post_layernorm(last_hidden_state)` of the vision model
@@ -37,24 +37,31 @@ at {image_size} px.
 
 
 def export_to_hf(checkpoint: str, out_dir: str, log=print) -> dict:
-    """Write `out_dir/{vision,lm,tokenizer}`, `lcl_heads.safetensors` and `README.md`."""
+    """Write `out_dir/{vision,lm,tokenizer}`, `lcl_heads.safetensors` and `README.md`. `lm/` is a
+    complete HF model folder: the tokenizer is saved there too (as `from_pretrained` users expect) and
+    the OPT config carries its pad / bos / eos ids."""
     lcl = load_pretrained(checkpoint)
     cfg = lcl.cfg.model
     state = full_state_dict(lcl.model)
     vocab = state["lm.embedding.word_embeddings.weight"].shape[0]
+    tokenizer = to_hf_tokenizer(lcl.cfg.data.tokenizer) if lcl.cfg.data.tokenizer else None
+    special_ids = None if tokenizer is None else {
+        "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id}
     log(f"loaded {lcl.checkpoint}; building transformers models (vocab {vocab})")
-    clip, opt = build_hf_models(state, cfg.vision, cfg.lm, vocab)
+    clip, opt = build_hf_models(state, cfg.vision, cfg.lm, vocab, special_ids)
     paths = {"vision": os.path.join(out_dir, "vision"), "lm": os.path.join(out_dir, "lm"),
              "heads": os.path.join(out_dir, "lcl_heads.safetensors")}
     clip.save_pretrained(paths["vision"])
     opt.save_pretrained(paths["lm"])
     save_file({k: v.contiguous() for k, v in lcl_heads_state(state).items()}, paths["heads"],
               metadata={"config": json.dumps({"heads": vars(cfg.heads), "num_image_tokens": cfg.vision.num_image_tokens})})
-    if lcl.cfg.data.tokenizer:
+    if tokenizer is not None:
         paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
-        export_tokenizer(lcl.cfg.data.tokenizer, paths["tokenizer"])
+        tokenizer.save_pretrained(paths["tokenizer"])
+        tokenizer.save_pretrained(paths["lm"])
     else:
-        log("no data.tokenizer in the checkpoint's config: tokenizer/ not written")
+        log("no data.tokenizer in the checkpoint's config: tokenizer/ not written (lm/ has no tokenizer)")
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write(MODEL_CARD.format(checkpoint=lcl.checkpoint, image_size=cfg.vision.image_size,
                                   vit_width=cfg.vision.hidden_size, lm_width=cfg.lm.hidden_size,

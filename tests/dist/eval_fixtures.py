@@ -74,9 +74,12 @@ def colour_caption_samples(n: int, seed: int) -> list:
     return out
 
 
-def write_karpathy(root: Path, name: str = "dataset_coco.json", with_problems: bool = False) -> Path:
-    """4 test images (one per colour), 5 captions each, plus a train image; COCO-style filepath.
-    with_problems adds a test image without captions and one whose file is missing."""
+def write_karpathy(root: Path, name: str = "dataset_coco.json", with_problems: bool = False,
+                   train_per_colour: int = 0) -> Path:
+    """4 test images (one per colour), 5 captions each, plus a train image (the file of test image 0:
+    a train/test overlap); COCO-style filepath. with_problems adds a test image without captions and
+    one whose file is missing. train_per_colour adds that many train + restval images per colour
+    (own files, 5 captions each) and one val image per colour."""
     rng = random.Random(5)
     (root / "val2014").mkdir(parents=True, exist_ok=True)
     images = []
@@ -89,6 +92,16 @@ def write_karpathy(root: Path, name: str = "dataset_coco.json", with_problems: b
                        "sentences": sentences})
     images.append({"split": "train", "filepath": "val2014", "filename": images[0]["filename"],
                    "sentences": [{"raw": "train only"}]})
+    for k in range(train_per_colour):
+        for cname, colour in COLOURS.items():
+            for split, folder in (("train", "train2014"), ("restval", "val2014"), ("val", "val2014")):
+                if split == "val" and k:
+                    continue
+                fname = f"{split}_{cname}_{k}.png"
+                (root / folder).mkdir(parents=True, exist_ok=True)
+                (root / folder / fname).write_bytes(png(colour, rng=rng))
+                images.append({"split": split, "filepath": folder, "filename": fname, "cocoid": 1000 + len(images),
+                               "sentences": [{"raw": f"a {cname} square {j}"} for j in range(5)]})
     if with_problems:
         images.append({"split": "test", "filepath": "val2014", "filename": images[1]["filename"], "sentences": []})
         images.append({"split": "test", "filepath": "val2014", "filename": "missing.png",

@@ -2,7 +2,8 @@
 
     python tools/checkpoint/convert_to_hf.py --load runs/demo/checkpoints --save runs/demo/hf
 
-Writes OUT/vision (CLIPVisionModel), OUT/lm (OPTForCausalLM), OUT/tokenizer (AutoTokenizer),
+Writes OUT/vision (CLIPVisionModel), OUT/lm (OPTForCausalLM with its tokenizer: a complete
+AutoModelForCausalLM + AutoTokenizer folder), OUT/tokenizer (the tokenizer alone),
 OUT/lcl_heads.safetensors and OUT/README.md (what each file is and how to use it).
 """
 
