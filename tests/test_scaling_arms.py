@@ -313,3 +313,21 @@ def test_two_arm_sweep_end_to_end_with_transfer_metrics(tmp_path):
         assert len(sweep.read_results(str(out / "results.csv"))) == 4
     finally:
         os.chdir(cwd)
+
+
+def test_paper_ladder_lists_flops_and_estimated_gpu_hours(capsys):
+    """The paper-scale plan: B/16, L/14, H/14 x 1.3B / 3.9B / 13B images seen x {lcl, con}; 13B images
+    at ~64k per step is Sec. 4.1's ~200k steps; GPU-hours labelled as an estimate."""
+    import sweep as sweep_tool
+
+    spec = sweep.load_spec(str(ROOT / "examples" / "scaling" / "paper_ladder.yaml"))
+    points = sweep.expand_points(spec)
+    assert len(points) == 18 and {p.arm for p in points} == {"lcl", "con"}
+    from megatron_lcl.config import load_config
+
+    big = load_config(spec.base_config, next(p for p in points if p.name == "lcl-H14-13B-s1").overrides)
+    assert (big.model.vision.hidden_size, big.model.vision.num_layers, big.model.lm.hidden_size) == (1280, 32, 768)
+    assert big.train.train_steps == pytest.approx(200_000, rel=0.01)
+    assert sweep_tool.main([spec.spec_path, "--list", "--assume-mfu", "0.35"]) == 0
+    out = capsys.readouterr().out
+    assert "lcl-L14-13B-s1" in out and "GPU-hours" in out and "ESTIMATE" in out

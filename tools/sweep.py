@@ -16,12 +16,11 @@ checkpoint. The spec format is documented in megatron_lcl/scaling/sweep.py.
 import argparse
 import sys
 
-# bf16 dense peak of one H100/H200 SXM GPU (NVIDIA's data sheet), for --assume-mfu estimates.
-PEAK_TFLOPS = 989.0
-
-
+from megatron_lcl.models.flops import PEAK_FLOPS_PER_S
 from megatron_lcl.scaling.sweep import (backfill_eval, expand_points, finished_points, load_spec,
                                         run_setup, run_sweep, write_slurm_array)
+
+PEAK_TFLOPS = PEAK_FLOPS_PER_S["h100-sxm-bf16"] / 1e12  # for --assume-mfu estimates (data-sheet peak)
 
 
 def list_points(spec, assume_mfu=None, peak_tflops=PEAK_TFLOPS, num_gpus=None) -> None:
@@ -65,7 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="print the points and their status, run nothing")
     p.add_argument("--assume-mfu", type=float, help="with --list: estimate GPU-hours at this MFU (0-1)")
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
-                   help=f"with --assume-mfu: peak TFLOP/s per GPU (default {PEAK_TFLOPS:g}: H100/H200 bf16 dense)")
+                   help=f"with --assume-mfu: peak TFLOP/s per GPU (default {PEAK_TFLOPS:g}: H100/H200 SXM bf16 dense)")
     p.add_argument("--num-gpus", type=int, help="with --assume-mfu: GPUs the sweep runs on (wall-time estimate)")
     p.add_argument("--emit-slurm", metavar="PATH", help="write an sbatch job-array script, run nothing")
     p.add_argument("--index", type=int, nargs="+", help="run only these point indices (see --list)")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 # --------------------------------------------------------------------------------------------------
-# Presets. Sizes as published: ViT-B/16 and ViT-L/14 (CLIP), OPT-125M (Zhang et al. 2022).
+# Presets. Sizes as published: ViT-B/16 and ViT-L/14 (CLIP), ViT-H/14 (OpenCLIP), OPT-125M (Zhang et al. 2022).
 # --------------------------------------------------------------------------------------------------
 
 VISION_PRESETS = {
@@ -21,6 +21,8 @@ VISION_PRESETS = {
                  num_attention_heads=12, ffn_hidden_size=3072),
     "L/14": dict(image_size=224, patch_size=14, hidden_size=1024, num_layers=24,
                  num_attention_heads=16, ffn_hidden_size=4096),
+    "H/14": dict(image_size=224, patch_size=14, hidden_size=1280, num_layers=32,
+                 num_attention_heads=16, ffn_hidden_size=5120),
 }
 
 LM_PRESETS = {

@@ -12,7 +12,12 @@ a results.csv column (megatron_lcl.scaling.sweep.read_eval_metrics).
 
 The evaluation corpus should be held out from pre-training: for the scenes corpus, its `heldout`
 split (object pairs pre-training never shows; `python -m megatron_lcl.data.synthetic --kind scenes
---split heldout`). `--seed` picks the 80/20 split and the heads' initialisation.
+--split heldout`). `--seed` picks the 80/20 split and the heads' initialisation. Real benchmarks give
+each task its own sets (what classify / retrieve take as --data and --eval-data):
+
+    python -m megatron_lcl.eval.transfer --encoder RUN/checkpoints --probes label \
+        --probe-data /data/imagenet --retrieval-data /data/coco/dataset_coco.json \
+        --retrieval-eval-data /data/coco/dataset_coco.json --output RUN/eval.json
 """
 
 import argparse
@@ -39,20 +44,22 @@ def latent_spread(encoder, images) -> dict:
             "latent_effective_rank_frac": stats["effective_rank"] / encoder.hidden_size}
 
 
-def probe(encoder, data: str, field: str, epochs: int, seed: int, eval_fraction: float = 0.2) -> dict:
+def probe(encoder, data: str, field: str, epochs: int, seed: int, eval_fraction: float = 0.2,
+          eval_data: str = None) -> dict:
     """Frozen attention probe on `data`'s `field` labels (classify's result dict)."""
     from megatron_lcl.eval.classify import ProbeConfig, load_splits, run_classification
 
-    train_set, eval_set = load_splits(data, None, field, eval_fraction, seed)
+    train_set, eval_set = load_splits(data, eval_data, field, eval_fraction, seed)
     return run_classification(encoder, train_set, eval_set, ProbeConfig(epochs=epochs, seed=seed))
 
 
-def retrieval(encoder, data: str, epochs: int, seed: int, eval_fraction: float = 0.2) -> dict:
+def retrieval(encoder, data: str, epochs: int, seed: int, eval_fraction: float = 0.2,
+              eval_data: str = None) -> dict:
     """Frozen retrieval transfer (a new text encoder) on `data`'s captions (retrieve's result dict,
     plus the latent spread of the evaluation images)."""
     from megatron_lcl.eval.retrieve import RetrievalConfig, load_pair_splits, run_retrieval
 
-    train_set, eval_set = load_pair_splits(data, None, eval_fraction, seed)
+    train_set, eval_set = load_pair_splits(data, eval_data, eval_fraction, seed)
     result = run_retrieval(encoder, train_set, eval_set, RetrievalConfig(epochs=epochs, seed=seed))
     result.update(latent_spread(encoder, eval_set))
     return result
@@ -75,15 +82,19 @@ def flat_metrics(details: dict) -> Dict[str, float]:
 
 
 def evaluate(encoder, data: str, probes: Sequence[str], epochs: int, seed: int, details: dict = None,
-             retrieval_epochs: int = None) -> dict:
+             retrieval_epochs: int = None, sets: Dict[str, str] = None) -> dict:
     """Probe every field in `probes` and run retrieval, skipping what `details` already holds (a rerun
-    adds only what is missing). Returns the details dict ({classify_<field>: ..., retrieval: ...})."""
-    details = dict(details or {})
+    adds only what is missing). `sets` may name other data per task (probe_data, probe_eval_data,
+    retrieval_data, retrieval_eval_data); else `data` split 80/20. Returns the details dict
+    ({classify_<field>: ..., retrieval: ...})."""
+    details, sets = dict(details or {}), sets or {}
     for field in probes:
         if f"classify_{field}" not in details:
-            details[f"classify_{field}"] = probe(encoder, data, field, epochs, seed)
+            details[f"classify_{field}"] = probe(encoder, sets.get("probe_data") or data, field, epochs, seed,
+                                                 eval_data=sets.get("probe_eval_data"))
     if "retrieval" not in details:
-        details["retrieval"] = retrieval(encoder, data, retrieval_epochs or epochs, seed)
+        details["retrieval"] = retrieval(encoder, sets.get("retrieval_data") or data, retrieval_epochs or epochs,
+                                         seed, eval_data=sets.get("retrieval_eval_data"))
     return details
 
 
@@ -91,13 +102,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--encoder", required=True, help="megatron_lcl checkpoint (folder or run's checkpoints/) "
                    "or HF CLIPVisionModel folder")
-    p.add_argument("--data", required=True, help="labelled synthetic corpus (held out from pre-training)")
+    p.add_argument("--data", help="labelled synthetic corpus (held out from pre-training), split 80/20 for "
+                   "every task without its own sets below")
+    for task in ("probe", "retrieval"):
+        p.add_argument(f"--{task}-data", help=f"{task} training set (default --data)")
+        p.add_argument(f"--{task}-eval-data", help=f"{task} evaluation set (default: a split of the training set)")
     p.add_argument("--probes", nargs="*", default=["label", "colour"], help="image_info fields to probe")
     p.add_argument("--epochs", type=int, default=30, help="probe and retrieval training epochs")
     p.add_argument("--seed", type=int, default=0, help="80/20 split and head initialisation")
     p.add_argument("--output", required=True, help="JSON file: {metrics, details}")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.data and not (args.retrieval_data and (args.probe_data or not args.probes)):
+        p.error("give --data, or --retrieval-data and (--probe-data or no --probes)")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -109,8 +127,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     encoder = load_encoder(args.encoder)
-    details = evaluate(encoder, args.data, args.probes, args.epochs, args.seed)
-    out = {"encoder": args.encoder, "data": args.data, "seed": args.seed, "epochs": args.epochs,
+    sets = {k: getattr(args, k) for k in ("probe_data", "probe_eval_data", "retrieval_data", "retrieval_eval_data")}
+    details = evaluate(encoder, args.data, args.probes, args.epochs, args.seed, sets=sets)
+    out = {"encoder": args.encoder, "data": args.data, **{k: v for k, v in sets.items() if v}, "seed": args.seed,
+           "epochs": args.epochs,
            "metrics": flat_metrics(details), "details": details, "eval_time_s": round(time.time() - t0, 1)}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     tmp = args.output + ".tmp"

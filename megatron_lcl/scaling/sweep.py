@@ -13,9 +13,11 @@ A spec (see examples/scaling/tiny_ladder.yaml):
     arms                     optional [{name, overrides: [a.b=c, ...]}]: named override sets compared
                              at matched data and compute (e.g. loss.mode=lcl | con | gen)
     seeds                    optional [int]: each point runs once per seed (train.seed)
-    budgets                  [{global_batch_size, train_steps | flops | samples}]: a FLOPs budget
-                             becomes train_steps through the FLOPs model (IsoFLOP sweeps), `samples`
-                             (samples seen) becomes samples / global_batch_size steps; optional
+    budgets                  [{global_batch_size, train_steps | flops | samples | images}]: a FLOPs
+                             budget becomes train_steps through the FLOPs model (IsoFLOP sweeps),
+                             `samples` (sequences seen) samples / global_batch_size steps, `images`
+                             (images seen, as papers count) images / (images_per_sample x
+                             global_batch_size) steps; optional
                              `name`; optional `models: [names]` / `arms: [names]` restrict a budget to
                              some sizes / arms, optional
                              `overrides` apply to its points only, optional `contrastive_batch` (samples
@@ -143,7 +145,7 @@ def load_spec(path: str) -> SweepSpec:
     return spec
 
 
-BUDGET_KINDS = ("train_steps", "flops", "samples")
+BUDGET_KINDS = ("train_steps", "flops", "samples", "images")
 
 
 # ---------------------------------------------------------------------------------- points
@@ -165,8 +167,9 @@ def _budget_name(budget: dict) -> str:
     suffix = f"-c{budget['contrastive_batch']}" if "contrastive_batch" in budget else ""
     if "flops" in budget:
         return f"{float(budget['flops']):.2g}".replace("+", "") + suffix
-    if "samples" in budget:
-        return f"{float(budget['samples']):.2g}".replace("+", "") + "samples" + suffix
+    for kind in ("samples", "images"):
+        if kind in budget:
+            return f"{float(budget[kind]):.2g}".replace("+", "") + kind + suffix
     return f"{budget['global_batch_size']}x{budget['train_steps']}" + suffix
 
 
@@ -200,11 +203,13 @@ def contrastive_batch_samples(cfg, nproc: int) -> int:
 
 def _steps_for(spec: SweepSpec, budget: dict, overrides: List[str]) -> int:
     """train_steps of a budget; a FLOPs budget is divided by the point's FLOPs per step (of its loss
-    mode: matched compute across arms), a samples budget by the global batch."""
+    mode: matched compute across arms), a samples or images budget by the global batch."""
     if "train_steps" in budget:
         return int(budget["train_steps"])
     if "samples" in budget:
         return max(1, round(float(budget["samples"]) / budget["global_batch_size"]))
+    if "images" in budget:
+        return max(1, round(float(budget["images"]) / (spec.images_per_sample * budget["global_batch_size"])))
     from megatron_lcl.config import load_config
 
     cfg = load_config(spec.base_config, overrides)
