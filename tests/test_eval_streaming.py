@@ -275,6 +275,17 @@ def test_every_bad_input_is_one_line_and_exit_2(fixtures, tmp_path, capsys):
     code, err = _cli(classify, ["--encoder", hf, "--data", str(fixtures / "folder" / "val"), "--eval-data",
                                 str(fixtures / "folder" / "vall")], capsys)
     assert (code, err) == (2, [f"error: --eval-data {fixtures}/folder/vall: no such file or directory"])
+    for colour in ("red", "blue"):  # every image unreadable: a rank's whole part of a batch, named, exit 2
+        (tmp_path / "broken" / colour).mkdir(parents=True)
+        (tmp_path / "broken" / colour / "0.png").write_bytes(b"not a png")
+    code, err = _cli(classify, ["--encoder", hf, "--data", str(tmp_path / "broken"), "--eval-data",
+                                str(tmp_path / "broken"), "--batch-size", "2", "--num-workers", "0"], capsys)
+    assert code == 2 and err[-1].startswith("error: every sample of this rank's part of global batch 0 is "
+                                            f"unreadable: {tmp_path}/broken/") and "cannot decode image" in err[-1]
+    (tmp_path / "probe.pt").write_bytes(b"not a checkpoint")
+    code, err = _cli(classify, ["--encoder", hf, "--data", str(fixtures / "folder"), "--steps", "1", "--batch-size",
+                                "8", "--num-workers", "0", "--checkpoint", str(tmp_path / "probe.pt")], capsys)
+    assert code == 2 and err[-1].startswith(f"error: --checkpoint {tmp_path}/probe.pt: not a checkpoint of this task")
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\n[1, 2]\nnot json\n')
     code, err = _cli(retrieve, ["--encoder", hf, "--data", str(tmp_path / "bad.jsonl")], capsys)
     assert code == 2 and err == [

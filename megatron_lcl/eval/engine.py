@@ -19,6 +19,7 @@ One loop (`fit`) for every task, at any scale:
 import contextlib
 import dataclasses
 import os
+import pickle
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
@@ -218,12 +219,17 @@ class EvalCheckpoint:
         """Restore a saved state (if any); returns the step to continue from (0 when none)."""
         if not self.path or not os.path.exists(self.path):
             return 0
-        state = torch.load(self.path, map_location=self.runtime.device, weights_only=False)
-        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        try:
+            state = torch.load(self.path, map_location=self.runtime.device, weights_only=False)
+            missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
+            detail = (str(e).strip().splitlines() or [""])[0]
+            raise InputError(f"--checkpoint {self.path}: not a checkpoint of this task and model "
+                             f"({type(e).__name__}: {detail})") from None
         wanted = set(model.trainable_state())
-        assert not unexpected and not (wanted & set(missing)), \
-            f"{self.path}: checkpoint does not match the model (missing {sorted(wanted & set(missing))[:5]}, " \
-            f"unexpected {unexpected[:5]})"
+        if unexpected or wanted & set(missing):
+            raise InputError(f"--checkpoint {self.path}: saved by another task or model (missing "
+                             f"{sorted(wanted & set(missing))[:3]}, unexpected {unexpected[:3]}): give a new path")
         optimizer.load_state_dict(state["optimizer"])
         bad.load(state["bad"])
         return int(state["step"])
@@ -327,23 +333,22 @@ def fit(model: TransferModel, dataset, step_loss: Callable, cfg, runtime: Runtim
     if runtime.is_main:
         print(describe_plan(plan, len(dataset), cfg, start), flush=True)
     model.train()
-    bar = progress_bar(plan, start, runtime, desc)
-    for step, batch in enumerate(train_batches(dataset, cfg, runtime, plan, start), start):
-        bad.extend(batch["bad"])
-        if not len(batch["index"]):  # every rank must join DDP's all-reduce: stop with the names
-            raise InputError(f"every sample of this rank's part of global batch {step} is unreadable: "
-                             f"{'; '.join(f'{b.origin}: {b.reason}' for b in batch['bad'][:4])}", every_rank=False)
-        set_cosine_lr(optimizer, step, plan.total, plan.warmup)
-        with runtime.autocast():
-            loss = step_loss(ddp, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", bad=bad.count, refresh=False)  # rank 0's estimate
-        if cfg.save_every_steps and (step + 1) % cfg.save_every_steps == 0 and step + 1 < plan.total:
-            ckpt.save(step + 1, model, optimizer, bad)
-    bar.close()
+    with progress_bar(plan, start, runtime, desc) as bar:  # closed (its line ended) also when a step raises
+        for step, batch in enumerate(train_batches(dataset, cfg, runtime, plan, start), start):
+            bad.extend(batch["bad"])
+            if not len(batch["index"]):  # every rank must join DDP's all-reduce: stop with the names
+                raise InputError(f"every sample of this rank's part of global batch {step} is unreadable: "
+                                 f"{'; '.join(f'{b.origin}: {b.reason}' for b in batch['bad'][:4])}", every_rank=False)
+            set_cosine_lr(optimizer, step, plan.total, plan.warmup)
+            with runtime.autocast():
+                loss = step_loss(ddp, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", bad=bad.count, refresh=False)  # rank 0's estimate
+            if cfg.save_every_steps and (step + 1) % cfg.save_every_steps == 0 and step + 1 < plan.total:
+                ckpt.save(step + 1, model, optimizer, bad)
     ckpt.save(plan.total, model, optimizer, bad)
     return model.eval()
 
