@@ -164,44 +164,44 @@ def _json_id(image_id):
     return image_id.item() if hasattr(image_id, "item") else image_id
 
 
-def load_lm(path: str, train_source=None):
-    """Any HF causal LM folder (config + weights + tokenizer) -> (model in float32, tokenizer). With
-    `train_source`, the tokenizer is checked on its captions first (`check_tokenizer`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise InputError(f"--lm {path}: no HF language model here (no config.json)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if train_source is not None:
-            check_tokenizer(tokenizer, path, train_source)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        if isinstance(e, InputError):
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise InputError(f"--lm {path}: not loadable as a HF causal LM with its tokenizer "
-                         f"({type(e).__name__}: {first})") from None
-    vocab = lm.get_input_embeddings().num_embeddings
-    if tokenizer.eos_token_id is None or len(tokenizer) > vocab:
-        raise InputError(f"--lm {path}: the tokenizer " + ("has no EOS token (needed to end captions)"
-                         if tokenizer.eos_token_id is None else f"has {len(tokenizer)} tokens, more than the model's "
-                         f"vocabulary ({vocab}): it does not belong to this model"))
-    return lm, tokenizer
-
-
-def check_lm(path: str, train_source) -> None:
-    """`load_lm`'s checks that need no weights: a config.json, a tokenizer that encodes the captions."""
+def load_tokenizer(path: str):
+    """The tokenizer of a HF causal LM folder (an InputError naming the folder when there is none)."""
     from transformers import AutoTokenizer
 
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise InputError(f"--lm {path}: no HF language model here (no config.json)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise InputError(f"--lm {path}: no loadable tokenizer ({type(e).__name__}: {first})") from None
-    check_tokenizer(tokenizer, path, train_source)
+        raise InputError(f"--lm {path}: no loadable tokenizer ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0]})") from None
+
+
+def load_lm(path: str, train_source=None):
+    """Any HF causal LM folder (config + weights + tokenizer) -> (model in float32, tokenizer). With
+    `train_source`, the tokenizer is checked on its captions before the weights load (`check_tokenizer`)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(path)
+    if train_source is not None:
+        check_tokenizer(tokenizer, path, train_source)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"--lm {path}: not loadable as a HF causal LM ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0]})") from None
+    vocab = lm.get_input_embeddings().num_embeddings
+    if tokenizer.eos_token_id is None:
+        raise InputError(f"--lm {path}: the tokenizer has no EOS token (needed to end captions)")
+    if len(tokenizer) > vocab:
+        raise InputError(f"--lm {path}: the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary "
+                         f"({vocab}): it does not belong to this model")
+    return lm, tokenizer
+
+
+def check_lm(path: str, train_source) -> None:
+    """`load_lm`'s checks that need no weights (the CLI runs them before anything loads)."""
+    check_tokenizer(load_tokenizer(path), path, train_source)
 
 
 def check_tokenizer(tokenizer, lm_path: str, source, samples: int = 64) -> None:
