@@ -115,6 +115,15 @@ def test_tp2_checkpoint_converts_and_matches_transformers(core_checks_dir, tmp_p
     assert all(printed[k] <= bound for k, bound in BOUNDS.items())
 
 
+def test_convert_to_hf_names_a_missing_checkpoint(tmp_path, capsys):
+    tool = _load_tool("convert_to_hf")
+    assert tool.main(["--load", str(tmp_path / "runs" / "typo"), "--save", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --load {tmp_path}/runs/typo: no complete checkpoint there (a run directory, its checkpoints/ or one "
+        f"step_* folder)"]
+    assert not (tmp_path / "hf").exists()
+
+
 def _load_tool(name: str):
     import importlib.util
 

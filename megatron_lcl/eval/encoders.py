@@ -66,7 +66,11 @@ def load_encoder(path: str) -> VisionEncoder:
         path = os.path.join(path, "vision")
     if is_hf_vision_dir(path):
         return load_hf_clip(path)
-    if resolve_checkpoint(path) is None:
+    try:
+        checkpoint = resolve_checkpoint(path)
+    except FileNotFoundError as e:  # `latest` names an incomplete checkpoint and there is no other
+        raise InputError(f"--encoder {path}: {e}") from None
+    if checkpoint is None:
         raise InputError(f"--encoder {path}: neither a megatron_lcl checkpoint (a run's checkpoints/ or a step_* "
                          f"folder) nor a HF CLIPVisionModel folder (config.json with model_type clip_vision_model)")
     return load_lcl_checkpoint(path)
