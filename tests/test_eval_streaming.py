@@ -345,3 +345,25 @@ def test_preset_prints_settings_and_scales_warmup_to_a_short_run(fixtures, capsy
     assert out.rstrip().endswith("bad samples (left out; the first 50 are named in the results JSON):\n"
                                  "  train index: 1 (no image member 1)\n"
                                  "  test index dataset_coco.json:test: 2 (missing file 1, no captions 1)")
+
+
+def test_warmup_fitted_to_a_run_shorter_than_it():
+    """Classification's preset counts epochs: on a small set its 90 epochs are shorter than its 1500
+    warm-up steps, which then scale to the fraction they are of the paper's ImageNet run."""
+    from megatron_lcl.eval.common import config_from_args
+    from megatron_lcl.eval.engine import fit_warmup_to_run
+    from megatron_lcl.eval.errors import InputError
+
+    def fitted(argv, num_examples):
+        args = classify.parse_args(["--encoder", "e", "--data", "d"] + argv)
+        cfg = config_from_args(classify.ProbeConfig, args)
+        return cfg, fit_warmup_to_run(cfg, num_examples, args.preset_values, args.explicit)
+
+    cfg, note = fitted(["--preset", "paper", "--batch-size", "64"], 1000)  # 90 epochs x 15 = 1350 steps
+    assert cfg.warmup_steps == 144 and note.endswith("scaled to 144 (the preset's 1500 of 14040 steps)")
+    cfg, note = fitted(["--preset", "paper", "--batch-size", "64"], 100_000)  # long enough: kept
+    assert (cfg.warmup_steps, note) == (1500, None)
+    with pytest.raises(InputError, match=r"^--warmup-steps 1500 is not shorter than the run \(--steps 100: 100 steps"):
+        fitted(["--preset", "paper", "--batch-size", "64", "--steps", "100", "--warmup-steps", "1500"], 1000)
+    with pytest.raises(InputError, match=r"^--warmup-epochs 2.0 \(30 steps\) is not shorter than the run \(--epochs 2"):
+        fitted(["--batch-size", "64", "--epochs", "2", "--warmup-epochs", "2"], 1000)

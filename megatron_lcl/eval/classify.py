@@ -37,8 +37,9 @@ from megatron_lcl.runtime.mcore_compat import filter_known_warnings
 
 # Paper Table 8 (classification): IN-1K train, 90 epochs (~14k steps) of 8192, AdamW lr 1e-4 (one
 # rate: used for the encoder too in full mode), wd 1e-4, betas (0.9, 0.95), 1500 warm-up steps, cosine.
+# _run_steps: that run's length (1,281,167 // 8192 x 90), the scale of its warm-up on other data.
 PRESETS = {"paper": dict(epochs=90, steps=0, batch_size=8192, lr=1e-4, encoder_lr=1e-4, weight_decay=1e-4,
-                         adam_beta2=0.95, warmup_steps=1500, engine="stream")}
+                         adam_beta2=0.95, warmup_steps=1500, engine="stream", _run_steps=156 * 90)}
 
 
 @dataclass

@@ -61,13 +61,16 @@ def explicit_fields(parser: argparse.ArgumentParser, argv) -> set:
 
 def parse_with_preset(parser: argparse.ArgumentParser, argv, presets: dict) -> argparse.Namespace:
     """Parse `argv`; `--preset NAME` first sets the defaults in `presets[NAME]` (a {dest: value} dict,
-    e.g. paper Table 8's steps/batch/lr/warm-up/weight decay), and explicit flags still win."""
+    e.g. paper Table 8's steps/batch/lr/warm-up/weight decay), and explicit flags still win. Keys that
+    start with "_" are facts about the preset, not options (`_run_steps`: its run's length in steps
+    when that depends on the data, for `engine.fit_warmup_to_run`)."""
     parser.add_argument("--preset", choices=sorted(presets), help="hyper-parameter preset (e.g. paper: Table 8)")
     args, _ = parser.parse_known_args(argv)
     if args.preset:
-        unknown = set(presets[args.preset]) - set(vars(args))
+        options = {k: v for k, v in presets[args.preset].items() if not k.startswith("_")}  # _x: facts, not flags
+        unknown = set(options) - set(vars(args))
         assert not unknown, f"preset {args.preset!r} sets unknown options {sorted(unknown)}"
-        parser.set_defaults(**presets[args.preset])
+        parser.set_defaults(**options)
     args = parser.parse_args(argv)
     args.explicit = explicit_fields(parser, argv)
     args.preset_values = dict(presets[args.preset]) if args.preset else None

@@ -274,7 +274,7 @@ def fit_warmup_to_run(cfg, num_examples: int, preset: Optional[dict], explicit: 
         raise InputError(f"{flag} {value}{unit} is not shorter than the run ({run}: {plan.total} steps): the learning "
                          f"rate would never reach its peak; lower {flag}")
     if preset and field in preset:
-        own_total = preset.get("steps") or preset.get("epochs", cfg.epochs) * plan.per_epoch
+        own_total = preset.get("steps") or preset.get("_run_steps") or preset.get("epochs", cfg.epochs) * plan.per_epoch
         fraction, origin = plan.warmup / own_total, f"the preset's {plan.warmup} of {own_total} steps"
         where = "--preset"
     else:
