@@ -34,7 +34,7 @@ def latent_spread(encoder, images) -> dict:
     image looks the same to the encoder; up to the hidden width)."""
     import torch
 
-    from megatron_lcl.training.metrics import singular_value_stats
+    from megatron_lcl.losses.contrastive import singular_value_stats
 
     with torch.no_grad():
         pooled = torch.cat([encoder(images.pixels(list(range(i, min(i + 256, len(images)))), encoder.image_size))

@@ -1,10 +1,12 @@
-"""L_con: symmetric InfoNCE between image features v and <BoI> text features t.
+"""L_con: symmetric InfoNCE between image features v and <BoI> text features t, and the collapse
+monitor of those features (`singular_value_stats`).
 
 Negatives are all images of the micro-batch on every data-parallel rank: each rank scores its
 local rows against the gathered global columns (as open_clip's `local_loss=True`). Ranks may hold
 different numbers of images (also none); the gather pads to the largest count and trims.
 """
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -74,3 +76,20 @@ def contrastive_loss_sum(image_features: torch.Tensor, text_features: torch.Tens
     with torch.no_grad():
         correct = ((logits_per_image.argmax(-1) == labels) & (logits_per_text.argmax(-1) == labels)).sum()
     return loss_sum, num_global, correct
+
+
+def singular_value_stats(features: torch.Tensor) -> dict:
+    """Collapse monitor for features `[n, e]` (the normalised v_i of a global batch).
+
+    With p_k = sigma_k / sum(sigma), `sv_entropy` = -sum p_k log p_k and `effective_rank` = exp(entropy)
+    (Roy & Vetterli 2007): 1.0 when every v_i points the same way (collapse), up to min(n, e) when
+    they spread over all directions. `effective_rank_frac` divides by that maximum.
+    """
+    n, e = features.shape
+    if n < 2:
+        return {}
+    sigma = torch.linalg.svdvals(features.double())
+    p = sigma / sigma.sum().clamp(min=1e-30)
+    entropy = float(-(p * torch.log(p.clamp(min=1e-30))).sum())
+    return {"sv_entropy": entropy, "effective_rank": math.exp(entropy),
+            "effective_rank_frac": math.exp(entropy) / min(n, e)}

@@ -4,7 +4,6 @@ Only one process (global rank 0) writes; `Trainer` gathers the values there firs
 """
 
 import json
-import math
 import os
 import sys
 import time
@@ -13,23 +12,7 @@ from typing import Optional
 import torch
 
 from megatron_lcl.checkpoint.run_dir import METRICS, TENSORBOARD, run_path
-
-
-def singular_value_stats(features: torch.Tensor) -> dict:
-    """Collapse monitor for features `[n, e]` (the normalised v_i of a global batch).
-
-    With p_k = sigma_k / sum(sigma), `sv_entropy` = -sum p_k log p_k and `effective_rank` = exp(entropy)
-    (Roy & Vetterli 2007): 1.0 when every v_i points the same way (collapse), up to min(n, e) when
-    they spread over all directions. `effective_rank_frac` divides by that maximum.
-    """
-    n, e = features.shape
-    if n < 2:
-        return {}
-    sigma = torch.linalg.svdvals(features.double())
-    p = sigma / sigma.sum().clamp(min=1e-30)
-    entropy = float(-(p * torch.log(p.clamp(min=1e-30))).sum())
-    return {"sv_entropy": entropy, "effective_rank": math.exp(entropy),
-            "effective_rank_frac": math.exp(entropy) / min(n, e)}
+from megatron_lcl.losses.contrastive import singular_value_stats  # noqa: F401  (the collapse monitor)
 
 
 class MetricsWriter:
