@@ -33,24 +33,18 @@ def write_spec(tmp_path: Path, **extra) -> str:
 
 
 def fake_runner(calls, metrics=None):
-    """Writes what the driver and an eval command would: metrics.jsonl reaching train_steps, and
-    RUN_DIR/eval.json with `metrics(point name)`."""
-    def run(config_path, overrides, run_dir, nproc):
-        from megatron_lcl.config import load_config
+    """test_scaling's fake driver (metrics.jsonl reaching train_steps), plus what an eval command
+    would write: RUN_DIR/eval.json with `metrics(point name)`."""
+    from test_scaling import fake_runner as fake_driver
 
-        calls.append(os.path.basename(run_dir))
-        cfg = load_config(config_path, overrides)
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
-            for step in range(1, cfg.train.train_steps + 1):
-                n = step * cfg.train.global_batch_size
-                f.write(json.dumps(dict(step=step, consumed_samples=n, consumed_images=2 * n, consumed_tokens=64 * n,
-                                        consumed_text_tokens=40 * n, loss=3.0, lm_loss=2.0, con_loss=1.0,
-                                        con_top1=0.5, step_time_s=0.01)) + "\n")
+    driver = fake_driver(calls)
+
+    def run(config_path, overrides, run_dir, nproc):
+        code = driver(config_path, overrides, run_dir, nproc)
         if metrics is not None:
             Path(run_dir, "eval.json").write_text(json.dumps({"metrics": metrics(os.path.basename(run_dir)),
                                                               "details": {"ignored": {"nested": 1}}}))
-        return 0
+        return code
     return run
 
 
