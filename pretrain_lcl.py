@@ -5,7 +5,11 @@
 See `python pretrain_lcl.py --help` and README.md.
 """
 
-from megatron_lcl.train import run
+from megatron_lcl.stop_signals import catch_stop_signals
+
+catch_stop_signals()  # first: a stop signal during the seconds of imports below must not kill the rank
+
+from megatron_lcl.train import run  # noqa: E402
 
 if __name__ == "__main__":
     run()

@@ -6,10 +6,12 @@
 
 The run directory gets the resolved `config.yaml`, `metrics.jsonl`, `tensorboard/` and
 `checkpoints/`. A rerun with the same run_dir resumes from its latest checkpoint; `--load DIR`
-starts from another run's checkpoint (any TP/PP). SIGTERM/SIGUSR1: save and exit 0.
+starts from another run's checkpoint (any TP/PP). SIGTERM/SIGUSR1 (from the first line on, see
+`megatron_lcl.stop_signals`): save and exit 0; during start-up, exit 0 without training.
 Exit status: 0 finished, stopped by a signal or by train.exit_after_steps; 1 diverged (non-finite
 loss) or a checkpoint that could not be saved or loaded (one line names it); 2 invalid configuration
-(the message names the fields). torchrun's agent exits 1 whenever a
+(the message names the fields), an unwritable run directory, or a run directory another launch holds
+(one line names the holder). torchrun's agent exits 1 whenever a
 rank fails or it was signalled, so with $LCL_EXIT_STATUS_FILE set the ranks also write "<exit status>
 <reason>" there ("0 preempted", "2 config_error", ...): examples/pretrain_lcl.sh exits with that
 status and requeues the slurm job after "0 preempted".
@@ -19,11 +21,13 @@ import argparse
 import os
 import sys
 
-from megatron_lcl.config import ConfigError, config_to_yaml, load_config, validate_config
-from megatron_lcl.runtime.mcore_compat import filter_known_warnings
+from megatron_lcl.stop_signals import catch_stop_signals  # standard library only: imports nothing heavy
+
+# The heavy imports (torch, megatron-core: seconds) happen inside `main`, after `run` caught the stop
+# signals: `python -m megatron_lcl.train` runs this module's top level first.
 
 EXIT_CODES = {"completed": 0, "exit_after_steps": 0, "preempted": 0, "diverged": 1, "checkpoint_error": 1,
-              "config_error": 2}
+              "config_error": 2, "run_dir_in_use": 2}
 EXIT_STATUS_FILE_ENV = "LCL_EXIT_STATUS_FILE"
 
 
@@ -33,12 +37,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load", help="checkpoint to start from: a checkpoints/ folder or one step_* folder")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides before, between or after the options
 
 
 def main(argv=None) -> int:
     """Parse, validate, train; returns the exit status (see the module docstring)."""
+    from megatron_lcl.runtime.mcore_compat import filter_known_warnings
+
     filter_known_warnings()  # before anything imports megatron.core
+    from megatron_lcl.checkpoint import CheckpointError, RunDirInUse, run_dir_write_error
+    from megatron_lcl.config import ConfigError, config_to_yaml, load_config, validate_config
+
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"checkpoint.load={args.load}"] if args.load else [])
     try:
@@ -47,6 +56,9 @@ def main(argv=None) -> int:
             validate_config(cfg)
         else:  # the world torchrun launched, before any process group is built on it
             validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), check_files=True)
+            write_error = run_dir_write_error(cfg.run_dir)
+            if write_error:
+                raise ConfigError(write_error)
     except ConfigError as e:
         return config_error(args, e)
     if args.print_config:
@@ -54,14 +66,16 @@ def main(argv=None) -> int:
         return 0
     from megatron_lcl.training.trainer import Trainer
 
-    from megatron_lcl.checkpoint import CheckpointError
-
     trainer = Trainer(cfg)
     try:  # close() also when setup() fails: it removes the stop-signal handlers setup() installs first
         trainer.setup()
         status = trainer.train()
     except ConfigError as e:
         return config_error(args, e)
+    except RunDirInUse as e:  # the same on every rank: said once
+        if os.environ.get("RANK", "0") == "0":
+            print(f"run directory in use: {e}", file=sys.stderr)
+        return report_exit("run_dir_in_use")
     except CheckpointError as e:  # a load or save failed on some rank (every rank raises the same error)
         return checkpoint_error(e)
     finally:
@@ -75,7 +89,7 @@ def checkpoint_error(error: Exception) -> int:
     return report_exit("checkpoint_error")
 
 
-def config_error(args: argparse.Namespace, error: ConfigError) -> int:
+def config_error(args: argparse.Namespace, error: Exception) -> int:
     print(f"config error ({args.config or 'defaults'}): {error}", file=sys.stderr)
     return report_exit("config_error")
 
@@ -94,7 +108,9 @@ def report_exit(reason: str) -> int:
 
 
 def run(argv=None) -> None:
-    """Command-line entry: `main`, then tear down the process groups and exit with its status."""
+    """Command-line entry: catch stop signals (before the imports), `main`, then tear down the process
+    groups and exit with its status."""
+    catch_stop_signals()
     code = main(argv)
     from megatron_lcl.runtime import destroy_distributed
 

@@ -146,3 +146,76 @@ def test_file_checks_pass_for_existing_files_and_are_opt_in(run_files):
     missing = load_config(TINY, ["data.path=/nonexistent", "data.tokenizer=/nonexistent.model"])
     assert config_errors(missing) == []  # tools validating a config for another machine do not look for files
     assert len(config_errors(missing, check_files=True)) == 2
+
+
+# ------------------------------------------------------------------------- the driver's start-up errors
+
+@pytest.mark.parametrize("config_text, overrides, message", [
+    ("optimizer:\n  lr: 1e-3\n warmup_steps: 3\n", [],
+     "invalid YAML: line 3, column 2: expected <block end>, but found '<block mapping start>'"),
+    (None, [], "--config {missing}: No such file or directory"),
+    ("", ["optimizer.lr=[1,"], "override 'optimizer.lr=[1,': the value is not valid YAML (line 1, column 4: "
+                               "expected the node content, but found '<stream end>'"),
+])
+def test_unreadable_config_and_overrides_give_one_line_and_status_2(config_text, overrides, message, tmp_path,
+                                                                     capsys):
+    """A YAML syntax error, a missing --config file, an override value that is not YAML: one line naming
+    the file (line, column) or the override, no traceback, status 2 (before: a traceback and status 1)."""
+    from megatron_lcl import train
+
+    path = tmp_path / "exp.yaml"
+    if config_text is not None:
+        path.write_text(config_text)
+    assert train.main(["--config", str(path), f"run_dir={tmp_path / 'run'}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert message.format(missing=path) in err, err
+
+
+def test_overrides_may_follow_the_options(run_files, tmp_path, capsys):
+    """`pretrain_lcl.py --config C --load X key=value`: overrides before, between and after options."""
+    from megatron_lcl import train
+
+    args = train.parse_args(["optimizer.lr=1e-3", "--config", TINY, "train.seed=7", "--load", "/ckpt",
+                             "train.train_steps=9", "--print-config"])
+    assert (args.config, args.load, args.print_config) == (TINY, "/ckpt", True)
+    assert args.overrides == ["optimizer.lr=1e-3", "train.seed=7", "train.train_steps=9"]
+    assert train.main(["--config", TINY, "--print-config", "train.train_steps=9", *run_files]) == 0
+    assert "train_steps: 9" in capsys.readouterr().out
+
+
+def test_an_unwritable_run_dir_gives_one_line_and_status_2_before_any_process_group(tmp_path):
+    """pretrain_lcl.py as a launch runs it, on a read-only run directory (as root: run as `nobody`,
+    root writes anywhere): one line naming the directory, status 2, nothing started."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    shared = Path(tempfile.mkdtemp(prefix="lcl-readonly-"))  # pytest's tmp_path is private to its user
+    try:
+        (shared / "shards").mkdir()
+        (shared / "shards" / "shard-000000.tar").write_bytes(b"")
+        (shared / "lcl.model").write_bytes(b"")
+        (shared / "run").mkdir()
+        for path in (shared / "run", shared / "shards", shared):
+            path.chmod(0o555)
+        (shared / "lcl.model").chmod(0o444)
+        cmd = [sys.executable, str(root / "pretrain_lcl.py"), "--config", TINY, f"run_dir={shared / 'run'}",
+               f"data.path={shared / 'shards'}", f"data.tokenizer={shared / 'lcl.model'}"]
+        if os.geteuid() == 0:
+            if shutil.which("setpriv") is None:
+                pytest.skip("as root a read-only directory needs setpriv to drop privileges")
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", HOME=str(shared), MPLCONFIGDIR=str(shared))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=shared)
+    finally:
+        for path in (shared, shared / "run", shared / "shards"):
+            path.chmod(0o755)
+        shutil.rmtree(shared)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"config error ({TINY}): run_dir {shared / 'run'}: cannot write in {shared / 'run'} "
+                     "(Permission denied)"], proc.stderr[-3000:]

@@ -207,7 +207,7 @@ def test_latest_naming_a_missing_checkpoint_falls_back_to_the_newest_complete(da
     ckpts = run / "checkpoints"
     (ckpts / "latest").write_text("step_00000099\n")  # e.g. deleted by hand, or a copy gone wrong
     capsys.readouterr()
-    assert pretrain_lcl.main(argv(data_root, run, "train.train_steps=3")) == 0
+    assert pretrain_lcl.main(argv(data_root, run, "train.exit_after_steps=1")) == 0
     out = capsys.readouterr().out
     assert "names 'step_00000099', which is missing or incomplete: skipped; using the newest complete " \
            "checkpoint, step_00000002" in out
@@ -261,7 +261,7 @@ def test_keep_last_and_explicit_load(data_root, tmp_path):
     ckpts = run / "checkpoints"
     assert sorted(os.listdir(ckpts)) == ["latest", "step_00000004", "step_00000006"]
     other = tmp_path / "other"
-    assert pretrain_lcl.main(argv(data_root, other, "train.train_steps=7", "--load",
+    assert pretrain_lcl.main(argv(data_root, other, "train.train_steps=7", "optimizer.override_scheduler=true", "--load",
                                   str(ckpts / "step_00000004"))) == 0
     assert [r["step"] for r in read_rows(other)] == [5, 6, 7]
 

@@ -108,7 +108,7 @@ def _prepare_root(root: str) -> None:
 # ------------------------------------------------------------------------------------------ load
 
 def load_newest_loadable(found: str, model, optimizer, scheduler, loader, layout: ParallelLayout, *,
-                         fall_back: bool, own_root: bool, log=print, **load_kwargs) -> tuple:
+                         fall_back: bool, own_root: bool, log=print, check_meta=None, **load_kwargs) -> tuple:
     """Load `found`, or, when its files are unreadable or truncated and `fall_back`, the newest older
     complete checkpoint beside it whose files are intact. Returns (checkpoint loaded, its meta.json).
 
@@ -117,6 +117,7 @@ def load_newest_loadable(found: str, model, optimizer, scheduler, loader, layout
     folder (`own_root`) it is renamed `NAME.broken` (kept, never pruned, never counted as complete)
     and `latest` is pointed at the checkpoint loaded. Errors of the load itself (e.g. a config that
     does not match the checkpoint) are not the checkpoint's fault: they raise, nothing is renamed.
+    `check_meta(path, meta)` runs on every rank before a checkpoint is loaded (its errors raise as they are).
     """
     root, rank0 = os.path.dirname(found), dist.get_rank() == 0
     older = [c for c in reversed(complete_checkpoints(root)) if os.path.basename(c) < os.path.basename(found)]
@@ -134,6 +135,8 @@ def load_newest_loadable(found: str, model, optimizer, scheduler, loader, layout
             log(f"skipped checkpoint {candidate}: {e.reason}; "
                 + (f"renamed to {os.path.basename(kept)}" if kept else "left in place") + f"; next: {nxt}")
             continue
+        if check_meta is not None:  # the same files and config on every rank: the same outcome
+            check_meta(candidate, read_meta(candidate))
         meta = agree_on_error(lambda: load_checkpoint(candidate, model, optimizer, scheduler, loader, layout,
                                                       log=log, **load_kwargs), f"loading {candidate}")
         if candidate != found and own_root:
@@ -200,8 +203,35 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, layout: Para
         scheduler.load_state_dict(state["scheduler"])
     if "rng" in state:
         set_rng_state(state["rng"])
-    if "data" in state and loader is not None:
-        loader.load_state_dict(state["data"])
-    if "data_old" in state:
-        loader.continue_from([state["data_old"][str(i)] for i in range(len(state["data_old"]))])
+    saved_data = [state["data"]] if "data" in state else [state["data_old"][str(i)] for i in
+                                                          range(len(state.get("data_old", {})))]
+    try:
+        if "data" in state and loader is not None:
+            loader.load_state_dict(state["data"])
+        if "data_old" in state:
+            loader.continue_from(saved_data)
+    except (ValueError, KeyError) as e:
+        raise ValueError(_data_state_mismatch(e, saved_data, loader)) from None
     return meta
+
+
+def _data_state_mismatch(error: Exception, saved_states: list, loader) -> str:
+    """One line: which shards of the saved data position are missing now (or the loader's own reason),
+    and how to go on without that position."""
+    try:
+        saved = {s for state in saved_states for s in state["config"]["shards"]}
+        now = set(loader.cfg.fingerprint()["shards"])
+    except (KeyError, TypeError, AttributeError):
+        saved = now = set()
+    missing, added = sorted(saved - now), sorted(now - saved)
+    if missing or added:
+        reason = "; ".join(f"{what}: {_some(names)}" for what, names in
+                           (("shard(s) of the saved position missing now", missing), ("new shard(s)", added)) if names)
+    else:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+    return (f"the checkpoint's data-loader position does not fit this data ({reason}); "
+            "checkpoint.load_data_state=false continues without it (the loaders start a fresh stream)")
+
+
+def _some(names: list, shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")

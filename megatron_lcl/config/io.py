@@ -25,13 +25,31 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> LC
     """The run config from a YAML file (optional) with `a.b=c` overrides applied on top."""
     raw = {}
     if path is not None:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        raw = _read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
     return config_from_dict(raw)
+
+
+def _read_yaml(path: str):
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
+
+
+def _yaml_problem(e: "yaml.YAMLError") -> str:
+    """One line for a YAML error: where (line/column, 1-based) and what."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + problem + (f" ({context})" if context else "")
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -45,7 +63,11 @@ def apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); quote "
+                          "a string that is meant literally") from None
 
 
 def from_dict(cls, raw: Any, where: str):

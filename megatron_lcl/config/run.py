@@ -53,6 +53,10 @@ class OptimizerConfig:
     warmup_steps: int = 2000
     decay_steps: Optional[int] = None  # None: train.train_steps
     decay_style: str = "cosine"  # cosine | linear | constant
+    # On resume the schedule above must equal the checkpoint's (lr, min_lr, warmup_steps, decay_style,
+    # weight_decay, decay_steps or train.train_steps), else the run is refused naming the fields; true:
+    # apply these values from the checkpoint's step on (e.g. to extend train.train_steps).
+    override_scheduler: bool = False
 
 
 @dataclass

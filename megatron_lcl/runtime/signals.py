@@ -21,7 +21,7 @@ import threading
 from contextlib import contextmanager
 from multiprocessing import resource_tracker
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from megatron_lcl.stop_signals import STOP_SIGNALS
 
 
 def ignore_stop_signals(*_args) -> None:

@@ -60,8 +60,8 @@ def build_scheduler(optimizer, cfg: OptimizerConfig, train: TrainConfig) -> Opti
         lr_warmup_steps=min(cfg.warmup_steps, decay_steps - 1) if decay_steps > 1 else 0,
         lr_decay_steps=decay_steps, lr_decay_style=cfg.decay_style,
         start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=decay_steps,
-        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False)
+        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=not cfg.override_scheduler,
+        override_opt_param_scheduler=cfg.override_scheduler)  # checkpoint.resume refuses a silent mismatch
 
 
 def current_lr(optimizer) -> float:

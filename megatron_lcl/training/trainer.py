@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lcl import checkpoint as ckpt
+from megatron_lcl.checkpoint.resume import check_resume
 from megatron_lcl.config import LCLConfig, num_microbatches, save_config, section_to_dict, validate_config
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.losses.contrastive import gather_rows
@@ -90,12 +91,16 @@ class Trainer:
         self.loader = self.data_iter = None
         self._captured: Optional[List[torch.Tensor]] = None
         self._last_saved_step = -1
+        self._run_lock: Optional[int] = None
 
     # ---------------------------------------------------------------------------------- set-up
     def setup(self) -> "Trainer":
         cfg = self.cfg
         self.stop.install()  # first: a stop signal during a long set-up (resume) must not kill the rank
         self.layout = layout = initialize_distributed(cfg.parallel, cfg.train.seed)
+        self.lock_run_dir()
+        if self.stop_agreed():  # a stop signal during the imports or the start of the process group
+            return self
         validate_config(cfg, layout.world_size)
         self.num_microbatches = num_microbatches(cfg.train, cfg.data, layout.dp_size)
         self.model = build_model(cfg.model, cfg.parallel, cfg.precision, first_stage=layout.is_first_stage,
@@ -113,6 +118,25 @@ class Trainer:
         self.data_iter = iter(self.loader) if self.loader is not None else None
         self.write_run_dir()
         return self
+
+    def lock_run_dir(self) -> None:
+        """Rank 0 takes the run directory's lock for the life of the run; every rank raises the same
+        RunDirInUse when another launch holds it (before this launch reads or writes anything there)."""
+        error = None
+        if self.layout.rank == 0:
+            try:
+                self._run_lock = ckpt.lock_run_dir(self.cfg.run_dir)
+            except ckpt.RunDirInUse as e:
+                error = str(e)
+        error = _from_rank0(error)
+        if error is not None:
+            raise ckpt.RunDirInUse(error)
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank got a stop signal (or the stop file) so far; the same answer on every rank."""
+        flag = torch.tensor([1.0 if self.stop else 0.0], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def build_loader(self):
         from megatron_lcl.data.loader import build_loader
@@ -146,7 +170,9 @@ class Trainer:
         own_root = os.path.realpath(os.path.dirname(found)) == os.path.realpath(self.checkpoint_root)
         found, meta = ckpt.load_newest_loadable(
             found, self.model, self.optimizer, self.scheduler, self.loader, self.layout, fall_back=fall_back,
-            own_root=own_root, load_optimizer=c.load_optimizer, load_data_state=c.load_data_state, log=log0)
+            own_root=own_root, load_optimizer=c.load_optimizer, load_data_state=c.load_data_state, log=log0,
+            check_meta=lambda path, meta: check_resume(path, meta, self.cfg, schedule_loaded=c.load_optimizer,
+                                                       log=log0))
         self.state = TrainState(**meta.get("train_state", {}))  # weights-only: start at step 0
         self._last_saved_step = self.state.step
         log0(f"resumed from {found} at step {self.state.step}")
@@ -237,6 +263,9 @@ class Trainer:
     def train(self) -> str:
         """Run to `train.train_steps`. Returns completed | preempted | exit_after_steps | diverged."""
         cfg, start = self.cfg, self.state.step
+        if self.stop_agreed():  # during start-up: nothing trained by this launch, nothing to save
+            self._report("stopped_at_start")
+            return "preempted"
         window, stop = _Window(), None
         while self.state.step < cfg.train.train_steps and stop is None:
             t0 = time.time()
@@ -290,6 +319,9 @@ class Trainer:
             "exit_after_steps": f"stopped after train.exit_after_steps ({t.exit_after_steps}) at step {s.step}",
             "preempted": f"stop signal ({self.stop.signal_name or 'on another rank'}) received: "
                          f"saved step {s.step}, exiting for requeue",
+            "stopped_at_start": f"stop signal ({self.stop.signal_name or 'on another rank'}) received during "
+                                f"start-up: nothing trained by this launch, nothing to save (the run is at "
+                                f"step {s.step}); exiting for requeue",
             "diverged": f"loss was not finite for {s.consecutive_nonfinite} steps in a row "
                         f"(train.max_consecutive_nonfinite = {t.max_consecutive_nonfinite}); stopping at step "
                         f"{s.step}. The checkpoint saved now holds the weights from before these steps "
@@ -358,10 +390,19 @@ class Trainer:
 
     def close(self) -> None:
         self.stop.uninstall()
+        if self._run_lock is not None:
+            ckpt.unlock_run_dir(self._run_lock)
+            self._run_lock = None
         if self.data_iter is not None and hasattr(self.data_iter, "close"):
             self.data_iter.close()  # stops the DataLoader workers now rather than at garbage collection
         if self.writer is not None:
             self.writer.close()
+
+
+def _from_rank0(obj):
+    objs = [obj]
+    dist.broadcast_object_list(objs, src=0)
+    return objs[0]
 
 
 class _Window:

@@ -22,7 +22,9 @@ from megatron_lcl.training.trainer import Trainer
 
 
 def dp_resume_config(out: str, run: str, *overrides: str):
-    return tiny_run_config(out, run, "parallel.use_distributed_optimizer=true", *overrides)
+    # The resumed runs extend train.train_steps (3 -> 6): the new LR schedule is asked for explicitly.
+    return tiny_run_config(out, run, "parallel.use_distributed_optimizer=true", "optimizer.override_scheduler=true",
+                           *overrides)
 
 
 def fingerprints(trainer) -> dict:

@@ -96,7 +96,8 @@ def check_rng(out: str) -> dict:
     resumed = config(out, "rng_resumed", "train.train_steps=40", "checkpoint.save_interval=null")
     first = run(config(out, "rng_resumed", "train.train_steps=40", "checkpoint.save_interval=null",
                        "train.exit_after_steps=10"))
-    reseeded = config(out, "rng_reseeded", "train.train_steps=15", "checkpoint.save_interval=null")
+    reseeded = config(out, "rng_reseeded", "train.train_steps=40", "checkpoint.save_interval=null",
+                      "train.exit_after_steps=5")
     copy_run(resumed, reseeded)
     if dist.get_rank() == 0:  # as if saved by the older format: the RNG states are not restored
         meta_path = os.path.join(reseeded.run_dir, "checkpoints", "step_00000010", "meta.json")

@@ -88,7 +88,7 @@ def check_reshard(out: str, layout: str) -> dict:
     trainer.train()
     loss_saved = eval_loss(trainer)
     trainer.close()
-    loaded_cfg = config(out, f"{layout}_loaded", "train.train_steps=3",
+    loaded_cfg = config(out, f"{layout}_loaded", "train.train_steps=3", "optimizer.override_scheduler=true",
                         f"checkpoint.load={os.path.join(saved_cfg.run_dir, 'checkpoints')}")
     trainer = Trainer(loaded_cfg).setup()
     loss_loaded = eval_loss(trainer)
