@@ -6,7 +6,8 @@ a config error) although torchrun's agent exits 1 in both cases.
 
 Two 2-rank launches of the tiny model (DataLoader workers on, a save every 10 steps so the writer
 processes exist before the signal): plain torchrun + SIGTERM to the agent, then
-examples/pretrain_lcl.sh on the same run_dir (resumes) + SIGUSR1 to its torchrun agent.
+examples/pretrain_lcl.sh on the same run_dir (resumes) + SIGUSR1 to its torchrun agent. While the
+first runs, a second launch on its run directory is refused (the run directory's lock).
 """
 
 import json
@@ -71,7 +72,7 @@ def torchrun_agent_of(script_pid: int) -> int:
     for _ in range(100):
         for child in Path(f"/proc/{script_pid}/task/{script_pid}/children").read_text().split():
             try:
-                if b"torch.distributed.run" in Path(f"/proc/{child}/cmdline").read_bytes():
+                if b"megatron_lcl.torchrun" in Path(f"/proc/{child}/cmdline").read_bytes():
                     return int(child)
             except FileNotFoundError:  # a short-lived child (mkdir) already gone
                 pass
@@ -101,6 +102,7 @@ def test_stop_signal_to_the_torchrun_agent_saves_and_resumes(data_root, tmp_path
            str(ROOT / "pretrain_lcl.py"), "--config", str(ROOT / "examples/configs/tiny_cpu.yaml"),
            *overrides(data_root, run_dir)]
     agent = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second_launch_is_refused(agent, run_dir, data_root)
     output = signal_at_step(agent, agent.pid, signal.SIGTERM, run_dir, 25)
     stopped = last_step(run_dir)  # the step the ranks were at: they finish it, then save it
     assert stopped >= 25
@@ -126,6 +128,30 @@ def test_stop_signal_to_the_torchrun_agent_saves_and_resumes(data_root, tmp_path
     assert "stopped by a signal after saving" in output
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{second:08d}"
     assert checkpoints(run_dir) == kept_checkpoints(second, stopped)
+
+
+def second_launch_is_refused(first: subprocess.Popen, run_dir: Path, data_root: Path) -> None:
+    """A second launch on the run directory of a running one (a double sbatch, a requeue racing a manual
+    relaunch), through the launcher: exit 2, one line naming the directory and the holder (the first
+    launch's rank 0); the first trains on untouched (before: the second resumed from the first's
+    checkpoint and rewrote metrics.jsonl under it)."""
+    deadline = time.time() + 400
+    while last_step(run_dir) < 3:
+        assert first.poll() is None and time.time() < deadline, "the first launch did not train"
+        time.sleep(0.2)
+    second = subprocess.run(["bash", "examples/pretrain_lcl.sh", "examples/configs/tiny_cpu.yaml",
+                             *overrides(data_root, run_dir)], cwd=ROOT, env=dict(env(), NPROC="2"),
+                            capture_output=True, text=True, timeout=400)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-3000:]
+    refused = [line for line in second.stderr.splitlines() if line.startswith("run directory in use: ")]
+    assert len(refused) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    holder = re.search(rf"run directory {run_dir} is in use by another launch \(host \S+, pid (\d+), slurm job "
+                       r"none, since ", refused[0])
+    assert holder, refused[0]
+    with open(f"/proc/{holder.group(1)}/stat") as f:  # the first launch's rank 0, a child of its agent
+        assert int(f.read().split(")")[-1].split()[1]) == first.pid
+    assert "training failed: exit status 2 (run_dir_in_use; launcher exit 1)" in second.stderr
+    assert first.poll() is None and len(launches(run_dir)) == 1
 
 
 SHIELD_CHECK = """
