@@ -146,6 +146,16 @@ def test_every_eval_metric_becomes_a_column(tmp_path):
     assert sweep.backfill_eval(spec, log=lambda *a: None) == []
 
 
+def test_retrieve_and_classify_outputs_are_read_as_metrics(tmp_path):
+    """What the streaming evaluation tools write (percent) becomes fractions in the CSV columns."""
+    (tmp_path / "retrieval.json").write_text(json.dumps({"recall_pct": {"TR@1": 48.5, "IR@1": 30.0, "TR@5": 75.0,
+                                                                        "IR@5": 60.0, "TR@10": 80.0}}))
+    (tmp_path / "probe.json").write_text(json.dumps({"accuracy_pct": {"acc-1": 62.5}}))
+    assert sweep.read_eval_metrics(str(tmp_path)) == pytest.approx(
+        {"retrieval_tr1": 0.485, "retrieval_ir1": 0.3, "retrieval_tr5": 0.75, "retrieval_ir5": 0.6,
+         "probe_accuracy": 0.625})
+
+
 # ------------------------------------------------------------------------------ fits
 
 def synthetic_configs(arm, law, computes, seeds=3, noise=0.03, rng=None):

@@ -16,8 +16,12 @@ split (object pairs pre-training never shows; `python -m megatron_lcl.data.synth
 each task its own sets (what classify / retrieve take as --data and --eval-data):
 
     python -m megatron_lcl.eval.transfer --encoder RUN/checkpoints --probes label \
-        --probe-data /data/imagenet --retrieval-data /data/coco/dataset_coco.json \
-        --retrieval-eval-data /data/coco/dataset_coco.json --output RUN/eval.json
+        --probe-data /data/imagenet_10pct --retrieval-data pairs_train.jsonl \
+        --retrieval-eval-data pairs_test.jsonl --output RUN/eval.json
+
+It holds the sets in memory; at benchmark size (Karpathy COCO, ImageNet) use the streaming tools
+`megatron_lcl.eval.retrieve` / `classify`, whose --output JSONs a sweep also reads (see
+examples/scaling/paper_ladder.yaml).
 """
 
 import argparse

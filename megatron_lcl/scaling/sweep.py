@@ -32,7 +32,8 @@ A spec (see examples/scaling/tiny_ladder.yaml):
     eval_command             shell command run after a point trains ({run_dir}, {config}, {output_dir},
                              {python}, {seed}, {arm}); it writes RUN_DIR/eval.json ({"metrics": {name:
                              number}}, e.g. megatron_lcl.eval.transfer's --output: every metric becomes
-                             a results.csv column) or RUN_DIR/probe.json ({"probe_accuracy": top-1} or
+                             a results.csv column), RUN_DIR/retrieval.json (megatron_lcl.eval.retrieve's
+                             --output) and/or RUN_DIR/probe.json ({"probe_accuracy": top-1} or
                              megatron_lcl.eval.classify's --output). Columns stay empty when there is
                              none; `tools/sweep.py SPEC --eval-only` fills them in later
     slurm                    {partition, account, time, gpus_per_node, cpus_per_task, max_parallel, extra}
@@ -404,11 +405,21 @@ def _point_lock(spec: SweepSpec, point: SweepPoint):
 
 def read_eval_metrics(run_dir: str) -> Dict[str, float]:
     """Every metric the point's evaluation wrote: RUN_DIR/eval.json ({"metrics": {name: number}} or a
-    flat {name: number}) and `probe_accuracy` from RUN_DIR/probe.json. {} when there is none."""
+    flat {name: number}), `probe_accuracy` from RUN_DIR/probe.json and `retrieval_tr1/ir1/tr5/ir5`
+    (fractions) from RUN_DIR/retrieval.json (`python -m megatron_lcl.eval.retrieve --output`, e.g. on
+    Karpathy COCO). {} when there is none."""
+    from megatron_lcl.eval.transfer import RECALL_KEYS
+
     metrics = {}
     probe = read_probe_accuracy(run_dir)
     if probe is not None:
         metrics["probe_accuracy"] = probe
+    retrieval = os.path.join(run_dir, "retrieval.json")
+    if os.path.exists(retrieval):
+        with open(retrieval) as f:
+            recall = json.load(f).get("recall_pct", {})
+        metrics.update({name: recall[k] / 100.0 for k, name in RECALL_KEYS.items()
+                        if isinstance(recall.get(k), (int, float))})
     path = os.path.join(run_dir, "eval.json")
     if os.path.exists(path):
         with open(path) as f:
