@@ -159,9 +159,10 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, layout: Para
 
     The model (and optimizer) reshard to the current TP/PP/DP. RNG states are restored only at the
     same TP/PP/DP (each rank its own; otherwise the ranks keep their fresh seeds, logged). The
-    data-loader state is restored at the same DP size, else the loaders continue after what the old
-    ranks read (`LCLDataLoader.continue_from`). A distributed-optimizer state in the dp_reshardable
-    format loads at another DP size but not at another TP/PP (a clear error).
+    data-loader state is per logical reader: at the same DP size each rank loads its own, at another
+    every rank reads all old ranks' states and takes the readers it now runs (`loader.merge_states`),
+    so the data continues exactly. A distributed-optimizer state in the dp_reshardable format loads
+    at another DP size but not at another TP/PP (a clear error).
     """
     meta = read_meta(ckpt)
     if meta.get("weights_only"):  # written by save_weights / convert_from_hf: model alone
@@ -188,7 +189,7 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, layout: Para
                            with_data=load_data_state and same_dp, optimizer_format=fmt)
     if load_data_state and not same_dp and loader is not None:  # every old DP rank's loader state
         log(f"data-parallel size changed ({saved['data_parallel_size']} -> {now['data_parallel_size']}): "
-            "the data loaders continue with the shards no old rank had opened")
+            "the data loaders continue exactly where the old ranks' readers stopped")
         old_dp = saved["data_parallel_size"]
         # Every rank reads every old loader state; one of them (rank (0, 0, 0)) is the main replica.
         here = (layout.tp_rank, layout.pp_rank, layout.dp_rank)
@@ -206,10 +207,10 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, layout: Para
     saved_data = [state["data"]] if "data" in state else [state["data_old"][str(i)] for i in
                                                           range(len(state.get("data_old", {})))]
     try:
-        if "data" in state and loader is not None:
-            loader.load_state_dict(state["data"])
-        if "data_old" in state:
-            loader.continue_from(saved_data)
+        if saved_data and loader is not None:
+            from megatron_lcl.data.loader import merge_states
+
+            loader.load_state_dict(saved_data[0] if "data" in state else merge_states(saved_data))
     except (ValueError, KeyError) as e:
         raise ValueError(_data_state_mismatch(e, saved_data, loader)) from None
     return meta

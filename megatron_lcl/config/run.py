@@ -23,7 +23,10 @@ class DataConfig:
     tokenizer: Optional[str] = None  # sentencepiece .model (tools/train_tokenizer.py)
     seq_length: int = 128
     micro_batch_size: int = 2  # samples per micro-batch per data-parallel rank
-    num_workers: int = 1  # DataLoader worker processes per rank (0: in the training process)
+    num_workers: int = 1  # DataLoader worker processes per rank (0: in the training process); speed only
+    # logical readers: the unit of data order and of the saved data position. The samples of a step do
+    # not depend on the DP size or on num_workers; every DP size the run may use must divide it.
+    num_readers: int = 8
     shuffle_buffer: int = 256
     packing: str = "auto"  # auto | truncate | concat | pack (see the loader)
     seed: int = 1234

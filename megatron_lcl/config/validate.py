@@ -240,6 +240,7 @@ def _run_errors(cfg: LCLConfig) -> List[str]:
         (t.train_steps > 0, f"train.train_steps ({t.train_steps}) must be > 0"),
         (d.micro_batch_size > 0, f"data.micro_batch_size ({d.micro_batch_size}) must be > 0"),
         (d.num_workers >= 0, f"data.num_workers ({d.num_workers}) must be >= 0"),
+        (d.num_readers > 0, f"data.num_readers ({d.num_readers}) must be > 0"),
         (o.decay_style in ("cosine", "linear", "constant"),
          f"optimizer.decay_style ({o.decay_style!r}) must be cosine, linear or constant"),
         (0 <= o.min_lr <= o.lr, f"optimizer.min_lr ({o.min_lr}) must be in [0, optimizer.lr ({o.lr})]"),
@@ -295,6 +296,10 @@ def _batch_errors(cfg: LCLConfig, world_size: int) -> List[str]:
                 f"({p.tensor_model_parallel_size}) x parallel.pipeline_model_parallel_size "
                 f"({p.pipeline_model_parallel_size})"]
     dp = world_size // model_parallel
+    if cfg.data.num_readers > 0 and cfg.data.num_readers % dp:
+        return [f"data.num_readers ({cfg.data.num_readers}) must be divisible by the data-parallel size ({dp} = "
+                f"world size {world_size} / parallel.tensor_model_parallel_size x "
+                f"parallel.pipeline_model_parallel_size): each DP rank runs the same number of readers"]
     per_step = cfg.data.micro_batch_size * dp
     if cfg.train.global_batch_size % per_step:
         return [f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "

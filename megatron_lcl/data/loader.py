@@ -1,56 +1,62 @@
 """Streaming loader: prepared webdataset shards -> `LCLBatch` micro-batches for one DP rank.
 
-Stages (each worker process runs them on its own part of the data):
+Stages (each logical reader runs them on its own part of the data):
 
     shard order (per epoch, seeded)  ->  this reader's shards or documents  ->  shuffle buffer
     ->  build samples (rules.py: layout, tokenize, truncate/pack)  ->  decode + transform images
-    ->  batch + collate to LCLBatch
+    ->  (in the training process) batch + collate to LCLBatch
 
-Data-parallel split. There are `dp_size * num_workers` readers; reader `dp_rank * num_workers + w`.
-With at least that many shards, each reader reads its own shards (`order[reader::num_readers]`);
-with fewer shards every reader reads all of them and keeps documents `index % num_readers == reader`.
-Either way ranks see disjoint documents that together cover the data in each epoch. Tensor-parallel
-ranks of one replica pass the same `dp_rank` and get identical batches; pipeline stages that take no
-data should not build a loader at all.
+Data order: logical readers. There are `data.num_readers` (R) readers, fixed for the run; reader i is a
+pure function of (data, seed, i). With at least R shards, reader i reads its own shards of each epoch
+(`order[i::R]`); with fewer, every reader reads all of them and keeps documents `index % R == i`.
+The run's samples are numbered n = 0, 1, 2, ... over all steps; sample n is the next sample of reader
+`n % R`. Step t takes samples [t * G, (t + 1) * G) (G = global batch), its micro-batch j the samples
+[t * G + j * B, t * G + (j + 1) * B) (B = micro_batch_size x DP size). DP rank r runs readers r, r + D,
+r + 2D, ... (D = DP size, which must divide R) and takes the samples n = r (mod D) in order: exactly
+its share of every micro-batch. So the samples of a step, and of each of its micro-batches, depend on
+the data, the seed, R and the batch sizes only: not on the DP size, TP/PP or `data.num_workers`.
+Tensor-parallel ranks of one replica (and the last pipeline stage) pass the same `dp_rank` and get
+identical batches; middle pipeline stages take no data and should not build a loader.
 
-Determinism and exact resume. Every random choice is seeded from (seed, epoch, document key) or
-(seed, epoch, reader), so the stream of samples a worker produces is a pure function of the config.
-A worker counts "slots": built samples, including ones later dropped (e.g. an image that fails to
-decode). Each batch carries the worker's slot cursor; the loader keeps, per worker, the cursor of the
-last batch it handed out, plus the number of batches consumed. `load_state_dict` restarts each
-worker at its cursor: it fast-forwards through the earlier slots building token layouts only (no image
-decoding, cheap) and rotates worker ids so the next batch comes from the worker whose turn it is.
-The state is only valid for the same data, seed, dp_rank/dp_size, num_workers, batch size and sequence
-settings (checked on load).
+Workers. The rank's readers are split over its DataLoader worker processes (worker w runs the readers
+at positions w, w + P, ... of the rank's list, P processes); each worker yields one sample at a time,
+in the order above, and the training process collates micro-batches. P is the largest divisor of the
+rank's reader count not above `data.num_workers` (P must divide it for torch's round-robin over
+workers to give that order), so `num_workers` changes speed only, never the samples.
 
-Another data-parallel size (a job requeued on fewer or more nodes): `continue_from(old states)`. Each
-reader's state records where it reads (epoch, shard). A shard that some old reader had opened counts
-as read; the shards of that epoch no old reader had opened are split among the new readers (the same
-rule as above), then the epochs continue with the new split. Nothing is read twice; what is lost is
-the unread rest of the opened shards (at most one shard plus the shuffle buffer per old reader, and
-the rest of an epoch's share of readers that had finished theirs are not re-read either). Slot
-cursors start at 0; skip and source counters carry over (summed onto DP rank 0).
+Exact resume, at any DP size or number of workers. Every random choice is seeded from (seed, epoch,
+document key) or (seed, epoch, reader), so a reader's stream is a pure function of the config. A reader
+counts "slots": built samples, including ones later dropped (an image that fails to decode). The
+state is per logical reader: samples handed out, the slot cursor of its last one, its skip and
+per-source counters. A rank saves the readers it runs; `merge_states` joins the states of all DP
+ranks, and `load_state_dict` takes the readers this rank runs from it, whatever DP size or workers
+saved it: each reader restarts at its cursor (fast-forwarding through earlier slots building token
+layouts only, no image decoding) and the rank's next sample is the next n of its residue class.
+Nothing is skipped or repeated. The state is valid only for the same data, seed, `num_readers` and
+sample settings (sequence length, packing, shuffle buffer, image size; checked on load); the
+micro-batch and global batch sizes may change (the stream of samples is the same).
 
 Weighted blends (`data.path: [0.5, /data/laion, 0.5, /data/mmc4]`, Megatron's convention). Each source
-keeps its own shards, DP split, shuffle, epochs and packer: one document stream per source and reader.
-A reader's slot k takes its next sample from the source drawn by the k-th draw of a generator seeded
-with (seed, reader): the choice sequence is a pure function of (seed, reader, slot), so the one slot
-cursor per worker still resumes exactly (replaying the draws tells how far each source stream went).
-Samples per source are counted like skips (`loader.source_counts()`, saved in the state).
+keeps its own shards, reader split, shuffle, epochs and packer: one document stream per source and
+reader. A reader's slot k takes its next sample from the source drawn by the k-th draw of a generator
+seeded with (seed, reader): the choice sequence is a pure function of (seed, reader, slot), so the one
+slot cursor per reader still resumes exactly (replaying the draws tells how far each source stream
+went). Samples per source are counted per reader (`loader.source_counts()`, saved in the state).
 
-Skipped data. Workers count what they drop (by reason, naming shard and key) and send the counts
-with each batch; `loader.skips` (a SkipCounter) holds the totals of consumed batches and is saved in
-the state. Use `loader.skip_counts()` for metrics. A shard that breaks mid-way counts as many
-`corrupt_shard` as samples were lost after the break, with a warning line naming shard and key
-(`sources.tar_samples`).
+Skipped data. Readers count what they drop (by reason, naming shard and key) and send the counts with
+each sample; the loader keeps each reader's totals of consumed samples (`loader.skips`, a merged
+SkipCounter; `loader.skip_counts()` for metrics), saved in the state. A shard that breaks mid-way
+counts as many `corrupt_shard` as samples were lost after the break, with a warning line naming shard
+and key (`sources.tar_samples`).
 """
 
 import glob
+import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate, count
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -69,7 +75,8 @@ from megatron_lcl.data.transforms import decode_image, eval_transform, train_tra
 from megatron_lcl.runtime.device import pin_memory_enabled
 from megatron_lcl.runtime.signals import ignore_stop_signals
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: one position per DP rank and worker (before logical readers); not continued
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,16 +108,29 @@ class LoaderConfig:
     blend: tuple = ()  # BlendSource per source of a weighted data.path; () for one unweighted source
 
     @property
-    def logical_workers(self) -> int:
-        return max(self.data.num_workers, 1)
+    def num_readers(self) -> int:
+        return self.data.num_readers
+
+    @property
+    def readers(self) -> tuple:
+        """The logical readers this DP rank runs, in the order its samples cycle through them."""
+        return tuple(range(self.dp_rank, self.num_readers, self.dp_size))
+
+    @property
+    def worker_processes(self) -> int:
+        """DataLoader processes: the largest divisor of this rank's reader count <= data.num_workers."""
+        if self.data.num_workers == 0:
+            return 0
+        mine = len(self.readers)
+        return max(p for p in range(1, min(self.data.num_workers, mine) + 1) if mine % p == 0)
 
     def fingerprint(self) -> dict:
-        """The settings a saved loader state is only valid for (checked on load)."""
+        """The settings a saved loader state is only valid for (checked on load). Not the DP size,
+        the workers or the batch sizes: the stream of samples does not depend on them."""
         d = self.data
         return {"shards": [os.path.basename(s) for s in self.shards], "seq_length": d.seq_length,
                 "image_size": self.image_size, "num_image_tokens": self.num_image_tokens,
-                "micro_batch_size": d.micro_batch_size, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                "seed": d.seed, "num_workers": d.num_workers, "shuffle_buffer": d.shuffle_buffer,
+                "seed": d.seed, "num_readers": d.num_readers, "shuffle_buffer": d.shuffle_buffer,
                 "packing": d.packing, "train_transform": self.train_transform,
                 **({"blend": [[b.name, b.weight, [os.path.basename(s) for s in b.shards]] for b in self.blend]}
                    if self.blend else {})}
@@ -139,59 +159,50 @@ def find_blend(data_path: Sequence) -> tuple:
     return tuple(BlendSource(n, w / total, find_shards(p)) for n, (w, p) in zip(names, blend))
 
 
-# ----------------------------------------------------------------------------- per-worker stream
+# ----------------------------------------------------------------------------- one logical reader
 
-class _WorkerStream:
-    """The deterministic sample stream of one reader (one worker of one DP rank)."""
+class _ReaderStream:
+    """The deterministic sample stream of one logical reader (a pure function of data, seed, reader)."""
 
-    def __init__(self, cfg: LoaderConfig, logical_worker: int, unread: Optional[dict] = None):
+    def __init__(self, cfg: LoaderConfig, reader: int, tokenizer: Optional[LCLTokenizer] = None):
         self.cfg = cfg
-        self.unread = unread or {}  # {tag: {epoch: shard names}} after a DP-size change (continue_from)
-        self.read_position = {}  # {tag: [epoch, shard name]}: the shard this reader is reading
-        self.worker = logical_worker
-        self.reader = cfg.dp_rank * cfg.logical_workers + logical_worker
-        self.num_readers = cfg.dp_size * cfg.logical_workers
-        self.tokenizer = LCLTokenizer(cfg.data.tokenizer)
+        self.reader = reader
+        self.num_readers = cfg.num_readers
+        self.tokenizer = tokenizer or LCLTokenizer(cfg.data.tokenizer)
         self.ids = SpecialIds.of(self.tokenizer)
-        self.skips = SkipCounter()  # skips since the last batch handed out
+        self.skips = SkipCounter()  # skips since the last sample handed out
+        self.who = f"reader {reader} of {self.num_readers}"
 
     def documents(self, shards: Optional[tuple] = None, tag: str = "") -> Iterator[tuple]:
         """(epoch, shard name, wds sample) forever, in this reader's seeded order, of `shards` (default:
         all; a blend source passes its own, and its `tag` keeps its seeds apart)."""
         cfg = self.cfg
         shards = cfg.shards if shards is None else shards
-        unread = self.unread.get(tag, {})
-        for epoch in count(min(unread, default=0)):
-            order = epoch_order(shards, f"{cfg.data.seed}{tag}", epoch, unread)
+        for epoch in count():
+            order = epoch_order(shards, f"{cfg.data.seed}{tag}", epoch)
             mine, split_by_shard = reader_shards(order, self.reader, self.num_readers)
             rng = random.Random(f"{cfg.data.seed}{tag}-buffer-{epoch}-{self.reader}")
             seen = 0
-            for shard, sample in _shuffled(self._tracked(self._read(mine, split_by_shard), tag, epoch),
-                                           cfg.data.shuffle_buffer, rng):
+            for shard, sample in _shuffled(self._read(mine, split_by_shard), cfg.data.shuffle_buffer, rng):
                 seen += 1
                 yield epoch, shard, sample
-            if seen == 0 and epoch == 0 and not unread:
+            if seen == 0:
                 raise RuntimeError(
-                    f"DP rank {cfg.dp_rank} worker {self.worker} got no documents from "
-                    f"{len(shards)} shard(s){tag and ' of blend source ' + tag[1:]}; use fewer readers (dp_size x num_workers = {self.num_readers})")
-
-    def _tracked(self, items: Iterator[tuple], tag: str, epoch: int) -> Iterator[tuple]:
-        for name, sample in items:
-            self.read_position[tag] = [epoch, name]
-            yield name, sample
+                    f"{self.who} got no documents from {len(shards)} shard(s)"
+                    f"{tag and ' of blend source ' + tag[1:]}; set data.num_readers lower (it is "
+                    f"{self.num_readers}) or give more data")
 
     def _read(self, shards: List[str], split_by_shard: bool) -> Iterator[tuple]:
         index = 0
-        who = f"DP rank {self.cfg.dp_rank} worker {self.worker}: "
         for shard in shards:
             name = os.path.basename(shard)
-            for sample in tar_samples(shard, self._count_lost, who):
+            for sample in tar_samples(shard, self._count_lost, f"{self.who}: "):
                 if split_by_shard or index % self.num_readers == self.reader:
                     yield name, sample
                 index += 1
 
     def _count_lost(self, where: str, detail: str, n: int) -> None:
-        self.skips.add(S.CORRUPT_SHARD, where, detail, count=n)  # the counter of the batch in the making
+        self.skips.add(S.CORRUPT_SHARD, where, detail, count=n)  # the counter of the sample in the making
 
     def samples(self, fast_forward: int = 0) -> Iterator[tuple]:
         """(source name or None, built sample or None): one item per slot, from one source or a blend."""
@@ -229,11 +240,10 @@ class _WorkerStream:
         cfg = self.cfg
         packers, slots = {}, 0
         usable = {}  # epoch -> documents that passed, to fail loudly rather than spin on unusable data
-        cut = self.unread.get(tag, {})  # epochs a DP-size change cut short may give this reader nothing
         for epoch, shard, raw in self.documents(shards, tag):
-            if epoch > min(cut, default=0) and epoch - 1 not in cut and not usable.get(epoch - 1):
-                raise RuntimeError(f"DP rank {cfg.dp_rank} worker {self.worker}: no usable document in a "
-                                   f"whole epoch of its data; skipped:\n{self.skips.summary()}")
+            if epoch > 0 and not usable.get(epoch - 1):
+                raise RuntimeError(f"{self.who}: no usable document in a whole epoch of its data; "
+                                   f"skipped:\n{self.skips.summary()}")
             where = f"{shard}:{raw.get('__key__', '?')}"
             try:
                 doc = from_wds_sample(raw)
@@ -279,9 +289,10 @@ class _WorkerStream:
                 return None
         return tensors
 
-    def batches(self, start_slot: int) -> Iterator[tuple]:
-        """(LCLBatch, meta) forever, starting after `start_slot` slots (fast-forwarded)."""
-        pending, slot = [], 0
+    def delivered(self, start_slot: int) -> Iterator[tuple]:
+        """(sample, image tensors, meta) per sample handed out, forever, after the first `start_slot`
+        slots (fast-forwarded). A sample whose image fails to decode is dropped (counted)."""
+        slot = 0
         for source, sample in self.samples(fast_forward=start_slot):
             slot += 1
             if slot <= start_slot:
@@ -291,26 +302,16 @@ class _WorkerStream:
             images = self.decode_images(sample)
             if images is None:
                 continue
-            pending.append((sample, images, source))
-            if len(pending) == self.cfg.data.micro_batch_size:
-                batch = collate([s for s, _, _ in pending], [i for _, i, _ in pending], self.ids,
-                                self.cfg.image_size, self.cfg.num_image_tokens)
-                meta = {"worker": self.worker, "cursor": slot, "skips": self.skips.state_dict(),
-                        "read_position": {k: list(v) for k, v in self.read_position.items()},
-                        "origins": [s.origins for s, _, _ in pending],
-                        "sources": [name for _, _, name in pending if name is not None]}
-                self.skips = SkipCounter()
-                pending = []
-                yield batch, meta
+            meta = {"reader": self.reader, "cursor": slot, "source": source, "origins": sample.origins,
+                    "skips": self.skips.state_dict() if self.skips else None}
+            self.skips = SkipCounter()
+            yield sample, images, meta
 
 
-def epoch_order(shards: Sequence[str], seed: str, epoch: int, unread: dict) -> List[str]:
-    """The shards of `epoch` in their seeded order; only the `unread` ones of an epoch a DP-size change cut."""
+def epoch_order(shards: Sequence[str], seed: str, epoch: int) -> List[str]:
+    """The shards of `epoch` in their seeded order."""
     order = list(shards)
     random.Random(f"{seed}-shards-{epoch}").shuffle(order)
-    if epoch in unread:
-        keep = set(unread[epoch])
-        order = [s for s in order if os.path.basename(s) in keep]
     return order
 
 
@@ -319,32 +320,6 @@ def reader_shards(order: List[str], reader: int, num_readers: int) -> tuple:
     least as many as readers, else all of them (keeping every num_readers-th document)."""
     split_by_shard = len(order) >= num_readers
     return (order[reader::num_readers] if split_by_shard else order), split_by_shard
-
-
-def unread_shards(cfg: LoaderConfig, old_states: List[dict]) -> dict:
-    """{tag: {epoch: unread shard names}} from the states of every DP rank of another DP size: per
-    epoch between the slowest and the furthest old reader, the shards no old reader had opened."""
-    old = old_states[0]["config"]
-    old_readers = old["dp_size"] * max(old["num_workers"], 1)
-    positions = [p for state in old_states for p in state["read_positions"]]  # reader = dp * workers + w
-    before = old_states[0].get("unread", {})
-    sources = [(f"-{b.name}", b.shards) for b in cfg.blend] if cfg.blend else [("", cfg.shards)]
-    result = {}
-    for tag, shards in sources:
-        at = [p.get(tag, [min(before.get(tag, {}), default=0), None]) for p in positions]
-        result[tag] = {}
-        for epoch in range(min(e for e, _ in at), max(e for e, _ in at) + 1):
-            order = [os.path.basename(s) for s in
-                     epoch_order(shards, f"{cfg.data.seed}{tag}", epoch, before.get(tag, {}))]
-            opened = set()
-            for reader, (reader_epoch, name) in enumerate(at):
-                mine, _ = reader_shards(order, reader, old_readers)
-                if epoch < reader_epoch:
-                    opened.update(mine)
-                elif epoch == reader_epoch and name is not None:
-                    opened.update(mine[:mine.index(name) + 1])
-            result[tag][epoch] = [s for s in order if s not in opened]
-    return result
 
 
 def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -388,16 +363,29 @@ def collate(samples: List[BuiltSample], images: List[List[torch.Tensor]], ids: S
     return batch
 
 
-class _StreamDataset(IterableDataset):
-    def __init__(self, cfg: LoaderConfig, cursors: List[int], rotation: int, unread: dict):
-        self.cfg, self.cursors, self.rotation, self.unread = cfg, cursors, rotation, unread
+# ----------------------------------------------------------------------------- workers
+
+class _RankSamples(IterableDataset):
+    """This rank's samples from `next_sample` on (local numbering: sample k is the next one of reader
+    `readers[k % len(readers)]`); a worker process yields every P-th of them (P processes)."""
+
+    def __init__(self, cfg: LoaderConfig, cursors: Dict[int, int], next_sample: int):
+        self.cfg, self.cursors, self.next_sample = cfg, cursors, next_sample
 
     def __iter__(self):
         info = get_worker_info()
-        physical = info.id if info is not None else 0
-        logical = (physical + self.rotation) % self.cfg.logical_workers
-        stream = _WorkerStream(self.cfg, logical, self.unread)
-        return stream.batches(start_slot=self.cursors[logical])
+        processes, physical = (info.num_workers, info.id) if info is not None else (1, 0)
+        # torch takes items round-robin from worker 0 on: worker p serves samples next + p + i * P,
+        # those of the readers at positions = next + p (mod P) (P divides the reader count).
+        first = self.next_sample + physical
+        readers = self.cfg.readers
+        tokenizer = LCLTokenizer(self.cfg.data.tokenizer)
+        streams = {}
+        for k in count(first, processes):
+            reader = readers[k % len(readers)]
+            if reader not in streams:
+                streams[reader] = _ReaderStream(self.cfg, reader, tokenizer).delivered(self.cursors[reader])
+            yield next(streams[reader])
 
 
 def _passthrough(item):
@@ -406,6 +394,26 @@ def _passthrough(item):
 
 # ----------------------------------------------------------------------------- public loader
 
+@dataclass
+class _ReaderProgress:
+    """What the training process has consumed from one logical reader (the resume state)."""
+
+    samples: int = 0  # samples handed out
+    cursor: int = 0  # slot of the last one
+    skips: SkipCounter = field(default_factory=SkipCounter)
+    sources: Dict[str, int] = field(default_factory=dict)  # blend only: samples per source
+
+    def state_dict(self) -> dict:
+        return {"samples": self.samples, "cursor": self.cursor, "skips": self.skips.state_dict(),
+                "sources": dict(self.sources)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "_ReaderProgress":
+        skips = SkipCounter()
+        skips.load_state_dict(state["skips"])
+        return cls(state["samples"], state["cursor"], skips, dict(state["sources"]))
+
+
 class LCLDataLoader:
     """Iterable of `LCLBatch` for one DP rank, with `state_dict()` / `load_state_dict()` for resume.
 
@@ -413,38 +421,66 @@ class LCLDataLoader:
     """
 
     def __init__(self, cfg: LoaderConfig):
+        assert cfg.num_readers % cfg.dp_size == 0, \
+            f"data.num_readers ({cfg.num_readers}) must be divisible by the data-parallel size ({cfg.dp_size})"
         self.cfg = cfg
-        self.batches_consumed = 0
-        self.cursors = [0] * cfg.logical_workers
-        self.skips = SkipCounter()
-        self.source_samples = {b.name: 0 for b in cfg.blend}  # blend only: samples handed out per source
+        self.progress = {r: _ReaderProgress(sources={b.name: 0 for b in cfg.blend}) for r in cfg.readers}
         self.last_batch_origins: List[List[str]] = []  # per sample: the "shard:key"s it was built from
-        self.read_positions = [{} for _ in range(cfg.logical_workers)]  # per worker: {tag: [epoch, shard]}
-        self.unread = {}  # after a DP-size change: {tag: {epoch: shard names}} (see continue_from)
+        self.ids = SpecialIds.of(LCLTokenizer(cfg.data.tokenizer))
+        if cfg.worker_processes < cfg.data.num_workers:
+            log.info(f"data.num_workers={cfg.data.num_workers}: DP rank {cfg.dp_rank} runs "
+                     f"{len(cfg.readers)} reader(s) of data.num_readers={cfg.num_readers}, so "
+                     f"{cfg.worker_processes} worker process(es) (a divisor of its readers)")
+
+    @property
+    def samples_consumed(self) -> int:
+        """Samples this rank has handed out (its local sample index)."""
+        return sum(p.samples for p in self.progress.values())
 
     def __iter__(self) -> Iterator[LCLBatch]:
         cfg = self.cfg
-        dataset = _StreamDataset(cfg, list(self.cursors), self.batches_consumed % cfg.logical_workers,
-                                 self.unread)
+        dataset = _RankSamples(cfg, {r: p.cursor for r, p in self.progress.items()}, self.samples_consumed)
+        processes, micro = cfg.worker_processes, cfg.data.micro_batch_size
         # Our randomness is all seeded explicitly; a private generator keeps torch's DataLoader from
         # drawing its worker base seed from (and so moving) the training process's global RNG.
         # Workers ignore stop signals: a job-wide SIGTERM must not kill them before the rank's last
         # step and save (the rank closes them itself).
-        loader = DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers,
-                            collate_fn=_passthrough, prefetch_factor=2 if cfg.data.num_workers else None,
+        loader = DataLoader(dataset, batch_size=None, num_workers=processes, collate_fn=_passthrough,
+                            prefetch_factor=2 * micro if processes else None,
                             generator=torch.Generator().manual_seed(cfg.data.seed),
-                            worker_init_fn=ignore_stop_signals, pin_memory=pin_memory_enabled())
-        for batch, meta in loader:
-            self.cursors[meta["worker"]] = meta["cursor"]
-            self.read_positions[meta["worker"]] = meta["read_position"]
+                            worker_init_fn=ignore_stop_signals)
+        pin = pin_memory_enabled()
+        pending = []
+        for item in loader:
+            pending.append(item)
+            if len(pending) < micro:
+                continue
+            batch = collate([s for s, _, _ in pending], [i for _, i, _ in pending], self.ids,
+                            cfg.image_size, cfg.num_image_tokens)
+            for _, _, meta in pending:
+                self._consumed(meta)
+            self.last_batch_origins = [meta["origins"] for _, _, meta in pending]
+            pending = []
+            yield batch.pin_memory() if pin else batch
+
+    def _consumed(self, meta: dict) -> None:
+        progress = self.progress[meta["reader"]]
+        progress.samples += 1
+        progress.cursor = meta["cursor"]
+        if meta["skips"]:
             received = SkipCounter()
             received.load_state_dict(meta["skips"])
-            self.skips.merge(received)
-            for name in meta["sources"]:
-                self.source_samples[name] += 1
-            self.batches_consumed += 1
-            self.last_batch_origins = meta["origins"]
-            yield batch
+            progress.skips.merge(received)
+        if meta["source"] is not None:
+            progress.sources[meta["source"]] += 1
+
+    @property
+    def skips(self) -> SkipCounter:
+        """The skips of every sample handed out so far, over this rank's readers."""
+        total = SkipCounter()
+        for reader in sorted(self.progress):
+            total.merge(self.progress[reader].skips)
+        return total
 
     def skip_counts(self) -> dict:
         """{reason: count} of data dropped so far (for metrics); `self.skips.examples` names them."""
@@ -452,64 +488,77 @@ class LCLDataLoader:
 
     def source_counts(self) -> dict:
         """{source name: samples handed out so far} of a blend (for metrics); {} for one source."""
-        return dict(self.source_samples)
+        totals = {b.name: 0 for b in self.cfg.blend}
+        for p in self.progress.values():
+            for name, n in p.sources.items():
+                totals[name] += n
+        return totals
 
     def state_dict(self) -> dict:
-        return {
-            "version": STATE_VERSION,
-            "batches_consumed": self.batches_consumed,
-            "cursors": list(self.cursors),
-            "read_positions": [dict(p) for p in self.read_positions],
-            "unread": self.unread,
-            "skips": self.skips.state_dict(),
-            **({"source_samples": dict(self.source_samples)} if self.cfg.blend else {}),
-            "config": self.cfg.fingerprint(),
-        }
+        """This rank's readers' positions (join the states of all DP ranks with `merge_states`)."""
+        return {"version": STATE_VERSION, "config": self.cfg.fingerprint(),
+                "readers": {r: p.state_dict() for r, p in sorted(self.progress.items())}}
 
     def load_state_dict(self, state: dict) -> None:
-        assert state.get("version") == STATE_VERSION, f"unknown data loader state version {state.get('version')}"
-        mine = self.cfg.fingerprint()
-        saved = state["config"]
+        """Continue from `state` (one rank's or `merge_states` of several): it must hold every reader
+        this rank runs, saved at any DP size or number of workers."""
+        _check_version(state)
+        mine, saved = self.cfg.fingerprint(), state["config"]
         diffs = [f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in {**mine, **saved}
                  if saved.get(k) != mine.get(k)]
         if diffs:
             raise ValueError("data loader state does not match this loader (exact resume needs the same "
-                             "data and settings): " + "; ".join(diffs))
-        self.batches_consumed = state["batches_consumed"]
-        self.cursors = list(state["cursors"])
-        self.skips.load_state_dict(state["skips"])
-        self.read_positions = [dict(p) for p in state.get("read_positions", self.read_positions)]
-        self.unread = state.get("unread", {})
-        if self.cfg.blend:
-            self.source_samples = dict(state["source_samples"])
+                             "data, seed, data.num_readers and sample settings): " + "; ".join(diffs))
+        missing = [r for r in self.cfg.readers if r not in state["readers"]]
+        if missing:
+            raise ValueError(f"data loader state lacks reader(s) {missing} of DP rank {self.cfg.dp_rank} "
+                             f"(it holds {sorted(state['readers'])}): merge the states of every DP rank")
+        progress = {r: _ReaderProgress.from_state(state["readers"][r]) for r in self.cfg.readers}
+        _check_positions({r: p.samples for r, p in progress.items()}, f"DP rank {self.cfg.dp_rank}'s readers")
+        self.progress = progress
 
-    def continue_from(self, old_states: List[dict]) -> None:
-        """Continue after what the loaders of another data-parallel size read: `old_states` are their
-        `state_dict()`s, by DP rank (see the module docstring for what is skipped, nothing repeats)."""
-        mine, saved = self.cfg.fingerprint(), old_states[0]["config"]
-        # New readers start on the shards no old reader opened: only which shards, in which epoch order
-        # (seed, blend), must match; the batching (micro-batch size, workers, packing...) may change.
-        diffs = [f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in ("shards", "seed", "blend")
-                 if saved.get(k) != mine.get(k)]
-        if diffs or "read_positions" not in old_states[0]:
-            raise ValueError("the saved data loader states cannot be continued at another data-parallel size "
-                             "(" + ("; ".join(diffs) or "saved before read positions were recorded") + "); "
-                             "set checkpoint.load_data_state=false to start the data stream afresh")
-        self.unread = unread_shards(self.cfg, old_states)
-        if self.cfg.dp_rank == 0:  # the counters of everything read so far, once
-            for state in old_states:
-                old = SkipCounter()
-                old.load_state_dict(state["skips"])
-                self.skips.merge(old)
-                for name, n in state.get("source_samples", {}).items():
-                    self.source_samples[name] += n
+
+def _check_version(state: dict) -> None:
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"data loader state version {state.get('version')} (now {STATE_VERSION}): saved "
+                         "before the data order had logical readers (data.num_readers), so it cannot be "
+                         "continued exactly")
+
+
+def _check_positions(samples: Dict[int, int], what: str) -> None:
+    """The readers' sample counts, in reader order, must be those of a round-robin over them:
+    the first `n % len` readers one ahead of the rest (n = their total)."""
+    counts = [samples[r] for r in sorted(samples)]
+    q, extra = divmod(sum(counts), len(counts))
+    if counts != [q + 1] * extra + [q] * (len(counts) - extra):
+        raise ValueError(f"data loader state: the samples handed out by {what} ({counts}) are not those of "
+                         "the round-robin over readers (a corrupted or hand-edited state)")
+
+
+def merge_states(states: Sequence[dict]) -> dict:
+    """One state holding the readers of all `states` (the `state_dict()`s of every DP rank of a run,
+    at the DP size it was saved at); it loads at any DP size that divides data.num_readers."""
+    for s in states:
+        _check_version(s)
+    configs = [s["config"] for s in states]
+    if any(c != configs[0] for c in configs):
+        raise ValueError("data loader states of one checkpoint disagree on their settings")
+    readers = {}
+    for s in states:
+        readers.update(s["readers"])
+    if len(readers) != configs[0]["num_readers"]:
+        raise ValueError(f"data loader states hold readers {sorted(readers)}, not all "
+                         f"{configs[0]['num_readers']} of data.num_readers")
+    _check_positions({r: p["samples"] for r, p in readers.items()}, "the readers")
+    return {"version": STATE_VERSION, "config": configs[0], "readers": readers}
 
 
 def build_loader(data: DataConfig, *, image_size: int, num_image_tokens: int, dp_rank: int = 0,
                  dp_size: int = 1, train_transform: bool = True) -> LCLDataLoader:
     """The training loader for one data-parallel rank (see the module docstring). `data` is the run
     config's data section, validated by `megatron_lcl.config.validate_config` (`data.path`: folders,
-    globs or shard paths of prepared shards, or a weighted blend `[w1, path1, w2, path2, ...]`; `data.tokenizer`: the sentencepiece model)."""
+    globs or shard paths of prepared shards, or a weighted blend `[w1, path1, w2, path2, ...]`;
+    `data.tokenizer`: the sentencepiece model; `data.num_readers`: divisible by `dp_size`)."""
     assert 0 <= dp_rank < dp_size, f"dp_rank ({dp_rank}) must be in [0, dp_size={dp_size})"
     blend = find_blend(data.path) if data_blend(data.path) else ()
     shards = tuple(s for b in blend for s in b.shards) if blend else find_shards(data.path)

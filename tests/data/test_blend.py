@@ -38,8 +38,8 @@ def prepared_laion(tmp_path_factory) -> str:
 
 def blend_loader(laion, mmc4, weights, *, tokenizer_path, dp_rank=0, dp_size=1, **fields):
     path = [weights[0], laion, weights[1], mmc4]
-    data = DataConfig(path=path, tokenizer=tokenizer_path, seq_length=128, micro_batch_size=4, seed=7,
-                      shuffle_buffer=16, **{"num_workers": 0, **fields})
+    data = DataConfig(path=path, tokenizer=tokenizer_path, seq_length=128, seed=7, shuffle_buffer=16,
+                      **{"num_workers": 0, "micro_batch_size": 4, **fields})
     return build_loader(data, image_size=IMAGE_SIZE, num_image_tokens=NUM_IMAGE_TOKENS, dp_rank=dp_rank,
                         dp_size=dp_size)
 

@@ -1,4 +1,5 @@
-"""The streaming loader: batch contract, determinism, DP split, exact resume, skip counters."""
+"""The streaming loader: batch contract, determinism, reader split, exact resume, skip counters.
+(Layout independence of the data order and DP-size changes: test_data_order.py.)"""
 
 import itertools
 import random
@@ -8,7 +9,7 @@ import torch
 import webdataset as wds
 
 from megatron_lcl.data.documents import DocImage, Document, to_wds_sample
-from megatron_lcl.data.loader import _WorkerStream
+from megatron_lcl.data.loader import _ReaderStream
 from megatron_lcl.data.tokenizer import LCLTokenizer
 from megatron_lcl.data.transforms import CLIP_MEAN, decode_image, eval_transform, train_transform
 from data_helpers import IMAGE_SIZE, NUM_IMAGE_TOKENS, SEQ_LENGTH, jpeg_bytes, make_loader
@@ -60,24 +61,17 @@ def test_deterministic_for_a_seed(prepared_mmc4, loader_kwargs):
     assert not torch.equal(a[0].tokens, c[0].tokens)
 
 
-@pytest.mark.parametrize("dp_size,num_workers", [(2, 2), (3, 3)])  # 8 shards: split by shard, by document
-def test_dp_split_disjoint_and_covering(prepared_mmc4, loader_kwargs, dp_size, num_workers):
-    all_keys = None
-    seen = []
-    for rank in range(dp_size):
-        loader = make_loader(prepared_mmc4, **dict(loader_kwargs, dp_rank=rank, dp_size=dp_size,
-                                                    num_workers=num_workers))
-        for w in range(num_workers):
-            keys = [raw["__key__"] for epoch, _, raw in
-                    itertools.takewhile(lambda x: x[0] == 0, _WorkerStream(loader.cfg, w).documents())]
-            seen.append(keys)
-        if all_keys is None:
-            ref = make_loader(prepared_mmc4, **loader_kwargs)
-            all_keys = [raw["__key__"] for epoch, _, raw in
-                        itertools.takewhile(lambda x: x[0] == 0, _WorkerStream(ref.cfg, 0).documents())]
-    flat = [k for keys in seen for k in keys]
-    assert len(flat) == len(set(flat)), "DP ranks/workers overlap"
-    assert sorted(flat) == sorted(all_keys) and len(all_keys) > 60
+@pytest.mark.parametrize("num_readers", [4, 12])  # 8 shards: split by shard, by document
+def test_readers_disjoint_and_covering(prepared_mmc4, loader_kwargs, num_readers):
+    def epoch0_keys(cfg, reader):
+        return [raw["__key__"] for epoch, _, raw in
+                itertools.takewhile(lambda x: x[0] == 0, _ReaderStream(cfg, reader).documents())]
+
+    cfg = make_loader(prepared_mmc4, **dict(loader_kwargs, num_readers=num_readers)).cfg
+    flat = [k for reader in range(num_readers) for k in epoch0_keys(cfg, reader)]
+    assert len(flat) == len(set(flat)), "readers overlap"
+    one = make_loader(prepared_mmc4, **dict(loader_kwargs, num_readers=1)).cfg
+    assert sorted(flat) == sorted(epoch0_keys(one, 0)) and len(flat) > 60
 
 
 def test_dp_ranks_get_different_documents_end_to_end(prepared_mmc4, loader_kwargs):
@@ -99,7 +93,7 @@ def test_exact_resume(prepared_mmc4, loader_kwargs, num_workers, packing, consum
     first = make_loader(prepared_mmc4, **kwargs)
     assert_same_batches(take(first, consumed), uninterrupted[:consumed])
     state = first.state_dict()
-    assert state["batches_consumed"] == consumed
+    assert first.samples_consumed == sum(r["samples"] for r in state["readers"].values()) == consumed * 3
     resumed = make_loader(prepared_mmc4, **kwargs)
     resumed.load_state_dict(state)
     assert_same_batches(take(resumed, 4), uninterrupted[consumed:consumed + 4])
@@ -112,9 +106,13 @@ def test_exact_resume(prepared_mmc4, loader_kwargs, num_workers, packing, consum
 def test_state_from_other_settings_is_refused(prepared_mmc4, loader_kwargs):
     loader = make_loader(prepared_mmc4, **loader_kwargs)
     take(loader, 1)
-    other = make_loader(prepared_mmc4, **dict(loader_kwargs, dp_size=2))
-    with pytest.raises(ValueError, match="dp_size"):
-        other.load_state_dict(loader.state_dict())
+    for field, value in (("num_readers", 4), ("seed", 8), ("seq_length", 64), ("packing", "concat")):
+        other = make_loader(prepared_mmc4, **dict(loader_kwargs, **{field: value}))
+        with pytest.raises(ValueError, match=f"{field}: saved .*, now {value!r}"):
+            other.load_state_dict(loader.state_dict())
+    older = dict(loader.state_dict(), version=1)  # a position per DP rank and worker: not continued
+    with pytest.raises(ValueError, match="version 1"):
+        make_loader(prepared_mmc4, **loader_kwargs).load_state_dict(older)
 
 
 def test_bad_samples_in_shards_are_counted_and_named(tmp_path, loader_kwargs):
@@ -129,7 +127,7 @@ def test_bad_samples_in_shards_are_counted_and_named(tmp_path, loader_kwargs):
         sink.write({"__key__": "nojson", "json": b"{broken", "img0.jpg": jpeg_bytes()})
         sink.write(to_wds_sample(Document("lowsim", "mmc4", ["t"], [DocImage(data=jpeg_bytes(), matched_text_index=0,
                                                                              matched_sim=0.1)], "src:lowsim")))
-    loader = make_loader(str(tmp_path), **dict(loader_kwargs, micro_batch_size=2, shuffle_buffer=0))
+    loader = make_loader(str(tmp_path), **dict(loader_kwargs, micro_batch_size=2, shuffle_buffer=0, num_readers=1))
     # 6 good documents (3 batches) per epoch; the bad ones come last in the shard, so their skips
     # arrive with the first batch of the next epoch: batch 4 carries epoch 0's, batch 7 epoch 1's.
     batches = take(loader, 7)
@@ -140,7 +138,7 @@ def test_bad_samples_in_shards_are_counted_and_named(tmp_path, loader_kwargs):
     assert ex["corrupt_image"][0].startswith("shard-000000.tar:corrupt")
     assert ex["bad_sample"][0].startswith("shard-000000.tar:nojson")
     assert ex["no_usable_image"][0] == "shard-000000.tar:lowsim"
-    assert loader.state_dict()["skips"]["counts"] == counts
+    assert loader.state_dict()["readers"][0]["skips"]["counts"] == counts
 
 
 def test_transforms():
@@ -192,7 +190,14 @@ def test_unusable_data_fails_loudly_instead_of_spinning(tmp_path, loader_kwargs)
     with wds.TarWriter(str(tmp_path / "shard-000000.tar")) as sink:
         sink.write({"__key__": "nojson", "json": b"{broken"})
     with pytest.raises(RuntimeError, match="no usable document"):
-        take(make_loader(str(tmp_path), **loader_kwargs), 1)
+        take(make_loader(str(tmp_path), **dict(loader_kwargs, num_readers=1)), 1)
+    one = tmp_path / "one"
+    one.mkdir()
+    with wds.TarWriter(str(one / "shard-000000.tar")) as sink:  # 1 good document: 7 of 8 readers get none
+        sink.write(to_wds_sample(Document("good", "mmc4", ["A red circle."], [
+            DocImage(data=jpeg_bytes(), matched_text_index=0, matched_sim=0.3)], "src:good")))
+    with pytest.raises(RuntimeError, match="reader 1 of 8 got no documents from 1 shard.*data.num_readers"):
+        take(make_loader(str(one), **dict(loader_kwargs, micro_batch_size=2)), 1)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
