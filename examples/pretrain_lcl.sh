@@ -62,11 +62,12 @@ if [ -n "$STOP_SIGNAL" ]; then echo "SIG$STOP_SIGNAL" > "$LCL_STOP_FILE"; fi  # 
 NPROC=${NPROC:-${SLURM_GPUS_ON_NODE:-$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)}}
 TORCHRUN_ARGS="--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=${SHUTDOWN_S:-600}"
 
-# torchrun's agent starts with the stop signals ignored (bash's trap) and then blocked (`env
-# --block-signal`, coreutils >= 8.31: a blocked signal stays pending across exec) until the first line
-# of megatron_lcl.torchrun catches them: a signal arriving meanwhile is handled then, not lost or fatal.
-HOLD='trap "" USR1 TERM; if env --block-signal=USR1 true 2>/dev/null; then
-  exec env --block-signal=USR1 --block-signal=TERM "$@"; fi; exec "$@"'
+# torchrun's agent starts with the stop signals blocked (`env --block-signal`, coreutils >= 8.31: a
+# blocked signal stays pending across exec) until the first line of megatron_lcl.torchrun catches them:
+# a signal arriving meanwhile is handled then, neither lost nor fatal. (Without that env option the
+# step's shell ignores them until then: lost, not fatal; the stop file still reaches the ranks.)
+HOLD=()
+if env --block-signal=USR1 true 2>/dev/null; then HOLD=(env --block-signal=USR1 --block-signal=TERM); fi
 if [ -n "$STOP_SIGNAL" ]; then
   echo "stopped by SIG$STOP_SIGNAL before the launch: nothing started"
   LAUNCHER_STATUS=0
@@ -76,10 +77,9 @@ elif [ -n "${SLURM_JOB_ID:-}" ]; then
   MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
   echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s) x $NPROC rank(s), rendezvous $MASTER_ADDR:$MASTER_PORT"
   # Step 0 of the job. Single quotes: SLURM_NODEID is expanded per node inside srun.
-  srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" bash -c '
+  srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" "${HOLD[@]}" bash -c '
     trap "" USR1 TERM
-    hold=; if env --block-signal=USR1 true 2>/dev/null; then hold="env --block-signal=USR1 --block-signal=TERM"; fi
-    exec $hold "$0" -m megatron_lcl.torchrun $4 \
+    exec "$0" -m megatron_lcl.torchrun $4 \
       --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" --nproc_per_node="$1" \
       --rdzv_backend=c10d --rdzv_endpoint="$2:$3" --rdzv_id="$SLURM_JOB_ID" \
       pretrain_lcl.py --config "${@:5}"' \
@@ -88,7 +88,7 @@ elif [ -n "${SLURM_JOB_ID:-}" ]; then
 else
   echo "local: $NPROC process(es)"
   # shellcheck disable=SC2086
-  bash -c "$HOLD" agent "$PYTHON" -m megatron_lcl.torchrun $TORCHRUN_ARGS --standalone --nproc_per_node="$NPROC" \
+  "${HOLD[@]}" "$PYTHON" -m megatron_lcl.torchrun $TORCHRUN_ARGS --standalone --nproc_per_node="$NPROC" \
     pretrain_lcl.py --config "$CONFIG" "$@" &
   TRAIN_PID=$!
 fi

@@ -24,7 +24,7 @@ Upgrade check (torch): `elastic.multiprocessing.api` still installs `_terminate_
 name in `PContext.start`, and `LocalElasticAgent._start_workers` assigns `self._pcontext`.
 """
 
-from megatron_lcl.stop_signals import STOP_SIGNALS, catch_stop_signals, remember_stop_signal
+from megatron_lcl.stop_signals import STOP_SIGNALS, catch_stop_signals, caught_stop_signal, remember_stop_signal
 
 if __name__ == "__main__":
     catch_stop_signals()  # first (1)
@@ -63,8 +63,6 @@ def _held_start(start_workers):
 
     @functools.wraps(start_workers)
     def start(self, *args, **kwargs):
-        from megatron_lcl import stop_signals
-
         _state["starting"] = True
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
@@ -72,7 +70,7 @@ def _held_start(start_workers):
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending signal is remembered now
             _state["starting"] = False
-            caught = stop_signals.caught_stop_signal()
+            caught = caught_stop_signal()
             if caught and not _state["stopping"]:
                 os.kill(os.getpid(), signal.Signals[caught])  # torch's handler: SignalException -> shutdown
 

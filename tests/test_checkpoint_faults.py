@@ -96,5 +96,7 @@ def test_a_write_error_in_any_file_of_a_save_stops_every_rank_with_one_error(res
 
 def test_the_relaunch_after_failed_saves_resumes_from_the_last_complete_checkpoint(results):
     r = results["enospc"]
+    print("failed saves, seconds from launch to the CheckpointError on both ranks:",
+          {fault: round(f["seconds"], 1) for fault, f in r["faults"].items()})
     assert r["relaunched"]["resumed_step"] == 6 and r["relaunched"]["status"] == "completed"
     assert r["rows"] == results["straight"]

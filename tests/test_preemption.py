@@ -68,11 +68,12 @@ def signal_at_step(proc: subprocess.Popen, pid: int, sig: int, run_dir: Path, st
 
 
 def torchrun_agent_of(script_pid: int) -> int:
-    """The torchrun process examples/pretrain_lcl.sh started."""
+    """The torchrun agent (`python -m megatron_lcl.torchrun`) examples/pretrain_lcl.sh started."""
     for _ in range(100):
         for child in Path(f"/proc/{script_pid}/task/{script_pid}/children").read_text().split():
             try:
-                if b"megatron_lcl.torchrun" in Path(f"/proc/{child}/cmdline").read_bytes():
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                if b"megatron_lcl.torchrun" in cmdline and not cmdline.startswith(b"env\0"):  # python, not env
                     return int(child)
             except FileNotFoundError:  # a short-lived child (mkdir) already gone
                 pass
@@ -152,6 +153,25 @@ def second_launch_is_refused(first: subprocess.Popen, run_dir: Path, data_root: 
         assert int(f.read().split(")")[-1].split()[1]) == first.pid
     assert "training failed: exit status 2 (run_dir_in_use; launcher exit 1)" in second.stderr
     assert first.poll() is None and len(launches(run_dir)) == 1
+
+
+def test_a_stop_signal_in_the_first_second_of_a_launch_exits_0_without_training(data_root, tmp_path):
+    """SIGUSR1 to the launcher's torchrun agent while it still imports torch (before: killed, exit 138):
+    it remembers the signal, starts the ranks with it held back, then stops them with it; the ranks
+    agree during their start-up and exit 0 without training; the launcher reports 0 (requeue)."""
+    run_dir = tmp_path / "run"
+    script = subprocess.Popen(["bash", "examples/pretrain_lcl.sh", "examples/configs/tiny_cpu.yaml",
+                               *overrides(data_root, run_dir)], cwd=ROOT, env=dict(env(), NPROC="2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agent = torchrun_agent_of(script.pid)
+    os.kill(agent, signal.SIGUSR1)
+    output, _ = script.communicate(timeout=400)
+    assert script.returncode == 0, output[-3000:]
+    assert output.count("stop signal (SIGUSR1) received during start-up: nothing trained by this launch") == 1, \
+        output[-3000:]
+    assert "stopped by a signal after saving; rerun the same command to resume" in output
+    assert "Traceback" not in output, output[-3000:]
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
 
 
 SHIELD_CHECK = """

@@ -50,7 +50,8 @@ def data_root(tmp_path_factory) -> Path:
 
 def submit(cluster: Cluster, out_dir: Path, *overrides: str, **env) -> int:
     job_env = dict(cluster.env, OMP_NUM_THREADS="1", NPROC="2", PYTHON=sys.executable,
-                   MASTER_PORT=str(free_port()), **env)
+                   MASTER_PORT=str(free_port()))
+    job_env.update(env)
     proc = cluster.run("sbatch", "--parsable", f"--output={out_dir}/job-%j.out", SCRIPT, TINY, *overrides,
                        cwd=ROOT, env=job_env, check=True)
     return int(proc.stdout.strip().split(";")[0])
@@ -131,6 +132,68 @@ def test_every_stop_saves_and_requeues_where_it_should(cluster, data_root, tmp_p
     assert "not requeued by this script" in text.split("stopped by a signal after saving")[-1]
     for bad in ("BrokenPipeError", "DataLoader worker", "CheckpointError"):  # torchrun prints a traceback
         assert bad not in text, text[-4000:]
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+# (who gets the signal, signal, seconds after the batch script (batch) or step 0 (step) started). In order:
+# five on a run directory without a checkpoint (a clean exit; the first while the script still probes
+# the node's GPUs with `import torch`, NPROC unset: before the launch), then one that lands in training
+# (it saves a checkpoint), then three with a resume load in their start-up (a requeued job).
+STARTUP_STOPS = [("batch", "USR1", "probe"), ("batch", "USR1", 0.3), ("step", "USR1", 0.5), ("batch", "USR1", 2),
+                 ("step", "USR1", "training"), ("step", "TERM", 4), ("batch", "USR1", 8), ("step", "USR1", 8)]
+
+
+def signal_job(cluster: Cluster, job_id: int, who: str, sig: str, deadline: float) -> None:
+    """scancel --batch (the batch shell) or the step 0 processes (retried until the step exists)."""
+    command = ["scancel", "--batch", f"--signal={sig}", str(job_id)] if who == "batch" else \
+        ["scancel", f"--signal={sig}", f"{job_id}.0"]
+    while cluster.run(*command).returncode != 0:  # the batch step or step 0 not there yet
+        assert time.time() < deadline, f"{command} never succeeded"
+        time.sleep(0.05)
+
+
+def test_a_stop_signal_at_any_moment_of_the_start_up_ends_as_a_requeue(cluster, data_root, tmp_path):
+    """A stop signal in the first seconds of a job (before: FAILED 138:0 or 1:0, or one rank dead and
+    the other hung for torchrun's 600 s shutdown timeout): the batch shell, torchrun's agent and the
+    ranks catch it from their first line, and the job is requeued every time, never FAILED, in bounded
+    time. Each requeued job is then cancelled (the test does not wait for slurm's 2-minute hold)."""
+    run_dir = tmp_path / "run"
+    seen = []
+    for who, sig, delay in STARTUP_STOPS:
+        job_id = submit(cluster, tmp_path, *overrides(data_root, run_dir), **({"NPROC": ""} if delay == "probe" else {}))
+        log = tmp_path / f"job-{job_id}.out"
+        wait_for("the job to start", lambda: cluster.job(job_id).get("JobState") == "RUNNING", cluster, job_id, log)
+        if who == "batch":  # slurm drops a batch signal sent before the batch step exists (RUNNING comes first)
+            wait_for("the batch script to start", log.exists, cluster, job_id, log)
+        started = time.time()
+        if delay == "probe":
+            time.sleep(0.3)
+        elif delay == "training":
+            wait_for("training", lambda: last_step(run_dir) >= 2, cluster, job_id, log)
+        else:
+            while who == "step" and not cluster.step_running(job_id):
+                assert time.time() < started + 120, "step 0 never started"
+                time.sleep(0.02)
+            time.sleep(max(0.0, started + delay - time.time()) if who == "batch" else delay)
+        at = time.time() - started
+        signal_job(cluster, job_id, who, sig, started + 180)
+        wait_for(f"the job to end after {who} SIG{sig} at {at:.1f} s",
+                 lambda: cluster.job(job_id).get("JobState") not in ("RUNNING", "COMPLETING"), cluster, job_id, log,
+                 timeout_s=240)
+        job = cluster.job(job_id)
+        ended = time.time() - started
+        cluster.run("scancel", str(job_id))  # requeued and held: not needed again
+        text = log.read_text()
+        seen.append((who, sig, round(at, 1), job["JobState"], job["Restarts"], round(ended, 1)))
+        assert (job["JobState"], job["Restarts"]) == ("PENDING", "1"), (seen, text[-4000:])
+        assert "stopped by a signal after saving; requeueing" in text or "before the launch" in text, text[-4000:]
+        assert "requeueing job" in text and "Traceback" not in text, text[-4000:]
+        if delay == "probe":
+            assert "stopped by SIGUSR1 before the launch: nothing started" in text, text[-4000:]
+        wait_for("the node to be idle", cluster.node_idle, cluster, job_id, log)
+    print("start-up stops (who, signal, at s, state, restarts, ended after s):", seen)
+    saved = [line for line in (tmp_path.glob("job-*.out")) if "saved step" in line.read_text()]
+    assert saved, "the 'training' stop saved a checkpoint, which the later start-ups loaded"
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
 
 

@@ -320,8 +320,7 @@ class Trainer:
             "preempted": f"stop signal ({self.stop.signal_name or 'on another rank'}) received: "
                          f"saved step {s.step}, exiting for requeue",
             "stopped_at_start": f"stop signal ({self.stop.signal_name or 'on another rank'}) received during "
-                                f"start-up: nothing trained by this launch, nothing to save (the run is at "
-                                f"step {s.step}); exiting for requeue",
+                                "start-up: nothing trained by this launch, nothing to save; exiting for requeue",
             "diverged": f"loss was not finite for {s.consecutive_nonfinite} steps in a row "
                         f"(train.max_consecutive_nonfinite = {t.max_consecutive_nonfinite}); stopping at step "
                         f"{s.step}. The checkpoint saved now holds the weights from before these steps "

@@ -142,6 +142,11 @@ class Cluster:
     def node_idle(self) -> bool:
         return "State=IDLE " in self.scontrol("show", "node", "--oneliner").stdout
 
+    def step_running(self, job_id: int) -> bool:
+        """Whether step 0 of the job runs (srun started its tasks)."""
+        out = self.run("squeue", "--steps", "--noheader", "--format=%i", f"--jobs={job_id}").stdout.split()
+        return f"{job_id}.0" in out
+
     def job(self, job_id: int) -> dict:
         """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...)."""
         out = self.scontrol("show", "job", str(job_id), "--oneliner").stdout
