@@ -296,12 +296,13 @@ def _batch_errors(cfg: LCLConfig, world_size: int) -> List[str]:
                 f"({p.tensor_model_parallel_size}) x parallel.pipeline_model_parallel_size "
                 f"({p.pipeline_model_parallel_size})"]
     dp = world_size // model_parallel
+    errors = []
     if cfg.data.num_readers > 0 and cfg.data.num_readers % dp:
-        return [f"data.num_readers ({cfg.data.num_readers}) must be divisible by the data-parallel size ({dp} = "
-                f"world size {world_size} / parallel.tensor_model_parallel_size x "
-                f"parallel.pipeline_model_parallel_size): each DP rank runs the same number of readers"]
+        errors.append(f"data.num_readers ({cfg.data.num_readers}) must be divisible by the data-parallel size "
+                      f"({dp} = world size {world_size} / parallel.tensor_model_parallel_size x "
+                      f"parallel.pipeline_model_parallel_size): each DP rank runs the same number of readers")
     per_step = cfg.data.micro_batch_size * dp
     if cfg.train.global_batch_size % per_step:
-        return [f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
-                f"data.micro_batch_size ({cfg.data.micro_batch_size}) x data-parallel size ({dp})"]
-    return []
+        errors.append(f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
+                      f"data.micro_batch_size ({cfg.data.micro_batch_size}) x data-parallel size ({dp})")
+    return errors
