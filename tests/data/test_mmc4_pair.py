@@ -57,7 +57,7 @@ def test_pairs_train_like_laion_pairs(tmp_path, loader_kwargs):
     """The loader builds them as image-text pairs: each image right before or after its sentence."""
     out = str(tmp_path / "pairs")
     prepare("mmc4_pair", [write_fixture(tmp_path / "mmc4")], out, progress=False)
-    loader = make_loader(out, **dict(loader_kwargs, micro_batch_size=1, shuffle_buffer=1))
+    loader = make_loader(out, **dict(loader_kwargs, micro_batch_size=1, shuffle_buffer=1, num_readers=1))
     batch = next(iter(loader))
     batch.validate(NUM_IMAGE_TOKENS)
     # the pairs concatenated into one window (epochs repeat: 3 pairs, then the next epoch's)
