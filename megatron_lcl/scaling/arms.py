@@ -148,7 +148,8 @@ def fit_arm(configs: List[Config], arm: str, metric: str, num_samples: int = 200
         fit.notes.append(f"{len(fit.front)} front points: a * (C + b)^c + d needs >= {SATURATING_MIN_POINTS}")
     rng = np.random.default_rng(seed)
     for _ in range(num_samples):
-        power, saturating = _fit_front(*_replicate(configs, rng), start=fit.saturating)
+        with np.errstate(all="ignore"):  # degenerate draws (e.g. two points) may overflow; they still count
+            power, saturating = _fit_front(*_replicate(configs, rng), start=fit.saturating)
         fit.power_boot.append(power)
         fit.saturating_boot.append(saturating if fit.saturating is not None else None)
     fit.heldout = heldout_check(configs)
@@ -205,11 +206,16 @@ def exponent_difference(a: ArmFit, b: ArmFit, level: float) -> Optional[dict]:
 def crossover(a: ArmFit, b: ArmFit, level: float) -> Optional[dict]:
     """Where the two arms' fitted curves cross: in the measured compute range, and beyond it up to
     EXTRAPOLATE x the largest compute (an extrapolation); the fraction of paired bootstrap replicates
-    whose curves cross in the measured range, and the interval of that crossing."""
+    whose curves cross in the measured range, and the interval of that crossing. The saturating
+    curves are compared when both arms have them and at least half the replicates refit them both,
+    else the power laws."""
     fa, fb = a.best(), b.best()
     if fa is None or fb is None:
         return None
-    form = "saturating" if a.saturating is not None and b.saturating is not None else "power"
+    both = sum(x is not None and y is not None for x, y in zip(a.saturating_boot, b.saturating_boot))
+    # the four-parameter curves only where both arms have them and most replicates could refit them
+    form = "saturating" if a.saturating is not None and b.saturating is not None and \
+        both >= len(a.saturating_boot) / 2 else "power"
     if form == "power":
         fa, fb = a.power, b.power
     computes = [c.compute for c in a.configs + b.configs]
@@ -217,7 +223,8 @@ def crossover(a: ArmFit, b: ArmFit, level: float) -> Optional[dict]:
     boot_a = a.saturating_boot if form == "saturating" else a.power_boot
     boot_b = b.saturating_boot if form == "saturating" else b.power_boot
     pairs = [(x, y) for x, y in zip(boot_a, boot_b) if x is not None and y is not None]
-    crossing = [crossovers(x, y, lo, hi) for x, y in pairs]
+    with np.errstate(all="ignore"):
+        crossing = [crossovers(x, y, lo, hi) for x, y in pairs]
     first = [c[0] for c in crossing if c]
     return {"form": form, "range": (lo, hi), "in_range": crossovers(fa, fb, lo, hi),
             "extrapolated": crossovers(fa, fb, hi, hi * EXTRAPOLATE),

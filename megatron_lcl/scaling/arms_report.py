@@ -28,7 +28,8 @@ def _ci(lo_hi) -> str:
 # ---------------------------------------------------------------------------------- plots
 
 def _band(laws: list, grid: np.ndarray, level: float):
-    preds = np.stack([law(grid) for law in laws if law is not None])
+    with np.errstate(all="ignore"):  # a degenerate replicate's law may overflow far from its points
+        preds = np.stack([law(grid) for law in laws if law is not None])
     tail = (1 - level) / 2 * 100
     return np.percentile(preds, tail, axis=0), np.percentile(preds, 100 - tail, axis=0)
 
