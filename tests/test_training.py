@@ -110,7 +110,7 @@ def test_resolved_config_round_trips(tmp_path):
     (["modle.lm.hidden_size=8"], "unknown key 'modle' (did you mean 'model'?)"),
     (["optimizer.lr=fast"], "optimizer.lr: expected a float, got 'fast' (str)"),
     (["train.train_steps=1.5"], "train.train_steps: expected an integer, got 1.5"),
-    (["model.vision.preset=H/14"], "model.vision.preset: unknown preset 'H/14'"),
+    (["model.vision.preset=G/14"], "model.vision.preset: unknown preset 'G/14'"),
     (["optimizer.lr"], "must look like section.key=value"),
 ])
 def test_config_errors_name_the_field(override, message):
