@@ -389,13 +389,13 @@ class Trainer:
 
     def close(self) -> None:
         self.stop.uninstall()
-        if self._run_lock is not None:
-            ckpt.unlock_run_dir(self._run_lock)
-            self._run_lock = None
         if self.data_iter is not None and hasattr(self.data_iter, "close"):
             self.data_iter.close()  # stops the DataLoader workers now rather than at garbage collection
         if self.writer is not None:
             self.writer.close()
+        if self._run_lock is not None:  # last: nothing of this launch writes into the run directory after
+            ckpt.unlock_run_dir(self._run_lock)
+            self._run_lock = None
 
 
 def _from_rank0(obj):
