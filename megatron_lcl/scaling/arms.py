@@ -119,13 +119,16 @@ def front_of(compute: np.ndarray, error: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- fits
 
-def _fit_front(compute: np.ndarray, error: np.ndarray, start: Optional[SaturatingLaw] = None):
-    """(power law or None, saturating law or None) on the front of (compute, error)."""
+def _fit_front(compute: np.ndarray, error: np.ndarray, start: Optional[SaturatingLaw] = None,
+               saturating: bool = True):
+    """(power law or None, saturating law or None) on the front of (compute, error); `saturating`
+    False skips the four-parameter fit (bootstrap refits of an arm whose full data has none)."""
     f = front_of(compute, error)
     c, e = compute[f], error[f]
     power = fit_power_law(c, e) if len(np.unique(c)) >= 2 else None
-    saturating = fit_saturating(c, e, start) if len(np.unique(c)) >= SATURATING_MIN_POINTS else None
-    return power, saturating
+    if not saturating or len(np.unique(c)) < SATURATING_MIN_POINTS:
+        return power, None
+    return power, fit_saturating(c, e, start)
 
 
 def _replicate(configs: List[Config], rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
@@ -149,9 +152,10 @@ def fit_arm(configs: List[Config], arm: str, metric: str, num_samples: int = 200
     rng = np.random.default_rng(seed)
     for _ in range(num_samples):
         with np.errstate(all="ignore"):  # degenerate draws (e.g. two points) may overflow; they still count
-            power, saturating = _fit_front(*_replicate(configs, rng), start=fit.saturating)
+            power, saturating = _fit_front(*_replicate(configs, rng), start=fit.saturating,
+                                           saturating=fit.saturating is not None)
         fit.power_boot.append(power)
-        fit.saturating_boot.append(saturating if fit.saturating is not None else None)
+        fit.saturating_boot.append(saturating)
     fit.heldout = heldout_check(configs)
     return fit
 
