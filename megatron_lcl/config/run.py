@@ -5,8 +5,6 @@ and checkpoint sections, composed in `LCLConfig`. One YAML per experiment + `a.b
 Each function receives the section it uses, not the whole tree.
 """
 
-import glob
-import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
@@ -116,12 +114,6 @@ def data_blend(path: Optional[List[Any]]) -> Optional[List[Tuple[float, str]]]:
     if not path or len(path) < 2 or len(path) % 2 or path_weight(path[0]) is None:
         return None
     return [(path_weight(w), str(p)) for w, p in zip(path[0::2], path[1::2])]
-
-
-def shards_at(path: str) -> List[str]:
-    """The prepared shards one `data.path` entry names: a folder's `*.tar`, else the files a shard path
-    or glob matches (unsorted; empty when there are none)."""
-    return glob.glob(os.path.join(path, "*.tar")) if os.path.isdir(path) else glob.glob(path)
 
 
 def num_microbatches(train: TrainConfig, data: DataConfig, dp_size: int) -> int:

@@ -13,7 +13,8 @@ import os
 from typing import List, Optional
 
 from megatron_lcl.config.model import ModelConfig, ParallelConfig, PrecisionConfig
-from megatron_lcl.config.run import DataConfig, LCLConfig, path_weight, data_blend, shards_at
+from megatron_lcl.config.run import DataConfig, LCLConfig, path_weight, data_blend
+from megatron_lcl.data.shards import shard_paths
 
 PACKINGS = ("auto", "truncate", "concat", "pack")
 LOSS_MODES = ("lcl", "gen", "con")
@@ -279,7 +280,7 @@ def data_file_errors(data: DataConfig) -> List[str]:
         errors.append(f"data.tokenizer ({data.tokenizer}) does not exist; train one with tools/train_tokenizer.py")
     blend = data_blend(data.path) if data.path else None
     for path in [p for _, p in blend] if blend else [str(p) for p in data.path or []]:
-        if not shards_at(path):
+        if not shard_paths(path):
             errors.append(f"data.path: no prepared shards (*.tar) at {path}; run tools/prepare_data.py")
     return errors
 

@@ -47,7 +47,7 @@ Skipped data. Readers count what they drop (by reason, naming shard and key) and
 each sample; the loader keeps each reader's totals of consumed samples (`loader.skips`, a merged
 SkipCounter; `loader.skip_counts()` for metrics), saved in the state. A shard that breaks mid-way
 counts as many `corrupt_shard` as samples were lost after the break, with a warning line naming shard
-and key (`sources.tar_samples`).
+and key (`shards.tar_samples`).
 """
 
 import glob
@@ -62,17 +62,17 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_lcl.config import DataConfig
-from megatron_lcl.config.run import data_blend, shards_at
+from megatron_lcl.config.run import data_blend
 from megatron_lcl.data import skips as S
 from megatron_lcl.data.batch import LCLBatch
 from megatron_lcl.data.documents import from_wds_sample
 from megatron_lcl.data.rules import (BuiltSample, ConcatPacker, DocumentPacker, SpecialIds, document_layout,
                                      tokenize_layout, truncate_and_pad)
 from megatron_lcl.data.skips import SkipCounter
-from megatron_lcl.data.sources import tar_samples
+from megatron_lcl.data.shards import shard_paths, tar_samples
 from megatron_lcl.data.tokenizer import LCLTokenizer
 from megatron_lcl.data.transforms import decode_image, eval_transform, train_transform
-from megatron_lcl.runtime.device import pin_memory_enabled
+from megatron_lcl.runtime.placement import pin_memory_enabled
 from megatron_lcl.runtime.signals import ignore_stop_signals
 
 STATE_VERSION = 2  # 1: one position per DP rank and worker (before logical readers); not continued
@@ -141,7 +141,7 @@ def find_shards(data_path: Union[str, Sequence[str]]) -> tuple:
     items = [data_path] if isinstance(data_path, str) else list(data_path)
     shards = []
     for item in items:
-        shards += shards_at(item)
+        shards += shard_paths(item)
     if not shards:
         raise FileNotFoundError(f"no prepared shards (*.tar) at {data_path}; run tools/prepare_data.py")
     return tuple(sorted(set(shards)))

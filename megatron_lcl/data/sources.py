@@ -10,8 +10,8 @@ what it could not read in a `SkipCounter` (never raises on bad input).
   missing images: download them first (e.g. with img2dataset) and give paths.
 - LAION: img2dataset's webdataset layout, `key.jpg` + `key.txt` + `key.json` in tar shards.
 
-Tar shards (LAION here, prepared shards in the loader) are read by `tar_samples`: a shard that breaks
-mid-way (truncated, garbled, unreadable) gives the samples before the break, and the rest of it is
+Tar shards (LAION here, prepared shards in the loader) are read by `shards.tar_samples`: a shard that
+breaks mid-way (truncated, garbled, unreadable) gives the samples before the break, and the rest of it is
 counted as `corrupt_shard`, named by shard and key, with one warning line per event.
 
 Image bytes are not read or checked here (MMC4/OBELICS give paths); `prepare.py` loads and verifies.
@@ -20,21 +20,16 @@ Image bytes are not read or checked here (MMC4/OBELICS give paths); `prepare.py`
 import base64
 import io
 import json
-import logging
 import os
-import tarfile
 import zipfile
-from typing import Callable, Iterator, List, Optional, Tuple
-
-import webdataset as wds
+from typing import Iterator, List
 
 from megatron_lcl.data import skips as S
 from megatron_lcl.data.documents import DocImage, Document, safe_key
+from megatron_lcl.data.shards import tar_samples
 from megatron_lcl.data.skips import SkipCounter
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-TAR_BLOCK = tarfile.BLOCKSIZE  # 512: headers and data start on block boundaries
-log = logging.getLogger(__name__)
 
 
 def _stem(path: str) -> str:
@@ -163,65 +158,6 @@ def _obelics_image(entry, base_dir: str) -> DocImage:
     if entry.startswith(("http://", "https://")):
         raise ValueError(f"{entry[:80]} is a URL: download images first and give file paths")
     return DocImage(path=entry if os.path.isabs(entry) else os.path.join(base_dir, entry), meta={"path": entry})
-
-
-def tar_samples(path: str, count_lost: Callable[[str, str, int], None], who: str = "") -> Iterator[dict]:
-    """The webdataset samples of one tar shard, in order. Where the archive breaks, the samples before
-    the break are yielded and the rest is reported once: `count_lost(where, detail, n)` with `where` =
-    "shard:key" of the last sample read, `n` the samples found after the break that could not be
-    read (at least 1: the event itself), and one warning line (prefixed by `who`, the reader)."""
-    shard = os.path.basename(path)
-    errors, read, last_key = [], set(), None
-    for sample in wds.tarfile_samples([{"url": path}], handler=lambda exn: errors.append(exn) or True):
-        read.add(sample["__key__"])
-        last_key = sample["__key__"]
-        yield sample
-    try:
-        keys, broken_at, size, why = _walk_tar(path)
-    except OSError as e:
-        keys, broken_at, size, why = [], 0, 0, "unreadable"
-        errors.append(e)
-    if broken_at is None and not errors:
-        return
-    lost = [k for k in dict.fromkeys(keys) if k not in read]
-    where = f"{shard}:{last_key if last_key is not None else '(no sample)'}"
-    detail = (f"shard broken after sample {len(read)} (key {last_key})"
-              + (f" at byte {broken_at} of {size}: {why}" if broken_at is not None else "")
-              + f"; {len(lost)} sample(s) after it unreadable"
-              + (f" ({lost[0]}{' .. ' + lost[-1] if len(lost) > 1 else ''})" if lost else "")
-              + (f"; {type(errors[0]).__name__}: {str(errors[0]).split(' @ ')[0][:100]}" if errors else ""))
-    count_lost(where, detail, max(len(lost), 1))
-    log.warning(f"{who}skipped corrupt shard {where}: {detail}")
-
-
-def _walk_tar(path: str) -> Tuple[List[str], Optional[int], int, str]:
-    """Sample keys of every member a tar's headers announce, the byte offset where the archive breaks
-    (None when it reaches its end-of-archive marker), the file size and what is wrong there. After a
-    break the walk looks for the next valid header (tar headers carry a checksum) block by block, to
-    the end of the file."""
-    size = os.path.getsize(path)
-    keys, broken_at, offset, why = [], None, 0, ""
-    with open(path, "rb") as f:
-        while offset < size or broken_at is None:
-            f.seek(offset)
-            block = f.read(TAR_BLOCK)
-            if broken_at is None and block == tarfile.NUL * TAR_BLOCK:
-                return keys, None, size, ""
-            try:
-                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-            except tarfile.HeaderError:
-                info = None
-            if info is not None and info.type not in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME):
-                keys.append(wds.tariterators.base_plus_ext(info.name)[0] or info.name)
-            data_blocks = -(-info.size // TAR_BLOCK) * TAR_BLOCK if info is not None else 0
-            whole = info is not None and offset + TAR_BLOCK + data_blocks <= size
-            if not whole and broken_at is None:
-                broken_at = offset
-                why = ("invalid tar header" if len(block) == TAR_BLOCK and info is None else
-                       "the file ends before the end-of-archive marker (truncated)" if info is None else
-                       f"member {info.name} runs past the end of the file (truncated)")
-            offset += TAR_BLOCK + (data_blocks if whole else 0)
-    return keys, broken_at, size, why
 
 
 def read_laion(path: str, skips: SkipCounter) -> Iterator[Document]:
