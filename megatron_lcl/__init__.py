@@ -1,3 +1,9 @@
 """megatron_lcl: Latent Compression Learning (LCL) pre-training on megatron-core."""
 
+from megatron_lcl.known_warnings import filter_known_warnings
+
 __version__ = "0.1.0"
+
+# Before any module of the package imports megatron-core, several of whose known warnings come at its
+# import: modules may then import it at their top.
+filter_known_warnings()

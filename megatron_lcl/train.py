@@ -24,7 +24,8 @@ import sys
 from megatron_lcl.stop_signals import catch_stop_signals  # standard library only: imports nothing heavy
 
 # The heavy imports (torch, megatron-core: seconds) happen inside `main`, after `run` caught the stop
-# signals: `python -m megatron_lcl.train` runs this module's top level first.
+# signals: `python -m megatron_lcl.train` runs this module's top level first. (The package's `__init__`,
+# run before it, imports only the standard library.)
 
 EXIT_CODES = {"completed": 0, "exit_after_steps": 0, "preempted": 0, "diverged": 1, "checkpoint_error": 1,
               "config_error": 2, "run_dir_in_use": 2}
@@ -42,9 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     """Parse, validate, train; returns the exit status (see the module docstring)."""
-    from megatron_lcl.runtime.mcore_compat import filter_known_warnings
-
-    filter_known_warnings()  # before anything imports megatron.core
     from megatron_lcl.checkpoint import CheckpointError, RunDirInUse, run_dir_write_error
     from megatron_lcl.config import ConfigError, config_to_yaml, load_config, validate_config
 
@@ -64,8 +62,11 @@ def main(argv=None) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
+    from megatron_lcl.runtime.mcore_compat import apex_report
     from megatron_lcl.training.trainer import Trainer
 
+    if os.environ.get("RANK", "0") == "0":
+        print(apex_report(), flush=True)
     trainer = Trainer(cfg)
     try:  # close() also when setup() fails: it removes the stop-signal handlers setup() installs first
         trainer.setup()

@@ -39,8 +39,9 @@ def core_checks_dir(tmp_path_factory):
 
 
 def pytest_configure(config):
-    """Filter exactly the known megatron-core warnings (runtime/mcore_compat.py), never whole categories."""
-    from megatron_lcl.runtime.mcore_compat import KNOWN_WARNINGS
+    """Filter exactly the known megatron-core warnings (megatron_lcl/known_warnings.py), never whole
+    categories: pytest's own warning capture replaces the filters `import megatron_lcl` installs."""
+    from megatron_lcl.known_warnings import KNOWN_WARNINGS
 
     for message, category in KNOWN_WARNINGS:
         config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")

@@ -99,7 +99,8 @@ def test_foreach_multi_tensor_ops_equal_megatron_cores_local_ones(single_rank):
 
     from megatron_lcl.runtime import mcore_compat
 
-    _build("sdpa")  # build_optimizer installs them where megatron-core fell back to its local ops
+    # initialize_distributed (the single_rank fixture) installed them where megatron-core fell back to its
+    # local ops
     assert clip_grads.l2_norm_impl is mcore_compat._foreach_l2_norm
     assert clip_grads.multi_tensor_scale_impl is mcore_compat._foreach_scale
     g = torch.Generator().manual_seed(0)

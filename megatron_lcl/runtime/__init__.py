@@ -1,15 +1,23 @@
-"""Process-level runtime: distributed initialisation, the parallel layout, the CPU adaptation of
-megatron-core (`cpu.py`) and its version adaptations (`mcore_compat.py`)."""
+"""Process-level runtime: distributed initialisation (which installs the CPU adaptation of
+megatron-core, `cpu.py`, and its version adaptations, `mcore_compat.py`), the parallel layout and the
+compute device.
 
+The device functions are imported with the package; the rest on first use, so that `runtime.device` and
+`runtime.signals` (the data loader's) do not import megatron-core.
+"""
+
+from megatron_lcl.lazy import lazy_getattr
 from megatron_lcl.runtime.device import device, pin_memory_enabled, to_device
-from megatron_lcl.runtime.distributed import (
-    destroy_distributed,
-    free_port,
-    initialize_distributed,
-    initialize_model_parallel,
-    set_seed,
-)
-from megatron_lcl.runtime.layout import ParallelLayout
 
-__all__ = ["device", "to_device", "pin_memory_enabled", "initialize_distributed", "initialize_model_parallel", "destroy_distributed", "set_seed", "free_port",
-           "ParallelLayout"]
+_EXPORTS = {
+    "initialize_distributed": "distributed",
+    "initialize_model_parallel": "distributed",
+    "destroy_distributed": "distributed",
+    "set_seed": "distributed",
+    "free_port": "distributed",
+    "ParallelLayout": "layout",
+}
+
+__all__ = sorted(["device", "to_device", "pin_memory_enabled", *_EXPORTS])
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

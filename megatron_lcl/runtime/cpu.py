@@ -1,7 +1,8 @@
 """Let megatron-core run on CPU with the gloo backend.
 
-This is the ONE place in megatron_lcl that patches torch or megatron-core. It is switched on by
-`megatron_lcl.runtime.distributed` only when CUDA is absent, and is a no-op otherwise.
+This is the ONE place in megatron_lcl that adapts torch and megatron-core to the CPU (their version
+adaptations are its sibling `mcore_compat.py`). `megatron_lcl.runtime.distributed` installs it at
+distributed initialisation, only when CUDA is absent; it is a no-op otherwise.
 
 megatron-core assumes CUDA in a handful of places (measured with megatron-core 0.16.1; its other version
 adaptations are in `mcore_compat.py`):
@@ -15,19 +16,22 @@ The RNG and `torch.cuda.*` calls are redirected to their CPU equivalents; the de
 the type check are handled by a `TorchFunctionMode` that rewrites CUDA devices to CPU.
 
 That mode costs a Python call for every torch operation, so the hot code, which holds no CUDA literal,
-runs without it (`native_torch`): the model's forward (`training.pipeline`), megatron-core's backward
-step, and torch's optimizer update (`native_optimizer_steps`). The one literal in those paths,
-megatron-core's causal mask of the unfused attention, is made on CPU here. That took about a tenth
-off the tiny model's CPU step (`tools/bench_vs_torch.py`).
+runs without it (`native_torch`): megatron-core's forward step (the model's forward and the loss) and
+backward step, and torch's AdamW update (the optimizer megatron-core builds without Apex or Transformer
+Engine). The one literal in those paths, megatron-core's causal mask of the unfused attention, is made
+on CPU here. The gain is measured in docs/gpu.md (`tools/bench_vs_torch.py`).
 """
 
 import contextlib
+import ctypes
 import functools
+import os
 
 import torch
+from megatron.core.fusions import fused_softmax
+from megatron.core.pipeline_parallel import schedules
+from megatron.core.tensor_parallel import random as mcore_random
 from torch.overrides import TorchFunctionMode
-
-from megatron_lcl.runtime.mcore_compat import chained_optimizers
 
 _ENABLED = False
 
@@ -79,8 +83,6 @@ def enable_cpu_runtime() -> None:
     global _ENABLED
     if _ENABLED or torch.cuda.is_available():
         return
-    from megatron.core.tensor_parallel import random as mcore_random
-
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
 
@@ -98,11 +100,11 @@ def enable_cpu_runtime() -> None:
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
-    from megatron.core.fusions import fused_softmax
-    from megatron.core.pipeline_parallel import schedules
-
     fused_softmax.get_default_causal_mask = _causal_mask
+    schedules.forward_step = natively(schedules.forward_step)
     schedules.backward_step = natively(schedules.backward_step)
+    # The class's step, before any optimizer wraps it with torch's step hooks (which keep `native`).
+    torch.optim.AdamW.step = natively(torch.optim.AdamW.step)
 
     _keep_freed_memory()
 
@@ -129,9 +131,6 @@ def _keep_freed_memory() -> bool:
     OPT-125M LM's (docs/gpu.md); memory stays at the process's peak. Skipped when the user set any
     MALLOC_* variable, or the C library is not glibc. Returns whether it applied.
     """
-    import ctypes
-    import os
-
     if any(k.startswith("MALLOC_") for k in os.environ):
         return False
     try:
@@ -166,14 +165,3 @@ def natively(fn):
             return fn(*args, **kwargs)
     run.native = True
     return run
-
-
-def native_optimizer_steps(optimizer) -> None:
-    """Run the torch optimizers inside a megatron-core optimizer (chained or not) natively: their
-    update is plain torch; megatron-core's own part of the step (grad norm, clipping) keeps the mode."""
-    if _MODE is None:
-        return
-    for opt in chained_optimizers(optimizer):
-        inner = getattr(opt, "optimizer", None)
-        if inner is not None and not getattr(inner.step, "native", False):
-            inner.step = natively(inner.step)

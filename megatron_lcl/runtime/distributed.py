@@ -1,14 +1,19 @@
-"""Distributed start-up: one function for both nccl+CUDA and gloo+CPU, from torchrun's environment."""
+"""Distributed start-up: one function for both nccl+CUDA and gloo+CPU, from torchrun's environment.
+It is where the adaptations of megatron-core are installed (`install_adaptations`), once per process.
+"""
 
 import datetime
 import os
 import random
+import socket
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 
 from megatron_lcl.config import ConfigError, ParallelConfig
+from megatron_lcl.runtime import cpu, mcore_compat
 from megatron_lcl.runtime.layout import ParallelLayout
 
 
@@ -20,10 +25,7 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_m
     process to LOCAL_RANK's GPU and uses nccl. Safe to call in a single process without torchrun.
     """
     use_cuda = torch.cuda.is_available()
-    if not use_cuda:
-        from megatron_lcl.runtime.cpu import enable_cpu_runtime
-
-        enable_cpu_runtime()
+    install_adaptations()
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -43,6 +45,14 @@ def initialize_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_m
     return ParallelLayout.current()
 
 
+def install_adaptations() -> None:
+    """megatron-core's version adaptations (`mcore_compat`) and, without CUDA, its CPU adaptation
+    (`cpu`): the one call site of both, before any model or optimizer is built. Idempotent."""
+    if not torch.cuda.is_available():
+        cpu.enable_cpu_runtime()
+    mcore_compat.install()
+
+
 def launched_by_torchrun() -> bool:
     """Whether torchrun (torch.distributed.run / elastic agent) started this process."""
     return "TORCHELASTIC_RUN_ID" in os.environ
@@ -50,8 +60,6 @@ def launched_by_torchrun() -> bool:
 
 def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
     """(Re)create megatron-core's TP/PP/DP groups; may be called again after `destroy_model_parallel`."""
-    from megatron.core import parallel_state
-
     world = dist.get_world_size()
     model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
     if world % model_parallel != 0:
@@ -75,8 +83,6 @@ def set_seed(seed: int) -> None:
     As in Megatron-LM, the default generator is offset by the pipeline rank only, so tensor- and
     data-parallel replicas draw the same numbers (e.g. identical drop-path masks across TP ranks).
     """
-    from megatron.core import parallel_state, tensor_parallel
-
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
@@ -87,8 +93,6 @@ def set_seed(seed: int) -> None:
 def get_rng_state() -> dict:
     """Every generator this process draws from: python, numpy, torch (and CUDA), and megatron-core's
     tensor-parallel tracker. `set_rng_state` puts them back (checkpoints; replaying a forward pass)."""
-    from megatron.core import tensor_parallel
-
     state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
@@ -97,8 +101,6 @@ def get_rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -111,16 +113,12 @@ def set_rng_state(state: dict) -> None:
 def destroy_distributed() -> None:
     if not dist.is_initialized():
         return
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

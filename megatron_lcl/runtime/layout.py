@@ -10,6 +10,9 @@ in their hot paths (torchtitan's `ParallelDims` plays the same role).
 from dataclasses import dataclass
 from typing import Any
 
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
 
 @dataclass(frozen=True)
 class ParallelLayout:
@@ -26,9 +29,6 @@ class ParallelLayout:
     @classmethod
     def current(cls) -> "ParallelLayout":
         """Read from megatron-core's initialised `parallel_state` (and torch.distributed)."""
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
         return cls(world_size=dist.get_world_size(), rank=dist.get_rank(),
                    tp_size=ps.get_tensor_model_parallel_world_size(),
                    pp_size=ps.get_pipeline_model_parallel_world_size(),

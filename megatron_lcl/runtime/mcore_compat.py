@@ -1,49 +1,55 @@
 """Adaptations to the megatron-core version this project pins (0.16.1), kept together so an upgrade
-is one reviewable diff. The CPU adaptation (CUDA calls mapped to CPU) is its sibling `cpu.py`.
+is one reviewable diff. Its siblings: `cpu.py` (the CPU adaptation, CUDA calls mapped to CPU) and
+`megatron_lcl/known_warnings.py` (the warnings filtered before megatron-core is imported).
 
-Each entry names the version it was written for and what to check when upgrading.
+Each entry names the version it was written for and what to check when upgrading. `install()` applies
+the process-wide ones; `runtime.distributed.initialize_distributed` calls it (and `cpu.enable_cpu_runtime`
+without CUDA), so no other module patches megatron-core. The rest are functions the checkpoint code calls
+on the objects they adapt.
 """
 
 import functools
-import warnings
 from contextlib import contextmanager
 
 import torch
+from megatron.core import optimizer as mcore_optimizers
+from megatron.core import utils
+from megatron.core.dist_checkpointing import serialization
+from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+from megatron.core.fusions import fused_layer_norm
+from megatron.core.optimizer import clip_grads, distrib_optimizer
+from megatron.core.optimizer import optimizer as mcore_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+# The eval/ command-line modules still import it from here (the package's `__init__` has filtered the
+# warnings before they run); they drop that import in issue 27's evaluation part, and this line with it.
+from megatron_lcl.known_warnings import filter_known_warnings  # noqa: F401,E402
 
 MCORE_VERSION = "0.16.1"
 
-# Warnings known and understood here, each filtered by the start of its message (never a whole
-# category), so a new deprecation at the next upgrade still shows. (message regex, category); the
-# regexes contain no ':' so that pytest.ini-style filters can carry them too (tests/conftest.py).
-KNOWN_WARNINGS = (
-    # CPU / no Apex or Transformer Engine: megatron-core (0.16.1) says it falls back to torch, as intended.
-    (r"Transformer Engine and Apex are not installed", UserWarning),
-    (r"Apex is not installed", UserWarning),
-    # megatron-core 0.16.1 warns on its own import (inference contexts, multi-latent attention, jit).
-    (r"The following imports from `dynamic_context.py` will be removed", DeprecationWarning),
-    (r"The 'megatron.core.transformer.custom_layers.transformer_engine'", DeprecationWarning),
-    (r"`torch.jit.script_method` is deprecated", DeprecationWarning),
-    # megatron-core 0.16.1 defaults, not our settings: TransformerConfig's cuda_graph_scope default and
-    # the MLP submodule spec. Upgrade check: drop these when the defaults stop warning.
-    (r"full scope is deprecated", UserWarning),
-    (r"MLP requires ffn_hidden_size, but it was not provided", DeprecationWarning),
-    # megatron-core 0.16.1 dist-checkpointing calls torch.distributed.checkpoint APIs torch deprecates.
-    (r"`load_state_dict` is deprecated and will be removed in future versions", FutureWarning),
-    (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
-    # megatron-core 0.16.1's distributed optimizer and sequence-parallel mappings call the collectives
-    # torch 2.13 renames. Upgrade check: gone when megatron-core calls the *_single names.
-    (r"`torch.distributed.all_gather_into_tensor` is deprecated", FutureWarning),
-    (r"`torch.distributed.reduce_scatter_tensor` is deprecated", FutureWarning),
-    # megatron-core 0.16.1 layers read the TP group from parallel_state when none is passed; "will be
-    # mandatory soon". Upgrade check: pass `tp_group` (from ParallelLayout) when this becomes an error.
-    (r"Warning. tp_group is None, using default tp group", DeprecationWarning),
-)
+
+def install() -> None:
+    """The process-wide adaptations (idempotent): the foreach multi-tensor ops below."""
+    use_foreach_multi_tensor_ops()
 
 
-def filter_known_warnings() -> None:
-    """Silence the warnings in KNOWN_WARNINGS (and only those). Call before importing megatron.core."""
-    for message, category in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
+def apex_report() -> str:
+    """One line for the run log: whether megatron-core found NVIDIA Apex, and what it takes from it.
+
+    megatron-core 0.16.1 looks for Apex at its import: FusedLayerNorm (`fusions.fused_layer_norm`, the
+    layer norm of its local layer specs) and, where Transformer Engine is absent, FusedAdam and the
+    `amp_C` multi-tensor kernels (gradient norm and clipping, mixed-precision copies). See docs/gpu.md.
+    """
+    if not fused_layer_norm.HAVE_FUSED_LAYER_NORM:  # PyPI's unrelated `apex` has no fused layer norm
+        return ("NVIDIA Apex: not found (megatron-core uses Transformer Engine's kernels where present, "
+                "else its torch fallbacks; docs/gpu.md)")
+    uses = ["fused layer norm"]
+    if clip_grads.multi_tensor_applier.__module__.startswith("apex"):
+        uses.append("multi-tensor l2norm/scale")
+    if mcore_optimizers.Adam.__module__.startswith("apex"):
+        uses.append("FusedAdam")
+    return f"NVIDIA Apex: found ({', '.join(uses)})"
 
 
 def resolve_optimizer_format(name: str) -> str:
@@ -54,8 +60,6 @@ def resolve_optimizer_format(name: str) -> str:
     """
     if name != "auto":
         return name
-    from megatron.core.optimizer import distrib_optimizer
-
     return "fully_reshardable" if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False) else "dp_reshardable"
 
 
@@ -68,8 +72,6 @@ def materialise_optimizer_state(optimizer) -> None:
     """megatron-core 0.16: DistributedOptimizer.state_dict() reads Adam's `step`, which a fresh torch
     AdamW (no Apex/TE, e.g. on CPU) does not have yet: give it megatron-core's own dummy state (a
     private method in 0.16), which the load then overwrites (the model weights are loaded after it)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     for opt in chained_optimizers(optimizer):
         if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
             opt._init_optimizer_states_with_dummy_values()
@@ -116,11 +118,7 @@ def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
 
 
 def use_foreach_multi_tensor_ops() -> None:
-    """Where megatron-core fell back to its local multi-tensor ops, use the foreach ones above."""
-    from megatron.core import utils
-    from megatron.core.optimizer import clip_grads
-    from megatron.core.optimizer import optimizer as mcore_optimizer
-
+    """Where megatron-core fell back to its local multi-tensor ops, use the foreach ones above (idempotent)."""
     if clip_grads.multi_tensor_applier is utils.local_multi_tensor_applier:
         clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl = _foreach_l2_norm, _foreach_scale
     if mcore_optimizer.multi_tensor_applier is utils.local_multi_tensor_applier:
@@ -176,10 +174,6 @@ def deferred_rank0_write_errors():
     raising, so every rank runs the save's collectives to the end; the first error is raised on leaving
     (the caller agrees on it with the other ranks). Data files need nothing: their writers report
     errors through the save's own gather, and every rank raises."""
-    from megatron.core.dist_checkpointing import serialization
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
     errors = []
 
     def deferring(fn):

@@ -21,7 +21,6 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
 from megatron_lcl.config import OptimizerConfig, ParallelConfig, PrecisionConfig, TrainConfig
-from megatron_lcl.runtime import cpu, mcore_compat
 
 
 def no_weight_decay_overrides() -> dict:
@@ -39,10 +38,7 @@ def build_optimizer(ddp_model, cfg: OptimizerConfig, parallel: ParallelConfig, p
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         overlap_param_gather=parallel.overlap_param_gather,  # as DDP's (megatron-core wants both)
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32)
-    mcore_compat.use_foreach_multi_tensor_ops()
-    optimizer = get_megatron_optimizer(mcore_cfg, [ddp_model], config_overrides=no_weight_decay_overrides())
-    cpu.native_optimizer_steps(optimizer)
-    return optimizer
+    return get_megatron_optimizer(mcore_cfg, [ddp_model], config_overrides=no_weight_decay_overrides())
 
 
 def sync_params(ddp_model) -> None:

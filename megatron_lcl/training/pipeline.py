@@ -39,7 +39,6 @@ from megatron_lcl.data.batch import LCLBatch
 from megatron_lcl.losses import LCLLoss, LossTerms
 from megatron_lcl.losses.lcl import FeatureGrads
 from megatron_lcl.models.lcl_model import LCLModel, LCLOutput
-from megatron_lcl.runtime.cpu import native_torch
 from megatron_lcl.runtime.distributed import get_rng_state, set_rng_state
 from megatron_lcl.runtime.layout import ParallelLayout
 
@@ -148,10 +147,6 @@ class _StageStep:
         self.first, self.last = layout.is_first_stage, layout.is_last_stage
 
     def __call__(self, data_iterator: Optional[Iterator[LCLBatch]], model):
-        with native_torch():  # no CUDA->CPU rewrite in the model's forward (runtime/cpu.py)
-            return self._run(data_iterator, model)
-
-    def _run(self, data_iterator, model):
         batch = next(data_iterator) if (self.first or self.last) else None
         stage = model.module if isinstance(model, DistributedDataParallel) else model
         if self.first and self.last:

@@ -8,9 +8,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_lcl.config import HeadsConfig, LMConfig, ModelConfig, VisionConfig
-from megatron_lcl.runtime.mcore_compat import filter_known_warnings
-
-filter_known_warnings()  # the check scripts import megatron.core after this module
 
 
 def tiny_model_config(**vision_overrides) -> ModelConfig:
