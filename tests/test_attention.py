@@ -14,8 +14,9 @@ import torch
 
 from common import tiny_model_config
 from megatron_lcl.config import ConfigError, LMConfig, LossConfig, ModelConfig, ParallelConfig
-from megatron_lcl.config import build_transformer_config, validate_model_config
+from megatron_lcl.config import validate_model_config
 from megatron_lcl.losses import LCLLoss
+from megatron_lcl.models.transformer_config import build_transformer_config
 from megatron_lcl.testing import random_batch
 from megatron_lcl.training.pipeline import forward_loss
 from multirank import run_torchrun

@@ -219,3 +219,16 @@ def test_an_unwritable_run_dir_gives_one_line_and_status_2_before_any_process_gr
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"config error ({TINY}): run_dir {shared / 'run'}: cannot write in {shared / 'run'} "
                      "(Permission denied)"], proc.stderr[-3000:]
+
+
+def test_a_tokenizer_larger_than_the_lm_vocabulary_is_refused(tmp_path):
+    from megatron_lcl.config.validate import tokenizer_errors
+    from megatron_lcl.data.tokenizer import LCLTokenizer, train_tokenizer
+
+    texts = [f"document {i} about cats and dogs and the weather in town number {i % 7}" for i in range(200)]
+    model = train_tokenizer(texts, str(tmp_path / "lcl"), vocab_size=120, character_coverage=1.0)
+    vocab = LCLTokenizer(model).vocab_size
+    cfg = load_config(TINY, [f"data.tokenizer={model}", f"model.lm.vocab_size={vocab - 1}"])
+    assert tokenizer_errors(cfg.data, cfg.model.lm) == [
+        f"data.tokenizer ({model}) has {vocab} tokens, more than model.lm.vocab_size ({vocab - 1})"]
+    assert tokenizer_errors(cfg.data, LMConfig(vocab_size=vocab)) == []

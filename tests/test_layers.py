@@ -8,7 +8,8 @@ The split path (TP = 2) is megatron-core's unchanged; the TP2 == TP1 model check
 import pytest
 import torch
 
-from megatron_lcl.config import LMConfig, ParallelConfig, build_transformer_config
+from megatron_lcl.config import LMConfig, ParallelConfig
+from megatron_lcl.models.transformer_config import build_transformer_config
 
 SEQ, BATCH_SIZE, IN, OUT = 12, 3, 32, 48
 

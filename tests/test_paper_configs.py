@@ -1,4 +1,4 @@
-"""The example paper configs against the paper's facts, read from ONE table (megatron_lcl.config.paper),
+"""The example paper configs against the paper's facts, read from ONE table (tests/paper_facts.py),
 and the LR schedule's first steps against Megatron-LM's convention."""
 
 import re
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_lcl.config import LM_PRESETS, VISION_PRESETS, load_config, validate_config
-from megatron_lcl.config.paper import PAPER_FACTS, PAPER_RUNS, fact_value
+from paper_facts import PAPER_FACTS, PAPER_RUNS, fact_value
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,9 @@ gather all add up. The ViT runs without SP (its token count need not divide by T
 import pytest
 import torch
 
-from megatron_lcl.config import ConfigError, LCLConfig, ParallelConfig, build_transformer_config, validate_config
+from megatron_lcl.config import ConfigError, LCLConfig, ParallelConfig, validate_config
 from megatron_lcl.config.model import LMConfig, VisionConfig
+from megatron_lcl.models.transformer_config import build_transformer_config
 from multirank import run_torchrun
 
 LOSS_KEYS = ("loss", "lm_loss", "con_loss", "con_top1", "num_text_tokens", "num_images")

@@ -96,7 +96,7 @@ def test_yaml_overrides_and_presets():
     assert (cfg.model.vision.hidden_size, cfg.model.vision.patch_size) == (768, 32)
 
 
-# test_paper_configs: tests/test_paper_configs.py (reads the paper facts from megatron_lcl.config.paper)
+# test_paper_configs: tests/test_paper_configs.py (reads the paper facts from tests/paper_facts.py)
 
 
 def test_resolved_config_round_trips(tmp_path):

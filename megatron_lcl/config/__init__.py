@@ -4,8 +4,8 @@
     cfg = load_config("examples/configs/tiny_cpu.yaml", ["optimizer.lr=1e-3"])
     validate_config(cfg, world_size=2)           # ConfigError naming every bad field
 
-- `model.py`    model sections (vision, lm, heads, loss, parallel, precision), presets,
-                `build_transformer_config` (the one place a megatron-core TransformerConfig is made)
+- `model.py`    model sections (vision, lm, heads, loss, parallel, precision), presets (megatron-core's
+                TransformerConfig is made from them in `megatron_lcl.models.transformer_config`)
 - `run.py`      run sections (data, train, optimizer, logging, checkpoint) and `LCLConfig`
 - `io.py`       YAML <-> `LCLConfig`, overrides, typed coercion with field-naming errors
 - `validate.py` every validation rule, once (`config_errors(cfg) -> list`)
@@ -15,7 +15,7 @@ from megatron_lcl.config.io import (config_from_dict, config_to_yaml, from_dict,
                                     section_to_dict)
 from megatron_lcl.config.model import (LM_PRESETS, VISION_PRESETS, HeadsConfig, LMConfig, LossConfig, ModelConfig,
                                        ParallelConfig, PrecisionConfig, VisionConfig, apply_preset,
-                                       build_transformer_config, padded_vocab_size)
+                                       padded_vocab_size)
 from megatron_lcl.config.run import (CheckpointConfig, DataConfig, LCLConfig, LoggingConfig, OptimizerConfig,
                                      TrainConfig, num_microbatches)
 from megatron_lcl.config.validate import (ConfigError, config_errors, max_images_per_sample, min_seq_length, model_config_errors,
@@ -24,7 +24,7 @@ from megatron_lcl.config.validate import (ConfigError, config_errors, max_images
 __all__ = [
     "LM_PRESETS", "VISION_PRESETS", "CheckpointConfig", "ConfigError", "DataConfig", "HeadsConfig", "LCLConfig",
     "LMConfig", "LoggingConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig",
-    "PrecisionConfig", "TrainConfig", "VisionConfig", "apply_preset", "build_transformer_config",
+    "PrecisionConfig", "TrainConfig", "VisionConfig", "apply_preset",
     "config_errors", "config_from_dict", "config_to_yaml", "from_dict", "load_config", "max_images_per_sample", "min_seq_length",
     "model_config_errors", "num_microbatches", "padded_vocab_size", "save_config", "section_to_dict",
     "validate_config", "validate_model_config",

@@ -1,14 +1,10 @@
-"""The model sections of the configuration (ViT, LM, heads, loss, parallel layout, precision), their
-presets, and `build_transformer_config`: the one place a megatron-core `TransformerConfig` is made.
-
-Validation of these sections lives in `megatron_lcl.config.validate`.
+"""The model sections of the configuration (ViT, LM, heads, loss, parallel layout, precision) and their
+presets: plain data. Validation of these sections lives in `megatron_lcl.config.validate`; the
+megatron-core `TransformerConfig` made from them in `megatron_lcl.models.transformer_config`.
 """
 
 from dataclasses import dataclass, field, replace
 from typing import List, Optional
-
-import torch
-import torch.nn.functional as F
 
 # --------------------------------------------------------------------------------------------------
 # Presets. Sizes as published: ViT-B/16 and ViT-L/14 (CLIP), ViT-H/14 (OpenCLIP), OPT-125M (Zhang et al. 2022).
@@ -154,15 +150,6 @@ class PrecisionConfig:
     fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine only)
 
 
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """OpenAI CLIP's GELU approximation (HF `quick_gelu`, megatron-core `activations.quick_gelu`)."""
-    return x * torch.sigmoid(1.702 * x)
-
-
-# The activations a config may name (`VisionConfig.activation`; the LM is OPT: relu).
-ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "relu": F.relu}
-
-
 def apply_preset(section, presets: dict):
     """Return `section` with its preset's sizes (the YAML loader applies explicit keys after this)."""
     if section.preset is None:
@@ -176,59 +163,3 @@ def padded_vocab_size(lm: LMConfig, tensor_model_parallel_size: int) -> int:
     """Pad the vocabulary so every tensor-parallel shard has the same size (as Megatron-LM does)."""
     multiple = lm.make_vocab_size_divisible_by * tensor_model_parallel_size
     return ((lm.vocab_size + multiple - 1) // multiple) * multiple
-
-
-def _dtype(precision: Optional[PrecisionConfig]) -> torch.dtype:
-    return torch.bfloat16 if precision is not None and precision.params_dtype == "bf16" else torch.float32
-
-
-def build_transformer_config(section, parallel: ParallelConfig, *, init_method_std: float = 0.02,
-                             precision: Optional[PrecisionConfig] = None, activation: str = "gelu",
-                             pipeline_split: bool = True):
-    """The one place a megatron-core `TransformerConfig` is made.
-
-    `section` is a `VisionConfig` or an `LMConfig`. The ViT is never split across pipeline stages
-    (it lives on the first one), so it is built with `pipeline_split=False`.
-    """
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    dtype = _dtype(precision)
-    pp = parallel.pipeline_model_parallel_size if pipeline_split else 1
-    kwargs = dict(
-        num_layers=section.num_layers,
-        hidden_size=section.hidden_size,
-        num_attention_heads=section.num_attention_heads,
-        ffn_hidden_size=section.ffn_hidden_size,
-        layernorm_epsilon=section.layernorm_epsilon,
-        attention_dropout=section.attention_dropout,
-        hidden_dropout=section.hidden_dropout,
-        activation_func=ACTIVATIONS[activation],
-        add_bias_linear=True,
-        normalization="LayerNorm",
-        init_method_std=init_method_std,
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=pp,
-        sequence_parallel=parallel.sequence_parallel and isinstance(section, LMConfig),  # see ParallelConfig
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        # Initialise full weights on CPU then split: TP=k starts from the same weights as TP=1.
-        use_cpu_initialization=True,
-        batch_p2p_comm=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        deallocate_pipeline_outputs=True,
-        recompute_granularity=parallel.recompute_granularity,  # see ParallelConfig
-        recompute_method=parallel.recompute_method,
-        recompute_num_layers=parallel.recompute_num_layers,
-        recompute_modules=list(parallel.recompute_modules),
-    )
-    if pipeline_split and pp > 1:
-        kwargs.update(num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
-                      num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage)
-    if precision is not None and precision.fp8 is not None:
-        kwargs.update(fp8=precision.fp8)
-    return TransformerConfig(**kwargs)

@@ -3,6 +3,7 @@
     errors = config_errors(cfg, world_size=8)     # [] when the run config can work
     validate_config(cfg, world_size=8)            # raises ConfigError listing all of them
     validate_config(cfg, world_size=8, check_files=True)   # and data.path / data.tokenizer exist
+    raise_errors(tokenizer_errors(cfg.data, cfg.model.lm))  # the tokenizer fits the LM (reads it)
 
 `model_config_errors` checks the model sections alone (for tools that build a model without a run).
 The data loader, the loss and the layer specs rely on these checks instead of repeating them; where
@@ -12,9 +13,10 @@ they need a rule's value (the positions one image takes), they call the function
 import os
 from typing import List, Optional
 
-from megatron_lcl.config.model import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_lcl.config.model import LMConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_lcl.config.run import DataConfig, LCLConfig, path_weight, data_blend
 from megatron_lcl.data.shards import shard_paths
+from megatron_lcl.data.tokenizer import LCLTokenizer
 
 PACKINGS = ("auto", "truncate", "concat", "pack")
 LOSS_MODES = ("lcl", "gen", "con")
@@ -283,6 +285,18 @@ def data_file_errors(data: DataConfig) -> List[str]:
         if not shard_paths(path):
             errors.append(f"data.path: no prepared shards (*.tar) at {path}; run tools/prepare_data.py")
     return errors
+
+
+def tokenizer_errors(data: DataConfig, lm: LMConfig) -> List[str]:
+    """The tokenizer (where its file exists) has no more tokens than `model.lm.vocab_size`. It loads the
+    tokenizer, so it is not part of `config_errors`: the trainer checks it where it reads the data."""
+    if not (data.tokenizer and os.path.isfile(data.tokenizer)):
+        return []
+    vocab = LCLTokenizer(data.tokenizer).vocab_size
+    if vocab > lm.vocab_size:
+        return [f"data.tokenizer ({data.tokenizer}) has {vocab} tokens, more than model.lm.vocab_size "
+                f"({lm.vocab_size})"]
+    return []
 
 
 def _batch_errors(cfg: LCLConfig, world_size: int) -> List[str]:

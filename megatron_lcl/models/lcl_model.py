@@ -17,10 +17,11 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_lcl.config import ModelConfig, ParallelConfig, PrecisionConfig, build_transformer_config, padded_vocab_size
+from megatron_lcl.config import ModelConfig, ParallelConfig, PrecisionConfig, padded_vocab_size
 from megatron_lcl.models.heads import ImageHead, TextHead
 from megatron_lcl.models.language import OPTLanguageModel
 from megatron_lcl.models.specs import block_spec, lm_layer_spec, select_transformer_impl, vit_layer_spec
+from megatron_lcl.models.transformer_config import build_transformer_config
 from megatron_lcl.models.vision import VisionTransformer
 
 

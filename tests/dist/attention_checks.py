@@ -12,10 +12,11 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from common import mark_done, named_full, parse_out_dir, save_rank0, tiny_model_config
-from megatron_lcl.config import LMConfig, LossConfig, ParallelConfig, build_transformer_config
+from megatron_lcl.config import LMConfig, LossConfig, ParallelConfig
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.models.attention import SDPAttention
 from megatron_lcl.models.lcl_model import LCLModel
+from megatron_lcl.models.transformer_config import build_transformer_config
 from megatron_lcl.runtime import initialize_distributed, initialize_model_parallel, set_seed
 from megatron_lcl.testing import random_batch
 from megatron_lcl.training.pipeline import forward_loss

@@ -1,0 +1,74 @@
+"""`build_transformer_config`: the one place a megatron-core `TransformerConfig` is made, from the
+config's model sections; and the activation functions a config may name.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_lcl.config import LMConfig, ParallelConfig, PrecisionConfig
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's GELU approximation (HF `quick_gelu`, megatron-core `activations.quick_gelu`)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+# The activations a config may name (`VisionConfig.activation`; the LM is OPT: relu).
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "relu": F.relu}
+
+
+def _dtype(precision: Optional[PrecisionConfig]) -> torch.dtype:
+    return torch.bfloat16 if precision is not None and precision.params_dtype == "bf16" else torch.float32
+
+
+def build_transformer_config(section, parallel: ParallelConfig, *, init_method_std: float = 0.02,
+                             precision: Optional[PrecisionConfig] = None, activation: str = "gelu",
+                             pipeline_split: bool = True) -> TransformerConfig:
+    """The one place a megatron-core `TransformerConfig` is made.
+
+    `section` is a `VisionConfig` or an `LMConfig`. The ViT is never split across pipeline stages
+    (it lives on the first one), so it is built with `pipeline_split=False`.
+    """
+    dtype = _dtype(precision)
+    pp = parallel.pipeline_model_parallel_size if pipeline_split else 1
+    kwargs = dict(
+        num_layers=section.num_layers,
+        hidden_size=section.hidden_size,
+        num_attention_heads=section.num_attention_heads,
+        ffn_hidden_size=section.ffn_hidden_size,
+        layernorm_epsilon=section.layernorm_epsilon,
+        attention_dropout=section.attention_dropout,
+        hidden_dropout=section.hidden_dropout,
+        activation_func=ACTIVATIONS[activation],
+        add_bias_linear=True,
+        normalization="LayerNorm",
+        init_method_std=init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=parallel.sequence_parallel and isinstance(section, LMConfig),  # see ParallelConfig
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Initialise full weights on CPU then split: TP=k starts from the same weights as TP=1.
+        use_cpu_initialization=True,
+        batch_p2p_comm=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=True,
+        recompute_granularity=parallel.recompute_granularity,  # see ParallelConfig
+        recompute_method=parallel.recompute_method,
+        recompute_num_layers=parallel.recompute_num_layers,
+        recompute_modules=list(parallel.recompute_modules),
+    )
+    if pipeline_split and pp > 1:
+        kwargs.update(num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+                      num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage)
+    if precision is not None and precision.fp8 is not None:
+        kwargs.update(fp8=precision.fp8)
+    return TransformerConfig(**kwargs)
