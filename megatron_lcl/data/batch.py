@@ -14,7 +14,7 @@ are image placeholders, `<EoI>` or padding are 0; predicting `<BoI>` is allowed.
 Images are flattened over the micro-batch in (sample, position) order: image j belongs to sample
 `image_sample_index[j]`, its `<BoI>` sits at `boi_positions[j]` and its M latents fill positions
 `boi_positions[j] + 1 ... boi_positions[j] + M`. `image_has_context[j]` says whether text of image j's
-own document precedes it in its sample (the context rule of `megatron_lcl.data.rules`): only those
+own document precedes it in its sample (the context rule of `megatron_lcl.data.sample_builder`): only those
 images enter L_con.
 """
 

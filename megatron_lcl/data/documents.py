@@ -9,7 +9,7 @@ A prepared shard (`shard-000000.tar`, written by `tools/prepare_data.py`) holds,
     {key}.img0.jpg   encoded image 0 (JPEG, verified to decode), {key}.img1.jpg, ...
 
 `order` is the fixed interleaving of OBELICS documents; MMC4 and LAION documents have none: their
-images are placed before/after `texts[matched_text_index]` at sampling time (rules.py).
+images are placed before/after `texts[matched_text_index]` at sampling time (sample_builder.py).
 """
 
 import json

@@ -3,7 +3,7 @@
 Stages (each logical reader runs them on its own part of the data):
 
     shard order (per epoch, seeded)  ->  this reader's shards or documents  ->  shuffle buffer
-    ->  build samples (rules.py: layout, tokenize, truncate/pack)  ->  decode + transform images
+    ->  build samples (sample_builder.py: layout, tokenize, truncate/pack)  ->  decode + transform images
     ->  (in the training process) batch + collate to LCLBatch
 
 Data order: logical readers. There are `data.num_readers` (R) readers, fixed for the run; reader i is a
@@ -66,8 +66,8 @@ from megatron_lcl.config.run import data_blend
 from megatron_lcl.data import skips as S
 from megatron_lcl.data.batch import LCLBatch
 from megatron_lcl.data.documents import from_wds_sample
-from megatron_lcl.data.rules import (BuiltSample, ConcatPacker, DocumentPacker, SpecialIds, document_layout,
-                                     tokenize_layout, truncate_and_pad)
+from megatron_lcl.data.sample_builder import (BuiltSample, ConcatPacker, DocumentPacker, SpecialIds,
+                                              document_layout, tokenize_layout, truncate_and_pad)
 from megatron_lcl.data.skips import SkipCounter
 from megatron_lcl.data.shards import shard_paths, tar_samples
 from megatron_lcl.data.tokenizer import LCLTokenizer

@@ -12,7 +12,7 @@ Deterministic, document-level rules are applied here, once:
   written as image-text pair documents (source "laion": one image, one caption, laid out and packed
   at load time as LAION-Random is); `meta.pair_of` names the MMC4 document.
 The random per-sample choices (which <= 6 MMC4 images, before/after placement) happen at load time
-(rules.py), so one prepared dataset serves every seed.
+(sample_builder.py), so one prepared dataset serves every seed.
 """
 
 import glob
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from megatron_lcl.data import skips as S
 from megatron_lcl.data.documents import DocImage, Document, to_wds_sample
-from megatron_lcl.data.rules import MAX_IMAGES_PER_DOC, MIN_SIMILARITY
+from megatron_lcl.data.sample_builder import MAX_IMAGES_PER_DOC, MIN_SIMILARITY
 from megatron_lcl.data.skips import SkipCounter
 from megatron_lcl.data.sources import read_source
 

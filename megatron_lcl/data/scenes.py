@@ -11,7 +11,7 @@ Compositional split: a quarter of the (shape, colour) pairs (`is_held_out`) neve
 corpus (as A or B); in a `heldout` corpus every A is such a pair. A frozen encoder evaluated on
 `heldout` images must represent combinations it never saw during pre-training.
 
-image_info per image: `label` (A's shape, an index into synthetic.SHAPES), `label_name`, `colour`
+image_info per image: `label` (A's shape, an index into shapes.SHAPES), `label_name`, `colour`
 (A's), `count` (one | two), `relation` (left of | above), `shape_b`, `colour_b`, `background`
 (speckled), `held_out` (A's pair is held out).
 """
@@ -21,9 +21,9 @@ import random
 
 from PIL import Image, ImageDraw
 
-from megatron_lcl.data import synthetic
+from megatron_lcl.data import shapes
 
-SHAPES = synthetic.SHAPES[:4]  # circle, square, triangle, cross: same indices as synthetic.SHAPES
+SHAPES = shapes.SHAPES[:4]  # circle, square, triangle, cross: same indices as shapes.SHAPES
 COLOURS = ("red", "green", "blue", "yellow")
 RELATIONS = ("left of", "above")
 COUNTS = ("one", "two")
@@ -76,13 +76,13 @@ def draw_scene(scene: dict, image_size: int, rng: random.Random) -> Image.Image:
 
 def _draw(draw, obj, cx, cy, r):
     shape, colour = obj
-    synthetic.draw_shape(draw, SHAPES[shape], cx, cy, r, synthetic.COLOURS[COLOURS[colour]])
+    shapes.draw_shape(draw, SHAPES[shape], cx, cy, r, shapes.COLOURS[COLOURS[colour]])
 
 
 def make_document(doc_id: int, rng: random.Random, image_size: int, images_dir: str, max_images: int,
                   split: str) -> dict:
     """One MMC4 document of 1..max_images scenes with captions, filler and distractor sentences."""
-    text_list = [synthetic.filler_sentence(rng) for _ in range(rng.randint(0, 2))]
+    text_list = [shapes.filler_sentence(rng) for _ in range(rng.randint(0, 2))]
     image_info = []
     for j in range(rng.randint(1, max_images)):
         scene = sample_scene(rng, split)
@@ -99,5 +99,5 @@ def make_document(doc_id: int, rng: random.Random, image_size: int, images_dir: 
             "relation": RELATIONS[scene["relation"]], "shape_b": SHAPES[sb], "colour_b": COLOURS[cb],
             "background": "speckled", "held_out": is_held_out(sa, ca),
         })
-        text_list += [synthetic.filler_sentence(rng) for _ in range(rng.randint(0, 1))]
+        text_list += [shapes.filler_sentence(rng) for _ in range(rng.randint(0, 1))]
     return {"url": f"https://synthetic.invalid/doc/{doc_id}", "text_list": text_list, "image_info": image_info}

@@ -6,7 +6,7 @@ gradients over the data-parallel group (x 1/dp_size), so the optimised objective
 mean, whatever the per-rank token and image counts. The pipeline schedule then averages over
 micro-batches.
 
-L_con takes the images with context only (`contrastive_mask`, the rule of `megatron_lcl.data.rules`).
+L_con takes the images with context only (`contrastive_mask`, the rule of `megatron_lcl.data.sample_builder`).
 Its negatives (`loss.contrastive_batch`):
 - micro_batch: the images of the micro-batch on all DP ranks; L_con is their mean, per micro-batch.
 - step: the images of ALL micro-batches of the step on all DP ranks (the paper's). The pipeline first

@@ -5,8 +5,9 @@ import random
 import pytest
 
 from megatron_lcl.data.documents import DocImage, Document
-from megatron_lcl.data.rules import (MAX_IMAGES_PER_DOC, ConcatPacker, SpecialIds, choose_mmc4_images,
-                                     document_layout, matched_layout, tokenize_layout, truncate_and_pad)
+from megatron_lcl.data.sample_builder import (MAX_IMAGES_PER_DOC, ConcatPacker, SpecialIds, choose_mmc4_images,
+                                              document_layout, matched_layout, tokenize_layout,
+                                              truncate_and_pad)
 
 IDS = SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5, image=6)
 M = 8
@@ -161,7 +162,7 @@ def test_packer_rejects_images_longer_than_window():
 
 
 def test_document_packer_keeps_documents_whole():
-    from megatron_lcl.data.rules import DocumentPacker
+    from megatron_lcl.data.sample_builder import DocumentPacker
 
     seq_length = 64
     packer = DocumentPacker(seq_length, IDS.pad, lookahead=8)
