@@ -6,8 +6,8 @@ Writes an ImageFolder of N small PNGs (100 classes, 32x32, ~100 B-1 KB each; reu
 for each N, in a fresh process: builds the streaming source (`labeled_source`), reads every image
 once through the DataLoader (`LabeledImages`, global batches of 256, `--workers` decoding workers,
 eval transform to 32 px) and reports the peak resident memory of the main process and of the
-workers (ru_maxrss), the index size and images/s. `--in-memory` also measures the old path
-(`datasets.load_labeled`, every image's bytes in RAM) for comparison.
+workers (ru_maxrss), the index size and images/s. `--in-memory` also measures holding every image's
+bytes in RAM (an `ImageSet`, as a synthetic corpus is held) for comparison.
 """
 
 import argparse
@@ -39,15 +39,16 @@ def write_folder(root: str, n: int) -> None:
 
 
 def measure_stream(root: str, workers: int) -> dict:
-    from megatron_lcl.eval.engine import GlobalBatches, Runtime, loader
-    from megatron_lcl.eval.streaming import LabeledImages, labeled_source
+    from megatron_lcl.eval.datasets import LabeledImages
+    from megatron_lcl.eval.parallel import GlobalBatches, loader
+    from megatron_lcl.eval.sources import labeled_source
 
     t0 = time.time()
     source = labeled_source(root)
     index_s = time.time() - t0
     data = LabeledImages(source, 32)
     seen, t0 = 0, time.time()
-    for batch in loader(data, GlobalBatches(len(data), 256, Runtime(), 0, 0, shuffle=True, drop_last=False), workers):
+    for batch in loader(data, GlobalBatches(len(data), 256, 0, 0, shuffle=True, drop_last=False), workers):
         seen += len(batch["index"])
     read_s = time.time() - t0
     return {"images": seen, "index_bytes": int(source.files.nbytes + source.labels.nbytes), "index_s": round(index_s, 2),
@@ -55,10 +56,12 @@ def measure_stream(root: str, workers: int) -> dict:
 
 
 def measure_memory(root: str) -> dict:
-    from megatron_lcl.eval.datasets import load_labeled
+    from megatron_lcl.eval.sources import ImageFolderSource, ImageSet
 
     t0 = time.time()
-    images = load_labeled(root)
+    folder = ImageFolderSource(root)
+    images = ImageSet([folder.image_bytes(i) for i in range(len(folder))], [folder.origin(i) for i in range(len(folder))],
+                      labels=folder.labels, class_names=folder.class_names)
     return {"images": len(images), "bytes_in_ram": sum(len(b) for b in images.images),
             "load_s": round(time.time() - t0, 2)}
 

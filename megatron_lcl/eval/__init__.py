@@ -8,14 +8,15 @@
 Python API (imported lazily):
 
     load_encoder(path) -> VisionEncoder            encoders.py: images [n,3,S,S] -> latents [n,M,h]
+    labeled_source(path) / pair_source(paths)      sources.py: the data, by what a path is
     linear_probe_accuracy(checkpoint, data) -> top-1 in [0, 1]          classify.py
-    run_classification(encoder, train_set, eval_set, ProbeConfig) -> dict
-    run_retrieval(encoder, train_set, eval_set, RetrievalConfig) -> dict  retrieve.py
+    run_classification(encoder, train, eval, ProbeConfig) -> dict
+    run_retrieval(encoder, train, [test sets], RetrievalConfig) -> dict  retrieve.py
     recall_at_k(similarity, text_to_image) -> {"TR@1": ..., "IR@10": ...}   (percent)
-    run_classification_streaming / run_retrieval_streaming / run_captioning   (streaming, DDP)
+    run_captioning(encoder, lm, train, [test sets], CaptionConfig) -> dict   caption.py
     load_karpathy(json) -> CaptionedTestSet; caption_scores(refs, hyps) -> CIDEr, BLEU-4
 
-See docs/eval.md.
+Every task trains through one engine (engine.fit) over one kind of data source; see docs/eval.md.
 """
 
 from megatron_lcl.lazy import lazy_getattr
@@ -24,16 +25,15 @@ _EXPORTS = {
     "VisionEncoder": "encoders",
     "load_encoder": "encoders",
     "weights_fingerprint": "encoders",
-    "load_labeled": "datasets",
-    "load_pairs": "datasets",
+    "ImageSet": "sources",
+    "labeled_source": "sources",
+    "pair_source": "sources",
     "ProbeConfig": "classify",
     "run_classification": "classify",
     "linear_probe_accuracy": "classify",
     "RetrievalConfig": "retrieve",
     "run_retrieval": "retrieve",
     "recall_at_k": "retrieve",
-    "run_classification_streaming": "classify",
-    "run_retrieval_streaming": "retrieve",
     "CaptionConfig": "caption",
     "run_captioning": "caption",
     "caption_scores": "caption_metrics",

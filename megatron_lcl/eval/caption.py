@@ -19,7 +19,6 @@ Decoding is greedy (`--num-beams 1`) or beam search; scores are CIDEr and BLEU-4
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,17 +28,20 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from megatron_lcl.eval.bad_samples import BadSampleLog
 from megatron_lcl.eval.caption_metrics import caption_scores
-from megatron_lcl.eval.cli import (bad_samples_lines, check_paths, is_main_rank, parse_with_preset,
-                                   predictions_path, run_cli, start_run)
-from megatron_lcl.eval.common import MODES, add_config_args, config_from_args, format_table, frozen_guard, write_json
-from megatron_lcl.eval.encoders import VisionEncoder, load_encoder
-from megatron_lcl.eval.engine import (EngineConfig, Runtime, TransferModel, eval_batches, fit, init_runtime,
-                                      merge_bad_logs)
+from megatron_lcl.eval.cli import (Command, TaskData, add_config_args, common_args, parse_with_preset, run_cli,
+                                   run_command)
+from megatron_lcl.eval.datasets import CaptionedImages, LabeledImages
+from megatron_lcl.eval.encoders import VisionEncoder, frozen_guard
+from megatron_lcl.eval.engine import EngineConfig, TransferModel, autocast, fit
 from megatron_lcl.eval.errors import InputError
 from megatron_lcl.eval.karpathy import test_sets, training_pairs
-from megatron_lcl.eval.streaming import BadSampleLog, CaptionedImages, LabeledImages
-from megatron_lcl.runtime.mcore_compat import filter_known_warnings
+from megatron_lcl.eval.parallel import all_gather_objects, all_sum, eval_batches, merge_bad_logs, one_process
+from megatron_lcl.runtime.device import device as compute_device
+from megatron_lcl.runtime.layout import ParallelLayout
 
 # Paper Table 8 / A.2 (captioning): LAION-COCO 10M, 20k steps of 512, AdamW lr 1e-4 (one rate, the
 # encoder's too in full mode), wd 1e-4, betas (0.9, 0.95), 1000 warm-up steps, cosine.
@@ -103,14 +105,15 @@ def tokenize_captions(tokenizer, captions: List[str], max_tokens: int):
     return ids, mask
 
 
-def caption_step(model, batch: dict, tokenizer, cfg: CaptionConfig, runtime: Runtime, seen: dict) -> torch.Tensor:
+def caption_step(model, batch: dict, tokenizer, cfg: CaptionConfig, layout: ParallelLayout, seen: dict) -> torch.Tensor:
     """CE over every caption token of the global batch: local sum x world / global token count.
     `seen["caption_tokens"]` adds up the global batch's caption tokens (EOS not counted)."""
     ids, mask = tokenize_captions(tokenizer, batch.get("captions", []), cfg.max_caption_tokens)
-    loss_sum, count = model(batch["pixels"].to(runtime.device), ids.to(runtime.device), mask.to(runtime.device))
-    total, captions = runtime.all_sum([float(count), float(mask.sum() - len(mask))])
+    device = compute_device()
+    loss_sum, count = model(batch["inputs"].to(device), ids.to(device), mask.to(device))
+    total, captions = all_sum([float(count), float(mask.sum() - len(mask))], layout)
     seen["caption_tokens"] = seen.get("caption_tokens", 0.0) + captions
-    return loss_sum * runtime.world / max(total, 1.0)
+    return loss_sum * layout.dp_size / max(total, 1.0)
 
 
 @torch.no_grad()
@@ -134,26 +137,26 @@ def references_of(test_set) -> Dict[int, List[str]]:
     return refs
 
 
-def caption_test_set(model: TransferModel, test_set, tokenizer, cfg: CaptionConfig, runtime: Runtime,
+def caption_test_set(model: TransferModel, test_set, tokenizer, cfg: CaptionConfig, layout: ParallelLayout,
                      bad: BadSampleLog) -> Dict[int, str]:
     """{image index: generated caption} over all ranks (each rank captions its shard)."""
     model.eval()
     mine = {}
-    for batch in eval_batches(LabeledImages(test_set, model.encoder.image_size), 64, runtime, cfg.num_workers):
+    for batch in eval_batches(LabeledImages(test_set, model.encoder.image_size), 64, layout, cfg.num_workers):
         bad.extend(batch["bad"])
         if len(batch["index"]):
-            with runtime.autocast():
-                texts = generate(model, batch["pixels"].to(runtime.device), tokenizer, cfg)
+            with autocast(cfg.precision):
+                texts = generate(model, batch["inputs"].to(compute_device()), tokenizer, cfg)
             mine.update(zip(batch["index"].tolist(), texts))
-    return {i: c for part in runtime.all_gather_objects(mine) for i, c in part.items()}
+    return {i: c for part in all_gather_objects(mine, layout) for i, c in part.items()}
 
 
-def score_test_set(model, test_set, tokenizer, cfg: CaptionConfig, runtime: Runtime, bad: BadSampleLog) -> dict:
+def score_test_set(model, test_set, tokenizer, cfg: CaptionConfig, layout: ParallelLayout, bad: BadSampleLog) -> dict:
     """CIDEr / BLEU-4 over the images that could be read, a few examples, and every prediction
     (`predictions`: COCO result format, [{"image_id", "caption"}] in image order)."""
-    hypotheses = caption_test_set(model, test_set, tokenizer, cfg, runtime, bad)
+    hypotheses = caption_test_set(model, test_set, tokenizer, cfg, layout, bad)
     references = {i: r for i, r in references_of(test_set).items() if i in hypotheses}
-    scores = caption_scores(references, hypotheses, cfg.metric_tokenizer) if runtime.is_main else {}
+    scores = caption_scores(references, hypotheses, cfg.metric_tokenizer) if layout.rank == 0 else {}
     examples = [{"image": test_set.origin(i), "caption": hypotheses[i], "references": references[i][:2]}
                 for i in sorted(hypotheses)[:5]]
     predictions = [{"image_id": _json_id(test_set.image_ids[i]), "caption": hypotheses[i]} for i in sorted(hypotheses)]
@@ -166,8 +169,6 @@ def _json_id(image_id):
 
 def load_tokenizer(path: str):
     """The tokenizer of a HF causal LM folder (an InputError naming the folder when there is none)."""
-    from transformers import AutoTokenizer
-
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise InputError(f"--lm {path}: no HF language model here (no config.json)")
     try:
@@ -180,8 +181,6 @@ def load_tokenizer(path: str):
 def load_lm(path: str, train_source=None):
     """Any HF causal LM folder (config + weights + tokenizer) -> (model in float32, tokenizer). With
     `train_source`, the tokenizer is checked on its captions before the weights load (`check_tokenizer`)."""
-    from transformers import AutoModelForCausalLM
-
     tokenizer = load_tokenizer(path)
     if train_source is not None:
         check_tokenizer(tokenizer, path, train_source)
@@ -220,10 +219,11 @@ def check_tokenizer(tokenizer, lm_path: str, source, samples: int = 64) -> None:
 
 
 def run_captioning(encoder: VisionEncoder, lm_path: str, train_source, test_sets: list, cfg: CaptionConfig,
-                   runtime: Runtime, checkpoint: Optional[str] = None) -> dict:
+                   layout: Optional[ParallelLayout] = None, checkpoint: Optional[str] = None) -> dict:
     """Train projector (+ LM, + encoder in full mode) on caption pairs, data-parallel; score each test set.
     Refuses (InputError) an LM whose tokenizer cannot encode the captions, and a run in which every
     training target was empty (only EOS)."""
+    layout = layout or one_process()
     lm, tokenizer = load_lm(lm_path, train_source)
     torch.manual_seed(cfg.seed)  # equal projector initialisation on every rank
     model = TransferModel(encoder, CaptionHead(encoder.hidden_size, lm, cfg.train_lm), cfg.mode)
@@ -231,28 +231,24 @@ def run_captioning(encoder: VisionEncoder, lm_path: str, train_source, test_sets
     with frozen_guard(encoder, cfg.mode) as guard:
         t0 = time.time()
         fit(model, CaptionedImages(train_source, encoder.image_size),
-            lambda m, b: caption_step(m, b, tokenizer, cfg, runtime, seen), cfg, runtime, train_bad, checkpoint,
+            lambda m, b: caption_step(m, b, tokenizer, cfg, layout, seen), cfg, layout, train_bad, checkpoint,
             "caption")
         if seen and not seen["caption_tokens"]:
             raise InputError(f"--lm {lm_path}: every training target was empty (each caption tokenized to no tokens, "
                              f"only EOS was learned): check the training captions and the LM's tokenizer")
-        by_set = {t.name: score_test_set(model, t, tokenizer, cfg, runtime, test_bad) for t in test_sets}
+        by_set = {t.name: score_test_set(model, t, tokenizer, cfg, layout, test_bad) for t in test_sets}
     predictions = {name: scores.pop("predictions") for name, scores in by_set.items()}
     return {"task": "captioning", "encoder": encoder.source, "encoder_kind": encoder.kind, "lm": lm_path,
             "scores_by_set": by_set, "num_train": len(train_source), "encoder_unchanged": guard.unchanged,
-            "time_s": round(time.time() - t0, 1), "world_size": runtime.world,
+            "time_s": round(time.time() - t0, 1), "world_size": layout.dp_size,
             "bad_samples": {"train_index": train_source.problems.as_dict(),
                             "test_index": {t.name: t.problems.as_dict() for t in test_sets},
-                            "train_read": merge_bad_logs(train_bad, runtime),
-                            "test_read": merge_bad_logs(test_bad, runtime)},
+                            "train_read": merge_bad_logs(train_bad, layout),
+                            "test_read": merge_bad_logs(test_bad, layout)},
             "config": asdict(cfg), "predictions_by_set": predictions, "_model": model, "_tokenizer": tokenizer}
 
 
-def results_table(result: dict) -> str:
-    rows = [[result.get("name", result["encoder"]), result["mode"], name, s.get("BLEU-4"), s.get("CIDEr")]
-            for name, s in result["scores_by_set"].items()]
-    return format_table(["Vision encoder", "transfer", "test set"], [("captioning", ["B@4", "CIDEr"])], rows)
-
+# ------------------------------------------------------------------------------------------ command line
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -264,55 +260,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Karpathy JSON (COCO test), COCO-format captions (NoCaps val), or pairs")
     p.add_argument("--eval-split", default="test", help="the Karpathy split to test on (test, val)")
     p.add_argument("--image-root", help="folder the JSON files' image paths are relative to (default: the JSON's)")
-    p.add_argument("--mode", choices=MODES, default="frozen")
     add_config_args(p, CaptionConfig)
-    p.add_argument("--checkpoint", help="save/resume the captioning model here")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast on GPU (CPU: fp32)")
-    p.add_argument("--name", help="row name in the printed table (default: the encoder path)")
-    p.add_argument("--output", help="write the results JSON here (and every prediction beside it)")
+    common_args(p)  # --output: the results JSON, and every prediction beside it
     return parse_with_preset(p, argv, PRESETS)
 
 
-def write_predictions(output: Optional[str], predictions_by_set: Dict[str, list]) -> Dict[str, str]:
-    """Each test set's predictions beside the results JSON (cli.predictions_path) -> {set: file}."""
-    if not output:
-        return {}
-    files = {name: predictions_path(output, name) for name in predictions_by_set}
-    for name, path in files.items():
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(predictions_by_set[name], f)
-    return files
+def load_data(args) -> TaskData:
+    train = training_pairs(args.data, args.image_root)
+    tests = test_sets(args.eval_data, args.image_root, args.eval_split)
+    return TaskData(train, tests, {t.name: t for t in tests})
+
+
+def run(args, encoder: VisionEncoder, data: TaskData, cfg: CaptionConfig, layout: ParallelLayout) -> dict:
+    return run_captioning(encoder, args.lm, data.train, data.tests, cfg, layout, args.checkpoint)
+
+
+def summary(result: dict) -> str:
+    tokenizers = {s.get("tokenizer") for s in result["scores_by_set"].values()}
+    return (f"{result['num_train']} training pairs, {result['time_s']} s; metric tokenizer: {', '.join(tokenizers)}; "
+            f"encoder weights unchanged: {result['encoder_unchanged']}")
+
+
+COMMAND = Command(parse_args, CaptionConfig, ("encoder", "lm", "data", "eval_data", "image_root"), load_data, run,
+                  summary, before_loading=lambda args, data: check_lm(args.lm, data.train))  # a bad --lm: at once
 
 
 def main(argv=None) -> dict:
-    filter_known_warnings()  # the CLI's process imports megatron.core after this
-    args = parse_args(argv)
-    for flag in ("encoder", "lm", "data", "eval_data", "image_root"):
-        check_paths("--" + flag.replace("_", "-"), getattr(args, flag))
-    cfg = config_from_args(CaptionConfig, args)
-    train = training_pairs(args.data, args.image_root)
-    tests = test_sets(args.eval_data, args.image_root, args.eval_split)
-    started = start_run(args, cfg, len(train), train, {t.name: t for t in tests})
-    check_lm(args.lm, train)  # before any weights load: a bad --lm is a one-line error at once
-    runtime = init_runtime(args.precision)
-    result = run_captioning(load_encoder(args.encoder), args.lm, train, tests, cfg, runtime, args.checkpoint)
-    result.pop("_model"), result.pop("_tokenizer")
-    predictions = result.pop("predictions_by_set")
-    if not is_main_rank():
-        return result
-    result.update(name=args.name or args.encoder, mode=args.mode, data=" ".join(args.data), **started,
-                  predictions_files=write_predictions(args.output, predictions))
-    print(results_table(result))
-    tokenizers = {s.get("tokenizer") for s in result["scores_by_set"].values()}
-    print(f"{result['num_train']} training pairs, {result['time_s']} s; metric tokenizer: {', '.join(tokenizers)}; "
-          f"encoder weights unchanged: {result['encoder_unchanged']}")
-    for name, path in result["predictions_files"].items():
-        print(f"predictions ({len(predictions[name])} captions of {name}): {path}")
-    print("\n".join(bad_samples_lines(result["bad_samples"])))
-    write_json(args.output, result)
-    result["predictions_by_set"] = predictions
-    return result
+    return run_command(argv, COMMAND)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ checked bitwise unchanged); `full`: the encoder trains too (at `--encoder-lr`).
     # (with train/ and val/ sub-folders, or split by --eval-fraction), or webdataset shards with a
     # class (.cls or json[--label-field]); --eval-data gives a separate evaluation set.
 
-Python (e.g. for sweeps): `linear_probe_accuracy(checkpoint, data) -> top-1 in [0, 1]`.
+Data-parallel under torchrun, resumable with --checkpoint; unreadable images are skipped, counted and
+named. Python (e.g. for sweeps): `linear_probe_accuracy(checkpoint, data) -> top-1 in [0, 1]`.
 """
 
 import argparse
@@ -22,24 +23,23 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_lcl.eval.cli import (bad_samples_lines, check_paths, is_main_rank, parse_with_preset, run_cli,
-                                   start_run)
-from megatron_lcl.eval.common import (MODES, LatentSource, add_config_args, config_from_args, fit_heads,
-                                      format_table, frozen_guard, seed_everything, write_json)
-from megatron_lcl.eval.datasets import ImageSet, is_image_folder, is_synthetic_corpus, load_labeled, split
-from megatron_lcl.eval.encoders import VisionEncoder, load_encoder
-from megatron_lcl.eval.engine import (EngineConfig, Runtime, TransferModel, eval_batches, fit, init_runtime,
-                                      merge_bad_logs)
-from megatron_lcl.eval.streaming import (BadSampleLog, ImageSetSource, LabeledImages, SubsetSource,
-                                         labeled_source)
+from megatron_lcl.eval.bad_samples import BadSampleLog
+from megatron_lcl.eval.cli import (Command, TaskData, add_config_args, common_args, parse_with_preset, run_cli,
+                                   run_command)
+from megatron_lcl.eval.datasets import LabeledImages
+from megatron_lcl.eval.encoders import VisionEncoder, frozen_guard, load_encoder
+from megatron_lcl.eval.engine import EngineConfig, TransferModel, autocast, fit
+from megatron_lcl.eval.parallel import all_sum, eval_batches, merge_bad_logs, one_process
+from megatron_lcl.eval.sources import SubsetSource, is_image_folder, labeled_source, split
 from megatron_lcl.models.heads import AttentionPooling
-from megatron_lcl.runtime.mcore_compat import filter_known_warnings
+from megatron_lcl.runtime.device import device as compute_device
+from megatron_lcl.runtime.layout import ParallelLayout
 
 # Paper Table 8 (classification): IN-1K train, 90 epochs (~14k steps) of 8192, AdamW lr 1e-4 (one
 # rate: used for the encoder too in full mode), wd 1e-4, betas (0.9, 0.95), 1500 warm-up steps, cosine.
 # _run_steps: that run's length (1,281,167 // 8192 x 90), the scale of its warm-up on other data.
 PRESETS = {"paper": dict(epochs=90, steps=0, batch_size=8192, lr=1e-4, encoder_lr=1e-4, weight_decay=1e-4,
-                         adam_beta2=0.95, warmup_steps=1500, engine="stream", _run_steps=156 * 90)}
+                         adam_beta2=0.95, warmup_steps=1500, _run_steps=156 * 90)}
 
 
 @dataclass
@@ -82,79 +82,44 @@ def topk_accuracy_pct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> flo
     return 100.0 * hits.float().mean().item()
 
 
-def train_probe(encoder: VisionEncoder, train_set: ImageSet, num_classes: int, cfg: ProbeConfig) -> ProbeHead:
-    """A new ProbeHead fitted with cross-entropy on `train_set`'s labels (`fit_heads`, every batch kept,
-    the last one possibly short); in full mode the encoder trains too. Returns the head in eval mode."""
-    seed_everything(cfg.seed)
-    head = ProbeHead(encoder.hidden_size, num_classes, cfg.pool_heads or default_pool_heads(encoder.hidden_size))
-    latents = LatentSource(encoder, train_set, cfg.mode)
-    labels = torch.tensor(train_set.labels)  # [n]
-
-    def loss_fn(idx):
-        return F.cross_entropy(head(latents(idx, train=True)), labels[idx])  # logits [b, C]
-
-    return fit_heads(head, encoder, cfg, len(train_set), loss_fn, drop_last=False)
-
-
-@torch.no_grad()
-def evaluate_probe(encoder: VisionEncoder, head: ProbeHead, eval_set: ImageSet, mode: str,
-                   batch_size: int = 256) -> dict:
-    latents = LatentSource(encoder, eval_set, mode)
-    logits = torch.cat([head(latents(list(range(i, min(i + batch_size, len(eval_set)))), train=False))
-                        for i in range(0, len(eval_set), batch_size)])
-    labels = torch.tensor(eval_set.labels)
-    return {"acc-1": topk_accuracy_pct(logits, labels, 1), "acc-5": topk_accuracy_pct(logits, labels, 5)}
-
-
-def run_classification(encoder: VisionEncoder, train_set: ImageSet, eval_set: ImageSet, cfg: ProbeConfig) -> dict:
-    """Train the probe (and, in full mode, the encoder) on `train_set`; evaluate on `eval_set`.
-    Frozen mode raises RuntimeError if the encoder's weights changed (`frozen_guard`)."""
-    num_classes = max(max(train_set.labels), max(eval_set.labels)) + 1
-    with frozen_guard(encoder, cfg.mode) as guard:
-        t0 = time.time()
-        head = train_probe(encoder, train_set, num_classes, cfg)
-        accuracy = evaluate_probe(encoder, head, eval_set, cfg.mode)
-    return {"task": "classification", "encoder": encoder.source, "encoder_kind": encoder.kind,
-            "accuracy_pct": accuracy, "num_classes": num_classes, "num_train": len(train_set),
-            "num_eval": len(eval_set), "encoder_unchanged": guard.unchanged, "time_s": round(time.time() - t0, 1),
-            "config": asdict(cfg)}
-
-
-# ------------------------------------------------------------------------------------------ streaming, DDP
-
-def classification_step(model, batch: dict, runtime: Runtime) -> torch.Tensor:
+def classification_step(model, batch: dict, layout: ParallelLayout) -> torch.Tensor:
     """Cross-entropy: local sum x world / global count (DDP's average is then the global mean)."""
-    pixels, labels = batch["pixels"].to(runtime.device), batch["labels"].to(runtime.device)
-    logits = model(pixels).float()  # [b, C]
+    device = compute_device()
+    inputs, labels = batch["inputs"].to(device), batch["labels"].to(device)
+    logits = model(inputs).float()  # [b, C]
     loss_sum = F.cross_entropy(logits, labels, reduction="sum")
-    (count,) = runtime.all_sum([len(labels)])
-    return loss_sum * runtime.world / max(count, 1.0)
+    (count,) = all_sum([len(labels)], layout)
+    return loss_sum * layout.dp_size / max(count, 1.0)
 
 
 @torch.no_grad()
-def evaluate_streaming(model: TransferModel, dataset, runtime: Runtime, batch_size: int, num_workers: int,
-                       bad: BadSampleLog) -> dict:
+def evaluate(model: TransferModel, dataset: LabeledImages, cfg: ProbeConfig, layout: ParallelLayout,
+             bad: BadSampleLog) -> dict:
     """acc-1 / acc-5 (percent) over every readable item of `dataset`, counted over all ranks."""
     model.eval()
     hits, count = [0.0, 0.0], 0
-    for batch in eval_batches(dataset, batch_size, runtime, num_workers):
+    for batch in eval_batches(dataset, min(cfg.batch_size, 1024), layout, cfg.num_workers):
         bad.extend(batch["bad"])
         if not len(batch["labels"]):
             continue
-        with runtime.autocast():
-            logits = model(batch["pixels"].to(runtime.device)).float().cpu()  # [b, C]
+        with autocast(cfg.precision):
+            logits = model(batch["inputs"].to(compute_device())).float().cpu()  # [b, C]
         for j, k in enumerate((1, 5)):
             hits[j] += topk_accuracy_pct(logits, batch["labels"], k) * len(batch["labels"]) / 100
         count += len(batch["labels"])
-    top1, top5, total = runtime.all_sum(hits + [count])
+    top1, top5, total = all_sum(hits + [count], layout)
     return {"acc-1": 100.0 * top1 / max(total, 1.0), "acc-5": 100.0 * top5 / max(total, 1.0)}
 
 
-def run_classification_streaming(encoder: VisionEncoder, train_source, eval_source, cfg: ProbeConfig,
-                                 runtime: Runtime, checkpoint: Optional[str] = None) -> dict:
-    """The probe on streamed data, data-parallel over `runtime`'s ranks (engine.fit); resumable from
-    `checkpoint`. Bad images are skipped, counted and named in the result's `bad_samples`."""
-    num_classes = max(len(train_source.class_names), int(train_source.labels.max()) + 1)
+def run_classification(encoder: VisionEncoder, train_source, eval_source, cfg: ProbeConfig,
+                       layout: Optional[ParallelLayout] = None, checkpoint: Optional[str] = None) -> dict:
+    """Train the probe (and, in full mode, the encoder) on `train_source`'s labels (engine.fit,
+    data-parallel over `layout`'s ranks, resumable from `checkpoint`); top-1/top-5 on `eval_source`.
+    Bad images are skipped, counted and named in the result's `bad_samples`; frozen mode raises
+    RuntimeError if the encoder's weights changed (`frozen_guard`)."""
+    layout = layout or one_process()
+    num_classes = max(len(train_source.class_names), int(train_source.labels.max()) + 1,
+                      int(eval_source.labels.max()) + 1)
     torch.manual_seed(cfg.seed)  # the head's initialisation: equal on every rank
     head = ProbeHead(encoder.hidden_size, num_classes, cfg.pool_heads or default_pool_heads(encoder.hidden_size))
     model = TransferModel(encoder, head, cfg.mode)
@@ -162,47 +127,28 @@ def run_classification_streaming(encoder: VisionEncoder, train_source, eval_sour
     with frozen_guard(encoder, cfg.mode) as guard:
         t0 = time.time()
         fit(model, LabeledImages(train_source, encoder.image_size),
-            lambda m, b: classification_step(m, b, runtime), cfg, runtime, train_bad, checkpoint, "probe")
-        accuracy = evaluate_streaming(model, LabeledImages(eval_source, encoder.image_size), runtime,
-                                      min(cfg.batch_size, 1024), cfg.num_workers, eval_bad)
+            lambda m, b: classification_step(m, b, layout), cfg, layout, train_bad, checkpoint, "probe")
+        accuracy = evaluate(model, LabeledImages(eval_source, encoder.image_size), cfg, layout, eval_bad)
     return {"task": "classification", "encoder": encoder.source, "encoder_kind": encoder.kind,
             "accuracy_pct": accuracy, "num_classes": num_classes, "num_train": len(train_source),
             "num_eval": len(eval_source), "encoder_unchanged": guard.unchanged, "time_s": round(time.time() - t0, 1),
-            "world_size": runtime.world, "bad_samples": bad_samples_report(train_source, eval_source,
-                                                                           train_bad, eval_bad, runtime),
+            "world_size": layout.dp_size,
+            "bad_samples": {"train_index": train_source.problems.as_dict(),
+                            "eval_index": eval_source.problems.as_dict(),
+                            "train_read": merge_bad_logs(train_bad, layout),
+                            "eval_read": merge_bad_logs(eval_bad, layout)},
             "config": asdict(cfg), "_model": model}
 
 
-def bad_samples_report(train_source, eval_source, train_bad: BadSampleLog, eval_bad: BadSampleLog,
-                       runtime: Runtime) -> dict:
-    """Index-time problems and read/decode failures (summed over ranks; names from every rank)."""
-    return {"train_index": train_source.problems.as_dict(), "eval_index": eval_source.problems.as_dict(),
-            "train_read": merge_bad_logs(train_bad, runtime), "eval_read": merge_bad_logs(eval_bad, runtime)}
-
-
-def stream_splits(data: str, eval_data: Optional[str], label_field: str, eval_fraction: float, seed: int):
-    """(train, eval) sources for the streaming engine, chosen as `load_splits` chooses."""
-    def source(path, field=label_field):
-        return ImageSetSource(load_labeled(path, field)) if is_synthetic_corpus(path) else labeled_source(path, field)
-
+def classification_sets(data: str, eval_data: Optional[str], label_field: str, eval_fraction: float, seed: int):
+    """(train, eval) sources: --eval-data if given; an ImageFolder's train/ and val/; else a seeded split."""
     if eval_data:
-        return source(data), source(eval_data)
+        return labeled_source(data, label_field), labeled_source(eval_data, label_field)
     if is_image_folder(os.path.join(data, "train")) and is_image_folder(os.path.join(data, "val")):
-        return source(os.path.join(data, "train")), source(os.path.join(data, "val"))
-    full = source(data)
+        return labeled_source(os.path.join(data, "train")), labeled_source(os.path.join(data, "val"))
+    full = labeled_source(data, label_field)
     train_idx, eval_idx = split(len(full), eval_fraction, seed)
     return SubsetSource(full, train_idx), SubsetSource(full, eval_idx)
-
-
-def load_splits(data: str, eval_data: Optional[str], label_field: str, eval_fraction: float, seed: int):
-    """(train, eval) ImageSets: --eval-data if given; an ImageFolder's train/ and val/; else a seeded split."""
-    if eval_data:
-        return load_labeled(data, label_field), load_labeled(eval_data, label_field)
-    if is_image_folder(os.path.join(data, "train")) and is_image_folder(os.path.join(data, "val")):
-        return load_labeled(os.path.join(data, "train")), load_labeled(os.path.join(data, "val"))
-    full = load_labeled(data, label_field)
-    train_idx, eval_idx = split(len(full), eval_fraction, seed)
-    return full.subset(train_idx), full.subset(eval_idx)
 
 
 def linear_probe_accuracy(checkpoint: str, data: str, label_field: str = "label", mode: str = "frozen",
@@ -210,16 +156,12 @@ def linear_probe_accuracy(checkpoint: str, data: str, label_field: str = "label"
     """Top-1 accuracy in [0, 1] of the attention probe (frozen by default) on `checkpoint`'s encoder
     (a megatron_lcl checkpoint or a HF CLIPVisionModel folder); `probe` overrides ProbeConfig fields."""
     cfg = ProbeConfig(mode=mode, **probe)
-    train_set, eval_set = load_splits(data, eval_data, label_field, eval_fraction, cfg.seed)
-    result = run_classification(load_encoder(checkpoint), train_set, eval_set, cfg)
+    train, test = classification_sets(data, eval_data, label_field, eval_fraction, cfg.seed)
+    result = run_classification(load_encoder(checkpoint), train, test, cfg)
     return result["accuracy_pct"]["acc-1"] / 100.0
 
 
-def results_table(results: list) -> str:
-    rows = [[r.get("name", r["encoder"]), r["mode"], r["data"], r["accuracy_pct"]["acc-1"],
-             r["accuracy_pct"]["acc-5"]] for r in results]
-    return format_table(["Vision encoder", "transfer", "data"], [("classification", ["acc-1", "acc-5"])], rows)
-
+# ------------------------------------------------------------------------------------------ command line
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -228,58 +170,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-data", help="separate evaluation set (default: train/val folders or a split)")
     p.add_argument("--eval-fraction", type=float, default=0.2)
     p.add_argument("--label-field", default="label")
-    p.add_argument("--mode", choices=MODES, default="frozen")
-    add_config_args(p, ProbeConfig)  # --epochs --batch-size --lr --encoder-lr --weight-decay ... --seed
-    p.add_argument("--engine", choices=("auto", "memory", "stream"), default="auto",
-                   help="memory: small in-memory sets, latents cached; stream: lazy data, DDP under torchrun, "
-                        "checkpoints (auto: stream unless --data is a synthetic corpus in one process)")
-    p.add_argument("--checkpoint", help="stream engine: save/resume the probe here (e.g. OUT/probe.pt)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast on GPU (CPU: fp32)")
-    p.add_argument("--name", help="row name in the printed table (default: the encoder path)")
-    p.add_argument("--output", help="write the results JSON here")
+    add_config_args(p, ProbeConfig)  # --epochs --batch-size --lr --encoder-lr --weight-decay ... --seed --mode
+    common_args(p)
     return parse_with_preset(p, argv, PRESETS)
 
 
-def use_stream_engine(args) -> bool:
-    if args.engine != "auto":
-        return args.engine == "stream"
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or not is_synthetic_corpus(args.data)
+def load_data(args) -> TaskData:
+    train, test = classification_sets(args.data, args.eval_data, args.label_field, args.eval_fraction, args.seed)
+    # a split of --data (or its train/ and val/) is checked by nothing; a separate --eval-data is
+    return TaskData(train, test, {args.eval_data: test} if args.eval_data else {})
 
 
-def run_from_args(args, cfg: ProbeConfig) -> dict:
-    for flag in ("encoder", "data", "eval_data"):
-        check_paths("--" + flag.replace("_", "-"), getattr(args, flag))
-    if not use_stream_engine(args):
-        train_set, eval_set = load_splits(args.data, args.eval_data, args.label_field, args.eval_fraction, args.seed)
-        started = start_run(args, cfg)
-        return dict(run_classification(load_encoder(args.encoder), train_set, eval_set, cfg), **started)
-    train_source, eval_source = stream_splits(args.data, args.eval_data, args.label_field, args.eval_fraction,
-                                              args.seed)
-    separate = args.eval_data is not None  # a split of --data (or its train/ and val/) is checked by nothing
-    started = start_run(args, cfg, len(train_source), train_source if separate else None,
-                        {args.eval_data: eval_source} if separate else None)
-    runtime = init_runtime(args.precision)
-    result = run_classification_streaming(load_encoder(args.encoder), train_source, eval_source, cfg, runtime,
-                                          args.checkpoint)
-    return dict(result, **started)
+def summary(result: dict) -> str:
+    return (f"{result['num_train']} train / {result['num_eval']} eval images, {result['num_classes']} classes, "
+            f"{result['time_s']} s; encoder weights unchanged: {result['encoder_unchanged']}")
+
+
+def run(args, encoder: VisionEncoder, data: TaskData, cfg: ProbeConfig, layout: ParallelLayout) -> dict:
+    return run_classification(encoder, data.train, data.tests, cfg, layout, args.checkpoint)
+
+
+COMMAND = Command(parse_args, ProbeConfig, ("encoder", "data", "eval_data"), load_data, run, summary,
+                  result_fields=("label_field",))
 
 
 def main(argv=None) -> dict:
-    filter_known_warnings()  # the CLI's process imports megatron.core after this
-    args = parse_args(argv)
-    cfg = config_from_args(ProbeConfig, args)
-    result = run_from_args(args, cfg)
-    result.pop("_model", None)  # the trained TransferModel (stream engine; for callers in Python)
-    if not is_main_rank():
-        return result
-    result.update(name=args.name or args.encoder, mode=args.mode, data=args.data, label_field=args.label_field)
-    print(results_table([result]))
-    print(f"{result['num_train']} train / {result['num_eval']} eval images, {result['num_classes']} classes, "
-          f"{result['time_s']} s; encoder weights unchanged: {result['encoder_unchanged']}")
-    if "bad_samples" in result:
-        print("\n".join(bad_samples_lines(result["bad_samples"])))
-    write_json(args.output, result)
-    return result
+    return run_command(argv, COMMAND)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,35 @@
-"""What the evaluation commands (classify, retrieve, caption) show a user around a run, in one place:
+"""The evaluation commands (classify, retrieve, caption): one skeleton, and what they show a user
+around a run, in one place:
 
+- `run_command(argv, command)`: every command's `main` (parse, check the paths, load the data, print
+  the settings, train and score through `command.run`, print the table and write the JSON); a
+  `Command` holds what differs between the tasks;
 - `run_cli(main)`: the entry point; bad input (an `InputError`) ends with one line on stderr and exit
   status 2, no traceback;
 - `check_paths`: a mistyped path is "no such file or directory", named with its flag;
 - `parse_with_preset`: `--preset NAME` sets defaults, explicit flags win; records which fields the
   command line set (`args.explicit`) and the preset's values (`args.preset_values`);
+- `add_config_args` / `config_from_args`: a task's config dataclass <-> its flags;
 - `start_run`: before training, the resolved settings (and where they came from), the warm-up fitted
   to a run shorter than the preset's warm-up, and train/test overlap as a warning with counts;
-- `bad_samples_lines`: at the end, what was left out, counted by reason.
+- at the end (report.py): the results table, what was left out counted by reason, the predictions.
 """
 
 import argparse
 import dataclasses
 import glob
 import os
-import re
 import sys
-from typing import Callable, List, Optional
+import typing
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+from megatron_lcl.eval.encoders import load_encoder
+from megatron_lcl.eval.engine import MODES, fit_warmup_to_run
 from megatron_lcl.eval.errors import EXIT_BAD_INPUT, InputError
+from megatron_lcl.eval.karpathy import training_overlap
+from megatron_lcl.eval.parallel import init_parallel
+from megatron_lcl.eval.report import bad_samples_lines, predictions_path, results_table, write_json
 
 
 def is_main_rank() -> bool:
@@ -86,19 +97,13 @@ def settings_line(args: argparse.Namespace, cfg) -> str:
     return f"settings: {values}" + (f" ({'; '.join(source)})" if source else "")
 
 
-def start_run(args: argparse.Namespace, cfg, num_train: Optional[int] = None, train_source=None,
-              tests: Optional[dict] = None) -> dict:
-    """Before training (rank 0 prints): the resolved settings; with `num_train` (the stream engine's
-    schedule) the warm-up fitted to the run (`engine.fit_warmup_to_run`: scaled when it came from
-    the preset, refused when explicit); with `train_source`, each of `tests` ({name: test set})
-    checked for images that are also training images, a warning with counts.
+def start_run(args: argparse.Namespace, cfg, num_train: int, train_source=None, tests: Optional[dict] = None) -> dict:
+    """Before training (rank 0 prints): the resolved settings; the warm-up fitted to the run of
+    `num_train` examples (`engine.fit_warmup_to_run`: scaled when it came from the preset, refused
+    when explicit); with `train_source`, each of `tests` ({name: test set}) checked for images that
+    are also training images, a warning with counts.
     -> {"notes", "overlap"} for the results JSON."""
-    from megatron_lcl.eval.engine import fit_warmup_to_run
-    from megatron_lcl.eval.karpathy import training_overlap
-
-    notes = []
-    if num_train is not None:
-        notes = [n for n in [fit_warmup_to_run(cfg, num_train, args.preset_values, args.explicit)] if n]
+    notes = [n for n in [fit_warmup_to_run(cfg, num_train, args.preset_values, args.explicit)] if n]
     overlap = {}
     if train_source is not None:
         overlap = {name: training_overlap(train_source, t) for name, t in (tests or {}).items()}
@@ -113,35 +118,116 @@ def start_run(args: argparse.Namespace, cfg, num_train: Optional[int] = None, tr
     return {"notes": notes, "overlap": overlap}
 
 
-# ------------------------------------------------------------------------------------------ at the end
+# ------------------------------------------------------------------------------------------ config <-> flags
 
-def _log_line(label: str, log: dict) -> Optional[str]:
-    if not log.get("count"):
-        return None
-    kinds = ", ".join(f"{k} {n}" for k, n in sorted(log.get("by_reason", {}).items(), key=lambda kv: (-kv[1], kv[0])))
-    return f"  {label}: {log['count']} ({kinds})"
+def add_config_args(parser: argparse.ArgumentParser, config_cls, exclude: Iterable[str] = ()) -> None:
+    """Add `--field-name` (dest `field_name`) for every field of the dataclass `config_cls`, with the
+    field's type and default; `Optional[T]` fields take a T (default None), bool fields --x/--no-x.
+    Skips `mode` and `precision` (added with their `choices`) and the names in `exclude`."""
+    hints = typing.get_type_hints(config_cls)
+    skip = {"mode", "precision", *exclude}
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) is typing.Union and len(args) == 1:  # Optional[T]
+            kind = args[0]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{config_cls.__name__}.{f.name} (default: %(default)s)"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
+    parser.add_argument("--mode", choices=MODES, default="frozen", help="frozen: only the new head trains; full: "
+                        "the encoder too")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast on GPU (CPU: fp32)")
 
 
-def bad_samples_lines(bad_samples: dict) -> List[str]:
-    """The results' `bad_samples` ({train_index: log, test_index: {set: log}, ...}) as lines of counts
-    by reason; ["bad samples: none"] when nothing was left out."""
-    lines = []
-    for part, value in bad_samples.items():
-        label = part.replace("_", " ")
-        nested = value if "count" not in value else {None: value}
-        for name, log in nested.items():
-            line = _log_line(f"{label} {name}" if name else label, log)
-            if line:
-                lines.append(line)
-    if not lines:
-        return ["bad samples: none"]
-    return ["bad samples (left out; the first 50 are named in the results JSON):"] + lines
+def config_from_args(config_cls, args: argparse.Namespace):
+    """The dataclass `config_cls` from parsed `args`: each field whose name is an attribute of `args`
+    (e.g. `mode` and those `add_config_args` added) takes that value, the others their defaults."""
+    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+                         if hasattr(args, f.name)})
 
 
-def predictions_path(output: str, set_name: str) -> str:
-    """Beside the metrics JSON: out/cap.json + "dataset_coco.json:test" -> out/cap.predictions.dataset_coco_test.json
-    (a pairs set "data/pairs.jsonl" -> out/cap.predictions.pairs.json)."""
-    stem = output[:-len(".json")] if output.endswith(".json") else output
-    name = re.sub(r"\.(jsonl|json|tar)(?=$|:)", "", os.path.basename(set_name.rstrip("/"))).replace(":", "_")
-    slug = "".join(c if c.isalnum() or c in "-_+." else "_" for c in name).strip("_.") or "test"
-    return f"{stem}.predictions.{slug}.json"
+def common_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every command has besides its config's: where to save/resume, how to name the row, where
+    to write the results."""
+    parser.add_argument("--checkpoint", help="save/resume the trained heads here (e.g. OUT/probe.pt)")
+    parser.add_argument("--name", help="row name in the printed table (default: the encoder path)")
+    parser.add_argument("--output", help="write the results JSON here")
+
+
+# ------------------------------------------------------------------------------------------ the skeleton
+
+@dataclass
+class TaskData:
+    """A command's data: the training source, its test set(s) as the task's `run` takes them, and the
+    test sets ({name: set}) to check for images that are also training images."""
+
+    train: object
+    tests: object
+    overlap_checked: Dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class Command:
+    """What differs between the evaluation commands; `run_command` does the rest.
+
+    run(args, encoder, data, cfg, layout) -> the result dict (keys starting with "_" are for callers in
+    Python and stay out of the JSON; `predictions_by_set` is written beside it)."""
+
+    parse_args: Callable[[Optional[List[str]]], argparse.Namespace]
+    config_cls: type
+    path_flags: Tuple[str, ...]
+    load_data: Callable[[argparse.Namespace], TaskData]
+    run: Callable[..., dict]
+    summary: Callable[[dict], str]
+    before_loading: Optional[Callable[[argparse.Namespace, TaskData], None]] = None  # checks before any weights
+    result_fields: Tuple[str, ...] = ()  # more args copied into the result
+
+
+def run_command(argv, command: Command) -> dict:
+    """One evaluation command from its argv to the printed table and the results JSON (rank 0)."""
+    args = command.parse_args(argv)
+    cfg = config_from_args(command.config_cls, args)
+    for flag in command.path_flags:
+        check_paths("--" + flag.replace("_", "-"), getattr(args, flag))
+    data = command.load_data(args)
+    started = start_run(args, cfg, len(data.train), data.train if data.overlap_checked else None,
+                        data.overlap_checked)
+    if command.before_loading:
+        command.before_loading(args, data)
+    layout = init_parallel()
+    result = command.run(args, load_encoder(args.encoder), data, cfg, layout)
+    for key in [k for k in result if k.startswith("_")]:
+        result.pop(key)
+    predictions = result.pop("predictions_by_set", None)
+    if not is_main_rank():
+        return result
+    result.update(name=args.name or args.encoder, mode=args.mode,
+                  data=" ".join(args.data) if isinstance(args.data, list) else args.data,
+                  **{f: getattr(args, f) for f in command.result_fields}, **started)
+    if predictions is not None:
+        result["predictions_files"] = write_predictions(args.output, predictions)
+    print(results_table([result]))
+    print(command.summary(result))
+    for name, path in result.get("predictions_files", {}).items():
+        print(f"predictions ({len(predictions[name])} captions of {name}): {path}")
+    print("\n".join(bad_samples_lines(result["bad_samples"])))
+    write_json(args.output, result)
+    if predictions is not None:
+        result["predictions_by_set"] = predictions
+    return result
+
+
+def write_predictions(output: Optional[str], predictions_by_set: Dict[str, list]) -> Dict[str, str]:
+    """Each test set's predictions beside the results JSON (report.predictions_path) -> {set: file}."""
+    if not output:
+        return {}
+    files = {name: predictions_path(output, name) for name in predictions_by_set}
+    for name, path in files.items():
+        write_json(path, predictions_by_set[name], indent=None)
+    return files

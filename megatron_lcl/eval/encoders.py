@@ -10,10 +10,11 @@ post-LayerNorm (for CLIP: `post_layernorm(last_hidden_state)`, see `megatron_lcl
 Pixel values are normalised with CLIP's mean/std (`megatron_lcl.data.preprocess_image`).
 """
 
+import contextlib
 import hashlib
 import json
 import os
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -112,6 +113,28 @@ def freeze(encoder: VisionEncoder) -> VisionEncoder:
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder
+
+
+class FrozenCheck:
+    """What `frozen_guard` found: `unchanged` is None inside the block, then whether the encoder's
+    weights are bitwise equal to those at the block's start."""
+
+    unchanged: Optional[bool] = None
+
+
+@contextlib.contextmanager
+def frozen_guard(encoder: VisionEncoder, mode: str) -> Iterator[FrozenCheck]:
+    """Fingerprint the encoder's weights (`weights_fingerprint`) around a transfer run.
+
+    On leaving the block (not when it raised) sets the yielded check's `unchanged`; in `frozen` mode a
+    change raises RuntimeError("frozen transfer changed the encoder's weights").
+    """
+    before = weights_fingerprint(encoder)
+    check = FrozenCheck()
+    yield check
+    check.unchanged = weights_fingerprint(encoder) == before
+    if mode == "frozen" and not check.unchanged:
+        raise RuntimeError("frozen transfer changed the encoder's weights")
 
 
 def random_init_checkpoint(config_path: str, out: str, overrides=(), seed: int = None) -> str:

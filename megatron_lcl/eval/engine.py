@@ -1,15 +1,16 @@
-"""The data-parallel transfer-training engine shared by classification, retrieval and captioning.
+"""The transfer-training engine shared by classification, retrieval and captioning: one loop (`fit`)
+for every task and every data source, in one process or data-parallel under torchrun.
 
-One loop (`fit`) for every task, at any scale:
-- data: a map-style Dataset (streaming.py) read through `GlobalBatches`: epoch e's order is a
-  permutation seeded with (seed, e); global batch b is its b-th slice of `batch_size` items and rank
-  r takes the r-th contiguous part, so W ranks see exactly the samples of the 1-rank run; decoded in
-  DataLoader workers;
-- model: `TransferModel` (encoder frozen or trained + a new head) wrapped in torch DDP when
-  world > 1 (gloo on CPU, nccl on GPU; the process group comes from `megatron_lcl.runtime`);
+- data: a Dataset over a source (datasets.py) read through `parallel.GlobalBatches` (W ranks see
+  exactly the samples of the 1-rank run), decoded in DataLoader workers;
+- frozen latents: with a frozen encoder the training set's latents do not change between epochs, so
+  `fit` computes them once (`cache_frozen_latents`, when they fit in CACHE_MAX_ELEMENTS) and the
+  epochs read them instead of decoding and encoding every image again;
+- model: `TransferModel` (encoder frozen or trained + a new head) wrapped in torch DDP when there
+  are several ranks (gloo on CPU, nccl on GPU);
 - loss: each task's `step_loss` returns its local sum x world / global count, so DDP's gradient
   average is the gradient of the global-batch mean (W ranks == 1 rank on the same global batch);
-- AdamW (beta2 configurable) with warm-up + cosine (`common.set_cosine_lr`), bf16 autocast on GPU;
+- AdamW (beta2 configurable) with warm-up + cosine (`set_cosine_lr`), bf16 autocast on GPU;
 - resumable: `EvalCheckpoint` saves {step, trainable weights, optimizer, bad-sample log} every
   `save_every_steps` and at the end (torch.save to a tmp file + os.replace), and a restarted run
   continues at that step with the same batches (resume == no resume);
@@ -18,136 +19,47 @@ One loop (`fit`) for every task, at any scale:
 
 import contextlib
 import dataclasses
+import math
 import os
 import pickle
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
+from tqdm import tqdm
 
-from megatron_lcl.eval.common import encoder_param_groups, set_cosine_lr
+from megatron_lcl.eval.bad_samples import BadSampleLog
+from megatron_lcl.eval.datasets import FrozenLatents, SourceImages
 from megatron_lcl.eval.encoders import VisionEncoder, freeze
 from megatron_lcl.eval.errors import InputError
-from megatron_lcl.eval.streaming import BadSampleLog, collate, reason_kind
+from megatron_lcl.eval.parallel import GlobalBatches, all_gather_objects, eval_batches, loader
+from megatron_lcl.runtime.device import device as compute_device
+from megatron_lcl.runtime.layout import ParallelLayout
 
+MODES = ("frozen", "full")
+CACHE_MAX_ELEMENTS = 250_000_000  # frozen latents kept in memory up to ~1 GB of float32
 
-# ------------------------------------------------------------------------------------------ runtime
 
 @dataclass
-class Runtime:
-    """This process's place in the data-parallel run. `group` is None in a single process;
-    `gather_group` is a second group for the contrastive gather (kept apart from DDP's all-reduces)."""
+class EngineConfig:
+    """Fields every task shares (mixed into ProbeConfig / RetrievalConfig / CaptionConfig)."""
 
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    group: Optional[object] = None
-    gather_group: Optional[object] = None
-    precision: str = "bf16"  # autocast dtype on GPU; CPU always runs fp32
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self):
-        if self.device.type == "cuda" and self.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def all_sum(self, values: List[float]) -> List[float]:
-        """Sum of each value over the ranks (float64)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.group is not None:
-            dist.all_reduce(t, group=self.group)
-        return t.tolist()
-
-    def all_gather_objects(self, obj) -> list:
-        if self.group is None:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+    steps: int = 0  # 0: epochs x (training examples // batch_size)
+    warmup_steps: Optional[int] = None  # None: warmup_epochs
+    adam_beta2: float = 0.999
+    num_workers: int = 2
+    save_every_steps: int = 0  # 0: only at the end (when a checkpoint path is given)
+    precision: str = "bf16"  # autocast dtype on GPU (bf16 | fp32); CPU always runs fp32
 
 
-def init_runtime(precision: str = "bf16") -> Runtime:
-    """torch.distributed from torchrun's environment (nccl + this rank's GPU, or gloo on CPU) via
-    `megatron_lcl.runtime.initialize_distributed`; a single process needs no launcher."""
-    from megatron_lcl.config import ParallelConfig
-    from megatron_lcl.runtime import device as compute_device, initialize_distributed
-
-    initialize_distributed(ParallelConfig())
-    world, rank = dist.get_world_size(), dist.get_rank()
-    device = compute_device()
-    if world == 1:
-        return Runtime(0, 1, device, None, None, precision)
-    return Runtime(rank, world, device, dist.group.WORLD, dist.new_group(), precision)
+ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineConfig))
 
 
-def merge_bad_logs(log: BadSampleLog, runtime: Runtime) -> dict:
-    """One BadSampleLog dict over all ranks (each rank read different samples)."""
-    merged = BadSampleLog()
-    for saved in runtime.all_gather_objects(log.as_dict()):
-        named_kinds: dict = {}
-        for entry in saved["named"]:
-            origin, _, reason = entry.partition(": ")
-            merged.add(origin, reason)
-            named_kinds[reason_kind(reason)] = named_kinds.get(reason_kind(reason), 0) + 1
-        merged.count += saved["count"] - len(saved["named"])  # counted but not named
-        merged.reads += saved["reads"] - len(saved["named"])
-        for kind, n in saved["by_reason"].items():
-            merged.by_reason[kind] = merged.by_reason.get(kind, 0) + n - named_kinds.get(kind, 0)
-    return merged.as_dict()
-
-
-# ------------------------------------------------------------------------------------------ data
-
-class GlobalBatches(torch.utils.data.Sampler):
-    """This rank's part of each global batch of an epoch, from batch `start` on (see module doc).
-
-    shuffle=False, drop_last=False: the evaluation order (every item once; the last batch short)."""
-
-    def __init__(self, n: int, batch_size: int, runtime: Runtime, seed: int, epoch: int, start: int = 0,
-                 shuffle: bool = True, drop_last: bool = True):
-        if batch_size % runtime.world:
-            raise InputError(f"--batch-size ({batch_size}) must be divisible by the number of ranks ({runtime.world})")
-        self.n, self.batch_size, self.runtime, self.start = n, batch_size, runtime, start
-        self.seed, self.epoch, self.shuffle, self.drop_last = seed, epoch, shuffle, drop_last
-
-    def num_batches(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
-
-    def __len__(self) -> int:
-        return max(0, self.num_batches() - self.start)
-
-    def __iter__(self) -> Iterator[List[int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.arange(self.n)
-        per_rank = self.batch_size // self.runtime.world
-        for b in range(self.start, self.num_batches()):
-            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
-            if self.drop_last:
-                mine = batch[self.runtime.rank * per_rank:(self.runtime.rank + 1) * per_rank]
-            else:  # short last batch: split as evenly as possible
-                mine = batch.tensor_split(self.runtime.world)[self.runtime.rank]
-            yield mine.tolist()
-
-
-def loader(dataset, sampler: GlobalBatches, num_workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       collate_fn=collate, persistent_workers=False,
-                                       prefetch_factor=4 if num_workers else None)
-
-
-def eval_batches(dataset, batch_size: int, runtime: Runtime, num_workers: int) -> Iterator[dict]:
-    """Every item of `dataset` once over all ranks, in order, batches of `batch_size` (global)."""
-    batch_size = max(runtime.world, batch_size - batch_size % runtime.world)
-    sampler = GlobalBatches(len(dataset), batch_size, runtime, 0, 0, shuffle=False, drop_last=False)
-    yield from loader(dataset, sampler, num_workers)
+def autocast(precision: str):
+    if compute_device().type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -155,23 +67,27 @@ def eval_batches(dataset, batch_size: int, runtime: Runtime, num_workers: int) -
 class TransferModel(torch.nn.Module):
     """A vision encoder (frozen: eval mode, no grad; full: trained) under a new task head.
 
-    forward(pixels `[b, 3, S, S]`, *args) = head(latents `[b, M, h]` (float32), *args)."""
+    forward(inputs, *args) = head(latents (float32), *args); inputs are pixels `[b, 3, S, S]` or the
+    frozen encoder's cached latents `[b, M, h]`."""
 
     def __init__(self, encoder: VisionEncoder, head: torch.nn.Module, mode: str):
         super().__init__()
+        assert mode in MODES, f"mode ({mode!r}) must be one of {MODES}"
         self.encoder, self.head, self.mode = encoder, head, mode
         if mode == "frozen":
             freeze(encoder)
 
-    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+    def latents(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.dim() == 3:  # already latents [b, M, h] (the frozen cache)
+            return inputs.float()
         if self.mode == "frozen":
             self.encoder.eval()
             with torch.no_grad():
-                return self.encoder(pixels).float()
-        return self.encoder(pixels).float()
+                return self.encoder(inputs).float()
+        return self.encoder(inputs).float()
 
-    def forward(self, pixels: torch.Tensor, *args, **kwargs):
-        return self.head(self.latents(pixels), *args, **kwargs)
+    def forward(self, inputs: torch.Tensor, *args, **kwargs):
+        return self.head(self.latents(inputs), *args, **kwargs)
 
     def trainable_state(self) -> dict:
         """What a checkpoint keeps: the head, plus the encoder in full mode."""
@@ -180,14 +96,51 @@ class TransferModel(torch.nn.Module):
         return {prefix + k: v for k, v in module.state_dict().items() if torch.is_tensor(v)}
 
 
-def wrap_ddp(model: TransferModel, runtime: Runtime) -> torch.nn.Module:
-    model.to(runtime.device)
-    if runtime.world == 1:
+def wrap_ddp(model: TransferModel, layout: ParallelLayout) -> torch.nn.Module:
+    device = compute_device()
+    model.to(device)
+    if layout.dp_size == 1:
         return model
-    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    device_ids = [device.index] if device.type == "cuda" else None
     # buffers are equal on every rank (same checkpoint); the frozen encoder has no trainable params
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                                     process_group=runtime.group)
+                                                     process_group=layout.dp_group)
+
+
+@torch.no_grad()
+def cache_frozen_latents(model: TransferModel, dataset: SourceImages, cfg,
+                         layout: ParallelLayout) -> Optional[FrozenLatents]:
+    """The frozen encoder's latents `[M, h]` (float32, on the CPU) of every readable item of `dataset`,
+    each rank encoding its share and all ranks gathering the rest (an unreadable item is not cached:
+    it is read again, and left out again, where it is met). None in full mode or when the latents
+    would not fit in CACHE_MAX_ELEMENTS."""
+    if model.mode != "frozen":
+        return None
+    size = model.encoder.image_size
+    per_item = model.latents(torch.zeros(1, 3, size, size, device=compute_device()))[0].numel()
+    if len(dataset) * per_item > CACHE_MAX_ELEMENTS:
+        return None
+    mine: FrozenLatents = {}
+    with torch.random.fork_rng(devices=[]):  # the DataLoader draws its workers' seed: training's draws stay put
+        for batch in eval_batches(dataset, 256, layout, cfg.num_workers):
+            if len(batch["index"]):
+                with autocast(cfg.precision):
+                    latents = model.latents(batch["inputs"].to(compute_device())).float().cpu()  # [b, M, h]
+                mine.update(zip(batch["index"].tolist(), latents))
+    return {i: x for part in all_gather_objects(mine, layout) for i, x in part.items()}
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+def encoder_param_groups(encoder: VisionEncoder, mode: str, encoder_lr: float, weight_decay: float) -> list:
+    """Optimizer groups for the encoder: none when frozen; all its weights at `encoder_lr` when full
+    (the paper fine-tunes pre-trained weights at 1e-5 and new ones at 1e-3)."""
+    if mode == "frozen":
+        return []
+    params = list(encoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return [{"params": params, "lr": encoder_lr, "base_lr": encoder_lr, "weight_decay": weight_decay}]
 
 
 def make_optimizer(model: TransferModel, cfg) -> torch.optim.Optimizer:
@@ -198,16 +151,27 @@ def make_optimizer(model: TransferModel, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=(0.9, cfg.adam_beta2))
 
 
+def set_cosine_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, warmup_steps: int) -> None:
+    """Linear warm-up then cosine decay to 0 of every group's `base_lr`."""
+    if step < warmup_steps:
+        factor = (step + 1) / warmup_steps
+    else:
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        factor = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 class EvalCheckpoint:
     """`{step, model (trainable_state), optimizer, bad}` at `path` (None: no checkpointing)."""
 
-    def __init__(self, path: Optional[str], runtime: Runtime):
-        self.path, self.runtime = path, runtime
+    def __init__(self, path: Optional[str], layout: ParallelLayout):
+        self.path, self.is_main = path, layout.rank == 0
 
     def save(self, step: int, model: TransferModel, optimizer, bad: BadSampleLog) -> None:
-        if not self.path or not self.runtime.is_main:
+        if not self.path or not self.is_main:
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         tmp = f"{self.path}.tmp"
@@ -220,7 +184,7 @@ class EvalCheckpoint:
         if not self.path or not os.path.exists(self.path):
             return 0
         try:
-            state = torch.load(self.path, map_location=self.runtime.device, weights_only=False)
+            state = torch.load(self.path, map_location=compute_device(), weights_only=False)
             missing, unexpected = model.load_state_dict(state["model"], strict=False)
         except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
             detail = (str(e).strip().splitlines() or [""])[0]
@@ -297,12 +261,13 @@ def describe_plan(plan: Schedule, num_examples: int, cfg, start: int) -> str:
             f"betas (0.9, {cfg.adam_beta2:g}){resumed}")
 
 
-def train_batches(dataset, cfg, runtime: Runtime, plan: Schedule, start_step: int) -> Iterator[dict]:
+def train_batches(dataset, cfg, layout: ParallelLayout, plan: Schedule, start_step: int) -> Iterator[dict]:
     """Global batches from `start_step` to `plan.total`, epoch after epoch (resume lands mid-epoch)."""
     step = start_step
     while step < plan.total:
         epoch, first = divmod(step, plan.per_epoch)
-        sampler = GlobalBatches(len(dataset), cfg.batch_size, runtime, cfg.seed, epoch, start=first)
+        sampler = GlobalBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, start=first, rank=layout.dp_rank,
+                                world=layout.dp_size)
         for batch in loader(dataset, sampler, cfg.num_workers):
             yield batch
             step += 1
@@ -310,37 +275,37 @@ def train_batches(dataset, cfg, runtime: Runtime, plan: Schedule, start_step: in
                 return
 
 
-def progress_bar(plan: Schedule, start: int, runtime: Runtime, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=plan.total, initial=start, desc=desc, disable=not runtime.is_main, dynamic_ncols=True,
+def progress_bar(plan: Schedule, start: int, layout: ParallelLayout, desc: str):
+    return tqdm(total=plan.total, initial=start, desc=desc, disable=layout.rank != 0, dynamic_ncols=True,
                 mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
 
-def fit(model: TransferModel, dataset, step_loss: Callable, cfg, runtime: Runtime, bad: BadSampleLog,
-        checkpoint_path: Optional[str] = None, desc: str = "train") -> TransferModel:
+def fit(model: TransferModel, dataset: SourceImages, step_loss: Callable, cfg, layout: ParallelLayout,
+        bad: BadSampleLog, checkpoint_path: Optional[str] = None, desc: str = "train") -> TransferModel:
     """Train `model`'s head (and the encoder in full mode) on `dataset`; returns `model` in eval mode.
 
     step_loss(ddp_model, batch) -> the loss to backpropagate (local sum x world / global count).
     `cfg`: mode, steps/epochs, batch_size (global), lr, encoder_lr, weight_decay, adam_beta2,
-    warmup_steps/warmup_epochs, seed, num_workers, save_every_steps.
+    warmup_steps/warmup_epochs, seed, num_workers, save_every_steps, precision.
     """
-    ddp = wrap_ddp(model, runtime)
+    ddp = wrap_ddp(model, layout)
     optimizer = make_optimizer(model, cfg)
     plan = schedule(len(dataset), cfg)
-    ckpt = EvalCheckpoint(checkpoint_path, runtime)
+    ckpt = EvalCheckpoint(checkpoint_path, layout)
     start = ckpt.load(model, optimizer, bad)
-    if runtime.is_main:
+    if layout.rank == 0:
         print(describe_plan(plan, len(dataset), cfg, start), flush=True)
+    latents = cache_frozen_latents(model, dataset, cfg, layout) if start < plan.total else None
+    dataset = dataset.with_latents(latents) if latents is not None else dataset
     model.train()
-    with progress_bar(plan, start, runtime, desc) as bar:  # closed (its line ended) also when a step raises
-        for step, batch in enumerate(train_batches(dataset, cfg, runtime, plan, start), start):
+    with progress_bar(plan, start, layout, desc) as bar:  # closed (its line ended) also when a step raises
+        for step, batch in enumerate(train_batches(dataset, cfg, layout, plan, start), start):
             bad.extend(batch["bad"])
             if not len(batch["index"]):  # every rank must join DDP's all-reduce: stop with the names
                 raise InputError(f"every sample of this rank's part of global batch {step} is unreadable: "
                                  f"{'; '.join(f'{b.origin}: {b.reason}' for b in batch['bad'][:4])}", every_rank=False)
             set_cosine_lr(optimizer, step, plan.total, plan.warmup)
-            with runtime.autocast():
+            with autocast(cfg.precision):
                 loss = step_loss(ddp, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -351,17 +316,3 @@ def fit(model: TransferModel, dataset, step_loss: Callable, cfg, runtime: Runtim
                 ckpt.save(step + 1, model, optimizer, bad)
     ckpt.save(plan.total, model, optimizer, bad)
     return model.eval()
-
-
-@dataclass
-class EngineConfig:
-    """Fields every streaming task shares (mixed into ProbeConfig / RetrievalConfig / CaptionConfig)."""
-
-    steps: int = 0  # 0: epochs x (training examples // batch_size)
-    warmup_steps: Optional[int] = None  # None: warmup_epochs
-    adam_beta2: float = 0.999
-    num_workers: int = 2
-    save_every_steps: int = 0  # 0: only at the end (when a checkpoint path is given)
-
-
-ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineConfig))

@@ -11,7 +11,7 @@ COCO-format captions (NoCaps val, `captions_val2014.json`): `images[{id, file_na
 `annotations[{image_id, caption}]`.
 
 An image without captions or whose file is missing is left out and named in `problems`; an image
-that cannot be decoded is skipped at read time (streaming.BadSample) together with its captions. An
+that cannot be decoded is skipped at read time (a BadSample) together with its captions. An
 image listed twice (the same file) is kept once, its captions merged, and the extra listing counted
 in `problems` ("duplicate image"): otherwise it would tie with itself and never be an IR@1 hit. A
 file that is not in the format (not JSON, no `images`, a sentence without `raw`, ...) is an
@@ -30,8 +30,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from megatron_lcl.eval.errors import InputError
-from megatron_lcl.eval.streaming import (BadSampleLog, TarSource, _str, _strings, pair_source, problems_summary,
-                                         read_file)
+from megatron_lcl.eval.bad_samples import BadSampleLog, problems_summary
+from megatron_lcl.eval.sources import TarSource, pair_source, read_file, string_array, string_at
 
 MAX_OVERLAP_NAMED = 5
 
@@ -46,10 +46,10 @@ class CaptionedTestSet:
                  image_ids: Optional[list] = None):
         assert paths, f"{name}: no images"  # the loaders raise an InputError naming the file first
         self.name, self.problems, self.class_names = name, problems, []
-        self.files = _strings(paths)  # [n_images]
+        self.files = string_array(paths)  # [n_images]
         self.captions = [c for caps in captions for c in caps]  # [n_texts]
         self.text_to_image = np.repeat(np.arange(len(paths)), [len(c) for c in captions])  # [n_texts]
-        self.labels = np.arange(len(paths))  # item i's label is i: LabeledImages yields (pixels, i, i)
+        self.labels = np.arange(len(paths))  # item i's label is i: LabeledImages yields (inputs, i, i)
         self.image_ids = list(image_ids) if image_ids is not None else list(range(len(paths)))
         self.split: Optional[str] = None  # a Karpathy file's split ("test", "train+restval"); None: COCO format
 
@@ -57,7 +57,7 @@ class CaptionedTestSet:
         return len(self.files)
 
     def origin(self, i: int) -> str:
-        return _str(self.files[i])
+        return string_at(self.files, i)
 
     def image_bytes(self, i: int):
         return read_file(self.origin(i))
@@ -248,10 +248,10 @@ def as_test_set(source, name: str):
     return source if isinstance(source, CaptionedTestSet) else PairsTestSet(source, name)
 
 
-def test_sets(paths: List[str], image_root: Optional[str], split: str, source=pair_source) -> list:
-    """--eval-data: each path a Karpathy / COCO caption JSON (`split` of a Karpathy file) or, through
-    `source([path])`, pairs (jsonl, shards)."""
-    return [load_captioned_test_set(p, image_root, split) if is_captions_json(p) else as_test_set(source([p]), p)
+def test_sets(paths: List[str], image_root: Optional[str], split: str) -> list:
+    """--eval-data: each path a Karpathy / COCO caption JSON (`split` of a Karpathy file) or image-caption
+    pairs (`sources.pair_source`: a synthetic corpus, jsonl, shards)."""
+    return [load_captioned_test_set(p, image_root, split) if is_captions_json(p) else as_test_set(pair_source([p]), p)
             for p in paths]
 
 
@@ -281,12 +281,12 @@ class CaptionPairs:
         return self.set.captions[j]
 
 
-def training_pairs(paths: List[str], image_root: Optional[str] = None, source=pair_source):
+def training_pairs(paths: List[str], image_root: Optional[str] = None):
     """--data: one Karpathy JSON (its train + restval split, every caption a pair) or COCO-format
-    caption JSON (every annotation a pair), else `source(paths)` (jsonl, shards, ...)."""
+    caption JSON (every annotation a pair), else `sources.pair_source(paths)` (a synthetic corpus, jsonl, shards)."""
     captions_json = [p for p in paths if is_captions_json(p)]
     if not captions_json:
-        return source(paths)
+        return pair_source(paths)
     if len(paths) > 1:
         raise InputError(f"--data {' '.join(paths)}: a caption JSON ({captions_json[0]}) must be the only --data entry")
     return CaptionPairs(load_captioned_test_set(captions_json[0], image_root, split="train"))

@@ -12,6 +12,9 @@ text->image (IR) recall@1/5/10 on held-out pairs, in percent.
     # restval split, every caption a pair); held out: --eval-data (a Karpathy JSON's --eval-split,
     # default test), the Karpathy --data's --eval-split, or a seeded --eval-fraction split.
 
+Data-parallel under torchrun (the contrastive negatives of every rank), resumable with --checkpoint;
+unreadable images are skipped, counted and named.
+
 Text is tokenized by words (lower-cased, punctuation split off) with a vocabulary built from the
 training captions; each caption ends with an end token whose output is the text feature.
 Ranks count ties against the model (a candidate scoring equal to the correct one ranks above it),
@@ -19,7 +22,6 @@ so a collapsed encoder whose similarities are all equal scores 0, never 100.
 """
 
 import argparse
-import os
 import re
 import sys
 import time
@@ -30,29 +32,28 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from megatron_lcl.eval.bad_samples import BadSampleLog
 from megatron_lcl.eval.classify import default_pool_heads
-from megatron_lcl.eval.cli import (bad_samples_lines, check_paths, is_main_rank, parse_with_preset, run_cli,
-                                   start_run)
-from megatron_lcl.eval.common import (MODES, LatentSource, add_config_args, config_from_args, fit_heads,
-                                      format_table, frozen_guard, seed_everything, write_json)
-from megatron_lcl.eval.datasets import ImageSet, is_synthetic_corpus, load_pairs, split
-from megatron_lcl.eval.encoders import VisionEncoder, load_encoder
-from megatron_lcl.eval.engine import (EngineConfig, Runtime, TransferModel, eval_batches, fit, init_runtime,
-                                      merge_bad_logs)
-from megatron_lcl.eval.errors import InputError
-from megatron_lcl.eval.karpathy import (CaptionPairs, as_test_set, is_captions_json, load_captioned_test_set,
-                                        test_sets, training_pairs)
-from megatron_lcl.eval.streaming import (BadSampleLog, CaptionedImages, ImageSetSource, LabeledImages,
-                                         SubsetSource, pair_source)
+from megatron_lcl.eval.cli import (Command, TaskData, add_config_args, common_args, parse_with_preset, run_cli,
+                                   run_command)
+from megatron_lcl.eval.datasets import CaptionedImages, LabeledImages
+from megatron_lcl.eval.encoders import VisionEncoder, frozen_guard
+from megatron_lcl.eval.engine import EngineConfig, TransferModel, fit
+from megatron_lcl.eval.karpathy import (CaptionPairs, as_test_set, load_captioned_test_set, test_sets,
+                                        training_pairs)
+from megatron_lcl.eval.parallel import (all_gather_objects, contrastive_group, eval_batches, merge_bad_logs,
+                                        one_process)
+from megatron_lcl.eval.report import KS
+from megatron_lcl.eval.sources import SubsetSource, split
 from megatron_lcl.losses.contrastive import contrastive_loss_sum
 from megatron_lcl.models.heads import AttentionPooling
-from megatron_lcl.runtime.mcore_compat import filter_known_warnings
+from megatron_lcl.runtime.device import device as compute_device
+from megatron_lcl.runtime.layout import ParallelLayout
 
-KS = (1, 5, 10)
 # Paper Table 8 / A.2 (retrieval): CC12M + CC3M + SBU, 5000 steps of 16k pairs, AdamW lr 1e-3 (new
 # parameters) and 1e-5 (pre-trained), wd 1e-4, betas (0.9, 0.95), 500 warm-up steps, cosine.
 PRESETS = {"paper": dict(steps=5000, batch_size=16384, lr=1e-3, encoder_lr=1e-5, weight_decay=1e-4,
-                         adam_beta2=0.95, warmup_steps=500, engine="stream")}
+                         adam_beta2=0.95, warmup_steps=500)}
 
 
 @dataclass
@@ -70,7 +71,7 @@ class RetrievalConfig(EngineConfig):
     text_heads: int = 4
     max_text_tokens: int = 48
     max_vocab: int = 20000
-    vocab_captions: int = 200000  # stream engine: the word vocabulary comes from this many training captions
+    vocab_captions: int = 200000  # the word vocabulary comes from this many training captions
     seed: int = 0
 
 
@@ -176,70 +177,18 @@ class RetrievalModel(torch.nn.Module):
         t = F.normalize(self.text(tokens), dim=-1)
         return v, t, self.logit_scale.exp().clamp(max=100)
 
-    def loss(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE over the batch (CLIP's loss, `losses.contrastive` on one process): the mean
-        over the n pairs of (CE(image->text) + CE(text->image)) / 2, logit scale capped at 100."""
-        v = F.normalize(self.image(latents), dim=-1)  # [n, e]
-        t = F.normalize(self.text(tokens), dim=-1)  # [n, e]
-        loss_sum, num_global, _ = contrastive_loss_sum(v, t, self.logit_scale.exp().clamp(max=100), group=None)
-        return loss_sum / num_global
-
 
 # ------------------------------------------------------------------------------------------ train / eval
 
-def train_retrieval(encoder: VisionEncoder, train_set: ImageSet, tokenizer: WordTokenizer,
-                    cfg: RetrievalConfig) -> RetrievalModel:
-    """A new RetrievalModel (image pooling + projection, text encoder, logit scale) fitted with the
-    contrastive loss on `train_set`'s pairs (`fit_heads`; a short last batch, which would have fewer
-    negatives, is dropped unless it is the only one); in full mode the encoder trains too. Returns the
-    model in eval mode."""
-    seed_everything(cfg.seed)
-    model = RetrievalModel(encoder.hidden_size, len(tokenizer.vocab), cfg)
-    latents = LatentSource(encoder, train_set, cfg.mode)
-    tokens = tokenizer(train_set.captions, cfg.max_text_tokens)  # [n, max_text_tokens]
-
-    def loss_fn(idx):
-        return model.loss(latents(idx, train=True), tokens[idx])
-
-    return fit_heads(model, encoder, cfg, len(train_set), loss_fn, drop_last=True)
-
-
-@torch.no_grad()
-def similarity_matrix(encoder: VisionEncoder, model: RetrievalModel, tokenizer: WordTokenizer,
-                      eval_set: ImageSet, cfg: RetrievalConfig, batch_size: int = 256) -> torch.Tensor:
-    """Cosine similarities `[n_images, n_texts]` of the held-out pairs (text j belongs to image j)."""
-    latents = LatentSource(encoder, eval_set, cfg.mode)
-    chunks = [list(range(i, min(i + batch_size, len(eval_set)))) for i in range(0, len(eval_set), batch_size)]
-    v = torch.cat([F.normalize(model.image(latents(idx, train=False)), dim=-1) for idx in chunks])
-    tokens = tokenizer(eval_set.captions, cfg.max_text_tokens)
-    t = torch.cat([F.normalize(model.text(tokens[idx]), dim=-1) for idx in chunks])
-    return v @ t.T
-
-
-def run_retrieval(encoder: VisionEncoder, train_set: ImageSet, eval_set: ImageSet, cfg: RetrievalConfig) -> dict:
-    """Train on `train_set`'s pairs (the encoder too in full mode); recall on `eval_set` (pair j: image j,
-    caption j). Frozen mode raises RuntimeError if the encoder's weights changed (`frozen_guard`)."""
-    with frozen_guard(encoder, cfg.mode) as guard:
-        t0 = time.time()
-        tokenizer = WordTokenizer.fit(train_set.captions, cfg.max_vocab)
-        model = train_retrieval(encoder, train_set, tokenizer, cfg)
-        similarity = similarity_matrix(encoder, model, tokenizer, eval_set, cfg)
-        recall = recall_at_k(similarity, torch.arange(len(eval_set)))
-    return {"task": "retrieval", "encoder": encoder.source, "encoder_kind": encoder.kind, "recall_pct": recall,
-            "num_train": len(train_set), "num_eval": len(eval_set), "vocab_size": len(tokenizer.vocab),
-            "encoder_unchanged": guard.unchanged, "time_s": round(time.time() - t0, 1), "config": asdict(cfg)}
-
-
-# ------------------------------------------------------------------------------------------ streaming, DDP
-
-def retrieval_step(model, batch: dict, tokenizer: WordTokenizer, cfg: RetrievalConfig,
-                   runtime: Runtime) -> torch.Tensor:
-    """Symmetric InfoNCE with the negatives of every rank (`contrastive_loss_sum` over
-    `runtime.gather_group`, ragged counts allowed); local sum x world / global count."""
-    tokens = tokenizer(batch.get("captions", []), cfg.max_text_tokens).to(runtime.device)  # [b, T]
-    v, t, scale = model(batch["pixels"].to(runtime.device), tokens)  # [b, e], [b, e], []
-    loss_sum, num_global, _ = contrastive_loss_sum(v.float(), t.float(), scale, runtime.gather_group)
-    return loss_sum * runtime.world / max(num_global, 1)
+def retrieval_step(model, batch: dict, tokenizer: WordTokenizer, cfg: RetrievalConfig, layout: ParallelLayout,
+                   gather_group) -> torch.Tensor:
+    """Symmetric InfoNCE with the negatives of every rank (`contrastive_loss_sum` over `gather_group`,
+    ragged counts allowed); local sum x world / global count."""
+    device = compute_device()
+    tokens = tokenizer(batch.get("captions", []), cfg.max_text_tokens).to(device)  # [b, T]
+    v, t, scale = model(batch["inputs"].to(device), tokens)  # [b, e], [b, e], []
+    loss_sum, num_global, _ = contrastive_loss_sum(v.float(), t.float(), scale, gather_group)
+    return loss_sum * layout.dp_size / max(num_global, 1)
 
 
 def fit_tokenizer(source, cfg: RetrievalConfig) -> WordTokenizer:
@@ -250,34 +199,39 @@ def fit_tokenizer(source, cfg: RetrievalConfig) -> WordTokenizer:
 
 @torch.no_grad()
 def test_set_similarity(model: TransferModel, test_set, tokenizer: WordTokenizer, cfg: RetrievalConfig,
-                        runtime: Runtime, bad: BadSampleLog):
+                        layout: ParallelLayout, bad: BadSampleLog):
     """Image embeddings computed shard-wise on the ranks and gathered; every caption embedded on each
     rank. Images that cannot be read are dropped with their captions.
     -> (similarity `[n_images_kept, n_texts_kept]`, text_to_image `[n_texts_kept]`)."""
     model.eval()
+    device = compute_device()
     mine = {}
-    for batch in eval_batches(LabeledImages(test_set, model.encoder.image_size), 256, runtime, cfg.num_workers):
+    for batch in eval_batches(LabeledImages(test_set, model.encoder.image_size), 256, layout, cfg.num_workers):
         bad.extend(batch["bad"])
         if len(batch["index"]):
-            v = F.normalize(model.head.image(model.latents(batch["pixels"].to(runtime.device))), dim=-1)
+            v = F.normalize(model.head.image(model.latents(batch["inputs"].to(device))), dim=-1)
             mine.update(zip(batch["index"].tolist(), v.float().cpu()))
-    image_emb = {i: e for part in runtime.all_gather_objects(mine) for i, e in part.items()}
+    image_emb = {i: e for part in all_gather_objects(mine, layout) for i, e in part.items()}
     kept = sorted(image_emb)  # image indices that were read
     new_index = torch.full((len(test_set),), -1, dtype=torch.long)
     new_index[kept] = torch.arange(len(kept))
     text_to_image = new_index[torch.as_tensor(test_set.text_to_image, dtype=torch.long)]
     texts = [c for c, k in zip(test_set.captions, text_to_image.tolist()) if k >= 0]
     tokens = tokenizer(texts, cfg.max_text_tokens)
-    t = torch.cat([F.normalize(model.head.text(tokens[i:i + 512].to(runtime.device)), dim=-1).float().cpu()
+    t = torch.cat([F.normalize(model.head.text(tokens[i:i + 512].to(device)), dim=-1).float().cpu()
                    for i in range(0, len(texts), 512)])
     return torch.stack([image_emb[i] for i in kept]) @ t.T, text_to_image[text_to_image >= 0]
 
 
-def run_retrieval_streaming(encoder: VisionEncoder, train_source, test_sets: list, cfg: RetrievalConfig,
-                            runtime: Runtime, checkpoint: Optional[str] = None) -> dict:
-    """Contrastive transfer on streamed pairs, data-parallel (engine.fit), then TR/IR@k on each test
-    set (Karpathy: 5 captions per image; TR counts a hit if any of the image's captions is in the
-    top k, IR ranks the images for every caption). `recall_pct` is the first set's."""
+def run_retrieval(encoder: VisionEncoder, train_source, test_sets: list, cfg: RetrievalConfig,
+                  layout: Optional[ParallelLayout] = None, checkpoint: Optional[str] = None) -> dict:
+    """Contrastive transfer on `train_source`'s pairs (engine.fit, data-parallel over `layout`'s ranks,
+    resumable from `checkpoint`), then TR/IR@k on each test set (Karpathy: 5 captions per image; TR
+    counts a hit if any of the image's captions is in the top k, IR ranks the images for every
+    caption). `recall_pct` is the first set's. Frozen mode raises RuntimeError if the encoder's weights
+    changed (`frozen_guard`)."""
+    layout = layout or one_process()
+    gather_group = contrastive_group(layout)
     tokenizer = fit_tokenizer(train_source, cfg)
     torch.manual_seed(cfg.seed)  # equal head initialisation on every rank
     model = TransferModel(encoder, RetrievalModel(encoder.hidden_size, len(tokenizer.vocab), cfg), cfg.mode)
@@ -285,60 +239,40 @@ def run_retrieval_streaming(encoder: VisionEncoder, train_source, test_sets: lis
     with frozen_guard(encoder, cfg.mode) as guard:
         t0 = time.time()
         fit(model, CaptionedImages(train_source, encoder.image_size),
-            lambda m, b: retrieval_step(m, b, tokenizer, cfg, runtime), cfg, runtime, train_bad, checkpoint,
-            "retrieval")
+            lambda m, b: retrieval_step(m, b, tokenizer, cfg, layout, gather_group), cfg, layout, train_bad,
+            checkpoint, "retrieval")
         by_set = {}
         for test_set in test_sets:
-            similarity, text_to_image = test_set_similarity(model, test_set, tokenizer, cfg, runtime, test_bad)
+            similarity, text_to_image = test_set_similarity(model, test_set, tokenizer, cfg, layout, test_bad)
             by_set[test_set.name] = dict(recall_at_k(similarity, text_to_image), num_images=similarity.shape[0],
                                          num_captions=similarity.shape[1])
     first = by_set[test_sets[0].name]
     return {"task": "retrieval", "encoder": encoder.source, "encoder_kind": encoder.kind,
             "recall_pct": {k: v for k, v in first.items() if "@" in k}, "recall_by_set": by_set,
             "num_train": len(train_source), "num_eval": first["num_images"], "vocab_size": len(tokenizer.vocab),
-            "encoder_unchanged": guard.unchanged, "time_s": round(time.time() - t0, 1), "world_size": runtime.world,
+            "encoder_unchanged": guard.unchanged, "time_s": round(time.time() - t0, 1), "world_size": layout.dp_size,
             "bad_samples": {"train_index": train_source.problems.as_dict(),
                             "test_index": {t.name: t.problems.as_dict() for t in test_sets},
-                            "train_read": merge_bad_logs(train_bad, runtime),
-                            "test_read": merge_bad_logs(test_bad, runtime)},
+                            "train_read": merge_bad_logs(train_bad, layout),
+                            "test_read": merge_bad_logs(test_bad, layout)},
             "config": asdict(cfg), "_model": model}
 
 
-def stream_sources(data: List[str], eval_data: Optional[List[str]], image_root: Optional[str],
+def retrieval_sets(data: List[str], eval_data: Optional[List[str]], image_root: Optional[str],
                    eval_fraction: float, seed: int, eval_split: str = "test"):
     """(train source, [test sets]): --eval-data files (Karpathy/COCO JSON, jsonl, shards); without
-    them, a Karpathy --data's `eval_split`, else a seeded split of --data."""
-    def source(paths):
-        if len(paths) == 1 and is_synthetic_corpus(paths[0]):
-            return ImageSetSource(load_pairs(paths[0]))
-        return pair_source(paths)
-
-    train = training_pairs(data, image_root, source)
+    them, a Karpathy --data's `eval_split`, else a seeded split of --data (its held-out part a test set
+    whose repeated images are merged, as every test set's)."""
+    train = training_pairs(data, image_root)
     if eval_data:
-        return train, test_sets(eval_data, image_root, eval_split, source)
+        return train, test_sets(eval_data, image_root, eval_split)
     if isinstance(train, CaptionPairs) and train.set.split is not None:  # a Karpathy file: its test split
         return train, [load_captioned_test_set(data[0], image_root, eval_split)]
     train_idx, eval_idx = split(len(train), eval_fraction, seed)
     return SubsetSource(train, train_idx), [as_test_set(SubsetSource(train, eval_idx), "held-out")]
 
 
-def load_pair_splits(data: str, eval_data: Optional[str], eval_fraction: float, seed: int):
-    if eval_data:
-        return load_pairs(data), load_pairs(eval_data)
-    pairs = load_pairs(data)
-    train_idx, eval_idx = split(len(pairs), eval_fraction, seed)
-    return pairs.subset(train_idx), pairs.subset(eval_idx)
-
-
-def results_table(results: list) -> str:
-    rows = []
-    for r in results:
-        for name, recall in r.get("recall_by_set", {r["data"]: r["recall_pct"]}).items():
-            rows.append([r.get("name", r["encoder"]), r["mode"], name] +
-                        [recall[f"{d}@{k}"] for d in ("TR", "IR") for k in KS])
-    names = [f"{d}@{k}" for d in ("TR", "IR") for k in KS]
-    return format_table(["Vision encoder", "transfer", "data"], [("retrieval", names)], rows)
-
+# ------------------------------------------------------------------------------------------ command line
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -353,60 +287,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-root", help="folder the Karpathy JSON's filepath/filename are relative to "
                    "(default: the JSON's folder)")
     p.add_argument("--eval-fraction", type=float, default=0.2)
-    p.add_argument("--mode", choices=MODES, default="frozen")
-    add_config_args(p, RetrievalConfig)  # --epochs --batch-size --lr ... --embed-dim --text-width ... --seed
-    p.add_argument("--engine", choices=("auto", "memory", "stream"), default="auto",
-                   help="memory: small in-memory sets; stream: lazy data, DDP under torchrun, checkpoints, "
-                        "Karpathy test sets (auto: stream unless --data is a synthetic corpus in one process)")
-    p.add_argument("--checkpoint", help="stream engine: save/resume the retrieval heads here")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast on GPU (CPU: fp32)")
-    p.add_argument("--name", help="row name in the printed table (default: the encoder path)")
-    p.add_argument("--output", help="write the results JSON here")
+    add_config_args(p, RetrievalConfig)  # --epochs --batch-size --lr ... --embed-dim --text-width ... --seed --mode
+    common_args(p)
     return parse_with_preset(p, argv, PRESETS)
 
 
-def use_stream_engine(args) -> bool:
-    if args.engine != "auto":
-        return args.engine == "stream"
-    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 or len(args.data) > 1 or not is_synthetic_corpus(args.data[0])
-            or any(is_captions_json(p) for p in args.eval_data or []))
-
-
-def run_from_args(args, cfg: RetrievalConfig) -> dict:
-    for flag in ("encoder", "data", "eval_data", "image_root"):
-        check_paths("--" + flag.replace("_", "-"), getattr(args, flag))
-    if not use_stream_engine(args):
-        if len(args.data) > 1 or len(args.eval_data or []) > 1:
-            raise InputError("several --data / --eval-data sets need --engine stream")
-        eval_data = args.eval_data[0] if args.eval_data else None
-        train_set, eval_set = load_pair_splits(args.data[0], eval_data, args.eval_fraction, args.seed)
-        started = start_run(args, cfg)
-        return dict(run_retrieval(load_encoder(args.encoder), train_set, eval_set, cfg), **started)
-    train, tests = stream_sources(args.data, args.eval_data, args.image_root, args.eval_fraction, args.seed,
+def load_data(args) -> TaskData:
+    train, tests = retrieval_sets(args.data, args.eval_data, args.image_root, args.eval_fraction, args.seed,
                                   args.eval_split)
     held_out_split = not args.eval_data and not isinstance(train, CaptionPairs)  # disjoint by construction
-    started = start_run(args, cfg, len(train), None if held_out_split else train, {t.name: t for t in tests})
-    runtime = init_runtime(args.precision)
-    result = run_retrieval_streaming(load_encoder(args.encoder), train, tests, cfg, runtime, args.checkpoint)
-    return dict(result, **started)
+    return TaskData(train, tests, {} if held_out_split else {t.name: t for t in tests})
+
+
+def summary(result: dict) -> str:
+    return (f"{result['num_train']} train pairs / {result['num_eval']} test images, {result['time_s']} s; "
+            f"encoder weights unchanged: {result['encoder_unchanged']}")
+
+
+def run(args, encoder: VisionEncoder, data: TaskData, cfg: RetrievalConfig, layout: ParallelLayout) -> dict:
+    return run_retrieval(encoder, data.train, data.tests, cfg, layout, args.checkpoint)
+
+
+COMMAND = Command(parse_args, RetrievalConfig, ("encoder", "data", "eval_data", "image_root"), load_data, run,
+                  summary)
 
 
 def main(argv=None) -> dict:
-    filter_known_warnings()  # the CLI's process imports megatron.core after this
-    args = parse_args(argv)
-    cfg = config_from_args(RetrievalConfig, args)
-    result = run_from_args(args, cfg)
-    result.pop("_model", None)  # the trained TransferModel (stream engine; for callers in Python)
-    if not is_main_rank():
-        return result
-    result.update(name=args.name or args.encoder, mode=args.mode, data=" ".join(args.data))
-    print(results_table([result]))
-    print(f"{result['num_train']} train pairs / {result['num_eval']} test images, {result['time_s']} s; "
-          f"encoder weights unchanged: {result['encoder_unchanged']}")
-    if "bad_samples" in result:
-        print("\n".join(bad_samples_lines(result["bad_samples"])))
-    write_json(args.output, result)
-    return result
+    return run_command(argv, COMMAND)
 
 
 if __name__ == "__main__":

@@ -19,30 +19,35 @@ each task its own sets (what classify / retrieve take as --data and --eval-data)
         --probe-data /data/imagenet_10pct --retrieval-data pairs_train.jsonl \
         --retrieval-eval-data pairs_test.jsonl --output RUN/eval.json
 
-It holds the sets in memory; at benchmark size (Karpathy COCO, ImageNet) use the streaming tools
-`megatron_lcl.eval.retrieve` / `classify`, whose --output JSONs a sweep also reads (see
-examples/scaling/paper_ladder.yaml).
+It runs in one process, without a checkpoint of the heads; at benchmark size (Karpathy COCO, ImageNet)
+run `megatron_lcl.eval.retrieve` / `classify` under torchrun, whose --output JSONs a sweep also reads
+(see examples/scaling/paper_ladder.yaml).
 """
 
 import argparse
-import json
 import os
 import time
 from typing import Dict, Sequence
 
+import torch
+
+from megatron_lcl.eval.classify import ProbeConfig, classification_sets, run_classification
+from megatron_lcl.eval.datasets import LabeledImages
+from megatron_lcl.eval.encoders import load_encoder
+from megatron_lcl.eval.parallel import eval_batches, one_process
+from megatron_lcl.eval.report import write_json
+from megatron_lcl.eval.retrieve import RetrievalConfig, retrieval_sets, run_retrieval
+from megatron_lcl.losses.contrastive import singular_value_stats
+
 RECALL_KEYS = {"TR@1": "retrieval_tr1", "IR@1": "retrieval_ir1", "TR@5": "retrieval_tr5", "IR@5": "retrieval_ir5"}
 
 
+@torch.no_grad()
 def latent_spread(encoder, images) -> dict:
-    """Collapse check: effective rank of the centred, token-averaged latents of `images` (1 = every
-    image looks the same to the encoder; up to the hidden width)."""
-    import torch
-
-    from megatron_lcl.losses.contrastive import singular_value_stats
-
-    with torch.no_grad():
-        pooled = torch.cat([encoder(images.pixels(list(range(i, min(i + 256, len(images)))), encoder.image_size))
-                            .mean(dim=1) for i in range(0, len(images), 256)])  # [n, h]
+    """Collapse check: effective rank of the centred, token-averaged latents of the source `images`'
+    readable images (1 = every image looks the same to the encoder; up to the hidden width)."""
+    batches = eval_batches(LabeledImages(images, encoder.image_size), 256, one_process(), num_workers=0)
+    pooled = torch.cat([encoder(b["inputs"]).mean(dim=1) for b in batches if len(b["index"])])  # [n, h]
     stats = singular_value_stats(pooled - pooled.mean(dim=0))
     return {"latent_effective_rank": stats["effective_rank"],
             "latent_effective_rank_frac": stats["effective_rank"] / encoder.hidden_size}
@@ -50,22 +55,23 @@ def latent_spread(encoder, images) -> dict:
 
 def probe(encoder, data: str, field: str, epochs: int, seed: int, eval_fraction: float = 0.2,
           eval_data: str = None) -> dict:
-    """Frozen attention probe on `data`'s `field` labels (classify's result dict)."""
-    from megatron_lcl.eval.classify import ProbeConfig, load_splits, run_classification
-
-    train_set, eval_set = load_splits(data, eval_data, field, eval_fraction, seed)
-    return run_classification(encoder, train_set, eval_set, ProbeConfig(epochs=epochs, seed=seed))
+    """Frozen attention probe on `data`'s `field` labels (classify's result dict); batches of 64, or the
+    whole training set when it is smaller."""
+    train, test = classification_sets(data, eval_data, field, eval_fraction, seed)
+    cfg = ProbeConfig(epochs=epochs, seed=seed, batch_size=min(ProbeConfig.batch_size, len(train)), num_workers=0)
+    return run_classification(encoder, train, test, cfg)
 
 
 def retrieval(encoder, data: str, epochs: int, seed: int, eval_fraction: float = 0.2,
               eval_data: str = None) -> dict:
     """Frozen retrieval transfer (a new text encoder) on `data`'s captions (retrieve's result dict,
-    plus the latent spread of the evaluation images)."""
-    from megatron_lcl.eval.retrieve import RetrievalConfig, load_pair_splits, run_retrieval
-
-    train_set, eval_set = load_pair_splits(data, eval_data, eval_fraction, seed)
-    result = run_retrieval(encoder, train_set, eval_set, RetrievalConfig(epochs=epochs, seed=seed))
-    result.update(latent_spread(encoder, eval_set))
+    plus the latent spread of the evaluation images); batches of 64, or the whole training set when it
+    is smaller."""
+    train, tests = retrieval_sets([data], [eval_data] if eval_data else None, None, eval_fraction, seed)
+    cfg = RetrievalConfig(epochs=epochs, seed=seed, batch_size=min(RetrievalConfig.batch_size, len(train)),
+                          num_workers=0)
+    result = run_retrieval(encoder, train, tests, cfg)
+    result.update(latent_spread(encoder, tests[0]))
     return result
 
 
@@ -94,12 +100,18 @@ def evaluate(encoder, data: str, probes: Sequence[str], epochs: int, seed: int, 
     details, sets = dict(details or {}), sets or {}
     for field in probes:
         if f"classify_{field}" not in details:
-            details[f"classify_{field}"] = probe(encoder, sets.get("probe_data") or data, field, epochs, seed,
-                                                 eval_data=sets.get("probe_eval_data"))
+            details[f"classify_{field}"] = _public(probe(encoder, sets.get("probe_data") or data, field, epochs, seed,
+                                                         eval_data=sets.get("probe_eval_data")))
     if "retrieval" not in details:
-        details["retrieval"] = retrieval(encoder, sets.get("retrieval_data") or data, retrieval_epochs or epochs,
-                                         seed, eval_data=sets.get("retrieval_eval_data"))
+        details["retrieval"] = _public(retrieval(encoder, sets.get("retrieval_data") or data,
+                                                 retrieval_epochs or epochs, seed,
+                                                 eval_data=sets.get("retrieval_eval_data")))
     return details
+
+
+def _public(result: dict) -> dict:
+    """A task's result without the keys for callers in Python (the trained model)."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,10 +136,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import torch
-
-    from megatron_lcl.eval.encoders import load_encoder
-
     torch.set_num_threads(args.threads)
     t0 = time.time()
     encoder = load_encoder(args.encoder)
@@ -136,10 +144,8 @@ def main(argv=None) -> dict:
     out = {"encoder": args.encoder, "data": args.data, **{k: v for k, v in sets.items() if v}, "seed": args.seed,
            "epochs": args.epochs,
            "metrics": flat_metrics(details), "details": details, "eval_time_s": round(time.time() - t0, 1)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(tmp, out)
     os.replace(tmp, args.output)
     print(" ".join(f"{k}={v:.4g}" for k, v in out["metrics"].items()), flush=True)
     return out

@@ -11,43 +11,43 @@ import os
 from common import mark_done, parse_out_dir, save_rank0
 from eval_fixtures import patch_encoder
 from megatron_lcl.eval import classify, retrieve
-from megatron_lcl.eval.engine import init_runtime
-from megatron_lcl.eval.streaming import labeled_source, pair_source
+from megatron_lcl.eval.parallel import init_parallel
+from megatron_lcl.eval.sources import labeled_source, pair_source
 
 PROBE = dict(steps=3, batch_size=16, lr=3e-3, warmup_steps=1, num_workers=0)
 RETRIEVAL = dict(steps=3, batch_size=16, embed_dim=16, text_width=16, text_layers=1, text_heads=2,
                  warmup_steps=1, num_workers=0)
 
 
-def probe_weights(fixtures: str, mode: str, runtime) -> dict:
+def probe_weights(fixtures: str, mode: str, layout) -> dict:
     """Train the probe for PROBE's steps; its head (and in full mode the encoder) weights."""
     encoder = patch_encoder()
     train = labeled_source(os.path.join(fixtures, "folder", "train"))
     val = labeled_source(os.path.join(fixtures, "folder", "val"))
     cfg = classify.ProbeConfig(mode=mode, encoder_lr=1e-2, **PROBE)
-    result = classify.run_classification_streaming(encoder, train, val, cfg, runtime)
+    result = classify.run_classification(encoder, train, val, cfg, layout)
     return {"head": {k: v.clone() for k, v in result.pop("_model").trainable_state().items()}, "result": result}
 
 
-def retrieval_weights(fixtures: str, runtime) -> dict:
+def retrieval_weights(fixtures: str, layout) -> dict:
     train = pair_source(os.path.join(fixtures, "shards"))
-    tests = retrieve.stream_sources([os.path.join(fixtures, "shards")],
+    tests = retrieve.retrieval_sets([os.path.join(fixtures, "shards")],
                                     [os.path.join(fixtures, "coco", "dataset_coco.json")], None, 0.2, 0)[1]
     cfg = retrieve.RetrievalConfig(**RETRIEVAL)
-    result = retrieve.run_retrieval_streaming(patch_encoder(), train, tests, cfg, runtime)
+    result = retrieve.run_retrieval(patch_encoder(), train, tests, cfg, layout)
     return {"head": {k: v.clone() for k, v in result.pop("_model").trainable_state().items()}, "result": result}
 
 
 def main():
     out = parse_out_dir()
     fixtures = os.path.dirname(os.path.abspath(out))  # the test writes the fixtures beside OUT
-    runtime = init_runtime()
-    results = {"world": runtime.world,
-               "probe_frozen": probe_weights(fixtures, "frozen", runtime),
-               "probe_full": probe_weights(fixtures, "full", runtime),
-               "retrieval": retrieval_weights(fixtures, runtime)}
+    layout = init_parallel()
+    results = {"world": layout.dp_size,
+               "probe_frozen": probe_weights(fixtures, "frozen", layout),
+               "probe_full": probe_weights(fixtures, "full", layout),
+               "retrieval": retrieval_weights(fixtures, layout)}
     cli = classify.main(["--encoder", os.path.join(fixtures, "hf_vision"), "--data", os.path.join(fixtures, "folder"),
-                         "--engine", "stream", "--steps", "2", "--batch-size", "8", "--num-workers", "1",
+                         "--steps", "2", "--batch-size", "8", "--num-workers", "1",
                          "--output", os.path.join(out, "cli_cls.json")])
     results["cli_world"] = cli["world_size"]
     save_rank0(results, out, "ddp.pt")

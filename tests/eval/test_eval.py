@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from megatron_lcl.eval.classify import ProbeConfig, run_classification, topk_accuracy_pct
-from megatron_lcl.eval.datasets import ImageSet, load_labeled, load_pairs
+from megatron_lcl.eval.datasets import CaptionedImages, LabeledImages
 from megatron_lcl.eval.encoders import VisionEncoder, load_encoder, weights_fingerprint
+from megatron_lcl.eval.karpathy import as_test_set
 from megatron_lcl.eval.retrieve import RetrievalConfig, recall_at_k, run_retrieval
+from megatron_lcl.eval.sources import ImageSet, SubsetSource, labeled_source, pair_source
 
 from common import tiny_model_config
 from eval_fixtures import EIGHT_CAPTIONS, png, write_caption_pairs
@@ -94,7 +96,8 @@ def test_retrieval_learns_colour_captions():
                         captions=[f"a {names[c]} square" for c in classes])
 
     # held out: one image per colour, so the captions are distinct and R@1 is well defined
-    result = run_retrieval(patch_encoder(), pairs([rng.randrange(4) for _ in range(200)]), pairs([0, 1, 2, 3]),
+    result = run_retrieval(patch_encoder(), pairs([rng.randrange(4) for _ in range(200)]),
+                           [as_test_set(pairs([0, 1, 2, 3]), "held-out")],
                            RetrievalConfig(epochs=8, batch_size=32, embed_dim=32, text_width=32, text_layers=1))
     assert result["recall_pct"]["TR@1"] == result["recall_pct"]["IR@1"] == 100.0, result["recall_pct"]
     assert result["encoder_unchanged"]
@@ -205,8 +208,9 @@ def test_frozen_leaves_encoder_bitwise_unchanged_and_full_trains_it(tiny_checkpo
             if name.endswith("layer_scale"):
                 p.fill_(0.5)
     before = {k: v.clone() for k, v in encoder.state_dict().items() if torch.is_tensor(v)}  # no _extra_state
-    images = load_labeled(corpus)
-    train_set, eval_set = images.subset(range(0, len(images) - 16)), images.subset(range(len(images) - 16, len(images)))
+    images = labeled_source(corpus)
+    train_set = SubsetSource(images, range(0, len(images) - 16))
+    eval_set = SubsetSource(images, range(len(images) - 16, len(images)))
     frozen = run_classification(encoder, train_set, eval_set, ProbeConfig(epochs=2, batch_size=16))
     assert frozen["encoder_unchanged"]
     after = encoder.state_dict()
@@ -222,7 +226,7 @@ def test_clis_run_on_checkpoint_and_hf_folder(kind, tiny_checkpoint, hf_clip_dir
     from megatron_lcl.eval import classify, retrieve
 
     encoder = tiny_checkpoint if kind == "checkpoint" else hf_clip_dir
-    cls = classify.main(["--encoder", encoder, "--data", corpus, "--epochs", "1",
+    cls = classify.main(["--encoder", encoder, "--data", corpus, "--epochs", "1", "--batch-size", "16",
                          "--output", str(tmp_path / "cls.json")])
     ret = retrieve.main(["--encoder", encoder, "--data", corpus, "--epochs", "1", "--batch-size", "16",
                          "--output", str(tmp_path / "ret.json")])
@@ -233,7 +237,7 @@ def test_clis_run_on_checkpoint_and_hf_folder(kind, tiny_checkpoint, hf_clip_dir
     assert set(saved_ret["recall_pct"]) == {"TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10"}
     assert saved_ret["recall_pct"] == ret["recall_pct"] and saved_ret["num_eval"] > 0
     assert saved_cls["encoder_kind"] == ("megatron_lcl" if kind == "checkpoint" else "hf_clip")
-    top1 = classify.linear_probe_accuracy(encoder, corpus, epochs=1)  # the sweep tool's entry point
+    top1 = classify.linear_probe_accuracy(encoder, corpus, epochs=1, batch_size=16)  # the sweep tool's entry point
     assert top1 == pytest.approx(cls["accuracy_pct"]["acc-1"] / 100)
 
 
@@ -245,8 +249,8 @@ def test_image_folder_webdataset_and_jsonl_sources(tmp_path):
         (tmp_path / "folder" / name).mkdir(parents=True)
         for i in range(3):
             (tmp_path / "folder" / name / f"{i}.png").write_bytes(png(colour, rng=rng))
-    images = load_labeled(str(tmp_path / "folder"))
-    assert images.class_names == ["blue", "red"] and images.labels == [0, 0, 0, 1, 1, 1]
+    images = labeled_source(str(tmp_path / "folder"))
+    assert images.class_names == ["blue", "red"] and images.labels.tolist() == [0, 0, 0, 1, 1, 1]
 
     with tarfile.open(tmp_path / "shard-000000.tar", "w") as tar:
         for i in range(4):
@@ -255,19 +259,22 @@ def test_image_folder_webdataset_and_jsonl_sources(tmp_path):
                 info = tarfile.TarInfo(f"s{i:03d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    shards = load_labeled(str(tmp_path))
-    assert shards.labels == [0, 1, 0, 1] and len(shards.pixels([0, 3], 16)) == 2
-    assert load_pairs(str(tmp_path / "shard-000000.tar")).captions == [f"caption {i}" for i in range(4)]
+    shards = labeled_source(str(tmp_path))
+    assert shards.labels.tolist() == [0, 1, 0, 1] and [LabeledImages(shards, 16)[i][0].shape for i in (0, 3)] == \
+        [(3, 16, 16)] * 2
+    tar_pairs = pair_source(str(tmp_path / "shard-000000.tar"))
+    assert [tar_pairs.caption(i) for i in range(4)] == [f"caption {i}" for i in range(4)]
 
     (tmp_path / "pairs.jsonl").write_text("".join(
         json.dumps({"image": f"folder/red/{i}.png", "caption": f"red {i}"}) + "\n" for i in range(3)))
-    pairs = load_pairs(str(tmp_path / "pairs.jsonl"))
-    assert pairs.captions == ["red 0", "red 1", "red 2"] and pairs.pixels([2], 8).shape == (1, 3, 8, 8)
+    pairs = pair_source(str(tmp_path / "pairs.jsonl"))
+    assert [pairs.caption(i) for i in range(3)] == ["red 0", "red 1", "red 2"]
+    assert CaptionedImages(pairs, 8)[2][0].shape == (3, 8, 8)
     with pytest.raises(ValueError, match="nothing_here: no such file or directory"):
-        load_labeled(str(tmp_path / "nothing_here"))
+        labeled_source(str(tmp_path / "nothing_here"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty: not a synthetic corpus"):
-        load_labeled(str(tmp_path / "empty"))
+        labeled_source(str(tmp_path / "empty"))
 
 
 def test_scenes_probe_fields_are_the_documents_labels(tmp_path):
@@ -279,8 +286,8 @@ def test_scenes_probe_fields_are_the_documents_labels(tmp_path):
     write_corpus(str(tmp_path), num_docs=6, image_size=16, seed=5, kind="scenes")
     items = labeled_images(str(tmp_path))
     for field in ("count", "colour_b"):
-        images = load_labeled(str(tmp_path), field)
+        images = labeled_source(str(tmp_path), field)
         assert [images.class_names[k] for k in images.labels] == [it[field] for it in items]
-    assert set(load_labeled(str(tmp_path), "count").class_names) <= {"one", "two"}
+    assert set(labeled_source(str(tmp_path), "count").class_names) <= {"one", "two"}
     with pytest.raises(ValueError, match="must be label or one of its categorical image_info fields: .*colour_b"):
-        load_labeled(str(tmp_path), "held_out")  # a bool, not a class
+        labeled_source(str(tmp_path), "held_out")  # a bool, not a class

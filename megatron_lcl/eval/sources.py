@@ -1,111 +1,53 @@
-"""Streaming transfer-evaluation data: map-style datasets over a compact on-disk index.
+"""Transfer-evaluation data as sources: a compact index of items whose images are read one at a time.
 
-Only an index is held in memory (numpy arrays: file names, tar offsets, labels; a few dozen bytes per
-image, and numpy, so DataLoader workers share it without copy-on-write growth); image bytes are read
-and decoded in the DataLoader workers (`preprocess_image`: resize the shorter side, centre-crop, CLIP
-mean/std). Sources:
+Every source has `len(source)`, `origin(i)` (the file or `shard:key`, for messages), `image_bytes(i)`
+(the encoded image, or a BadSample naming what failed), `problems` (a BadSampleLog of what the index
+left out), and, by what it holds, `labels` (`[n]` integers) with `class_names`, or `caption(i)`.
+An index holds numpy arrays (file names, tar offsets, labels: a few dozen bytes per image, shared by
+DataLoader workers without copy-on-write growth); the bytes are read in the workers (datasets.py).
 
+- `ImageSet`: images held in memory (a synthetic corpus, the tests' hand-made sets);
 - `ImageFolderSource(root)`: `root/<class>/*.jpg`, classes sorted by name (torchvision's numbering);
-  a class folder without images keeps its number and is reported in `problems`.
-- `TarSource(shards)`: webdataset shards; members grouped by key (name up to the first dot); the
-  image is the jpg/jpeg/png/webp/bmp member, the label `.cls` or `json[label_field]`, the caption
-  `.txt` or `json["caption"]`, read lazily by offset (uncompressed tar).
-- `JsonlPairsSource(path)`: `{"image": path, "caption": text}` lines, paths relative to the file.
-- `KarpathySource` (karpathy.py): retrieval/captioning test sets with 5 captions per image.
+  a class folder without images keeps its number and is reported in `problems`;
+- `TarSource(shards)`: webdataset shards (`data.shards`: which files a path names, the members of a
+  sample); the image is the jpg/jpeg/png/webp/bmp member, the label `.cls` or `json[label_field]`,
+  the caption `.txt` or `json["caption"]`, read by offset (uncompressed tar);
+- `JsonlPairsSource(path)`: `{"image": path, "caption": text}` lines, paths relative to the file;
+- `SubsetSource(source, indices)`: a seeded train/eval `split`;
+- test sets with several captions per image: karpathy.py.
 
-Bad input never crashes a run: an unreadable or undecodable image yields a `BadSample(origin,
-reason)` that `collate` drops and `BadSampleLog` counts and names; index-time problems (no image
-member, no label, empty class folder) are listed in the source's `problems`.
+`labeled_source(path)` and `pair_source(paths)` pick the source from what a path is.
 """
 
 import json
 import os
-import re
+import random
 import tarfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
-from megatron_lcl.eval.datasets import IMAGE_EXTS, ImageSet, is_image_folder, shard_paths
+from megatron_lcl.data import labeled_images
+from megatron_lcl.data.shards import shard_paths, tar_index
+from megatron_lcl.data.synthetic import SHAPES
+from megatron_lcl.eval.bad_samples import BadSample, BadSampleLog, problems_summary
 from megatron_lcl.eval.errors import InputError
 
-MAX_NAMED_PROBLEMS = 50  # named in results; beyond that only counted
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 
 
-@dataclass
-class BadSample:
-    """An item that could not be used: `origin` is the file or `shard:key`, `reason` what failed."""
-
-    origin: str
-    reason: str
-
-
-def reason_kind(reason: str) -> str:
-    """What went wrong, without the details: "cannot decode image (UnidentifiedImageError: ...)" ->
-    "cannot decode image" (every reason starts with its kind, then ":" or "(" and the details)."""
-    return re.split(r"[:(;]", reason, maxsplit=1)[0].strip()
-
-
-@dataclass
-class BadSampleLog:
-    """Bad samples by origin: `count` distinct ones (the first MAX_NAMED_PROBLEMS also `named`),
-    `reads` failed reads (a bad image in the training set fails once per epoch), and `by_reason`
-    the distinct ones per `reason_kind`."""
-
-    count: int = 0
-    reads: int = 0
-    named: List[str] = field(default_factory=list)
-    by_reason: Dict[str, int] = field(default_factory=dict)
-    _seen: set = field(default_factory=set, repr=False)
-
-    def add(self, origin: str, reason: str) -> None:
-        self.reads += 1
-        if origin in self._seen:
-            return
-        self._seen.add(origin)
-        self.count += 1
-        kind = reason_kind(reason)
-        self.by_reason[kind] = self.by_reason.get(kind, 0) + 1
-        if len(self.named) < MAX_NAMED_PROBLEMS:
-            self.named.append(f"{origin}: {reason}")
-
-    def extend(self, bad: Sequence[BadSample]) -> None:
-        for b in bad:
-            self.add(b.origin, b.reason)
-
-    def as_dict(self) -> dict:
-        return {"count": self.count, "reads": self.reads, "named": list(self.named),
-                "by_reason": dict(self.by_reason)}
-
-    def load(self, saved: dict) -> None:
-        self.count, self.reads, self.named = saved["count"], saved["reads"], list(saved["named"])
-        self.by_reason = dict(saved.get("by_reason", {}))
-        self._seen = {n.split(": ", 1)[0] for n in self.named}
-
-
-def _strings(values: Sequence[str]) -> np.ndarray:
+def string_array(values: Sequence[str]) -> np.ndarray:
     """A fixed-width byte-string array (no per-item Python objects: fork-safe, compact)."""
     return np.array([v.encode("utf-8") for v in values], dtype=np.bytes_) if values else np.zeros(0, "S1")
 
 
-def _str(value: np.bytes_) -> str:
-    return bytes(value).decode("utf-8")
-
-
-def decode(data: bytes, origin: str, image_size: int):
-    """Image bytes -> `[3, S, S]` (eval transform), or a BadSample naming `origin`."""
-    from megatron_lcl.data import preprocess_image
-
-    try:
-        return preprocess_image(data, image_size)
-    except Exception as e:  # PIL raises many types for corrupt data
-        detail = "" if "<_io." in str(e) else f": {e}"
-        return BadSample(origin, f"cannot decode image ({type(e).__name__}{detail})")
+def string_at(values: np.ndarray, i: int) -> str:
+    return bytes(values[i]).decode("utf-8")
 
 
 def read_file(path: str):
+    """The file's bytes, or a BadSample naming it."""
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -113,7 +55,78 @@ def read_file(path: str):
         return BadSample(path, f"cannot read: {e.strerror or e}")
 
 
+# ------------------------------------------------------------------------------------------ in memory
+
+@dataclass
+class ImageSet:
+    """Encoded images held in memory, with integer labels or one caption per image."""
+
+    images: List[bytes]
+    origins: List[str]  # file path or shard:key of each image, for messages
+    labels: Optional[Sequence[int]] = None
+    captions: Optional[List[str]] = None
+    class_names: List[str] = field(default_factory=list)
+    problems: BadSampleLog = field(default_factory=BadSampleLog)
+
+    def __post_init__(self):
+        if self.labels is not None:
+            self.labels = np.asarray(self.labels, dtype=np.int64)  # [n]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def origin(self, i: int) -> str:
+        return self.origins[i]
+
+    def image_bytes(self, i: int):
+        return self.images[i]
+
+    def caption(self, i: int) -> str:
+        return self.captions[i]
+
+
+def is_synthetic_corpus(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isdir(os.path.join(path, "images")) and \
+        any(n.endswith(".jsonl") for n in os.listdir(path))
+
+
+def synthetic_labeled(corpus: str, label_field: str = "label") -> ImageSet:
+    """A synthetic corpus's images labelled by shape (`label`) or by a categorical image_info field."""
+    items = labeled_images(corpus)
+    if not items:
+        raise InputError(f"{corpus}: no images")
+    if label_field == "label":
+        names, labels = list(SHAPES), [it["label"] for it in items]
+    elif all(isinstance(it.get(label_field), str) for it in items):  # a categorical image_info field
+        names = sorted({it[label_field] for it in items})
+        labels = [names.index(it[label_field]) for it in items]
+    else:
+        fields = sorted(k for k, v in items[0].items() if isinstance(v, str) and k not in ("path", "caption"))
+        raise InputError(f"--label-field ({label_field!r}) for this synthetic corpus must be label or one of "
+                         f"its categorical image_info fields: {', '.join(fields)}")
+    paths = [it["path"] for it in items]
+    return ImageSet([read_file(p) for p in paths], paths, labels=labels, class_names=names)
+
+
+def synthetic_pairs(corpus: str) -> ImageSet:
+    """A synthetic corpus's images, each with its matched sentence."""
+    items = labeled_images(corpus)
+    return ImageSet([read_file(it["path"]) for it in items], [it["path"] for it in items],
+                    captions=[it["caption"] for it in items])
+
+
 # ------------------------------------------------------------------------------------------ ImageFolder
+
+def is_image_folder(path: str) -> bool:
+    if not os.path.isdir(path):
+        return False
+    subdirs = [d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))]
+    return bool(subdirs) and any(_image_names(os.path.join(path, d)) for d in subdirs)
+
+
+def _image_names(folder: str) -> List[str]:
+    return sorted(n for n in os.listdir(folder) if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+
 
 class ImageFolderSource:
     """`root/<class>/<image>` as (image, label); the index keeps file names, not bytes."""
@@ -128,8 +141,7 @@ class ImageFolderSource:
         self.problems = BadSampleLog()
         names, labels = [], []
         for k, name in enumerate(self.class_names):
-            files = sorted(n for n in os.listdir(os.path.join(root, name))
-                           if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+            files = _image_names(os.path.join(root, name))
             if not files:
                 self.problems.add(os.path.join(root, name), "class folder with no images")
             names += [os.path.join(name, n) for n in files]
@@ -137,37 +149,20 @@ class ImageFolderSource:
         if not names:
             raise InputError(f"{root}: no images ({'/'.join(IMAGE_EXTS)}) in any of its "
                              f"{len(self.class_names)} class folders")
-        self.files = _strings(names)  # [n] relative paths
+        self.files = string_array(names)  # [n] relative paths
         self.labels = np.asarray(labels, dtype=np.int32)  # [n]
 
     def __len__(self) -> int:
         return len(self.files)
 
     def origin(self, i: int) -> str:
-        return os.path.join(self.root, _str(self.files[i]))
+        return os.path.join(self.root, string_at(self.files, i))
 
     def image_bytes(self, i: int):
         return read_file(self.origin(i))
 
 
 # ------------------------------------------------------------------------------------------ tar shards
-
-def _member_key(name: str) -> Tuple[str, str]:
-    base = os.path.basename(name)
-    key, _, ext = base.partition(".")
-    return os.path.join(os.path.dirname(name), key), ext.lower()
-
-
-def _scan_shard(shard: str) -> Dict[str, Dict[str, Tuple[int, int]]]:
-    """{key: {ext: (data offset, size)}} of one uncompressed tar, reading headers only."""
-    samples: Dict[str, Dict[str, Tuple[int, int]]] = {}
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if member.isfile():
-                key, ext = _member_key(member.name)
-                samples.setdefault(key, {})[ext] = (member.offset_data, member.size)
-    return samples
-
 
 class TarSource:
     """Webdataset shards as (image, label) or (image, caption) items, read by offset in the workers.
@@ -186,25 +181,22 @@ class TarSource:
         rows = []  # (shard, key, image offset, image size, text offset, text size, text kind, label)
         for s, shard in enumerate(self.shards):
             try:
-                samples = _scan_shard(shard)
+                samples = tar_index(shard)
             except (OSError, tarfile.TarError) as e:
                 self.problems.add(shard, f"cannot read shard: {e}")
                 continue
-            for key, parts in samples.items():
-                row = self._row(s, shard, key, parts)
-                if row is not None:
-                    rows.append(row)
+            rows += [row for key, parts in samples.items() if (row := self._row(s, shard, key, parts)) is not None]
         if not rows:
             raise InputError(f"{path}: no usable samples in {len(self.shards)} shard(s): "
                              f"{problems_summary(self.problems)}")
         cols = list(zip(*rows))
         self.shard_ids = np.asarray(cols[0], dtype=np.int32)
-        self.keys = _strings(cols[1])
+        self.keys = string_array(cols[1])
         self.spans = np.asarray(list(zip(*cols[2:6])), dtype=np.int64)  # [n, 4] image off/size, text off/size
         self.text_kind = np.asarray(cols[6], dtype=np.int8)  # 0 txt, 1 json
         self.labels = np.asarray(cols[7], dtype=np.int64)
         self.class_names = [str(k) for k in range(int(self.labels.max()) + 1)] if want == "label" else []
-        self._files: Dict[int, object] = {}
+        self._files: dict = {}
 
     def _row(self, s: int, shard: str, key: str, parts: dict):
         where = f"{shard}:{key}"
@@ -249,7 +241,7 @@ class TarSource:
         return len(self.keys)
 
     def origin(self, i: int) -> str:
-        return f"{self.shards[self.shard_ids[i]]}:{_str(self.keys[i])}"
+        return f"{self.shards[self.shard_ids[i]]}:{string_at(self.keys, i)}"
 
     def _bytes(self, i: int, offset: int, size: int) -> bytes:
         s = int(self.shard_ids[i])
@@ -277,7 +269,7 @@ class TarSource:
         return state
 
 
-# ------------------------------------------------------------------------------------------ jsonl / ImageSet
+# ------------------------------------------------------------------------------------------ jsonl pairs
 
 class JsonlPairsSource:
     """`{"image": path, "caption": text}` lines (image paths relative to the file). A line that is not
@@ -290,14 +282,13 @@ class JsonlPairsSource:
         images, captions = [], []
         with open(path) as f:
             for n, line in enumerate(f, 1):
-                if line.strip():
-                    row = self._row(line, f"{path}:{n}")
-                    if row is not None:
-                        images.append(os.path.join(os.path.dirname(path), row["image"]))
-                        captions.append(str(row["caption"]))
+                row = self._row(line, f"{path}:{n}") if line.strip() else None
+                if row is not None:
+                    images.append(os.path.join(os.path.dirname(path), row["image"]))
+                    captions.append(str(row["caption"]))
         if not images:
             raise InputError(f"{path}: no {{image, caption}} pairs: {problems_summary(self.problems)}")
-        self.images, self.captions = _strings(images), _strings(captions)
+        self.images, self.captions = string_array(images), string_array(captions)
 
     def _row(self, line: str, where: str) -> Optional[dict]:
         try:
@@ -318,34 +309,16 @@ class JsonlPairsSource:
         return len(self.images)
 
     def origin(self, i: int) -> str:
-        return _str(self.images[i])
+        return string_at(self.images, i)
 
     def image_bytes(self, i: int):
         return read_file(self.origin(i))
 
     def caption(self, i: int) -> str:
-        return _str(self.captions[i])
+        return string_at(self.captions, i)
 
 
-class ImageSetSource:
-    """An in-memory `ImageSet` (synthetic corpus, small sets) seen as a source."""
-
-    def __init__(self, images: ImageSet):
-        self.set, self.problems, self.class_names = images, BadSampleLog(), list(images.class_names)
-        self.labels = None if images.labels is None else np.asarray(images.labels, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.set)
-
-    def origin(self, i: int) -> str:
-        return self.set.origins[i]
-
-    def image_bytes(self, i: int):
-        return self.set.images[i]
-
-    def caption(self, i: int) -> str:
-        return self.set.captions[i]
-
+# ------------------------------------------------------------------------------------------ splits
 
 class SubsetSource:
     """Items `indices` of another source (a seeded train/eval split)."""
@@ -369,86 +342,44 @@ class SubsetSource:
         return self.base.caption(int(self.indices[i]))
 
 
+def split(n: int, eval_fraction: float, seed: int) -> Tuple[List[int], List[int]]:
+    """Seeded random (train, eval) index split; eval gets round(n * eval_fraction) items."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise InputError(f"--eval-fraction ({eval_fraction}) must be in (0, 1)")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(n * eval_fraction))
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+# ------------------------------------------------------------------------------------------ by path
+
 def labeled_source(path: str, label_field: str = "label"):
-    """An ImageFolder or webdataset shards as a labelled source (see module doc)."""
+    """Labelled images from a synthetic corpus (in memory), an ImageFolder or webdataset shards."""
+    if is_synthetic_corpus(path):
+        return synthetic_labeled(path, label_field)
     if is_image_folder(path):
         return ImageFolderSource(path)
     if shard_paths(path):
         return TarSource(path, "label", label_field)
     what = "no such file or directory" if not os.path.exists(path) else \
-        "not an ImageFolder (class sub-folders of images) or webdataset shards (*.tar)"
+        "not a synthetic corpus (docs_*.jsonl + images/), an ImageFolder (class sub-folders of images) " \
+        "or webdataset shards (*.tar)"
     raise InputError(f"{path}: {what}")
 
 
 def pair_source(paths):
-    """Webdataset shards (one or several paths/globs) or one `.jsonl` of {image, caption}."""
+    """Image-caption pairs: a synthetic corpus (in memory), one `.jsonl` of {image, caption}, or
+    webdataset shards (one or several paths/globs)."""
     paths = [paths] if isinstance(paths, str) else list(paths)
+    if len(paths) == 1 and is_synthetic_corpus(paths[0]):
+        return synthetic_pairs(paths[0])
     if len(paths) == 1 and paths[0].endswith(".jsonl"):
         return JsonlPairsSource(paths[0])
     for p in paths:
         if not shard_paths(p):
             what = "no such file or directory" if not os.path.exists(p) else \
-                "not a .jsonl of {image, caption}, a Karpathy/COCO .json or webdataset shards (*.tar)"
+                "not a synthetic corpus, a .jsonl of {image, caption}, a Karpathy/COCO .json or webdataset " \
+                "shards (*.tar)"
             raise InputError(f"{p}: {what}")
     return TarSource(paths, "caption")
-
-
-def problems_summary(problems: BadSampleLog, examples: int = 2) -> str:
-    """'3 left out (missing file 2, no captions 1), e.g. X: missing file; Y: no captions' (one line)."""
-    if not problems.count:
-        return "nothing was left out"
-    kinds = ", ".join(f"{k} {n}" for k, n in sorted(problems.by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
-    return f"{problems.count} left out ({kinds}), e.g. {'; '.join(problems.named[:examples])}"
-
-
-# ------------------------------------------------------------------------------------------ datasets
-
-class _SourceImages(torch.utils.data.Dataset):
-    """Item i of a source, its image read and decoded in the worker: pixels `[3, S, S]` or a BadSample."""
-
-    def __init__(self, source, image_size: int):
-        self.source, self.image_size = source, image_size
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def pixels(self, i: int):
-        data = self.source.image_bytes(i)
-        if isinstance(data, BadSample):
-            return data
-        return decode(data, self.source.origin(i), self.image_size)
-
-
-class LabeledImages(_SourceImages):
-    """Item i -> (pixels `[3, S, S]`, label, i), or a BadSample."""
-
-    def __getitem__(self, i: int):
-        pixels = self.pixels(i)
-        return pixels if isinstance(pixels, BadSample) else (pixels, int(self.source.labels[i]), i)
-
-
-class CaptionedImages(_SourceImages):
-    """Item i -> (pixels `[3, S, S]`, caption, i), or a BadSample (caption read in the worker too)."""
-
-    def __getitem__(self, i: int):
-        pixels = self.pixels(i)
-        if isinstance(pixels, BadSample):
-            return pixels
-        try:
-            return pixels, self.source.caption(i), i
-        except Exception as e:
-            return BadSample(self.source.origin(i), f"cannot read caption: {e}")
-
-
-def collate(items: list) -> dict:
-    """Drop BadSamples (returned under "bad"); stack pixels `[b, 3, S, S]`; labels `[b]` or captions."""
-    bad = [x for x in items if isinstance(x, BadSample)]
-    good = [x for x in items if not isinstance(x, BadSample)]
-    out = {"bad": bad, "index": torch.tensor([x[2] for x in good], dtype=torch.long)}
-    out["pixels"] = torch.stack([x[0] for x in good]) if good else torch.zeros(0)
-    second = [x[1] for x in good]
-    if second and isinstance(second[0], str):
-        out["captions"] = second
-    else:
-        out["labels"] = torch.tensor(second, dtype=torch.long)
-    return out

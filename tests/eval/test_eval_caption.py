@@ -12,9 +12,9 @@ import torch
 from eval_fixtures import (EIGHT_CAPTIONS, assert_same_weights, patch_encoder, write_caption_pairs, write_karpathy,
                            write_tiny_lm)
 from megatron_lcl.eval import caption
-from megatron_lcl.eval.engine import Runtime
 from megatron_lcl.eval.karpathy import as_test_set
-from megatron_lcl.eval.streaming import pair_source
+from megatron_lcl.eval.parallel import one_process
+from megatron_lcl.eval.sources import pair_source
 from multirank import run_torchrun
 
 pytest.importorskip("pycocoevalcap")
@@ -58,7 +58,7 @@ def test_captioning_overfits_eight_pairs_and_decodes_them(caption_fixtures):
         cfg = caption.CaptionConfig(steps=150, batch_size=8, lr=3e-3, warmup_steps=10, num_workers=0,
                                     num_beams=beams, metric_tokenizer="python")
         result = caption.run_captioning(patch_encoder(), str(lm), source, [as_test_set(source, "train8")], cfg,
-                                        Runtime())
+                                        one_process())
         model, tokenizer = result["_model"], result["_tokenizer"]
         pixels = torch.stack([caption.CaptionedImages(source, 16)[i][0] for i in range(8)])
         decoded = caption.generate(model, pixels, tokenizer, cfg)
@@ -123,5 +123,5 @@ def test_two_rank_captioning_equals_one_rank(caption_fixtures):
 
     out = run_torchrun("eval_caption_checks.py", 2, root / "ddp_out")
     two = torch.load(out / "caption_ddp.pt", weights_only=False)
-    one = eval_caption_checks.caption_weights(str(root), Runtime())
+    one = eval_caption_checks.caption_weights(str(root), one_process())
     assert_same_weights(two, one, steps=3, lr=1e-3)

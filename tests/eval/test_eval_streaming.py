@@ -10,11 +10,12 @@ import torch
 from eval_fixtures import (assert_same_weights, colour_caption_samples, patch_encoder, write_image_folder,
                            write_karpathy, write_shard)
 from megatron_lcl.eval import classify, retrieve
-from megatron_lcl.eval.engine import GlobalBatches, Runtime, loader
 from megatron_lcl.eval.cli import run_cli
+from megatron_lcl.eval.datasets import LabeledImages
 from megatron_lcl.eval.karpathy import as_test_set, load_captioned_test_set, load_karpathy
+from megatron_lcl.eval.parallel import GlobalBatches, loader, one_process
 from megatron_lcl.eval.retrieve import recall_at_k
-from megatron_lcl.eval.streaming import LabeledImages, labeled_source, pair_source
+from megatron_lcl.eval.sources import labeled_source, pair_source
 from multirank import run_torchrun
 
 
@@ -84,16 +85,16 @@ def test_global_batches_deterministic_and_split_over_ranks(fixtures):
     folder = labeled_source(str(fixtures / "folder" / "train"))
     data = LabeledImages(folder, 16)
     one = [b["index"].tolist() + [x.origin for x in b["bad"]] for b in
-           loader(data, GlobalBatches(len(data), 8, Runtime(), seed=3, epoch=1), num_workers=2)]
+           loader(data, GlobalBatches(len(data), 8, seed=3, epoch=1), num_workers=2)]
     again = [b["index"].tolist() + [x.origin for x in b["bad"]] for b in
-             loader(data, GlobalBatches(len(data), 8, Runtime(), seed=3, epoch=1), num_workers=0)]
+             loader(data, GlobalBatches(len(data), 8, seed=3, epoch=1), num_workers=0)]
     assert one == again and len(one) == 6  # 49 // 8, workers or not
-    other_epoch = list(GlobalBatches(len(data), 8, Runtime(), seed=3, epoch=2))
-    assert other_epoch != list(GlobalBatches(len(data), 8, Runtime(), seed=3, epoch=1))
-    ranks = [list(GlobalBatches(len(data), 8, Runtime(rank=r, world=2), seed=3, epoch=1)) for r in (0, 1)]
-    whole = list(GlobalBatches(len(data), 8, Runtime(), seed=3, epoch=1))
+    other_epoch = list(GlobalBatches(len(data), 8, seed=3, epoch=2))
+    assert other_epoch != list(GlobalBatches(len(data), 8, seed=3, epoch=1))
+    ranks = [list(GlobalBatches(len(data), 8, seed=3, epoch=1, rank=r, world=2)) for r in (0, 1)]
+    whole = list(GlobalBatches(len(data), 8, seed=3, epoch=1))
     assert [a + b for a, b in zip(*ranks)] == whole
-    assert list(GlobalBatches(len(data), 8, Runtime(), seed=3, epoch=1, start=4)) == whole[4:]
+    assert list(GlobalBatches(len(data), 8, seed=3, epoch=1, start=4)) == whole[4:]
 
 
 # ------------------------------------------------------------------------------------------ engine
@@ -105,7 +106,7 @@ def test_probe_resume_equals_no_resume(fixtures, tmp_path):
     def run(steps, ckpt):
         cfg = classify.ProbeConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, num_workers=0,
                                    save_every_steps=3)
-        r = classify.run_classification_streaming(patch_encoder(), train, val, cfg, Runtime(), ckpt)
+        r = classify.run_classification(patch_encoder(), train, val, cfg, one_process(), ckpt)
         return r.pop("_model").trainable_state(), r
 
     straight, _ = run(8, None)
@@ -136,7 +137,7 @@ def _step3(tmp_path, train, val) -> dict:
 
     engine.EvalCheckpoint.save = save_then_stop
     try:
-        classify.run_classification_streaming(patch_encoder(), train, val, cfg, Runtime(), path)
+        classify.run_classification(patch_encoder(), train, val, cfg, one_process(), path)
     except Stop:
         pass
     finally:
@@ -156,7 +157,7 @@ def ddp_results(fixtures):
 def test_two_rank_probe_equals_one_rank(ddp_results, fixtures, mode):
     import eval_checks
 
-    one = eval_checks.probe_weights(str(fixtures), mode, Runtime())
+    one = eval_checks.probe_weights(str(fixtures), mode, one_process())
     two = ddp_results[f"probe_{mode}"]
     assert ddp_results["world"] == 2
     if mode == "full":
@@ -169,7 +170,7 @@ def test_two_rank_probe_equals_one_rank(ddp_results, fixtures, mode):
 def test_two_rank_retrieval_equals_one_rank(ddp_results, fixtures):
     import eval_checks
 
-    one = eval_checks.retrieval_weights(str(fixtures), Runtime())
+    one = eval_checks.retrieval_weights(str(fixtures), one_process())
     two = ddp_results["retrieval"]
     assert_same_weights(two["head"], one["head"], eval_checks.RETRIEVAL["steps"], 1e-3)
     name = "dataset_coco.json:test"
@@ -350,7 +351,7 @@ def test_preset_prints_settings_and_scales_warmup_to_a_short_run(fixtures, capsy
 def test_warmup_fitted_to_a_run_shorter_than_it():
     """Classification's preset counts epochs: on a small set its 90 epochs are shorter than its 1500
     warm-up steps, which then scale to the fraction they are of the paper's ImageNet run."""
-    from megatron_lcl.eval.common import config_from_args
+    from megatron_lcl.eval.cli import config_from_args
     from megatron_lcl.eval.engine import fit_warmup_to_run
     from megatron_lcl.eval.errors import InputError
 
