@@ -30,7 +30,7 @@ import numpy as np
 
 from megatron_lcl.data import labeled_images
 from megatron_lcl.data.shards import shard_paths, tar_index
-from megatron_lcl.data.synthetic import SHAPES
+from megatron_lcl.data.shapes import SHAPES
 from megatron_lcl.eval.bad_samples import BadSample, BadSampleLog, problems_summary
 from megatron_lcl.eval.errors import InputError
 
