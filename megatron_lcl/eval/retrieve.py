@@ -312,9 +312,16 @@ COMMAND = Command(parse_args, RetrievalConfig, ("encoder", "data", "eval_data", 
                   summary)
 
 
-def main(argv=None) -> dict:
+def run_command_line(argv=None) -> dict:
+    """The command's results dict (rank 0 also prints the table and writes --output): for Python callers."""
     return run_command(argv, COMMAND)
 
 
+def main(argv=None) -> int:
+    """`python -m megatron_lcl.eval.retrieve` and the console script: exit status 0, or 2 after one line
+    naming bad input."""
+    return run_cli(run_command_line, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

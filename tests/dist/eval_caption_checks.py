@@ -1,4 +1,4 @@
-"""Captioning on 2 gloo ranks equals 1 rank on the same global batches (tests/test_eval_caption.py
+"""Captioning on 2 gloo ranks equals 1 rank on the same global batches (tests/eval/test_eval_caption.py
 writes the fixtures into OUT/..; rank 0 saves the trained projector + LM weights)."""
 
 import os

@@ -1,7 +1,7 @@
 """Transfer evaluation on 2 gloo ranks: a data-parallel probe (frozen and full) and retrieval run
 equal the 1-rank run on the same global batches; the streaming classify CLI under torchrun.
 
-Run by tests/test_eval_streaming.py (fixtures in OUT/.., written by the test); rank 0 saves
+Run by tests/eval/test_eval_streaming.py (fixtures in OUT/.., written by the test); rank 0 saves
 the trained weights, which the test compares with the same runs in one process.
 """
 
@@ -46,7 +46,7 @@ def main():
                "probe_frozen": probe_weights(fixtures, "frozen", layout),
                "probe_full": probe_weights(fixtures, "full", layout),
                "retrieval": retrieval_weights(fixtures, layout)}
-    cli = classify.main(["--encoder", os.path.join(fixtures, "hf_vision"), "--data", os.path.join(fixtures, "folder"),
+    cli = classify.run_command_line(["--encoder", os.path.join(fixtures, "hf_vision"), "--data", os.path.join(fixtures, "folder"),
                          "--steps", "2", "--batch-size", "8", "--num-workers", "1",
                          "--output", os.path.join(out, "cli_cls.json")])
     results["cli_world"] = cli["world_size"]

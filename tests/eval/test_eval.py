@@ -171,7 +171,7 @@ def test_caption_transfer_from_a_convert_to_hf_export(exported, tmp_path, capsys
     config = AutoConfig.from_pretrained(str(root / "hf" / "lm"))
     assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (ours.pad_id, ours.bos_id, ours.eos_id)
     pairs = write_caption_pairs(tmp_path)
-    result = caption.main(["--encoder", str(root / "hf"), "--lm", str(root / "hf" / "lm"), "--data", str(pairs),
+    result = caption.run_command_line(["--encoder", str(root / "hf"), "--lm", str(root / "hf" / "lm"), "--data", str(pairs),
                            "--eval-data", str(pairs), "--steps", "40", "--batch-size", "8", "--lr", "3e-3",
                            "--num-workers", "0", "--metric-tokenizer", "python",
                            "--output", str(tmp_path / "cap.json")])
@@ -226,9 +226,9 @@ def test_clis_run_on_checkpoint_and_hf_folder(kind, tiny_checkpoint, hf_clip_dir
     from megatron_lcl.eval import classify, retrieve
 
     encoder = tiny_checkpoint if kind == "checkpoint" else hf_clip_dir
-    cls = classify.main(["--encoder", encoder, "--data", corpus, "--epochs", "1", "--batch-size", "16",
+    cls = classify.run_command_line(["--encoder", encoder, "--data", corpus, "--epochs", "1", "--batch-size", "16",
                          "--output", str(tmp_path / "cls.json")])
-    ret = retrieve.main(["--encoder", encoder, "--data", corpus, "--epochs", "1", "--batch-size", "16",
+    ret = retrieve.run_command_line(["--encoder", encoder, "--data", corpus, "--epochs", "1", "--batch-size", "16",
                          "--output", str(tmp_path / "ret.json")])
     printed = capsys.readouterr().out
     assert "classification" in printed and "acc-1" in printed and "TR@1" in printed and "IR@10" in printed

@@ -2,7 +2,7 @@
 pairs and decodes them back (greedy and beam); CIDEr/BLEU of references against themselves are
 maximal and of shuffled ones low (with the Python tokenizer, and with PTB where Java exists); the CLI
 on a Karpathy test set writes every prediction; an LM that cannot encode captions is refused; a 2-rank
-captioning step equals 1 rank. (Captioning with a convert_to_hf export: tests/test_eval.py.)"""
+captioning step equals 1 rank. (Captioning with a convert_to_hf export: tests/eval/test_eval.py.)"""
 
 import json
 
@@ -69,7 +69,7 @@ def test_captioning_overfits_eight_pairs_and_decodes_them(caption_fixtures):
 
 def test_caption_cli_on_karpathy_test_set(caption_fixtures, tmp_path, capsys):
     root, pairs, lm = caption_fixtures
-    result = caption.main(["--encoder", str(root / "clip"), "--lm", str(lm), "--data", str(pairs),
+    result = caption.run_command_line(["--encoder", str(root / "clip"), "--lm", str(lm), "--data", str(pairs),
                            "--eval-data", str(root / "coco" / "dataset_coco.json"), "--steps", "3",
                            "--batch-size", "4", "--num-workers", "0", "--num-beams", "2",
                            "--checkpoint", str(tmp_path / "cap.pt"), "--output", str(tmp_path / "cap.json")])
@@ -95,8 +95,6 @@ def test_caption_refuses_an_lm_without_tokenizer_and_empty_targets(caption_fixtu
     so is a run in which every training target was empty. One line each, exit status 2."""
     import shutil
 
-    from megatron_lcl.eval.cli import run_cli
-
     root, pairs, lm = caption_fixtures
     bare = tmp_path / "lm_without_tokenizer"
     bare.mkdir()
@@ -104,13 +102,13 @@ def test_caption_refuses_an_lm_without_tokenizer_and_empty_targets(caption_fixtu
         shutil.copy(lm / name, bare / name)
     common = ["--encoder", str(root / "clip"), "--eval-data", str(pairs), "--steps", "2", "--batch-size", "4",
               "--num-workers", "0"]
-    assert run_cli(caption.main, common + ["--lm", str(bare), "--data", str(pairs)]) == 2
+    assert caption.main(common + ["--lm", str(bare), "--data", str(pairs)]) == 2
     err = capsys.readouterr().err.strip().splitlines()  # nothing but the error: refused before loading weights
     assert err == [f"error: --lm {bare}: its tokenizer turns every caption into no tokens (e.g. 'a red square' -> []; "
                    f"1 tokens in its vocabulary; tokenizer files here: none)"]
     (tmp_path / "empty.jsonl").write_text("".join(json.dumps({"image": f"{root}/img/{c}.png", "caption": ""}) + "\n"
                                                   for c in ("red", "green", "blue", "black")))
-    assert run_cli(caption.main, common + ["--lm", str(lm), "--data", str(tmp_path / "empty.jsonl")]) == 2
+    assert caption.main(common + ["--lm", str(lm), "--data", str(tmp_path / "empty.jsonl")]) == 2
     err = capsys.readouterr().err  # after training (transformers' and the engine's progress bars before it)
     assert "Traceback" not in err and [line for line in err.splitlines() if "error" in line] == [
         f"error: --lm {lm}: every training target was empty (each caption tokenized to no tokens, only EOS was "

@@ -10,7 +10,6 @@ import torch
 from eval_fixtures import (assert_same_weights, colour_caption_samples, patch_encoder, write_image_folder,
                            write_karpathy, write_shard)
 from megatron_lcl.eval import classify, retrieve
-from megatron_lcl.eval.cli import run_cli
 from megatron_lcl.eval.datasets import LabeledImages
 from megatron_lcl.eval.karpathy import as_test_set, load_captioned_test_set, load_karpathy
 from megatron_lcl.eval.parallel import GlobalBatches, loader, one_process
@@ -182,11 +181,11 @@ def test_two_rank_retrieval_equals_one_rank(ddp_results, fixtures):
 
 def test_stream_clis_with_karpathy_test_set(fixtures, tmp_path, capsys):
     hf = str(fixtures / "hf_vision")
-    cls = classify.main(["--encoder", hf, "--data", str(fixtures / "folder"), "--steps", "2", "--batch-size", "8",
+    cls = classify.run_command_line(["--encoder", hf, "--data", str(fixtures / "folder"), "--steps", "2", "--batch-size", "8",
                          "--num-workers", "0", "--output", str(tmp_path / "cls.json")])
     assert cls["world_size"] == 1 and cls["num_classes"] == 5  # zz_empty keeps its number
     assert json.loads((tmp_path / "cls.json").read_text())["bad_samples"]["train_index"]["count"] == 1  # zz_empty
-    ret = retrieve.main(["--encoder", hf, "--data", str(fixtures / "shards" / "pairs-000.tar"),
+    ret = retrieve.run_command_line(["--encoder", hf, "--data", str(fixtures / "shards" / "pairs-000.tar"),
                          str(fixtures / "shards" / "pairs-001.tar"),
                          "--eval-data", str(fixtures / "coco" / "dataset_coco.json"), "--steps", "2",
                          "--batch-size", "8", "--num-workers", "0", "--output", str(tmp_path / "ret.json")])
@@ -229,9 +228,22 @@ def test_karpathy_duplicate_test_image_merged_and_counted(tmp_path):
         "duplicate image": 1}
 
 
+def test_held_out_split_merges_a_repeated_image(tmp_path):
+    """A seeded split of --data is a test set like any other: an image that appears twice in it is one
+    image with both captions, the extra listing counted (the in-memory sets did not merge)."""
+    from eval_fixtures import png
+
+    (tmp_path / "one.png").write_bytes(png((220, 40, 40)))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"image": "one.png", "caption": f"red {i}"}) + "\n"
+                                                  for i in range(4)))
+    train, (test,) = retrieve.retrieval_sets([str(tmp_path / "pairs.jsonl")], None, None, 0.5, 0)
+    assert len(train) == 2 and len(test) == 1 and len(test.captions) == 2
+    assert test.problems.by_reason == {"duplicate image": 1}
+
+
 def _cli(module, argv, capsys):
-    """The command's exit status and its stderr lines (run as `python -m` runs it: cli.run_cli)."""
-    code = run_cli(module.main, argv)
+    """The command's exit status and its stderr lines (`main`, as `python -m` and the console script run it)."""
+    code = module.main(argv)
     return code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -312,7 +324,7 @@ def test_retrieval_trains_from_karpathy_json_with_overlap_warning(fixtures, tmp_
     --eval-split val); the training image that is also a test image is reported with counts."""
     coco = write_karpathy(tmp_path / "coco", train_per_colour=2)
     hf = str(fixtures / "hf_vision")
-    result = retrieve.main(["--encoder", hf, "--data", str(coco), "--steps", "3", "--batch-size", "8",
+    result = retrieve.run_command_line(["--encoder", hf, "--data", str(coco), "--steps", "3", "--batch-size", "8",
                             "--num-workers", "0", "--output", str(tmp_path / "ret.json")])
     out = capsys.readouterr().out
     assert result["num_train"] == 2 * 4 * 2 * 5 + 1  # (train + restval) x colours x 2 images x 5 captions + 1
@@ -323,14 +335,14 @@ def test_retrieval_trains_from_karpathy_json_with_overlap_warning(fixtures, tmp_
         "defaults' 1 of 30 epochs)" in out
     assert "training: 3 steps x batch 8 = 0.296 epochs of 81 examples; warm-up 0 steps" in out
     assert "bad samples: none" in out
-    val = retrieve.main(["--encoder", hf, "--data", str(coco), "--eval-data", str(coco), "--eval-split", "val",
+    val = retrieve.run_command_line(["--encoder", hf, "--data", str(coco), "--eval-data", str(coco), "--eval-split", "val",
                          "--steps", "2", "--batch-size", "8", "--num-workers", "0"])
     assert val["recall_by_set"]["dataset_coco.json:val"]["num_images"] == 4 and not val["overlap"][
         "dataset_coco.json:val"]["count"]
 
 
 def test_preset_prints_settings_and_scales_warmup_to_a_short_run(fixtures, capsys):
-    result = retrieve.main(["--encoder", str(fixtures / "hf_vision"), "--data", str(fixtures / "shards"),
+    result = retrieve.run_command_line(["--encoder", str(fixtures / "hf_vision"), "--data", str(fixtures / "shards"),
                             "--eval-data", str(fixtures / "coco" / "dataset_coco.json"), "--preset", "paper",
                             "--batch-size", "8", "--steps", "20", "--num-workers", "0"])
     out = capsys.readouterr().out
