@@ -1,11 +1,11 @@
 """The evaluation commands (classify, retrieve, caption): one skeleton, and what they show a user
 around a run, in one place:
 
-- `run_command(argv, command)`: every command's `main` (parse, check the paths, load the data, print
-  the settings, train and score through `command.run`, print the table and write the JSON); a
-  `Command` holds what differs between the tasks;
-- `run_cli(main)`: the entry point; bad input (an `InputError`) ends with one line on stderr and exit
-  status 2, no traceback;
+- `run_command(argv, command)`: every command's work (parse, check the paths, load the data, print
+  the settings, train and score through `command.run`, print the table and write the JSON) -> the
+  results dict; a `Command` holds what differs between the tasks;
+- `run_cli(run, argv)`: every command's `main` (python -m, console scripts) -> exit status; bad input
+  (an `InputError`) ends with one line on stderr and exit status 2, no traceback;
 - `check_paths`: a mistyped path is "no such file or directory", named with its flag;
 - `parse_with_preset`: `--preset NAME` sets defaults, explicit flags win; records which fields the
   command line set (`args.explicit`) and the preset's values (`args.preset_values`);
@@ -36,10 +36,10 @@ def is_main_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run_cli(main: Callable, argv=None) -> int:
-    """`main(argv)` -> exit status: 0, or 2 after printing `error: <message>` (one line) for bad input."""
+def run_cli(run: Callable, argv=None) -> int:
+    """`run(argv)` -> exit status: 0, or 2 after printing `error: <message>` (one line) for bad input."""
     try:
-        main(argv)
+        run(argv)
     except InputError as e:
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         if rank == 0 or not e.every_rank:
