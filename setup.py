@@ -32,6 +32,22 @@ setup(
         "eval": ["pycocoevalcap>=1.2"],  # CIDEr / BLEU of captioning transfer (its PTB tokenizer needs Java)
         "obelics": ["pyarrow"],  # OBELICS parquet shards
         "gpu": ["transformer-engine[pytorch]>=1.12"],
-        "apex": ["apex"],
+        # NVIDIA Apex has no extra: it is built from github.com/NVIDIA/apex against the node's CUDA
+        # (docs/gpu.md); PyPI's `apex` is an unrelated package.
+    },
+    entry_points={
+        "console_scripts": [
+            "lcl-train = megatron_lcl.train:run",
+            "lcl-prepare-data = megatron_lcl.data.prepare:main",
+            "lcl-train-tokenizer = megatron_lcl.data.build_tokenizer:main",
+            "lcl-convert-to-hf = megatron_lcl.hf.export:main",
+            "lcl-convert-from-hf = megatron_lcl.hf.from_hf:main",
+            "lcl-verify-hf = megatron_lcl.hf.verify:main",
+            "lcl-eval-classify = megatron_lcl.eval.classify:main",
+            "lcl-eval-retrieve = megatron_lcl.eval.retrieve:main",
+            "lcl-eval-caption = megatron_lcl.eval.caption:main",
+            "lcl-sweep = megatron_lcl.scaling.run_sweep:main",
+            "lcl-scaling-report = megatron_lcl.scaling.report:main",
+        ],
     },
 )

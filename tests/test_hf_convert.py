@@ -144,7 +144,7 @@ def test_hf_to_megatron_lcl_to_hf_gives_identical_tensors(converted, tmp_path):
     _, _, clip, opt = converted
     clip.save_pretrained(tmp_path / "clip")
     opt.save_pretrained(tmp_path / "opt")
-    tool = _load_tool("convert_from_hf")
+    from megatron_lcl.hf import from_hf as tool
     ckpt = tool.convert(LCLConfig(model=CFG), str(tmp_path / "clip"), str(tmp_path / "opt"),
                         str(tmp_path / "ckpt"), log=lambda *a: None)
     export_to_hf(ckpt, str(tmp_path / "back"), log=lambda *a: None)

@@ -11,7 +11,6 @@ from megatron_lcl.config import ConfigError, LCLConfig
 from megatron_lcl.hf.convert import clip_latents
 
 from common import tiny_model_config
-from test_hf_convert import _load_tool
 
 BOUND = 1e-4  # max |ours - transformers| of the latents (hf.verify's vision bound)
 
@@ -46,7 +45,7 @@ def quick_gelu_import(tmp_path_factory, single_rank):
     root = tmp_path_factory.mktemp("hf_import")
     clip = _clip("quick_gelu")
     clip.save_pretrained(root / "clip")
-    tool = _load_tool("convert_from_hf")
+    from megatron_lcl.hf import from_hf as tool
     ckpt = tool.convert(_run_config("quick_gelu"), str(root / "clip"), None, str(root / "ckpt"), log=lambda *a: None)
     export_to_hf(ckpt, str(root / "back"), log=lambda *a: None)
     images = torch.randn(3, 3, 16, 16)

@@ -366,7 +366,7 @@ def test_contrastive_batch_is_a_sweep_axis(tmp_path):
 
 def test_report_on_synthetic_isoflop_results(tmp_path):
     """A CSV of synthetic IsoFLOP results -> the report recovers N_opt ~ C^(b/(a+b)) and writes plots."""
-    import scaling_report
+    from megatron_lcl.scaling import report as scaling_report
 
     E, A, B, a, b = 1.7, 400.0, 800.0, 0.34, 0.28
     csv_path = tmp_path / "results.csv"

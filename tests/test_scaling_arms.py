@@ -222,7 +222,7 @@ def test_crossover_inside_the_measured_range():
 
 def test_report_on_synthetic_arms_results(tmp_path):
     """A CSV of two arms x 3 sizes x 3 budgets x 2 seeds -> the comparison report, plots and JSON."""
-    import scaling_report
+    from megatron_lcl.scaling import report as scaling_report
 
     rng = np.random.default_rng(0)
     csv_path = str(tmp_path / "results.csv")

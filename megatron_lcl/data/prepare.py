@@ -1,4 +1,4 @@
-"""Source documents -> verified, filtered webdataset shards (the library half of tools/prepare_data.py).
+"""Source documents -> verified, filtered webdataset shards.
 
 Deterministic, document-level rules are applied here, once:
 - MMC4: images with `matched_sim < 0.24` are dropped; a document with no such image is dropped.
@@ -13,8 +13,19 @@ Deterministic, document-level rules are applied here, once:
   at load time as LAION-Random is); `meta.pair_of` names the MMC4 document.
 The random per-sample choices (which <= 6 MMC4 images, before/after placement) happen at load time
 (sample_builder.py), so one prepared dataset serves every seed.
+
+The command (`lcl-prepare-data`, `python tools/prepare_data.py`, `python -m megatron_lcl.data.prepare`):
+
+    lcl-prepare-data --format mmc4 --input mmc4/docs/ --images-dir mmc4/images --output data/mmc4
+    lcl-prepare-data --format obelics --input 'obelics/*.parquet' --output data/obelics
+    lcl-prepare-data --format laion --input 'laion/{00000..00099}.tar' --output data/laion
+    lcl-prepare-data --format mmc4_pair --input mmc4/docs/ --images-dir mmc4/images --output data/mmc4_pair
+
+writes DIR/shard-000000.tar ... (one sample per document) and DIR/summary.json, and prints a summary:
+documents and images in/out, drops by reason with examples (file:line or shard:key). See docs/data.md.
 """
 
+import argparse
 import glob
 import io
 import json
@@ -216,3 +227,34 @@ def prepare(source: str, inputs: List[str], output_dir: str, images_dir: Optiona
     with open(os.path.join(output_dir, "summary.json"), "w") as f:
         json.dump(summary.to_dict(), f, indent=1)
     return summary
+
+
+def main(argv=None) -> None:
+    defaults = PrepareOptions()
+    p = argparse.ArgumentParser(
+        description="Convert MMC4 / OBELICS / LAION into the webdataset shards the LCL loader streams.")
+    p.add_argument("--format", required=True, choices=sorted(INPUT_PATTERNS))
+    p.add_argument("--input", required=True, nargs="+", help="files, folders or globs")
+    p.add_argument("--output", required=True, help="output folder for shard-*.tar")
+    p.add_argument("--images-dir", default=None,
+                   help="MMC4 / MMC4-Pair: folder of image files named by image_name (default: INPUT/images or INPUT); "
+                        "OBELICS: base for relative image paths (default: the row file's folder)")
+    p.add_argument("--shard-size", type=int, default=defaults.shard_size, help="documents per output shard")
+    p.add_argument("--min-similarity", type=float, default=defaults.min_similarity, help="MMC4 matched_sim threshold")
+    p.add_argument("--max-image-side", type=int, default=defaults.max_image_side,
+                   help="downscale larger images to this side (keeps loading fast)")
+    p.add_argument("--max-doc-chars", type=int, default=defaults.max_doc_chars)
+    p.add_argument("--max-doc-images", type=int, default=defaults.max_doc_images)
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="processes, each preparing every N-th input file into its own shards")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    options = PrepareOptions(args.min_similarity, args.max_image_side, args.max_doc_chars,
+                             args.max_doc_images, args.shard_size)
+    summary = prepare(args.format, args.input, args.output, args.images_dir, options,
+                      progress=not args.no_progress, num_workers=args.num_workers)
+    print(f"prepared {args.format} -> {args.output}\n{summary.report()}")
+
+
+if __name__ == "__main__":
+    main()

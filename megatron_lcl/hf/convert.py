@@ -24,6 +24,7 @@ tokens (HF applies it to the pooled token only), so our latents = `post_layernor
 from typing import Callable, Dict, List, NamedTuple, Tuple, Union
 
 import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM
 
 from megatron_lcl.config import LMConfig, VisionConfig
 
@@ -259,9 +260,7 @@ def lm_import_errors(lm: LMConfig, opt) -> List[str]:
 ACTIVATIONS_HF = ("gelu", "quick_gelu")  # HF `hidden_act` names == ours (`VisionConfig.activation`)
 
 
-def clip_vision_config(vision: VisionConfig):
-    from transformers import CLIPVisionConfig
-
+def clip_vision_config(vision: VisionConfig) -> CLIPVisionConfig:
     return CLIPVisionConfig(
         hidden_size=vision.hidden_size, intermediate_size=vision.ffn_hidden_size,
         num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_attention_heads,
@@ -270,9 +269,7 @@ def clip_vision_config(vision: VisionConfig):
 
 
 def opt_config(lm: LMConfig, vocab_size: int, pad_token_id: int = 0, bos_token_id: int = 1,
-               eos_token_id: int = 2):
-    from transformers import OPTConfig
-
+               eos_token_id: int = 2) -> OPTConfig:
     return OPTConfig(
         vocab_size=vocab_size, hidden_size=lm.hidden_size, num_hidden_layers=lm.num_layers,
         ffn_dim=lm.ffn_hidden_size, num_attention_heads=lm.num_attention_heads,
@@ -288,8 +285,6 @@ def build_hf_models(state: State, vision: VisionConfig, lm: LMConfig, vocab_size
     """-> (CLIPVisionModel, OPTForCausalLM) in eval mode with our weights loaded strictly.
     `special_ids`: the tokenizer's {pad,bos,eos}_token_id for the OPT config (and so its generation
     defaults); without one, OPT's own 0 / 1 / 2."""
-    from transformers import CLIPVisionModel, OPTForCausalLM
-
     clip_cfg, opt_cfg = clip_vision_config(vision), opt_config(lm, vocab_size, **(special_ids or {}))
     errors = vision_import_errors(vision, clip_cfg) + lm_import_errors(lm, opt_cfg)
     assert not errors, "cannot export to transformers without changing the function: " + "; ".join(errors)

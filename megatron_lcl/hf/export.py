@@ -1,10 +1,21 @@
-"""megatron_lcl checkpoint -> HuggingFace folder (vision tower, LM, tokenizer, LCL heads + card)."""
+"""megatron_lcl checkpoint (any TP/PP) -> HuggingFace folder (vision tower, LM, tokenizer, LCL heads + card).
 
+    lcl-convert-to-hf --load runs/demo/checkpoints --save runs/demo/hf
+    (or python tools/checkpoint/convert_to_hf.py ..., python -m megatron_lcl.hf.export ...)
+
+Writes OUT/vision (CLIPVisionModel), OUT/lm (OPTForCausalLM with its tokenizer: a complete
+AutoModelForCausalLM + AutoTokenizer folder), OUT/tokenizer (the tokenizer alone),
+OUT/lcl_heads.safetensors and OUT/README.md (what each file is and how to use it).
+"""
+
+import argparse
 import json
 import os
+import sys
 
 from safetensors.torch import save_file
 
+from megatron_lcl.checkpoint import resolve_checkpoint
 from megatron_lcl.hf.convert import build_hf_models, lcl_heads_state
 from megatron_lcl.checkpoint.pretrained import full_state_dict, load_pretrained
 from megatron_lcl.hf.tokenizer import to_hf_tokenizer
@@ -70,3 +81,25 @@ def export_to_hf(checkpoint: str, out_dir: str, log=print) -> dict:
     for name, path in paths.items():
         log(f"  {name:<10} {path}")
     return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="checkpoints/ folder (uses `latest`) or one step_* folder")
+    parser.add_argument("--save", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    try:
+        found = resolve_checkpoint(args.load)
+    except FileNotFoundError as e:  # `latest` names an incomplete checkpoint and there is no other
+        found, why = None, str(e)
+    else:
+        why = "no complete checkpoint there (a run directory, its checkpoints/ or one step_* folder)"
+    if found is None:
+        print(f"error: --load {args.load}: {why}", file=sys.stderr)
+        return 2
+    export_to_hf(found, args.save)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

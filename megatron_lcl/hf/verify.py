@@ -1,10 +1,24 @@
-"""Compare a megatron_lcl checkpoint with its HuggingFace export: the numbers `verify_hf.py` prints."""
+"""Load a megatron_lcl checkpoint and its HuggingFace export side by side and print how close they are.
 
+    lcl-verify-hf --load runs/demo/checkpoints --hf runs/demo/hf
+    (or python tools/checkpoint/verify_hf.py ..., python -m megatron_lcl.hf.verify ...)
+
+Bounds: vision latents max abs diff <= 1e-4 (fp32), text-only and interleaved logits KL <= 1e-6,
+tokenizer ids equal. Exits 1 when a figure is out of bounds.
+"""
+
+import argparse
 import os
+import sys
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, CLIPVisionModel, OPTForCausalLM
 
+from megatron_lcl.checkpoint import load_pretrained
+from megatron_lcl.data.tokenizer import LCLTokenizer
 from megatron_lcl.hf.convert import clip_latents
+from megatron_lcl.testing import random_batch
 
 BOUNDS = {"vision_max_abs_diff": 1e-4, "text_logits_kl": 1e-6, "interleaved_logits_kl": 1e-6}
 
@@ -35,10 +49,6 @@ def compare(lcl, clip, opt, tokens, images, image_sample_index, boi_positions, p
 
 
 def compare_tokenizers(sp_model_path: str, hf_dir: str, texts) -> dict:
-    from transformers import AutoTokenizer
-
-    from megatron_lcl.data.tokenizer import LCLTokenizer
-
     ours, hf = LCLTokenizer(sp_model_path), AutoTokenizer.from_pretrained(hf_dir)
     same = all(hf(t, add_special_tokens=False)["input_ids"] == ours.encode(t) for t in texts)
     specials = hf.convert_tokens_to_ids(["<BoI>", "<EoI>", "<img>"]) == [ours.boi_id, ours.eoi_id, ours.image_id]
@@ -51,12 +61,42 @@ def within_bounds(figures: dict) -> bool:
 
 
 def load_hf(out_dir: str):
-    from safetensors.torch import load_file
-    from transformers import CLIPVisionModel, OPTForCausalLM
-
     clip = CLIPVisionModel.from_pretrained(os.path.join(out_dir, "vision")).eval()
     opt = OPTForCausalLM.from_pretrained(os.path.join(out_dir, "lm")).eval()
     heads = load_file(os.path.join(out_dir, "lcl_heads.safetensors"))
     projector = torch.nn.Linear(*heads["projector.weight"].shape[::-1])
     projector.load_state_dict({"weight": heads["projector.weight"], "bias": heads["projector.bias"]})
     return clip, opt, projector
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True)
+    parser.add_argument("--hf", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    lcl = load_pretrained(args.load)
+    clip, opt, projector = load_hf(args.hf)
+    v, lm = lcl.cfg.model.vision, lcl.cfg.model.lm
+    seq = min(lm.max_position_embeddings, 3 * (v.num_image_tokens + 2) + 16)
+    vocab = min(lm.vocab_size, opt.config.vocab_size)
+    batch = random_batch([[2], [5, 5 + v.num_image_tokens + 4]], seq, v.num_image_tokens, v.image_size,
+                         vocab, seed=args.seed)
+    figures = compare(lcl, clip, opt, batch.tokens, batch.images, batch.image_sample_index,
+                      batch.boi_positions, projector)
+    tok_dir = os.path.join(args.hf, "tokenizer")
+    if lcl.cfg.data.tokenizer and os.path.isdir(tok_dir):
+        figures.update(compare_tokenizers(lcl.cfg.data.tokenizer, tok_dir,
+                                          ["a red circle on a striped background", " Hello, World 123!"]))
+    for k, value in figures.items():
+        bound = BOUNDS.get(k)
+        print(f"{k:<24} {value!s:<24} {'<= ' + str(bound) if bound else ''}")
+    ok = within_bounds(figures)
+    print("OK" if ok else "OUT OF BOUNDS")
+    if not ok:
+        sys.exit(1)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

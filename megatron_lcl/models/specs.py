@@ -15,8 +15,10 @@ import importlib
 import importlib.util
 
 import torch
+from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_lcl.config import ConfigError
 from megatron_lcl.models.attention import SDPAttention
@@ -56,8 +58,6 @@ def select_transformer_impl(requested: str = "auto", *, cuda: bool = None, te: b
 
 def _base_gpt_layer_spec(impl: str, attention: str = SDPA) -> ModuleSpec:
     """megatron-core's GPT layer for `impl`; local layers get the core attention `attention` picks."""
-    from megatron.core.models.gpt import gpt_layer_specs
-
     if impl == TRANSFORMER_ENGINE:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec())  # core attention: DotProductAttention
@@ -80,9 +80,7 @@ def block_spec(layer_spec: ModuleSpec, impl: str, config):
     Given only a layer spec, megatron-core 0.16 picks the final norm itself (Apex or torch's, the
     latter refusing sequence parallelism even under Transformer Engine); here it matches the layers.
     """
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-
-    if impl == TRANSFORMER_ENGINE:
+    if impl == TRANSFORMER_ENGINE:  # imported only when Transformer Engine is chosen (and so present)
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         final_norm = LayerNorm

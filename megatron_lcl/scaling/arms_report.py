@@ -8,6 +8,7 @@ import os
 from typing import List, Optional, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from megatron_lcl.scaling.arms import (ArmFit, Comparison, crossover, exponent_difference, parameter_intervals,
                                        side_by_side)
@@ -35,12 +36,8 @@ def _band(laws: list, grid: np.ndarray, level: float):
 
 
 def plot_metric(cmp: Comparison, metric: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
     for i, arm in enumerate(cmp.arms):
         fit = cmp.fits[(arm, metric)]
         if not fit.configs:
@@ -65,7 +62,7 @@ def plot_metric(cmp: Comparison, metric: str, path: str) -> None:
     ax.set_ylabel(f"error = 1 - {metric}")
     ax.set_title(f"{metric}: mean over seeds (bars: sd), {cmp.level:.0%} bootstrap bands", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout(), fig.savefig(path, dpi=90), plt.close(fig)
+    fig.tight_layout(), fig.savefig(path, dpi=90)
 
 
 # ---------------------------------------------------------------------------------- words

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy.optimize import brentq, least_squares
 
 
 @dataclass
@@ -220,8 +221,6 @@ def fit_saturating(compute: Sequence[float], error: Sequence[float],
     cell is a weighted linear least squares (variable projection), then a local refinement from the
     best cell (and from `start`, e.g. the full-data fit for bootstrap refits). Needs
     SATURATING_MIN_POINTS distinct compute values."""
-    from scipy.optimize import least_squares
-
     x, y = _check(compute, error)
     assert len(np.unique(x)) >= SATURATING_MIN_POINTS, \
         f"a * (C + b)^c + d needs >= {SATURATING_MIN_POINTS} distinct compute values, got {len(np.unique(x))}"
@@ -271,8 +270,6 @@ def _best_grid_cell(xs: np.ndarray, y: np.ndarray, d_max: float) -> list:
 def crossovers(f: Callable, g: Callable, lo: float, hi: float, num: int = 400) -> List[float]:
     """Compute values in [lo, hi] where curves f and g cross (sign changes of f - g on a log grid,
     each refined by bisection in log C). Empty when they do not cross there."""
-    from scipy.optimize import brentq
-
     grid = np.geomspace(lo, hi, num)
     diff = np.asarray(f(grid), dtype=float) - np.asarray(g(grid), dtype=float)
     out = []

@@ -58,6 +58,7 @@ from typing import Callable, Dict, List, Optional
 import yaml
 
 from megatron_lcl.checkpoint.run_dir import read_metrics
+from megatron_lcl.config import load_config, save_config
 from megatron_lcl.models.flops import flops_per_sample, parameter_counts, training_flops
 
 DRIVER = "megatron_lcl.train"  # the module pretrain_lcl.py runs
@@ -183,8 +184,6 @@ def _contrastive_overrides(spec: SweepSpec, budget: dict, overrides: List[str]) 
     """A budget's `contrastive_batch` (samples) as config overrides (see the module docstring)."""
     if "contrastive_batch" not in budget:
         return []
-    from megatron_lcl.config import load_config
-
     size, gbs = int(budget["contrastive_batch"]), int(budget["global_batch_size"])
     if size == gbs:
         return ["loss.contrastive_batch=step"]
@@ -211,8 +210,6 @@ def _steps_for(spec: SweepSpec, budget: dict, overrides: List[str]) -> int:
         return max(1, round(float(budget["samples"]) / budget["global_batch_size"]))
     if "images" in budget:
         return max(1, round(float(budget["images"]) / (spec.images_per_sample * budget["global_batch_size"])))
-    from megatron_lcl.config import load_config
-
     cfg = load_config(spec.base_config, overrides)
     per_step = flops_per_sample(cfg.model, cfg.data.seq_length, spec.images_per_sample,
                                 loss_mode=cfg.loss.mode) * budget["global_batch_size"]
@@ -258,8 +255,6 @@ def _point(spec: SweepSpec, index: int, budget: dict, model: dict, arm: Optional
 
 def write_point_config(point: SweepPoint, spec: SweepSpec):
     """The point's resolved config (presets and overrides applied), as a YAML the driver can run."""
-    from megatron_lcl.config import load_config, save_config
-
     cfg = load_config(spec.base_config, point.overrides + [f"run_dir={point.run_dir}"])
     os.makedirs(os.path.dirname(point.config_path), exist_ok=True)
     save_config(cfg, point.config_path)
@@ -309,8 +304,6 @@ def run_setup(spec: SweepSpec) -> None:
 def run_eval(spec: SweepSpec, point: SweepPoint) -> None:
     """The spec's eval_command for a trained point (it writes RUN_DIR/eval.json or probe.json);
     failures are logged and leave the metric columns empty."""
-    from megatron_lcl.config import load_config
-
     seed = point.seed if point.seed is not None else load_config(point.config_path).train.seed
     command = spec.eval_command.format(run_dir=shlex.quote(point.run_dir), config=shlex.quote(point.config_path),
                                        python=shlex.quote(sys.executable), output_dir=shlex.quote(spec.output_dir),
@@ -355,8 +348,6 @@ def backfill_eval(spec: SweepSpec, only: Optional[List[int]] = None, log=print) 
     """Run the eval_command on finished points whose run directory has no evaluation yet (e.g. points
     trained before an evaluation was configured, or whose evaluation failed), and append an updated
     row for every finished point whose row lacks metrics its evaluation has."""
-    from megatron_lcl.config import load_config
-
     assert spec.eval_command, "the spec has no eval_command"
     latest = {r["point"]: r for r in read_results(spec.results_csv)}
     appended = []
@@ -408,6 +399,8 @@ def read_eval_metrics(run_dir: str) -> Dict[str, float]:
     flat {name: number}), `probe_accuracy` from RUN_DIR/probe.json and `retrieval_tr1/ir1/tr5/ir5`
     (fractions) from RUN_DIR/retrieval.json (`python -m megatron_lcl.eval.retrieve --output`, e.g. on
     Karpathy COCO). {} when there is none."""
+    # Here, not at the top: eval.transfer imports the evaluation stack (encoders, megatron-core), which the
+    # sweep driver (it runs each point in a subprocess) otherwise never needs.
     from megatron_lcl.eval.transfer import RECALL_KEYS
 
     metrics = {}

@@ -10,6 +10,7 @@ import time
 from typing import Optional
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from megatron_lcl.checkpoint.run_dir import METRICS, TENSORBOARD, run_path
 from megatron_lcl.losses.contrastive import singular_value_stats  # noqa: F401  (the collapse monitor)
@@ -28,8 +29,6 @@ class MetricsWriter:
         self.file = open(self.path, "a")
         self.tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.tb = SummaryWriter(run_path(run_dir, TENSORBOARD), purge_step=start_step + 1)
 
     def write(self, row: dict) -> None:

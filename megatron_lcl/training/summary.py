@@ -6,6 +6,8 @@
 import argparse
 from typing import List
 
+from matplotlib.figure import Figure
+
 from megatron_lcl.checkpoint.run_dir import read_metrics
 
 
@@ -32,13 +34,9 @@ def summary_text(rows: List[dict]) -> str:
 
 
 def plot(rows: List[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     for key in ("loss", "lm_loss"):
         axes[0].plot(steps, [r[key] for r in rows], label=key)
     axes[0].set_title("L = L_gen + lambda L_con"), axes[0].legend()
@@ -52,7 +50,6 @@ def plot(rows: List[dict], path: str) -> None:
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def main(argv=None) -> None:

@@ -1,95 +1,14 @@
-"""Initialise a megatron_lcl checkpoint from HuggingFace weights on disk (continue from existing models).
+"""Initialise a megatron_lcl checkpoint from HuggingFace weights on disk (`lcl-convert-from-hf`).
 
     python tools/checkpoint/convert_from_hf.py --config examples/configs/vit_b16_opt125m_mmc4.yaml \\
         --vision path/to/clip-vit-b16 --lm path/to/opt-125m --save runs/init/checkpoint
 
-`--vision`: a `CLIPVisionModel` folder (the vision tower of a CLIP checkpoint works too); `--lm`: an
-`OPTForCausalLM` folder. The model sizes in the config must match them (the tool says which field does
-not), and every config field that changes the function must agree or be supported: a CLIP with
-`hidden_act: quick_gelu` (all openai/clip-vit-* releases) needs `model.vision.activation=quick_gelu`;
-post-LN OPT layers, `word_embed_proj_dim != hidden_size`, other activations are refused, naming the
-field. The LCL heads and projector keep their fresh initialisation, layer-scale starts at 1. Either
-side may be omitted (that part stays randomly initialised). The result is a megatron-core
-dist-checkpoint: training loads it at any TP/PP (`checkpoint.load=<folder> checkpoint.load_optimizer=false`).
+The command lives in megatron_lcl/hf/from_hf.py (what must match, and what is refused, is described there).
 """
 
-import argparse
+import sys
 
-from megatron_lcl.runtime.mcore_compat import filter_known_warnings
-
-filter_known_warnings()  # before megatron.core is imported
-
-
-def check_hf_configs(cfg, vision_hf=None, lm_hf=None) -> None:
-    """Refuse HF models whose sizes or function (activation, LayerNorm eps and placement, embedding
-    projection, ...) differ from the config, naming each field (`megatron_lcl.hf.convert`)."""
-    from megatron_lcl.config import ConfigError
-    from megatron_lcl.hf.convert import lm_import_errors, vision_import_errors
-
-    wrong = []
-    if vision_hf is not None:
-        wrong += vision_import_errors(cfg.model.vision, vision_hf.config)
-    if lm_hf is not None:
-        wrong += lm_import_errors(cfg.model.lm, lm_hf.config)
-    if wrong:
-        raise ConfigError("config does not match the HF weights: " + "; ".join(wrong))
-
-
-def convert(cfg, vision_dir, lm_dir, save_dir, log=print) -> str:
-    import torch
-    from transformers import CLIPVisionModel, OPTForCausalLM
-
-    from megatron_lcl.config import ParallelConfig
-    from megatron_lcl.hf.convert import lm_from_hf, vision_from_hf
-    from megatron_lcl.checkpoint import ensure_single_process, save_weights
-    from megatron_lcl.models.lcl_model import LCLModel
-    from megatron_lcl.runtime import set_seed
-
-    ensure_single_process()
-    vision_hf = CLIPVisionModel.from_pretrained(vision_dir) if vision_dir else None
-    lm_hf = OPTForCausalLM.from_pretrained(lm_dir) if lm_dir else None
-    check_hf_configs(cfg, vision_hf, lm_hf)
-    set_seed(cfg.train.seed)
-    model = LCLModel(cfg.model, ParallelConfig())
-    state = {}
-    if vision_hf is not None:
-        state.update(vision_from_hf(vision_hf.state_dict(), cfg.model.vision))
-    if lm_hf is not None:
-        lm_state = lm_from_hf(lm_hf.state_dict(), cfg.model.lm)
-        embed = lm_state["lm.embedding.word_embeddings.weight"]
-        ours = model.lm.embedding.word_embeddings.weight
-        assert embed.shape[0] <= ours.shape[0], (
-            f"the HF vocabulary ({embed.shape[0]}) is larger than model.lm.vocab_size padded ({ours.shape[0]})")
-        padded = ours.detach().clone()
-        padded[: embed.shape[0]] = embed  # rows past the HF vocabulary keep their init (never used)
-        lm_state["lm.embedding.word_embeddings.weight"] = padded
-        state.update(lm_state)
-    missing = [k for k in state if k not in dict(model.named_parameters())]
-    assert not missing, f"unknown parameters: {missing[:5]}"
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in state:
-                p.copy_(state[name])
-    log(f"initialised {len(state)} tensors from HF ({'vision ' if vision_hf else ''}{'lm' if lm_hf else ''})")
-    return save_weights(model, cfg, save_dir)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="run YAML (model sizes must match the HF models)")
-    parser.add_argument("--vision", help="CLIPVisionModel folder")
-    parser.add_argument("--lm", help="OPTForCausalLM folder")
-    parser.add_argument("--save", required=True, help="output checkpoint folder")
-    parser.add_argument("overrides", nargs="*", help="config overrides a.b=c")
-    args = parser.parse_args(argv)
-    if not (args.vision or args.lm):
-        parser.error("give --vision and/or --lm")
-    from megatron_lcl.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    path = convert(cfg, args.vision, args.lm, args.save)
-    print(f"wrote {path}")
-
+from megatron_lcl.hf.from_hf import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
