@@ -127,8 +127,8 @@ def _keep_freed_memory() -> bool:
     torch's CPU allocator has no cache: every activation and gradient is a fresh malloc, and with glibc's
     defaults a block of more than a few MB is mmap-ed and unmapped each time (or trimmed off the heap),
     so every step page-faults its large tensors in again (the logits, the embedding's gradient). Keeping
-    them, as a caching allocator does on a GPU, took 15 % off the tiny model's CPU step and 17 % off the
-    OPT-125M LM's (docs/gpu.md); memory stays at the process's peak. Skipped when the user set any
+    them, as a caching allocator does on a GPU, shortens the CPU step (measured in docs/gpu.md); memory
+    stays at the process's peak. Skipped when the user set any
     MALLOC_* variable, or the C library is not glibc. Returns whether it applied.
     """
     if any(k.startswith("MALLOC_") for k in os.environ):
