@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from megatron_lcl.config.model import LMConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_lcl.config.run import DataConfig, LCLConfig, path_weight, data_blend
-from megatron_lcl.data.shards import shard_paths
+from megatron_lcl.data.shard_paths import shard_paths
 from megatron_lcl.data.tokenizer import LCLTokenizer
 
 PACKINGS = ("auto", "truncate", "concat", "pack")

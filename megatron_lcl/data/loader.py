@@ -68,8 +68,9 @@ from megatron_lcl.data.batch import LCLBatch
 from megatron_lcl.data.documents import from_wds_sample
 from megatron_lcl.data.sample_builder import (BuiltSample, ConcatPacker, DocumentPacker, SpecialIds,
                                               document_layout, tokenize_layout, truncate_and_pad)
+from megatron_lcl.data.shard_paths import shard_paths
+from megatron_lcl.data.shards import tar_samples
 from megatron_lcl.data.skips import SkipCounter
-from megatron_lcl.data.shards import shard_paths, tar_samples
 from megatron_lcl.data.tokenizer import LCLTokenizer
 from megatron_lcl.data.transforms import decode_image, eval_transform, train_transform
 from megatron_lcl.runtime.device import pin_memory_enabled

@@ -1,7 +1,6 @@
-"""Webdataset tar shards: which shard files a data path names, and the one way they are read.
+"""Webdataset tar shards, read one way for training data and evaluation (which files a data path
+names: `data.shard_paths`).
 
-    shard_paths("data/prepared")          # a folder: its *.tar, sorted
-    shard_paths("laion/{0..9}*.tar")      # a glob (or one .tar file): the files it matches, sorted
     for sample in tar_samples(shard, count_lost): ...        # in order: {"__key__", "jpg", "txt", ...}
     index = tar_index(shard)              # {key: {ext: (data offset, size)}}: read members by offset
 
@@ -11,7 +10,6 @@ webdataset (training data, LAION); `tar_index` reads only the headers, for rando
 (the evaluation sources read one image at a time in their DataLoader workers).
 """
 
-import glob
 import logging
 import os
 import tarfile
@@ -21,16 +19,6 @@ import webdataset as wds
 
 TAR_BLOCK = tarfile.BLOCKSIZE  # 512: headers and data start on block boundaries
 log = logging.getLogger(__name__)
-
-
-def shard_paths(path: str) -> List[str]:
-    """The shards one data path names, sorted: a folder's `*.tar`, a `.tar` file, else the files a glob
-    matches (empty when there are none)."""
-    if os.path.isdir(path):
-        return sorted(glob.glob(os.path.join(path, "*.tar")))
-    if os.path.isfile(path):
-        return [path]
-    return sorted(glob.glob(path))
 
 
 def sample_key(member_name: str) -> Tuple[Optional[str], Optional[str]]:

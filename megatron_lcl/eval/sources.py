@@ -9,8 +9,8 @@ DataLoader workers without copy-on-write growth); the bytes are read in the work
 - `ImageSet`: images held in memory (a synthetic corpus, the tests' hand-made sets);
 - `ImageFolderSource(root)`: `root/<class>/*.jpg`, classes sorted by name (torchvision's numbering);
   a class folder without images keeps its number and is reported in `problems`;
-- `TarSource(shards)`: webdataset shards (`data.shards`: which files a path names, the members of a
-  sample); the image is the jpg/jpeg/png/webp/bmp member, the label `.cls` or `json[label_field]`,
+- `TarSource(shards)`: webdataset shards (`data.shard_paths`: which files a path names; `data.shards`:
+  the members of a sample); the image is the jpg/jpeg/png/webp/bmp member, the label `.cls` or `json[label_field]`,
   the caption `.txt` or `json["caption"]`, read by offset (uncompressed tar);
 - `JsonlPairsSource(path)`: `{"image": path, "caption": text}` lines, paths relative to the file;
 - `SubsetSource(source, indices)`: a seeded train/eval `split`;
@@ -29,7 +29,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_lcl.data import labeled_images
-from megatron_lcl.data.shards import shard_paths, tar_index
+from megatron_lcl.data.shard_paths import shard_paths
+from megatron_lcl.data.shards import tar_index
 from megatron_lcl.data.shapes import SHAPES
 from megatron_lcl.eval.bad_samples import BadSample, BadSampleLog, problems_summary
 from megatron_lcl.eval.errors import InputError
