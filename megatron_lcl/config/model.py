@@ -122,7 +122,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     # ---- Performance knobs (docs/training.md "Performance knobs"; megatron-core's names). Each gives
-    # the same losses and gradients as its default (tests/test_perf_knobs.py): less memory or more overlap.
+    # the same losses and gradients as its default (tests/training/test_perf_knobs.py): less memory or more overlap.
     # Activation recomputation, applied to the ViT's and the LM's TransformerBlock alike:
     # - selective: recompute `recompute_modules` in backward (core_attn: the [b, heads, s, s] attention
     #   scores/probs/dropout, the large activation at long sequences);

@@ -88,7 +88,7 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     At TP = 1 megatron-core's forward runs a Python autograd Function around the matmul and two
     identity communication Functions, and adds the bias as a separate op (on GPU, a kernel per
     linear); the direct path shortens the CPU step (measured in docs/gpu.md, `tools/bench_vs_torch.py`).
-    It computes the same product with the same gradients (`tests/test_layers.py`). Returning the bias
+    It computes the same product with the same gradients (`tests/models/test_layers.py`). Returning the bias
     already added (and `None` as the bias) is what `skip_bias_add` callers expect too: megatron-core's
     bias-dropout-add and MLP add a returned bias only when it is not None.
     """

@@ -1,7 +1,7 @@
 """SDPAttention at TP=2 on 2 gloo ranks: each rank's heads == the TP=1 DotProductAttention slice, and
 the whole tiny LCL model with attention=sdpa at TP=2 == attention=unfused at TP=1.
 
-Run by tests/test_attention.py; writes result files that the tests compare.
+Run by tests/models/test_attention.py; writes result files that the tests compare.
 """
 
 from dataclasses import replace

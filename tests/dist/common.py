@@ -113,7 +113,7 @@ TINY_YAML = os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml")
 
 
 def tiny_run_config(out: str, run: str, *overrides: str):
-    """The tiny model of examples/configs/tiny_cpu.yaml on the corpus tests/test_training.py builds in
+    """The tiny model of examples/configs/tiny_cpu.yaml on the corpus tests/training/test_training.py builds in
     `out` (shards/, tokenizer/), run dir `out/run`: 4 steps of 2 x 2 sequences of 64 tokens, quiet,
     no periodic saves. `overrides` (section.key=value) win."""
     from megatron_lcl.config import load_config

@@ -1,6 +1,6 @@
 """Core-engine equivalences on 2 gloo ranks: TP=2 == TP=1, DP=2 == DP=1, ragged L_con gather.
 
-Run by tests/test_core_parallel.py; writes result files that the tests compare.
+Run by tests/training/test_core_parallel.py; writes result files that the tests compare.
 """
 
 import torch

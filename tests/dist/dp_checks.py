@@ -1,4 +1,4 @@
-"""Data-parallel size changes on 2 gloo ranks, run by tests/test_dp_resume.py (which runs the DP=1 halves
+"""Data-parallel size changes on 2 gloo ranks, run by tests/training/test_dp_resume.py (which runs the DP=1 halves
 in its own process before and after this launch).
 
 - up:    the DP=1 run `dp1` (3 steps, saved) continues here at DP=2 to step 6.

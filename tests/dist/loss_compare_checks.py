@@ -1,4 +1,4 @@
-"""Loss compare across parallel layouts (run by tests/test_loss_compare.py, which runs the DP=1 runs in its
+"""Loss compare across parallel layouts (run by tests/training/test_loss_compare.py, which runs the DP=1 runs in its
 own process): the whole driver (loader, model, schedule, optimizer) at another layout trains the same.
 
 Every layout trains 20 steps of the same global batch (8 samples: 2 global micro-batches of 4, so

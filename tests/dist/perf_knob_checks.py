@@ -16,7 +16,7 @@ first step and from the backward hooks after it.
     pp2_reference         PP=2 (DP=1): v_i carried between stages through megatron-core's 1F1B schedule
     pp2_knobs             PP=2 with full uniform recompute and overlap_grad_reduce (bucket_size 3000)
 
-Writes OUT/<variant>.pt (rank 0) for tests/test_perf_knobs.py to compare.
+Writes OUT/<variant>.pt (rank 0) for tests/training/test_perf_knobs.py to compare.
 """
 
 import os

@@ -1,4 +1,4 @@
-"""Vision-language pipeline equivalences on 8 gloo ranks (run by tests/test_pipeline_parallel.py).
+"""Vision-language pipeline equivalences on 8 gloo ranks (run by tests/training/test_pipeline_parallel.py).
 
 Reference: TP=PP=DP=1 in one process on the global batch (equal to DP=2 by the core-engine tests).
 Compared: TP1 x PP2 x DP4, TP2 x PP2 x DP2 (losses, gradients incl. the ViT through the carried rows),

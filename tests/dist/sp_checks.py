@@ -2,7 +2,7 @@
 
 The TP=2 runs go through megatron-core DDP and `finalize_model_grads`, as training does: that is where
 the LayerNorm gradients of the sequence chunks are summed over the TP group. Run by
-tests/test_sequence_parallel.py; writes result files that the tests compare.
+tests/models/test_sequence_parallel.py; writes result files that the tests compare.
 """
 
 from megatron.core import parallel_state as ps

@@ -1,4 +1,4 @@
-"""Training-driver checks on 2 gloo ranks (run once by tests/test_training.py; it prepares the data).
+"""Training-driver checks on 2 gloo ranks (run once by tests/training/test_training.py; it prepares the data).
 
 - preempt:  DP=2 + distributed optimizer. 4 steps straight vs SIGTERM delivered to rank 1 only
             during step 2 -> both ranks stop after step 2, save, and a resumed run finishes steps 3-4.

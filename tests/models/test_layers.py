@@ -2,7 +2,7 @@
 megatron-core's own (TP = 1, fp32): outputs, input gradients and weight/bias gradients.
 
 The split path (TP = 2) is megatron-core's unchanged; the TP2 == TP1 model checks
-(tests/test_core_parallel.py, tests/test_attention.py) compare it against this one end to end.
+(tests/training/test_core_parallel.py, tests/models/test_attention.py) compare it against this one end to end.
 """
 
 import pytest

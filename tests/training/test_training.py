@@ -23,7 +23,7 @@ from megatron_lcl.config import ConfigError
 from multirank import run_torchrun
 from megatron_lcl.config import load_config, save_config, validate_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
 TIMING_KEYS = {"step_time_s", "tokens_per_s", "images_per_s", "model_flops_per_s", "mfu"}
 

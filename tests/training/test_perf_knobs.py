@@ -17,8 +17,8 @@ import torch
 from megatron_lcl.config import config_errors, load_config
 from multirank import run_torchrun
 
-TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs",
-                    "tiny_cpu.yaml")
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples",
+                    "configs", "tiny_cpu.yaml")
 # (setting, the default it must equal)
 PAIRS = [("selective", "reference"), ("full_uniform", "reference"), ("full_block", "reference"),
          ("overlap_grad", "reference"), ("distopt_overlap_param", "distopt_overlap_grad"),
