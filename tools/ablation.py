@@ -25,6 +25,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from megatron_lcl import train  # run in this process: the runs share one megatron-core import and process group
+from megatron_lcl.checkpoint import read_meta, read_metrics, resolve_checkpoint
+from megatron_lcl.config import load_config
+from megatron_lcl.data.prepare import PrepareOptions, prepare
+from megatron_lcl.data.skips import SkipCounter
+from megatron_lcl.data.sources import read_mmc4
+from megatron_lcl.data.synthetic import write_corpus
+from megatron_lcl.data.tokenizer import train_tokenizer
+from megatron_lcl.eval import transfer
+from megatron_lcl.eval.encoders import load_encoder, random_init_checkpoint
+from megatron_lcl.runtime import destroy_distributed
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
 MODES = ("lcl", "gen", "con")
@@ -60,12 +74,6 @@ def log(msg: str) -> None:
 def build_data(data_dir: Path, sizes: Sizes, seed: int, corpus: str) -> dict:
     """Synthetic MMC4 corpus -> tokenizer -> prepared shards, plus an evaluation corpus (seed + 1;
     scenes: the held-out split)."""
-    from megatron_lcl.data.prepare import PrepareOptions, prepare
-    from megatron_lcl.data.skips import SkipCounter
-    from megatron_lcl.data.sources import read_mmc4
-    from megatron_lcl.data.synthetic import write_corpus
-    from megatron_lcl.data.tokenizer import train_tokenizer
-
     paths = {"corpus": data_dir / "corpus", "tokenizer": data_dir / "tokenizer" / "lcl.model",
              "shards": data_dir / "shards", "eval": data_dir / "eval_corpus"}
     if (data_dir / ".done").exists():
@@ -96,8 +104,6 @@ def overrides(sizes: Sizes, data: dict, seed: int) -> list:
 
 def finished(run_dir: Path, steps: int) -> bool:
     """The run's latest complete checkpoint is the one at `steps`."""
-    from megatron_lcl.checkpoint import read_meta, resolve_checkpoint
-
     found = resolve_checkpoint(str(run_dir / "checkpoints"))
     return found is not None and read_meta(found)["step"] == steps
 
@@ -110,7 +116,6 @@ def pretrain(mode: str, run_dir: Path, sizes: Sizes, data: dict, seed: int, extr
             *overrides(sizes, data, seed), *extra]
     log(f"{mode} seed {seed}: pre-training {sizes.steps} steps -> {run_dir}")
     t0 = time.time()
-    from megatron_lcl import train  # in this process: the runs share one megatron-core import and process group
 
     code = train.main(argv)
     if code != 0 or not finished(run_dir, sizes.steps):
@@ -120,8 +125,6 @@ def pretrain(mode: str, run_dir: Path, sizes: Sizes, data: dict, seed: int, extr
 
 def training_summary(run_dir: Path) -> dict:
     """Last logged losses and the collapse monitor (mean over the last 10 logged steps: noisy)."""
-    from megatron_lcl.checkpoint import read_metrics
-
     rows = read_metrics(str(run_dir))
     tail = rows[-10:]
 
@@ -139,8 +142,6 @@ def training_summary(run_dir: Path) -> dict:
 
 
 def config_loss_mode(run_dir: Path) -> str:
-    from megatron_lcl.config import load_config
-
     return load_config(str(run_dir / "config.yaml"), []).loss.mode
 
 
@@ -155,9 +156,6 @@ PROBE_FIELDS = {"shapes": ("label", "colour"), "scenes": ("label", "colour", "co
 def evaluate(name: str, checkpoint: Path, eval_corpus: Path, out: Path, sizes: Sizes, seed: int,
              corpus: str = "scenes") -> dict:
     """Frozen transfer of one encoder (megatron_lcl.eval.transfer); a rerun adds only what it lacks."""
-    from megatron_lcl.eval import transfer
-    from megatron_lcl.eval.encoders import load_encoder
-
     path = out / f"{name}.json"
     result = json.loads(path.read_text()) if path.exists() else {"name": name, "checkpoint": str(checkpoint)}
     have = {k: v for k, v in result.items() if k.startswith("classify_") or k == "retrieval"}
@@ -286,8 +284,6 @@ def pretrained_rows(args, sizes: Sizes, data: dict, out: Path) -> list:
         if not args.no_random_init:
             random_dir = out / "random_init" / f"seed{seed}"
             if not (random_dir / "meta.json").exists():
-                from megatron_lcl.eval.encoders import random_init_checkpoint
-
                 random_init_checkpoint(str(TINY_CONFIG), str(random_dir),
                                        overrides(sizes, data, seed) + list(args.overrides), seed=seed)
             rows.append({"mode": "random", "seed": seed, "checkpoint": str(random_dir), "train": None})
@@ -300,7 +296,6 @@ def main(argv=None) -> list:
     given = {k: getattr(args, k) for k in ("steps", "docs", "micro_batch_size", "global_batch_size", "seeds")}
     sizes = Sizes(**{**vars(sizes), **{k: v for k, v in given.items() if v}})
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import torch
 
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
@@ -319,6 +314,5 @@ def main(argv=None) -> list:
 
 if __name__ == "__main__":
     main()
-    from megatron_lcl.runtime import destroy_distributed
 
     destroy_distributed()

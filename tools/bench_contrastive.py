@@ -16,15 +16,19 @@ import subprocess
 import sys
 import time
 
-from megatron_lcl.runtime.mcore_compat import filter_known_warnings
+import torch
 
-filter_known_warnings()  # before megatron.core is imported
+from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, HeadsConfig, LMConfig, LossConfig, ModelConfig,
+                                 ParallelConfig, VisionConfig, apply_preset)
+from megatron_lcl.losses import LCLLoss
+from megatron_lcl.models.factory import build_model
+from megatron_lcl.models.flops import step_flops
+from megatron_lcl.runtime import ParallelLayout, initialize_distributed
+from megatron_lcl.testing import random_batch
+from megatron_lcl.training.pipeline import PipelineShape, step_forward_backward
 
 
 def model_config(name: str):
-    from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, HeadsConfig, LMConfig, ModelConfig, VisionConfig,
-                                     apply_preset)
-
     vision, lm, embed = {"tiny": ("tiny", "tiny", 64), "b16": ("B/16", "opt-125m", 512)}[name]
     return ModelConfig(vision=apply_preset(VisionConfig(preset=vision), VISION_PRESETS),
                        lm=apply_preset(LMConfig(preset=lm, vocab_size=50272 if name == "b16" else 1000), LM_PRESETS),
@@ -37,15 +41,6 @@ def peak_rss_mb() -> float:
 
 
 def worker(args) -> dict:
-    import torch
-
-    from megatron_lcl.config import LossConfig, ParallelConfig
-    from megatron_lcl.losses import LCLLoss
-    from megatron_lcl.models.factory import build_model
-    from megatron_lcl.runtime import ParallelLayout, initialize_distributed
-    from megatron_lcl.testing import random_batch
-    from megatron_lcl.training.pipeline import PipelineShape, step_forward_backward
-
     torch.set_num_threads(args.threads)
     initialize_distributed(ParallelConfig())
     cfg = model_config(args.model)
@@ -98,8 +93,6 @@ def main(argv=None):
 
 
 def predicted_ratio(args) -> float:
-    from megatron_lcl.models.flops import step_flops
-
     cfg = model_config(args.model)
     per_sample = len([p for p in (1, args.seq_length // 2) if p + cfg.vision.num_image_tokens + 2 < args.seq_length])
     samples = args.micro_batch_size * args.micro_batches

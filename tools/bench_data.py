@@ -14,10 +14,13 @@ import os
 import tempfile
 import time
 
+import torch
 
 from megatron_lcl.config import DataConfig
 from megatron_lcl.data.loader import build_loader
 from megatron_lcl.data.prepare import prepare
+from megatron_lcl.data.skips import SkipCounter
+from megatron_lcl.data.sources import read_mmc4
 from megatron_lcl.data.synthetic import write_corpus
 from megatron_lcl.data.tokenizer import LCLTokenizer, train_tokenizer
 
@@ -27,8 +30,6 @@ def build_inputs(work: str, args) -> tuple:
     t0 = time.time()
     paths = write_corpus(corpus, args.num_docs, args.source_image_size, seed=0, docs_per_shard=100,
                          max_images=args.max_images, filler=args.filler)
-    from megatron_lcl.data.sources import read_mmc4
-    from megatron_lcl.data.skips import SkipCounter
     texts = [t for p in paths for d in read_mmc4(p, os.path.join(corpus, "images"), SkipCounter()) for t in d.texts]
     tokenizer = train_tokenizer(texts, os.path.join(work, "tok"), args.vocab_size)
     summary = prepare("mmc4", [corpus], prepared, progress=False)
@@ -38,8 +39,6 @@ def build_inputs(work: str, args) -> tuple:
 
 
 def measure(prepared: str, tokenizer: str, args) -> dict:
-    import torch
-
     # A DataLoader worker runs torch with one thread; measure the in-process case the same way.
     torch.set_num_threads(1)
     data = DataConfig(path=[prepared], tokenizer=tokenizer, seq_length=args.seq_length,

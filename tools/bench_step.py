@@ -9,7 +9,7 @@
 Prints figures; it is not a test. Step timing launches itself under torchrun (gloo on CPU, nccl on GPU).
 `--compare-knobs` times the trainer's step (DDP, optimizer, the feature pass of step-wide L_con) for
 every setting in `KNOB_SETTINGS` on the same batches at DP = --nproc, with peak memory on GPU (what
-recomputation buys), and names the fastest. The knobs and their equivalence: tests/test_perf_knobs.py.
+recomputation buys), and names the fastest. The knobs and their equivalence: tests/training/test_perf_knobs.py.
 """
 
 import argparse
@@ -18,18 +18,23 @@ import subprocess
 import sys
 import time
 
-from megatron_lcl.runtime.mcore_compat import filter_known_warnings
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
-filter_known_warnings()  # before megatron.core is imported
+from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, HeadsConfig, LMConfig, LossConfig, ModelConfig,
+                                 OptimizerConfig, ParallelConfig, PrecisionConfig, VisionConfig, apply_preset)
+from megatron_lcl.losses import LCLLoss
+from megatron_lcl.models.factory import build_model
+from megatron_lcl.models.flops import count_parameters_by_group
+from megatron_lcl.models.lcl_model import LCLModel
+from megatron_lcl.runtime import free_port, initialize_distributed, set_seed, to_device
+from megatron_lcl.testing import random_batch, spread_image_positions
+from megatron_lcl.training.optim import build_optimizer
+from megatron_lcl.training.pipeline import PipelineShape, forward_loss, step_forward_backward, wrap_ddp
 
 
 def parameter_counts():
-    from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, HeadsConfig, LMConfig, ModelConfig,
-                                     ParallelConfig, VisionConfig, apply_preset)
-    from megatron_lcl.models.lcl_model import LCLModel
-    from megatron_lcl.models.flops import count_parameters_by_group
-    from megatron_lcl.runtime import initialize_distributed
-
     initialize_distributed(ParallelConfig())
     lm = apply_preset(LMConfig(preset="opt-125m", vocab_size=50272, make_vocab_size_divisible_by=8),
                       LM_PRESETS)
@@ -46,17 +51,6 @@ def parameter_counts():
 
 
 def step_worker(args):
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, LMConfig, LossConfig, ModelConfig,
-                                     ParallelConfig, VisionConfig, apply_preset)
-    from megatron_lcl.losses import LCLLoss
-    from megatron_lcl.models.lcl_model import LCLModel
-    from megatron_lcl.runtime import initialize_distributed
-    from megatron_lcl.testing import random_batch
-    from megatron_lcl.training.pipeline import forward_loss
-
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp)
     initialize_distributed(parallel)
     cfg = ModelConfig(vision=apply_preset(VisionConfig(preset="tiny"), VISION_PRESETS),
@@ -96,22 +90,11 @@ KNOB_SETTINGS = {
 
 
 def knob_parallel(knobs: dict, bucket_size):
-    from megatron_lcl.config import ParallelConfig
-
     return ParallelConfig(**knobs, bucket_size=bucket_size if knobs.get("overlap_grad_reduce") else None)
 
 
 def time_training_steps(cfg, parallel, precision, batches, layout, args) -> dict:
     """Median step time (and peak GPU memory) of the trainer's step with `parallel`'s knobs."""
-    import torch
-
-    from megatron_lcl.config import LossConfig, OptimizerConfig
-    from megatron_lcl.losses import LCLLoss
-    from megatron_lcl.models.factory import build_model
-    from megatron_lcl.runtime import set_seed
-    from megatron_lcl.training.optim import build_optimizer
-    from megatron_lcl.training.pipeline import PipelineShape, step_forward_backward, wrap_ddp
-
     set_seed(1234)
     model = build_model(cfg, parallel, precision)
     ddp = wrap_ddp(model, parallel)
@@ -140,14 +123,6 @@ def time_training_steps(cfg, parallel, precision, batches, layout, args) -> dict
 
 
 def knob_worker(args):
-    import torch
-    import torch.distributed as dist
-
-    from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, LMConfig, ModelConfig, ParallelConfig,
-                                     PrecisionConfig, VisionConfig, apply_preset)
-    from megatron_lcl.runtime import initialize_distributed, to_device
-    from megatron_lcl.testing import random_batch, spread_image_positions
-
     layout = initialize_distributed(ParallelConfig())
     cfg = ModelConfig(vision=apply_preset(VisionConfig(preset=args.vision_preset), VISION_PRESETS),
                       lm=apply_preset(LMConfig(preset=args.lm_preset, vocab_size=1000), LM_PRESETS),
@@ -185,10 +160,6 @@ def print_knob_table(results: dict, args, dp_size: int, dtype: str) -> None:
 
 
 def launch_knob_comparison(args):
-    import torch
-
-    from megatron_lcl.runtime import free_port
-
     nproc = args.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
     flags = [f"--steps={args.steps}", f"--batch-size={args.batch_size}", f"--seq-length={args.seq_length}",
              f"--vision-preset={args.vision_preset}", f"--lm-preset={args.lm_preset}",

@@ -22,15 +22,21 @@ import json
 import statistics
 import time
 
-from megatron_lcl.runtime.mcore_compat import filter_known_warnings
-
-filter_known_warnings()  # before megatron.core is imported
-
 import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, LMConfig, LossConfig, ModelConfig,  # noqa: E402
                                  OptimizerConfig, ParallelConfig, PrecisionConfig, VisionConfig, apply_preset)
+from megatron_lcl.losses import LCLLoss
+from megatron_lcl.models.factory import build_model
 from megatron_lcl.models.flops import step_flops, throughput_metrics  # noqa: E402
+from megatron_lcl.runtime import ParallelLayout, destroy_distributed, device, initialize_distributed
+from megatron_lcl.runtime.cpu import native_torch
+from megatron_lcl.testing import random_batch, spread_image_positions
+from megatron_lcl.training.optim import build_optimizer
+from megatron_lcl.training.pipeline import PipelineShape, forward_loss, step_forward_backward, wrap_ddp
+from torch_twin import TorchTwin
 
 GPU_DEFAULTS = dict(vision="L/14", lm="opt-125m", seq_length=2048, dtype="bf16", micro_batch="auto")
 CPU_DEFAULTS = dict(vision="tiny", lm="tiny", seq_length=256, dtype="fp32", micro_batch="4")
@@ -48,8 +54,6 @@ def model_config(args) -> ModelConfig:
 
 
 def make_batch(cfg: ModelConfig, args, micro_batch: int, device):
-    from megatron_lcl.testing import random_batch, spread_image_positions
-
     positions = spread_image_positions(args.seq_length, cfg.vision.num_image_tokens, args.images_per_sample)
     batch = random_batch([positions] * micro_batch, seq_length=args.seq_length,
                          num_image_tokens=cfg.vision.num_image_tokens, image_size=cfg.vision.image_size,
@@ -63,12 +67,6 @@ class OursStep:
     """megatron_lcl as the trainer runs it: DDP, megatron-core optimizer, the pipeline's step function."""
 
     def __init__(self, cfg: ModelConfig, args, device):
-        from megatron_lcl.losses import LCLLoss
-        from megatron_lcl.models.factory import build_model
-        from megatron_lcl.runtime import ParallelLayout
-        from megatron_lcl.training.optim import build_optimizer
-        from megatron_lcl.training.pipeline import wrap_ddp
-
         parallel, self.precision = ParallelConfig(), PrecisionConfig(params_dtype=args.dtype)
         self.cfg, self.args, self.device = cfg, args, device
         self.model = build_model(cfg, parallel, self.precision)  # on `device`
@@ -80,8 +78,6 @@ class OursStep:
         self.optimizer = build_optimizer(self.ddp, OptimizerConfig(lr=1e-4, warmup_steps=0), parallel, self.precision)
 
     def loss_terms(self, batch):
-        from megatron_lcl.training.pipeline import forward_loss
-
         return forward_loss(self.model, batch, self.loss_fn)
 
     @property
@@ -89,8 +85,6 @@ class OursStep:
         return type(self.model.lm.decoder.layers[0].self_attention.core_attention).__name__
 
     def __call__(self, batch) -> None:
-        from megatron_lcl.training.pipeline import PipelineShape, step_forward_backward
-
         shape = PipelineShape.for_model(self.cfg, self.args.seq_length, batch.tokens.shape[0])
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -102,8 +96,6 @@ class TwinStep:
     """The plain-PyTorch twin as an open_clip user trains it: fp32 weights, bf16 autocast, AdamW, clipping."""
 
     def __init__(self, cfg: ModelConfig, args, device):
-        from torch_twin import TorchTwin
-
         self.twin = TorchTwin(cfg).to(device)
         self.device, self.autocast = device, args.dtype == "bf16"
         self.loss_cfg, optim = LossConfig(), OptimizerConfig(lr=1e-4)
@@ -119,8 +111,6 @@ class TwinStep:
             return self.twin.loss(batch, self.loss_cfg)
 
     def __call__(self, batch) -> None:
-        from megatron_lcl.runtime.cpu import native_torch
-
         with native_torch():  # as a plain PyTorch user runs it: without megatron_lcl's CPU adaptation
             self._step(batch)
 
@@ -134,9 +124,6 @@ class TwinStep:
 def count_flops(loss_of, cfg: ModelConfig, args, device) -> int:
     """FLOPs of one forward + backward of one sample, counted by FlopCounterMode (attention through
     the math kernel, whose matmuls the counter sees on every device)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     batch = make_batch(cfg, args, 1, device)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         loss_of(batch).backward()
@@ -242,8 +229,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from megatron_lcl.runtime import destroy_distributed, device, initialize_distributed
-
     args = parse_args(argv)
     initialize_distributed(ParallelConfig())
     dev, cfg = device(), model_config(args)

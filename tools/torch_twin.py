@@ -20,6 +20,7 @@ from typing import Dict
 
 import torch
 import torch.nn.functional as F
+from transformers import CLIPVisionModel, OPTForCausalLM
 
 from megatron_lcl.config import LossConfig, ModelConfig, padded_vocab_size
 from megatron_lcl.data.batch import LCLBatch
@@ -27,14 +28,11 @@ from megatron_lcl.hf.convert import build_hf_models, clip_latents, clip_vision_c
 from megatron_lcl.losses.contrastive import contrastive_loss_sum
 from megatron_lcl.models.heads import ImageHead, TextHead
 
-
 HEADS = ("projector.", "image_head.", "text_head.")  # the LCL modules beside the two HF models
 
 
 class TorchTwin(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, clip=None, opt=None, attn_implementation: str = "sdpa"):
-        from transformers import CLIPVisionModel, OPTForCausalLM
-
         super().__init__()
         v, lm = cfg.vision, cfg.lm
         self.vision = clip if clip is not None else CLIPVisionModel._from_config(
