@@ -437,9 +437,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        from megatron_lcl.runtime.mcore_compat import filter_known_warnings
+        # Here, not at the top: the parent runs where only the standard library may import (an offline
+        # node before --wheels); the package's import filters megatron-core's known warnings.
+        import megatron_lcl  # noqa: F401
 
-        filter_known_warnings()
         WORKERS[args.worker](args.file)
         return 0
     import tempfile
