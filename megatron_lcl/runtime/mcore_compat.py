@@ -22,10 +22,6 @@ from megatron.core.optimizer import clip_grads, distrib_optimizer
 from megatron.core.optimizer import optimizer as mcore_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-# The eval/ command-line modules still import it from here (the package's `__init__` has filtered the
-# warnings before they run); they drop that import in issue 27's evaluation part, and this line with it.
-from megatron_lcl.known_warnings import filter_known_warnings  # noqa: F401,E402
-
 MCORE_VERSION = "0.16.1"
 
 
