@@ -2,8 +2,8 @@
 with one message naming what was skipped and why, and the older checkpoints intact.
 
 Two torchrun launches of tests/dist/fault_checks.py (2 gloo ranks): `--phase kill` (rank 1 is
-SIGKILLed mid-save, so the launch fails by design), then `--phase checks`, which resumes that run
-and covers the other faults; see the script's docstring. Also here: resume == uninterrupted bitwise
+SIGKILLed while its background writer writes its files, so the launch fails by design), then
+`--phase checks`, which resumes that run and covers the other faults; see the script's docstring. Also here: resume == uninterrupted bitwise
 at DP=2 with drop-path 0.2 over 30 steps after the resume (per-rank RNG states).
 """
 
@@ -32,8 +32,9 @@ def results(tmp_path_factory):
                                str(out), "--phase", "kill"], stdout=f, stderr=subprocess.STDOUT, timeout=300,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert kill.returncode != 0 and "SIGKILL" in log.read_text(), log.read_text()[-3000:]
+    killed_writer = int((out / "killed_writer.pid").read_text())
     run_torchrun("fault_checks.py", 2, out, timeout_s=600)
-    return json.loads((out / "fault_checks.json").read_text())
+    return {**json.loads((out / "fault_checks.json").read_text()), "killed_writer": killed_writer}
 
 
 def test_resume_is_bitwise_at_dp2_with_drop_path(results):
@@ -47,9 +48,10 @@ def test_resume_is_bitwise_at_dp2_with_drop_path(results):
     assert r["reseeded_rows"][10:15] != r["straight"][10:15]
 
 
-def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(results):
+def test_sigkill_during_a_background_write_resumes_from_the_last_complete_checkpoint(results):
     r = results["killed"]
     assert r["before"] == ["latest", "step_00000002", "step_00000004.tmp"]
+    assert not _running(results["killed_writer"])  # the writer died with its rank
     assert r["resumed_step"] == 2 and r["status"] == "completed"
     assert r["rows"] == results["straight"]
     assert r["checkpoints"] == ["latest", "step_00000006", "step_00000008", "step_00000010"]
@@ -75,7 +77,10 @@ def test_latest_naming_a_deleted_folder_falls_back(results):
     assert r["resumed_step"] == 6 and r["rows"] == results["straight"]
 
 
-WRITE_FAULTS = ["__1_@1", "__0_@0", ".metadata@0", "common.pt@0", "metadata.json@0", "meta.json@0", "latest@0"]
+# FILE@RANK; "/sync": data files written by the rank itself (checkpoint.async_save=false), else by its
+# background writer.
+WRITE_FAULTS = ["__1_@1", "__0_@0", "__1_@1/sync", "__0_@0/sync", ".metadata@0", "common.pt@0", "metadata.json@0",
+                "meta.json@0", "latest@0"]
 
 
 @pytest.mark.parametrize("fault", WRITE_FAULTS)
@@ -83,7 +88,7 @@ def test_a_write_error_in_any_file_of_a_save_stops_every_rank_with_one_error(res
     """ENOSPC opening FILE@RANK: one CheckpointError, the same on both ranks, naming the failing rank and
     the file; seconds, not the gloo timeout; nothing of the failed save left; `latest` untouched."""
     r = results["enospc"]["faults"][fault]
-    name, rank = fault.split("@")
+    name, rank = fault.split("/")[0].split("@")
     status = r["status"]
     assert status.startswith("CheckpointError: saving ") or status.startswith("CheckpointError: pointing"), status
     assert f"step_00000008 failed on rank {rank}: " in status, status
@@ -100,3 +105,19 @@ def test_the_relaunch_after_failed_saves_resumes_from_the_last_complete_checkpoi
           {fault: round(f["seconds"], 1) for fault, f in r["faults"].items()})
     assert r["relaunched"]["resumed_step"] == 6 and r["relaunched"]["status"] == "completed"
     assert r["rows"] == results["straight"]
+
+
+def test_a_stop_signal_during_a_background_save_finishes_it_then_saves_the_step(results):
+    r = results["stop"]
+    assert r["status"] == "preempted", r["log"][-2000:]
+    assert "saving step 4 in the background" in r["log"]
+    assert r["complete"] == ["step_00000004", "step_00000005"] and r["latest"] == "step_00000005"
+    assert r["checkpoints"] == ["latest", "step_00000004", "step_00000005"]  # no .tmp left
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

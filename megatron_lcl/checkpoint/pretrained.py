@@ -95,5 +95,5 @@ def save_weights(model, cfg: LCLConfig, path: str, layout: Optional[ParallelLayo
     files + `meta.json` with the config and parallel layout. Loadable by `load_pretrained`, by the
     converters and by training (`checkpoint.load=... checkpoint.load_optimizer=false`)."""
     layout = layout or ParallelLayout.current()
-    return save_atomically(path.rstrip("/"), {"model": model.sharded_state_dict()}, lambda: {
+    return save_atomically(path.rstrip("/"), {"model": model.sharded_state_dict()}, {
         "step": 0, "weights_only": True, "parallel": layout.sizes(), "config": section_to_dict(cfg)})

@@ -32,7 +32,7 @@ import socket
 import sys
 import tempfile
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 CONFIG = "config.yaml"
 LAUNCHES = "launches.jsonl"
@@ -185,31 +185,83 @@ def read_meta(ckpt: str) -> dict:
         return json.load(f)
 
 
-def save_atomically(final: str, state: dict, meta_fn) -> str:
-    """All ranks: write `state` with dist-checkpointing into `final.tmp/`; then rank 0 adds `meta.json`
-    (`meta_fn()`) and renames the folder to `final`. `final` may only replace a checkpoint or an
-    empty folder. A failure on any rank raises CheckpointError on every rank, after rank 0 removed
+class AtomicSave(NamedTuple):
+    """A save planned by `begin_atomic_save`: its data files still to write (`request`, megatron-core's
+    AsyncRequest), then `finish_atomic_save`."""
+    final: str
+    tmp: str
+    request: object
+    meta: dict
+
+
+def save_atomically(final: str, state: dict, meta: dict) -> str:
+    """All ranks: write `state` with dist-checkpointing into `final.tmp/`, then rank 0 adds `meta.json`
+    (`meta`) and renames the folder to `final`. `final` may only replace a checkpoint or an empty
+    folder. A failure on any rank raises CheckpointError on every rank, after rank 0 removed
     `final.tmp/` (it may be what filled the disk); `final`, `latest` and older checkpoints are untouched."""
-    import torch.distributed as dist
+    from megatron_lcl.checkpoint.writer import write_now
+    from megatron_lcl.runtime.mcore_compat import write_results_queue
+
+    save = begin_atomic_save(final, state, meta)
+    removing_tmp_on_failure(save.tmp, lambda: agree_on_error(
+        lambda: write_now(save.request, write_results_queue()), f"saving {final}"))
+    return finish_atomic_save(save)
+
+
+def begin_atomic_save(final: str, state: dict, meta: dict) -> AtomicSave:
+    """All ranks: a fresh `final.tmp/`, and megatron-core's plan of the save into it (rank 0 writes
+    `common.pt` now); the data files are written next (`writer.write_now`, or in the background)."""
     from megatron.core import dist_checkpointing
 
+    from megatron_lcl.runtime.mcore_compat import deferred_rank0_write_errors, write_results_queue
+
+    tmp, rank0 = final + TMP_SUFFIX, dist_rank() == 0
+    write_results_queue()  # before the plan: its writer reports there
+
+    def plan():
+        with deferred_rank0_write_errors():  # rank 0's common.pt: see there
+            return dist_checkpointing.save(state, tmp, async_sharded_save=True)
+
+    def begin():
+        agree_on_error(lambda: rank0 and _fresh_folder(final, tmp), f"saving {final}")
+        return AtomicSave(final, tmp, agree_on_error(plan, f"saving {final}"), meta)
+
+    return removing_tmp_on_failure(tmp, begin)
+
+
+def finish_atomic_save(save: AtomicSave) -> str:
+    """All ranks, once every rank's data files are written: megatron-core's finalize (it gathers the
+    write results; rank 0 writes the index `.metadata` and `metadata.json`), then rank 0 adds
+    `meta.json` and renames `NAME.tmp/` to `NAME/`."""
     from megatron_lcl.runtime.mcore_compat import deferred_rank0_write_errors
 
-    tmp, rank0 = final + TMP_SUFFIX, dist.get_rank() == 0
+    def finalize():
+        with deferred_rank0_write_errors():  # rank 0's .metadata / metadata.json: see there
+            for fn in save.request.finalize_fns:
+                fn()
 
-    def write_files():
-        with deferred_rank0_write_errors():  # rank 0's common.pt / .metadata / metadata.json: see there
-            dist_checkpointing.save(state, tmp)
+    def finish():
+        agree_on_error(finalize, f"saving {save.final}")
+        agree_on_error(lambda: dist_rank() == 0 and _finish(save.tmp, save.final, save.meta), f"saving {save.final}")
+        return save.final
 
+    return removing_tmp_on_failure(save.tmp, finish)
+
+
+def removing_tmp_on_failure(tmp: str, fn: Callable):
+    """`fn()`; when it raises CheckpointError, rank 0 first removes the partial `tmp` folder."""
     try:
-        agree_on_error(lambda: rank0 and _fresh_folder(final, tmp), f"saving {final}")
-        agree_on_error(write_files, f"saving {final}")
-        agree_on_error(lambda: rank0 and _finish(tmp, final, meta_fn), f"saving {final}")
+        return fn()
     except CheckpointError:
-        if rank0:
+        if dist_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+
+
+def dist_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()
 
 
 def _fresh_folder(final: str, tmp: str) -> None:
@@ -218,9 +270,9 @@ def _fresh_folder(final: str, tmp: str) -> None:
     os.makedirs(tmp)
 
 
-def _finish(tmp: str, final: str, meta_fn) -> None:
+def _finish(tmp: str, final: str, meta: dict) -> None:
     with open(os.path.join(tmp, META), "w") as f:
-        json.dump(meta_fn(), f, indent=1)
+        json.dump(meta, f, indent=1)
     _fsync_tree(tmp)  # on disk before the rename makes the checkpoint visible
     if os.path.exists(final):  # saved again (e.g. at the same step): the newer one wins
         shutil.rmtree(final)

@@ -12,26 +12,30 @@ DP ranks draw different amounts, e.g. drop-path masks for different image counts
 state of every data-parallel rank and the training progress (step,
 consumed samples/images/tokens, skipped-step count) in `meta.json`.
 
-Atomicity: all ranks write into `step_N.tmp/`; after a barrier rank 0 renames it to `step_N/` and
-only then rewrites `latest` (write-to-temp + `os.replace`). A crash at any point leaves `latest`
-naming the previous complete checkpoint; stale `*.tmp` folders are removed on the next save.
+Atomicity: all ranks write into `step_N.tmp/`; once every rank's files are written (in the rank, or
+by its background writer: `CheckpointSaver`), rank 0 renames it to `step_N/` and only then rewrites
+`latest` (write-to-temp + `os.replace`). A crash at any point leaves `latest` naming the previous
+complete checkpoint; stale `*.tmp` folders are removed on the next save.
 """
 
 import os
 import shutil
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_lcl.checkpoint.run_dir import (CheckpointError, agree_on_error, check_checkpoint_files,
-                                             checkpoint_name, complete_checkpoints, prune, quarantine, read_meta,
-                                             remove_stale_tmp, save_atomically, write_latest)
+from megatron_lcl.checkpoint.run_dir import (CheckpointError, agree_on_error, begin_atomic_save,
+                                             check_checkpoint_files, checkpoint_name, complete_checkpoints,
+                                             finish_atomic_save, prune, quarantine, read_meta, remove_stale_tmp,
+                                             removing_tmp_on_failure, save_atomically, write_latest)
+from megatron_lcl.checkpoint.writer import StagingArea, background_writer, request_buckets
 from megatron_lcl.runtime import mcore_compat
 from megatron_lcl.runtime.distributed import get_rng_state, set_rng_state
 from megatron_lcl.runtime.layout import ParallelLayout
-from megatron_lcl.runtime.signals import shielded_from_stop_signals
+from megatron_lcl.runtime.mcore_compat import write_results_queue
 
 RNG_KEY = "rng_state_per_rank"  # checkpoints before it kept "rng_state" per (pp, tp): re-seeded on load
 
@@ -77,27 +81,90 @@ def _uses_distributed_optimizer(optimizer) -> bool:
 
 # ------------------------------------------------------------------------------------------ save
 
+class CheckpointSaver:
+    """Saves training checkpoints as `root/step_N` (atomic, `latest`, keep the newest `keep_last`),
+    synchronously or in the background.
+
+    A background save (`asynchronous`) plans the save with every rank, copies this rank's tensors
+    into host staging buffers and hands them to the rank's writer process (`checkpoint.writer`,
+    started here, at set-up); training goes on. Once every rank's writer is done, `finish` (all
+    ranks) runs megatron-core's finalize, renames the folder and moves `latest`: a checkpoint is
+    complete only when all ranks wrote their files and agreed. At most one save is in flight: the
+    next save, `wait` and a blocking save finish it first. A rank killed meanwhile leaves `NAME.tmp/`
+    (removed by the next save) and `latest` at the previous checkpoint.
+    """
+
+    def __init__(self, root: str, keep_last: int, layout: ParallelLayout, optimizer_format: str = "auto",
+                 asynchronous: bool = False):
+        self.root, self.keep_last, self.layout = root, keep_last, layout
+        self.optimizer_format = mcore_compat.resolve_optimizer_format(optimizer_format)
+        self.writer = background_writer() if asynchronous else None
+        self._staging = StagingArea() if asynchronous else None
+        self._pending: Optional[tuple] = None  # (AtomicSave, name) written in the background
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
+    def writing(self) -> bool:
+        """Whether this rank's background write is still going (local: the trainer sums it over ranks)."""
+        return self._pending is not None and self.writer.busy()
+
+    def save(self, step: int, model, optimizer, scheduler, loader, meta: dict, blocking: bool = True) -> Optional[str]:
+        """Save step `step` (all ranks). Blocking (or without a writer): written and complete on return,
+        its path returned. Otherwise the files are written in the background and None is returned;
+        `finish` completes it. A save in flight is finished first."""
+        self.finish()
+        name = checkpoint_name(step)
+        agree_on_error(lambda: dist.get_rank() == 0 and _prepare_root(self.root), f"saving {self.root}/{name}")
+        state = _sharded_state(model, optimizer, scheduler, loader, self.layout, is_loading=False,
+                               optimizer_format=self.optimizer_format)
+        meta = dict(meta, step=step, parallel=self.layout.sizes(), optimizer_format=self.optimizer_format, rng=RNG_KEY)
+        final = os.path.join(self.root, name)
+        if blocking or self.writer is None:
+            self._complete(save_atomically(final, state, meta), name)
+            return final
+        save = begin_atomic_save(final, state, meta)
+        buckets = request_buckets(save.request)
+        if buckets is not None:
+            self.writer.submit(self._staging.stage(buckets))
+        self._pending = (save, name)
+        return None
+
+    def finish(self) -> Optional[str]:
+        """All ranks: complete the save in flight (each rank waits for its writer; without waiting once
+        no rank is `writing()`); its path, None when there was none. A write that failed on any rank
+        raises CheckpointError on every rank."""
+        if self._pending is None:
+            return None
+        save, name = self._pending
+        self._pending = None
+
+        def handover():  # this rank's write results, to where megatron-core's finalize reads them
+            if request_buckets(save.request) is not None:
+                write_results_queue().put(self.writer.result())
+
+        removing_tmp_on_failure(save.tmp, lambda: agree_on_error(handover, f"saving {save.final}"))
+        return self._complete(finish_atomic_save(save), name)
+
+    def _complete(self, final: str, name: str) -> str:
+        try:
+            agree_on_error(lambda: dist.get_rank() == 0 and write_latest(self.root, name),
+                           f"pointing {self.root}/latest at {name}")
+        except CheckpointError:  # `latest` still names the previous checkpoint: the new one leaves no trace
+            if dist.get_rank() == 0:
+                shutil.rmtree(final, ignore_errors=True)
+            raise
+        if dist.get_rank() == 0:
+            prune(self.root, self.keep_last)
+        return final
+
+
 def save_checkpoint(root: str, step: int, model, optimizer, scheduler, loader, meta: dict, keep_last: int,
                     layout: ParallelLayout, optimizer_format: str = "auto") -> str:
-    """Save atomically as `root/step_N`, point `latest` at it, keep the newest `keep_last`."""
-    optimizer_format = mcore_compat.resolve_optimizer_format(optimizer_format)
-    name = checkpoint_name(step)
-    agree_on_error(lambda: dist.get_rank() == 0 and _prepare_root(root), f"saving {root}/{name}")
-    state = _sharded_state(model, optimizer, scheduler, loader, layout, is_loading=False,
-                           optimizer_format=optimizer_format)
-    with shielded_from_stop_signals():  # the writer processes megatron-core starts outlive a job-wide stop
-        mcore_compat.start_checkpoint_writer_queue()  # ... but not their rank
-        final = save_atomically(os.path.join(root, name), state, lambda: dict(
-            meta, step=step, parallel=layout.sizes(), optimizer_format=optimizer_format, rng=RNG_KEY))
-    try:
-        agree_on_error(lambda: dist.get_rank() == 0 and write_latest(root, name), f"pointing {root}/latest at {name}")
-    except CheckpointError:  # `latest` still names the previous checkpoint: the new one leaves no trace
-        if dist.get_rank() == 0:
-            shutil.rmtree(final, ignore_errors=True)
-        raise
-    if dist.get_rank() == 0:
-        prune(root, keep_last)
-    return final
+    """Save atomically as `root/step_N` now, point `latest` at it, keep the newest `keep_last`."""
+    return CheckpointSaver(root, keep_last, layout, optimizer_format).save(step, model, optimizer, scheduler,
+                                                                         loader, meta)
 
 
 def _prepare_root(root: str) -> None:

@@ -5,6 +5,7 @@ and checkpoint sections, composed in `LCLConfig`. One YAML per experiment + `a.b
 Each function receives the section it uses, not the whole tree.
 """
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
@@ -69,6 +70,9 @@ class LoggingConfig:
     peak_flops_per_s: Optional[float] = None  # per device (e.g. 989e12 H100 bf16 dense): logs `mfu`
 
 
+BACKGROUND_SAVES_SUPPORTED = sys.platform.startswith("linux")  # PR_SET_PDEATHSIG (checkpoint.writer)
+
+
 @dataclass
 class CheckpointConfig:
     save_interval: Optional[int] = 1000  # steps; None: only at exit
@@ -82,6 +86,14 @@ class CheckpointConfig:
     # save) or dp_reshardable (cheaper saves; loads at the same TP/PP only). auto: fully_reshardable
     # where megatron-core can load it (Apex/TE optimizers, i.e. GPU), else dp_reshardable.
     optimizer_format: str = "auto"
+    # Interval saves written in the background by a writer process per rank (started at set-up) while
+    # training goes on; the final save (end, stop signal) is written at once. null: on where supported
+    # (Linux, where the writer can be tied to its rank's life).
+    async_save: Optional[bool] = None
+
+    def background_saves(self) -> bool:
+        """`async_save` resolved (null: on where supported)."""
+        return self.async_save if self.async_save is not None else BACKGROUND_SAVES_SUPPORTED
 
 
 @dataclass

@@ -11,10 +11,11 @@ they need a rule's value (the positions one image takes), they call the function
 """
 
 import os
+import sys
 from typing import List, Optional
 
 from megatron_lcl.config.model import LMConfig, ModelConfig, ParallelConfig, PrecisionConfig
-from megatron_lcl.config.run import DataConfig, LCLConfig, path_weight, data_blend
+from megatron_lcl.config.run import BACKGROUND_SAVES_SUPPORTED, DataConfig, LCLConfig, path_weight, data_blend
 from megatron_lcl.data.shard_paths import shard_paths
 from megatron_lcl.data.tokenizer import LCLTokenizer
 
@@ -253,6 +254,9 @@ def _run_errors(cfg: LCLConfig) -> List[str]:
         (c.optimizer_format in ("auto", "fully_reshardable", "dp_reshardable"),
          f"checkpoint.optimizer_format ({c.optimizer_format!r}) must be auto, fully_reshardable or dp_reshardable"),
         (c.keep_last >= 1, f"checkpoint.keep_last ({c.keep_last}) must be >= 1"),
+        (not c.async_save or BACKGROUND_SAVES_SUPPORTED,
+         f"checkpoint.async_save=true needs Linux (a background writer must die with its rank); this is "
+         f"{sys.platform}: set it to false or null"),
         (c.save_interval is None or c.save_interval > 0,
          f"checkpoint.save_interval ({c.save_interval}) must be > 0 or null"),
     ]

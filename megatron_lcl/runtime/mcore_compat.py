@@ -121,40 +121,21 @@ def use_foreach_multi_tensor_ops() -> None:
         mcore_optimizer.multi_tensor_scale_impl = _foreach_scale
 
 
-# megatron-core 0.16.1 (dist_checkpointing/strategies/filesystem_async.py): the checkpoint writers
-# report through a queue of a `multiprocessing.Manager` it spawns at the first save and keeps for the
-# life of the process. A rank killed outright (SIGKILL, OOM) leaves that Manager behind for ever, and
-# one started inside `runtime.signals.shielded_from_stop_signals` ignores SIGTERM too. Here the same
-# queue comes from a Manager that dies with its rank (Linux PR_SET_PDEATHSIG). Upgrade check: the
-# module still has `_results_queue` and fills it lazily in `_get_write_results_queue`.
-_writer_manager = None
-
-
-def start_checkpoint_writer_queue() -> None:
-    """Create megatron-core's checkpoint-writer results queue (once per process) on a Manager whose
-    server process ends when this process does."""
-    global _writer_manager
-    import multiprocessing
-    from multiprocessing.managers import SyncManager
+# megatron-core 0.16.1 (dist_checkpointing/strategies/filesystem_async.py): its writer processes report
+# through a queue of a `multiprocessing.Manager` it spawns at the first save (seconds, inside the save)
+# and keeps for the life of the process. Here the write results come back to the rank itself
+# (`checkpoint.writer`: written in the rank, or by its background writer and handed over), so the queue
+# is a plain in-process one and no Manager is ever started. Upgrade check: the module still has
+# `_results_queue`, read by `FileSystemWriterAsync.prepare_write_data` through `_get_write_results_queue`.
+def write_results_queue():
+    """The queue megatron-core's finalize reads this rank's write results from (created once)."""
+    import queue
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is not None:
-        return
-    _writer_manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    _writer_manager.start(_die_with_parent)
-    filesystem_async._results_queue = _writer_manager.Queue()
-
-
-def _die_with_parent() -> None:
-    """In the Manager's server process: SIGKILL when the process that started it exits (Linux)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):  # not Linux: the Manager outlives a killed rank, as before
-        pass
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+    return filesystem_async._results_queue
 
 
 # megatron-core 0.16.1 (dist_checkpointing/serialization.py `save`): rank 0 alone writes three files

@@ -6,8 +6,9 @@ Per step, on every rank:
     step_forward_backward (megatron-core schedule, 1F1B when PP > 1; with loss.contrastive_batch=step
                  a forward-only feature pass first, so L_con's negatives are the whole step)
     stats     <- one all-reduce over the world: losses (last stage), image/token counts (first stage),
-                 collapse monitor (first stage), stop flags (every rank) - so all ranks agree on
-                 skipping a non-finite step and on stopping after a signal
+                 collapse monitor (first stage), stop flags and background checkpoint writes (every
+                 rank) - so all ranks agree on skipping a non-finite step, on stopping after a signal
+                 and on when a background save is complete
     optimizer step (skipped when the loss is not finite), LR schedule, logit-scale clamp
 
 Rank 0 writes metrics.jsonl / TensorBoard / the console line; checkpoints are collective.
@@ -39,7 +40,7 @@ from megatron_lcl.training.signals import StopRequest
 # Values summed over the world each step. Each is contributed by the ranks named in `_step_stats`.
 STAT_KEYS = ("loss", "lm_loss", "con_loss", "con_top1", "text_tokens", "con_images", "con_excluded",
              "con_batch", "logit_scale",
-             "images", "effective_rank", "effective_rank_frac", "sv_entropy", "stop")
+             "images", "effective_rank", "effective_rank_frac", "sv_entropy", "stop", "ckpt_writing")
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Trainer:
         self._captured: Optional[List[torch.Tensor]] = None
         self._last_saved_step = -1
         self._run_lock: Optional[int] = None
+        self.saver: Optional[ckpt.CheckpointSaver] = None
 
     # ---------------------------------------------------------------------------------- set-up
     def setup(self) -> "Trainer":
@@ -102,6 +104,9 @@ class Trainer:
         if self.stop_agreed():  # a stop signal during the imports or the start of the process group
             return self
         validate_config(cfg, layout.world_size)
+        c = cfg.checkpoint  # first: a background writer starts while the model is built
+        self.saver = ckpt.CheckpointSaver(self.checkpoint_root, c.keep_last, layout, c.optimizer_format,
+                                          asynchronous=c.background_saves())
         self.num_microbatches = num_microbatches(cfg.train, cfg.data, layout.dp_size)
         self.model = build_model(cfg.model, cfg.parallel, cfg.precision, first_stage=layout.is_first_stage,
                                  last_stage=layout.is_last_stage)
@@ -249,6 +254,7 @@ class Trainer:
             if self._captured is not None:
                 local.update(self._collapse_stats(dp0))
         local["stop"] = 1.0 if self.stop else 0.0
+        local["ckpt_writing"] = 1.0 if self.saver.writing() else 0.0
         vec = torch.tensor([local[k] for k in STAT_KEYS], dtype=torch.float64, device=device())
         dist.all_reduce(vec)
         return dict(zip(STAT_KEYS, vec.tolist()))
@@ -272,6 +278,8 @@ class Trainer:
             log_now = (self.state.step + 1) % cfg.logging.log_interval == 0 or \
                 self.state.step + 1 == cfg.train.train_steps
             stats = self.train_step(self.next_batches(), collect_features=log_now)
+            if self.saver.in_flight and stats["ckpt_writing"] == 0:  # every rank's writer is done
+                self.finish_save()
             self._advance(stats)
             window.add(stats, time.time() - t0, cfg.train.global_batch_size * cfg.data.seq_length)
             stop = self._stop_reason(stats, start)
@@ -280,9 +288,10 @@ class Trainer:
                 window = _Window()
             if stop is None and cfg.checkpoint.save_interval and \
                     self.state.step % cfg.checkpoint.save_interval == 0:
-                self.save()
+                self.save(blocking=False)
         if cfg.checkpoint.save_at_exit or stop is not None:
-            self.save()
+            self.save()  # at once: faster than staging it for the background, and nothing waits for it
+        self.finish_save()
         status = stop or "completed"
         self._report(status)
         return status
@@ -376,16 +385,24 @@ class Trainer:
                 total[key] = total.get(key, 0) + n
         return total
 
-    def save(self) -> None:
+    def save(self, blocking: bool = True) -> None:
+        """Save this step (all ranks): complete on return when `blocking` (or without background
+        saves); else written in the background, completed by `finish_save`."""
+        self.finish_save()  # the one in flight first
         if self.state.step == self._last_saved_step:
             return
         sync_params(self.ddp)  # overlap_param_gather: the shards other ranks updated, before they are saved
         meta = {"train_state": asdict(self.state), "config": section_to_dict(self.cfg)}
-        path = ckpt.save_checkpoint(self.checkpoint_root, self.state.step, self.model, self.optimizer,
-                                    self.scheduler, self.loader, meta, self.cfg.checkpoint.keep_last,
-                                    self.layout, self.cfg.checkpoint.optimizer_format)
+        path = self.saver.save(self.state.step, self.model, self.optimizer, self.scheduler, self.loader, meta,
+                               blocking=blocking)
         self._last_saved_step = self.state.step
-        log0(f"saved checkpoint {path}")
+        log0(f"saved checkpoint {path}" if path else f"saving step {self.state.step} in the background")
+
+    def finish_save(self) -> None:
+        """Complete the background save in flight, if any (all ranks)."""
+        path = self.saver.finish()
+        if path:
+            log0(f"saved checkpoint {path}")
 
     def close(self) -> None:
         self.stop.uninstall()

@@ -1,7 +1,10 @@
 """Checkpoint faults on 2 gloo ranks (DP=2), run by tests/test_checkpoint_faults.py.
 
-`--phase kill`: rank 1 SIGKILLs itself in the middle of the step-4 save (its shards written, the
-folder not yet renamed): torchrun then ends the job. `--phase checks` (the launch that must pass):
+Interval saves are written in the background (checkpoint.async_save, on by default here: Linux);
+the final save of a run at once.
+
+`--phase kill`: rank 1 SIGKILLs itself while its background writer writes its step-4 files (the
+writer dies with it): torchrun then ends the job. `--phase checks` (the launch that must pass):
 
 - rng:       40 steps straight == 10 steps, exit, resume for 30 (drop-path 0.2), bitwise; the same
              resume with the RNG states re-seeded differs over 5 steps (the comparison sees the RNG).
@@ -10,17 +13,21 @@ folder not yet renamed): torchrun then ends the job. `--phase checks` (the launc
              checkpoint (step 6): the run resumes from step 4, renames step 6 to step_00000006.broken.
 - dangling:  `latest` naming a deleted folder: resumes from the newest complete one.
 - enospc:    "no space left on device" while writing each file of the step-8 save in turn (data files
-             on rank 1 and on rank 0; rank 0's index .metadata, common.pt, metadata.json, meta.json,
+             on rank 1 and on rank 0, by the background writer and, with async_save=false, by the rank;
+             rank 0's index .metadata, common.pt, metadata.json, meta.json,
              latest): every rank stops with the same CheckpointError naming the rank and the file,
              within seconds (before: a .metadata error hung all ranks for the gloo timeout), no
              step_00000008(.tmp) is left, `latest` and older checkpoints are intact, and the relaunch
              resumes from step 6.
+- stop:      a stop signal (rank 1) at step 5 while the step-4 save is still being written: the run
+             finishes that save, then saves step 5; both complete, `latest` at step 5.
 Each fault's resumed steps are compared with the straight run's (bitwise). Results: OUT/fault_checks.json.
 """
 
 import argparse
 import contextlib
 import errno
+import functools
 import io
 import json
 import os
@@ -32,8 +39,10 @@ import time
 import torch.distributed as dist
 
 from common import mark_done, save_json_rank0, tiny_run_config
-from megatron_lcl.checkpoint import CheckpointError
+from megatron_lcl.checkpoint import CheckpointError, writer
 from megatron_lcl.training.trainer import Trainer
+
+real_write_buckets = writer.write_buckets  # also in the background writer, which imports this script
 
 TIMING_KEYS = {"step_time_s", "tokens_per_s", "images_per_s", "model_flops_per_s", "mfu"}
 
@@ -75,18 +84,26 @@ def copy_run(src, dst) -> None:
     dist.barrier()
 
 
+def slow_write(buckets, results_queue) -> None:
+    """A background write that takes a second (so the run is sure to be in the middle of it)."""
+    time.sleep(1.0)
+    real_write_buckets(buckets, results_queue)
+
+
 def phase_kill(out: str) -> None:
-    """Rank 1 dies (SIGKILL) right after writing its step-4 shards."""
-    from megatron.core import dist_checkpointing
+    """Rank 1 dies (SIGKILL) while its background writer writes its step-4 files."""
+    real_submit = writer.BackgroundWriter.submit
 
-    real_save = dist_checkpointing.save
-
-    def save_then_die(state, directory, *args, **kwargs):
-        real_save(state, directory, *args, **kwargs)
-        if dist.get_rank() == 1 and directory.endswith("step_00000004.tmp"):
+    def submit_then_die(self, buckets):
+        real_submit(self, buckets)
+        if dist.get_rank() == 1 and "step_00000004.tmp" in buckets[0][0]:
+            with open(os.path.join(out, "killed_writer.pid"), "w") as f:
+                f.write(str(self.process.pid))
+            time.sleep(0.3)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    dist_checkpointing.save = save_then_die
+    writer.BackgroundWriter.submit = submit_then_die
+    writer.write_buckets = slow_write
     Trainer(config(out, "killed")).setup().train()
 
 
@@ -144,15 +161,35 @@ def check_dangling(out: str, base) -> dict:
 # Every file a save writes, and the rank that writes it: (name the failing write starts with, rank).
 # Rank 0 alone writes the index `.metadata`, common.pt, metadata.json, meta.json and `latest`; every
 # rank writes its data files (`__R_0.distcp`, in megatron-core's forked writer processes).
-WRITE_FAULTS = [("__1_", 1), ("__0_", 0), (".metadata", 0), ("common.pt", 0), ("metadata.json", 0),
-                ("meta.json", 0), ("latest", 0)]
+# The data files are written by the background writer, and by the rank itself with async_save=false.
+WRITE_FAULTS = [("__1_", 1, True), ("__0_", 0, True), ("__1_", 1, False), ("__0_", 0, False), (".metadata", 0, True),
+                ("common.pt", 0, True), ("metadata.json", 0, True), ("meta.json", 0, True), ("latest", 0, True)]
 
 
 @contextlib.contextmanager
 def disk_full_for(prefix: str, rank: int):
     """On `rank`: opening a file whose name starts with `prefix` for writing fails with ENOSPC, as on a
-    full disk (builtins.open and io.open, which pathlib uses, inherited by forked writer processes;
-    torch.save, which opens its file in C++)."""
+    full disk, in the rank and in its background writer (which runs `write_on_full_disk` instead)."""
+    if dist.get_rank() != rank:
+        yield
+        return
+    writer.write_buckets = functools.partial(write_on_full_disk, prefix)
+    try:
+        with full_disk(prefix):
+            yield
+    finally:
+        writer.write_buckets = real_write_buckets
+
+
+def write_on_full_disk(prefix: str, buckets, results_queue) -> None:
+    with full_disk(prefix):
+        real_write_buckets(buckets, results_queue)
+
+
+@contextlib.contextmanager
+def full_disk(prefix: str):
+    """In this process: builtins.open and io.open (which pathlib uses) and torch.save (which opens its
+    file in C++) fail with ENOSPC for a file whose name starts with `prefix`, opened for writing."""
     import builtins
     import torch
 
@@ -175,9 +212,8 @@ def disk_full_for(prefix: str, rank: int):
             full(f)
         return real_save(obj, f, *args, **kwargs)
 
-    if dist.get_rank() == rank:
-        builtins.open = io.open = failing_open
-        torch.save = failing_save
+    builtins.open = io.open = failing_open
+    torch.save = failing_save
     try:
         yield
     finally:
@@ -192,17 +228,43 @@ def check_write_errors(out: str, base) -> dict:
     cfg = config(out, "enospc")
     copy_run(base, cfg)
     results = {}
-    for prefix, rank in WRITE_FAULTS:
+    for prefix, rank, background in WRITE_FAULTS:
         started = time.time()
+        cfg.checkpoint.async_save = background
         with disk_full_for(prefix, rank):
             failed = run(cfg)
         statuses = [None] * dist.get_world_size()
         dist.all_gather_object(statuses, failed["status"])
         with open(os.path.join(cfg.run_dir, "checkpoints", "latest")) as f:
             latest = f.read().strip()
-        results[f"{prefix}@{rank}"] = {**failed, "statuses": statuses, "latest": latest,
+        results[f"{prefix}@{rank}" + ("" if background else "/sync")] = {**failed, "statuses": statuses, "latest": latest,
                                       "seconds": time.time() - started}
+    cfg.checkpoint.async_save = None
     return {"faults": results, "relaunched": run(cfg), "rows": rows(cfg)}
+
+
+def check_stop_during_save(out: str) -> dict:
+    """A stop signal (to rank 1) during step 5, while the step-4 save is being written (slowly): the
+    run finishes that save, then saves step 5 at once."""
+    cfg = config(out, "stop_during_save", "checkpoint.save_interval=4")
+    real_next = Trainer.next_batches
+
+    def next_batches(self):
+        if self.state.step == 4 and dist.get_rank() == 1:
+            assert self.saver.in_flight
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_next(self)
+
+    Trainer.next_batches, writer.write_buckets = next_batches, slow_write
+    try:
+        result = run(cfg)
+    finally:
+        Trainer.next_batches, writer.write_buckets = real_next, real_write_buckets
+    with open(os.path.join(cfg.run_dir, "checkpoints", "latest")) as f:
+        latest = f.read().strip()
+    complete = [d for d in result["checkpoints"]
+                if os.path.exists(os.path.join(cfg.run_dir, "checkpoints", d, "meta.json"))]
+    return {**result, "latest": latest, "complete": complete}
 
 
 def phase_checks(out: str) -> dict:
@@ -218,6 +280,7 @@ def phase_checks(out: str) -> dict:
     results["truncated"] = check_truncated(out, base)
     results["dangling"] = check_dangling(out, base)
     results["enospc"] = check_write_errors(out, base)
+    results["stop"] = check_stop_during_save(out)
     return results
 
 

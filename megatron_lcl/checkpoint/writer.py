@@ -1,0 +1,202 @@
+"""Where a checkpoint's data files are written: in the rank itself (a synchronous save), or in the
+rank's one background writer process (an asynchronous save). No save starts a process: the writer
+is started once, at set-up, outside any stop-signal window, and dies with its rank.
+
+megatron-core plans a save (`dist_checkpointing.save(..., async_sharded_save=True)`) and hands back
+an `AsyncRequest`: this rank's data files as write buckets `(path, storage key, (byte items, tensor
+items))`, and the finalize functions that gather every rank's write results and write the index.
+`write_buckets` writes the buckets (one thread per file, as megatron-core's writer does with one
+process per file) and puts the results where megatron-core's finalize reads them
+(`mcore_compat.write_results_queue`).
+
+An asynchronous save copies the tensors first (`StagingArea`: host buffers in shared memory, kept
+between saves, so staging costs one copy and the writer reads them without another); training then
+goes on while `BackgroundWriter` writes the copies. This module imports torch and the standard
+library only: the writer process starts in about a second and never imports megatron-core.
+"""
+
+import atexit
+import ctypes
+import inspect
+import multiprocessing
+import os
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import torch
+import torch.multiprocessing  # noqa: F401 - registers the shared-memory pickling of tensors
+from torch.distributed.checkpoint.filesystem import _StorageWriterTransforms, _write_item
+
+from megatron_lcl.stop_signals import STOP_SIGNALS
+
+_WRITE_ITEM_FORMAT = {}
+if "serialization_format" in inspect.signature(_write_item).parameters:  # torch >= 2.6
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    _WRITE_ITEM_FORMAT = {"serialization_format": SerializationFormat.TORCH_SAVE}
+
+
+# ------------------------------------------------------------------------------------- writing
+
+def write_buckets(buckets: list, results_queue) -> None:
+    """Write each bucket's file (fsynced), then put `{bucket index: [WriteResult]}`, or the first
+    error, into `results_queue`. Never raises: megatron-core's finalize turns an error into the
+    save's failure on every rank."""
+    try:
+        with ThreadPoolExecutor(max_workers=max(len(buckets), 1), thread_name_prefix="ckpt-write") as pool:
+            results = dict(enumerate(pool.map(_write_bucket, buckets)))
+    except Exception as e:  # noqa: BLE001 - reported through the queue, raised by the finalize
+        results = e
+    results_queue.put(results)
+
+
+def _write_bucket(bucket) -> list:
+    path, storage_key, (bytes_data, tensor_data) = bucket
+    transforms = _StorageWriterTransforms()
+    with open(path, "wb") as stream:
+        results = [_write_item(transforms, stream, data, item, storage_key, **_WRITE_ITEM_FORMAT)
+                   for item, data in list(bytes_data) + list(tensor_data)]
+        stream.flush()
+        os.fsync(stream.fileno())
+    return results
+
+
+def request_buckets(request) -> Optional[list]:
+    """The write buckets of megatron-core's AsyncRequest (None: nothing to write on this rank)."""
+    return None if request.async_fn is None else request.async_fn_args[1]
+
+
+def write_now(request, results_queue) -> None:
+    """A synchronous save's data files, written by this process (tensors on the GPU copied off first)."""
+    if request.async_fn is None:
+        return
+    buckets = request.preload_fn() if request.preload_fn is not None else request_buckets(request)
+    write_buckets(buckets, results_queue)
+
+
+# ------------------------------------------------------------------------------------- staging
+
+class StagingArea:
+    """Host copies of a save's tensors, in shared memory, one buffer per tensor (so the writer saves
+    exactly that tensor), reused by every later save of the same plan."""
+
+    def __init__(self):
+        self._buffers = {}
+
+    def stage(self, buckets: list) -> list:
+        """`buckets` with every tensor replaced by its copy (byte items are already snapshots)."""
+        return [(path, key, (bytes_data, [(item, self._copy(item, t)) for item, t in tensor_data]))
+                for path, key, (bytes_data, tensor_data) in buckets]
+
+    def _copy(self, item, tensor: torch.Tensor) -> torch.Tensor:
+        key = (item.index.fqn, tuple(item.index.offset or ()), item.index.index, tensor.dtype, tuple(tensor.shape))
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype).share_memory_()
+        buffer.copy_(tensor.detach())
+        return buffer
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+# ------------------------------------------------------------------------------------- the process
+
+class WriterDied(RuntimeError):
+    pass
+
+
+class BackgroundWriter:
+    """This rank's writer process: takes `(write function, buckets)` jobs, one at a time, and answers
+    each with its results. It ignores the stop signals (a rank finishes an in-flight save before it
+    exits) and is SIGKILLed by the kernel when its rank ends, however the rank ends (Linux)."""
+
+    def __init__(self):
+        ctx = multiprocessing.get_context("spawn")
+        self._jobs, self._results = ctx.SimpleQueue(), ctx.SimpleQueue()
+        self._busy = False
+        self.process = ctx.Process(target=_writer_main, args=(os.getpid(), self._jobs, self._results),
+                                   name="checkpoint-writer", daemon=True)
+        self.process.start()
+
+    def submit(self, buckets: list) -> None:
+        assert not self._busy, "one save at a time"
+        self._jobs.put((write_buckets, buckets))  # looked up now: a test may stand in its own
+        self._busy = True
+
+    def busy(self) -> bool:
+        """Whether the submitted job is still being written (False also when the writer died)."""
+        return self._busy and self._results.empty() and self.process.is_alive()
+
+    def result(self):
+        """The submitted job's results (waits for them); WriterDied when the process ended without them."""
+        while self._results.empty():
+            if not self.process.is_alive():
+                self._busy = False
+                raise WriterDied(f"the checkpoint writer process of this rank (pid {self.process.pid}) ended "
+                                 f"with exit code {self.process.exitcode} during the save")
+            self.process.join(0.05)
+        self._busy = False
+        return self._results.get()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self._jobs.put(None)
+            self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+_writer: Optional[BackgroundWriter] = None
+
+
+def background_writer() -> BackgroundWriter:
+    """This process's writer, started on the first call (at set-up) and kept for the life of the process."""
+    global _writer
+    if _writer is None or not _writer.process.is_alive():
+        from megatron_lcl.runtime.signals import shielded_from_stop_signals
+
+        with shielded_from_stop_signals():  # blocked from its first instruction until it ignores them
+            _writer = BackgroundWriter()
+    return _writer
+
+
+@atexit.register
+def _close_writer() -> None:  # before multiprocessing's own exit handler, which would wait for it
+    if _writer is not None:
+        _writer.close()
+
+
+def background_writes_supported() -> tuple:
+    """(True, "") where a writer can be tied to its rank's life (Linux: PR_SET_PDEATHSIG), else
+    (False, why)."""
+    if not sys.platform.startswith("linux"):
+        return False, f"a background writer cannot be tied to its rank's life on {sys.platform} (Linux only)"
+    return True, ""
+
+
+def _writer_main(parent: int, jobs, results) -> None:
+    _die_with_parent(parent)
+    for sig in STOP_SIGNALS + (signal.SIGINT,):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    torch.set_num_threads(1)
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        fn, buckets = job
+        fn(buckets, results)
+        del job, buckets
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when `parent` (the rank that started it) ends (Linux PR_SET_PDEATHSIG)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent:  # the rank ended before the prctl
+        os._exit(1)
