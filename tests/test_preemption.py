@@ -1,13 +1,15 @@
 """Preemption as a user or a scheduler does it: the stop signal goes to the torchrun AGENT, which
-signals each rank's whole process group (rank, DataLoader worker, megatron-core's checkpoint
-writer processes). The run must still finish its step, save it, keep the older checkpoints and
-resume from it; and the launcher reports the driver's exit status (0 after a preemption save, 2 for
-a config error) although torchrun's agent exits 1 in both cases.
+signals each rank's whole process group (rank, DataLoader worker, the rank's background checkpoint
+writer). The run must still finish its step, save it, keep the older checkpoints and resume from
+it; and the launcher reports the driver's exit status (0 after a preemption save, 2 for a config
+error) although torchrun's agent exits 1 in both cases.
 
-Two 2-rank launches of the tiny model (DataLoader workers on, a save every 10 steps so the writer
-processes exist before the signal): plain torchrun + SIGTERM to the agent, then
-examples/pretrain_lcl.sh on the same run_dir (resumes) + SIGUSR1 to its torchrun agent. While the
-first runs, a second launch on its run directory is refused (the run directory's lock).
+Two 2-rank launches of the tiny model (DataLoader workers on, a background save every 20 steps):
+plain torchrun + SIGTERM to the agent at step 3, before the first interval save, while another
+2-process CPU job keeps the machine busy (torchrun's default 30 s shutdown timeout then SIGKILLs
+the ranks: the save must be done by then); then examples/pretrain_lcl.sh on the same run_dir
+(resumes) + SIGUSR1 to its torchrun agent 25 steps later, with background saves behind it. While
+the second runs, a third launch on its run directory is refused (the run directory's lock).
 """
 
 import json
@@ -26,7 +28,7 @@ from megatron_lcl.runtime.distributed import free_port
 from test_training import build_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
-SAVE_INTERVAL = 10
+SAVE_INTERVAL = 20
 KEEP_LAST = 3
 
 
@@ -98,15 +100,20 @@ def launches(run_dir: Path) -> list:
 
 def test_stop_signal_to_the_torchrun_agent_saves_and_resumes(data_root, tmp_path):
     run_dir = tmp_path / "run"
-    # 1) plain torchrun (the README's command); SIGTERM to the agent once step 25 is logged.
+    # 1) plain torchrun (the README's command); SIGTERM to the agent once step 3 is logged, before the
+    #    first interval save, with the machine's 2 cores busy with another job.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(ROOT / "pretrain_lcl.py"), "--config", str(ROOT / "examples/configs/tiny_cpu.yaml"),
            *overrides(data_root, run_dir)]
     agent = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    second_launch_is_refused(agent, run_dir, data_root)
-    output = signal_at_step(agent, agent.pid, signal.SIGTERM, run_dir, 25)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        output = signal_at_step(agent, agent.pid, signal.SIGTERM, run_dir, 3)
+    finally:
+        for proc in busy:
+            proc.kill()
     stopped = last_step(run_dir)  # the step the ranks were at: they finish it, then save it
-    assert stopped >= 25
+    assert 3 <= stopped < SAVE_INTERVAL, stopped
     assert agent.returncode == 1, output[-3000:]  # torchrun's agent exits 1 after a signal (torch's choice)
     assert f"stop signal (SIGTERM) received: saved step {stopped}" in output, output[-3000:]
     assert "BrokenPipeError" not in output and "DataLoader worker" not in output, output[-3000:]
@@ -117,7 +124,9 @@ def test_stop_signal_to_the_torchrun_agent_saves_and_resumes(data_root, tmp_path
     script = subprocess.Popen(["bash", "examples/pretrain_lcl.sh", "examples/configs/tiny_cpu.yaml",
                                *overrides(data_root, run_dir)], cwd=ROOT, env=dict(env(), NPROC="2"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = signal_at_step(script, torchrun_agent_of(script.pid), signal.SIGUSR1, run_dir, stopped + 5)
+    agent = torchrun_agent_of(script.pid)
+    second_launch_is_refused(script, agent, run_dir, data_root, after_step=stopped)
+    output = signal_at_step(script, agent, signal.SIGUSR1, run_dir, stopped + 25)
     assert launches(run_dir)[-1]["start_step"] == stopped
     resumed_rows = [r["step"] for r in read_metrics(str(run_dir))]
     assert resumed_rows.count(stopped + 1) == 1 and resumed_rows.count(stopped) == 1  # no step redone
@@ -131,13 +140,14 @@ def test_stop_signal_to_the_torchrun_agent_saves_and_resumes(data_root, tmp_path
     assert checkpoints(run_dir) == kept_checkpoints(second, stopped)
 
 
-def second_launch_is_refused(first: subprocess.Popen, run_dir: Path, data_root: Path) -> None:
+def second_launch_is_refused(first: subprocess.Popen, agent: int, run_dir: Path, data_root: Path,
+                             after_step: int) -> None:
     """A second launch on the run directory of a running one (a double sbatch, a requeue racing a manual
     relaunch), through the launcher: exit 2, one line naming the directory and the holder (the first
     launch's rank 0); the first trains on untouched (before: the second resumed from the first's
     checkpoint and rewrote metrics.jsonl under it)."""
     deadline = time.time() + 400
-    while last_step(run_dir) < 3:
+    while last_step(run_dir) <= after_step:
         assert first.poll() is None and time.time() < deadline, "the first launch did not train"
         time.sleep(0.2)
     second = subprocess.run(["bash", "examples/pretrain_lcl.sh", "examples/configs/tiny_cpu.yaml",
@@ -150,9 +160,9 @@ def second_launch_is_refused(first: subprocess.Popen, run_dir: Path, data_root: 
                        r"none, since ", refused[0])
     assert holder, refused[0]
     with open(f"/proc/{holder.group(1)}/stat") as f:  # the first launch's rank 0, a child of its agent
-        assert int(f.read().split(")")[-1].split()[1]) == first.pid
+        assert int(f.read().split(")")[-1].split()[1]) == agent
     assert "training failed: exit status 2 (run_dir_in_use; launcher exit 1)" in second.stderr
-    assert first.poll() is None and len(launches(run_dir)) == 1
+    assert first.poll() is None and len(launches(run_dir)) == 2
 
 
 def test_a_stop_signal_in_the_first_second_of_a_launch_exits_0_without_training(data_root, tmp_path):
@@ -181,7 +191,7 @@ from megatron_lcl.runtime.signals import shielded_from_stop_signals
 received = []
 signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
 with shielded_from_stop_signals():
-    manager = multiprocessing.get_context("spawn").Manager()  # as megatron-core's first save does
+    manager = multiprocessing.get_context("spawn").Manager()  # a spawned helper with a queue
     queue = manager.Queue()
     os.kill(os.getpid(), signal.SIGTERM)  # a job-wide stop arriving during the save
     during = list(received)
@@ -208,27 +218,27 @@ def test_processes_started_in_the_shield_outlive_stop_signals():
 
 
 KILLED_RANK = """
-import os, signal
-from megatron.core.dist_checkpointing.strategies import filesystem_async
-from megatron_lcl.runtime.mcore_compat import start_checkpoint_writer_queue
-from megatron_lcl.runtime.signals import shielded_from_stop_signals
+import os, signal, time
+from megatron_lcl.checkpoint.writer import background_writer
 
-with shielded_from_stop_signals():  # as the first save does
-    start_checkpoint_writer_queue()
-filesystem_async._results_queue.put("ok")
-assert filesystem_async._get_write_results_queue().get() == "ok"  # megatron-core uses this queue
-print(open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read(), flush=True)
+writer = background_writer()  # as set-up does
+time.sleep(3)  # started (it imports torch)
+for sig in (signal.SIGTERM, signal.SIGUSR1):  # a job-wide stop: the writer must finish an in-flight save
+    os.kill(writer.process.pid, sig)
+time.sleep(0.5)
+assert writer.process.is_alive()
+print(writer.process.pid, open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read(), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)  # the rank dies outright (OOM killer, scancel --signal=KILL)
 """
 
 
-def test_checkpoint_writer_manager_dies_with_its_rank():
-    """megatron-core's writer Manager must not outlive a rank killed outright: a leftover ignores the
-    stop signals (it was started in the shield) and holds the job's output pipes open."""
+def test_background_checkpoint_writer_outlives_stop_signals_and_dies_with_its_rank():
+    """The rank's writer ignores the stop signals (the rank finishes a save in flight before it
+    exits) but must not outlive a rank killed outright (it would hold the job's output pipes open)."""
     proc = subprocess.run([sys.executable, "-c", KILLED_RANK], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     helpers = [int(p) for p in proc.stdout.split()]
-    assert helpers, "the Manager (and its resource tracker) were started"
+    assert helpers[0] in helpers[1:], "the writer (and its resource tracker) were started"
     deadline = time.time() + 10
     while time.time() < deadline and any(_running(pid) for pid in helpers):
         time.sleep(0.2)

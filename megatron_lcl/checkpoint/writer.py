@@ -143,12 +143,11 @@ class BackgroundWriter:
         return self._results.get()
 
     def close(self) -> None:
-        if self.process.is_alive():
-            self._jobs.put(None)
-            self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
+        """End the process now: nothing is left for it to do, or what is left was abandoned (a save
+        completes only through `result`), so it is not asked to finish (its interpreter's exit takes
+        a second)."""
+        self.process.kill()
+        self.process.join()
 
 
 _writer: Optional[BackgroundWriter] = None

@@ -6,14 +6,12 @@ deliver a stop signal to every process of the job, not only to the ranks. A rank
 and saves before it exits, so the processes it relies on meanwhile must not die from the signal:
 
 - its DataLoader workers ignore it (`ignore_stop_signals`, their `worker_init_fn`);
-- the processes a checkpoint save starts (megatron-core's writer processes, forked, and the
-  `multiprocessing.Manager` it spawns at the first save) are started inside
-  `shielded_from_stop_signals`, so they inherit the stop signals blocked (a blocked signal stays
-  blocked across fork and exec, while a Python handler does not survive exec).
+- its background checkpoint writer (`checkpoint.writer`, spawned at set-up) is started inside
+  `shielded_from_stop_signals`, so it inherits the stop signals blocked (a blocked signal stays
+  blocked across fork and exec, while a Python handler does not survive exec) until it ignores them.
 
-The rank closes its helpers itself when it exits; multiprocessing ends a Manager that does not
-answer with SIGKILL. A rank killed outright (SIGKILL, os._exit) takes megatron-core's writer Manager
-with it (`mcore_compat.start_checkpoint_writer_queue`: PR_SET_PDEATHSIG).
+The rank closes its helpers itself when it exits. A rank killed outright (SIGKILL, os._exit) takes
+its writer with it (PR_SET_PDEATHSIG).
 """
 
 import signal

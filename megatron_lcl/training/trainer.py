@@ -391,18 +391,23 @@ class Trainer:
         self.finish_save()  # the one in flight first
         if self.state.step == self._last_saved_step:
             return
+        started = time.perf_counter()
         sync_params(self.ddp)  # overlap_param_gather: the shards other ranks updated, before they are saved
         meta = {"train_state": asdict(self.state), "config": section_to_dict(self.cfg)}
         path = self.saver.save(self.state.step, self.model, self.optimizer, self.scheduler, self.loader, meta,
                                blocking=blocking)
         self._last_saved_step = self.state.step
-        log0(f"saved checkpoint {path}" if path else f"saving step {self.state.step} in the background")
+        took = time.perf_counter() - started
+        log0(f"saved checkpoint {path} ({took:.2f} s)" if path else
+             f"saving step {self.state.step} in the background (training paused {took:.2f} s)")
 
     def finish_save(self) -> None:
         """Complete the background save in flight, if any (all ranks)."""
+        started = time.perf_counter()
         path = self.saver.finish()
         if path:
-            log0(f"saved checkpoint {path}")
+            log0(f"saved checkpoint {path} (written in the background; completing it took "
+                 f"{time.perf_counter() - started:.2f} s)")
 
     def close(self) -> None:
         self.stop.uninstall()
