@@ -144,3 +144,16 @@ def test_async_save_is_a_validated_setting(data_root, tmp_path, monkeypatch, cap
     monkeypatch.setattr(validate, "BACKGROUND_SAVES_SUPPORTED", False)
     assert pretrain_lcl.main(argv(data_root, tmp_path / "run", "checkpoint.async_save=true")) == 2
     assert "checkpoint.async_save=true needs Linux" in capsys.readouterr().err
+
+
+def test_too_little_shared_memory_writes_the_save_at_once(data_root, tmp_path, monkeypatch, capsys):
+    """A container's 64 MiB /dev/shm cannot hold a large model's copies (copying into a full tmpfs dies
+    of SIGBUS): the save is written at once, said once, and the run goes on saving."""
+    monkeypatch.setattr(writer, "SHARED_MEMORY", str(tmp_path / "no_shm"))  # 0 bytes free
+    run = tmp_path / "run"
+    assert pretrain_lcl.main(argv(data_root, run, "checkpoint.save_interval=2", "checkpoint.keep_last=5",
+                                  "checkpoint.async_save=true")) == 0
+    log = capsys.readouterr().out
+    assert log.count("checkpoint.async_save: rank 0: a background save needs ") == 1, log
+    assert "this save and the later ones are written at once" in log and "in the background" not in log
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", *SAVES]

@@ -31,7 +31,8 @@ from megatron_lcl.checkpoint.run_dir import (CheckpointError, agree_on_error, be
                                              check_checkpoint_files, checkpoint_name, complete_checkpoints,
                                              finish_atomic_save, prune, quarantine, read_meta, remove_stale_tmp,
                                              removing_tmp_on_failure, save_atomically, write_latest)
-from megatron_lcl.checkpoint.writer import StagingArea, background_writer, request_buckets
+from megatron_lcl.checkpoint.writer import (StagingArea, StagingUnavailable, background_writer, request_buckets,
+                                            write_now)
 from megatron_lcl.runtime import mcore_compat
 from megatron_lcl.runtime.distributed import get_rng_state, set_rng_state
 from megatron_lcl.runtime.layout import ParallelLayout
@@ -95,8 +96,8 @@ class CheckpointSaver:
     """
 
     def __init__(self, root: str, keep_last: int, layout: ParallelLayout, optimizer_format: str = "auto",
-                 asynchronous: bool = False):
-        self.root, self.keep_last, self.layout = root, keep_last, layout
+                 asynchronous: bool = False, log=print):
+        self.root, self.keep_last, self.layout, self.log = root, keep_last, layout, log
         self.optimizer_format = mcore_compat.resolve_optimizer_format(optimizer_format)
         self.writer = background_writer() if asynchronous else None
         self._staging = StagingArea() if asynchronous else None
@@ -125,11 +126,32 @@ class CheckpointSaver:
             self._complete(save_atomically(final, state, meta), name)
             return final
         save = begin_atomic_save(final, state, meta)
-        buckets = request_buckets(save.request)
-        if buckets is not None:
-            self.writer.submit(self._staging.stage(buckets))
+        staged, why = self._stage(request_buckets(save.request))
+        if why is not None:  # on some rank: every rank writes this save, and the later ones, at once
+            self.log(f"checkpoint.async_save: {why}; this save and the later ones are written at once")
+            self.writer = None
+            removing_tmp_on_failure(save.tmp, lambda: agree_on_error(
+                lambda: write_now(save.request, write_results_queue()), f"saving {final}"))
+            self._complete(finish_atomic_save(save), name)
+            return final
+        if staged is not None:
+            self.writer.submit(staged)
         self._pending = (save, name)
         return None
+
+    def _stage(self, buckets: Optional[list]) -> tuple:
+        """(this rank's staged buckets, None), or (None, why) on every rank when some rank's copies do not
+        fit in its shared memory (the first such rank's reason)."""
+        staged, why = None, None
+        if buckets is not None:
+            try:
+                staged = self._staging.stage(buckets)
+            except StagingUnavailable as e:
+                why = f"rank {dist.get_rank()}: {e}"
+        reasons = [None] * dist.get_world_size()
+        dist.all_gather_object(reasons, why)
+        why = next((r for r in reasons if r is not None), None)
+        return (None, why) if why is not None else (staged, None)
 
     def finish(self) -> Optional[str]:
         """All ranks: complete the save in flight (each rank waits for its writer; without waiting once

@@ -20,6 +20,7 @@ import ctypes
 import inspect
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +79,13 @@ def write_now(request, results_queue) -> None:
 
 # ------------------------------------------------------------------------------------- staging
 
+class StagingUnavailable(RuntimeError):
+    """The shared memory for a background save's copies is not there (the save is written at once)."""
+
+
+SHARED_MEMORY = "/dev/shm"  # where torch's shared CPU tensors live (shm_open), a tmpfs
+
+
 class StagingArea:
     """Host copies of a save's tensors, in shared memory, one buffer per tensor (so the writer saves
     exactly that tensor), reused by every later save of the same plan."""
@@ -86,12 +94,27 @@ class StagingArea:
         self._buffers = {}
 
     def stage(self, buckets: list) -> list:
-        """`buckets` with every tensor replaced by its copy (byte items are already snapshots)."""
+        """`buckets` with every tensor replaced by its copy (byte items are already snapshots).
+        StagingUnavailable when the new buffers do not fit in the free shared memory: a tmpfs
+        allocates on first touch, and a copy that runs out of it dies of SIGBUS."""
+        items = [(item, t) for _, _, (_, tensor_data) in buckets for item, t in tensor_data]
+        needed = sum(t.numel() * t.element_size() for item, t in items if self._key(item, t) not in self._buffers)
+        if needed:
+            free = shutil.disk_usage(SHARED_MEMORY).free if os.path.isdir(SHARED_MEMORY) else 0
+            if needed > free * 0.9:
+                raise StagingUnavailable(
+                    f"a background save needs {needed / 2**30:.2f} GiB of shared memory for its copies and "
+                    f"{SHARED_MEMORY} has {free / 2**30:.2f} GiB free (a container's default is 64 MiB: docker "
+                    "run --shm-size, or checkpoint.async_save=false)")
         return [(path, key, (bytes_data, [(item, self._copy(item, t)) for item, t in tensor_data]))
                 for path, key, (bytes_data, tensor_data) in buckets]
 
+    @staticmethod
+    def _key(item, tensor: torch.Tensor) -> tuple:
+        return (item.index.fqn, tuple(item.index.offset or ()), item.index.index, tensor.dtype, tuple(tensor.shape))
+
     def _copy(self, item, tensor: torch.Tensor) -> torch.Tensor:
-        key = (item.index.fqn, tuple(item.index.offset or ()), item.index.index, tensor.dtype, tuple(tensor.shape))
+        key = self._key(item, tensor)
         buffer = self._buffers.get(key)
         if buffer is None:
             buffer = self._buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype).share_memory_()

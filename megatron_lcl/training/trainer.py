@@ -106,7 +106,7 @@ class Trainer:
         validate_config(cfg, layout.world_size)
         c = cfg.checkpoint  # first: a background writer starts while the model is built
         self.saver = ckpt.CheckpointSaver(self.checkpoint_root, c.keep_last, layout, c.optimizer_format,
-                                          asynchronous=c.background_saves())
+                                          asynchronous=c.background_saves(), log=log0)
         self.num_microbatches = num_microbatches(cfg.train, cfg.data, layout.dp_size)
         self.model = build_model(cfg.model, cfg.parallel, cfg.precision, first_stage=layout.is_first_stage,
                                  last_stage=layout.is_last_stage)
