@@ -18,6 +18,7 @@ library only: the writer process starts in about a second and never imports mega
 import atexit
 import ctypes
 import inspect
+import math
 import multiprocessing
 import os
 import shutil
@@ -58,10 +59,17 @@ def _write_bucket(bucket) -> list:
     transforms = _StorageWriterTransforms()
     with open(path, "wb") as stream:
         results = [_write_item(transforms, stream, data, item, storage_key, **_WRITE_ITEM_FORMAT)
-                   for item, data in list(bytes_data) + list(tensor_data)]
+                   for item, data in list(bytes_data) + [(item, _own_storage(t)) for item, t in tensor_data]]
         stream.flush()
         os.fsync(stream.fileno())
     return results
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or a copy when it views a larger storage (torch.save writes a tensor's whole storage)."""
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
 
 
 def request_buckets(request) -> Optional[list]:
@@ -87,43 +95,68 @@ SHARED_MEMORY = "/dev/shm"  # where torch's shared CPU tensors live (shm_open), 
 
 
 class StagingArea:
-    """Host copies of a save's tensors, in shared memory, one buffer per tensor (so the writer saves
-    exactly that tensor), reused by every later save of the same plan."""
+    """Host copies of a save's tensors, in shared memory: one buffer per file (one storage to hand to
+    the writer process, however many tensors), reused by every later save of the same plan."""
+
+    ALIGN = 64  # bytes: every tensor's offset in its buffer
 
     def __init__(self):
-        self._buffers = {}
+        self._buffers = {}  # bucket index -> (layout, flat uint8 buffer)
 
-    def stage(self, buckets: list) -> list:
-        """`buckets` with every tensor replaced by its copy (byte items are already snapshots).
-        StagingUnavailable when the new buffers do not fit in the free shared memory: a tmpfs
-        allocates on first touch, and a copy that runs out of it dies of SIGBUS."""
-        items = [(item, t) for _, _, (_, tensor_data) in buckets for item, t in tensor_data]
-        needed = sum(t.numel() * t.element_size() for item, t in items if self._key(item, t) not in self._buffers)
-        if needed:
-            free = shutil.disk_usage(SHARED_MEMORY).free if os.path.isdir(SHARED_MEMORY) else 0
-            if needed > free * 0.9:
-                raise StagingUnavailable(
-                    f"a background save needs {needed / 2**30:.2f} GiB of shared memory for its copies and "
-                    f"{SHARED_MEMORY} has {free / 2**30:.2f} GiB free (a container's default is 64 MiB: docker "
-                    "run --shm-size, or checkpoint.async_save=false)")
-        return [(path, key, (bytes_data, [(item, self._copy(item, t)) for item, t in tensor_data]))
-                for path, key, (bytes_data, tensor_data) in buckets]
+    def stage(self, buckets: list) -> "Staged":
+        """The copies of `buckets`' tensors (byte items are already snapshots). StagingUnavailable when
+        new buffers do not fit in the free shared memory: a tmpfs allocates on first touch, and a copy
+        that runs out of it dies of SIGBUS."""
+        layouts = [self._layout(tensor_data) for _, _, (_, tensor_data) in buckets]
+        new = [i for i, layout in enumerate(layouts) if self._buffers.get(i, (None,))[0] != layout]
+        needed = sum(layouts[i][-1] for i in new)
+        free = shutil.disk_usage(SHARED_MEMORY).free if os.path.isdir(SHARED_MEMORY) else 0
+        if needed and needed > free * 0.9:
+            raise StagingUnavailable(
+                f"a background save needs {needed / 2**30:.2f} GiB of shared memory for its copies and "
+                f"{SHARED_MEMORY} has {free / 2**30:.2f} GiB free (a container's default is 64 MiB: docker "
+                "run --shm-size, or checkpoint.async_save=false)")
+        for i in new:
+            self._buffers[i] = (layouts[i], torch.empty(layouts[i][-1], dtype=torch.uint8).share_memory_())
+        specs = []
+        for i, (path, key, (bytes_data, tensor_data)) in enumerate(buckets):
+            layout, flat = self._buffers[i]
+            for (_, tensor), (offset, dtype, shape, _) in zip(tensor_data, layout[:-1]):
+                _view(flat, offset, dtype, shape).copy_(tensor.detach())
+            specs.append((path, key, (bytes_data, [(item, entry) for (item, _), entry in zip(tensor_data, layout[:-1])])))
+        return Staged([self._buffers[i][1] for i in range(len(buckets))], specs)
 
-    @staticmethod
-    def _key(item, tensor: torch.Tensor) -> tuple:
-        return (item.index.fqn, tuple(item.index.offset or ()), item.index.index, tensor.dtype, tuple(tensor.shape))
-
-    def _copy(self, item, tensor: torch.Tensor) -> torch.Tensor:
-        key = self._key(item, tensor)
-        buffer = self._buffers.get(key)
-        if buffer is None:
-            buffer = self._buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype).share_memory_()
-        buffer.copy_(tensor.detach())
-        return buffer
+    @classmethod
+    def _layout(cls, tensor_data) -> tuple:
+        """((offset, dtype, shape, nbytes) per tensor, ..., total bytes)."""
+        entries, offset = [], 0
+        for _, t in tensor_data:
+            nbytes = t.numel() * t.element_size()
+            entries.append((offset, t.dtype, tuple(t.shape), nbytes))
+            offset += -(-nbytes // cls.ALIGN) * cls.ALIGN
+        return tuple(entries) + (max(offset, 1),)
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+        return sum(flat.numel() for _, flat in self._buffers.values())
+
+
+class Staged:
+    """A staged save as the writer process receives it: the buffers (one shared storage each) and the
+    buckets with (offset, dtype, shape) in place of each tensor."""
+
+    def __init__(self, flats: list, specs: list):
+        self.flats, self.specs = flats, specs
+
+    def buckets(self) -> list:
+        return [(path, key, (bytes_data, [(item, _view(flat, offset, dtype, shape))
+                                          for item, (offset, dtype, shape, _) in entries]))
+                for flat, (path, key, (bytes_data, entries)) in zip(self.flats, self.specs)]
+
+
+def _view(flat: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return flat[offset:offset + nbytes].view(dtype).view(shape)
 
 
 # ------------------------------------------------------------------------------------- the process
@@ -145,9 +178,9 @@ class BackgroundWriter:
                                    name="checkpoint-writer", daemon=True)
         self.process.start()
 
-    def submit(self, buckets: list) -> None:
+    def submit(self, staged: "Staged") -> None:
         assert not self._busy, "one save at a time"
-        self._jobs.put((write_buckets, buckets))  # looked up now: a test may stand in its own
+        self._jobs.put((write_buckets, staged))  # looked up now: a test may stand in its own
         self._busy = True
 
     def busy(self) -> bool:
@@ -211,9 +244,9 @@ def _writer_main(parent: int, jobs, results) -> None:
         job = jobs.get()
         if job is None:
             return
-        fn, buckets = job
-        fn(buckets, results)
-        del job, buckets
+        fn, staged = job
+        fn(staged.buckets(), results)
+        del job, staged
 
 
 def _die_with_parent(parent: int) -> None:

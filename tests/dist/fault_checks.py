@@ -94,9 +94,9 @@ def phase_kill(out: str) -> None:
     """Rank 1 dies (SIGKILL) while its background writer writes its step-4 files."""
     real_submit = writer.BackgroundWriter.submit
 
-    def submit_then_die(self, buckets):
-        real_submit(self, buckets)
-        if dist.get_rank() == 1 and "step_00000004.tmp" in buckets[0][0]:
+    def submit_then_die(self, staged):
+        real_submit(self, staged)
+        if dist.get_rank() == 1 and "step_00000004.tmp" in staged.specs[0][0]:
             with open(os.path.join(out, "killed_writer.pid"), "w") as f:
                 f.write(str(self.process.pid))
             time.sleep(0.3)
