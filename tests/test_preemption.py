@@ -186,7 +186,7 @@ def test_a_stop_signal_in_the_first_second_of_a_launch_exits_0_without_training(
 
 SHIELD_CHECK = """
 import multiprocessing, os, signal, time
-from megatron_lcl.runtime.signals import shielded_from_stop_signals
+from megatron_lcl.stop_signals import shielded_from_stop_signals
 
 received = []
 signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))

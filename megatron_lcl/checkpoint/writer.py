@@ -213,7 +213,7 @@ def background_writer() -> BackgroundWriter:
     """This process's writer, started on the first call (at set-up) and kept for the life of the process."""
     global _writer
     if _writer is None or not _writer.process.is_alive():
-        from megatron_lcl.runtime.signals import shielded_from_stop_signals
+        from megatron_lcl.stop_signals import shielded_from_stop_signals
 
         with shielded_from_stop_signals():  # blocked from its first instruction until it ignores them
             _writer = BackgroundWriter()

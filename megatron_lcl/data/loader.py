@@ -74,7 +74,7 @@ from megatron_lcl.data.skips import SkipCounter
 from megatron_lcl.data.tokenizer import LCLTokenizer
 from megatron_lcl.data.transforms import decode_image, eval_transform, train_transform
 from megatron_lcl.runtime.device import pin_memory_enabled
-from megatron_lcl.runtime.signals import ignore_stop_signals
+from megatron_lcl.stop_signals import ignore_stop_signals
 
 STATE_VERSION = 2  # 1: one position per DP rank and worker (before logical readers); not continued
 log = logging.getLogger(__name__)

@@ -2,8 +2,8 @@
 megatron-core, `cpu.py`, and its version adaptations, `mcore_compat.py`), the parallel layout and the
 compute device.
 
-The device functions are imported with the package; the rest on first use, so that `runtime.device` and
-`runtime.signals` (the data loader's) do not import megatron-core.
+The device functions are imported with the package; the rest on first use, so that `runtime.device`
+(the data loader's) does not import megatron-core.
 """
 
 from megatron_lcl.lazy import lazy_getattr

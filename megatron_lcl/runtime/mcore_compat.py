@@ -9,6 +9,7 @@ on the objects they adapt.
 """
 
 import functools
+import queue
 from contextlib import contextmanager
 
 import torch
@@ -16,6 +17,7 @@ from megatron.core import optimizer as mcore_optimizers
 from megatron.core import utils
 from megatron.core.dist_checkpointing import serialization
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from megatron.core.fusions import fused_layer_norm
 from megatron.core.optimizer import clip_grads, distrib_optimizer
@@ -26,8 +28,10 @@ MCORE_VERSION = "0.16.1"
 
 
 def install() -> None:
-    """The process-wide adaptations (idempotent): the foreach multi-tensor ops below."""
+    """The process-wide adaptations (idempotent): the foreach multi-tensor ops and the in-process
+    checkpoint write-results queue below."""
     use_foreach_multi_tensor_ops()
+    write_results_queue()
 
 
 def apex_report() -> str:
@@ -127,12 +131,8 @@ def use_foreach_multi_tensor_ops() -> None:
 # (`checkpoint.writer`: written in the rank, or by its background writer and handed over), so the queue
 # is a plain in-process one and no Manager is ever started. Upgrade check: the module still has
 # `_results_queue`, read by `FileSystemWriterAsync.prepare_write_data` through `_get_write_results_queue`.
-def write_results_queue():
+def write_results_queue() -> queue.Queue:
     """The queue megatron-core's finalize reads this rank's write results from (created once)."""
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
     if not isinstance(filesystem_async._results_queue, queue.Queue):
         filesystem_async._results_queue = queue.Queue()
     return filesystem_async._results_queue

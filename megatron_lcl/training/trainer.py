@@ -14,8 +14,11 @@ Per step, on every rank:
 Rank 0 writes metrics.jsonl / TensorBoard / the console line; checkpoints are collective.
 """
 
+import json
 import math
 import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import List, Optional
@@ -23,9 +26,12 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+import megatron_lcl
 from megatron_lcl import checkpoint as ckpt
 from megatron_lcl.checkpoint.resume import check_resume
 from megatron_lcl.config import LCLConfig, num_microbatches, save_config, section_to_dict, validate_config
+from megatron_lcl.config.validate import data_file_errors, raise_errors, tokenizer_errors
+from megatron_lcl.data.loader import build_loader
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.losses.contrastive import gather_rows
 from megatron_lcl.models.factory import build_model
@@ -35,7 +41,7 @@ from megatron_lcl.training.metrics import MetricsWriter, ProgressLine, singular_
 from megatron_lcl.training.optim import (build_optimizer, build_scheduler, clamp_logit_scale, current_lr,
                                          drop_path_rate_at, sync_params)
 from megatron_lcl.training.pipeline import PipelineShape, step_forward_backward, uses_feature_pass, wrap_ddp
-from megatron_lcl.training.signals import StopRequest
+from megatron_lcl.stop_signals import StopRequest
 
 # Values summed over the world each step. Each is contributed by the ranks named in `_step_stats`.
 STAT_KEYS = ("loss", "lm_loss", "con_loss", "con_top1", "text_tokens", "con_images", "con_excluded",
@@ -58,24 +64,29 @@ class TrainState:
 
 def record_launch(run_dir: str, start_step: int, world_size: int) -> None:
     """Append this launch to run_dir/launches.jsonl: when, from which step, world size, code version."""
-    import json
-    import subprocess
-    import sys
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "start_step": start_step, "world_size": world_size,
+           "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "argv": sys.argv, **code_version()}
+    with open(ckpt.run_path(run_dir, ckpt.LAUNCHES), "a") as f:
+        f.write(json.dumps(row) + "\n")
 
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-    def git(*args):
+def code_version() -> dict:
+    """The package's version, and the git commit (and whether the work tree differs from it) of the
+    repository the package was imported from: an editable install or a checkout on PYTHONPATH. An
+    installed package (site-packages) is in no repository's index: commit None."""
+    package_dir = os.path.dirname(os.path.abspath(megatron_lcl.__file__))
+
+    def git(*args) -> str:
         try:
-            return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True,
+            return subprocess.run(["git", "-C", package_dir, *args], capture_output=True, text=True,
                                   timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "start_step": start_step, "world_size": world_size,
-           "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "argv": sys.argv,
-           "git_commit": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain", "-uno"))}
-    with open(ckpt.run_path(run_dir, ckpt.LAUNCHES), "a") as f:
-        f.write(json.dumps(row) + "\n")
+    tracked = bool(git("ls-files", "--", "__init__.py"))  # this very file is in the repository's index
+    commit = git("rev-parse", "HEAD") if tracked else ""
+    return {"version": megatron_lcl.__version__, "git_commit": commit or None,
+            "git_dirty": bool(commit) and bool(git("status", "--porcelain", "-uno"))}
 
 
 def log0(*args) -> None:
@@ -144,17 +155,10 @@ class Trainer:
         return bool(flag.item())
 
     def build_loader(self):
-        from megatron_lcl.data.loader import build_loader
-        from megatron_lcl.data.tokenizer import LCLTokenizer
-
-        from megatron_lcl.config.validate import ConfigError, data_file_errors, raise_errors
-
         d, v = self.cfg.data, self.cfg.model.vision
-        raise_errors(data_file_errors(d))  # the driver checked them; a Trainer built directly gets the same message
-        vocab = LCLTokenizer(d.tokenizer).vocab_size
-        if vocab > self.cfg.model.lm.vocab_size:
-            raise ConfigError(f"data.tokenizer ({d.tokenizer}) has {vocab} tokens, more than "
-                              f"model.lm.vocab_size ({self.cfg.model.lm.vocab_size})")
+        # The driver checked the files; a Trainer built directly gets the same messages. Only here is
+        # the tokenizer read for its vocabulary (`validate.tokenizer_errors`).
+        raise_errors(data_file_errors(d) + tokenizer_errors(d, self.cfg.model.lm))
         return build_loader(d, image_size=v.image_size, num_image_tokens=v.num_image_tokens,
                             dp_rank=self.layout.dp_rank, dp_size=self.layout.dp_size)
 
