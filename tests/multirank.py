@@ -26,3 +26,12 @@ def run_torchrun(script: str, nproc: int, out_dir: Path, timeout_s: int = 900) -
     if proc.returncode != 0 or not (out_dir / "done").exists():
         pytest.fail(f"{script} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return out_dir
+
+
+def process_running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

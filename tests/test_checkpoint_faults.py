@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from megatron_lcl.runtime.distributed import free_port
-from multirank import DIST_DIR, run_torchrun
+from multirank import DIST_DIR, process_running, run_torchrun
 from test_training import build_corpus
 
 CKPT = ["step_00000002", "step_00000004", "step_00000006"]
@@ -51,7 +51,7 @@ def test_resume_is_bitwise_at_dp2_with_drop_path(results):
 def test_sigkill_during_a_background_write_resumes_from_the_last_complete_checkpoint(results):
     r = results["killed"]
     assert r["before"] == ["latest", "step_00000002", "step_00000004.tmp"]
-    assert not _running(results["killed_writer"])  # the writer died with its rank
+    assert not process_running(results["killed_writer"])  # the writer died with its rank
     assert r["resumed_step"] == 2 and r["status"] == "completed"
     assert r["rows"] == results["straight"]
     assert r["checkpoints"] == ["latest", "step_00000006", "step_00000008", "step_00000010"]
@@ -114,10 +114,3 @@ def test_a_stop_signal_during_a_background_save_finishes_it_then_saves_the_step(
     assert r["complete"] == ["step_00000004", "step_00000005"] and r["latest"] == "step_00000005"
     assert r["checkpoints"] == ["latest", "step_00000004", "step_00000005"]  # no .tmp left
 
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

@@ -25,6 +25,7 @@ import pytest
 
 from megatron_lcl.checkpoint import read_metrics
 from megatron_lcl.runtime.distributed import free_port
+from multirank import process_running
 from test_training import build_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,17 +241,10 @@ def test_background_checkpoint_writer_outlives_stop_signals_and_dies_with_its_ra
     helpers = [int(p) for p in proc.stdout.split()]
     assert helpers[0] in helpers[1:], "the writer (and its resource tracker) were started"
     deadline = time.time() + 10
-    while time.time() < deadline and any(_running(pid) for pid in helpers):
+    while time.time() < deadline and any(process_running(pid) for pid in helpers):
         time.sleep(0.2)
-    assert not [pid for pid in helpers if _running(pid)]
+    assert not [pid for pid in helpers if process_running(pid)]
 
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_config_error_exits_2_through_the_launcher(tmp_path):

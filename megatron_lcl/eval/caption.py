@@ -32,8 +32,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megatron_lcl.eval.bad_samples import BadSampleLog
 from megatron_lcl.eval.caption_metrics import caption_scores
-from megatron_lcl.eval.cli import (Command, TaskData, add_config_args, common_args, parse_with_preset, run_cli,
-                                   run_command)
+from megatron_lcl.eval.cli import (Command, TaskData, add_config_args, common_args, entry_points,
+                                   parse_with_preset)
 from megatron_lcl.eval.datasets import CaptionedImages, LabeledImages
 from megatron_lcl.eval.encoders import VisionEncoder, frozen_guard
 from megatron_lcl.eval.engine import EngineConfig, TransferModel, autocast, fit
@@ -285,15 +285,7 @@ COMMAND = Command(parse_args, CaptionConfig, ("encoder", "lm", "data", "eval_dat
                   summary, before_loading=lambda args, data: check_lm(args.lm, data.train))  # a bad --lm: at once
 
 
-def run_command_line(argv=None) -> dict:
-    """The command's results dict (rank 0 also prints the table and writes --output): for Python callers."""
-    return run_command(argv, COMMAND)
-
-
-def main(argv=None) -> int:
-    """`python -m megatron_lcl.eval.caption` and the console script: exit status 0, or 2 after one line
-    naming bad input."""
-    return run_cli(run_command_line, argv)
+run_command_line, main = entry_points(COMMAND)  # `python -m megatron_lcl.eval.caption`, the console script
 
 
 if __name__ == "__main__":

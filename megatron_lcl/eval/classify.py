@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lcl.eval.bad_samples import BadSampleLog
-from megatron_lcl.eval.cli import (Command, TaskData, add_config_args, common_args, parse_with_preset, run_cli,
-                                   run_command)
+from megatron_lcl.eval.cli import (Command, TaskData, add_config_args, common_args, entry_points,
+                                   parse_with_preset)
 from megatron_lcl.eval.datasets import LabeledImages
 from megatron_lcl.eval.encoders import VisionEncoder, frozen_guard, load_encoder
 from megatron_lcl.eval.engine import EngineConfig, TransferModel, autocast, fit
@@ -194,15 +194,7 @@ COMMAND = Command(parse_args, ProbeConfig, ("encoder", "data", "eval_data"), loa
                   result_fields=("label_field",))
 
 
-def run_command_line(argv=None) -> dict:
-    """The command's results dict (rank 0 also prints the table and writes --output): for Python callers."""
-    return run_command(argv, COMMAND)
-
-
-def main(argv=None) -> int:
-    """`python -m megatron_lcl.eval.classify` and the console script: exit status 0, or 2 after one line
-    naming bad input."""
-    return run_cli(run_command_line, argv)
+run_command_line, main = entry_points(COMMAND)  # `python -m megatron_lcl.eval.classify`, the console script
 
 
 if __name__ == "__main__":

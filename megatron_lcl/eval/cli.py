@@ -6,6 +6,7 @@ around a run, in one place:
   results dict; a `Command` holds what differs between the tasks;
 - `run_cli(run, argv)`: every command's `main` (python -m, console scripts) -> exit status; bad input
   (an `InputError`) ends with one line on stderr and exit status 2, no traceback;
+- `entry_points(command)`: a task module's `run_command_line` (results dict) and `main` (exit status);
 - `check_paths`: a mistyped path is "no such file or directory", named with its flag;
 - `parse_with_preset`: `--preset NAME` sets defaults, explicit flags win; records which fields the
   command line set (`args.explicit`) and the preset's values (`args.preset_values`);
@@ -187,6 +188,20 @@ class Command:
     summary: Callable[[dict], str]
     before_loading: Optional[Callable[[argparse.Namespace, TaskData], None]] = None  # checks before any weights
     result_fields: Tuple[str, ...] = ()  # more args copied into the result
+
+
+def entry_points(command: Command) -> tuple:
+    """A task module's `(run_command_line, main)`: `run_command_line(argv)` returns the command's
+    results dict (rank 0 also prints the table and writes --output), for Python callers;
+    `main(argv)`, for `python -m` and the console script, returns the exit status: 0, or 2 after one
+    line naming bad input."""
+    def run_command_line(argv=None) -> dict:
+        return run_command(argv, command)
+
+    def main(argv=None) -> int:
+        return run_cli(run_command_line, argv)
+
+    return run_command_line, main
 
 
 def run_command(argv, command: Command) -> dict:
