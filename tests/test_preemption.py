@@ -58,13 +58,17 @@ def last_step(run_dir: Path) -> int:
     return rows[-1]["step"] if rows else 0
 
 
-def signal_at_step(proc: subprocess.Popen, pid: int, sig: int, run_dir: Path, step: int, timeout_s=400) -> str:
-    """Send `sig` to `pid` once run_dir has logged `step`; returns the launch's output after it exits."""
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout_s=400) -> None:
     deadline = time.time() + timeout_s
     while last_step(run_dir) < step:
         assert proc.poll() is None, f"the run exited ({proc.returncode}) before step {step}:\n{proc.stdout.read()}"
         assert time.time() < deadline, f"step {step} not reached in {timeout_s} s"
-        time.sleep(0.2)
+        time.sleep(0.1)
+
+
+def signal_at_step(proc: subprocess.Popen, pid: int, sig: int, run_dir: Path, step: int, timeout_s=400) -> str:
+    """Send `sig` to `pid` once run_dir has logged `step`; returns the launch's output after it exits."""
+    wait_for_step(proc, run_dir, step, timeout_s)
     os.kill(pid, sig)
     output, _ = proc.communicate(timeout=timeout_s)
     return output
@@ -107,6 +111,7 @@ def test_stop_signal_to_the_torchrun_agent_saves_and_resumes(data_root, tmp_path
            str(ROOT / "pretrain_lcl.py"), "--config", str(ROOT / "examples/configs/tiny_cpu.yaml"),
            *overrides(data_root, run_dir)]
     agent = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(agent, run_dir, 1)  # started (imports, set-up) before the machine gets busy
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
         output = signal_at_step(agent, agent.pid, signal.SIGTERM, run_dir, 3)
@@ -147,10 +152,7 @@ def second_launch_is_refused(first: subprocess.Popen, agent: int, run_dir: Path,
     relaunch), through the launcher: exit 2, one line naming the directory and the holder (the first
     launch's rank 0); the first trains on untouched (before: the second resumed from the first's
     checkpoint and rewrote metrics.jsonl under it)."""
-    deadline = time.time() + 400
-    while last_step(run_dir) <= after_step:
-        assert first.poll() is None and time.time() < deadline, "the first launch did not train"
-        time.sleep(0.2)
+    wait_for_step(first, run_dir, after_step + 1)
     second = subprocess.run(["bash", "examples/pretrain_lcl.sh", "examples/configs/tiny_cpu.yaml",
                              *overrides(data_root, run_dir)], cwd=ROOT, env=dict(env(), NPROC="2"),
                             capture_output=True, text=True, timeout=400)
