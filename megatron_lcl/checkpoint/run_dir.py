@@ -199,12 +199,16 @@ def save_atomically(final: str, state: dict, meta: dict) -> str:
     (`meta`) and renames the folder to `final`. `final` may only replace a checkpoint or an empty
     folder. A failure on any rank raises CheckpointError on every rank, after rank 0 removed
     `final.tmp/` (it may be what filled the disk); `final`, `latest` and older checkpoints are untouched."""
+    return write_and_finish_atomic_save(begin_atomic_save(final, state, meta))
+
+
+def write_and_finish_atomic_save(save: "AtomicSave") -> str:
+    """All ranks: write a planned save's data files in this process, then `finish_atomic_save`."""
     from megatron_lcl.checkpoint.writer import write_now
     from megatron_lcl.runtime.mcore_compat import write_results_queue
 
-    save = begin_atomic_save(final, state, meta)
     removing_tmp_on_failure(save.tmp, lambda: agree_on_error(
-        lambda: write_now(save.request, write_results_queue()), f"saving {final}"))
+        lambda: write_now(save.request, write_results_queue()), f"saving {save.final}"))
     return finish_atomic_save(save)
 
 

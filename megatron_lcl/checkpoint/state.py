@@ -30,9 +30,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron_lcl.checkpoint.run_dir import (CheckpointError, agree_on_error, begin_atomic_save,
                                              check_checkpoint_files, checkpoint_name, complete_checkpoints,
                                              finish_atomic_save, prune, quarantine, read_meta, remove_stale_tmp,
-                                             removing_tmp_on_failure, save_atomically, write_latest)
-from megatron_lcl.checkpoint.writer import (StagingArea, StagingUnavailable, background_writer, request_buckets,
-                                            write_now)
+                                             removing_tmp_on_failure, save_atomically, write_and_finish_atomic_save,
+                                             write_latest)
+from megatron_lcl.checkpoint.writer import StagingArea, StagingUnavailable, background_writer, request_buckets
 from megatron_lcl.runtime import mcore_compat
 from megatron_lcl.runtime.distributed import get_rng_state, set_rng_state
 from megatron_lcl.runtime.layout import ParallelLayout
@@ -130,10 +130,7 @@ class CheckpointSaver:
         if why is not None:  # on some rank: every rank writes this save, and the later ones, at once
             self.log(f"checkpoint.async_save: {why}; this save and the later ones are written at once")
             self.writer = None
-            removing_tmp_on_failure(save.tmp, lambda: agree_on_error(
-                lambda: write_now(save.request, write_results_queue()), f"saving {final}"))
-            self._complete(finish_atomic_save(save), name)
-            return final
+            return self._complete(write_and_finish_atomic_save(save), name)
         if staged is not None:
             self.writer.submit(staged)
         self._pending = (save, name)
