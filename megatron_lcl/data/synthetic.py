@@ -140,7 +140,9 @@ if __name__ == "__main__":
 def labeled_images(corpus_dir: str, min_similarity: float = 0.0) -> List[dict]:
     """Every image of a synthetic corpus with its labels, for transfer evaluation:
     `{"path", "label", "label_name", "colour", "background", "caption"}` (scenes add `count`,
-    `relation`, `shape_b`, `colour_b`, `held_out`) in corpus order."""
+    `relation`, `shape_b`, `colour_b`, `held_out`, and `object_b`, derived here: the second object's
+    "colour shape", a 16-way label only an encoder that binds colour to shape gets right) in corpus
+    order."""
     items = []
     for name in sorted(os.listdir(corpus_dir)):
         if not name.endswith(".jsonl"):
@@ -153,6 +155,8 @@ def labeled_images(corpus_dir: str, min_similarity: float = 0.0) -> List[dict]:
                         continue
                     extra = {k: v for k, v in info.items() if k not in
                              ("image_name", "raw_url", "matched_text_index", "matched_sim")}
+                    if "shape_b" in info and "colour_b" in info:
+                        extra["object_b"] = f"{info['colour_b']} {info['shape_b']}"
                     items.append({
                         **extra, "path": os.path.join(corpus_dir, "images", info["image_name"]),
                         "caption": doc["text_list"][info["matched_text_index"]],

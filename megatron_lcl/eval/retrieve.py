@@ -18,7 +18,12 @@ unreadable images are skipped, counted and named.
 Text is tokenized by words (lower-cased, punctuation split off) with a vocabulary built from the
 training captions; each caption ends with an end token whose output is the text feature.
 Ranks count ties against the model (a candidate scoring equal to the correct one ranks above it),
-so a collapsed encoder whose similarities are all equal scores 0, never 100.
+so a collapsed encoder whose similarities are all equal scores 0, never 100. Duplicate captions (a
+test set where several images share one caption, as the synthetic scenes do): with
+--same-caption-matches an identical caption (case and spacing aside) is a correct match, so images
+sharing a caption are interchangeable; without it (the default, as Karpathy COCO scorers) only an
+image's own captions count, and the ceiling of TR@1 is the share of images with a unique caption.
+The result's `_per_item` (Python callers) holds each test image's TR and IR rank.
 """
 
 import argparse
@@ -73,26 +78,67 @@ class RetrievalConfig(EngineConfig):
     max_vocab: int = 20000
     vocab_captions: int = 200000  # the word vocabulary comes from this many training captions
     seed: int = 0
+    # the duplicate-caption rule: True counts a caption identical to the image's own (case and spacing
+    # aside) as a match, so images that share a caption are interchangeable (`correct_pairs`); False
+    # (the Karpathy / CLIP_benchmark convention) counts only the image's own captions
+    same_caption_matches: bool = False
 
 
 # ------------------------------------------------------------------------------------------ metrics
 
-def recall_at_k(similarity: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = KS) -> Dict[str, float]:
+def caption_key(text: str) -> str:
+    """What makes two captions "the same" under the duplicate-caption rule: lower-cased words."""
+    return " ".join(text.lower().split())
+
+
+def correct_pairs(text_to_image: torch.Tensor, n_images: int, captions: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """`[n_images, n_texts]` bool: which (image, text) pairs count as a match.
+
+    Without `captions`: text j matches only the image it belongs to (`text_to_image[j]`). With the
+    texts' `captions` (the duplicate-caption rule): text j also matches every image that has a caption
+    identical to it (`caption_key`): in a set where several images share one caption, retrieving any of
+    them is correct, so ties between identical captions count as hits, not misses."""
+    own = text_to_image[None, :] == torch.arange(n_images)[:, None]  # [n_images, n_texts]
+    if captions is None:
+        return own
+    keys = {}
+    text_class = torch.tensor([keys.setdefault(caption_key(c), len(keys)) for c in captions], dtype=torch.long)
+    has_class = torch.zeros(n_images, len(keys), dtype=torch.bool)  # [n_images, n_classes]
+    has_class[text_to_image, text_class] = True
+    return has_class[:, text_class]  # [n_images, n_texts]
+
+
+def retrieval_ranks(similarity: torch.Tensor, text_to_image: torch.Tensor,
+                    captions: Optional[Sequence[str]] = None):
+    """(image_rank `[n_images]`, text_rank `[n_texts]`) from `similarity [n_images, n_texts]`: the number
+    of wrong candidates scoring >= the best correct one (ties in score count against the model; which
+    pairs are correct: `correct_pairs`). Rank 0 is a top-1 hit."""
+    n_images, n_texts = similarity.shape
+    assert text_to_image.shape == (n_texts,), f"text_to_image {tuple(text_to_image.shape)} vs {n_texts} texts"
+    correct = correct_pairs(text_to_image, n_images, captions)  # [n_images, n_texts]
+    assert correct.any(dim=1).all(), "every image needs at least one caption"
+    best_text = similarity.masked_fill(~correct, float("-inf")).max(dim=1).values  # [n_images]
+    image_rank = ((similarity >= best_text[:, None]) & ~correct).sum(dim=1)
+    best_image = similarity.masked_fill(~correct, float("-inf")).max(dim=0).values  # [n_texts]
+    text_rank = ((similarity >= best_image[None, :]) & ~correct).sum(dim=0)
+    return image_rank, text_rank
+
+
+def recall_at_k(similarity: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = KS,
+                captions: Optional[Sequence[str]] = None) -> Dict[str, float]:
     """Retrieval recall in percent from `similarity [n_images, n_texts]`; `text_to_image[j]` is the image
     caption j belongs to (an image may have several captions, COCO-style).
 
     TR@k (image->text): an image is a hit when one of its captions ranks in its top k texts.
     IR@k (text->image): a caption is a hit when its image ranks in its top k images.
     A rank counts the wrong candidates scoring >= the correct one (ties count against the model).
+    With `captions` (one per text), identical captions are interchangeable (`correct_pairs`).
     """
-    n_images, n_texts = similarity.shape
-    assert text_to_image.shape == (n_texts,), f"text_to_image {tuple(text_to_image.shape)} vs {n_texts} texts"
-    correct = text_to_image[None, :] == torch.arange(n_images)[:, None]  # [n_images, n_texts]
-    assert correct.any(dim=1).all(), "every image needs at least one caption"
-    best_correct = similarity.masked_fill(~correct, float("-inf")).max(dim=1).values  # [n_images]
-    image_rank = ((similarity >= best_correct[:, None]) & ~correct).sum(dim=1)
-    own = similarity[text_to_image, torch.arange(n_texts)]  # [n_texts]
-    text_rank = ((similarity >= own[None, :]) & ~correct).sum(dim=0)
+    return recall_from_ranks(*retrieval_ranks(similarity, text_to_image, captions), ks)
+
+
+def recall_from_ranks(image_rank: torch.Tensor, text_rank: torch.Tensor, ks: Sequence[int] = KS) -> Dict[str, float]:
+    """TR@k / IR@k in percent: the share of images / texts whose rank is below k."""
     out = {f"TR@{k}": 100.0 * (image_rank < k).float().mean().item() for k in ks}
     out.update({f"IR@{k}": 100.0 * (text_rank < k).float().mean().item() for k in ks})
     return out
@@ -202,7 +248,8 @@ def test_set_similarity(model: TransferModel, test_set, tokenizer: WordTokenizer
                         layout: ParallelLayout, bad: BadSampleLog):
     """Image embeddings computed shard-wise on the ranks and gathered; every caption embedded on each
     rank. Images that cannot be read are dropped with their captions.
-    -> (similarity `[n_images_kept, n_texts_kept]`, text_to_image `[n_texts_kept]`)."""
+    -> (similarity `[n_images_kept, n_texts_kept]`, text_to_image `[n_texts_kept]`, the kept captions,
+    the kept images' test-set indices)."""
     model.eval()
     device = compute_device()
     mine = {}
@@ -220,7 +267,23 @@ def test_set_similarity(model: TransferModel, test_set, tokenizer: WordTokenizer
     tokens = tokenizer(texts, cfg.max_text_tokens)
     t = torch.cat([F.normalize(model.head.text(tokens[i:i + 512].to(device)), dim=-1).float().cpu()
                    for i in range(0, len(texts), 512)])
-    return torch.stack([image_emb[i] for i in kept]) @ t.T, text_to_image[text_to_image >= 0]
+    return torch.stack([image_emb[i] for i in kept]) @ t.T, text_to_image[text_to_image >= 0], texts, kept
+
+
+def ranked_test_set(similarity: torch.Tensor, text_to_image: torch.Tensor, texts: List[str], kept: List[int],
+                    test_set, cfg: RetrievalConfig) -> dict:
+    """Recall on one test set, and its per-item ranks (`_per_item`: each kept image's origin, its TR rank
+    and the best IR rank of its captions; 0 is a top-1 hit) for paired comparisons across encoders."""
+    captions = texts if cfg.same_caption_matches else None
+    image_rank, text_rank = retrieval_ranks(similarity, text_to_image, captions)
+    best_text_rank = torch.full((len(kept),), len(kept), dtype=torch.long).scatter_reduce(
+        0, text_to_image, text_rank, "amin")  # [n_images]: the best-ranked of each image's captions
+    out = recall_from_ranks(image_rank, text_rank)
+    out.update(num_images=similarity.shape[0], num_captions=similarity.shape[1],
+               num_distinct_captions=len({caption_key(t) for t in texts}),
+               _per_item={"image": [test_set.origin(i) for i in kept], "tr_rank": image_rank.tolist(),
+                          "ir_rank": best_text_rank.tolist()})
+    return out
 
 
 def run_retrieval(encoder: VisionEncoder, train_source, test_sets: list, cfg: RetrievalConfig,
@@ -243,9 +306,12 @@ def run_retrieval(encoder: VisionEncoder, train_source, test_sets: list, cfg: Re
             checkpoint, "retrieval")
         by_set = {}
         for test_set in test_sets:
-            similarity, text_to_image = test_set_similarity(model, test_set, tokenizer, cfg, layout, test_bad)
-            by_set[test_set.name] = dict(recall_at_k(similarity, text_to_image), num_images=similarity.shape[0],
-                                         num_captions=similarity.shape[1])
+            ranked = ranked_test_set(*test_set_similarity(model, test_set, tokenizer, cfg, layout, test_bad),
+                                     test_set, cfg)
+            by_set[test_set.name] = ranked
+    per_item = by_set[test_sets[0].name].pop("_per_item")
+    for ranked in by_set.values():
+        ranked.pop("_per_item", None)
     first = by_set[test_sets[0].name]
     return {"task": "retrieval", "encoder": encoder.source, "encoder_kind": encoder.kind,
             "recall_pct": {k: v for k, v in first.items() if "@" in k}, "recall_by_set": by_set,
@@ -255,7 +321,7 @@ def run_retrieval(encoder: VisionEncoder, train_source, test_sets: list, cfg: Re
                             "test_index": {t.name: t.problems.as_dict() for t in test_sets},
                             "train_read": merge_bad_logs(train_bad, layout),
                             "test_read": merge_bad_logs(test_bad, layout)},
-            "config": asdict(cfg), "_model": model}
+            "config": asdict(cfg), "_model": model, "_per_item": per_item}
 
 
 def retrieval_sets(data: List[str], eval_data: Optional[List[str]], image_root: Optional[str],

@@ -25,9 +25,10 @@ run `megatron_lcl.eval.retrieve` / `classify` under torchrun, whose --output JSO
 """
 
 import argparse
+import csv
 import os
 import time
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -38,6 +39,7 @@ from megatron_lcl.eval.parallel import eval_batches, one_process
 from megatron_lcl.eval.report import write_json
 from megatron_lcl.eval.retrieve import RetrievalConfig, retrieval_sets, run_retrieval
 from megatron_lcl.losses.contrastive import singular_value_stats
+from megatron_lcl.runtime.device import device as compute_device
 
 RECALL_KEYS = {"TR@1": "retrieval_tr1", "IR@1": "retrieval_ir1", "TR@5": "retrieval_tr5", "IR@5": "retrieval_ir5"}
 
@@ -53,24 +55,51 @@ def latent_spread(encoder, images) -> dict:
             "latent_effective_rank_frac": stats["effective_rank"] / encoder.hidden_size}
 
 
+@torch.no_grad()
+def probe_hits(model, source) -> dict:
+    """The trained probe's per-item result on `source`: {"image": origins, "correct": 1 | 0 (top-1)}, over
+    its readable items in order."""
+    model.eval()
+    images, correct = [], []
+    for batch in eval_batches(LabeledImages(source, model.encoder.image_size), 256, one_process(), num_workers=0):
+        if len(batch["labels"]):
+            hits = model(batch["inputs"].to(compute_device())).argmax(dim=1).cpu() == batch["labels"]  # [b]
+            images += [item_name(source.origin(i)) for i in batch["index"].tolist()]
+            correct += hits.int().tolist()
+    return {"image": images, "correct": correct}
+
+
+def item_name(origin: str) -> str:
+    """An evaluation item's key in per-item files: its file name (unique within a synthetic corpus)."""
+    return os.path.basename(origin)
+
+
 def probe(encoder, data: str, field: str, epochs: int, seed: int, eval_fraction: float = 0.2,
-          eval_data: str = None) -> dict:
-    """Frozen attention probe on `data`'s `field` labels (classify's result dict); batches of 64, or the
-    whole training set when it is smaller."""
-    train, test = classification_sets(data, eval_data, field, eval_fraction, seed)
+          eval_data: str = None, split_seed: int = None) -> dict:
+    """Frozen attention probe on `data`'s `field` labels (classify's result dict, with `per_item`);
+    batches of 64, or the whole training set when it is smaller. `seed` initialises the head,
+    `split_seed` (default `seed`) picks the 80/20 split when there is no `eval_data`."""
+    train, test = classification_sets(data, eval_data, field, eval_fraction, seed if split_seed is None else split_seed)
     cfg = ProbeConfig(epochs=epochs, seed=seed, batch_size=min(ProbeConfig.batch_size, len(train)), num_workers=0)
-    return run_classification(encoder, train, test, cfg)
+    result = run_classification(encoder, train, test, cfg)
+    result["per_item"] = probe_hits(result["_model"], test)
+    return result
 
 
 def retrieval(encoder, data: str, epochs: int, seed: int, eval_fraction: float = 0.2,
-              eval_data: str = None) -> dict:
-    """Frozen retrieval transfer (a new text encoder) on `data`'s captions (retrieve's result dict,
-    plus the latent spread of the evaluation images); batches of 64, or the whole training set when it
-    is smaller."""
-    train, tests = retrieval_sets([data], [eval_data] if eval_data else None, None, eval_fraction, seed)
+              eval_data: str = None, split_seed: int = None, same_caption_matches: bool = True) -> dict:
+    """Frozen retrieval transfer (a new text encoder) on `data`'s captions (retrieve's result dict, with
+    `per_item` ranks, plus the latent spread of the evaluation images); batches of 64, or the whole
+    training set when it is smaller. Identical captions match each other (`same_caption_matches`: the
+    synthetic corpora repeat captions; see retrieve.correct_pairs)."""
+    train, tests = retrieval_sets([data], [eval_data] if eval_data else None, None, eval_fraction,
+                                  seed if split_seed is None else split_seed)
     cfg = RetrievalConfig(epochs=epochs, seed=seed, batch_size=min(RetrievalConfig.batch_size, len(train)),
-                          num_workers=0)
+                          num_workers=0, same_caption_matches=same_caption_matches)
     result = run_retrieval(encoder, train, tests, cfg)
+    per_item = result["_per_item"]
+    result["per_item"] = {"image": [item_name(o) for o in per_item["image"]], "tr_rank": per_item["tr_rank"],
+                          "ir_rank": per_item["ir_rank"]}
     result.update(latent_spread(encoder, tests[0]))
     return result
 
@@ -92,21 +121,53 @@ def flat_metrics(details: dict) -> Dict[str, float]:
 
 
 def evaluate(encoder, data: str, probes: Sequence[str], epochs: int, seed: int, details: dict = None,
-             retrieval_epochs: int = None, sets: Dict[str, str] = None) -> dict:
+             retrieval_epochs: int = None, sets: Dict[str, str] = None, split_seed: int = None,
+             same_caption_matches: bool = True) -> dict:
     """Probe every field in `probes` and run retrieval, skipping what `details` already holds (a rerun
     adds only what is missing). `sets` may name other data per task (probe_data, probe_eval_data,
-    retrieval_data, retrieval_eval_data); else `data` split 80/20. Returns the details dict
-    ({classify_<field>: ..., retrieval: ...})."""
+    retrieval_data, retrieval_eval_data); else `data` split 80/20 by `split_seed` (default `seed`, which
+    always initialises the heads). Returns the details dict ({classify_<field>: ..., retrieval: ...},
+    each with its `per_item` results)."""
     details, sets = dict(details or {}), sets or {}
     for field in probes:
         if f"classify_{field}" not in details:
             details[f"classify_{field}"] = _public(probe(encoder, sets.get("probe_data") or data, field, epochs, seed,
-                                                         eval_data=sets.get("probe_eval_data")))
+                                                         eval_data=sets.get("probe_eval_data"), split_seed=split_seed))
     if "retrieval" not in details:
         details["retrieval"] = _public(retrieval(encoder, sets.get("retrieval_data") or data,
                                                  retrieval_epochs or epochs, seed,
-                                                 eval_data=sets.get("retrieval_eval_data")))
+                                                 eval_data=sets.get("retrieval_eval_data"), split_seed=split_seed,
+                                                 same_caption_matches=same_caption_matches))
     return details
+
+
+def per_item_rows(details: dict) -> List[dict]:
+    """One row per evaluation item (the union over tasks, by item name): `probe_<field>` (1 | 0: top-1
+    correct), `tr_rank` and `ir_rank` (0: a top-1 hit), blank where a task did not see the item."""
+    rows: Dict[str, dict] = {}
+    for key, result in details.items():
+        items = result.get("per_item")
+        if not items:
+            continue
+        columns = {"probe_" + key[len("classify_"):]: items["correct"]} if key.startswith("classify_") else \
+            {"tr_rank": items["tr_rank"], "ir_rank": items["ir_rank"]}
+        for name, values in columns.items():
+            for image, value in zip(items["image"], values):
+                rows.setdefault(image, {"item": image})[name] = value
+    return [rows[k] for k in sorted(rows)]
+
+
+def write_per_item(path: str, details: dict) -> int:
+    """`per_item_rows` as a CSV (atomically); returns the number of items."""
+    rows = per_item_rows(details)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return len(rows)
 
 
 def _public(result: dict) -> dict:
@@ -125,8 +186,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{task}-eval-data", help=f"{task} evaluation set (default: a split of the training set)")
     p.add_argument("--probes", nargs="*", default=["label", "colour"], help="image_info fields to probe")
     p.add_argument("--epochs", type=int, default=30, help="probe and retrieval training epochs")
-    p.add_argument("--seed", type=int, default=0, help="80/20 split and head initialisation")
+    p.add_argument("--seed", type=int, default=0, help="head initialisation (and the 80/20 split without "
+                   "--split-seed)")
+    p.add_argument("--split-seed", type=int, help="the 80/20 split of --data (default --seed); fix it to "
+                   "compare encoders on the same test items")
+    p.add_argument("--same-caption-matches", action=argparse.BooleanOptionalAction, default=True,
+                   help="retrieval: identical captions match each other (ties between images that share a "
+                        "caption count as hits)")
     p.add_argument("--output", required=True, help="JSON file: {metrics, details}")
+    p.add_argument("--per-item", help="CSV file: one row per test item (probe_<field> 1/0, tr_rank, ir_rank)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args(argv)
     if not args.data and not (args.retrieval_data and (args.probe_data or not args.probes)):
@@ -140,9 +208,13 @@ def main(argv=None) -> dict:
     t0 = time.time()
     encoder = load_encoder(args.encoder)
     sets = {k: getattr(args, k) for k in ("probe_data", "probe_eval_data", "retrieval_data", "retrieval_eval_data")}
-    details = evaluate(encoder, args.data, args.probes, args.epochs, args.seed, sets=sets)
+    details = evaluate(encoder, args.data, args.probes, args.epochs, args.seed, sets=sets, split_seed=args.split_seed,
+                       same_caption_matches=args.same_caption_matches)
+    if args.per_item:
+        write_per_item(args.per_item, details)
     out = {"encoder": args.encoder, "data": args.data, **{k: v for k, v in sets.items() if v}, "seed": args.seed,
-           "epochs": args.epochs,
+           "split_seed": args.seed if args.split_seed is None else args.split_seed,
+           "same_caption_matches": args.same_caption_matches, "epochs": args.epochs,
            "metrics": flat_metrics(details), "details": details, "eval_time_s": round(time.time() - t0, 1)}
     tmp = args.output + ".tmp"
     write_json(tmp, out)
