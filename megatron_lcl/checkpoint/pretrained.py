@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from megatron_lcl.checkpoint.run_dir import read_meta, resolve_checkpoint, save_atomically
+from megatron_lcl.checkpoint.run_dir import checkpoint_tokenizer, read_meta, resolve_checkpoint, save_atomically
 from megatron_lcl.config import LCLConfig, ParallelConfig, config_from_dict, section_to_dict
 from megatron_lcl.runtime.layout import ParallelLayout
 
@@ -78,7 +78,8 @@ def load_pretrained(path: str) -> LCLPretrained:
     meta = read_meta(ckpt)
     cfg = config_from_dict(meta["config"])
     model_cfg = single_rank_model_config(cfg, meta["parallel"]["tensor_model_parallel_size"])
-    cfg = replace(cfg, model=model_cfg)
+    tokenizer = checkpoint_tokenizer(ckpt, cfg.data.tokenizer) or cfg.data.tokenizer  # the run directory's copy
+    cfg = replace(cfg, model=model_cfg, data=replace(cfg.data, tokenizer=tokenizer))
     model = build_model(model_cfg, ParallelConfig(), device=torch.device("cpu"))  # callers place it
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
     model.load_state_dict(loaded["model"])

@@ -12,6 +12,13 @@ config is in its meta.json); a difference is refused with one line naming each f
   checkpoint's step on (logged): the way to extend a run (`train.train_steps` 80 -> 160 re-spans the
   decay over 160 steps, so step 81 continues the longer schedule; keeping `optimizer.decay_steps=80`
   instead trains steps 81-160 at `min_lr`).
+- The data stream, when the data-loader position is loaded (`checkpoint.load_data_state`): the saved
+  position is per logical reader over windows of `data.seq_length`, so `data.num_readers`,
+  `data.seq_length`, `data.seed`, `data.shuffle_buffer` and `data.packing` must be the saved ones;
+  `checkpoint.load_data_state=false` continues with a fresh data stream instead. (Shards missing from
+  `data.path` are the data's fault, not the config's: the load names them, `state._data_state_mismatch`.)
+
+Every refusal is a ConfigError: the driver prints its one line and exits 2.
 """
 
 from typing import Callable, List
@@ -22,6 +29,7 @@ CHANGEABLE_MODEL_FIELDS = {"preset", "drop_path_rate", "attention_dropout", "hid
                            "transformer_impl", "attention", "init_method_std", "logit_scale_init",
                            "logit_scale_max"}
 SCHEDULE_FIELDS = ("lr", "min_lr", "warmup_steps", "decay_style", "weight_decay")
+DATA_STREAM_FIELDS = ("num_readers", "seq_length", "seed", "shuffle_buffer", "packing")
 
 
 def model_differences(saved: dict, now: dict, where: str = "model") -> List[str]:
@@ -52,8 +60,16 @@ def schedule_differences(saved: dict, now: dict) -> List[str]:
     return out
 
 
+def data_stream_differences(saved: dict, now: dict) -> List[str]:
+    """["data.num_readers 8 -> 4", ...]: the fields the saved data-loader position depends on."""
+    s_data, n_data = saved.get("data", {}), now["data"]
+    return [f"data.{k} {s_data[k]!r} -> {n_data[k]!r}" for k in DATA_STREAM_FIELDS
+            if k in s_data and s_data[k] != n_data[k]]
+
+
 def check_resume(ckpt: str, meta: dict, cfg: LCLConfig, *, schedule_loaded: bool, log: Callable = print) -> None:
-    """Raise ConfigError when `cfg` differs from checkpoint `ckpt` (its `meta`) where it must not;
+    """Raise ConfigError when `cfg` differs from checkpoint `ckpt` (its `meta`) where it must not (the
+    model; the LR schedule when `schedule_loaded`; the data stream when its position is loaded);
     log the schedule fields `optimizer.override_scheduler` overrides."""
     saved = meta.get("config")
     if not saved:
@@ -68,6 +84,12 @@ def check_resume(ckpt: str, meta: dict, cfg: LCLConfig, *, schedule_loaded: bool
         raise ConfigError(f"checkpoint {ckpt} was saved with another LR schedule: {', '.join(schedule)}; set "
                           f"optimizer.override_scheduler=true to apply the new values from step "
                           f"{meta.get('step', '?')} on, or restore the saved ones")
+    data_loaded = cfg.checkpoint.load_data_state and not meta.get("weights_only")
+    data = data_stream_differences(saved, now) if data_loaded else []
+    if data:
+        raise ConfigError(f"checkpoint {ckpt} holds a data-loader position for another data stream: {', '.join(data)}; "
+                          "set checkpoint.load_data_state=false to continue with a fresh data stream, or restore "
+                          "the saved value(s)")
     if schedule:
         log(f"optimizer.override_scheduler=true: the LR schedule continues from step {meta.get('step', '?')} "
             f"with {', '.join(schedule)}")

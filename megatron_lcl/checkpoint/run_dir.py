@@ -6,6 +6,7 @@
       metrics.jsonl      one JSON object per logged step             read_metrics()
       tensorboard/       the same scalars for TensorBoard
       checkpoints/       step_00000100/ ... and `latest`             megatron_lcl.checkpoint
+      tokenizer.model    the run's sentencepiece model (a copy)      keep_tokenizer(), checkpoint_tokenizer()
       run.lock           held (flock) by the launch that runs here   lock_run_dir()
 
 A checkpoint folder holds dist-checkpointing files and `meta.json` (step, parallel layout, config,
@@ -42,6 +43,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
 LOCK = "run.lock"
+TOKENIZER = "tokenizer.model"
 TMP_SUFFIX = ".tmp"
 BROKEN_SUFFIX = ".broken"
 _STEP_DIR = re.compile(r"step_\d+$")  # not step_N.tmp (partial) or step_N.broken (failed to load)
@@ -178,6 +180,56 @@ def resolve_checkpoint(path: str, log=None) -> Optional[str]:
     if os.path.isdir(path) or not os.path.exists(path):
         return None
     raise FileNotFoundError(f"{path} is neither a checkpoint (no {META}) nor a checkpoints folder")
+
+
+def keep_tokenizer(run_dir: str, tokenizer: str) -> str:
+    """Copy the run's sentencepiece model to `RUN_DIR/tokenizer.model` (atomically; left as it is when
+    it holds the same bytes) and return the copy's absolute path, which the run then reads and records
+    as `data.tokenizer`: export, eval and resume read it there (`checkpoint_tokenizer`), wherever the
+    data folder has gone. A different tokenizer already kept there raises ValueError naming both (the
+    run's checkpoints hold that one's token ids)."""
+    kept = os.path.abspath(run_path(run_dir, TOKENIZER))
+    with open(tokenizer, "rb") as f:
+        wanted = f.read()
+    if os.path.exists(kept):
+        with open(kept, "rb") as f:
+            if f.read() == wanted:
+                return kept
+        raise ValueError(f"data.tokenizer ({tokenizer}) is not the tokenizer this run was trained with ({kept}): "
+                         f"its checkpoints hold that one's token ids; give data.tokenizer={kept}, or another run_dir")
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = kept + TMP_SUFFIX
+    with open(tmp, "wb") as f:
+        f.write(wanted)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, kept)
+    return kept
+
+
+def absolute_paths(paths):
+    """`data.path` (one path or a list) with its paths made absolute, a blend's weights left as they are:
+    what config.yaml and meta.json record, so a rerun or a tool works from any folder."""
+    from megatron_lcl.config.run import path_weight
+
+    if paths is None:
+        return None
+    if isinstance(paths, (str, os.PathLike)):
+        return os.path.abspath(paths)
+    return [p if path_weight(p) is not None else os.path.abspath(p) for p in paths]
+
+
+def checkpoint_tokenizer(ckpt: str, recorded: Optional[str]) -> Optional[str]:
+    """The sentencepiece model checkpoint `ckpt` was trained with: its run directory's copy
+    (`tokenizer.model` beside the `checkpoints/` folder holding `ckpt`, wherever the run directory is
+    now), else the recorded `data.tokenizer` where that file exists (absolute since runs keep their
+    tokenizer; runs before that recorded it as given, relative to where training ran). None otherwise."""
+    root = os.path.dirname(os.path.abspath(ckpt))
+    if os.path.basename(root) == CHECKPOINTS:
+        kept = run_path(os.path.dirname(root), TOKENIZER)
+        if os.path.isfile(kept):
+            return kept
+    return recorded if recorded and os.path.isfile(recorded) else None
 
 
 def read_meta(ckpt: str) -> dict:

@@ -6,18 +6,27 @@
 Writes OUT/vision (CLIPVisionModel), OUT/lm (OPTForCausalLM with its tokenizer: a complete
 AutoModelForCausalLM + AutoTokenizer folder), OUT/tokenizer (the tokenizer alone),
 OUT/lcl_heads.safetensors and OUT/README.md (what each file is and how to use it).
+
+OUT is written whole into a hidden sibling and renamed into place when complete (`hf.publish`): a
+failed or killed export leaves no OUT, and an existing export untouched. An existing OUT is refused
+unless `--overwrite` (which replaces it atomically where the file system allows). The tokenizer is the
+one the run was trained with, kept in its run directory (`RUN_DIR/tokenizer.model`), so the export
+runs from any folder, also after the data folder moved. Exit status: 0, or 2 after one line (no
+checkpoint, an existing OUT, a missing tokenizer).
 """
 
 import argparse
 import json
 import os
 import sys
+from typing import Optional
 
 from safetensors.torch import save_file
 
-from megatron_lcl.checkpoint import resolve_checkpoint
-from megatron_lcl.hf.convert import build_hf_models, lcl_heads_state
 from megatron_lcl.checkpoint.pretrained import full_state_dict, load_pretrained
+from megatron_lcl.checkpoint.run_dir import TOKENIZER, checkpoint_tokenizer, read_meta, resolve_checkpoint
+from megatron_lcl.hf.convert import build_hf_models, lcl_heads_state
+from megatron_lcl.hf.publish import MARKER, ExportError, check_target, staged_folder
 from megatron_lcl.hf.tokenizer import to_hf_tokenizer
 
 MODEL_CARD = """# LCL pre-trained vision encoder (megatron_lcl export)
@@ -47,46 +56,85 @@ at {image_size} px.
 """
 
 
-def export_to_hf(checkpoint: str, out_dir: str, log=print) -> dict:
+def export_to_hf(checkpoint: str, out_dir: str, log=print, *, overwrite: bool = False,
+                 tokenizer: Optional[str] = None) -> dict:
     """Write `out_dir/{vision,lm,tokenizer}`, `lcl_heads.safetensors` and `README.md`. `lm/` is a
     complete HF model folder: the tokenizer is saved there too (as `from_pretrained` users expect) and
-    the OPT config carries its pad / bos / eos ids."""
-    lcl = load_pretrained(checkpoint)
-    cfg = lcl.cfg.model
+    the OPT config carries its pad / bos / eos ids.
+
+    The folder is written whole into a temporary sibling and renamed into place (`hf.publish`): an
+    export that fails or is killed leaves no `out_dir` (or the older one untouched). An existing export
+    is replaced only with `overwrite`. The tokenizer is `tokenizer` or the one the checkpoint was
+    trained with, read from its run directory (`checkpoint_tokenizer`). Raises ExportError (one line)
+    for a target that may not be written or a missing checkpoint or tokenizer."""
+    check_target(out_dir, overwrite)  # before the seconds-long load
+    ckpt = resolve_checkpoint(checkpoint)
+    if ckpt is None:
+        raise ExportError(f"--load {checkpoint}: no complete checkpoint there")
+    sp_model = tokenizer_for(ckpt, tokenizer)
+    lcl = load_pretrained(ckpt)
     state = full_state_dict(lcl.model)
     vocab = state["lm.embedding.word_embeddings.weight"].shape[0]
-    tokenizer = to_hf_tokenizer(lcl.cfg.data.tokenizer) if lcl.cfg.data.tokenizer else None
-    special_ids = None if tokenizer is None else {
-        "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id}
     log(f"loaded {lcl.checkpoint}; building transformers models (vocab {vocab})")
-    clip, opt = build_hf_models(state, cfg.vision, cfg.lm, vocab, special_ids)
-    paths = {"vision": os.path.join(out_dir, "vision"), "lm": os.path.join(out_dir, "lm"),
-             "heads": os.path.join(out_dir, "lcl_heads.safetensors")}
-    clip.save_pretrained(paths["vision"])
-    opt.save_pretrained(paths["lm"])
-    save_file({k: v.contiguous() for k, v in lcl_heads_state(state).items()}, paths["heads"],
-              metadata={"config": json.dumps({"heads": vars(cfg.heads), "num_image_tokens": cfg.vision.num_image_tokens})})
-    if tokenizer is not None:
-        paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
-        tokenizer.save_pretrained(paths["tokenizer"])
-        tokenizer.save_pretrained(paths["lm"])
-    else:
+    hf_tokenizer = to_hf_tokenizer(sp_model) if sp_model else None
+    if hf_tokenizer is None:
         log("no data.tokenizer in the checkpoint's config: tokenizer/ not written (lm/ has no tokenizer)")
-    with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(MODEL_CARD.format(checkpoint=lcl.checkpoint, image_size=cfg.vision.image_size,
-                                  vit_width=cfg.vision.hidden_size, lm_width=cfg.lm.hidden_size,
-                                  num_image_tokens=cfg.vision.num_image_tokens,
-                                  pool_heads=cfg.heads.pool_num_heads, embed_dim=cfg.heads.embed_dim))
+    with staged_folder(out_dir, overwrite) as tmp:
+        names = write_export(tmp, lcl, state, vocab, hf_tokenizer)
+    paths = {name: os.path.join(out_dir, rel) for name, rel in names.items()}
     for name, path in paths.items():
         log(f"  {name:<10} {path}")
     return paths
 
 
+def tokenizer_for(ckpt: str, given: Optional[str]) -> Optional[str]:
+    """The sentencepiece model to export: `given` (--tokenizer), else the one checkpoint `ckpt` was
+    trained with (its run directory's copy, or the recorded path); None when its config names none."""
+    if given:
+        if not os.path.isfile(given):
+            raise ExportError(f"--tokenizer {given}: no such file")
+        return given
+    recorded = read_meta(ckpt).get("config", {}).get("data", {}).get("tokenizer")
+    found = checkpoint_tokenizer(ckpt, recorded)
+    if recorded and found is None:
+        raise ExportError(f"checkpoint {ckpt} was trained with data.tokenizer {recorded}, which is not there (from "
+                          f"{os.getcwd()}), and its run directory keeps no {TOKENIZER}; give --tokenizer PATH "
+                          "(the sentencepiece .model the run was trained with)")
+    return found
+
+
+def write_export(folder: str, lcl, state: dict, vocab: int, tokenizer) -> dict:
+    """Every file of the export into `folder`; returns {what: path relative to it}."""
+    cfg = lcl.cfg.model
+    special_ids = None if tokenizer is None else {
+        "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id}
+    clip, opt = build_hf_models(state, cfg.vision, cfg.lm, vocab, special_ids)
+    names = {"vision": "vision", "lm": "lm", "heads": MARKER}
+    clip.save_pretrained(os.path.join(folder, "vision"))
+    opt.save_pretrained(os.path.join(folder, "lm"))
+    heads_config = {"heads": vars(cfg.heads), "num_image_tokens": cfg.vision.num_image_tokens}
+    save_file({k: v.contiguous() for k, v in lcl_heads_state(state).items()}, os.path.join(folder, MARKER),
+              metadata={"config": json.dumps(heads_config)})
+    if tokenizer is not None:
+        names["tokenizer"] = "tokenizer"
+        tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+        tokenizer.save_pretrained(os.path.join(folder, "lm"))
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(MODEL_CARD.format(checkpoint=lcl.checkpoint, image_size=cfg.vision.image_size,
+                                  vit_width=cfg.vision.hidden_size, lm_width=cfg.lm.hidden_size,
+                                  num_image_tokens=cfg.vision.num_image_tokens,
+                                  pool_heads=cfg.heads.pool_num_heads, embed_dim=cfg.heads.embed_dim))
+    return names
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="checkpoints/ folder (uses `latest`) or one step_* folder")
-    parser.add_argument("--save", required=True, help="output folder")
+    parser.add_argument("--save", required=True, help="output folder (written whole, then renamed into place)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export at --save")
+    parser.add_argument("--tokenizer", help="sentencepiece .model to export (default: the one the run was "
+                                            "trained with, kept in its run directory)")
     args = parser.parse_args(argv)
     try:
         found = resolve_checkpoint(args.load)
@@ -97,7 +145,11 @@ def main(argv=None) -> int:
     if found is None:
         print(f"error: --load {args.load}: {why}", file=sys.stderr)
         return 2
-    export_to_hf(found, args.save)
+    try:
+        export_to_hf(found, args.save, overwrite=args.overwrite, tokenizer=args.tokenizer)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

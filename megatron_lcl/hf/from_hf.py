@@ -12,16 +12,24 @@ post-LN OPT layers, `word_embed_proj_dim != hidden_size`, other activations are 
 field. The LCL heads and projector keep their fresh initialisation, layer-scale starts at 1. Either
 side may be omitted (that part stays randomly initialised). The result is a megatron-core
 dist-checkpoint: training loads it at any TP/PP (`checkpoint.load=<folder> checkpoint.load_optimizer=false`).
+It is written whole, then renamed into place; an existing checkpoint at `--save` is replaced only with
+`--overwrite`. Exit status: 0, or 2 after one line (a config or HF model that does not match, an existing
+`--save`).
 """
 
 import argparse
+import os
+import sys
+from dataclasses import replace
 
 import torch
 from transformers import CLIPVisionModel, OPTForCausalLM
 
 from megatron_lcl.checkpoint import ensure_single_process, save_weights
+from megatron_lcl.checkpoint.run_dir import META, absolute_paths
 from megatron_lcl.config import ConfigError, ParallelConfig, load_config
 from megatron_lcl.hf.convert import lm_from_hf, lm_import_errors, vision_from_hf, vision_import_errors
+from megatron_lcl.hf.publish import ExportError
 from megatron_lcl.models.lcl_model import LCLModel
 from megatron_lcl.runtime import set_seed
 
@@ -38,7 +46,11 @@ def check_hf_configs(cfg, vision_hf=None, lm_hf=None) -> None:
         raise ConfigError("config does not match the HF weights: " + "; ".join(wrong))
 
 
-def convert(cfg, vision_dir, lm_dir, save_dir, log=print) -> str:
+def convert(cfg, vision_dir, lm_dir, save_dir, log=print, overwrite: bool = False) -> str:
+    """The checkpoint at `save_dir`, written atomically (`save_weights`: into `NAME.tmp/`, renamed when
+    complete); an existing checkpoint there is replaced only with `overwrite` (ExportError otherwise).
+    Its config records `data.tokenizer` and `data.path` as absolute paths."""
+    check_save_dir(save_dir, overwrite)
     ensure_single_process()
     vision_hf = CLIPVisionModel.from_pretrained(vision_dir) if vision_dir else None
     lm_hf = OPTForCausalLM.from_pretrained(lm_dir) if lm_dir else None
@@ -65,23 +77,43 @@ def convert(cfg, vision_dir, lm_dir, save_dir, log=print) -> str:
             if name in state:
                 p.copy_(state[name])
     log(f"initialised {len(state)} tensors from HF ({'vision ' if vision_hf else ''}{'lm' if lm_hf else ''})")
+    tokenizer = os.path.abspath(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    cfg = replace(cfg, data=replace(cfg.data, tokenizer=tokenizer, path=absolute_paths(cfg.data.path)))
     return save_weights(model, cfg, save_dir)
 
 
-def main(argv=None):
+def check_save_dir(save_dir: str, overwrite: bool) -> None:
+    """Refuse (ExportError) a `--save` folder that holds anything, unless `overwrite` and it is a
+    checkpoint (save_weights itself never replaces another kind of folder)."""
+    if not os.path.isdir(save_dir) or not os.listdir(save_dir):
+        return
+    if not os.path.exists(os.path.join(save_dir, META)):
+        raise ExportError(f"--save {save_dir} exists and is not a megatron_lcl checkpoint; refusing to replace it")
+    if not overwrite:
+        raise ExportError(f"--save {save_dir} already holds a checkpoint; --overwrite replaces it, or choose "
+                          "another folder")
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run YAML (model sizes must match the HF models)")
     parser.add_argument("--vision", help="CLIPVisionModel folder")
     parser.add_argument("--lm", help="OPTForCausalLM folder")
-    parser.add_argument("--save", required=True, help="output checkpoint folder")
+    parser.add_argument("--save", required=True, help="output checkpoint folder (written whole, then renamed)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --save")
     parser.add_argument("overrides", nargs="*", help="config overrides a.b=c")
     args = parser.parse_args(argv)
     if not (args.vision or args.lm):
         parser.error("give --vision and/or --lm")
-    cfg = load_config(args.config, args.overrides)
-    path = convert(cfg, args.vision, args.lm, args.save)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        path = convert(cfg, args.vision, args.lm, args.save, overwrite=args.overwrite)
+    except (ConfigError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

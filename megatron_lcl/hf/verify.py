@@ -84,9 +84,13 @@ def main(argv=None) -> dict:
                          vocab, seed=args.seed)
     figures = compare(lcl, clip, opt, batch.tokens, batch.images, batch.image_sample_index,
                       batch.boi_positions, projector)
-    tok_dir = os.path.join(args.hf, "tokenizer")
-    if lcl.cfg.data.tokenizer and os.path.isdir(tok_dir):
-        figures.update(compare_tokenizers(lcl.cfg.data.tokenizer, tok_dir,
+    tok_dir, sp_model = os.path.join(args.hf, "tokenizer"), lcl.cfg.data.tokenizer  # the run directory's copy
+    if sp_model and os.path.isdir(tok_dir):
+        if not os.path.isfile(sp_model):
+            print(f"error: the tokenizer of {lcl.checkpoint}, {sp_model}, is not there and its run directory "
+                  "keeps none: tokenizer/ cannot be compared", file=sys.stderr)
+            sys.exit(2)
+        figures.update(compare_tokenizers(sp_model, tok_dir,
                                           ["a red circle on a striped background", " Hello, World 123!"]))
     for k, value in figures.items():
         bound = BOUNDS.get(k)

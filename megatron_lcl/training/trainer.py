@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import List, Optional
 
 import torch
@@ -29,7 +29,8 @@ import torch.distributed as dist
 import megatron_lcl
 from megatron_lcl import checkpoint as ckpt
 from megatron_lcl.checkpoint.resume import check_resume
-from megatron_lcl.config import LCLConfig, num_microbatches, save_config, section_to_dict, validate_config
+from megatron_lcl.checkpoint.run_dir import absolute_paths, keep_tokenizer
+from megatron_lcl.config import ConfigError, LCLConfig, num_microbatches, save_config, section_to_dict, validate_config
 from megatron_lcl.config.validate import data_file_errors, raise_errors, tokenizer_errors
 from megatron_lcl.data.loader import build_loader
 from megatron_lcl.losses import LCLLoss
@@ -46,7 +47,8 @@ from megatron_lcl.stop_signals import StopRequest
 # Values summed over the world each step. Each is contributed by the ranks named in `_step_stats`.
 STAT_KEYS = ("loss", "lm_loss", "con_loss", "con_top1", "text_tokens", "con_images", "con_excluded",
              "con_batch", "logit_scale",
-             "images", "effective_rank", "effective_rank_frac", "sv_entropy", "stop", "ckpt_writing")
+             "images", "effective_rank", "effective_rank_frac", "sv_entropy", "stop", "ckpt_writing",
+             "data_behind")
 
 
 @dataclass
@@ -112,6 +114,7 @@ class Trainer:
         self.stop.install()  # first: a stop signal during a long set-up (resume) must not kill the rank
         self.layout = layout = initialize_distributed(cfg.parallel, cfg.train.seed)
         self.lock_run_dir()
+        self.keep_tokenizer()
         if self.stop_agreed():  # a stop signal during the imports or the start of the process group
             return self
         validate_config(cfg, layout.world_size)
@@ -148,6 +151,21 @@ class Trainer:
         if error is not None:
             raise ckpt.RunDirInUse(error)
 
+    def keep_tokenizer(self) -> None:
+        """Rank 0 keeps data.tokenizer in the run directory (`run_dir.keep_tokenizer`); every rank then
+        reads that copy, and config.yaml and meta.json record it and data.path as absolute paths: export,
+        eval and resume work from any folder, also after the data folder moved."""
+        d, kept, error = self.cfg.data, None, None
+        if self.layout.rank == 0 and d.tokenizer and os.path.isfile(d.tokenizer):  # missing: build_loader says so
+            try:
+                kept = keep_tokenizer(self.cfg.run_dir, d.tokenizer)
+            except (OSError, ValueError) as e:
+                error = f"run_dir {self.cfg.run_dir}: {e}"
+        kept, error = _from_rank0((kept, error))
+        if error is not None:
+            raise ConfigError(error)
+        self.cfg = replace(self.cfg, data=replace(d, tokenizer=kept or d.tokenizer, path=absolute_paths(d.path)))
+
     def stop_agreed(self) -> bool:
         """Whether any rank got a stop signal (or the stop file) so far; the same answer on every rank."""
         flag = torch.tensor([1.0 if self.stop else 0.0], device=device())
@@ -159,8 +177,10 @@ class Trainer:
         # The driver checked the files; a Trainer built directly gets the same messages. Only here is
         # the tokenizer read for its vocabulary (`validate.tokenizer_errors`).
         raise_errors(data_file_errors(d) + tokenizer_errors(d, self.cfg.model.lm))
+        # The last stage of a pipeline reads the targets only: the same samples, no image decoded.
         return build_loader(d, image_size=v.image_size, num_image_tokens=v.num_image_tokens,
-                            dp_rank=self.layout.dp_rank, dp_size=self.layout.dp_size)
+                            dp_rank=self.layout.dp_rank, dp_size=self.layout.dp_size,
+                            labels_only=not self.layout.is_first_stage)
 
     @property
     def checkpoint_root(self) -> str:
@@ -224,6 +244,7 @@ class Trainer:
                                           self.layout)
         stats = self._step_stats(per_micro, batches)
         self._captured = None
+        _check_pipeline_data(stats["data_behind"])
         stats["skipped"] = not math.isfinite(stats["loss"])
         stats["grad_norm"] = float("nan")
         if not stats["skipped"]:
@@ -244,19 +265,20 @@ class Trainer:
         layout, dp0 = self.layout, self.layout.dp_rank == 0
         local = dict.fromkeys(STAT_KEYS, 0.0)
         if layout.is_last_stage and layout.is_logging_rank:  # loss terms are already global over DP
-            n = len(per_micro)
-            for key, src in (("loss", "loss"), ("lm_loss", "lm_loss"), ("con_loss", "con_loss"),
-                             ("con_top1", "con_top1")):
-                local[key] = sum(float(m[src]) for m in per_micro) / n
-            local["text_tokens"] = sum(float(m["num_text_tokens"]) for m in per_micro)
-            local["con_images"] = sum(float(m["num_images"]) for m in per_micro)
-            local["con_excluded"] = sum(float(m["con_excluded"]) for m in per_micro)
-            local["con_batch"] = sum(float(m["con_batch"]) for m in per_micro) / n
+            step = self.loss_fn.step_metrics(per_micro)  # the step's values (L_gen over its targets)
+            for key in ("loss", "lm_loss", "con_loss", "con_top1", "con_excluded", "con_batch"):
+                local[key] = step[key]
+            local["text_tokens"], local["con_images"] = step["num_text_tokens"], step["num_images"]
             local["logit_scale"] = float(self.model.text_head.scale().detach())
         if layout.is_first_stage and layout.tp_rank == 0:  # this DP rank's share of the counts
             local["images"] = float(sum(b.num_images for b in batches))
             if self._captured is not None:
                 local.update(self._collapse_stats(dp0))
+        if self.loader is not None and layout.tp_rank == 0 and layout.pp_size > 1:
+            # The slots the first stage's readers went past minus the last stage's: 0 unless the
+            # first stage dropped a sample (an image that did not decode) the labels-only loader kept.
+            sign = 1.0 if layout.is_first_stage else -1.0
+            local["data_behind"] = sign * self.loader.slots_consumed
         local["stop"] = 1.0 if self.stop else 0.0
         local["ckpt_writing"] = 1.0 if self.saver.writing() else 0.0
         vec = torch.tensor([local[k] for k in STAT_KEYS], dtype=torch.float64, device=device())
@@ -422,6 +444,17 @@ class Trainer:
         if self._run_lock is not None:  # last: nothing of this launch writes into the run directory after
             ckpt.unlock_run_dir(self._run_lock)
             self._run_lock = None
+
+
+def _check_pipeline_data(slots_behind: float) -> None:
+    """Every rank raises the same error when the last pipeline stage's targets left the first stage's
+    samples (see `megatron_lcl.data.loader`, labels-only loaders)."""
+    if slots_behind != 0:
+        raise RuntimeError(
+            "the last pipeline stage's labels no longer match the first stage's samples: an image failed "
+            "to decode on the first stage (its sample was dropped there, see the corrupt_image warning naming "
+            "shard and key); fix or remove that shard, then resume from the last checkpoint with "
+            "checkpoint.load_data_state=false")
 
 
 def _from_rank0(obj):
