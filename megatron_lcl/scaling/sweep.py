@@ -18,12 +18,15 @@ A spec (see examples/scaling/tiny_ladder.yaml):
                              `samples` (sequences seen) samples / global_batch_size steps, `images`
                              (images seen, as papers count) images / (images_per_sample x
                              global_batch_size) steps; optional
-                             `name`; optional `models: [names]` / `arms: [names]` restrict a budget to
-                             some sizes / arms, optional
+                             `name`; optional `models: [names]` / `arms: [names]` / `seeds: [ints]`
+                             restrict a budget to some sizes / arms / seeds, optional
                              `overrides` apply to its points only, optional `contrastive_batch` (samples
                              whose images share one InfoNCE, over all DP ranks) makes the contrastive
                              batch an axis: = global_batch_size -> loss.contrastive_batch=step, smaller ->
-                             micro_batch with data.micro_batch_size = contrastive_batch / DP
+                             micro_batch with data.micro_batch_size = contrastive_batch / DP;
+                             `untrained: true` (no steps key) makes each of its points the model at
+                             its initialisation (seed), not trained: the untrained-encoder baseline
+                             its trained points are measured against (train_steps and FLOPs 0)
     images_per_sample        expected images per sequence, to turn a FLOPs budget into steps
     warmup_fraction          optimizer.warmup_steps = round(fraction x train_steps) (optional)
     final_loss_window        the final loss is the mean over this last fraction of logged steps
@@ -114,6 +117,7 @@ class SweepPoint:
     run_dir: str
     arm: str = ""
     seed: Optional[int] = None
+    untrained: bool = False  # the model at its initialisation (an `untrained` budget): not trained
 
 
 def load_spec(path: str) -> SweepSpec:
@@ -138,9 +142,11 @@ def load_spec(path: str) -> SweepSpec:
     if len(set(spec.seeds)) != len(spec.seeds) or not all(isinstance(s, int) for s in spec.seeds):
         raise ValueError(f"{path}: `seeds` must be distinct integers, got {spec.seeds}")
     for b in spec.budgets:
-        if "global_batch_size" not in b or sum(k in b for k in BUDGET_KINDS) != 1:
+        if b.get("untrained") and any(k in b for k in BUDGET_KINDS):
+            raise ValueError(f"{path}: budget {b} is untrained: it takes none of {', '.join(BUDGET_KINDS)}")
+        if not b.get("untrained") and ("global_batch_size" not in b or sum(k in b for k in BUDGET_KINDS) != 1):
             raise ValueError(f"{path}: budget {b} needs global_batch_size and one of {', '.join(BUDGET_KINDS)}")
-        for key, defined in (("models", names), ("arms", arm_names)):
+        for key, defined in (("models", names), ("arms", arm_names), ("seeds", spec.seeds)):
             unknown = sorted(set(b.get(key, [])) - set(defined))
             if unknown:
                 raise ValueError(f"{path}: budget {b} names {key} {unknown} that `{key}` does not define")
@@ -166,6 +172,8 @@ def _flatten(prefix: str, tree: dict) -> List[str]:
 def _budget_name(budget: dict) -> str:
     if "name" in budget:
         return str(budget["name"])
+    if budget.get("untrained"):
+        return "untrained"
     suffix = f"-c{budget['contrastive_batch']}" if "contrastive_batch" in budget else ""
     if "flops" in budget:
         return f"{float(budget['flops']):.2g}".replace("+", "") + suffix
@@ -204,6 +212,8 @@ def contrastive_batch_samples(cfg, nproc: int) -> int:
 def _steps_for(spec: SweepSpec, budget: dict, overrides: List[str]) -> int:
     """train_steps of a budget; a FLOPs budget is divided by the point's FLOPs per step (of its loss
     mode: matched compute across arms), a samples or images budget by the global batch."""
+    if budget.get("untrained"):
+        return 1  # a valid config; the point is not trained (`untrained`)
     if "train_steps" in budget:
         return int(budget["train_steps"])
     if "samples" in budget:
@@ -226,7 +236,8 @@ def expand_points(spec: SweepSpec) -> List[SweepPoint]:
             for model in spec.models:
                 for arm in spec.arms or [None]:
                     if "models" in budget and model["name"] not in budget["models"] or \
-                            arm is not None and "arms" in budget and arm["name"] not in budget["arms"]:
+                            arm is not None and "arms" in budget and arm["name"] not in budget["arms"] or \
+                            seed is not None and "seeds" in budget and seed not in budget["seeds"]:
                         continue
                     points.append(_point(spec, len(points), budget, model, arm, seed))
     return points
@@ -237,7 +248,8 @@ def _point(spec: SweepSpec, index: int, budget: dict, model: dict, arm: Optional
     """One point's overrides, in order: spec, model, budget, arm, contrastive batch, seed, steps."""
     fill = lambda items: [str(o).format(output_dir=spec.output_dir) for o in items]  # noqa: E731
     overrides = fill(spec.overrides) + _flatten("model", {k: v for k, v in model.items() if k != "name"})
-    overrides += [f"train.global_batch_size={budget['global_batch_size']}"] + fill(budget.get("overrides", []))
+    overrides += [f"train.global_batch_size={budget['global_batch_size']}"] if "global_batch_size" in budget else []
+    overrides += fill(budget.get("overrides", []))
     overrides += fill(arm["overrides"]) if arm else []
     overrides += _contrastive_overrides(spec, budget, overrides)
     overrides += [f"train.seed={seed}"] if seed is not None else []
@@ -250,7 +262,8 @@ def _point(spec: SweepSpec, index: int, budget: dict, model: dict, arm: Optional
     name = "-".join(parts)
     return SweepPoint(index, name, model["name"], _budget_name(budget), overrides,
                       os.path.join(spec.output_dir, "configs", f"{name}.yaml"),
-                      os.path.join(spec.output_dir, "runs", name), arm["name"] if arm else "", seed)
+                      os.path.join(spec.output_dir, "runs", name), arm["name"] if arm else "", seed,
+                      bool(budget.get("untrained")))
 
 
 def write_point_config(point: SweepPoint, spec: SweepSpec):
@@ -367,10 +380,23 @@ def backfill_eval(spec: SweepSpec, only: Optional[List[int]] = None, log=print) 
     return appended
 
 
+def write_untrained(config_path: str, run_dir: str, seed: Optional[int]) -> int:
+    """An untrained point's model at its initialisation, as a weights-only checkpoint in
+    RUN_DIR/checkpoints (what eval_command reads), written in a fresh process; returns its exit status."""
+    code = (f"from megatron_lcl.eval.encoders import random_init_checkpoint as w; "
+            f"w({config_path!r}, {os.path.join(run_dir, 'checkpoints')!r}, seed={seed!r})")
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith("TORCHELASTIC_")}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=os.getcwd()).returncode
+
+
 def _train_point(spec: SweepSpec, point: SweepPoint, runner: Runner) -> dict:
     cfg = write_point_config(point, spec)
     t0 = time.time()
-    code = runner(point.config_path, [], point.run_dir, spec.nproc)
+    if point.untrained:
+        code = write_untrained(point.config_path, point.run_dir, point.seed)
+    else:
+        code = runner(point.config_path, [], point.run_dir, spec.nproc)
     if code == 0 and spec.eval_command:
         run_eval(spec, point)
     return collect_result(point, cfg, spec, EXIT_STATUS.get(code, f"failed({code})"), time.time() - t0)
@@ -467,6 +493,10 @@ def collect_result(point: SweepPoint, cfg, spec: SweepSpec, status: str, wall_s:
                params_vit=params["vit"], params_projector=params["projector"], params_lm=params["lm"],
                params_heads=params["heads"], params_total=params["total"],
                params_non_embedding=params["total"] - params["lm_embedding"], wall_s=round(wall_s, 2))
+    if point.untrained:
+        row.update(train_steps=0, samples=0, images=0, tokens=0, text_tokens=0, train_flops=0)
+        row.update(read_eval_metrics(point.run_dir))
+        return row
     if status == "ok" and (not rows or rows[-1]["step"] != t.train_steps):
         row["status"] = status = "incomplete"
     if not rows:
