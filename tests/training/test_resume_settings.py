@@ -8,7 +8,12 @@ One 6-step run (LR schedule: warmup 2, cosine to min_lr over 6 steps) is resumed
   are exactly those of a run planned for 12 steps from the start;
 - model.lm.num_attention_heads 4 -> 8 (the same tensor shapes): refused naming the field (before:
   loaded and trained another model); a changeable model field (drop-path rate) resumes;
-- a shard of the saved data position missing: one line naming it and `checkpoint.load_data_state=false`.
+- a shard of the saved data position missing: one line naming it and `checkpoint.load_data_state=false`;
+- data.num_readers or data.seq_length changed (the saved data position is per logical reader, over
+  windows of seq_length): refused before the load with one line naming the field, both values and
+  `checkpoint.load_data_state=false`, exit 2 like every config mismatch (before: exit 1, as a
+  checkpoint error); with that setting the run resumes;
+- another data.tokenizer than the one the run keeps (RUN_DIR/tokenizer.model): refused, exit 2.
 """
 
 import shutil
@@ -98,3 +103,28 @@ def test_a_missing_shard_of_the_saved_data_position_is_named(six_steps, data_roo
            "shard-000003.tar); checkpoint.load_data_state=false continues without it" in line, line
     assert pretrain_lcl.main(argv(data_root, run, "optimizer.min_lr=1e-4", f"data.path={shards}",
                                   "checkpoint.load_data_state=false")) == 0
+
+
+@pytest.mark.parametrize("override, change", [("data.num_readers=4", "data.num_readers 8 -> 4"),
+                                              ("data.seq_length=48", "data.seq_length 64 -> 48")])
+def test_a_changed_data_stream_is_refused_with_exit_2(six_steps, data_root, tmp_path, capsys, override, change):
+    run = copy_of(six_steps, tmp_path)
+    capsys.readouterr()
+    assert pretrain_lcl.main(argv(data_root, run, "optimizer.min_lr=1e-4", override)) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"holds a data-loader position for another data stream: {change}; set checkpoint.load_data_state=false " \
+           "to continue with a fresh data stream, or restore the saved value(s)" in line, line
+    assert pretrain_lcl.main(argv(data_root, run, "optimizer.min_lr=1e-4", override,
+                                  "checkpoint.load_data_state=false")) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_another_tokenizer_for_the_run_is_refused_with_exit_2(six_steps, data_root, tmp_path, capsys):
+    from megatron_lcl.data.tokenizer import train_tokenizer
+
+    run = copy_of(six_steps, tmp_path)
+    other = train_tokenizer(["another corpus, another vocabulary"] * 50, str(tmp_path / "other"), 60)
+    capsys.readouterr()
+    assert pretrain_lcl.main(argv(data_root, run, "optimizer.min_lr=1e-4", f"data.tokenizer={other}")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"data.tokenizer ({other}) is not the tokenizer this run was trained with ({run}/tokenizer.model)" in line
