@@ -16,6 +16,14 @@ Images are flattened over the micro-batch in (sample, position) order: image j b
 `boi_positions[j] + 1 ... boi_positions[j] + M`. `image_has_context[j]` says whether text of image j's
 own document precedes it in its sample (the context rule of `megatron_lcl.data.sample_builder`): only those
 images enter L_con.
+
+What the loss needs to know about sizes is computed once, on the CPU, when the batch is built (collate
+time): `con_index` (which images enter L_con, as an index tensor, so selecting them on a GPU needs no
+boolean mask, i.e. no device-to-host sync) and `num_text_targets` (a Python int). The step's counts over
+the data-parallel group are exchanged from these before the step (`megatron_lcl.losses.StepCounts`).
+
+A labels-only batch (the last pipeline stage's, PP > 1: it never runs the ViT) has `images=None` and
+everything else of the full batch, image metadata included.
 """
 
 from dataclasses import dataclass, fields
@@ -30,15 +38,29 @@ class LCLBatch:
     labels: torch.Tensor  # [b, s] int64
     loss_mask: torch.Tensor  # [b, s] float32
     position_ids: torch.Tensor  # [b, s] int64
-    images: torch.Tensor  # [n, 3, H, W] float32, normalised; n may be 0
+    images: Optional[torch.Tensor]  # [n, 3, H, W] float32, normalised; n may be 0; None: labels only
     image_sample_index: torch.Tensor  # [n] int64, sample of each image
     boi_positions: torch.Tensor  # [n] int64, position of each image's <BoI> in its sample
     image_has_context: torch.Tensor  # [n] bool, own-document text precedes the image (enters L_con)
     image_labels: Optional[torch.Tensor] = None  # [n] int64 class labels (synthetic/eval only)
+    con_index: Optional[torch.Tensor] = None  # [n_con] int64: the images with context, ascending (from the mask)
+    num_text_targets: Optional[int] = None  # targets of L_gen in this batch (loss_mask.sum())
+
+    def __post_init__(self):
+        """Fill the derived sizes from the masks: at construction, i.e. on the CPU (collate time)."""
+        if self.con_index is None:
+            self.con_index = self.image_has_context.nonzero().view(-1)  # [n_con]
+        if self.num_text_targets is None:
+            self.num_text_targets = int(self.loss_mask.sum())
 
     @property
     def num_images(self) -> int:
-        return int(self.images.shape[0])
+        return int(self.image_sample_index.shape[0])
+
+    @property
+    def num_con_images(self) -> int:
+        """Images entering L_con."""
+        return int(self.con_index.shape[0])
 
     def to(self, device, non_blocking: bool = False) -> "LCLBatch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -58,6 +80,10 @@ class LCLBatch:
             assert getattr(self, name).shape == (b, s), f"{name} must be [b, s]=({b}, {s})"
         n = self.num_images
         assert self.image_sample_index.shape == self.boi_positions.shape == self.image_has_context.shape == (n,)
+        assert self.images is None or self.images.shape[0] == n, f"images must be [n={n}, 3, H, W]"
+        assert self.con_index.tolist() == self.image_has_context.nonzero().view(-1).tolist(), \
+            "con_index must list the images with context"
+        assert self.num_text_targets == int(self.loss_mask.sum()), "num_text_targets must be loss_mask.sum()"
         assert not bool((self.image_has_context & (self.boi_positions == 0)).any()), \
             "an image at position 0 has no context"
         if n:

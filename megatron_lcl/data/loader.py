@@ -16,7 +16,12 @@ r + 2D, ... (D = DP size, which must divide R) and takes the samples n = r (mod 
 its share of every micro-batch. So the samples of a step, and of each of its micro-batches, depend on
 the data, the seed, R and the batch sizes only: not on the DP size, TP/PP or `data.num_workers`.
 Tensor-parallel ranks of one replica (and the last pipeline stage) pass the same `dp_rank` and get
-identical batches; middle pipeline stages take no data and should not build a loader.
+identical batches; middle pipeline stages take no data and should not build a loader. The last stage of
+a pipeline (PP > 1) never runs the ViT: its loader is labels-only (`labels_only=True`), the same samples
+in the same order without decoding, transforming, pinning or uploading a single image (`images=None`).
+It is exact as long as every image decodes: an image that fails to decode (counted `corrupt_image`,
+prepare verified them all once) drops its sample on the first stage only, which the trainer detects
+(`batch_fingerprint`) and stops on, naming the shard.
 
 Workers. The rank's readers are split over its DataLoader worker processes (worker w runs the readers
 at positions w, w + P, ... of the rank's list, P processes); each worker yields one sample at a time,
@@ -107,6 +112,7 @@ class LoaderConfig:
     dp_size: int = 1
     train_transform: bool = True
     blend: tuple = ()  # BlendSource per source of a weighted data.path; () for one unweighted source
+    decode_images: bool = True  # False: labels-only batches (images=None), same samples and order
 
     @property
     def num_readers(self) -> int:
@@ -300,8 +306,8 @@ class _ReaderStream:
                 if slot == start_slot:
                     self.skips = SkipCounter()  # skips before the resume point were already counted
                 continue
-            images = self.decode_images(sample)
-            if images is None:
+            images = self.decode_images(sample) if self.cfg.decode_images else None
+            if images is None and self.cfg.decode_images:
                 continue
             meta = {"reader": self.reader, "cursor": slot, "source": source, "origins": sample.origins,
                     "skips": self.skips.state_dict() if self.skips else None}
@@ -339,13 +345,14 @@ def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
-def collate(samples: List[BuiltSample], images: List[List[torch.Tensor]], ids: SpecialIds,
+def collate(samples: List[BuiltSample], images: Optional[List[List[torch.Tensor]]], ids: SpecialIds,
             image_size: int, num_image_tokens: int) -> LCLBatch:
+    """Samples (and their decoded images, or None for a labels-only batch) -> one `LCLBatch` on the CPU."""
     full = torch.tensor([s.tokens for s in samples], dtype=torch.long)  # [b, s + 1]
     tokens, labels = full[:, :-1].contiguous(), full[:, 1:].contiguous()  # [b, s] each
     b, s = tokens.shape
     not_text = (labels == ids.image) | (labels == ids.eoi) | (labels == ids.pad)
-    flat = [t for per_sample in images for t in per_sample]
+    flat = [t for per_sample in images for t in per_sample] if images is not None else None
     segs = [seg for sample in samples for seg in sample.images]
     labels_given = [seg.image.label for seg in segs]
     batch = LCLBatch(
@@ -353,7 +360,7 @@ def collate(samples: List[BuiltSample], images: List[List[torch.Tensor]], ids: S
         labels=labels,
         loss_mask=(~not_text).float(),
         position_ids=torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s).contiguous(),
-        images=torch.stack(flat) if flat else torch.empty(0, 3, image_size, image_size),
+        images=(None if flat is None else torch.stack(flat) if flat else torch.empty(0, 3, image_size, image_size)),
         image_sample_index=torch.tensor([i for i, smp in enumerate(samples) for _ in smp.images], dtype=torch.long),
         boi_positions=torch.tensor([p for smp in samples for p in smp.boi_positions], dtype=torch.long),
         image_has_context=torch.tensor([c for smp in samples for c in smp.image_context], dtype=torch.bool),
@@ -438,6 +445,12 @@ class LCLDataLoader:
         """Samples this rank has handed out (its local sample index)."""
         return sum(p.samples for p in self.progress.values())
 
+    @property
+    def slots_consumed(self) -> int:
+        """Slots this rank's readers went past (their cursors): samples handed out plus samples dropped.
+        A labels-only loader and a full one of the same rank agree on it unless an image failed to decode."""
+        return sum(p.cursor for p in self.progress.values())
+
     def __iter__(self) -> Iterator[LCLBatch]:
         cfg = self.cfg
         dataset = _RankSamples(cfg, {r: p.cursor for r, p in self.progress.items()}, self.samples_consumed)
@@ -456,7 +469,8 @@ class LCLDataLoader:
             pending.append(item)
             if len(pending) < micro:
                 continue
-            batch = collate([s for s, _, _ in pending], [i for _, i, _ in pending], self.ids,
+            batch = collate([s for s, _, _ in pending],
+                            [i for _, i, _ in pending] if cfg.decode_images else None, self.ids,
                             cfg.image_size, cfg.num_image_tokens)
             for _, _, meta in pending:
                 self._consumed(meta)
@@ -555,13 +569,14 @@ def merge_states(states: Sequence[dict]) -> dict:
 
 
 def build_loader(data: DataConfig, *, image_size: int, num_image_tokens: int, dp_rank: int = 0,
-                 dp_size: int = 1, train_transform: bool = True) -> LCLDataLoader:
+                 dp_size: int = 1, train_transform: bool = True, labels_only: bool = False) -> LCLDataLoader:
     """The training loader for one data-parallel rank (see the module docstring). `data` is the run
     config's data section, validated by `megatron_lcl.config.validate_config` (`data.path`: folders,
     globs or shard paths of prepared shards, or a weighted blend `[w1, path1, w2, path2, ...]`;
-    `data.tokenizer`: the sentencepiece model; `data.num_readers`: divisible by `dp_size`)."""
+    `data.tokenizer`: the sentencepiece model; `data.num_readers`: divisible by `dp_size`).
+    `labels_only`: batches without images (`images=None`), for the last stage of a pipeline."""
     assert 0 <= dp_rank < dp_size, f"dp_rank ({dp_rank}) must be in [0, dp_size={dp_size})"
     blend = find_blend(data.path) if data_blend(data.path) else ()
     shards = tuple(s for b in blend for s in b.shards) if blend else find_shards(data.path)
     return LCLDataLoader(LoaderConfig(data, shards, image_size, num_image_tokens, dp_rank, dp_size,
-                                      train_transform, blend))
+                                      train_transform, blend, decode_images=not labels_only))

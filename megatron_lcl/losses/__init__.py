@@ -2,6 +2,7 @@
 
 from megatron_lcl.losses.contrastive import contrastive_loss_sum, gather_rows
 from megatron_lcl.losses.generation import generation_loss_sum
-from megatron_lcl.losses.lcl import LCLLoss, LossTerms
+from megatron_lcl.losses.lcl import LCLLoss, LossTerms, MicroBatchCounts, StepCounts
 
-__all__ = ["LCLLoss", "LossTerms", "contrastive_loss_sum", "gather_rows", "generation_loss_sum"]
+__all__ = ["LCLLoss", "LossTerms", "MicroBatchCounts", "StepCounts", "contrastive_loss_sum", "gather_rows",
+           "generation_loss_sum"]

@@ -4,10 +4,14 @@ monitor of those features (`singular_value_stats`).
 Negatives are all images of the micro-batch on every data-parallel rank: each rank scores its
 local rows against the gathered global columns (as open_clip's `local_loss=True`). Ranks may hold
 different numbers of images (also none); the gather pads to the largest count and trims.
+
+The per-rank counts of the gather: in training they are passed in (`counts`), known on the CPU before
+the step (`megatron_lcl.losses.StepCounts`), so the gather reads no size from the device. Without them
+(evaluation, the collapse monitor) the counts are all-gathered first and read back (a host sync).
 """
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,31 +42,45 @@ class _GatherRows(torch.autograd.Function):
         return grad[ctx.start: ctx.start + ctx.count], None, None
 
 
-def gather_rows(rows: torch.Tensor, group) -> Tuple[torch.Tensor, int, List[int]]:
-    """-> (global rows `[N, e]` with gradient, this rank's first row in them, per-rank counts)."""
+def gather_rows(rows: torch.Tensor, group, counts: Optional[Sequence[int]] = None
+                ) -> Tuple[torch.Tensor, int, List[int]]:
+    """-> (global rows `[N, e]` with gradient, this rank's first row in them, per-rank counts).
+
+    `counts`: the rows of every rank of `group` (Python ints), when known; else exchanged here."""
     if group is None or dist.get_world_size(group) == 1:
         return rows, 0, [rows.shape[0]]
-    count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, count, group=group)
-    counts = [int(c) for c in counts]
+    if counts is None:
+        counts = _exchange_count(rows, group)
+    counts = list(counts)
+    rank = dist.get_rank(group)
+    assert len(counts) == dist.get_world_size(group) and counts[rank] == rows.shape[0], \
+        f"gather counts {counts} do not fit this rank's {rows.shape[0]} rows (rank {rank} of the group)"
     if sum(counts) == 0:
         return rows, 0, counts
-    rank = dist.get_rank(group)
     return _GatherRows.apply(rows, counts, group), sum(counts[:rank]), counts
 
 
+def _exchange_count(rows: torch.Tensor, group) -> List[int]:
+    """Every rank's row count, all-gathered on the rows' device and read back (syncs a GPU)."""
+    count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, count, group=group)
+    return torch.cat(counts).tolist()
+
+
 def contrastive_loss_sum(image_features: torch.Tensor, text_features: torch.Tensor,
-                         logit_scale: torch.Tensor, group: Optional[dist.ProcessGroup] = None):
+                         logit_scale: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
+                         counts: Optional[Sequence[int]] = None):
     """Local rows of the symmetric InfoNCE against global columns.
 
     image_features, text_features: `[n, e]`, L2-normalised, row i of both from the same image.
+    `counts`: every rank's n (Python ints) when known on the CPU (training); None: exchanged here.
     Returns `(loss_sum, num_global, num_correct)`: the sum over local rows of
     (CE(image->text) + CE(text->image)) / 2, the number of images over the group (the mean's
     denominator), and how many local rows have their positive as top-1 in both directions.
     """
-    all_images, start, counts = gather_rows(image_features, group)
-    all_texts, _, _ = gather_rows(text_features, group)
+    all_images, start, counts = gather_rows(image_features, group, counts)
+    all_texts, _, _ = gather_rows(text_features, group, counts)
     num_global = sum(counts)
     n = image_features.shape[0]
     if n == 0:  # keep the gathered tensors in the graph: every rank must join the backward all-reduce

@@ -9,13 +9,15 @@ Transport. v_i is made on the first stage but consumed on the last. Its `[n, e]`
 with `seq_length = s + K`; middle stages pass the rows through untouched and autograd carries v's
 gradient back to the ViT. The model itself knows nothing of this (it exposes embed/decode/finish).
 
-How the loss terms combine: per micro-batch, `LCLLoss` returns this rank's share of
-`mean_tokens(L_gen)` over the micro-batch on all data-parallel ranks, plus lambda x L_con. The schedule
-divides each micro-batch's loss by the number of micro-batches and DDP averages gradients over DP
-ranks, so a step optimises the mean over micro-batches of L_gen plus lambda x L_con, where L_con is
+How the loss terms combine (`megatron_lcl.losses.lcl`): a step optimises L_gen over the step's text
+targets on all data-parallel ranks (per token, however the step is split into micro-batches and ranks)
+plus lambda x L_con. Before the schedule runs, the last stage exchanges the step's counts over the DP
+group on the CPU, once (`LCLLoss.step_counts`: they are known at collate time), so no micro-batch reads a
+size from the device. Each micro-batch returns its share of the step objective, pre-scaled for the
+schedule's division by the number of micro-batches and DDP's average over DP ranks. L_con is
 
-- `loss.contrastive_batch=micro_batch` (`forward_backward`): the mean over micro-batches of each
-  micro-batch's InfoNCE (negatives: that micro-batch's images on every DP rank);
+- `loss.contrastive_batch=micro_batch` (`forward_backward`): each image's InfoNCE against the images of
+  its micro-batch on every DP rank, averaged over the step's images;
 - `loss.contrastive_batch=step` (`step_forward_backward`, the paper's semantics): ONE InfoNCE over
   all images of the step. A feature cache ("gradient cache"): (1) a forward-only pass through the
   pipeline collects v_i and t_i of every micro-batch on the last stage (no vocabulary logits);
@@ -36,7 +38,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_lcl.config import ModelConfig, ParallelConfig, max_images_per_sample
 from megatron_lcl.data.batch import LCLBatch
-from megatron_lcl.losses import LCLLoss, LossTerms
+from megatron_lcl.losses import LCLLoss, LossTerms, MicroBatchCounts, StepCounts
 from megatron_lcl.losses.lcl import FeatureGrads
 from megatron_lcl.models.lcl_model import LCLModel, LCLOutput
 from megatron_lcl.runtime.distributed import get_rng_state, set_rng_state
@@ -121,16 +123,18 @@ def forward_stage(model: LCLModel, batch: Optional[LCLBatch], carry_rows: int, w
 
 # ------------------------------------------------------------------------------ loss and schedule
 
-def loss_terms(out: LCLOutput, batch: LCLBatch, loss_fn: LCLLoss,
+def loss_terms(out: LCLOutput, batch: LCLBatch, loss_fn: LCLLoss, counts: MicroBatchCounts,
                feature_grads: Optional[FeatureGrads] = None) -> LossTerms:
     """`LCLOutput` of the last stage + the batch's targets -> the named loss terms."""
     return loss_fn(out.logits, out.image_features, out.text_features, out.logit_scale,
-                   batch.labels, batch.loss_mask, batch.image_has_context, feature_grads)
+                   batch.labels, batch.loss_mask, batch.con_index, counts, feature_grads)
 
 
 def forward_loss(model: LCLModel, batch: LCLBatch, loss_fn: LCLLoss) -> LossTerms:
-    """One micro-batch through the whole model (pipeline size 1) and the loss."""
-    return loss_terms(_whole_model(model, batch, loss_fn.needs_logits), batch, loss_fn)
+    """One micro-batch through the whole model (pipeline size 1) and the loss, as a step of its own
+    (its counts are exchanged over the loss's DP group here: every DP rank calls it)."""
+    counts = loss_fn.step_counts([batch]).micro_batch(0)
+    return loss_terms(_whole_model(model, batch, loss_fn.needs_logits), batch, loss_fn, counts)
 
 
 def _whole_model(model: LCLModel, batch: LCLBatch, with_logits: bool) -> LCLOutput:
@@ -167,18 +171,19 @@ def _loss_func(logs: dict, output_tensor):
 
 
 class LCLForwardStep(_StageStep):
-    """The training step's forward: loss terms per micro-batch (with the step's feature gradients
-    in order, one per micro-batch, when `feature_grads` is given)."""
+    """The training step's forward: loss terms per micro-batch, in order, with the step's `counts` (last
+    stage; None elsewhere) and, when given, the step's feature gradients (one per micro-batch)."""
 
     def __init__(self, loss_fn: LCLLoss, shape: PipelineShape, layout: ParallelLayout,
-                 feature_grads: Optional[List[FeatureGrads]] = None):
+                 counts: Optional[StepCounts], feature_grads: Optional[List[FeatureGrads]] = None):
         super().__init__(shape, layout, loss_fn.needs_logits)
-        self.loss_fn = loss_fn
-        self.feature_grads = iter(feature_grads) if feature_grads is not None else None
+        self.loss_fn, self.counts, self.micro_batch = loss_fn, counts, 0
+        self.feature_grads = feature_grads
 
     def on_last(self, out, batch):
-        grads = next(self.feature_grads) if self.feature_grads is not None else None
-        terms = loss_terms(out, batch, self.loss_fn, grads)
+        k, self.micro_batch = self.micro_batch, self.micro_batch + 1
+        grads = self.feature_grads[k] if self.feature_grads is not None else None
+        terms = loss_terms(out, batch, self.loss_fn, self.counts.micro_batch(k), grads)
         return terms.total, {k: v.detach().clone() for k, v in terms.metrics().items()}
 
 
@@ -190,9 +195,8 @@ class FeatureStep(_StageStep):
         self.image, self.text, self.scale = [], [], None
 
     def on_last(self, out, batch):
-        mask = batch.image_has_context  # [n]
-        self.image.append(out.image_features[mask].detach())  # [n_con, e]
-        self.text.append(out.text_features[mask].detach())
+        self.image.append(out.image_features.index_select(0, batch.con_index).detach())  # [n_con, e]
+        self.text.append(out.text_features.index_select(0, batch.con_index).detach())
         self.scale = out.logit_scale.detach()
         return out.logit_scale.detach() * 0.0, {}
 
@@ -211,10 +215,22 @@ def forward_backward(model, data_iterator, num_microbatches: int, loss_fn: LCLLo
                      shape: PipelineShape, layout: ParallelLayout, forward_only: bool = False) -> List[dict]:
     """One step's forward and backward, L_con per micro-batch (`contrastive_batch=micro_batch`).
 
-    Returns the per-micro-batch metric dicts on the last stage (empty list elsewhere).
+    `data_iterator` yields this rank's micro-batches (None on middle stages); the step's are taken first
+    (their counts normalise the loss). Returns the per-micro-batch metric dicts on the last stage (empty
+    list elsewhere; `LCLLoss.step_metrics` reduces them to the step's values).
     """
-    return run_schedule(LCLForwardStep(loss_fn, shape, layout), model, data_iterator, num_microbatches,
-                        shape, layout, forward_only)
+    batches = [next(data_iterator) for _ in range(num_microbatches)] if data_iterator is not None else None
+    return _training_pass(model, batches, num_microbatches, loss_fn, shape, layout, forward_only)
+
+
+def _training_pass(model, batches: Optional[List[LCLBatch]], num_microbatches: int, loss_fn: LCLLoss,
+                   shape: PipelineShape, layout: ParallelLayout, forward_only: bool = False,
+                   counts: Optional[StepCounts] = None, feature_grads: Optional[List[FeatureGrads]] = None):
+    if layout.is_last_stage and counts is None:
+        counts = loss_fn.step_counts(batches)  # once per step, CPU ints over the DP group
+    step = LCLForwardStep(loss_fn, shape, layout, counts, feature_grads)
+    data = iter(batches) if batches is not None else None
+    return run_schedule(step, model, data, num_microbatches, shape, layout, forward_only)
 
 
 def uses_feature_pass(loss_fn: LCLLoss, num_microbatches: int) -> bool:
@@ -229,15 +245,16 @@ def step_forward_backward(model, batches: Optional[List[LCLBatch]], num_microbat
     `batches`: this rank's micro-batches (None on middle stages). Falls back to `forward_backward`
     where the two are the same (one micro-batch per step, or no L_con).
     """
-    data = (lambda: iter(batches)) if batches is not None else (lambda: None)
     if not uses_feature_pass(loss_fn, num_microbatches):
-        return forward_backward(model, data(), num_microbatches, loss_fn, shape, layout)
+        return _training_pass(model, batches, num_microbatches, loss_fn, shape, layout)
+    counts = loss_fn.step_counts(batches) if layout.is_last_stage else None  # once per step, CPU
     rng = get_rng_state()
     features = FeatureStep(shape, layout)
     with torch.no_grad():
-        run_schedule(features, model, data(), num_microbatches, shape, layout, forward_only=True)
+        run_schedule(features, model, iter(batches) if batches is not None else None, num_microbatches,
+                     shape, layout, forward_only=True)
     set_rng_state(rng)  # the training pass draws the same dropout / drop-path masks
-    grads = (loss_fn.step_contrastive(features.image, features.text, features.scale)
+    grads = (loss_fn.step_contrastive(features.image, features.text, features.scale, counts)
              if layout.is_last_stage else None)
-    return run_schedule(LCLForwardStep(loss_fn, shape, layout, grads), model, data(), num_microbatches,
-                        shape, layout, forward_only=False)
+    return _training_pass(model, batches, num_microbatches, loss_fn, shape, layout, counts=counts,
+                          feature_grads=grads)

@@ -178,7 +178,7 @@ def test_bf16_model_matches_fp32_within_bf16_precision(single_rank):
 
 
 def _step_reference(model, batches, rng, con_weight=0.1):
-    """L_gen per micro-batch (mean) + lambda x one InfoNCE over all images of the step, in one pass."""
+    """L_gen over the step's text targets + lambda x one InfoNCE over all images of the step, in one pass."""
     import torch.nn.functional as F
 
     from megatron_lcl.losses import generation_loss_sum
@@ -187,10 +187,10 @@ def _step_reference(model, batches, rng, con_weight=0.1):
     set_rng_state(rng)
     model.zero_grad(set_to_none=True)
     gen, image_features, text_features = 0.0, [], []
+    targets = sum(b.loss_mask.sum() for b in batches)
     for b in batches:
         o = model(b.tokens, b.position_ids, b.images, b.image_sample_index, b.boi_positions)
-        gen_sum, count = generation_loss_sum(o.logits, b.labels, b.loss_mask)
-        gen = gen + gen_sum / count / len(batches)
+        gen = gen + generation_loss_sum(o.logits, b.labels, b.loss_mask)[0] / targets
         image_features.append(o.image_features[b.image_has_context])
         text_features.append(o.text_features[b.image_has_context])
     v, t = torch.cat(image_features), torch.cat(text_features)
