@@ -14,6 +14,9 @@ et al. 2025 (CLIP vs MaMMUT: E = a (C + b)^c + d on the Pareto front, crossover 
 - The Pareto front: the configurations no cheaper configuration of the same arm beats.
 - Only the ladder enters the fits: budgets an arm runs at every model size. Other budgets (e.g.
   the contrastive batch as an axis: one size, some arms) are side points (`side_by_side`).
+- The four-parameter form only with >= IDENTIFIED_MIN_POINTS front points (else: not identified).
+  For studies with per-item results, megatron_lcl.scaling.study is the stricter analysis (paired
+  item and seed bootstrap, untrained baseline, naive held-out predictor, crossover rule).
 - Bootstrap replicate: draw configurations with replacement (points), for each drawn configuration
   its seeds with replacement (seeds), recompute the front, refit. Replicates of two arms are paired
   by index for differences and crossovers. Intervals are percentile intervals at `level`.
@@ -26,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_lcl.scaling.fit import (SATURATING_MIN_POINTS, PowerLaw, SaturatingLaw, crossovers,
+from megatron_lcl.scaling.fit import (IDENTIFIED_MIN_POINTS, PowerLaw, SaturatingLaw, crossovers,
                                       fit_power_law, fit_saturating, pareto_frontier)
 
 ERROR_FLOOR = 1e-3
@@ -126,7 +129,7 @@ def _fit_front(compute: np.ndarray, error: np.ndarray, start: Optional[Saturatin
     f = front_of(compute, error)
     c, e = compute[f], error[f]
     power = fit_power_law(c, e) if len(np.unique(c)) >= 2 else None
-    if not saturating or len(np.unique(c)) < SATURATING_MIN_POINTS:
+    if not saturating or len(np.unique(c)) < IDENTIFIED_MIN_POINTS:
         return power, None
     return power, fit_saturating(c, e, start)
 
@@ -148,7 +151,8 @@ def fit_arm(configs: List[Config], arm: str, metric: str, num_samples: int = 200
         return fit
     fit.power, fit.saturating = _fit_front(compute, error)
     if fit.saturating is None:
-        fit.notes.append(f"{len(fit.front)} front points: a * (C + b)^c + d needs >= {SATURATING_MIN_POINTS}")
+        fit.notes.append(f"{len(fit.front)} front points: a * (C + b)^c + d is not identified (needs >= "
+                         f"{IDENTIFIED_MIN_POINTS})")
     rng = np.random.default_rng(seed)
     for _ in range(num_samples):
         with np.errstate(all="ignore"):  # degenerate draws (e.g. two points) may overflow; they still count

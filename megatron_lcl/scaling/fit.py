@@ -211,7 +211,10 @@ class SaturatingLaw:
         return {"a": self.a * self.scale ** -self.c, "b": self.b * self.scale, "c": self.c, "d": self.d}
 
 
-SATURATING_MIN_POINTS = 5  # four parameters: at least one degree of freedom
+SATURATING_MIN_POINTS = 5  # four parameters: at least one degree of freedom (what the fit itself needs)
+# What a report needs before it quotes the four-parameter form: with fewer front points its b and d
+# are not identified (b and c trade off along a ridge; 5-point fits gave b ~ 1e-14 FLOPs, d ~ 1e-15)
+IDENTIFIED_MIN_POINTS = 8
 
 
 def fit_saturating(compute: Sequence[float], error: Sequence[float],

@@ -1,0 +1,117 @@
+"""Power of an objectives-at-matched-compute study, from a pilot's noise: how many seeds, test items,
+front points and how much compute range a study needs to see a given difference.
+
+    noise = pilot_noise(study, "retrieval_ir1")       # from runs with >= 2 seeds per (arm, cell)
+    se = exponent_difference_se(noise, seeds=4, points=7, compute_range=1000, items=1126)
+    seeds_needed(noise, delta=0.02, points=7, compute_range=1000, items=1126)
+
+The noise model, for the paired difference D = E_a - E_b of two arms' errors at one configuration
+(same size, budget and seed list; the same test items):
+
+    Var(mean over S seeds of D) = run_var / S + item_var / N
+
+- run_var: the variance over seeds of a run's D with the items fixed (initialisation, data order
+  and the transfer heads' seed); estimated by the sample variance over the pilot's seeds, pooled over
+  configurations (weighted by their degrees of freedom);
+- item_var / N: the sampling variance of the test items (a new item set would move D): item_var is the
+  per-item variance of hit_a - hit_b, averaged over runs. It does not shrink with seeds.
+
+An exponent difference is the difference of two slopes of log E vs log C on K front points spaced
+evenly in log C over a compute range R (factor):
+
+    Var(c_a - c_b) = Var(D / E) / Sxx,   Sxx = sum_k (ln C_k - mean)^2 = ln(R)^2 K (K + 1) / (12 (K - 1))
+
+with E the error level (delta method: ln E_a - ln E_b ~ D / E). Treating the points as independent is
+conservative for the item term (the same items at every point: that part partly cancels in a slope).
+The 90 % interval excludes 0 with 80 % power when SE <= delta / (1.645 + 0.842).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+Z_INTERVAL = 1.6449  # two-sided 90 % interval
+Z_POWER = 0.8416  # 80 % power
+
+
+@dataclass
+class Noise:
+    metric: str
+    run_var: float  # variance over seeds of one run's paired error difference (items fixed)
+    run_dof: int  # degrees of freedom behind run_var
+    item_var: float  # per-item variance of hit_a - hit_b (divide by the number of items)
+    error: float  # mean error level of the configurations used
+    configurations: int
+
+
+def pilot_noise(study, metric: str) -> Noise:
+    """Pooled over every arm pair and (model, budget) with >= 2 common seeds in `study`
+    (megatron_lcl.scaling.study.Study)."""
+    runs = {(r.arm, r.model, r.budget, r.seed): r for r in study.runs}
+    arms = study.arms
+    cells = sorted({(r.model, r.budget) for r in study.runs})
+    ss, dof, item_vars, errors, used = 0.0, 0, [], [], 0
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            for model, budget in cells:
+                pairs = [(runs[(a, model, budget, s)], runs[(b, model, budget, s)])
+                         for s in sorted({r.seed for r in study.runs})
+                         if (a, model, budget, s) in runs and (b, model, budget, s) in runs]
+                if len(pairs) < 2:
+                    continue
+                d = np.array([np.nanmean(pb.hits[metric]) - np.nanmean(pa.hits[metric]) for pa, pb in pairs])
+                ss += float(((d - d.mean()) ** 2).sum())
+                dof += len(d) - 1
+                item_vars += [float(np.nanvar(pa.hits[metric] - pb.hits[metric])) for pa, pb in pairs]
+                errors += [1 - float(np.nanmean(p.hits[metric])) for pair in pairs for p in pair]
+                used += 1
+    if not dof:
+        raise ValueError(f"{metric}: no configuration with >= 2 seeds of two arms: the pilot cannot give a run variance")
+    return Noise(metric, ss / dof, dof, float(np.mean(item_vars)), float(np.mean(errors)), used)
+
+
+def sxx(points: int, compute_range: float) -> float:
+    """Sum of squared deviations of ln C over `points` evenly log-spaced values spanning `compute_range`x."""
+    assert points >= 2 and compute_range > 1, "a slope needs >= 2 points over a range > 1"
+    return math.log(compute_range) ** 2 * points * (points + 1) / (12 * (points - 1))
+
+
+def difference_se(noise: Noise, seeds: int, items: int) -> float:
+    """Standard error of a configuration's paired error difference, mean over `seeds` seeds."""
+    return math.sqrt(noise.run_var / seeds + noise.item_var / items)
+
+
+def exponent_difference_se(noise: Noise, seeds: int, points: int, compute_range: float, items: int) -> float:
+    return difference_se(noise, seeds, items) / noise.error / math.sqrt(sxx(points, compute_range))
+
+
+def power(delta: float, se: float) -> float:
+    """Probability that the 90 % interval of an estimate with standard error `se` excludes 0 when the
+    true value is `delta`."""
+    return 0.5 * math.erfc(-(abs(delta) / se - Z_INTERVAL) / math.sqrt(2))
+
+
+def seeds_needed(noise: Noise, delta: float, points: int, compute_range: float, items: int,
+                 max_seeds: int = 64) -> int:
+    """The fewest seeds whose exponent difference SE reaches delta / (z_interval + z_power); 0 when even
+    infinitely many seeds cannot (the item term alone is too large: more items or range needed)."""
+    target = abs(delta) / (Z_INTERVAL + Z_POWER)
+    for s in range(1, max_seeds + 1):
+        if exponent_difference_se(noise, s, points, compute_range, items) <= target:
+            return s
+    return 0
+
+
+def power_table(noise: Noise, items: int, delta: float, seeds: Sequence[int] = (1, 2, 4, 6, 8),
+                designs: Sequence[tuple] = ((3, 30), (5, 100), (7, 300), (7, 1000), (9, 1000))) -> List[Dict]:
+    """Rows of (seeds, front points, compute range) -> SE of an exponent difference and the power to
+    see `delta`; also the smallest difference in error a single configuration can resolve."""
+    rows = []
+    for points, compute_range in designs:
+        for s in seeds:
+            se = exponent_difference_se(noise, s, points, compute_range, items)
+            rows.append({"seeds": s, "points": points, "range": compute_range, "se": se, "power": power(delta, se),
+                         "level_mde": (Z_INTERVAL + Z_POWER) * difference_se(noise, s, items)})
+    return rows

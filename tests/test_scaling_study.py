@@ -1,0 +1,221 @@
+"""The scaling-study analysis (megatron_lcl.scaling.study, .power) and the sweep's untrained baseline:
+per-item loading, the paired item x seed bootstrap, the Pareto front chosen inside every replicate,
+the identifiability rule of the four-parameter form, the naive held-out predictor, the crossover rule
+(significant on both sides) and the power calculation."""
+
+import csv
+import math
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from megatron_lcl.scaling import arms, fit, power, study, sweep
+from megatron_lcl.scaling.study import Run, Study
+
+N_ITEMS = 600
+
+
+def hits_for(accuracy: float, uniform: np.ndarray, difficulty: np.ndarray) -> np.ndarray:
+    """0/1 per item: items differ in difficulty (shared by every run, as a fixed test set's items do);
+    `uniform` [n_items] is the run's randomness, shared by the arms of one (size, budget, seed) as the
+    initialisation, data order and heads' seed are."""
+    logit = math.log(accuracy / (1 - accuracy)) - difficulty
+    return (uniform < 1 / (1 + np.exp(-logit))).astype(float)
+
+
+def synthetic_study(accuracy, budgets=(("b1", 1.0), ("b2", 3.0), ("b3", 9.0)), models=(("s", 1e9), ("m", 3e9)),
+                    seeds=("1", "2", "3"), arm_names=("a", "b"), seed_shift=0.03, rng_seed=0) -> Study:
+    """accuracy(arm, compute) -> expected accuracy; each seed shifts every arm's accuracy alike (a
+    shared seed effect, which pairing by seed removes)."""
+    rng = np.random.default_rng(rng_seed)
+    difficulty = rng.normal(0, 1.0, N_ITEMS)
+    shift = {s: rng.normal(0, seed_shift) for s in seeds}
+    runs, baselines = [], {}
+    for model, size in models:
+        for s in seeds:
+            baselines[(model, s)] = Run("a", model, "untrained", s, 0.0,
+                                        {"m": hits_for(0.3, rng.random(N_ITEMS), difficulty)})
+        for budget, steps in budgets:
+            c = size * steps
+            for s in seeds:
+                uniform = rng.random(N_ITEMS)
+                for arm in arm_names:
+                    acc = float(np.clip(accuracy(arm, c) + shift[s], 0.02, 0.98))
+                    runs.append(Run(arm, model, budget, s, c, {"m": hits_for(acc, uniform, difficulty)}, 0.5))
+    return Study(runs, baselines, [f"i{k}" for k in range(N_ITEMS)], ["m"])
+
+
+# ------------------------------------------------------------------------------ the bootstrap
+
+def test_replicate_zero_is_the_data_and_pairing_is_by_size_budget_and_seed():
+    s = synthetic_study(lambda arm, c: 0.5)
+    for r in s.runs:  # arm b = arm a, item for item, seed for seed
+        if r.arm == "b":
+            r.hits["m"] = next(x for x in s.runs if (x.arm, x.model, x.budget, x.seed) ==
+                               ("a", r.model, r.budget, r.seed)).hits["m"].copy()
+    reps = study.draw_replicates(s, 300, seed=1)
+    configs = study.config_values(s, reps, "m")
+    by = {(c.arm, c.model, c.budget): c for c in configs}
+    for (arm, model, budget), c in by.items():
+        runs = [r for r in s.runs if (r.arm, r.model, r.budget) == (arm, model, budget)]
+        assert c.error[0] == pytest.approx(1 - np.mean([r.hits["m"].mean() for r in runs]))
+        base = np.mean([s.baselines[(model, r.seed)].hits["m"].mean() for r in runs])
+        assert c.gain[0] == pytest.approx(np.mean([r.hits["m"].mean() for r in runs]) - base)
+        # the same item and seed draws for both arms: identical arms differ by exactly 0 in every replicate
+        assert np.array_equal(c.error, by[("b", model, budget)].error)
+    assert np.std(by[("a", "s", "b1")].error[1:]) > 0.005  # the draws do move the error
+
+
+def test_paired_bootstrap_sees_a_small_difference_that_seed_noise_hides_unpaired():
+    # b is 3 points better everywhere; each seed moves both arms by ~8 points (shared)
+    s = synthetic_study(lambda arm, c: 0.55 + (0.03 if arm == "b" else 0.0), seed_shift=0.08, rng_seed=3)
+    a_fit, b_fit = (study.fit_arm([c for c in study.config_values(s, study.draw_replicates(s, 2000), "m")
+                                   if c.arm == arm], arm, "m") for arm in ("a", "b"))
+    diffs = study.budget_differences(a_fit, b_fit, ["b1", "b2", "b3"])
+    assert all(d["significant"] == 1 for d in diffs)  # a's error is higher, significantly, at every budget
+    # unpaired (b's seeds drawn independently of a's) the same data give intervals that include 0
+    reps_a, reps_b = study.draw_replicates(s, 2000, seed=0), study.draw_replicates(s, 2000, seed=99)
+    ca = [c for c in study.config_values(s, reps_a, "m") if c.arm == "a"]
+    cb = [c for c in study.config_values(s, reps_b, "m") if c.arm == "b"]
+    unpaired = study.budget_differences(study.fit_arm(ca, "a", "m"), study.fit_arm(cb, "b", "m"), ["b1", "b2", "b3"])
+    assert sum(d["significant"] == 0 for d in unpaired) >= 2
+
+
+# ------------------------------------------------------------------------------ front inside the bootstrap
+
+def test_front_and_fit_are_recomputed_inside_every_replicate():
+    # size m at b1 and size s at b3 nearly tie: which of them is on the front depends on the draw
+    law = lambda arm, c: 0.2 + 0.1 * math.log10(c / 1e9)  # noqa: E731
+    s = synthetic_study(law, rng_seed=5)
+    reps = study.draw_replicates(s, 400, seed=2)
+    configs = [c for c in study.config_values(s, reps, "m") if c.arm == "a"]
+    result = study.fit_arm(configs, "a", "m")
+    compute = np.array([c.compute for c in configs])
+    for b in (0, 1, 17, 400):  # each replicate's exponent is the fit on that replicate's own front
+        errors = np.array([c.error[b] for c in configs])
+        front = fit.pareto_frontier(compute, errors)
+        slope = np.polyfit(np.log(compute[front]), np.log(errors[front]), 1)[0]
+        assert result.exponent[b] == pytest.approx(slope)
+    assert result.front == fit.pareto_frontier(compute, np.array([c.error[0] for c in configs])).tolist()
+    assert ((result.front_share > 0) & (result.front_share < 1)).any()  # membership varies between replicates
+    assert result.front_share[np.argmin(compute)] == 1.0  # the cheapest configuration is always on the front
+
+
+# ------------------------------------------------------------------------------ the identifiability rule
+
+def test_four_parameter_form_only_with_eight_front_points():
+    law = lambda x: 3000.0 * (x + 2e10) ** -0.35 + 0.05  # noqa: E731
+    seven, eight = np.geomspace(1e10, 1e13, 7), np.geomspace(1e10, 1e13, 8)
+    assert "not_identified" in study.saturating_fit(seven, law(seven))
+    params = study.saturating_fit(eight, law(eight))
+    assert params["c"] == pytest.approx(-0.35, rel=1e-2) and params["d"] == pytest.approx(0.05, rel=1e-2)
+    configs = [arms.Config("a", f"m{i}", f"b{i}", float(c), np.array([law(c)])) for i, c in enumerate(seven)]
+    fitted = arms.fit_arm(configs, "a", "m", num_samples=5)
+    assert fitted.saturating is None and any("not identified" in n for n in fitted.notes)
+
+
+# ------------------------------------------------------------------------------ held out, crossover
+
+def test_heldout_prediction_is_scored_against_the_naive_predictor():
+    s = synthetic_study(lambda arm, c: min(0.2 + 0.15 * math.log10(c / 1e9), 0.95), rng_seed=7)
+    result = study.fit_arm([c for c in study.config_values(s, study.draw_replicates(s, 10), "m") if c.arm == "a"],
+                           "a", "m")
+    held = result.heldout
+    assert held["budget"] == "b3" and held["naive"] > held["observed"]  # still improving: naive is too pessimistic
+    assert abs(held["power_rel_error"]) < abs(held["naive_rel_error"])
+
+
+def test_crossover_claimed_only_when_significant_on_both_sides():
+    # a starts better and falls slower: b better at b3 by a wide margin -> claimed
+    cross = lambda arm, c: (0.5 + 0.05 * math.log10(c / 1e9)) if arm == "a" else (0.35 + 0.2 * math.log10(c / 1e9))  # noqa: E731
+    s = synthetic_study(cross, seed_shift=0.01, rng_seed=11)
+    reps = study.draw_replicates(s, 1000)
+    configs = study.config_values(s, reps, "m")
+    fa, fb = (study.fit_arm([c for c in configs if c.arm == arm], arm, "m") for arm in ("a", "b"))
+    x = study.crossover(fa, fb, ["b1", "b2", "b3"])
+    assert x["claimed"] == {"between": ("b1", "b3"), "lower_first": "a"} or \
+        x["claimed"] == {"between": ("b1", "b2"), "lower_first": "a"}
+    # the same start, but b only draws level at the largest compute (9e9): no significant lead for b -> no claim
+    level = lambda arm, c: (0.5 + 0.05 * math.log10(c / 1e9)) if arm == "a" else (0.35 + 0.2075 * math.log10(c / 1e9))  # noqa: E731
+    s2 = synthetic_study(level, budgets=(("b1", 1.0), ("b2", 3.0)), seed_shift=0.01, rng_seed=11)
+    configs2 = study.config_values(s2, study.draw_replicates(s2, 1000), "m")
+    ga, gb = (study.fit_arm([c for c in configs2 if c.arm == arm], arm, "m") for arm in ("a", "b"))
+    y = study.crossover(ga, gb, ["b1", "b2"])
+    assert y["claimed"] is None and y["by_budget"][0]["significant"] == -1  # a lower at b1, significantly
+    assert y["by_budget"][1]["significant"] == 0
+
+
+# ------------------------------------------------------------------------------ power
+
+def test_power_calculation():
+    xs = np.log(np.geomspace(1.0, 1000.0, 7))
+    assert power.sxx(7, 1000.0) == pytest.approx(((xs - xs.mean()) ** 2).sum())
+    noise = power.Noise("m", run_var=0.05 ** 2, run_dof=3, item_var=0.2, error=0.5, configurations=3)
+    se = power.exponent_difference_se(noise, 4, 7, 1000.0, 1000)
+    assert se == pytest.approx(math.sqrt(0.05 ** 2 / 4 + 0.2 / 1000) / 0.5 / math.sqrt(power.sxx(7, 1000.0)))
+    assert power.power(0.02, 0.02 / (power.Z_INTERVAL + power.Z_POWER)) == pytest.approx(0.8, abs=1e-3)
+    need = power.seeds_needed(noise, 0.02, 7, 1000.0, 1000)
+    assert need > 0 and power.exponent_difference_se(noise, need, 7, 1000.0, 1000) <= 0.02 / 2.486
+    # by hand: (0.02 / 2.486 * 0.5 * sqrt(Sxx))^2 - 0.2 / 1000 = 4.0e-4 >= 0.05^2 / S  ->  S >= 6.25
+    assert need == 7 and power.exponent_difference_se(noise, 6, 7, 1000.0, 1000) > 0.02 / 2.486
+    assert power.seeds_needed(noise, 0.0005, 3, 10.0, 100) == 0  # the item term alone is too large
+
+
+def test_pilot_noise_pools_seed_variance_of_paired_differences():
+    s = synthetic_study(lambda arm, c: 0.5, seed_shift=0.0, rng_seed=13)
+    noise = power.pilot_noise(s, "m")
+    assert noise.configurations == 6 and noise.run_dof == 6 * 2
+    # equal arms sharing each run's randomness: the paired difference has no run variance at all
+    assert noise.run_var == 0.0 and noise.item_var == 0.0
+
+
+# ------------------------------------------------------------------------------ loading and the sweep
+
+def write_run(root, point, row, items):
+    run_dir = os.path.join(root, "runs", point)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "per_item.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["item", "probe_count", "tr_rank", "ir_rank"])
+        w.writeheader()
+        w.writerows(items)
+    sweep.append_row(os.path.join(root, "results.csv"), dict(point=point, status="ok", run_dir=run_dir, **row))
+
+
+def test_load_study_reads_per_item_files_baselines_and_the_chance_flag(tmp_path):
+    root = str(tmp_path)
+    items = lambda hit, rank: [{"item": f"x{k}.jpg", "probe_count": hit, "tr_rank": rank, "ir_rank": 0}  # noqa: E731
+                               for k in range(4)]
+    write_run(root, "lcl-m-untrained-s1", dict(arm="lcl", model="m", budget="untrained", seed=1, train_steps=0,
+                                               train_flops=0), items(0, 9))
+    write_run(root, "lcl-m-b1-s1", dict(arm="lcl", model="m", budget="b1", seed=1, train_steps=10, train_flops=1e9,
+                                        con_loss=3.0, con_batch=22.0), items(1, 3))
+    write_run(root, "con-m-b1-s1", dict(arm="con", model="m", budget="b1", seed=1, train_steps=10, train_flops=8e8,
+                                        con_loss=1.5, con_batch=22.0), items(1, 0))
+    sweep.append_row(os.path.join(root, "results.csv"), dict(point="gen-m-b1-s1", status="ok", arm="gen", model="m",
+                                                             budget="b1", seed=1, train_steps=10))  # no per_item.csv
+    s = study.load_study(os.path.join(root, "results.csv"))
+    assert s.metrics == ["probe_count", "retrieval_tr1", "retrieval_tr5", "retrieval_ir1", "retrieval_ir5"]
+    assert list(s.baselines) == [("m", "1")] and len(s.runs) == 2 and "1 ok run(s) without" in s.notes[0]
+    lcl, con = s.runs
+    assert lcl.near_chance and lcl.con_ratio == pytest.approx(3.0 / math.log(22)) and not con.near_chance
+    assert lcl.hits["retrieval_tr1"].tolist() == [0, 0, 0, 0] and lcl.hits["retrieval_tr5"].tolist() == [1, 1, 1, 1]
+
+
+def test_untrained_budget_points(tmp_path):
+    spec = dict(name="t", base_config=os.path.join(os.path.dirname(__file__), "..", "examples", "configs",
+                                                    "tiny_cpu.yaml"),
+                output_dir=str(tmp_path / "out"), models=[{"name": "s"}], seeds=[1, 2],
+                arms=[{"name": "lcl", "overrides": ["loss.mode=lcl"]}, {"name": "con", "overrides": ["loss.mode=con"]}],
+                budgets=[{"name": "untrained", "untrained": True, "arms": ["lcl"]},
+                         {"name": "b1", "train_steps": 3, "global_batch_size": 8, "seeds": [1]}])
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    points = sweep.expand_points(sweep.load_spec(str(path)))
+    assert [p.name for p in points] == ["lcl-s-untrained-s1", "lcl-s-b1-s1", "con-s-b1-s1", "lcl-s-untrained-s2"]
+    assert points[0].untrained and not points[1].untrained
+    spec["budgets"][0]["train_steps"] = 5
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="is untrained"):
+        sweep.load_spec(str(path))
