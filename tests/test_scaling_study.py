@@ -4,6 +4,8 @@ the identifiability rule of the four-parameter form, the naive held-out predicto
 (significant on both sides) and the power calculation."""
 
 import csv
+import gzip
+import json
 import math
 import os
 
@@ -219,3 +221,47 @@ def test_untrained_budget_points(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match="is untrained"):
         sweep.load_spec(str(path))
+
+
+def test_study_report_end_to_end_on_a_synthetic_sweep(tmp_path):
+    """results.csv + per_item.csv + configs/ of 2 arms x 2 rates x 3 budgets x 2 seeds -> the report."""
+    from megatron_lcl.scaling import study_report
+
+    rng = np.random.default_rng(0)
+    root, n = str(tmp_path / "sweep"), 300
+    os.makedirs(os.path.join(root, "configs"))
+    difficulty = rng.normal(0, 1, n)
+    row = lambda k, arm, steps, lr, seed, flops, loss: dict(  # noqa: E731
+        arm=arm, model="m", budget=k, seed=seed, train_steps=steps, train_flops=flops, loss=loss,
+        con_loss=3.0 if steps < 200 and arm != "gen" else 1.0, con_batch=22.0)
+    for seed in (1, 2):
+        write_run(root, f"lcl-m-untrained-s{seed}", dict(arm="lcl", model="m", budget="untrained", seed=seed,
+                                                        train_steps=0, train_flops=0),
+                  [{"item": f"i{k}", "probe_count": int(h), "tr_rank": 0 if h else 5, "ir_rank": 1}
+                   for k, h in enumerate(hits_for(0.3, rng.random(n), difficulty))])
+        for steps in (100, 300, 900):
+            for lr in (1e-3, 3e-3):
+                uniform = rng.random(n)
+                for arm, gain in (("lcl", 0.1), ("gen", 0.05)):
+                    point = f"{arm}-m-p{steps}-lr{lr:g}-s{seed}"
+                    acc = 0.3 + gain * np.log10(steps / 30) * (1.0 if lr == 1e-3 else 0.8)
+                    with open(os.path.join(root, "configs", f"{point}.yaml"), "w") as f:
+                        yaml.safe_dump({"optimizer": {"lr": lr}}, f)
+                    items = [{"item": f"i{k}", "probe_count": int(h), "tr_rank": 0 if h else 3, "ir_rank": 0}
+                             for k, h in enumerate(hits_for(acc, uniform, difficulty))]
+                    write_run(root, point, row(f"p{steps}-lr{lr:g}", arm, steps, lr, seed, 1e9 * steps,
+                                               2.0 - acc + (0.1 if lr == 3e-3 else 0.0)), items)
+    out = tmp_path / "report"
+    assert study_report.main([os.path.join(root, "results.csv"), "--out", str(out), "--bootstrap", "200",
+                              "--budgets", "p100-lr0.001", "p300-lr0.001", "p900-lr0.001"]) == 0
+    text = (out / "report.md").read_text()
+    assert "## probe_count" in text and "gain over untrained" in text
+    assert "naive (no further improvement)" in text and "crossover:" in text
+    assert "not identified" in text  # 3 front points at most
+    assert "| lcl | m | 900 | 0.001 | 2 |" in text and "## Power" in text and "Seeds needed" in text
+    lr_rows = [line for line in text.splitlines() if line.startswith("| lcl | m | 900 |")]
+    assert any(line.endswith("| yes |") and "| 0.001 |" in line for line in lr_rows)  # the lower final loss
+    with gzip.open(out / "per_item.csv.gz", "rt") as f:
+        assert sum(1 for _ in f) == 1 + n * (2 + 2 * 3 * 2 * 2)
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["replicates"] == 200 and "lcl-gen" in summary["metrics"]["probe_count"]

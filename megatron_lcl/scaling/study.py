@@ -12,7 +12,8 @@ predictor, and crossovers claimed only where the data are significant on both si
   items (the intersection is used and its size reported).
 - Untrained runs (train_steps 0: an `untrained` budget) are the baseline of their (model, seed); a
   trained run's gain is its metric minus that baseline's, item for item.
-- A configuration (arm, model, budget): error = 1 - metric, averaged over its seeds; compute = the mean
+- A configuration (arm, model, budget): error = 1 - metric, averaged over its seeds (floored at
+  ERROR_FLOOR: a perfect score has no logarithm); compute = the mean
   of its seeds' training FLOPs. The front: the configurations no cheaper one of the same arm beats.
 - Fits on the front: E = a C^c (>= 2 points); E = a (C + b)^c + d only with >= IDENTIFIED_MIN_POINTS
   front points, else the four-parameter form is "not identified" (it has four parameters and bends).
@@ -41,6 +42,7 @@ from megatron_lcl.scaling.fit import IDENTIFIED_MIN_POINTS, crossovers, fit_satu
 from megatron_lcl.scaling.sweep import read_results
 
 CHANCE_RATIO = 0.9
+ERROR_FLOOR = 1e-3
 LEVEL = 0.9
 RANK_METRICS = {"retrieval_tr1": ("tr_rank", 1), "retrieval_tr5": ("tr_rank", 5),
                 "retrieval_ir1": ("ir_rank", 1), "retrieval_ir5": ("ir_rank", 5)}
@@ -225,7 +227,7 @@ def _config(study, values, draws, rows, base_rows, arm, model, budget, seeds) ->
     cols = np.arange(values.shape[1])
     picked = metric[draws.T, cols]  # [S, B + 1]: replicate b's drawn seeds
     with np.errstate(invalid="ignore"):
-        error = 1.0 - np.nanmean(picked, axis=0)
+        error = np.maximum(1.0 - np.nanmean(picked, axis=0), ERROR_FLOOR)  # a perfect score has no logarithm
         gain = None
         if all(b is not None for b in base_rows):
             base = np.vstack([values[b] for b in base_rows])[draws.T, cols]
@@ -285,7 +287,7 @@ def saturating_fit(compute: np.ndarray, error: np.ndarray) -> dict:
     compute values); else {"not_identified": why}."""
     k = len(np.unique(compute))
     if k < IDENTIFIED_MIN_POINTS:
-        return {"not_identified": f"{k} front points: a (C + b)^c + d needs >= {IDENTIFIED_MIN_POINTS}"}
+        return {"not_identified": f"not identified ({k} front points; it needs >= {IDENTIFIED_MIN_POINTS})"}
     law = fit_saturating(compute, error)
     return {**law.params(), "rmse_log": law.rmse_log, "n": k}
 

@@ -1,0 +1,283 @@
+"""The report of an objectives-at-matched-compute study (megatron_lcl.scaling.study): markdown, JSON,
+plots, the combined per-item file, the learning-rate pilot and the power calculation.
+
+    python -m megatron_lcl.scaling.study_report runs/scaling/lcl_vs_con_pilot/results.csv \
+        --out docs/scaling/lcl_vs_con_pilot --bootstrap 4000 [--budgets p150-lr1e-3 p450-lr1e-3 ...]
+
+Writes OUT/report.md, OUT/report.json, OUT/error_vs_compute_<metric>.png, OUT/per_item.csv.gz (one row
+per run and test item: the paired comparisons can be redone from it) and OUT/results.csv (the sweep's
+rows). `--budgets` restricts the fits and comparisons (e.g. to one learning rate); the run table, the
+learning-rate section and the power calculation use every run.
+"""
+
+import argparse
+import csv
+import datetime
+import gzip
+import json
+import os
+import shutil
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import yaml
+from matplotlib.figure import Figure
+
+from megatron_lcl.scaling import power
+from megatron_lcl.scaling.study import Analysis, Study, analyse, interval, load_study, paired_items
+from megatron_lcl.scaling.sweep import read_results
+
+POWER_DELTA = 0.02  # the exponent difference the power calculation asks about (issue 33)
+
+
+# ---------------------------------------------------------------------------------- the learning rate
+
+def run_settings(rows: Sequence[dict], csv_path: str) -> Dict[str, dict]:
+    """point -> {lr, final loss} from OUTPUT/configs/<point>.yaml and the CSV row."""
+    out = {}
+    for r in rows:
+        path = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "configs", f"{r['point']}.yaml")
+        lr = None
+        if os.path.exists(path):
+            with open(path) as f:
+                lr = (yaml.safe_load(f) or {}).get("optimizer", {}).get("lr")
+        out[r["point"]] = {"lr": lr, "loss": float(r["loss"]) if r.get("loss") not in (None, "") else None}
+    return out
+
+
+def learning_rate_table(rows: Sequence[dict], settings: Dict[str, dict], metrics: Sequence[str]) -> List[dict]:
+    """Per (arm, model, steps, lr): the mean final loss and metrics over seeds; `chosen` marks each arm's
+    rate with the lowest final loss (its own objective) at the largest steps that has several rates."""
+    groups: Dict[tuple, list] = {}
+    for r in rows:
+        lr = settings.get(r["point"], {}).get("lr")
+        if lr is not None and int(float(r.get("train_steps") or 0)) > 0:
+            groups.setdefault((r["arm"], r["model"], int(float(r["train_steps"])), float(lr)), []).append(r)
+    table = [{"arm": a, "model": m, "steps": s, "lr": lr, "seeds": len(rs),
+              "loss": float(np.mean([float(r["loss"]) for r in rs])),
+              **{k: float(np.mean([float(r[k]) for r in rs if r.get(k) not in (None, "")] or [np.nan])) for k in metrics}}
+             for (a, m, s, lr), rs in sorted(groups.items())]
+    for arm, model in {(t["arm"], t["model"]) for t in table}:
+        mine = [t for t in table if (t["arm"], t["model"]) == (arm, model)]
+        multi = [s for s in {t["steps"] for t in mine} if sum(t["steps"] == s for t in mine) > 1]
+        if multi:
+            best = min((t for t in mine if t["steps"] == max(multi)), key=lambda t: t["loss"])
+            best["chosen"] = True
+    return table
+
+
+# ---------------------------------------------------------------------------------- markdown
+
+def fmt(x, digits=3) -> str:
+    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}g}"
+
+
+def run_table(analysis: Analysis, metric: str) -> List[str]:
+    lines = [f"| arm | model | budget | FLOPs | seeds | near chance | {metric} | gain over untrained [90 %] | on front |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm in analysis.study.arms:
+        result = analysis.arms[(arm, metric)]
+        for i, c in enumerate(result.configs):
+            gain = "-" if c.gain is None else f"{c.gain[0]:+.3f} [{interval(c.gain[1:])[0]:+.3f}, {interval(c.gain[1:])[1]:+.3f}]"
+            lines.append(f"| {arm} | {c.model} | {c.budget} | {c.compute:.3g} | {len(c.seeds)} | {c.near_chance} | "
+                         f"{1 - c.error[0]:.3f} | {gain} | {result.front_share[i]:.0%} |")
+    return lines
+
+
+def fit_lines(analysis: Analysis, metric: str) -> List[str]:
+    lines = []
+    for arm in analysis.study.arms:
+        r = analysis.arms[(arm, metric)]
+        lo, hi = interval(r.exponent[1:])
+        sat = r.saturating or {}
+        four = sat.get("not_identified") or f"c = {fmt(sat.get('c'))}, d = {fmt(sat.get('d'))}, b = {fmt(sat.get('b'))} FLOPs"
+        lines.append(f"- {arm}: `E = a C^c`: c = {fmt(r.exponent[0])} [{fmt(lo)}, {fmt(hi)}] on {len(r.front)} front "
+                     f"point(s); `E = a (C + b)^c + d`: {four}")
+        h = r.heldout
+        if "observed" in h:
+            lines.append(f"  - held out ({h['budget']}, best {h['model']}): observed error {h['observed']:.3f}; power law "
+                         f"predicts {fmt(h.get('power'))} ({f'{100 * h['power_rel_error']:+.1f}' if 'power' in h else '-'} %); "
+                         f"naive (no further improvement) {h['naive']:.3f} ({100 * h['naive_rel_error']:+.1f} %)")
+        else:
+            lines.append(f"  - held out: {h.get('note')}")
+    return lines
+
+
+def pair_lines(analysis: Analysis, metric: str) -> List[str]:
+    lines = []
+    for (a, b, m), p in analysis.pairs.items():
+        if m != metric:
+            continue
+        d, x = p["exponent_difference"], p["crossover"]
+        verdict = {1: f"{b}'s error falls faster", -1: f"{a}'s error falls faster", 0: "no difference detectable"}
+        lines.append(f"- {a} vs {b}: c_{a} - c_{b} = {fmt(d['delta'])} [{fmt(d['lo'])}, {fmt(d['hi'])}] "
+                     f"({d['n']} paired replicates): {verdict[d['significant']]}.")
+        by = ", ".join(f"{e['budget']} {e['delta']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}]" for e in x["by_budget"])
+        lines.append(f"  - best error {a} - {b} per budget: {by}")
+        claim = x["claimed"]
+        lines.append("  - crossover: " + (f"claimed between {claim['between'][0]} and {claim['between'][1]} "
+                                          f"({claim['lower_first']} lower first)" if claim else
+                                          "none claimed (no budget pair significant on both sides)")
+                     + (f"; the fitted power laws cross at {', '.join(fmt(c) for c in x['fitted'])} FLOPs "
+                        "(description only)" if x["fitted"] else ""))
+    return lines
+
+
+def paired_item_lines(study: Study, metric: str) -> List[str]:
+    lines = []
+    arms = study.arms
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            rows = paired_items(study, metric, a, b)
+            if rows:
+                lines += [f"Per item, {a} vs {b} (pooled over common seeds): items only {a} gets right / only {b}; "
+                          f"mean difference of {metric}.", "",
+                          f"| model | budget | seeds | only {a} | only {b} | {a} - {b} |", "|---|---|---|---|---|---|"]
+                lines += [f"| {r['model']} | {r['budget']} | {r['seeds']} | {r['only_a']} | {r['only_b']} | "
+                          f"{r['delta']:+.3f} |" for r in rows] + [""]
+    return lines
+
+
+def power_lines(study: Study, metrics: Sequence[str]) -> List[str]:
+    lines = ["## Power", "", "From this study's own noise (megatron_lcl/scaling/power.py): run_var = variance over "
+             "seeds of a configuration's paired error difference between two arms (the items fixed), item_var = "
+             "per-item variance of the paired hit difference (test-set sampling). SE of an exponent difference "
+             f"for K front points spread evenly in log C over R x compute; power to see |c_a - c_b| = {POWER_DELTA} "
+             "(90 % interval excluding 0); `MDE` the smallest error difference one configuration resolves at "
+             "80 % power.", ""]
+    for m in metrics:
+        try:
+            noise = power.pilot_noise(study, m)
+        except ValueError as e:
+            lines += [f"- {m}: {e}", ""]
+            continue
+        n = len(study.items)
+        lines += [f"### {m}", "", f"run_var = {noise.run_var:.3g} (sd {noise.run_var ** 0.5:.3f}, {noise.run_dof} dof "
+                  f"from {noise.configurations} configuration pair(s)); item_var = {noise.item_var:.3g} (/ {n} items: "
+                  f"sd {(noise.item_var / n) ** 0.5:.3f}); error level {noise.error:.3f}.", "",
+                  "| seeds | K points | range | SE(c_a - c_b) | power | MDE (one configuration) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['seeds']} | {r['points']} | {r['range']:g}x | {r['se']:.4f} | {r['power']:.0%} | "
+                  f"{r['level_mde']:.3f} |" for r in power.power_table(noise, n, POWER_DELTA)]
+        need = {(k, rng): power.seeds_needed(noise, POWER_DELTA, k, rng, n) for k, rng in ((5, 100), (7, 1000), (9, 1000))}
+        lines += ["", "Seeds needed for 80 % power at |delta c| = 0.02: " + "; ".join(
+            f"K = {k} over {rng}x: {s if s else 'not reachable with these items'}" for (k, rng), s in need.items()), ""]
+    return lines
+
+
+def learning_rate_lines(table: List[dict], metrics: Sequence[str]) -> List[str]:
+    if not any(t.get("chosen") for t in table):
+        return []
+    lines = ["## Learning rate (pilot)", "", "Protocol, the same for every arm: the rate with the lowest final "
+             "pre-training loss of the arm's own objective at the longest pilot budget (the test items are not "
+             "used). Metrics beside it for reference.", "",
+             "| arm | model | steps | lr | seeds | final loss | " + " | ".join(metrics) + " | chosen |",
+             "|---|---|---|---|---|---|" + "---|" * len(metrics) + "---|"]
+    lines += [f"| {t['arm']} | {t['model']} | {t['steps']} | {t['lr']:g} | {t['seeds']} | {t['loss']:.3f} | "
+              + " | ".join(fmt(t[m]) for m in metrics) + f" | {'yes' if t.get('chosen') else ''} |" for t in table]
+    return lines + [""]
+
+
+# ---------------------------------------------------------------------------------- plots, files
+
+def plot_metric(analysis: Analysis, metric: str, path: str) -> None:
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    colours = dict(zip(analysis.study.arms, ("C0", "C1", "C2", "C3", "C4")))
+    for arm in analysis.study.arms:
+        r = analysis.arms[(arm, metric)]
+        compute = np.array([c.compute for c in r.configs])
+        error = np.array([c.error[0] for c in r.configs])
+        ax.scatter(compute, error, color=colours[arm], alpha=0.5, s=18)
+        ax.plot(compute[r.front], error[r.front], "o-", color=colours[arm], label=arm)
+        if np.isfinite(r.exponent[0]):
+            grid = np.geomspace(compute.min(), compute.max(), 50)
+            ax.plot(grid, np.exp(r.log_a[0]) * grid ** r.exponent[0], "--", color=colours[arm], lw=1)
+    for (model, _), base in sorted(analysis.study.baselines.items())[:1]:
+        ax.axhline(1 - float(np.nanmean(base.hits[metric])), color="grey", ls=":", label=f"untrained ({model})")
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel=f"error = 1 - {metric}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_per_item(study: Study, path: str) -> None:
+    """One row per (run, item): point key, item, every metric's hit (0/1, blank when absent)."""
+    runs = study.runs + list(study.baselines.values())
+    with gzip.open(path, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arm", "model", "budget", "seed", "item", *study.metrics])
+        for r in runs:
+            cols = np.vstack([r.hits[m] for m in study.metrics]).T  # [n_items, n_metrics]
+            for item, values in zip(study.items, cols):
+                w.writerow([r.arm, r.model, r.budget, r.seed, item, *("" if np.isnan(v) else int(v) for v in values)])
+
+
+def summary_json(analysis: Analysis) -> dict:
+    out = {"items": len(analysis.study.items), "replicates": analysis.num_samples, "level": analysis.level, "metrics": {}}
+    for (arm, metric), r in analysis.arms.items():
+        lo, hi = interval(r.exponent[1:])
+        out["metrics"].setdefault(metric, {})[arm] = {
+            "exponent": r.exponent[0], "exponent_interval": [lo, hi], "front": [r.configs[i].budget + "/" +
+                                                                               r.configs[i].model for i in r.front],
+            "saturating": r.saturating, "heldout": r.heldout}
+    for (a, b, metric), p in analysis.pairs.items():
+        out["metrics"][metric][f"{a}-{b}"] = p
+    return out
+
+
+# ---------------------------------------------------------------------------------- main
+
+def restrict(study: Study, budgets: Optional[Sequence[str]]) -> Study:
+    if not budgets:
+        return study
+    return Study([r for r in study.runs if r.budget in budgets], study.baselines, study.items, study.metrics,
+                 study.notes + [f"fits and comparisons on budgets {', '.join(budgets)} only"])
+
+
+def write_report(csv_path: str, out: str, num_samples: int, budgets: Optional[Sequence[str]], command: str) -> str:
+    os.makedirs(out, exist_ok=True)
+    full = load_study(csv_path)
+    study = restrict(full, budgets)
+    analysis = analyse(study, num_samples)
+    rows = [r for r in read_results(csv_path) if r["status"] == "ok"]
+    lr_table = learning_rate_table(rows, run_settings(rows, csv_path), full.metrics)
+    lines = [f"# {os.path.basename(out.rstrip('/'))}: objectives at matched compute", "",
+             f"Generated by `{command}` on {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC: {len(full.runs)} trained "
+             f"run(s) and {len(full.baselines)} untrained baseline(s), arms {full.arms}, {len(full.items)} test items "
+             f"(the same for every run), {num_samples} paired bootstrap replicates (items x seeds per size and budget; "
+             f"front and fits inside every replicate), 90 % percentile intervals.", ""]
+    lines += [f"- note: {n}" for n in study.notes] + [""]
+    for metric in study.metrics:
+        plot_metric(analysis, metric, os.path.join(out, f"error_vs_compute_{metric}.png"))
+        lines += [f"## {metric}", ""] + run_table(analysis, metric) + [""] + fit_lines(analysis, metric) + \
+            pair_lines(analysis, metric) + [""] + paired_item_lines(study, metric) + \
+            [f"![{metric}](error_vs_compute_{metric}.png)", ""]
+    lines += learning_rate_lines(lr_table, full.metrics) + power_lines(full, full.metrics)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump({**summary_json(analysis), "learning_rate": lr_table}, f, indent=1, default=float)
+    write_per_item(full, os.path.join(out, "per_item.csv.gz"))
+    if os.path.abspath(csv_path) != os.path.abspath(os.path.join(out, "results.csv")):
+        shutil.copyfile(csv_path, os.path.join(out, "results.csv"))
+    return os.path.join(out, "report.md")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", help="the sweep's results.csv (its runs' per_item.csv are read)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--bootstrap", type=int, default=4000, help="paired bootstrap replicates (default 4000)")
+    p.add_argument("--budgets", nargs="*", help="budgets the fits and comparisons use (default: all)")
+    args = p.parse_args(argv)
+    if not os.path.exists(args.results):
+        print(f"{args.results}: no such file", file=sys.stderr)
+        return 2
+    command = "python -m megatron_lcl.scaling.study_report " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(write_report(args.results, args.out, args.bootstrap, args.budgets, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
