@@ -96,8 +96,9 @@ def fit_lines(analysis: Analysis, metric: str) -> List[str]:
                      f"point(s); `E = a (C + b)^c + d`: {four}")
         h = r.heldout
         if "observed" in h:
+            rel = f"{100 * h['power_rel_error']:+.1f}" if "power" in h else "-"
             lines.append(f"  - held out ({h['budget']}, best {h['model']}): observed error {h['observed']:.3f}; power law "
-                         f"predicts {fmt(h.get('power'))} ({f'{100 * h['power_rel_error']:+.1f}' if 'power' in h else '-'} %); "
+                         f"predicts {fmt(h.get('power'))} ({rel} %); "
                          f"naive (no further improvement) {h['naive']:.3f} ({100 * h['naive_rel_error']:+.1f} %)")
         else:
             lines.append(f"  - held out: {h.get('note')}")
