@@ -2,6 +2,7 @@
 transformers' latents and exports back with the same activation; every HF config field that changes
 the function and that we cannot represent is refused, naming the field."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -145,3 +146,39 @@ def test_lm_layernorm_eps_other_than_opts_is_refused(quick_gelu_import):
     cfg.model.lm.layernorm_epsilon = 1e-6
     with pytest.raises(ConfigError, match="model.lm.layernorm_epsilon"):
         quick_gelu_import.tool.check_hf_configs(cfg, None, SimpleNamespace(config=_opt_config()))
+
+
+def test_import_refuses_an_existing_checkpoint_unless_overwrite(quick_gelu_import, tmp_path, capsys):
+    """The same care as the export: a `--save` holding a checkpoint is refused (one line, exit 2) unless
+    `--overwrite`, which replaces it whole; a folder that is not a checkpoint is never replaced; a config
+    that does not match the HF model is one line, exit 2 (before: a traceback). The checkpoint's config
+    records data.tokenizer as an absolute path."""
+    import json
+
+    from megatron_lcl.config import save_config
+
+    t = quick_gelu_import
+    save_config(_run_config("quick_gelu"), tmp_path / "run.yaml")
+    ckpt = tmp_path / "ckpt"
+    def command(save, *more):
+        return ["--config", str(tmp_path / "run.yaml"), "--vision", str(t.root / "clip"), "--save", str(save),
+                "data.tokenizer=tok/lcl.model", *more]
+
+
+    assert t.tool.main(command(ckpt)) == 0
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["config"]["data"]["tokenizer"] == os.path.abspath("tok/lcl.model")
+    capsys.readouterr()
+    assert t.tool.main(command(ckpt)) == 2
+    assert capsys.readouterr().err == f"error: --save {ckpt} already holds a checkpoint; --overwrite replaces it, " \
+                                      "or choose another folder\n"
+    (ckpt / "stale.txt").write_text("from the older checkpoint")
+    assert t.tool.main(command(ckpt, "--overwrite")) == 0
+    assert not (ckpt / "stale.txt").exists() and (ckpt / "meta.json").exists()
+    capsys.readouterr()
+    assert t.tool.main(command(tmp_path, "--overwrite")) == 2
+    assert "exists and is not a megatron_lcl checkpoint; refusing to replace it" in capsys.readouterr().err
+    assert t.tool.main(command(ckpt, "--overwrite", "model.vision.activation=gelu")) == 2
+    err = capsys.readouterr().err  # after transformers' progress bar of the CLIP load
+    assert err.splitlines()[-1].startswith("error: config does not match the HF weights: model.vision.activation "
+                                           "is 'gelu'") and "Traceback" not in err, err

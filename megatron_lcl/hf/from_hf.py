@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--save", required=True, help="output checkpoint folder (written whole, then renamed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --save")
     parser.add_argument("overrides", nargs="*", help="config overrides a.b=c")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before, between or after the options
     if not (args.vision or args.lm):
         parser.error("give --vision and/or --lm")
     try:
