@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from megatron_lcl import train as pretrain_lcl
 from megatron_lcl.checkpoint import writer
 from megatron_lcl.training.trainer import Trainer
+from test_checkpoint_writer import named_semaphores
 from test_training import argv, build_corpus, read_rows, without_timing
 
 pytestmark = pytest.mark.usefixtures("restore_rendezvous_env")
@@ -136,6 +137,27 @@ def test_no_save_starts_a_process(data_root, tmp_path, monkeypatch):
     assert started == [] and forks == ["disarmed", "armed"]
     assert seen <= at_setup, f"processes started after set-up: {seen - at_setup}"
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))[-1] == "step_00000006"
+
+
+def test_a_run_holds_no_named_semaphore(data_root, tmp_path, monkeypatch):
+    """A SIGKILLed run leaves its named POSIX semaphores in /dev/shm (`sem.mp-*`: a spawn context's locks
+    and queues; the writer's queues made four). Probed after every save, in the rank and each of its
+    processes (its background writer, a DataLoader worker, multiprocessing's resource tracker): none."""
+    found, probed = set(), []
+    real_save = Trainer.save
+
+    def save(self, blocking=True):
+        real_save(self, blocking)
+        pids = [os.getpid()] + [p.pid for p in psutil.Process().children(recursive=True)]
+        probed.append(len(pids))
+        found.update(named_semaphores(pids))
+
+    monkeypatch.setattr(Trainer, "save", save)
+    monkeypatch.setattr(writer, "write_buckets", slow_write)  # probed while a write is in flight too
+    assert pretrain_lcl.main(argv(data_root, tmp_path / "run", "checkpoint.save_interval=2", "data.num_workers=1",
+                                  "checkpoint.async_save=true")) == 0
+    assert len(probed) >= 3 and min(probed) >= 3, probed  # saves at steps 2, 4 and 6
+    assert found == set()
 
 
 def test_async_save_is_a_validated_setting(data_root, tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ import pytest
 
 from megatron_lcl.runtime.distributed import free_port
 from multirank import DIST_DIR, process_running, run_torchrun
+from test_async_checkpoint import assert_identical, checkpoint_tensors
 from test_training import build_corpus
 
 CKPT = ["step_00000002", "step_00000004", "step_00000006"]
@@ -34,7 +35,7 @@ def results(tmp_path_factory):
     assert kill.returncode != 0 and "SIGKILL" in log.read_text(), log.read_text()[-3000:]
     killed_writer = int((out / "killed_writer.pid").read_text())
     run_torchrun("fault_checks.py", 2, out, timeout_s=600)
-    return {**json.loads((out / "fault_checks.json").read_text()), "killed_writer": killed_writer}
+    return {**json.loads((out / "fault_checks.json").read_text()), "killed_writer": killed_writer, "out": out}
 
 
 def test_resume_is_bitwise_at_dp2_with_drop_path(results):
@@ -114,3 +115,34 @@ def test_a_stop_signal_during_a_background_save_finishes_it_then_saves_the_step(
     assert r["complete"] == ["step_00000004", "step_00000005"] and r["latest"] == "step_00000005"
     assert r["checkpoints"] == ["latest", "step_00000004", "step_00000005"]  # no .tmp left
 
+
+
+WRITER_DEATH_NOTICES = {
+    "idle": "rank 1: its checkpoint writer process (pid {pid}) ended with exit code -9 while idle; a new one (pid ",
+    "writing": "rank 1: its checkpoint writer process (pid {pid}) ended with exit code -9 during the save: its files "
+               "were written at once from the staged copies; a new writer (pid ",
+}
+
+
+@pytest.mark.parametrize("moment", ["idle", "writing"])
+def test_a_run_whose_writer_is_killed_finishes_with_one_line_and_resumable_checkpoints(results, moment, tmp_path):
+    """Rank 1's writer SIGKILLed (as the OOM killer may pick it) while idle before the step-4 save, or
+    during its step-4 write: the run finishes as if nothing happened (same metrics, the same later
+    checkpoints tensor for tensor), rank 0 says what happened in one line, and a resume from the step-4
+    checkpoint (written by a new writer, or at once from the staged copies) finishes like the straight run."""
+    r = results["writer_killed"][moment]
+    assert r["status"] == "completed", r["log"][-2000:]
+    assert r["killed"][0] == [] and len(r["killed"][1]) == 1
+    pid = r["killed"][1][0]
+    assert not process_running(pid)
+    notices = [line for line in r["log"].splitlines() if "ended with exit code" in line]
+    assert len(notices) == 1 and notices[0].startswith(WRITER_DEATH_NOTICES[moment].format(pid=pid)), r["log"]
+    assert r["rows"] == results["straight"]
+    assert r["checkpoints"] == ["latest"] + [f"step_{step:08d}" for step in (2, 4, 6, 8, 10)]
+    out = results["out"]
+    for name in ("step_00000006", "step_00000008", "step_00000010"):
+        assert_identical(checkpoint_tensors(out / f"writer_killed_{moment}" / "checkpoints" / name, tmp_path),
+                         checkpoint_tensors(out / "straight" / "checkpoints" / name, tmp_path), name)
+    resumed = r["resumed"]
+    assert resumed["resumed_step"] == 4 and resumed["status"] == "completed"
+    assert resumed["rows"] == results["straight"]

@@ -32,9 +32,11 @@ from megatron_lcl.checkpoint.run_dir import (CheckpointError, agree_on_error, be
                                              finish_atomic_save, prune, quarantine, read_meta, remove_stale_tmp,
                                              removing_tmp_on_failure, save_atomically, write_and_finish_atomic_save,
                                              write_latest)
-from megatron_lcl.checkpoint.writer import StagingArea, StagingUnavailable, background_writer, request_buckets
+from megatron_lcl.checkpoint.writer import (StagingArea, StagingUnavailable, WriterDied, background_writer, host_copies,
+                                            request_buckets, write_staged_now)
 from megatron_lcl.runtime import mcore_compat
-from megatron_lcl.runtime.distributed import get_rng_state, set_rng_state
+from megatron_lcl.runtime.device import device
+from megatron_lcl.runtime.distributed import get_rng_state, rng_device, rng_state_fits, set_rng_state
 from megatron_lcl.runtime.layout import ParallelLayout
 from megatron_lcl.runtime.mcore_compat import write_results_queue
 
@@ -93,6 +95,11 @@ class CheckpointSaver:
     complete only when all ranks wrote their files and agreed. At most one save is in flight: the
     next save, `wait` and a blocking save finish it first. A rank killed meanwhile leaves `NAME.tmp/`
     (removed by the next save) and `latest` at the previous checkpoint.
+
+    A writer process that dies does not end the run: found dead at a save, it is replaced (and when no
+    new one starts, every rank writes that save and the later ones at once); dead during its write,
+    the rank writes the files itself from the staged copies. Either way the rank makes the same
+    collective calls as the others, and rank 0 logs one line naming the rank.
     """
 
     def __init__(self, root: str, keep_last: int, layout: ParallelLayout, optimizer_format: str = "auto",
@@ -100,8 +107,8 @@ class CheckpointSaver:
         self.root, self.keep_last, self.layout, self.log = root, keep_last, layout, log
         self.optimizer_format = mcore_compat.resolve_optimizer_format(optimizer_format)
         self.writer = background_writer() if asynchronous else None
-        self._staging = StagingArea() if asynchronous else None
-        self._pending: Optional[tuple] = None  # (AtomicSave, name) written in the background
+        self._staging = StagingArea(host_copies(device().type)) if asynchronous else None
+        self._pending: Optional[tuple] = None  # (AtomicSave, name, Staged or None) written in the background
 
     @property
     def in_flight(self) -> bool:
@@ -120,7 +127,8 @@ class CheckpointSaver:
         agree_on_error(lambda: dist.get_rank() == 0 and _prepare_root(self.root), f"saving {self.root}/{name}")
         state = _sharded_state(model, optimizer, scheduler, loader, self.layout, is_loading=False,
                                optimizer_format=self.optimizer_format)
-        meta = dict(meta, step=step, parallel=self.layout.sizes(), optimizer_format=self.optimizer_format, rng=RNG_KEY)
+        meta = dict(meta, step=step, parallel=self.layout.sizes(), optimizer_format=self.optimizer_format, rng=RNG_KEY,
+                    rng_device=rng_device())
         final = os.path.join(self.root, name)
         if blocking or self.writer is None:
             self._complete(save_atomically(final, state, meta), name)
@@ -133,22 +141,41 @@ class CheckpointSaver:
             return self._complete(write_and_finish_atomic_save(save), name)
         if staged is not None:
             self.writer.submit(staged)
-        self._pending = (save, name)
+        self._pending = (save, name, staged)
         return None
 
     def _stage(self, buckets: Optional[list]) -> tuple:
-        """(this rank's staged buckets, None), or (None, why) on every rank when some rank's copies do not
-        fit in its shared memory (the first such rank's reason)."""
-        staged, why = None, None
-        if buckets is not None:
+        """(this rank's staged buckets, None), or (None, why) on every rank when some rank cannot save in
+        the background: its copies do not fit in its shared memory, or its writer had died and no new
+        one starts (the first such rank's reason). A writer found dead is replaced first; the notices
+        travel with the reasons, so rank 0 says what happened on any rank."""
+        notice, why = self._replace_dead_writer()
+        staged = None
+        if why is None and buckets is not None:
             try:
                 staged = self._staging.stage(buckets)
             except StagingUnavailable as e:
                 why = f"rank {dist.get_rank()}: {e}"
-        reasons = [None] * dist.get_world_size()
-        dist.all_gather_object(reasons, why)
-        why = next((r for r in reasons if r is not None), None)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (notice, why))
+        for other_notice, _ in gathered:
+            if other_notice is not None:
+                self.log(other_notice)
+        why = next((w for _, w in gathered if w is not None), None)
         return (None, why) if why is not None else (staged, None)
+
+    def _replace_dead_writer(self) -> tuple:
+        """(notice, None) when this rank's writer has ended since its last save (killed: the OOM killer
+        may pick it, as it maps the staging buffers) and a new one is started; (None, None) while it is
+        alive; (None, why) when no new one starts."""
+        if self.writer.process.is_alive():
+            return None, None
+        ended = f"rank {dist.get_rank()}: {self.writer.ended('while idle')}"
+        try:
+            self.writer = background_writer()
+        except Exception as e:  # noqa: BLE001 - every rank then writes at once, said with the reason
+            return None, f"{ended}, and a new one did not start ({type(e).__name__}: {e})"
+        return f"{ended}; a new one (pid {self.writer.process.pid}) writes this save", None
 
     def finish(self) -> Optional[str]:
         """All ranks: complete the save in flight (each rank waits for its writer; without waiting once
@@ -156,15 +183,42 @@ class CheckpointSaver:
         raises CheckpointError on every rank."""
         if self._pending is None:
             return None
-        save, name = self._pending
+        save, name, staged = self._pending
         self._pending = None
+        notice = []
 
         def handover():  # this rank's write results, to where megatron-core's finalize reads them
-            if request_buckets(save.request) is not None:
-                write_results_queue().put(self.writer.result())
+            if staged is not None:
+                write_results_queue().put(self._write_results(staged, notice))
 
         removing_tmp_on_failure(save.tmp, lambda: agree_on_error(handover, f"saving {save.final}"))
+        self._say_on_rank0(notice[0] if notice else None)
         return self._complete(finish_atomic_save(save), name)
+
+    def _write_results(self, staged, notice: list):
+        """The writer's results for `staged`; when it died during the write, the files written at once
+        from the staged copies (still in this rank's shared memory) and a new writer started for the next
+        save, said in `notice`. The rank's collectives are the same either way: the ranks stay in step."""
+        try:
+            return self.writer.result()
+        except WriterDied as e:
+            died = f"rank {dist.get_rank()}: {e}"
+        results = write_staged_now(staged)
+        try:
+            self.writer = background_writer()
+            then = f"a new writer (pid {self.writer.process.pid}) takes the next save"
+        except Exception as e:  # noqa: BLE001 - the next save tries again (and is written at once if it fails)
+            then = f"no new writer started ({type(e).__name__}: {e})"
+        notice.append(f"{died}: its files were written at once from the staged copies; {then}")
+        return results
+
+    def _say_on_rank0(self, notice: Optional[str]) -> None:
+        """All ranks: log every rank's `notice` (self.log prints on rank 0)."""
+        notices = [None] * dist.get_world_size()
+        dist.all_gather_object(notices, notice)
+        for n in notices:
+            if n is not None:
+                self.log(n)
 
     def _complete(self, final: str, name: str) -> str:
         try:
@@ -244,7 +298,8 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, layout: Para
     """Load `ckpt` into this rank's model/optimizer/scheduler/loader; returns its meta.json.
 
     The model (and optimizer) reshard to the current TP/PP/DP. RNG states are restored only at the
-    same TP/PP/DP (each rank its own; otherwise the ranks keep their fresh seeds, logged). The
+    same TP/PP/DP and on the same device type (each rank its own; otherwise the ranks keep their fresh
+    seeds, logged: a CPU generator's state does not fit a CUDA generator, nor the reverse). The
     data-loader state is per logical reader: at the same DP size each rank loads its own, at another
     every rank reads all old ranks' states and takes the readers it now runs (`loader.merge_states`),
     so the data continues exactly. A distributed-optimizer state in the dp_reshardable format loads
@@ -264,6 +319,10 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, layout: Para
         log(f"checkpoint {ckpt} was saved at {saved}; resharding to {now} (RNG states re-seeded)")
     elif not same_rng:
         log(f"checkpoint {ckpt} holds no per-rank RNG states (an older format): RNG states re-seeded")
+    elif meta.get("rng_device", rng_device()) != rng_device():
+        log(f"checkpoint {ckpt} holds the RNG states of {meta['rng_device']} generators and this run draws on "
+            f"{rng_device()}: RNG states re-seeded")
+        same_rng = False
     fmt = meta["optimizer_format"]
     if load_optimizer and not same_mp and fmt == "dp_reshardable" and _uses_distributed_optimizer(optimizer):
         raise ValueError(
@@ -288,8 +347,11 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, layout: Para
             optimizer.load_state_dict(state["optimizer"])
         mcore_compat.restore_adam_steps(optimizer)
         scheduler.load_state_dict(state["scheduler"])
-    if "rng" in state:
+    if "rng" in state and rng_state_fits(state["rng"]):
         set_rng_state(state["rng"])
+    elif "rng" in state:  # saved before checkpoints recorded `rng_device`, on the other device
+        log(f"checkpoint {ckpt} holds RNG states of another device's generators (their sizes differ from "
+            f"this run's on {rng_device()}): RNG states re-seeded")
     saved_data = [state["data"]] if "data" in state else [state["data_old"][str(i)] for i in
                                                           range(len(state.get("data_old", {})))]
     try:

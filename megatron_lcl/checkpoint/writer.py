@@ -10,8 +10,9 @@ process per file) and puts the results where megatron-core's finalize reads them
 (`mcore_compat.write_results_queue`).
 
 An asynchronous save copies the tensors first (`StagingArea`: host buffers in shared memory, kept
-between saves, so staging costs one copy and the writer reads them without another); training then
-goes on while `BackgroundWriter` writes the copies. This module imports torch and the standard
+between saves, so staging costs one copy and the writer reads them without another; under CUDA the
+buffers are page-locked once and the device-to-host copies run without waiting, `PinnedCudaCopies`);
+training then goes on while `BackgroundWriter` writes the copies. This module imports torch and the standard
 library only: the writer process starts in about a second and never imports megatron-core.
 """
 
@@ -21,6 +22,7 @@ import inspect
 import math
 import multiprocessing
 import os
+import queue
 import shutil
 import signal
 import sys
@@ -85,6 +87,14 @@ def write_now(request, results_queue) -> None:
     write_buckets(buckets, results_queue)
 
 
+def write_staged_now(staged: "Staged"):
+    """A background save's data files written by this process, from its staged copies (its writer
+    died); returns the results as the writer would have."""
+    done = queue.SimpleQueue()
+    write_buckets(staged.buckets(), done)
+    return done.get()
+
+
 # ------------------------------------------------------------------------------------- staging
 
 class StagingUnavailable(RuntimeError):
@@ -94,14 +104,67 @@ class StagingUnavailable(RuntimeError):
 SHARED_MEMORY = "/dev/shm"  # where torch's shared CPU tensors live (shm_open), a tmpfs
 
 
+class HostCopies:
+    """How staging copies a save's tensors into its host buffers: tensors on the CPU, plain copies."""
+
+    def pin(self, flat: torch.Tensor) -> None:
+        """Called once for each new buffer."""
+
+    def unpin(self, flat: torch.Tensor) -> None:
+        """Called once for each buffer given up (another layout), before it is freed."""
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def wait(self) -> None:
+        """Called once after a save's copies: they are all done on return."""
+
+
+class PinnedCudaCopies(HostCopies):
+    """Tensors on the GPU: each shared buffer page-locked once, in place (`cudaHostRegister`, as
+    torch.distributed.checkpoint's stager does for its shared-memory copies; `Tensor.pin_memory()`
+    would copy into new pinned memory that the writer process cannot see), then every device-to-host
+    copy enqueued without waiting (into page-locked memory a copy is a DMA that runs asynchronously;
+    into pageable memory each one blocks), and one synchronisation of the stream after the last.
+    `cudart` and `stream` stand in for `torch.cuda.cudart()` and the current stream in tests."""
+
+    REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context of the process
+
+    def __init__(self, cudart=None, stream=None):
+        self._cudart = cudart if cudart is not None else torch.cuda.cudart()
+        self._stream = stream if stream is not None else torch.cuda.current_stream()
+
+    def pin(self, flat: torch.Tensor) -> None:
+        error = int(self._cudart.cudaHostRegister(flat.data_ptr(), flat.numel(), self.REGISTER_PORTABLE))
+        if error != 0:
+            raise RuntimeError(f"cudaHostRegister of a {flat.numel() / 2**20:.1f} MiB checkpoint staging buffer "
+                               f"failed with cudaError {error}")
+
+    def unpin(self, flat: torch.Tensor) -> None:
+        self._cudart.cudaHostUnregister(flat.data_ptr())
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src, non_blocking=True)
+
+    def wait(self) -> None:
+        self._stream.synchronize()  # the copies were enqueued on this stream, after the step's kernels
+
+
+def host_copies(device_type: str) -> HostCopies:
+    """The copies for a save's tensors on `device_type` ("cuda" or "cpu")."""
+    return PinnedCudaCopies() if device_type == "cuda" else HostCopies()
+
+
 class StagingArea:
     """Host copies of a save's tensors, in shared memory: one buffer per file (one storage to hand to
-    the writer process, however many tensors), reused by every later save of the same plan."""
+    the writer process, however many tensors), reused by every later save of the same plan. `copies`
+    (`host_copies(device type)`) pins each buffer once and does the copies."""
 
     ALIGN = 64  # bytes: every tensor's offset in its buffer
 
-    def __init__(self):
+    def __init__(self, copies: Optional[HostCopies] = None):
         self._buffers = {}  # bucket index -> (layout, flat uint8 buffer)
+        self._copies = copies if copies is not None else HostCopies()
 
     def stage(self, buckets: list) -> "Staged":
         """The copies of `buckets`' tensors (byte items are already snapshots). StagingUnavailable when
@@ -117,14 +180,22 @@ class StagingArea:
                 f"{SHARED_MEMORY} has {free / 2**30:.2f} GiB free (a container's default is 64 MiB: docker "
                 "run --shm-size, or checkpoint.async_save=false)")
         for i in new:
-            self._buffers[i] = (layouts[i], torch.empty(layouts[i][-1], dtype=torch.uint8).share_memory_())
+            self._replace_buffer(i, layouts[i])
         specs = []
         for i, (path, key, (bytes_data, tensor_data)) in enumerate(buckets):
             layout, flat = self._buffers[i]
             for (_, tensor), (offset, dtype, shape, _) in zip(tensor_data, layout[:-1]):
-                _view(flat, offset, dtype, shape).copy_(tensor.detach())
+                self._copies.copy(_view(flat, offset, dtype, shape), tensor.detach())
             specs.append((path, key, (bytes_data, [(item, entry) for (item, _), entry in zip(tensor_data, layout[:-1])])))
+        self._copies.wait()
         return Staged([self._buffers[i][1] for i in range(len(buckets))], specs)
+
+    def _replace_buffer(self, i: int, layout: tuple) -> None:
+        if i in self._buffers:
+            self._copies.unpin(self._buffers.pop(i)[1])
+        flat = torch.empty(layout[-1], dtype=torch.uint8).share_memory_()  # [total bytes], shm-backed
+        self._copies.pin(flat)
+        self._buffers[i] = (layout, flat)
 
     @classmethod
     def _layout(cls, tensor_data) -> tuple:
@@ -166,37 +237,56 @@ class WriterDied(RuntimeError):
 
 
 class BackgroundWriter:
-    """This rank's writer process: takes `(write function, buckets)` jobs, one at a time, and answers
-    each with its results. It ignores the stop signals (a rank finishes an in-flight save before it
-    exits) and is SIGKILLed by the kernel when its rank ends, however the rank ends (Linux)."""
+    """This rank's writer process: takes `(write function, staged save)` jobs, one at a time, and
+    answers each with its results. It ignores the stop signals (a rank finishes an in-flight save before
+    it exits) and is SIGKILLed by the kernel when its rank ends, however the rank ends (Linux).
+
+    Jobs and results travel through two pipes, not multiprocessing queues: a queue's locks in a spawn
+    context are named POSIX semaphores (`/dev/shm/sem.mp-*`), which a SIGKILLed rank leaves behind, and
+    a writer killed while waiting for a job would hold the queue's read lock for good. The rank closes
+    its copies of the writer's ends, so the writer's death reads as end-of-file."""
 
     def __init__(self):
         ctx = multiprocessing.get_context("spawn")
-        self._jobs, self._results = ctx.SimpleQueue(), ctx.SimpleQueue()
+        jobs_in, self._jobs = ctx.Pipe(duplex=False)  # (read end, write end)
+        self._results, results_out = ctx.Pipe(duplex=False)
         self._busy = False
-        self.process = ctx.Process(target=_writer_main, args=(os.getpid(), self._jobs, self._results),
+        self.process = ctx.Process(target=_writer_main, args=(os.getpid(), jobs_in, results_out),
                                    name="checkpoint-writer", daemon=True)
         self.process.start()
+        jobs_in.close()
+        results_out.close()
 
     def submit(self, staged: "Staged") -> None:
+        """Hand `staged` to the process. When it has died, `result` says so (the save is not lost: the
+        caller still holds `staged`)."""
         assert not self._busy, "one save at a time"
-        self._jobs.put((write_buckets, staged))  # looked up now: a test may stand in its own
         self._busy = True
+        try:
+            self._jobs.send((write_buckets, staged))  # looked up now: a test may stand in its own
+        except OSError:  # BrokenPipeError: nobody reads the jobs any more
+            pass
 
     def busy(self) -> bool:
         """Whether the submitted job is still being written (False also when the writer died)."""
-        return self._busy and self._results.empty() and self.process.is_alive()
+        return self._busy and not self._results.poll() and self.process.is_alive()
 
     def result(self):
         """The submitted job's results (waits for them); WriterDied when the process ended without them."""
-        while self._results.empty():
-            if not self.process.is_alive():
-                self._busy = False
-                raise WriterDied(f"the checkpoint writer process of this rank (pid {self.process.pid}) ended "
-                                 f"with exit code {self.process.exitcode} during the save")
-            self.process.join(0.05)
-        self._busy = False
-        return self._results.get()
+        try:
+            while not self._results.poll(0.05):
+                if not self.process.is_alive():
+                    raise WriterDied(self.ended("during the save"))
+            return self._results.recv()
+        except (EOFError, OSError):  # the process ended before (or while) sending them
+            self.process.join(5)  # hang guard: its end of the pipe is closed, so it is ending
+            raise WriterDied(self.ended("during the save")) from None
+        finally:
+            self._busy = False
+
+    def ended(self, when: str) -> str:
+        """What became of the process: 'its checkpoint writer process (pid P) ended with exit code C WHEN'."""
+        return f"its checkpoint writer process (pid {self.process.pid}) ended with exit code {self.process.exitcode} {when}"
 
     def close(self) -> None:
         """End the process now: nothing is left for it to do, or what is left was abandoned (a save
@@ -204,17 +294,22 @@ class BackgroundWriter:
         a second)."""
         self.process.kill()
         self.process.join()
+        self._jobs.close()
+        self._results.close()
 
 
 _writer: Optional[BackgroundWriter] = None
 
 
 def background_writer() -> BackgroundWriter:
-    """This process's writer, started on the first call (at set-up) and kept for the life of the process."""
+    """This process's writer, started on the first call (at set-up) and kept for the life of the process;
+    a new one when it has ended (killed: the OOM killer may pick it, as it maps the staging buffers)."""
     global _writer
     if _writer is None or not _writer.process.is_alive():
         from megatron_lcl.stop_signals import shielded_from_stop_signals
 
+        if _writer is not None:
+            _writer.close()
         with shielded_from_stop_signals():  # blocked from its first instruction until it ignores them
             _writer = BackgroundWriter()
     return _writer
@@ -241,12 +336,14 @@ def _writer_main(parent: int, jobs, results) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     torch.set_num_threads(1)
     while True:
-        job = jobs.get()
-        if job is None:
+        try:
+            fn, staged = jobs.recv()
+        except EOFError:  # the rank closed its end
             return
-        fn, staged = job
-        fn(staged.buckets(), results)
-        del job, staged
+        done = queue.SimpleQueue()  # write_buckets' results, sent on as they are
+        fn(staged.buckets(), done)
+        results.send(done.get())
+        del fn, staged
 
 
 def _die_with_parent(parent: int) -> None:

@@ -100,6 +100,24 @@ def get_rng_state() -> dict:
     return state
 
 
+def rng_device() -> str:
+    """The device type of the generators `get_rng_state` reads: "cuda", or "cpu" (the CPU runtime keeps
+    CPU generator states in megatron-core's tracker)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rng_state_fits(state: dict) -> bool:
+    """Whether `state` (from `get_rng_state`, maybe on another device) can be put back here: its tracker
+    states are the size of this process's (a CUDA Philox state is 16 bytes, a CPU Mersenne Twister's
+    5056), and it holds a CUDA state when this process draws on CUDA."""
+    def size(s):  # a state tensor's bytes (megatron-core's CUDA-graph-safe tracker keeps generators)
+        return s.numel() if isinstance(s, torch.Tensor) else type(s)
+
+    now = tensor_parallel.get_cuda_rng_tracker().get_states()
+    sizes_fit = all(name not in now or size(saved) == size(now[name]) for name, saved in state["tracker"].items())
+    return sizes_fit and (not torch.cuda.is_available() or "cuda" in state)
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])

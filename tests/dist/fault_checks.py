@@ -21,6 +21,9 @@ writer dies with it): torchrun then ends the job. `--phase checks` (the launch t
              resumes from step 6.
 - stop:      a stop signal (rank 1) at step 5 while the step-4 save is still being written: the run
              finishes that save, then saves step 5; both complete, `latest` at step 5.
+- writer_killed: rank 1's background writer SIGKILLed while idle before the step-4 save, and (another
+             run) during its step-4 write: each run finishes (a new writer; the save written at once
+             from the staged copies), one line says so, and a resume from its step 4 finishes.
 Each fault's resumed steps are compared with the straight run's (bitwise). Results: OUT/fault_checks.json.
 """
 
@@ -267,6 +270,75 @@ def check_stop_during_save(out: str) -> dict:
     return {**result, "latest": latest, "complete": complete}
 
 
+def write_part_then_wait(started: str, buckets, results_queue) -> None:
+    """A background write that opens its first file, writes part of it, says so in the file `started`,
+    then waits to be killed (a generous hang guard: it is killed within seconds)."""
+    with open(buckets[0][0], "wb") as f:
+        f.write(b"part of a checkpoint file")
+    with open(started, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+
+def wait_for(path: str) -> None:
+    deadline = time.time() + 300  # hang guard only
+    while not os.path.exists(path):
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def kill(process) -> int:
+    os.kill(process.pid, signal.SIGKILL)  # as the OOM killer does
+    process.join()
+    return process.pid
+
+
+def check_writer_killed(out: str, during_write: bool) -> dict:
+    """Rank 1's background writer SIGKILLed before the step-4 save (while idle: the step-2 save
+    complete), or during its step-4 write (its data file half written): the run goes on and finishes,
+    its step-4 save written by a new writer, or at once from the staged copies."""
+    name = "writer_killed_" + ("writing" if during_write else "idle")
+    cfg = config(out, name, "checkpoint.keep_last=5")
+    started, killed = os.path.join(out, name + ".started"), []
+    real_next = Trainer.next_batches
+
+    def next_batches(self):
+        if self.state.step == 3 and not during_write:
+            self.finish_save()  # all ranks: the step-2 save completes, the writers are idle
+            if dist.get_rank() == 1:
+                killed.append(kill(self.saver.writer.process))
+        if self.state.step == 3 and during_write and dist.get_rank() == 1:
+            writer.write_buckets = functools.partial(write_part_then_wait, started)  # the step-4 save's
+        if self.state.step == 4 and during_write and dist.get_rank() == 1:
+            assert self.saver.writing()
+            wait_for(started)
+            writer.write_buckets = real_write_buckets  # the rank's own writes are real
+            killed.append(kill(self.saver.writer.process))
+        return real_next(self)
+
+    Trainer.next_batches = next_batches
+    try:
+        result = run(cfg)
+    finally:
+        Trainer.next_batches, writer.write_buckets = real_next, real_write_buckets
+    killed_pids = [None] * dist.get_world_size()
+    dist.all_gather_object(killed_pids, killed)
+    return {**result, "rows": rows(cfg), "killed": killed_pids, "resumed": resume_from_step_4(out, cfg, name)}
+
+
+def resume_from_step_4(out: str, src, name: str) -> dict:
+    """A copy of run `src` resumed from its step-4 checkpoint (later ones removed)."""
+    cfg = config(out, name + "_resumed")
+    copy_run(src, cfg)
+    if dist.get_rank() == 0:
+        for step in (6, 8, 10):
+            shutil.rmtree(os.path.join(cfg.run_dir, "checkpoints", f"step_{step:08d}"))
+        with open(os.path.join(cfg.run_dir, "checkpoints", "latest"), "w") as f:
+            f.write("step_00000004\n")
+    dist.barrier()
+    return {**run(cfg), "rows": rows(cfg)}
+
+
 def phase_checks(out: str) -> dict:
     results = {"rng": check_rng(out)}
     straight = config(out, "straight")
@@ -281,6 +353,8 @@ def phase_checks(out: str) -> dict:
     results["dangling"] = check_dangling(out, base)
     results["enospc"] = check_write_errors(out, base)
     results["stop"] = check_stop_during_save(out)
+    results["writer_killed"] = {"idle": check_writer_killed(out, during_write=False),
+                                "writing": check_writer_killed(out, during_write=True)}
     return results
 
 
