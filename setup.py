@@ -1,10 +1,21 @@
 """megatron_lcl: Latent Compression Learning pre-training on megatron-core."""
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def package_version() -> str:
+    """`__version__` of megatron_lcl/__init__.py, the one place the version is written (read as text:
+    importing the package needs its dependencies)."""
+    text = (Path(__file__).parent / "megatron_lcl" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.MULTILINE).group(1)
+
 
 setup(
     name="megatron_lcl",
-    version="0.1.0",
+    version=package_version(),
     description="Vision-encoder pre-training on interleaved image-text data via Latent "
     "Compression Learning, on megatron-core (tensor x pipeline x data parallel).",
     packages=find_packages(include=["megatron_lcl", "megatron_lcl.*"]),

@@ -44,8 +44,9 @@ $PY -m megatron_lcl.eval.retrieve --encoder "$OUT/run/checkpoints" --data "$OUT/
     --epochs "${DEMO_EVAL_EPOCHS:-10}" --output "$OUT/eval/retrieve.json"
 
 step "6/7 export to HuggingFace -> $OUT/hf, then verify against the checkpoint"
-rm -rf "$OUT/hf"
-$PY tools/checkpoint/convert_to_hf.py --load "$OUT/run/checkpoints" --save "$OUT/hf"
+# Written whole, then renamed into place; --overwrite replaces the export of an earlier demo. The
+# tokenizer comes from the run directory ($OUT/run/tokenizer.model), not from $OUT/tokenizer.
+$PY tools/checkpoint/convert_to_hf.py --load "$OUT/run/checkpoints" --save "$OUT/hf" --overwrite
 $PY tools/checkpoint/verify_hf.py --load "$OUT/run/checkpoints" --hf "$OUT/hf"
 
 step "7/7 summary"
@@ -53,7 +54,7 @@ $PY -m megatron_lcl.training.summary "$OUT/run" --plot "$OUT/loss_curve.png"
 cat <<MSG
 
 outputs:
-  run dir:     $OUT/run   (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)
+  run dir:     $OUT/run   (config.yaml, metrics.jsonl, tensorboard/, checkpoints/, tokenizer.model)
   loss curve:  $OUT/loss_curve.png
   evaluation:  $OUT/eval/classify.json, $OUT/eval/retrieve.json
   HF export:   $OUT/hf    (vision/ lm/ tokenizer/ lcl_heads.safetensors README.md)

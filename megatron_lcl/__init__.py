@@ -2,7 +2,7 @@
 
 from megatron_lcl.known_warnings import filter_known_warnings
 
-__version__ = "0.1.0"
+__version__ = "0.4.0.dev0"  # the one place (setup.py reads it)
 
 # Before any module of the package imports megatron-core, several of whose known warnings come at its
 # import: modules may then import it at their top.
