@@ -12,14 +12,14 @@ a results.csv column (megatron_lcl.scaling.sweep.read_eval_metrics).
 
 The evaluation corpus should be held out from pre-training: for the scenes corpus, its `heldout`
 split (object pairs pre-training never shows; `python -m megatron_lcl.data.synthetic --kind scenes
---split heldout`). `--seed` initialises the heads and, without `--split-seed`, picks the 80/20 split;
-to compare encoders on the same test items give the test items their own corpus (`--probe-eval-data`,
-`--retrieval-eval-data`; examples/scaling/lcl_vs_con_pilot.yaml trains the heads
-on one held-out corpus and tests on 1126 images of another) or fix `--split-seed`. Retrieval counts
-identical captions as matches
-(`--same-caption-matches`, on by default here: the synthetic corpora repeat captions; see
-retrieve.correct_pairs). `--per-item PATH` writes one CSV row per test item (`probe_<field>` 1/0,
-`tr_rank`, `ir_rank`) for paired comparisons (megatron_lcl.scaling.study). Real benchmarks give
+--split heldout`). `--seed` initialises the heads and, without `--split-seed`, picks the 80/20
+split; to compare encoders on the same test items give the test items their own corpus
+(`--probe-eval-data`, `--retrieval-eval-data`; examples/scaling/lcl_vs_con_pilot.yaml trains the
+heads on one held-out corpus and tests on 1126 images of another) or fix `--split-seed`. Retrieval
+counts identical captions as matches (`--same-caption-matches`, on by default here: the synthetic
+corpora repeat captions; see retrieve.correct_pairs). `--per-item PATH` writes one CSV row per test
+item (`probe_<field>` 1/0, `tr_rank`, `ir_rank`) for paired comparisons
+(megatron_lcl.scaling.study). Real benchmarks give
 each task its own sets (what classify / retrieve take as --data and --eval-data):
 
     python -m megatron_lcl.eval.transfer --encoder RUN/checkpoints --probes label \
