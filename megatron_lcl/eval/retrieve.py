@@ -101,24 +101,36 @@ def correct_pairs(text_to_image: torch.Tensor, n_images: int, captions: Optional
     own = text_to_image[None, :] == torch.arange(n_images)[:, None]  # [n_images, n_texts]
     if captions is None:
         return own
-    keys = {}
-    text_class = torch.tensor([keys.setdefault(caption_key(c), len(keys)) for c in captions], dtype=torch.long)
-    has_class = torch.zeros(n_images, len(keys), dtype=torch.bool)  # [n_images, n_classes]
+    text_class = caption_classes(captions)
+    has_class = torch.zeros(n_images, int(text_class.max()) + 1, dtype=torch.bool)  # [n_images, n_classes]
     has_class[text_to_image, text_class] = True
     return has_class[:, text_class]  # [n_images, n_texts]
+
+
+def caption_classes(captions: Sequence[str]) -> torch.Tensor:
+    """`[n_texts]` the index of each text's distinct caption (`caption_key`), in order of first use."""
+    keys = {}
+    return torch.tensor([keys.setdefault(caption_key(c), len(keys)) for c in captions], dtype=torch.long)
 
 
 def retrieval_ranks(similarity: torch.Tensor, text_to_image: torch.Tensor,
                     captions: Optional[Sequence[str]] = None):
     """(image_rank `[n_images]`, text_rank `[n_texts]`) from `similarity [n_images, n_texts]`: the number
     of wrong candidates scoring >= the best correct one (ties in score count against the model; which
-    pairs are correct: `correct_pairs`). Rank 0 is a top-1 hit."""
+    pairs are correct: `correct_pairs`). Rank 0 is a top-1 hit. With `captions`, the candidates of
+    image->text retrieval are the distinct captions: a wrong caption that several texts repeat counts
+    once (else a caption used by five test images would fill a top 5 alone)."""
     n_images, n_texts = similarity.shape
     assert text_to_image.shape == (n_texts,), f"text_to_image {tuple(text_to_image.shape)} vs {n_texts} texts"
     correct = correct_pairs(text_to_image, n_images, captions)  # [n_images, n_texts]
     assert correct.any(dim=1).all(), "every image needs at least one caption"
     best_text = similarity.masked_fill(~correct, float("-inf")).max(dim=1).values  # [n_images]
-    image_rank = ((similarity >= best_text[:, None]) & ~correct).sum(dim=1)
+    wrong_above = (similarity >= best_text[:, None]) & ~correct  # [n_images, n_texts]
+    if captions is not None:  # one candidate per distinct caption: [n_images, n_classes] -> count
+        text_class = caption_classes(captions).expand(n_images, -1)
+        wrong_above = torch.zeros(n_images, int(text_class.max()) + 1, dtype=torch.long).scatter_add_(
+            1, text_class, wrong_above.long()) > 0
+    image_rank = wrong_above.sum(dim=1)
     best_image = similarity.masked_fill(~correct, float("-inf")).max(dim=0).values  # [n_texts]
     text_rank = ((similarity >= best_image[None, :]) & ~correct).sum(dim=0)
     return image_rank, text_rank

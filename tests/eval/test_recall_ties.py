@@ -41,7 +41,18 @@ def test_tie_rule_still_ranks_wrong_captions_and_score_ties_against_the_model():
     assert text_rank.tolist() == [0, 0, 0]
     # a collapsed encoder still scores 0 at k < the number of distinct captions
     image_rank, text_rank = retrieval_ranks(torch.ones(3, 3), torch.arange(3), CAPTIONS)
-    assert image_rank.tolist() == [1, 1, 2] and text_rank.tolist() == [1, 1, 2]
+    # image 2's wrong candidates are one distinct caption (texts 0 and 1); text 2's are two images
+    assert image_rank.tolist() == [1, 1, 1] and text_rank.tolist() == [1, 1, 2]
+
+
+def test_a_repeated_wrong_caption_is_one_candidate():
+    # image 0 (caption "a red circle.") prefers "a blue square.", which three other images also have
+    captions = ["A red circle.", "A blue square.", "A blue square.", "A blue square.", "A green cross."]
+    sim = torch.tensor([[0.5, 0.9, 0.9, 0.9, 0.1]] + [[0.0, 0.9, 0.9, 0.9, 0.0]] * 3 + [[0.0, 0.0, 0.0, 0.0, 1.0]])
+    image_rank, _ = retrieval_ranks(sim, torch.arange(5), captions)
+    assert image_rank[0] == 1  # one wrong caption above, not three texts
+    assert recall_at_k(sim, torch.arange(5), ks=(1, 2), captions=captions)["TR@2"] == 100.0
+    assert recall_at_k(sim, torch.arange(5), ks=(2,))["TR@2"] < 100.0  # own captions only: texts count
 
 
 def test_per_item_rows_join_tasks_by_item():
