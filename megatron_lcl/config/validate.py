@@ -68,6 +68,7 @@ def config_errors(cfg: LCLConfig, world_size: Optional[int] = None, check_files:
     errors = model_config_errors(cfg.model, cfg.parallel, cfg.precision, cfg.data.seq_length)
     errors += _run_errors(cfg)
     errors += _overlap_loss_errors(cfg)
+    errors += fp8_row_errors(cfg.precision, cfg.parallel, cfg.data.seq_length, cfg.data.micro_batch_size)
     if world_size is not None:
         errors += _batch_errors(cfg, world_size)
     if check_files:
@@ -117,7 +118,7 @@ def model_config_errors(model: ModelConfig, parallel: ParallelConfig,
              f"positions (context, <BoI>, {v.num_image_tokens} image positions, <EoI>), more than "
              f"data.seq_length ({seq_length})")
     if precision is not None:
-        errors += _precision_errors(precision, model)
+        errors += _precision_errors(precision, model, parallel.tensor_model_parallel_size)
     return errors
 
 
@@ -222,7 +223,7 @@ def _overlap_loss_errors(cfg: LCLConfig) -> List[str]:
     return []
 
 
-def _precision_errors(precision: PrecisionConfig, model: ModelConfig) -> List[str]:
+def _precision_errors(precision: PrecisionConfig, model: ModelConfig, tp: int) -> List[str]:
     errors = []
     if precision.params_dtype not in ("fp32", "bf16"):
         errors.append(f"precision.params_dtype ({precision.params_dtype!r}) must be fp32 or bf16")
@@ -230,7 +231,46 @@ def _precision_errors(precision: PrecisionConfig, model: ModelConfig) -> List[st
         errors.append(f"precision.fp8 ({precision.fp8!r}) must be null, hybrid or e4m3")
     if precision.fp8 is not None and model.transformer_impl == "local":
         errors.append("precision.fp8 needs Transformer Engine layers; model.transformer_impl is 'local'")
+    if precision.fp8 is not None:
+        errors += _fp8_width_errors(model.lm, tp)
     return errors
+
+
+# Transformer Engine's fp8 GEMMs (`transformer_engine.pytorch.utils.assert_dim_for_fp8_exec`, TE 2.x) want
+# every linear's input `[rows, in]` and weight `[out, in]` with rows and out divisible by FP8_ROWS and in
+# by FP8_WIDTH. fp8 applies to the LM only (`models.transformer_config.build_transformer_config`).
+FP8_ROWS, FP8_WIDTH = 8, 16
+
+
+def _fp8_width_errors(lm: LMConfig, tp: int) -> List[str]:
+    """The LM's GEMM inputs are h wide (qkv, fc1), h/tp (proj) and ffn/tp (fc2) on each TP rank."""
+    return [f"precision.fp8: Transformer Engine's fp8 GEMMs need {name} ({size}) / "
+            f"parallel.tensor_model_parallel_size ({tp}) divisible by {FP8_WIDTH}"
+            for name, size in (("model.lm.hidden_size", lm.hidden_size), ("model.lm.ffn_hidden_size", lm.ffn_hidden_size))
+            if size % tp or (size // tp) % FP8_WIDTH]
+
+
+def fp8_row_errors(precision: PrecisionConfig, parallel: ParallelConfig, seq_length: int,
+                   micro_batch_size: int) -> List[str]:
+    """The LM's GEMM rows: seq_length x micro-batch, of which each TP rank holds 1/tp under sequence
+    parallelism (the input of qkv and fc1). Every micro-batch has `seq_length` positions (padded)."""
+    if precision.fp8 is None:
+        return []
+    tp = parallel.tensor_model_parallel_size if parallel.sequence_parallel else 1
+    rows = seq_length // tp * micro_batch_size
+    if seq_length % tp or rows % FP8_ROWS == 0:  # the first: the sequence_parallel rule says it
+        return []
+    per_rank = " / parallel.tensor_model_parallel_size" if parallel.sequence_parallel else ""
+    return [f"precision.fp8: Transformer Engine's fp8 GEMMs need the LM's rows, data.seq_length ({seq_length})"
+            f"{per_rank} x data.micro_batch_size ({micro_batch_size}) = {rows}, divisible by {FP8_ROWS}"]
+
+
+def backend_errors(precision: Optional[PrecisionConfig], impl: str) -> List[str]:
+    """What the backend `models.specs.select_transformer_impl` resolved at run time cannot run."""
+    if precision is not None and precision.fp8 is not None and impl != "transformer_engine":
+        return [f"precision.fp8 needs Transformer Engine layers; model.transformer_impl resolved to {impl!r} "
+                "here (no CUDA or no importable transformer_engine)"]
+    return []
 
 
 def _run_errors(cfg: LCLConfig) -> List[str]:

@@ -42,7 +42,13 @@ class ImageHead(torch.nn.Module):
 
 
 class TextHead(torch.nn.Module):
-    """t_i = normalize(W2 · LayerNorm(h_<BoI>_i)), plus the learnable temperature s = exp(logit_scale)."""
+    """t_i = normalize(W2 · LayerNorm(h_<BoI>_i)), plus the learnable temperature s = exp(logit_scale).
+
+    `logit_scale` stays fp32 in bf16 runs (`LCLModel` keeps it out of the cast): megatron-core's
+    mixed-precision and distributed optimizers keep an fp32 copy of each bf16 parameter and copy it over
+    the parameter after every step, so a clamp of a bf16 `logit_scale` would be lost; an fp32 one is its
+    own master, and the clamp after the step (`training.optim.clamp_logit_scale`) holds.
+    """
 
     def __init__(self, lm_hidden: int, heads: HeadsConfig):
         super().__init__()
@@ -55,5 +61,7 @@ class TextHead(torch.nn.Module):
         return F.normalize(self.proj(self.norm(boi_hidden)), dim=-1)  # [n, e]
 
     def scale(self) -> torch.Tensor:
-        """s = exp(logit_scale), clamped to at most `logit_scale_max` (100)."""
-        return self.logit_scale.exp().clamp(max=self.logit_scale_max)
+        """s = exp(logit_scale), at most `logit_scale_max` (100): logit_scale is clamped at log(max), so
+        at the bound (where the clamp after each step leaves it) its gradient still flows (clamp passes
+        it at equality; exp(fp32 log 100) is 100.0000076, so clamping s instead would zero it there)."""
+        return self.logit_scale.clamp(max=math.log(self.logit_scale_max)).exp()

@@ -10,6 +10,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lcl.models.layers import ColumnParallelLinear
+from megatron_lcl.models.transformer_config import output_layer_config
 
 
 class OPTLanguageModel(LanguageModule):
@@ -34,8 +35,8 @@ class OPTLanguageModel(LanguageModule):
         self.decoder = TransformerBlock(config=config, spec=spec, pre_process=pre_process,
                                         post_process=post_process)
         if post_process:
-            self.output_layer = ColumnParallelLinear(
-                config.hidden_size, vocab_size, config=config, init_method=config.init_method,
+            self.output_layer = ColumnParallelLinear(  # local on every backend: without wgrad fusion
+                config.hidden_size, vocab_size, config=output_layer_config(config), init_method=config.init_method,
                 bias=False, skip_bias_add=False, gather_output=False,
                 skip_weight_param_allocation=pre_process)
         if pre_process or post_process:

@@ -18,6 +18,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_lcl.config import ModelConfig, ParallelConfig, PrecisionConfig, padded_vocab_size
+from megatron_lcl.config.validate import backend_errors, raise_errors
 from megatron_lcl.models.heads import ImageHead, TextHead
 from megatron_lcl.models.language import OPTLanguageModel
 from megatron_lcl.models.specs import block_spec, lm_layer_spec, select_transformer_impl, vit_layer_spec
@@ -42,6 +43,17 @@ def image_token_index(image_sample_index, boi_positions, num_image_tokens: int):
     return samples, positions
 
 
+def transformer_configs(cfg: ModelConfig, parallel: ParallelConfig, precision: Optional[PrecisionConfig],
+                        impl: str):
+    """(LM config, ViT config) for the backend `impl`: fused weight-gradient accumulation with Transformer
+    Engine layers, fp8 on the LM only (`build_transformer_config`)."""
+    lm = build_transformer_config(cfg.lm, parallel, init_method_std=cfg.init_method_std, precision=precision,
+                                  activation="relu", impl=impl)
+    vit = build_transformer_config(cfg.vision, parallel, init_method_std=cfg.init_method_std, precision=precision,
+                                   activation=cfg.vision.activation, pipeline_split=False, impl=impl)
+    return lm, vit
+
+
 class LCLModel(MegatronModule):
     """One pipeline stage of the LCL model (the whole model when pipeline size is 1)."""
 
@@ -49,17 +61,14 @@ class LCLModel(MegatronModule):
                  precision: Optional[PrecisionConfig] = None,
                  pre_process: bool = True, post_process: bool = True):
         impl = select_transformer_impl(cfg.transformer_impl)
-        lm_config = build_transformer_config(cfg.lm, parallel, init_method_std=cfg.init_method_std,
-                                             precision=precision, activation="relu")
+        raise_errors(backend_errors(precision, impl))
+        lm_config, vit_config = transformer_configs(cfg, parallel, precision, impl)
         super().__init__(config=lm_config)
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process, self.post_process = pre_process, post_process
         self.transformer_impl = impl
         self.num_image_tokens = cfg.vision.num_image_tokens
         if pre_process:
-            vit_config = build_transformer_config(cfg.vision, parallel, init_method_std=cfg.init_method_std,
-                                                  precision=precision, activation=cfg.vision.activation,
-                                                  pipeline_split=False)
             vit_layers = vit_layer_spec(impl, cfg.vision.layer_scale_init, cfg.attention)
             self.vision = VisionTransformer(vit_config, cfg.vision, block_spec(vit_layers, impl, vit_config))
             self.projector = torch.nn.Linear(cfg.vision.hidden_size, cfg.lm.hidden_size)
@@ -71,8 +80,12 @@ class LCLModel(MegatronModule):
         if post_process:
             self.text_head = TextHead(cfg.lm.hidden_size, cfg.heads)
         # megatron-core layers are built in params_dtype; bring the plain torch modules (ViT stem,
-        # projector, heads) along, so bf16 runs need no wrapper. The optimizer keeps fp32 masters.
+        # projector, heads) along, so bf16 runs need no wrapper. The optimizer keeps fp32 masters,
+        # except of the temperature, which stays fp32 and is its own master (TextHead).
+        temperature = self.text_head.logit_scale.data if post_process else None  # fp32
         self.to(lm_config.params_dtype)
+        if temperature is not None:
+            self.text_head.logit_scale.data = temperature
 
     # megatron-core hooks -------------------------------------------------------------------------
     @property

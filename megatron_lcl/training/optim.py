@@ -65,9 +65,17 @@ def current_lr(optimizer) -> float:
 
 
 def clamp_logit_scale(model, max_scale: float) -> None:
-    """Keep the learnable temperature s = exp(logit_scale) <= max_scale (CLIP's clamp, after each step)."""
+    """Keep the learnable temperature s = exp(logit_scale) <= max_scale (CLIP's clamp, after each step).
+
+    The clamp must change the value the optimizer keeps. `logit_scale` is fp32 in every precision
+    (`models.heads.TextHead`), so both megatron-core optimizers update the parameter itself (the
+    mixed-precision one holds it as is, the distributed one a view of it), never an fp32 `main_param`
+    copy that the next step would copy back over a clamped bf16 parameter.
+    """
     head = getattr(model, "text_head", None)
     if head is not None:
+        assert head.logit_scale.dtype == torch.float32, (
+            f"text_head.logit_scale is {head.logit_scale.dtype}: the optimizer's fp32 copy would undo the clamp")
         with torch.no_grad():
             head.logit_scale.clamp_(max=math.log(max_scale))
 

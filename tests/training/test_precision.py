@@ -1,0 +1,209 @@
+"""Numerics of the GPU paths that can be checked on CPU (docs/gpu.md, "Precision on a GPU").
+
+- The temperature clamp holds in bf16 under both megatron-core optimizers: `logit_scale` is fp32, so
+  the value the optimizer keeps is the clamped one. The bf16 run's temperature follows the fp32 run's
+  exactly, reaches the bound, stays on it and comes back down; a bf16 `logit_scale` (the layout before)
+  drifts past the bound in the optimizer's fp32 copy, so the check does catch the fault.
+- fp8: the ViT never runs it (its rows M x n are odd); the LM's rows and widths that Transformer
+  Engine's fp8 GEMMs refuse are refused by validation, one line naming the fields.
+- Fused weight-gradient accumulation: on with Transformer Engine layers, off with local ones and on the
+  LM's local output layer; decided from the backend without importing Transformer Engine.
+"""
+
+import math
+import os
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from megatron_lcl.config import (ConfigError, OptimizerConfig, ParallelConfig, PrecisionConfig, config_errors,
+                                 load_config)
+from megatron_lcl.config.validate import backend_errors
+from megatron_lcl.models.factory import build_model
+from megatron_lcl.models.lcl_model import LCLModel, transformer_configs
+from megatron_lcl.models.specs import LOCAL, TRANSFORMER_ENGINE, select_transformer_impl
+from megatron_lcl.models.transformer_config import output_layer_config
+from megatron_lcl.runtime import set_seed
+from megatron_lcl.training.optim import build_optimizer, clamp_logit_scale
+from megatron_lcl.training.pipeline import wrap_ddp
+
+from common import tiny_model_config
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs", "tiny_cpu.yaml")
+CFG = tiny_model_config()
+MAX_SCALE = 100.0
+BOUND = float(torch.tensor(math.log(MAX_SCALE)))  # ln(100) as the fp32 parameter holds it
+PUSHES = [-1.0] * 8 + [1.0] * 12  # sign of the loss s: 8 steps drive s up (lr 0.5: past ln 100), 12 down
+
+
+def _kept_tensor(optimizer, param: torch.Tensor) -> torch.Tensor:
+    """The fp32 tensor megatron-core's optimizer updates for `param`: its `main_param` copy (a bf16
+    parameter), else the parameter itself or a view of it (an fp32 parameter, in either optimizer)."""
+    main = getattr(param, "main_param", None)
+    if main is not None:
+        return main
+    held = [p for group in optimizer.optimizer.param_groups for p in group["params"]
+            if p.data_ptr() == param.data_ptr()]
+    assert len(held) == 1, "the optimizer holds neither a main copy nor the parameter"
+    return held[0]
+
+
+def _temperature_run(params_dtype: str, distributed: bool, bf16_logit_scale: bool = False) -> list:
+    """logit_scale as the optimizer keeps it after each step (and the clamp), with loss = sign * s."""
+    set_seed(0)
+    precision = PrecisionConfig(params_dtype=params_dtype)
+    parallel = ParallelConfig(use_distributed_optimizer=distributed)
+    model = build_model(CFG, parallel, precision)
+    logit_scale = model.text_head.logit_scale
+    if bf16_logit_scale:  # the layout before: cast with the rest of the model
+        logit_scale.data = logit_scale.data.bfloat16()
+    ddp = wrap_ddp(model, parallel)
+    optimizer = build_optimizer(ddp, OptimizerConfig(lr=0.5), parallel, precision)
+    kept = []
+    for sign in PUSHES:
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        (sign * model.text_head.scale()).backward()
+        ddp.finish_grad_sync()
+        optimizer.step()
+        if bf16_logit_scale:  # the clamp before (clamp_logit_scale refuses a bf16 logit_scale)
+            with torch.no_grad():
+                logit_scale.clamp_(max=math.log(MAX_SCALE))
+        else:
+            clamp_logit_scale(model, MAX_SCALE)
+        kept.append(_kept_tensor(optimizer, logit_scale).item())
+    return kept
+
+
+@pytest.fixture(scope="module")
+def temperature_runs(single_rank):
+    return {(dtype, distributed): _temperature_run(dtype, distributed)
+            for dtype in ("fp32", "bf16") for distributed in (False, True)}
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["mixed_precision", "distributed_optimizer"])
+def test_bf16_clamp_holds_on_the_kept_value(temperature_runs, distributed):
+    kept = temperature_runs["bf16", distributed]
+    assert max(kept) <= BOUND, kept
+    first_at_bound = kept.index(BOUND)  # reached it while pushed up ...
+    assert first_at_bound < len([s for s in PUSHES if s < 0])
+    assert kept[-1] < BOUND - 1.0, kept  # ... and came back down once pushed down
+    assert kept == temperature_runs["fp32", distributed]  # exactly the fp32 run's temperature
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["mixed_precision", "distributed_optimizer"])
+def test_a_bf16_logit_scale_drifts_past_the_clamp(single_rank, distributed):
+    """The control: clamping a bf16 parameter leaves the optimizer's fp32 copy unclamped (it reaches
+    5.21 here, the bf16 parameter holds the clamp only until the next step copies that back)."""
+    kept = _temperature_run("bf16", distributed, bf16_logit_scale=True)
+    assert max(kept) > BOUND + 0.5, kept
+
+
+def test_the_temperature_stays_fp32_in_a_bf16_model(single_rank):
+    model = build_model(CFG, ParallelConfig(), PrecisionConfig(params_dtype="bf16"))
+    assert model.text_head.logit_scale.dtype == torch.float32
+    assert model.text_head.proj.weight.dtype == model.lm.decoder.layers[0].mlp.linear_fc1.weight.dtype == torch.bfloat16
+    model.text_head.logit_scale.data = model.text_head.logit_scale.data.bfloat16()
+    with pytest.raises(AssertionError, match="logit_scale is torch.bfloat16"):
+        clamp_logit_scale(model, MAX_SCALE)
+
+
+def test_scale_passes_its_gradient_at_the_bound(single_rank):
+    """At the bound (where the clamp leaves it) the loss still moves the temperature: s = exp(clamped
+    logit_scale), not clamp(exp(logit_scale)) (exp(fp32 ln 100) = 100.0000076 would be clamped, grad 0)."""
+    model = build_model(CFG, ParallelConfig())
+    with torch.no_grad():
+        model.text_head.logit_scale.fill_(BOUND)
+    model.text_head.scale().backward()
+    assert model.text_head.logit_scale.grad == pytest.approx(MAX_SCALE)
+    assert model.text_head.scale().item() == pytest.approx(MAX_SCALE)
+
+
+# ---------------------------------------------------------------------------------------------- fp8
+
+def _fp8_config(*overrides):
+    return load_config(TINY, ["precision.params_dtype=bf16", "precision.fp8=hybrid",
+                              "model.transformer_impl=transformer_engine", *overrides])
+
+
+def _fp8_errors(cfg) -> list:
+    return [e for e in config_errors(cfg) if e.startswith("precision.fp8")]
+
+
+def test_fp8_accepts_lm_rows_divisible_by_8():
+    assert _fp8_errors(_fp8_config("data.seq_length=128", "data.micro_batch_size=4")) == []
+    assert _fp8_errors(_fp8_config("data.seq_length=100", "data.micro_batch_size=2")) == []  # 200 rows
+
+
+def test_fp8_refuses_lm_rows_not_divisible_by_8():
+    assert _fp8_errors(_fp8_config("data.seq_length=100", "data.micro_batch_size=1")) == [
+        "precision.fp8: Transformer Engine's fp8 GEMMs need the LM's rows, data.seq_length (100) x "
+        "data.micro_batch_size (1) = 100, divisible by 8"]
+    assert config_errors(_fp8_config("data.seq_length=100", "data.micro_batch_size=1",
+                                     "precision.fp8=null")) == config_errors(_fp8_config())  # fp8 only
+
+
+def test_fp8_rows_per_rank_under_sequence_parallelism():
+    """Each TP rank's qkv/fc1 input holds seq_length / tp of the rows: 36 x 2 = 72 rows, 36 per rank."""
+    sp = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "data.seq_length=36",
+          "data.micro_batch_size=2"]
+    assert _fp8_errors(_fp8_config(*sp)) == [
+        "precision.fp8: Transformer Engine's fp8 GEMMs need the LM's rows, data.seq_length (36) / "
+        "parallel.tensor_model_parallel_size x data.micro_batch_size (2) = 36, divisible by 8"]
+    assert _fp8_errors(_fp8_config(*sp[:2], "data.seq_length=32", "data.micro_batch_size=2")) == []
+
+
+def test_fp8_refuses_lm_widths_not_divisible_by_16():
+    errors = _fp8_errors(_fp8_config("model.lm.ffn_hidden_size=200", "parallel.tensor_model_parallel_size=1"))
+    assert errors == ["precision.fp8: Transformer Engine's fp8 GEMMs need model.lm.ffn_hidden_size (200) / "
+                      "parallel.tensor_model_parallel_size (1) divisible by 16"]
+    assert _fp8_errors(_fp8_config("model.lm.ffn_hidden_size=80", "parallel.tensor_model_parallel_size=2")) == [
+        "precision.fp8: Transformer Engine's fp8 GEMMs need model.lm.ffn_hidden_size (80) / "
+        "parallel.tensor_model_parallel_size (2) divisible by 16"]
+
+
+def test_fp8_reaches_the_lm_only():
+    """The ViT's rows (M x images, M = 17 here, and 1 blank image without images) are never a multiple
+    of 8 for sure: its Transformer Engine layers run in bf16."""
+    cfg = _fp8_config()
+    lm, vit = transformer_configs(cfg.model, cfg.parallel, cfg.precision, TRANSFORMER_ENGINE)
+    assert (lm.fp8, vit.fp8) == ("hybrid", None)
+    assert cfg.model.vision.num_image_tokens % 2 == 1
+
+
+def test_fp8_needs_the_backend_to_resolve_to_transformer_engine(single_rank):
+    precision = PrecisionConfig(params_dtype="bf16", fp8="hybrid")
+    assert backend_errors(precision, TRANSFORMER_ENGINE) == []
+    assert backend_errors(PrecisionConfig(params_dtype="bf16"), LOCAL) == []
+    with pytest.raises(ConfigError, match=r"precision.fp8 needs Transformer Engine layers; "
+                                          r"model.transformer_impl resolved to 'local'"):
+        LCLModel(replace(CFG, transformer_impl="auto"), ParallelConfig(), precision)  # no CUDA here
+
+
+# ------------------------------------------------------------------------- weight-gradient fusion
+
+@pytest.mark.parametrize("cuda, te, fused", [(True, True, True), (True, False, False), (False, False, False)])
+def test_wgrad_fusion_follows_the_backend(cuda, te, fused):
+    impl = select_transformer_impl("auto", cuda=cuda, te=te)
+    lm, vit = transformer_configs(CFG, ParallelConfig(), PrecisionConfig(params_dtype="bf16"), impl)
+    assert (lm.gradient_accumulation_fusion, vit.gradient_accumulation_fusion) == (fused, fused)
+    out = output_layer_config(lm)
+    assert not out.gradient_accumulation_fusion
+    assert (out.hidden_size, out.params_dtype, out.sequence_parallel) == (lm.hidden_size, lm.params_dtype,
+                                                                          lm.sequence_parallel)
+    assert "transformer_engine" not in sys.modules
+
+
+def test_the_local_output_layer_needs_its_config_without_fusion(single_rank):
+    """megatron-core's local ColumnParallelLinear refuses the fusion without Apex (absent here), so the
+    LM's output layer takes `output_layer_config` on every backend."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    lm, _ = transformer_configs(CFG, ParallelConfig(), None, TRANSFORMER_ENGINE)
+    kwargs = dict(init_method=lm.init_method, bias=False, gather_output=False)
+    with pytest.raises(RuntimeError, match="gradient_accumulation_fusion"):
+        ColumnParallelLinear(lm.hidden_size, 192, config=lm, **kwargs)
+    assert not ColumnParallelLinear(lm.hidden_size, 192, config=output_layer_config(lm), **kwargs).gradient_accumulation_fusion
+    assert not LCLModel(CFG, ParallelConfig()).lm.output_layer.gradient_accumulation_fusion
