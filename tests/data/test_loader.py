@@ -229,3 +229,74 @@ def test_loader_workers_outlive_a_job_wide_stop_signal(prepared_mmc4, loader_kwa
     assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
     assert first.tokens.shape == more[-1].tokens.shape
     stream.close()
+
+
+LABEL_FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "image_sample_index", "boi_positions",
+                "image_has_context", "con_index", "image_labels")
+
+
+def labels_only_loader(path, *, tokenizer_path, image_size, num_image_tokens, **data_fields):
+    """The last pipeline stage's loader (`build_loader(labels_only=True)`) from `loader_kwargs`-style keywords."""
+    from megatron_lcl.config import DataConfig
+    from megatron_lcl.data.loader import build_loader
+
+    return build_loader(DataConfig(path=[str(path)], tokenizer=tokenizer_path, **data_fields), image_size=image_size,
+                        num_image_tokens=num_image_tokens, labels_only=True)
+
+
+def test_labels_only_loader_gives_the_full_loaders_batches_without_decoding(prepared_mmc4, loader_kwargs,
+                                                                             monkeypatch):
+    """What the last pipeline stage reads: the full loader's text fields and image metadata, batch by batch
+    in the same order (also with worker processes, and resumed from the full loader's state), with
+    `images=None` and no image decoded."""
+    from megatron_lcl.data import loader as loader_module
+
+    full_loader = make_loader(prepared_mmc4, **loader_kwargs)
+    full = take(full_loader, 8)
+    state_after_3 = make_loader_state(prepared_mmc4, loader_kwargs, batches=3)
+    decoded = []
+    monkeypatch.setattr(loader_module, "decode_image", lambda *args: decoded.append(args) or decode_image(*args))
+    labels = labels_only_loader(prepared_mmc4, **loader_kwargs)
+    got = take(labels, 8)
+    assert decoded == [] and all(b.images is None for b in got)
+    assert sum(b.num_images for b in got) == sum(b.num_images for b in full) > 0
+    with_workers = take(labels_only_loader(prepared_mmc4, **dict(loader_kwargs, num_workers=2)), 8)
+    resumed = labels_only_loader(prepared_mmc4, **loader_kwargs)
+    resumed.load_state_dict(state_after_3)
+    for name, batches in (("labels-only", got), ("labels-only, 2 workers", with_workers),
+                          ("labels-only, resumed after 3", [None] * 3 + take(resumed, 5))):
+        for k, (x, y) in enumerate(zip(full, batches)):
+            if y is None:
+                continue
+            y.validate(NUM_IMAGE_TOKENS)
+            assert x.num_text_targets == y.num_text_targets and x.num_con_images == y.num_con_images
+            for field in LABEL_FIELDS:
+                assert torch.equal(getattr(x, field), getattr(y, field)), f"{name}: batch {k} {field} differs"
+    assert labels.slots_consumed == full_loader.slots_consumed  # what the trainer compares across stages
+    assert decoded == []  # (in this process: the resumed one too)
+
+
+def make_loader_state(path, kwargs, batches: int) -> dict:
+    loader = make_loader(path, **kwargs)
+    take(loader, batches)
+    return loader.state_dict()
+
+
+def test_an_image_that_fails_to_decode_puts_the_labels_only_loader_behind(tmp_path, loader_kwargs):
+    """The one case the two loaders part: the full loader drops a sample whose image does not decode, the
+    labels-only one cannot see it. `slots_consumed` then differs, which the trainer turns into one error."""
+    def doc(key, data):
+        image = DocImage(data=data, matched_text_index=0, matched_sim=0.3, label=1)
+        return Document(key, "mmc4", [f"A red circle, {key}.", "More text."], [image], f"src.jsonl:{key}")
+
+    with wds.TarWriter(str(tmp_path / "shard-000000.tar")) as sink:
+        for k in range(3):
+            sink.write(to_wds_sample(doc(f"good{k}", jpeg_bytes())))
+        sink.write(to_wds_sample(doc("corrupt", b"\xff\xd8 not a jpeg")))
+        sink.write(to_wds_sample(doc("good3", jpeg_bytes())))
+    kwargs = dict(loader_kwargs, micro_batch_size=4, shuffle_buffer=0, num_readers=1)
+    full, labels = make_loader(str(tmp_path), **kwargs), labels_only_loader(str(tmp_path), **kwargs)
+    full_batch, label_batch = take(full, 1)[0], take(labels, 1)[0]
+    assert full.skip_counts() == {"corrupt_image": 1} and not labels.skip_counts()
+    assert not torch.equal(full_batch.tokens, label_batch.tokens)
+    assert full.slots_consumed == labels.slots_consumed + 1

@@ -52,12 +52,20 @@ def _sync_op(func, args, kwargs) -> str:
         return SYNC_OPS[func]
     if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default):
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
-        if any(i is not None and i.dtype == torch.bool for i in indices):
+        masks = [i for i in indices if i is not None and i.dtype in (torch.bool, torch.uint8)]
+        if masks and not (func != aten.index.Tensor and _is_masked_fill(indices, masks, args[2])):
             return "boolean-mask index"
     if func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor):
         if kwargs.get("output_size") is None and (len(args) < 4 or args[3] is None):
             return "repeat_interleave without output_size"
     return ""
+
+
+def _is_masked_fill(indices, masks, value) -> bool:
+    """`x[mask] = scalar`: ATen's index_put runs it as `masked_fill_` (no nonzero, no sync) when the only
+    index tensor is one mask and the value a single element on the CPU (a Python scalar; on this CPU run
+    every tensor is a CPU one, so a one-element device value would be missed)."""
+    return len(masks) == 1 and all(i is None or i is masks[0] for i in indices) and value.numel() == 1
 
 
 class _Dispatch(TorchDispatchMode):

@@ -1,9 +1,12 @@
 """Vision-language pipeline equivalences on 8 gloo ranks (run by tests/training/test_pipeline_parallel.py).
 
-Reference: TP=PP=DP=1 in one process on the global batch (equal to DP=2 by the core-engine tests).
-Compared: TP1 x PP2 x DP4, TP2 x PP2 x DP2 (losses, gradients incl. the ViT through the carried rows),
-and one distributed-optimizer step at TP2 x PP2 x DP2 against the same step done by hand.
+Reference: TP=PP=DP=1 in one process on the global batch, the step objective written out by hand
+(L_gen over the step's text targets, each image's InfoNCE against its micro-batch, averaged over the
+step's images). Compared: TP1 x PP2 x DP4, TP2 x PP2 x DP2 (losses, gradients incl. the ViT through the
+carried rows), and one distributed-optimizer step at TP2 x PP2 x DP2 against the same step done by hand.
 4 micro-batches of 4 samples each; in micro-batch 2 the second half of the samples has no image.
+Every compared step runs under `host_syncs.HostSyncRecorder` (the ops that would make the host wait for
+a GPU, with their call sites), saved per layout for tests/training/test_pipeline_parallel.py.
 
 contrastive_batch=step: TP2 x PP2 x DP2 with the feature cache against a single-process reference
 that computes L_con over ALL images of the step at once (STEP_GLOBAL: micro-batch 3 holds no image at
@@ -18,8 +21,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.distributed.param_and_grad_buffer import shard_buffer
 
 from common import collect_full, load_full_weights, mark_done, parse_out_dir, save_rank0, tiny_model_config
+from host_syncs import HostSyncRecorder
 from megatron_lcl.config import LossConfig, OptimizerConfig, ParallelConfig, PrecisionConfig
-from megatron_lcl.losses import LCLLoss, generation_loss_sum
+from megatron_lcl.losses import LCLLoss, contrastive_loss_sum, generation_loss_sum
 from megatron_lcl.models.lcl_model import LCLModel
 from megatron_lcl.models.factory import build_model
 from megatron_lcl.runtime import ParallelLayout, initialize_distributed, initialize_model_parallel, set_seed
@@ -47,11 +51,17 @@ def reference(out):
     set_seed(SEED)
     model = LCLModel(CFG, ParallelConfig())
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    terms = []
+    with torch.no_grad():  # each micro-batch's own values (a step of one micro-batch)
+        terms = [{k: v.detach().clone() for k, v in forward_loss(model, batch, LCLLoss(LossConfig())).metrics().items()}
+                 for batch in GLOBAL]
+    targets = sum(b.loss_mask.sum() for b in GLOBAL)  # the step's text targets
+    images = sum(b.image_has_context.sum() for b in GLOBAL)  # the step's L_con images
     for batch in GLOBAL:
-        t = forward_loss(model, batch, LCLLoss(LossConfig()))
-        (t.total / NUM_MB).backward()
-        terms.append({k: v.detach().clone() for k, v in t.metrics().items()})
+        o = model(batch.tokens, batch.position_ids, batch.images, batch.image_sample_index, batch.boi_positions)
+        gen_sum, _ = generation_loss_sum(o.logits, batch.labels, batch.loss_mask)
+        has = batch.image_has_context
+        con_sum, _, _ = contrastive_loss_sum(o.image_features[has], o.text_features[has], o.logit_scale)
+        (gen_sum / targets + CON_WEIGHT * con_sum / images).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     # The step megatron-core's optimizer should take: clip to global norm 1, AdamW, no decay on
     # biases and on params with fewer than 2 dims (norms, layer-scale, logit_scale).
@@ -80,14 +90,15 @@ def gather_reduced_grad_shards(ddp) -> None:
 
 
 def reference_step_contrastive(out):
-    """L_gen per micro-batch (mean over micro-batches) + lambda x ONE InfoNCE over the step's images."""
+    """L_gen over the step's text targets + lambda x ONE InfoNCE over the step's images."""
     set_seed(SEED)
     model = LCLModel(CFG, ParallelConfig())
     gen, image_features, text_features, lm_losses = 0.0, [], [], []
+    targets = sum(b.loss_mask.sum() for b in STEP_GLOBAL)
     for batch in STEP_GLOBAL:
         o = model(batch.tokens, batch.position_ids, batch.images, batch.image_sample_index, batch.boi_positions)
         gen_sum, count = generation_loss_sum(o.logits, batch.labels, batch.loss_mask)
-        gen = gen + gen_sum / count / NUM_MB
+        gen = gen + gen_sum / targets
         lm_losses.append((gen_sum / count).detach())
         image_features.append(o.image_features[batch.image_has_context])
         text_features.append(o.text_features[batch.image_has_context])
@@ -131,10 +142,11 @@ def run_layout(weights, tp, pp, distributed_optimizer, out, name, first_stage_la
     else:
         ddp.zero_grad_buffer()
     loss_fn = LCLLoss(LossConfig(contrastive_batch=contrastive_batch, con_weight=CON_WEIGHT), layout.dp_group)
-    if step:
-        metrics = step_forward_backward(ddp, local, NUM_MB, loss_fn, shape, layout)
-    else:
-        metrics = forward_backward(ddp, iter(local), NUM_MB, loss_fn, shape, layout)
+    with HostSyncRecorder() as syncs:
+        if step:
+            metrics = step_forward_backward(ddp, local, NUM_MB, loss_fn, shape, layout)
+        else:
+            metrics = forward_backward(ddp, iter(local), NUM_MB, loss_fn, shape, layout)
     tp_group = ps.get_tensor_model_parallel_group()
     result = {}
     result["first_stage_lm_layers"] = len(model.lm.decoder.layers) if ps.is_pipeline_first_stage() else None
@@ -153,6 +165,9 @@ def run_layout(weights, tp, pp, distributed_optimizer, out, name, first_stage_la
     layers = [None] * dist.get_world_size()
     dist.all_gather_object(layers, result.pop("first_stage_lm_layers"))
     result["first_stage_lm_layers"] = next(n for n in layers if n is not None)
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, sorted(syncs.events))
+    result["host_syncs"] = sorted({tuple(e) for events in every_rank for e in events})
     save_rank0(result, out, f"{name}.pt")
 
 

@@ -46,10 +46,13 @@ def test_the_recorder_sees_what_syncs_a_gpu():
     x, mask = torch.arange(4.0), torch.tensor([True, False, True, False])
     with HostSyncRecorder() as recorder:
         x[mask], x.nonzero(), x.sum().item(), int(x[0]), x.tolist(), x.masked_select(mask)
-        x[mask] = 0.0
         x.index_select(0, torch.tensor([0, 2]))  # an index tensor: no sync
-    kinds = {kind for kind, _ in recorder.events}
-    assert kinds == {"boolean-mask index", "nonzero", "read a value", "item", "int", "tolist", "masked_select"}
+        x[mask] = 0.0  # masked_fill_ in ATen: no sync
+    assert {kind for kind, _ in recorder.events} == {"boolean-mask index", "nonzero", "read a value", "item", "int",
+                                                     "tolist", "masked_select"}
+    with HostSyncRecorder() as recorder:
+        x[mask] = torch.ones(2)  # a tensor of values: index_put through nonzero
+    assert {kind for kind, _ in recorder.events} == {"boolean-mask index"}
 
 
 @pytest.mark.parametrize("contrastive_batch", ["step", "micro_batch"])
