@@ -1,5 +1,6 @@
-"""Helpers to build valid random batches (tests, benchmarks). Not used in training."""
+"""Helpers for tests and benchmarks: valid random batches, a measured matmul peak. Not used in training."""
 
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -34,7 +35,10 @@ def random_batch(images_per_sample: Sequence[Sequence[int]], seq_length: int, nu
     sample_index, bois = [], []
     for i, positions in enumerate(images_per_sample):
         for p in positions:
-            assert p + num_image_tokens + 1 < seq_length, "image must fit inside the sequence"
+            assert p + num_image_tokens + 1 < seq_length, (
+                f"random_batch: sample {i}'s image at <BoI> position {p} needs positions {p}-{p + num_image_tokens + 1} "
+                f"(<BoI>, {num_image_tokens} image positions, <EoI>) and a target after them: it does not fit "
+                f"seq_length {seq_length} (spread_image_positions places images that fit)")
             full[i, p] = BOI
             full[i, p + 1: p + 1 + num_image_tokens] = IMG
             full[i, p + 1 + num_image_tokens] = EOI
@@ -64,3 +68,24 @@ def slice_batch(batch: LCLBatch, samples: slice) -> LCLBatch:
         image_sample_index=batch.image_sample_index[keep] - int(idx[0]),
         boi_positions=batch.boi_positions[keep], image_has_context=batch.image_has_context[keep],
         image_labels=None if batch.image_labels is None else batch.image_labels[keep])
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in `dtype` on `device` (this process's threads). The benchmarks
+    print it beside MFU; MFU itself is over the spec-sheet peak (`models.flops.PEAK_FLOPS_PER_S`)."""
+    n, iters = (8192, 20) if device.type == "cuda" else (1024, 5)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _synchronize(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -97,13 +97,15 @@ def test_flops_model_matches_torch_flop_counter(single_rank, name, mode):
     batch = random_batch(positions, seq_length=seq, num_image_tokens=m, image_size=cfg.vision.image_size,
                          vocab_size=cfg.lm.vocab_size)
     n_img = batch.num_images
-    predicted = step_flops(cfg, seq, n_img / 2, samples=2, contrastive_negatives=n_img, loss_mode=mode)
+    predicted = step_flops(cfg, seq, n_img / 2, samples=2, contrastive_negatives=n_img, loss_mode=mode,
+                           attention_count="full")  # the counter sees the full square
     measured = _measured_flops(model, batch, mode).get_total_flops()
     assert measured > 0
     assert predicted["total"] == pytest.approx(measured, rel=0.02), (predicted, measured)
 
     forward = _measured_flops(model, batch, mode, backward=False).get_flop_counts()
-    fwd = step_flops(cfg, seq, n_img / 2, samples=2, contrastive_negatives=n_img, loss_mode=mode, backward=False)
+    fwd = step_flops(cfg, seq, n_img / 2, samples=2, contrastive_negatives=n_img, loss_mode=mode, backward=False,
+                     attention_count="full")
     by_module = {k: sum(v.values()) for k, v in forward.items()}
     pairs = {"LCLModel.vision": fwd["vit"], "LCLModel.projector": fwd["projector"],
              "LCLModel.lm.decoder": fwd["lm"], "LCLModel.lm.output_layer": fwd["output"],
@@ -132,10 +134,11 @@ def test_feature_pass_flops_match_a_forward_without_logits(single_rank):
     with counter, _visible_attention():
         model(batch.tokens, batch.position_ids, batch.images, batch.image_sample_index, batch.boi_positions,
               with_logits=False)
-    flops = step_flops(cfg, seq, batch.num_images / 2, samples=2, feature_pass=True)
+    flops = step_flops(cfg, seq, batch.num_images / 2, samples=2, feature_pass=True, attention_count="full")
     assert flops["feature_pass"] == pytest.approx(counter.get_total_flops(), rel=0.05)
     assert step_flops(cfg, seq, 1.5, samples=2)["feature_pass"] == 0  # micro_batch: no extra pass
-    assert flops["total"] == pytest.approx(step_flops(cfg, seq, 1.5, samples=2)["total"] + flops["feature_pass"])
+    assert flops["total"] == pytest.approx(step_flops(cfg, seq, 1.5, samples=2, attention_count="full")["total"]
+                                           + flops["feature_pass"])
 
 
 def test_flops_at_paper_scale_and_mfu():

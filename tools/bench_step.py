@@ -7,6 +7,9 @@
         --seq-length 2048 --images-per-sample 4 --batch-size 4       # at paper size on 8 GPUs
 
 Prints figures; it is not a test. Step timing launches itself under torchrun (gloo on CPU, nccl on GPU).
+Beside each step time: the model FLOP/s (`models.flops.step_flops`: the LM's causal attention counted
+at s²/2 as SDPA's kernels run it; the full-s² count beside it), MFU against the spec-sheet peak where
+the device has one (none for a CPU), and the fraction of a matmul peak measured in each rank.
 `--compare-knobs` times the trainer's step (DDP, optimizer, the feature pass of step-wide L_con) for
 every setting in `KNOB_SETTINGS` on the same batches at DP = --nproc, with peak memory on GPU (what
 recomputation buys), and names the fastest. The knobs and their equivalence: tests/training/test_perf_knobs.py.
@@ -26,10 +29,10 @@ from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, HeadsConfig, LMConf
                                  OptimizerConfig, ParallelConfig, PrecisionConfig, VisionConfig, apply_preset)
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.models.factory import build_model
-from megatron_lcl.models.flops import count_parameters_by_group
+from megatron_lcl.models.flops import count_parameters_by_group, mfu, spec_peak_flops_per_s, step_flops
 from megatron_lcl.models.lcl_model import LCLModel
-from megatron_lcl.runtime import free_port, initialize_distributed, set_seed, to_device
-from megatron_lcl.testing import random_batch, spread_image_positions
+from megatron_lcl.runtime import device, free_port, initialize_distributed, set_seed, to_device
+from megatron_lcl.testing import measure_matmul_peak, random_batch, spread_image_positions
 from megatron_lcl.training.optim import build_optimizer
 from megatron_lcl.training.pipeline import PipelineShape, forward_loss, step_forward_backward, wrap_ddp
 
@@ -67,11 +70,29 @@ def step_worker(args):
         model.zero_grad(set_to_none=True)
         forward_loss(model, batch, loss_fn).total.backward()
         times.append(time.perf_counter() - t0)
+    matmul_peak = measure_matmul_peak(device(), torch.float32)  # per rank, after the timed steps
     if dist.get_rank() == 0:
         steady = sorted(times[2:])[len(times[2:]) // 2]
         tokens = args.batch_size * args.seq_length
         print(f"tiny preset, TP={args.tp}: fwd+bwd step_time_s={steady:.4f} (median of {args.steps}), "
               f"tokens_per_s={tokens / steady:,.0f}, images_per_s={3 * args.batch_size / steady:,.1f}")
+        print("  " + flops_line(cfg, args, steady, matmul_peak))
+
+
+def flops_line(cfg: ModelConfig, args, step_time_s: float, matmul_peak: float) -> str:
+    """Model FLOP/s of the timed forward + backward (3 images per sample, L_con over the batch's images),
+    MFU over the spec peak of `args.tp` devices (none on a CPU), and the fraction of TP x the matmul peak."""
+    images = 3 * args.batch_size
+    achieved = {count: step_flops(cfg, args.seq_length, 3, samples=args.batch_size, contrastive_negatives=images,
+                                  attention_count=count, tensor_model_parallel_size=args.tp)["total"] / step_time_s
+                for count in ("causal", "full")}
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    spec = spec_peak_flops_per_s(name, "fp32")  # the timed step runs in fp32: no spec-sheet entry
+    model_mfu = f"{mfu(achieved['causal'], spec, args.tp):.1%}" if spec else f"none (no spec-sheet peak: {name}, fp32)"
+    return (f"model GFLOP/s {achieved['causal'] / 1e9:.2f} (causal attention at s^2/2; "
+            f"{achieved['full'] / 1e9:.2f} counting the full s^2), MFU {model_mfu}, "
+            f"{mfu(achieved['causal'], matmul_peak, args.tp):.1%} of {args.tp} x a measured fp32 matmul peak "
+            f"({matmul_peak / 1e9:.2f} GFLOP/s per rank)")
 
 
 # --------------------------------------------------------------------------------- --compare-knobs

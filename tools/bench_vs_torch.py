@@ -8,12 +8,17 @@ One process builds both models: megatron_lcl's (`build_model`, megatron-core DDP
 `step_forward_backward` per step, as the trainer runs it) and the twin of `tools/torch_twin.py`
 (HF CLIPVisionModel + OPTForCausalLM with SDPA, torch AdamW, bf16 by autocast). Timed steps
 (forward + backward + optimizer) alternate between the two. It prints step time, images/s, tokens/s
-(sequence positions), model TFLOP/s (`megatron_lcl.models.flops.step_flops`) and MFU against `--peak`
-or a matmul peak measured in the same run, and the ratio ours / twin of images/s. FLOPs per sample
-are also counted by torch's FlopCounterMode on both models, so the two provably do the same work.
-Figures, not a test. On a GPU machine, `CUDA_VISIBLE_DEVICES=` runs the CPU case. `--micro-batch auto`
-(the CUDA default) doubles the micro-batch while a step of each model fits (the two take turns) and
-times both at the largest that fits both.
+(sequence positions), model TFLOP/s (`megatron_lcl.models.flops.step_flops`, the LM's causal attention
+counted at s²/2 as the kernels run it), MFU against the GPU's spec-sheet peak (`--peak` for another;
+none on a CPU), and, on a separate line, the fraction of a bf16/fp32 matmul peak measured in the same
+run (`of_matmul_peak`; ~790-800 TFLOP/s on an H100/H200, so it reads ~1.25x the MFU there), and the
+ratio ours / twin of images/s. FLOPs per sample are also counted by torch's FlopCounterMode on both
+models (the math kernel: the full s² square, so they are compared with the "full" count), so the two
+provably do the same work. Figures, printed as they come (a cut run still shows the ones it reached);
+not a test. On a GPU machine, `CUDA_VISIBLE_DEVICES=` runs the CPU case. `--micro-batch auto` (the CUDA
+default) doubles the micro-batch while a step of each model fits (the two take turns) and times both at
+the largest that fits both. `--dry` builds the configuration, the batch and the FLOPs counts of the run
+and stops before building the models (tools/gpu_check.py's dry mode, in CI).
 """
 
 import argparse
@@ -30,10 +35,10 @@ from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, LMConfig, LossConfi
                                  OptimizerConfig, ParallelConfig, PrecisionConfig, VisionConfig, apply_preset)
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.models.factory import build_model
-from megatron_lcl.models.flops import step_flops, throughput_metrics  # noqa: E402
+from megatron_lcl.models.flops import mfu, spec_peak_flops_per_s, step_flops, throughput_metrics  # noqa: E402
 from megatron_lcl.runtime import ParallelLayout, destroy_distributed, device, initialize_distributed
 from megatron_lcl.runtime.cpu import native_torch
-from megatron_lcl.testing import random_batch, spread_image_positions
+from megatron_lcl.testing import measure_matmul_peak, random_batch, spread_image_positions
 from megatron_lcl.training.optim import build_optimizer
 from megatron_lcl.training.pipeline import PipelineShape, forward_loss, step_forward_backward, wrap_ddp
 from torch_twin import TorchTwin
@@ -174,33 +179,23 @@ def largest_micro_batches(steps: dict, cfg, args, device) -> dict:
                 largest[name] = micro_batch
             else:
                 growing.discard(name)
+            print(f"micro-batch {micro_batch}: {name} {'fits' if name in growing else 'out of memory'}", flush=True)
         micro_batch *= 2
     return largest
 
 
-def measure_matmul_peak(device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large square matmul in `dtype` (the same run's peak, for MFU)."""
-    n, iters = (8192, 20) if device.type == "cuda" else (1024, 5)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    synchronize(device)
-    return 2 * n ** 3 * iters / (time.perf_counter() - start)
-
-
-def summarize(times: list, cfg: ModelConfig, args, micro_batch: int, peak: float) -> dict:
+def summarize(times: list, cfg: ModelConfig, args, micro_batch: int, peaks: dict) -> dict:
+    """Median step time and its rates; `mfu` over the spec peak (None without one), `of_matmul_peak`
+    over the measured matmul peak."""
     step_time_s = statistics.median(times)
     images = args.images_per_sample * micro_batch
-    rates = throughput_metrics(cfg, args.seq_length, micro_batch, images, step_time_s, peak,
-                               contrastive_negatives=images)  # what the training log reports
+    achieved = throughput_metrics(cfg, args.seq_length, micro_batch, images, step_time_s,
+                                  contrastive_negatives=images)["model_flops_per_s"]  # what the training log reports
+    spec, matmul = peaks["spec_flops_per_s"], peaks["matmul_flops_per_s"]
     return {"step_time_s": step_time_s, "images_per_s": images / step_time_s,
             "tokens_per_s": micro_batch * args.seq_length / step_time_s,
-            "model_tflops_per_s": rates["model_flops_per_s"] / 1e12, "mfu": rates["mfu"]}
+            "model_tflops_per_s": achieved / 1e12, "mfu": mfu(achieved, spec) if spec else None,
+            "of_matmul_peak": mfu(achieved, matmul)}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -219,7 +214,10 @@ def parse_args(argv=None):
     parser.add_argument("--vocab-size", type=int, help="default: 50272 with opt-125m, else 1000")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each model first")
-    parser.add_argument("--peak", type=float, help="peak FLOP/s for MFU (default: a matmul measured now)")
+    parser.add_argument("--peak", type=float,
+                        help="peak FLOP/s for MFU (default: the GPU's spec-sheet dense peak; none on a CPU)")
+    parser.add_argument("--dry", action="store_true",
+                        help="build the config, the batch and the FLOPs counts, print them, build no model")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     for key, value in (GPU_DEFAULTS if torch.cuda.is_available() else CPU_DEFAULTS).items():
@@ -232,22 +230,35 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     initialize_distributed(ParallelConfig())
     dev, cfg = device(), model_config(args)
+    result = dry_run(args, cfg, dev)  # the configuration, one batch and the FLOPs counts: printed now
+    if args.dry:
+        return finish(args, result)
+    result["peaks"]["matmul_flops_per_s"] = measure_matmul_peak(dev, DTYPES[args.dtype])
+    print(f"measured {args.dtype} matmul peak {result['peaks']['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s "
+          f"(not the MFU denominator)", flush=True)
     ours, twin = OursStep(cfg, args, dev), TwinStep(cfg, args, dev)
+    result["flops_per_sample"].update(counted_megatron_lcl=ours.flops_counted, counted_torch_twin=twin.flops_counted)
     micro_batch, largest = int(args.micro_batch) if args.micro_batch != "auto" else 0, {}
     if not micro_batch:
         largest = largest_micro_batches({"megatron_lcl": ours, "torch_twin": twin}, cfg, args, dev)
         micro_batch = min(largest.values())
         assert micro_batch > 0, f"not even micro-batch 1 fits: {largest}"
-    peak = args.peak or measure_matmul_peak(dev, DTYPES[args.dtype])
     batch = make_batch(cfg, args, micro_batch, dev)
     times = {"megatron_lcl": [], "torch_twin": []}
     for i in range(args.warmup + args.steps):
-        for name, step in (("megatron_lcl", ours), ("torch_twin", twin)):
-            elapsed = timed(step, batch, dev)
+        elapsed = {name: timed(step, batch, dev) for name, step in (("megatron_lcl", ours), ("torch_twin", twin))}
+        for name, seconds in elapsed.items():
             if i >= args.warmup:
-                times[name].append(elapsed)
-    result = report(args, cfg, dev, micro_batch, largest, peak, ours, twin, times)
+                times[name].append(seconds)
+        print(f"step {i + 1}/{args.warmup + args.steps}{' (warm-up)' if i < args.warmup else ''}: step_time_s "
+              + ", ".join(f"{name} {seconds:.4f}" for name, seconds in elapsed.items()), flush=True)
+    result["config"]["micro_batch"] = micro_batch
+    result.update(report(args, cfg, micro_batch, largest, result["peaks"], ours, twin, times))
     print_result(result)
+    return finish(args, result)
+
+
+def finish(args, result: dict) -> dict:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -255,22 +266,42 @@ def main(argv=None) -> dict:
     return result
 
 
-def report(args, cfg, dev, micro_batch, largest, peak, ours, twin, times) -> dict:
-    analytic = step_flops(cfg, args.seq_length, args.images_per_sample, samples=1)["total"]
+def dry_run(args, cfg: ModelConfig, dev) -> dict:
+    """What the run will do, without a model: its configuration, one micro-batch of 1 sample (built as
+    the timed ones are), the FLOPs per sample in both attention conventions and the spec peak."""
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    batch = make_batch(cfg, args, 1, torch.device("cpu"))
+    spec = args.peak or spec_peak_flops_per_s(name, args.dtype)
+    per_sample = {count: step_flops(cfg, args.seq_length, args.images_per_sample, samples=1,
+                                    attention_count=count)["total"] for count in ("causal", "full")}
     result = {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        "device": name, "torch": torch.__version__, "dry": args.dry,
         "config": {"vision": args.vision, "lm": args.lm, "seq_length": args.seq_length, "dtype": args.dtype,
-                   "images_per_sample": args.images_per_sample, "micro_batch": micro_batch,
-                   "vocab_size": cfg.lm.vocab_size, "steps": args.steps},
+                   "images_per_sample": args.images_per_sample, "micro_batch": args.micro_batch,
+                   "vocab_size": cfg.lm.vocab_size, "steps": args.steps, "image_tokens": cfg.vision.num_image_tokens},
+        "batch_of_one": {"tokens": list(batch.tokens.shape), "images": list(batch.images.shape),
+                         "boi_positions": batch.boi_positions.tolist()},
+        "peaks": {"spec_flops_per_s": spec, "spec_source": "--peak" if args.peak else "spec sheet (dense)",
+                  "matmul_flops_per_s": None},
+        "flops_per_sample": {"analytic": per_sample["causal"], "analytic_full_attention": per_sample["full"]},
+    }
+    print(f"{name}: ViT {args.vision} + LM {args.lm}, seq {args.seq_length}, {args.dtype}, micro-batch "
+          f"{args.micro_batch} x {args.images_per_sample} images (<BoI> at {result['batch_of_one']['boi_positions']})")
+    print(f"FLOPs per sample (fwd+bwd): {per_sample['causal']:.4g} with causal attention at s^2/2 (MFU's count), "
+          f"{per_sample['full']:.4g} with the full s^2 (paper-comparable)")
+    denominator = (f"{spec / 1e12:.0f} TFLOP/s ({result['peaks']['spec_source']})" if spec else
+                   "none (no spec-sheet peak for this device and dtype; --peak gives one)")
+    print(f"MFU denominator: {denominator}", flush=True)
+    return result
+
+
+def report(args, cfg, micro_batch, largest, peaks, ours, twin, times) -> dict:
+    result = {
         "largest_micro_batch": largest,
-        "peak_flops_per_s": peak, "peak_source": "--peak" if args.peak else f"{args.dtype} matmul measured",
-        "flops_per_sample": {"analytic": analytic, "counted_megatron_lcl": ours.flops_counted,
-                             "counted_torch_twin": twin.flops_counted},
         "parameters": {"megatron_lcl": parameter_count(ours.model), "torch_twin": parameter_count(twin.twin)},
-        "megatron_lcl": dict(summarize(times["megatron_lcl"], cfg, args, micro_batch, peak),
+        "megatron_lcl": dict(summarize(times["megatron_lcl"], cfg, args, micro_batch, peaks),
                              core_attention=ours.core_attention),
-        "torch_twin": dict(summarize(times["torch_twin"], cfg, args, micro_batch, peak),
+        "torch_twin": dict(summarize(times["torch_twin"], cfg, args, micro_batch, peaks),
                            core_attention="transformers sdpa"),
     }
     result["ratio_images_per_s"] = result["megatron_lcl"]["images_per_s"] / result["torch_twin"]["images_per_s"]
@@ -278,20 +309,31 @@ def report(args, cfg, dev, micro_batch, largest, peak, ours, twin, times) -> dic
 
 
 def print_result(r: dict) -> None:
-    c, f = r["config"], r["flops_per_sample"]
-    print(f"{r['device']}: ViT {c['vision']} + LM {c['lm']}, seq {c['seq_length']}, {c['dtype']}, micro-batch "
-          f"{c['micro_batch']} x {c['images_per_sample']} images" +
+    c, f, peaks = r["config"], r["flops_per_sample"], r["peaks"]
+    print(f"micro-batch {c['micro_batch']}" +
           (f" (largest that fits: {r['largest_micro_batch']})" if r["largest_micro_batch"] else ""))
-    print(f"FLOPs per sample (fwd+bwd): analytic {f['analytic']:.4g}, counted megatron_lcl "
-          f"{f['counted_megatron_lcl']:.4g}, counted twin {f['counted_torch_twin']:.4g}; parameters "
+    print(f"FLOPs per sample counted by FlopCounterMode (full s^2): megatron_lcl {f['counted_megatron_lcl']:.4g}, "
+          f"twin {f['counted_torch_twin']:.4g} (analytic, full: {f['analytic_full_attention']:.4g}); parameters "
           f"{r['parameters']['megatron_lcl']:,} vs {r['parameters']['torch_twin']:,}")
-    print(f"peak {r['peak_flops_per_s'] / 1e12:.1f} TFLOP/s ({r['peak_source']})")
-    print(f"{'':<14}{'step_time_s':>12}{'images/s':>11}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}  attention")
+    print(f"{'':<14}{'step_time_s':>12}{'images/s':>11}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}"
+          f"{'of matmul':>11}  attention")
     for name in ("megatron_lcl", "torch_twin"):
         m = r[name]
         print(f"{name:<14}{m['step_time_s']:>12.4f}{m['images_per_s']:>11.1f}{m['tokens_per_s']:>12,.0f}"
-              f"{m['model_tflops_per_s']:>10.3f}{m['mfu']:>8.1%}  {m['core_attention']}")
-    print(f"ratio megatron_lcl / twin images/s: {r['ratio_images_per_s']:.3f}")
+              f"{m['model_tflops_per_s']:>10.3f}{format_fraction(m['mfu']):>8}{format_fraction(m['of_matmul_peak']):>11}"
+              f"  {m['core_attention']}")
+    print(f"MFU: model FLOP/s (causal attention at s^2/2) over the spec-sheet peak "
+          f"({format_tflops(peaks['spec_flops_per_s'])}); of matmul: over the measured matmul peak "
+          f"({format_tflops(peaks['matmul_flops_per_s'])})")
+    print(f"ratio megatron_lcl / twin images/s: {r['ratio_images_per_s']:.3f}", flush=True)
+
+
+def format_fraction(value) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def format_tflops(value) -> str:
+    return "none" if value is None else f"{value / 1e12:.1f} TFLOP/s"
 
 
 if __name__ == "__main__":

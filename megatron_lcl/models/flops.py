@@ -2,24 +2,33 @@
 
 Counting convention (Kaplan et al. 2020, Chinchilla, PaLM's MFU): a matmul of `[m, k] x [k, n]` is
 2·m·k·n FLOPs; convolutions likewise; elementwise work (norms, softmax, activations, biases,
-layer-scale, the loss) is not counted. Attention scores are counted in full (s² per layer, also for
-the causal LM: that is what megatron-core's local attention executes; pass `causal_half=True` for
-the flash-kernel convention that skips the masked half). Backward = 2x forward for every matmul
-whose two inputs both need a gradient; the patchify convolution has a constant input (the image),
-so its backward is 1x. The model mirrors `megatron_lcl.models` group by group:
+layer-scale, the loss) is not counted. Backward = 2x forward for every matmul whose two inputs both
+need a gradient; the patchify convolution has a constant input (the image), so its backward is 1x.
+
+Causal attention (`attention_count`): the LM's attention scores and context are counted as the kernels
+run them, by default: `"causal"` counts s²/2 per layer (each position attends to half the sequence on
+average), what SDPA's flash / memory-efficient kernels (`is_causal=True`, the local path's default) and
+Transformer Engine's fused attention compute: they skip the masked blocks. `"full"` counts s² per
+layer: the paper-comparable count (Kaplan's, Chinchilla's and Megatron-LM's formulas count the full
+square) and what an unfused kernel (`model.attention=unfused`) or torch's FlopCounterMode sees. The
+ViT and the pooling attend bidirectionally: full in both conventions. MFU (`mfu`) is the model FLOP/s
+under the default over the accelerator's spec-sheet dense peak (`PEAK_FLOPS_PER_S`), not over a
+measured matmul peak. The model mirrors `megatron_lcl.models` group by group:
 
     per image     vit        conv patchify, L_v x (QKV, scores, context, proj, FFN) over M tokens
                   projector  M latents -> LM width
                   heads      attention pooling (1 query, M keys) + W1, and W2 on the <BoI> output
-    per sequence  lm         L x (QKV, scores, context, proj, FFN) over s positions
+    per sequence  lm         L x (QKV, scores, context, proj, FFN) over s positions (causal)
                   output     s x h x V_padded logits (tied weight: both gradients; skipped for loss=con)
     per image     contrastive  2 logit matrices of [n, N] over e (N = images in the contrastive batch:
                                the global micro-batch, or the whole step with contrastive_batch=step)
-    feature pass  contrastive_batch=step: one more forward of vit, projector, lm layers and heads
-                  (no output layer, no backward) that collects the step's features first
+    feature pass  contrastive_batch=step with several micro-batches: one more forward of vit,
+                  projector, lm layers and heads over every micro-batch of the step (no output
+                  layer, no backward) that collects the step's features first (`uses_feature_pass`)
 
-tests/test_scaling.py compares this with torch's FlopCounterMode on built
-models; `parameter_counts` (analytic) matches `count_parameters_by_group` (of a built model) exactly.
+tests/test_scaling.py compares this with torch's FlopCounterMode on built models (with
+`attention_count="full"`, what the counter sees); `parameter_counts` (analytic) matches
+`count_parameters_by_group` (of a built model) exactly.
 """
 
 from collections import OrderedDict
@@ -35,13 +44,20 @@ PARAMETER_GROUPS = OrderedDict([
     ("heads", ("image_head.", "text_head.")),
 ])
 
-# Dense peak FLOP/s per accelerator, for MFU. Pass your own to `mfu` for anything else.
+# Spec-sheet dense peak FLOP/s per accelerator (no sparsity), the denominator of MFU. Pass your own to
+# `mfu` for anything else. A measured matmul peak (~790-800 TFLOP/s bf16 on an H100/H200) is reported
+# beside MFU by the benchmarks, never used as its denominator.
 PEAK_FLOPS_PER_S = {
     "h100-sxm-bf16": 989e12,
     "h200-bf16": 989e12,
     "a100-bf16": 312e12,
+    "a800-bf16": 312e12,  # the paper's GPUs (an A100 with a slower NVLink)
     "v100-fp16": 125e12,
 }
+# GPU name (as torch.cuda.get_device_name gives it) -> the key of its bf16 peak above.
+_GPU_NAME_KEYS = (("H100", "h100-sxm-bf16"), ("H200", "h200-bf16"), ("A100", "a100-bf16"), ("A800", "a800-bf16"))
+
+ATTENTION_COUNTS = ("causal", "full")  # see the module docstring
 
 
 # ------------------------------------------------------------------------------------ parameters
@@ -132,22 +148,33 @@ def heads_forward_flops(cfg: ModelConfig) -> float:
     return pooling + 2 * hv * e + 2 * hl * e
 
 
-def lm_forward_flops(lm: LMConfig, seq_length: int, causal_half: bool = False) -> float:
+def spec_peak_flops_per_s(device_name: str, dtype: str = "bf16") -> Optional[float]:
+    """The spec-sheet dense peak of a GPU named `device_name` in `dtype`; None when not in the table
+    (a CPU, another GPU, or fp32)."""
+    if dtype != "bf16":
+        return None
+    key = next((k for name, k in _GPU_NAME_KEYS if name in device_name.upper()), None)
+    return PEAK_FLOPS_PER_S[key] if key else None
+
+
+def lm_forward_flops(lm: LMConfig, seq_length: int, attention_count: str = "causal") -> float:
     """Per sequence of `seq_length` positions (text, image latents and padding all count)."""
-    attended = seq_length / 2 if causal_half else seq_length
+    assert attention_count in ATTENTION_COUNTS, f"attention_count {attention_count!r}: one of {ATTENTION_COUNTS}"
+    attended = seq_length / 2 if attention_count == "causal" else seq_length  # causal: s²/2 scores per layer
     return lm.num_layers * transformer_layer_flops(seq_length, lm.hidden_size, lm.ffn_hidden_size, attended)
 
 
 def step_flops(cfg: ModelConfig, seq_length: int, images_per_sample: float, samples: int = 1, *,
                contrastive_negatives: Optional[int] = None, loss_mode: str = "lcl",
                backward: bool = True, tensor_model_parallel_size: int = 1,
-               causal_half: bool = False, feature_pass: bool = False) -> "OrderedDict[str, float]":
+               attention_count: str = "causal", feature_pass: bool = False) -> "OrderedDict[str, float]":
     """FLOPs by group for `samples` sequences holding `images_per_sample` images each (on average).
 
     `contrastive_negatives` is N, the images one InfoNCE row is scored against (images of the global
     micro-batch); None leaves the [n, N] logit matmuls out (they are < 0.1% at realistic sizes).
     With `backward`, forward + backward (the training step); else forward only. `feature_pass`: the
-    step-wide L_con's extra forward (`loss.contrastive_batch=step` with several micro-batches). Returns
+    step-wide L_con's extra forward (`loss.contrastive_batch=step` with several micro-batches).
+    `attention_count`: "causal" (the LM's attention as the kernels run it) or "full" (module docstring). Returns
     {vit, projector, lm, output, heads, contrastive, feature_pass, total}.
     """
     assert loss_mode in ("lcl", "gen", "con"), f"loss_mode {loss_mode!r}"
@@ -162,14 +189,14 @@ def step_flops(cfg: ModelConfig, seq_length: int, images_per_sample: float, samp
     flops = OrderedDict([
         ("vit", images * (vit["patchify"] * (2 if backward else 1) + vit["vit_layers"] * mult)),
         ("projector", images * 2 * v.num_image_tokens * v.hidden_size * lm.hidden_size * mult),
-        ("lm", samples * lm_forward_flops(lm, seq_length, causal_half) * mult),
+        ("lm", samples * lm_forward_flops(lm, seq_length, attention_count) * mult),
         ("output", output * mult),
         ("heads", images * heads_forward_flops(cfg) * mult),
         ("contrastive", contrastive * mult),
     ])
     forward_no_output = (images * (vit["patchify"] + vit["vit_layers"] + heads_forward_flops(cfg) +
                                    2 * v.num_image_tokens * v.hidden_size * lm.hidden_size)
-                         + samples * lm_forward_flops(lm, seq_length, causal_half))
+                         + samples * lm_forward_flops(lm, seq_length, attention_count))
     flops["feature_pass"] = forward_no_output if feature_pass and loss_mode != "gen" else 0.0
     flops["total"] = sum(flops.values())
     return flops

@@ -188,6 +188,14 @@ def data_parallel_size(cfg, nproc: int) -> int:
     return max(nproc // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size), 1)
 
 
+def flops_kwargs(cfg, nproc: int) -> dict:
+    """The `models.flops` options of a run of `cfg` on `nproc` ranks: every pass it runs, the step-wide
+    L_con's feature pass included (contrastive_batch=step over more than one micro-batch per rank)."""
+    micro_batches = cfg.train.global_batch_size // (cfg.data.micro_batch_size * data_parallel_size(cfg, nproc))
+    return dict(loss_mode=cfg.loss.mode, tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+                feature_pass=cfg.loss.contrastive_batch == "step" and micro_batches > 1)
+
+
 def _contrastive_overrides(spec: SweepSpec, budget: dict, overrides: List[str]) -> List[str]:
     """A budget's `contrastive_batch` (samples) as config overrides (see the module docstring)."""
     if "contrastive_batch" not in budget:

@@ -1,0 +1,83 @@
+"""`lcl-sweep SPEC --list`: every pass a point's config runs is in its FLOPs (the step-wide L_con's
+feature pass when contrastive_batch=step spans several micro-batches), GPU-hours at several assumed
+MFUs, and the paper's main run as their anchor."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_lcl.config import load_config
+from megatron_lcl.models.flops import PEAK_FLOPS_PER_S, flops_per_sample, step_flops
+from megatron_lcl.scaling import run_sweep, sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CONFIG = str(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
+MODEL = {"name": "s", "lm": {"hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64}}
+
+
+def write_spec(tmp_path: Path) -> str:
+    """Two points at one size: step-wide L_con over 4 micro-batches of 2 (feature pass), and
+    per-micro-batch L_con (none). One rank: global batch 8 = 4 x micro-batch 2."""
+    spec = dict(name="t", base_config=TINY_CONFIG, output_dir=str(tmp_path / "out"), nproc=1,
+                overrides=["data.seq_length=64", "data.micro_batch_size=2"], models=[MODEL],
+                arms=[{"name": "step", "overrides": ["loss.contrastive_batch=step"]},
+                      {"name": "micro", "overrides": ["loss.contrastive_batch=micro_batch"]}],
+                budgets=[{"name": "b", "train_steps": 3, "global_batch_size": 8}])
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def listed_flops(listing: str, point: str) -> tuple:
+    """(est. FLOPs, feature pass column) of `point`'s row."""
+    row = next(line.split() for line in listing.splitlines() if f" {point} " in line)
+    return float(row[9]), row[10]
+
+
+def test_list_counts_the_feature_pass(tmp_path, capsys):
+    spec = sweep.load_spec(write_spec(tmp_path))
+    run_sweep.list_points(spec, assume_mfu=(0.15, 0.2, 0.35))
+    listing = capsys.readouterr().out
+    points = {p.arm: p for p in sweep.expand_points(spec)}
+    step_cfg = load_config(spec.base_config, points["step"].overrides)
+    assert sweep.flops_kwargs(step_cfg, 1)["feature_pass"] is True  # 4 micro-batches of one rank
+    per_sample = step_flops(step_cfg.model, 64, spec.images_per_sample, samples=1, feature_pass=True)
+    assert per_sample["feature_pass"] > 0.2 * per_sample["total"]  # a forward pass: not a rounding error
+    with_pass, column = listed_flops(listing, points["step"].name)
+    assert column == "yes"
+    assert with_pass == pytest.approx(per_sample["total"] * 8 * 3, rel=1e-2)  # printed to 3 digits
+    without_pass, column = listed_flops(listing, points["micro"].name)
+    assert column == "no"
+    assert without_pass == pytest.approx((per_sample["total"] - per_sample["feature_pass"]) * 8 * 3, rel=1e-2)
+    for mfu in ("15%", "20%", "35%"):
+        assert f"GPU-h@{mfu}" in listing and f"GPU-hours at {mfu} MFU" in listing
+    assert "anchor: the paper's main run" in listing and "ESTIMATE" in listing
+
+
+def test_one_rank_of_one_micro_batch_runs_no_feature_pass(tmp_path):
+    spec = sweep.load_spec(write_spec(tmp_path))
+    step_point = next(p for p in sweep.expand_points(spec) if p.arm == "step")
+    cfg = load_config(spec.base_config, step_point.overrides + ["data.micro_batch_size=8"])
+    assert sweep.flops_kwargs(cfg, 1)["feature_pass"] is False  # global batch 8 = one micro-batch
+    assert sweep.flops_kwargs(cfg, 4)["feature_pass"] is False  # DP 4 with micro-batch 8: still one (or none)
+
+
+def test_paper_anchor_is_the_main_runs_flops_over_its_a800_hours():
+    anchor = run_sweep.paper_main_run_anchor()
+    assert anchor["gpu_hours"] == 512 * 5 * 24  # App. A.4: 512 A800s, 5 days
+    assert anchor["peak_tflops"] == PEAK_FLOPS_PER_S["a800-bf16"] / 1e12 == 312
+    assert anchor["implied_mfu"] == pytest.approx(anchor["flops"] / (61_440 * 3600 * 312e12))
+    cfg = load_config(str(ROOT / "examples" / "configs" / "vit_l14_opt125m_laion_mmc4.yaml"))
+    per_sample = flops_per_sample(cfg.model, cfg.data.seq_length, 6.4)  # the example config is the same model
+    assert anchor["flops"] == pytest.approx(per_sample * cfg.train.global_batch_size * cfg.train.train_steps)
+    assert 0.10 < anchor["implied_mfu"] < 0.25  # what a 2024 run of this size achieves, not 1.3x off
+
+
+def test_assume_mfu_takes_several_and_rejects_out_of_range(tmp_path, capsys):
+    path = write_spec(tmp_path)
+    assert run_sweep.main([path, "--list", "--assume-mfu", "0.15", "0.35"]) == 0
+    assert "GPU-hours at 15% MFU" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_sweep.main([path, "--list", "--assume-mfu", "0.2", "1.5"])
+    assert "each MFU must be in (0, 1], got [1.5]" in capsys.readouterr().err
