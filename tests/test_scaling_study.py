@@ -265,3 +265,32 @@ def test_study_report_end_to_end_on_a_synthetic_sweep(tmp_path):
         assert sum(1 for _ in f) == 1 + n * (2 + 2 * 3 * 2 * 2)
     summary = json.loads((out / "report.json").read_text())
     assert summary["replicates"] == 200 and "lcl-gen" in summary["metrics"]["probe_count"]
+
+
+def test_eval_only_replaces_a_reevaluated_point_and_untrained_points_run_no_driver(tmp_path):
+    """An untrained point writes its initial weights (no driver run, FLOPs 0) and is evaluated like the
+    rest; removing a point's eval.json and running --eval-only again appends a row with the new values."""
+    from test_scaling_arms import fake_runner
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(dict(
+        name="t", output_dir=str(tmp_path / "out"), models=[{"name": "s"}], seeds=[1],
+        base_config=os.path.join(os.path.dirname(__file__), "..", "examples", "configs", "tiny_cpu.yaml"),
+        arms=[{"name": "lcl", "overrides": ["loss.mode=lcl"]}],
+        budgets=[{"name": "untrained", "untrained": True}, {"name": "b1", "train_steps": 2, "global_batch_size": 2}],
+        eval_command="{python} -c \"import json, sys; json.dump({{'metrics': {{'probe_count': 0.5}}}}, "
+                     "open(sys.argv[1] + '/eval.json', 'w'))\" {run_dir}")))
+    spec = sweep.load_spec(str(spec_path))
+    calls = []
+    sweep.run_sweep(spec, runner=fake_runner(calls), log=lambda *a: None)
+    rows = {r["point"]: r for r in sweep.read_results(spec.results_csv)}
+    assert calls == ["lcl-s-b1-s1"]  # the untrained point never ran the driver
+    untrained = rows["lcl-s-untrained-s1"]
+    assert untrained["status"] == "ok" and float(untrained["train_flops"]) == 0 and untrained["train_steps"] == "0"
+    assert os.path.exists(os.path.join(untrained["run_dir"], "checkpoints", "meta.json"))
+    assert float(untrained["probe_count"]) == 0.5
+    os.remove(os.path.join(rows["lcl-s-b1-s1"]["run_dir"], "eval.json"))
+    spec.eval_command = spec.eval_command.replace("0.5", "0.75")  # e.g. a fixed evaluation
+    assert [r["point"] for r in sweep.backfill_eval(spec, log=lambda *a: None)] == ["lcl-s-b1-s1"]
+    assert float(sweep.read_results(spec.results_csv)[-1]["probe_count"]) == 0.75
+    assert sweep.backfill_eval(spec, log=lambda *a: None) == []

@@ -367,8 +367,9 @@ def run_sweep(spec: SweepSpec, runner: Runner = run_point, only: Optional[List[i
 
 def backfill_eval(spec: SweepSpec, only: Optional[List[int]] = None, log=print) -> List[dict]:
     """Run the eval_command on finished points whose run directory has no evaluation yet (e.g. points
-    trained before an evaluation was configured, or whose evaluation failed), and append an updated
-    row for every finished point whose row lacks metrics its evaluation has."""
+    trained before an evaluation was configured, whose evaluation failed, or whose eval.json was
+    removed to evaluate again), and append an updated row for every finished point whose row lacks
+    metrics its evaluation has or holds other values."""
     assert spec.eval_command, "the spec has no eval_command"
     latest = {r["point"]: r for r in read_results(spec.results_csv)}
     appended = []
@@ -380,7 +381,7 @@ def backfill_eval(spec: SweepSpec, only: Optional[List[int]] = None, log=print) 
             log(f"[sweep] {point.name}: evaluating")
             run_eval(spec, point)
         metrics = read_eval_metrics(point.run_dir)
-        if not metrics or all(str(row.get(k) or "") != "" for k in metrics):
+        if not metrics or all(_same_value(row.get(k), v) for k, v in metrics.items()):
             continue
         new = collect_result(point, load_config(point.config_path), spec, "ok", float(row["wall_s"] or 0.0))
         append_row(spec.results_csv, new)
@@ -391,11 +392,22 @@ def backfill_eval(spec: SweepSpec, only: Optional[List[int]] = None, log=print) 
 def write_untrained(config_path: str, run_dir: str, seed: Optional[int]) -> int:
     """An untrained point's model at its initialisation, as a weights-only checkpoint in
     RUN_DIR/checkpoints (what eval_command reads), written in a fresh process; returns its exit status."""
-    code = (f"from megatron_lcl.eval.encoders import random_init_checkpoint as w; "
-            f"w({config_path!r}, {os.path.join(run_dir, 'checkpoints')!r}, seed={seed!r})")
+    # os._exit once the checkpoint is written: the interpreter's teardown can abort the process
+    # afterwards (gloo's threads; seen here: SIGABRT, "terminate called without an active exception")
+    code = (f"import os, sys; from megatron_lcl.eval.encoders import random_init_checkpoint as w; "
+            f"w({config_path!r}, {os.path.join(run_dir, 'checkpoints')!r}, seed={seed!r}); "
+            f"sys.stdout.flush(); sys.stderr.flush(); os._exit(0)")
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith("TORCHELASTIC_")}
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=os.getcwd()).returncode
+
+
+def _same_value(cell, value: float) -> bool:
+    """A results.csv cell holds `value` (as written: floats round-trip through their repr)."""
+    try:
+        return cell not in (None, "") and float(cell) == float(value)
+    except ValueError:
+        return False
 
 
 def _train_point(spec: SweepSpec, point: SweepPoint, runner: Runner) -> dict:
