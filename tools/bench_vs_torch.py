@@ -320,7 +320,7 @@ def print_result(r: dict) -> None:
     for name in ("megatron_lcl", "torch_twin"):
         m = r[name]
         print(f"{name:<14}{m['step_time_s']:>12.4f}{m['images_per_s']:>11.1f}{m['tokens_per_s']:>12,.0f}"
-              f"{m['model_tflops_per_s']:>10.3f}{format_fraction(m['mfu']):>8}{format_fraction(m['of_matmul_peak']):>11}"
+              f"{m['model_tflops_per_s']:>10.4g}{format_fraction(m['mfu']):>8}{format_fraction(m['of_matmul_peak']):>11}"
               f"  {m['core_attention']}")
     print(f"MFU: model FLOP/s (causal attention at s^2/2) over the spec-sheet peak "
           f"({format_tflops(peaks['spec_flops_per_s'])}); of matmul: over the measured matmul peak "
@@ -333,7 +333,7 @@ def format_fraction(value) -> str:
 
 
 def format_tflops(value) -> str:
-    return "none" if value is None else f"{value / 1e12:.1f} TFLOP/s"
+    return "none" if value is None else f"{value / 1e12:.3g} TFLOP/s"
 
 
 if __name__ == "__main__":
