@@ -9,6 +9,8 @@
 #
 # The default list: megatron-core 0.16.1 (the tested version; setup.py's range) and webdataset with
 # braceexpand, its one dependency that is not a common package (numpy and pyyaml are on the node).
+# Transformer Engine is not in it: its CUDA wheel (~276 MB) is larger than what travels (LIMIT_MB), so on
+# such a node gpu_check's part d runs its dry form; run the TE step on a cluster node (docs/gpu.md).
 set -euo pipefail
 DIR=${1:-.whl}
 PY=${PYTHON:-python3}
