@@ -93,6 +93,8 @@ def test_export_from_another_folder_after_the_data_moved(trained, elsewhere, cap
 def test_a_missing_tokenizer_is_one_line_and_exit_2_then_given(trained, elsewhere, capsys):
     """A step folder copied out of its run directory whose config names its tokenizer as older runs did
     (relative to the training folder): one line naming it and `--tokenizer`; then that works."""
+    from megatron_lcl.hf import verify
+
     step = next((trained / "run" / "checkpoints").glob("step_*"))
     lone = elsewhere / "lone" / step.name
     shutil.copytree(step, lone)
@@ -108,6 +110,12 @@ def test_a_missing_tokenizer_is_one_line_and_exit_2_then_given(trained, elsewher
     given = str(trained / "moved" / "tokenizer" / "lcl.model")
     assert export.main(["--load", str(lone), "--save", "hf_lone", "--tokenizer", given]) == 0
     assert (elsewhere / "hf_lone" / "tokenizer" / "tokenizer.json").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as verified:  # the verifier cannot compare tokenizers without it either
+        verify.main(["--load", str(lone), "--hf", "hf_lone"])
+    err = capsys.readouterr().err  # after transformers' progress bars of the HF loads
+    assert verified.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"error: the tokenizer of {lone}, data/tokenizer/lcl.model, is not there")
 
 
 def test_an_existing_export_is_refused_unless_overwrite(trained, elsewhere, capsys, monkeypatch):

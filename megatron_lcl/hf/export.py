@@ -79,6 +79,9 @@ def export_to_hf(checkpoint: str, out_dir: str, log=print, *, overwrite: bool = 
     hf_tokenizer = to_hf_tokenizer(sp_model) if sp_model else None
     if hf_tokenizer is None:
         log("no data.tokenizer in the checkpoint's config: tokenizer/ not written (lm/ has no tokenizer)")
+    elif len(hf_tokenizer) > lcl.cfg.model.lm.vocab_size:
+        raise ExportError(f"tokenizer {sp_model} has {len(hf_tokenizer)} tokens, more than the model's vocabulary "
+                          f"(model.lm.vocab_size {lcl.cfg.model.lm.vocab_size}): not the run's tokenizer")
     with staged_folder(out_dir, overwrite) as tmp:
         names = write_export(tmp, lcl, state, vocab, hf_tokenizer)
     paths = {name: os.path.join(out_dir, rel) for name, rel in names.items()}
