@@ -188,6 +188,8 @@ class Command:
     summary: Callable[[dict], str]
     before_loading: Optional[Callable[[argparse.Namespace, TaskData], None]] = None  # checks before any weights
     result_fields: Tuple[str, ...] = ()  # more args copied into the result
+    load_encoder: Optional[Callable[[argparse.Namespace], object]] = None  # default: load_encoder(args.encoder)
+    table: Optional[Callable[[dict], str]] = None  # default: report.results_table([result])
 
 
 def entry_points(command: Command) -> tuple:
@@ -216,7 +218,8 @@ def run_command(argv, command: Command) -> dict:
     if command.before_loading:
         command.before_loading(args, data)
     layout = init_parallel()
-    result = command.run(args, load_encoder(args.encoder), data, cfg, layout)
+    encoder = command.load_encoder(args) if command.load_encoder else load_encoder(args.encoder)
+    result = command.run(args, encoder, data, cfg, layout)
     for key in [k for k in result if k.startswith("_")]:
         result.pop(key)
     predictions = result.pop("predictions_by_set", None)
@@ -227,7 +230,7 @@ def run_command(argv, command: Command) -> dict:
                   **{f: getattr(args, f) for f in command.result_fields}, **started)
     if predictions is not None:
         result["predictions_files"] = write_predictions(args.output, predictions)
-    print(results_table([result]))
+    print(command.table(result) if command.table else results_table([result]))
     print(command.summary(result))
     for name, path in result.get("predictions_files", {}).items():
         print(f"predictions ({len(predictions[name])} captions of {name}): {path}")

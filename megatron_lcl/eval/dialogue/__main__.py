@@ -1,0 +1,5 @@
+import sys
+
+from megatron_lcl.eval.dialogue.task import main
+
+sys.exit(main())
