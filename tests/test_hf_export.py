@@ -214,3 +214,16 @@ def test_keep_tokenizer_keeps_one_tokenizer_per_run(tmp_path):
     with pytest.raises(ValueError, match=f"data.tokenizer \\({b}\\) is not the tokenizer this run was trained"):
         keep_tokenizer(str(tmp_path / "run"), str(b))
     assert Path(kept).read_bytes() == b"first model"
+
+
+def test_the_run_resumes_from_its_own_config_after_the_data_moved(trained, elsewhere):
+    """`--config RUN_DIR/config.yaml run_dir=RUN_DIR data.path=NEW_PLACE` from another folder: the
+    tokenizer comes from the run directory (as recorded), the data position continues on the moved
+    shards (its fingerprint names shard files, not folders), one more step is trained."""
+    from megatron_lcl.checkpoint import read_metrics
+
+    run = trained / "run"
+    assert pretrain_lcl.main(["--config", str(run / "config.yaml"), f"run_dir={run}",
+                              f"data.path={trained / 'moved' / 'shards'}", "train.train_steps=3",
+                              "optimizer.override_scheduler=true"]) == 0
+    assert [r["step"] for r in read_metrics(str(run))] == [1, 2, 3]
