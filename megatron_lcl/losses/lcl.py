@@ -28,6 +28,7 @@ optimised gradient is exactly that of the step objective above, whatever the per
 per-micro-batch counts. The logged values are reduced per step by `LCLLoss.step_metrics`.
 """
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -189,7 +190,7 @@ class LCLLoss:
         once per step; {} where no loss was computed (not the last pipeline stage)."""
         if not per_micro:
             return {}
-        keys = STEP_SUMS + ("con_loss", "con_top1", "con_batch")
+        keys = STEP_SUMS + ("con_loss", "con_top1", "con_batch", "loss")
         rows = [dict(zip(keys, row)) for row in
                 torch.stack([torch.stack([m[k].double() for k in keys]) for m in per_micro]).tolist()]
         step = {k: sum(r[k] for r in rows) for k in STEP_SUMS}
@@ -200,7 +201,10 @@ class LCLLoss:
             images = max(step["num_images"], 1)
             con_loss, con_top1 = step["con_loss_sum"] / images, step["con_correct"] / images
             con_batch = sum(r["con_batch"] for r in rows) / len(rows)
-        return {"loss": self.gen_weight * lm_loss + self.con_weight * con_loss, "lm_loss": lm_loss,
+        loss = self.gen_weight * lm_loss + self.con_weight * con_loss
+        if not all(math.isfinite(r["loss"]) for r in rows):  # a non-finite micro-batch makes the step so
+            loss = math.nan
+        return {"loss": loss, "lm_loss": lm_loss,
                 "con_loss": con_loss, "con_top1": con_top1, "num_text_tokens": step["num_text_tokens"],
                 "num_images": step["num_images"], "con_excluded": step["con_excluded"], "con_batch": con_batch}
 
