@@ -21,6 +21,11 @@ OUT/error_vs_compute_<metric>.png.
 
     lcl-scaling-report runs/scaling/lcl_vs_con/results.csv --out docs/scaling/lcl_vs_con \
         --spec examples/scaling/lcl_vs_con.yaml
+
+A sweep whose evaluation writes per-item results (`megatron_lcl.eval.transfer --per-item`) gets the
+stricter analysis from `python -m megatron_lcl.scaling.study_report` (megatron_lcl/scaling/study.py:
+untrained baseline, paired item x seed bootstrap with the front inside every replicate, the naive
+held-out predictor, the crossover rule, the power calculation).
 """
 
 import argparse
@@ -371,7 +376,7 @@ def arms_main(args, rows: List[dict], argv) -> int:
         return 2
     for r in rows:
         r["seed"] = "" if r.get("seed") in (None, "") else str(r["seed"])
-    cmp = compare(rows, args.metrics, num_samples=min(args.bootstrap, 400), level=args.level)
+    cmp = compare(rows, args.metrics, num_samples=args.bootstrap, level=args.level)  # no cap: 400 made intervals Monte-Carlo noise
     title = args.title or os.path.basename(os.path.dirname(os.path.abspath(args.csv)))
     command = "python tools/scaling_report.py " + " ".join(sys.argv[1:] if argv is None else argv)
     probes = sorted(k for k in rows[0] if k.startswith("probe_") and k != "probe_accuracy")
