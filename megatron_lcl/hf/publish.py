@@ -28,13 +28,14 @@ class ExportError(Exception):
     """Bad input to an export (its target, its checkpoint's files): one line, exit 2."""
 
 
-def check_target(target: str, overwrite: bool, flag: str = "--save") -> None:
+def check_target(target: str, overwrite: bool, flag: str = "--save", marker: str = MARKER) -> None:
     """Raise ExportError when `target` may not be (re)written: it exists and `overwrite` is off, or it
-    is something other than an export or an empty folder (never replaced: e.g. a run directory)."""
+    is something other than an export (a folder holding `marker`) or an empty folder (never replaced:
+    e.g. a run directory)."""
     if not os.path.lexists(target) or (os.path.isdir(target) and not os.listdir(target)):
         return
-    if not os.path.isdir(target) or not os.path.exists(os.path.join(target, MARKER)):
-        raise ExportError(f"{flag} {target} exists and is not a megatron_lcl export (no {MARKER}); "
+    if not os.path.isdir(target) or not os.path.exists(os.path.join(target, marker)):
+        raise ExportError(f"{flag} {target} exists and is not a megatron_lcl export (no {marker}); "
                           "refusing to replace it: choose another folder")
     if not overwrite:
         raise ExportError(f"{flag} {target} already holds an export; --overwrite replaces it (atomically "
@@ -42,12 +43,13 @@ def check_target(target: str, overwrite: bool, flag: str = "--save") -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(target: str, overwrite: bool = False) -> Iterator[str]:
+def staged_folder(target: str, overwrite: bool = False, marker: str = MARKER) -> Iterator[str]:
     """Yield a fresh temporary folder beside `target`; when the block ends without error, its files are
     flushed to disk and the folder is renamed to `target` (`publish`); when it raises (also on
-    KeyboardInterrupt), the temporary folder is removed and `target` left as it was."""
+    KeyboardInterrupt), the temporary folder is removed and `target` left as it was. `marker`: the file
+    every export of this kind has (`check_target`)."""
     target = os.path.abspath(target)
-    check_target(target, overwrite)
+    check_target(target, overwrite, marker=marker)
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     remove_stale_tmp(parent, name)
@@ -56,15 +58,15 @@ def staged_folder(target: str, overwrite: bool = False) -> Iterator[str]:
     try:
         yield tmp
         fsync_tree(tmp)
-        publish(tmp, target, overwrite)
+        publish(tmp, target, overwrite, marker)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def publish(tmp: str, target: str, overwrite: bool) -> None:
+def publish(tmp: str, target: str, overwrite: bool, marker: str = MARKER) -> None:
     """Rename the complete folder `tmp` to `target`, replacing an export there when `overwrite`."""
-    check_target(target, overwrite)  # again: the target may have appeared during the export
+    check_target(target, overwrite, marker=marker)  # again: the target may have appeared during the export
     if not os.path.lexists(target) or not os.listdir(target):
         os.rename(tmp, target)  # replaces an empty folder atomically (POSIX)
     elif exchange(tmp, target):
