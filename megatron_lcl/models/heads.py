@@ -42,13 +42,8 @@ class ImageHead(torch.nn.Module):
 
 
 class TextHead(torch.nn.Module):
-    """t_i = normalize(W2 · LayerNorm(h_<BoI>_i)), plus the learnable temperature s = exp(logit_scale).
-
-    `logit_scale` stays fp32 in bf16 runs (`LCLModel` keeps it out of the cast): megatron-core's
-    mixed-precision and distributed optimizers keep an fp32 copy of each bf16 parameter and copy it over
-    the parameter after every step, so a clamp of a bf16 `logit_scale` would be lost; an fp32 one is its
-    own master, and the clamp after the step (`training.optim.clamp_logit_scale`) holds.
-    """
+    """t_i = normalize(W2 · LayerNorm(h_<BoI>_i)), plus the learnable temperature s = exp(logit_scale)
+    (clamped after each step by `training.optim.clamp_logit_scale`, on the optimizer's copy too)."""
 
     def __init__(self, lm_hidden: int, heads: HeadsConfig):
         super().__init__()

@@ -80,12 +80,8 @@ class LCLModel(MegatronModule):
         if post_process:
             self.text_head = TextHead(cfg.lm.hidden_size, cfg.heads)
         # megatron-core layers are built in params_dtype; bring the plain torch modules (ViT stem,
-        # projector, heads) along, so bf16 runs need no wrapper. The optimizer keeps fp32 masters,
-        # except of the temperature, which stays fp32 and is its own master (TextHead).
-        temperature = self.text_head.logit_scale.data if post_process else None  # fp32
+        # projector, heads) along, so bf16 runs need no wrapper. The optimizer keeps fp32 masters.
         self.to(lm_config.params_dtype)
-        if temperature is not None:
-            self.text_head.logit_scale.data = temperature
 
     # megatron-core hooks -------------------------------------------------------------------------
     @property

@@ -67,17 +67,20 @@ def current_lr(optimizer) -> float:
 def clamp_logit_scale(model, max_scale: float) -> None:
     """Keep the learnable temperature s = exp(logit_scale) <= max_scale (CLIP's clamp, after each step).
 
-    The clamp must change the value the optimizer keeps. `logit_scale` is fp32 in every precision
-    (`models.heads.TextHead`), so both megatron-core optimizers update the parameter itself (the
-    mixed-precision one holds it as is, the distributed one a view of it), never an fp32 `main_param`
-    copy that the next step would copy back over a clamped bf16 parameter.
+    The clamp must change the value the optimizer keeps. With bf16 parameters megatron-core's
+    mixed-precision and distributed optimizers keep an fp32 `main_param` copy (the distributed one on
+    the data-parallel rank whose shard holds the parameter; None elsewhere) and copy it over the
+    parameter after every step: clamping the parameter alone lasts until the next step. So both are
+    clamped. (Keeping `logit_scale` fp32 instead, its own master, trips megatron-core 0.16.1's
+    mixed-precision optimizer checkpoint, which maps state to parameters by counting bf16 ones only.)
     """
     head = getattr(model, "text_head", None)
-    if head is not None:
-        assert head.logit_scale.dtype == torch.float32, (
-            f"text_head.logit_scale is {head.logit_scale.dtype}: the optimizer's fp32 copy would undo the clamp")
-        with torch.no_grad():
-            head.logit_scale.clamp_(max=math.log(max_scale))
+    if head is None:
+        return
+    with torch.no_grad():
+        for value in (head.logit_scale, getattr(head.logit_scale, "main_param", None)):
+            if value is not None:
+                value.clamp_(max=math.log(max_scale))
 
 
 def drop_path_rate_at(step: int, max_rate: float, ramp_steps: int) -> float:
