@@ -10,7 +10,6 @@
   LM's local output layer; decided from the backend without importing Transformer Engine.
 """
 
-import math
 import os
 import sys
 from dataclasses import replace
@@ -18,71 +17,31 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megatron_lcl.config import (ConfigError, OptimizerConfig, ParallelConfig, PrecisionConfig, config_errors,
-                                 load_config)
+from megatron_lcl.config import ConfigError, ParallelConfig, PrecisionConfig, config_errors, load_config
 from megatron_lcl.config.validate import backend_errors
 from megatron_lcl.models.factory import build_model
 from megatron_lcl.models.lcl_model import LCLModel, transformer_configs
 from megatron_lcl.models.specs import LOCAL, TRANSFORMER_ENGINE, select_transformer_impl
 from megatron_lcl.models.transformer_config import output_layer_config
-from megatron_lcl.runtime import set_seed
-from megatron_lcl.training.optim import build_optimizer, clamp_logit_scale
-from megatron_lcl.training.pipeline import wrap_ddp
 
 from common import tiny_model_config
+from multirank import run_torchrun
+from precision_checks import BOUND, MAX_SCALE, PUSHES, clamp_parameter_only, temperature_run
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs", "tiny_cpu.yaml")
 CFG = tiny_model_config()
-MAX_SCALE = 100.0
-BOUND = float(torch.tensor(math.log(MAX_SCALE)))  # ln(100) as the fp32 parameter holds it
-PUSHES = [-1.0] * 8 + [1.0] * 12  # sign of the loss s: 8 steps drive s up (lr 0.5: past ln 100), 12 down
-
-
-def _kept_tensor(optimizer, param: torch.Tensor) -> torch.Tensor:
-    """The fp32 tensor megatron-core's optimizer updates for `param`: its `main_param` copy (a bf16
-    parameter, in either optimizer), else the parameter itself or a view of it (an fp32 parameter)."""
-    main = getattr(param, "main_param", None)
-    if main is not None:
-        return main
-    held = [p for group in optimizer.optimizer.param_groups for p in group["params"]
-            if p.data_ptr() == param.data_ptr()]
-    assert len(held) == 1, "the optimizer holds neither a main copy nor the parameter"
-    return held[0]
-
-
-def _clamp_parameter_only(model, max_scale: float) -> None:
-    """The clamp before the fix: the model parameter alone."""
-    with torch.no_grad():
-        model.text_head.logit_scale.clamp_(max=math.log(max_scale))
-
-
-def _temperature_run(params_dtype: str, distributed: bool, clamp=clamp_logit_scale) -> dict:
-    """After each step (loss = sign * s) and the clamp: logit_scale as the optimizer keeps it and as
-    the model holds it."""
-    set_seed(0)
-    precision = PrecisionConfig(params_dtype=params_dtype)
-    parallel = ParallelConfig(use_distributed_optimizer=distributed)
-    model = build_model(CFG, parallel, precision)
-    logit_scale = model.text_head.logit_scale
-    ddp = wrap_ddp(model, parallel)
-    optimizer = build_optimizer(ddp, OptimizerConfig(lr=0.5), parallel, precision)
-    run = {"kept": [], "model": [], "main_copy": getattr(logit_scale, "main_param", None) is not None}
-    for sign in PUSHES:
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        (sign * model.text_head.scale()).backward()
-        ddp.finish_grad_sync()
-        optimizer.step()
-        clamp(model, MAX_SCALE)
-        run["kept"].append(_kept_tensor(optimizer, logit_scale).item())
-        run["model"].append(logit_scale.item())
-    return run
 
 
 @pytest.fixture(scope="module")
 def temperature_runs(single_rank):
-    return {(dtype, distributed): _temperature_run(dtype, distributed)
+    return {(dtype, distributed): temperature_run(dtype, distributed)
             for dtype in ("fp32", "bf16") for distributed in (False, True)}
+
+
+@pytest.fixture(scope="module")
+def dp2_runs(tmp_path_factory):
+    out = run_torchrun("precision_checks.py", 2, tmp_path_factory.mktemp("precision"))
+    return torch.load(out / "precision.pt")
 
 
 @pytest.mark.parametrize("distributed", [False, True], ids=["mixed_precision", "distributed_optimizer"])
@@ -109,8 +68,22 @@ def test_fp32_clamp_holds(temperature_runs, distributed):
 def test_clamping_the_bf16_parameter_alone_lets_the_kept_value_drift(single_rank, distributed):
     """The control: the clamp before the fix leaves the optimizer's fp32 copy unclamped (it reaches
     5.2 here; the bf16 parameter holds the clamp only until the next step copies that back)."""
-    run = _temperature_run("bf16", distributed, clamp=_clamp_parameter_only)
+    run = temperature_run("bf16", distributed, clamp=clamp_parameter_only)
     assert max(run["kept"]) > BOUND + 0.5, run["kept"]
+
+
+def test_dp2_clamp_holds_on_the_rank_that_keeps_the_copy(dp2_runs, temperature_runs):
+    """The distributed optimizer keeps the fp32 copy on one of the 2 ranks only; the mixed-precision one
+    on both. Wherever kept, it never exceeds the bound, and it follows the DP=1 run (the same loss on both
+    ranks, so the same averaged gradient); both ranks' parameters agree."""
+    for name, distributed, copies in (("distributed", True, 1), ("mixed", False, 2)):
+        ranks = dp2_runs[name]
+        assert [r["main_copy"] for r in ranks].count(True) == copies, name
+        assert ranks[0]["model"] == ranks[1]["model"] and max(ranks[0]["model"]) <= BOUND
+        for kept in [r["kept"] for r in ranks if r["main_copy"]]:
+            assert kept == pytest.approx(temperature_runs["bf16", distributed]["kept"], abs=1e-6), name
+    control = [r["kept"] for r in dp2_runs["parameter_only"] if r["main_copy"]]
+    assert len(control) == 1 and max(control[0]) > BOUND + 0.5
 
 
 def test_scale_passes_its_gradient_at_the_bound(single_rank):
