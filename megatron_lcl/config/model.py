@@ -147,7 +147,9 @@ class ParallelConfig:
 @dataclass
 class PrecisionConfig:
     params_dtype: str = "fp32"  # fp32 | bf16
-    fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine only)
+    # Transformer Engine's fp8 GEMMs in the LM's layers (the ViT's stay in params_dtype: its M x images
+    # rows need not divide by 8); validated: LM rows and widths, TE layers (docs/gpu.md "Precision on a GPU").
+    fp8: Optional[str] = None  # None | hybrid | e4m3
 
 
 def apply_preset(section, presets: dict):

@@ -8,7 +8,7 @@ What the backend changes (docs/gpu.md, "Precision on a GPU"):
   (`fuse_wgrad_accumulation`) instead of returning a bf16 `.grad` for DDP's hook to add. megatron-core's
   local linears would need Apex's `fused_weight_gradient_mlp_cuda` for it, so local layers and the LM's
   output layer (a local `ColumnParallelLinear` on every backend, `output_layer_config`) run without it.
-- `fp8` reaches the LM only: the ViT runs its TE layers in bf16 (see `build_transformer_config`).
+- `fp8` reaches the LM only: the ViT runs its TE layers in params_dtype (see `build_transformer_config`).
 """
 
 import copy
@@ -47,9 +47,9 @@ def build_transformer_config(section, parallel: ParallelConfig, *, init_method_s
     `precision.fp8` applies to the LM only. Transformer Engine's fp8 GEMMs need the rows of every
     linear's input (all dimensions but the last, flattened) divisible by 8
     (`transformer_engine.pytorch.utils.assert_dim_for_fp8_exec`); the ViT's rows are M x n (M = 1 +
-    patches: 197, 257, odd) and the blank image of a micro-batch without images makes n = 1, so they
-    never are. Its TE layers run in bf16; the LM's rows (seq_length x micro-batch) are checked by
-    `config.validate`.
+    patches: 197, 257, odd; n the micro-batch's images, 1 for the blank image of a micro-batch without
+    any), a multiple of 8 only when n is. So its TE layers run in params_dtype (bf16); the LM's rows
+    (seq_length x micro-batch) are checked by `config.validate`.
     """
     assert impl in (TRANSFORMER_ENGINE, LOCAL), f"impl ({impl!r}): resolve it with models.specs.select_transformer_impl"
     dtype = _dtype(precision)
