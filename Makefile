@@ -1,11 +1,12 @@
-# Two entry points: `make demo` and `make test`. Both build .venv on first use.
+# Entry points: `make demo`, `make test` (everything) and `make test-fast` (the fast tier, for iterating).
+# All build .venv on first use.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The CPU wheel of torch lies on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo clean
+.PHONY: install test test-fast demo clean
 
 install: $(VENV)/.installed
 
@@ -16,8 +17,13 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# The whole suite; the 25 slowest tests are listed at the end.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
+
+# The checks a change most often breaks, in minutes (tests/conftest.py: FAST_TESTS); no multi-rank launch.
+test-fast: install
+	$(PY) -m pytest -q -m fast --durations=10 tests
 
 demo: install
 	bash examples/demo.sh

@@ -1,6 +1,12 @@
-"""Shared fixtures. Multi-rank checks run once per module under torchrun (see tests/dist/)."""
+"""Shared fixtures. Multi-rank checks run once per module under torchrun (see tests/dist/).
+
+The fast tier (`make test-fast`, `pytest -m fast`): the checks a change most often breaks, in a few
+minutes on 2 cores - configuration, layering, single-rank model and loss equivalences, data, and a
+tiny in-process training run with its resume. Chosen here by test file or test id (`FAST_TESTS`),
+marked `fast` at collection; no multi-rank launch is in it (those are `make test`)."""
 
 import os
+import warnings
 
 import pytest
 
@@ -45,3 +51,46 @@ def pytest_configure(config):
 
     for message, category in KNOWN_WARNINGS:
         config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
+
+
+# The fast tier: a file (every test in it) or a test id without its parameters.
+FAST_TESTS = (
+    "tests/test_config.py",
+    "tests/test_layering.py",
+    "tests/models/test_model.py",
+    "tests/models/test_layers.py",
+    "tests/data/test_sample_builder.py",
+    "tests/data/test_loader.py",
+    "tests/data/test_readers.py",
+    "tests/data/test_tokenizer.py",
+    "tests/data/test_prepare.py",
+    "tests/data/test_corrupt_shards.py",
+    "tests/training/test_training.py::test_yaml_overrides_and_presets",
+    "tests/training/test_training.py::test_resolved_config_round_trips",
+    "tests/training/test_training.py::test_config_errors_name_the_field",
+    "tests/training/test_training.py::test_validation_lists_every_problem",
+    "tests/training/test_training.py::test_resume_equals_no_resume",  # the tiny training smoke
+)
+
+
+def fast_entry(nodeid: str):
+    """The FAST_TESTS entry selecting test `nodeid` (its file, or its id without parameters), else None."""
+    file, _, name = nodeid.partition("::")
+    return next((entry for entry in (file, f"{file}::{name.split('[')[0]}") if entry in FAST_TESTS), None)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Mark the fast tier (test ids are relative to the repository root, where pytest.ini is). An entry
+    that selects nothing although its file was collected, or whose file is gone, is reported: a test
+    renamed or moved must not drop out of the tier unnoticed."""
+    used, files = set(), {item.nodeid.partition("::")[0] for item in items}
+    for item in items:
+        entry = fast_entry(item.nodeid)
+        if entry is not None:
+            item.add_marker(pytest.mark.fast)
+            used.add(entry)
+    stale = [e for e in FAST_TESTS if e not in used and
+             (e.partition("::")[0] in files or not (config.rootpath / e.partition("::")[0]).exists())]
+    if stale:
+        warnings.warn(pytest.PytestWarning(f"tests/conftest.py FAST_TESTS entries that select no test: {stale}"))
