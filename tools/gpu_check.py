@@ -426,6 +426,10 @@ PART_LINES = {"a": equivalence_line, "b": training_line, "c": benchmark_line, "d
 
 # ------------------------------------------------------------------------------------ workers
 
+TINY_SEQ_LENGTH = 128
+TE_BATCH = dict(samples=4, images_per_sample=4)  # (d): 16 images, 512 LM rows: multiples of 16 for fp8 GEMMs
+
+
 def tiny_model_config():
     from megatron_lcl.config import LM_PRESETS, VISION_PRESETS, LMConfig, ModelConfig, VisionConfig, apply_preset
 
@@ -444,10 +448,6 @@ def tiny_batch(samples: int = 2, images_per_sample: int = 3):
     positions = spread_image_positions(seq_length, m, images_per_sample)
     return random_batch([positions] * samples, seq_length=seq_length, num_image_tokens=m,
                         image_size=cfg.vision.image_size, vocab_size=cfg.lm.vocab_size)
-
-
-TINY_SEQ_LENGTH = 128
-TE_BATCH = dict(samples=4, images_per_sample=4)  # (d): 16 images, 512 LM rows: multiples of 16 for fp8 GEMMs
 
 
 def loss_and_grads(model, batch) -> tuple:
