@@ -13,7 +13,9 @@ layer: the paper-comparable count (Kaplan's, Chinchilla's and Megatron-LM's form
 square) and what an unfused kernel (`model.attention=unfused`) or torch's FlopCounterMode sees. The
 ViT and the pooling attend bidirectionally: full in both conventions. MFU (`mfu`) is the model FLOP/s
 under the default over the accelerator's spec-sheet dense peak (`PEAK_FLOPS_PER_S`), not over a
-measured matmul peak. The model mirrors `megatron_lcl.models` group by group:
+measured matmul peak; every pass the step runs is counted, the feature pass below too (a plain-DDP
+codebase runs none: compare with `feature_pass=False`). tests/models/test_flops_conventions.py holds
+these conventions. The model mirrors `megatron_lcl.models` group by group:
 
     per image     vit        conv patchify, L_v x (QKV, scores, context, proj, FFN) over M tokens
                   projector  M latents -> LM width
