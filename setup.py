@@ -57,6 +57,7 @@ setup(
             "lcl-eval-classify = megatron_lcl.eval.classify:main",
             "lcl-eval-retrieve = megatron_lcl.eval.retrieve:main",
             "lcl-eval-caption = megatron_lcl.eval.caption:main",
+            "lcl-eval-dialogue = megatron_lcl.eval.dialogue.task:main",
             "lcl-sweep = megatron_lcl.scaling.run_sweep:main",
             "lcl-scaling-report = megatron_lcl.scaling.report:main",
         ],
