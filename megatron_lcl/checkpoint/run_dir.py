@@ -267,16 +267,15 @@ def write_and_finish_atomic_save(save: "AtomicSave") -> str:
 def begin_atomic_save(final: str, state: dict, meta: dict) -> AtomicSave:
     """All ranks: a fresh `final.tmp/`, and megatron-core's plan of the save into it (rank 0 writes
     `common.pt` now); the data files are written next (`writer.write_now`, or in the background)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_lcl.runtime.mcore_compat import deferred_rank0_write_errors, write_results_queue
+    from megatron_lcl.runtime.mcore_compat import (deferred_rank0_write_errors, plan_async_save,
+                                                   write_results_queue)
 
     tmp, rank0 = final + TMP_SUFFIX, dist_rank() == 0
     write_results_queue()  # before the plan: its writer reports there
 
     def plan():
         with deferred_rank0_write_errors():  # rank 0's common.pt: see there
-            return dist_checkpointing.save(state, tmp, async_sharded_save=True)
+            return plan_async_save(state, tmp)
 
     def begin():
         agree_on_error(lambda: rank0 and _fresh_folder(final, tmp), f"saving {final}")
@@ -388,6 +387,8 @@ def check_checkpoint_files(ckpt: str) -> None:
     import torch
     from torch.distributed.checkpoint import FileSystemReader
 
+    from megatron_lcl.runtime.mcore_compat import RANK0_FILES
+
     def read(name, fn):
         try:
             return fn(os.path.join(ckpt, name))
@@ -401,7 +402,8 @@ def check_checkpoint_files(ckpt: str) -> None:
     read(META, read_json)
     read("metadata.json", read_json)  # dist-checkpointing's own (backend, version)
     index = read(".metadata", lambda _: FileSystemReader(ckpt).read_metadata())
-    read("common.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False))
+    if "common.pt" in RANK0_FILES or os.path.exists(os.path.join(ckpt, "common.pt")):  # 0.19: none
+        read("common.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False))
     needed = {}
     for info in index.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)

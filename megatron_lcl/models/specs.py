@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron_lcl.config import ConfigError
 from megatron_lcl.models.attention import SDPAttention
 from megatron_lcl.models.layers import ColumnParallelLinear, LayerNorm, RowParallelLinear, layer_scale_linear
+from megatron_lcl.runtime import mcore_compat  # megatron-core version differences in specs
 
 TRANSFORMER_ENGINE = "transformer_engine"
 LOCAL = "local"
@@ -62,7 +63,7 @@ def _base_gpt_layer_spec(impl: str, attention: str = SDPA) -> ModuleSpec:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec())  # core attention: DotProductAttention
     assert attention in (SDPA, UNFUSED), f"model.attention ({attention!r}): see megatron_lcl.config.validate"
-    attn, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    attn, mlp = spec.submodules.self_attention.submodules, mcore_compat.mlp_submodules(spec)
     if attention == SDPA:
         attn.core_attention = SDPAttention
     # megatron-core's linears, with a direct path when the matrix is not split (models/layers.py).
@@ -102,8 +103,7 @@ def vit_layer_spec(impl: str, layer_scale_init=None, attention: str = SDPA) -> M
     attention = spec.submodules.self_attention
     attention.params = dict(attention.params, attn_mask_type=AttnMaskType.no_mask)
     row_parallel = attention.submodules.linear_proj
-    scaled = ModuleSpec(module=layer_scale_linear(row_parallel),
-                        params={"layer_scale_init": layer_scale_init})
+    scaled = mcore_compat.submodule(layer_scale_linear(row_parallel), layer_scale_init=layer_scale_init)
     attention.submodules.linear_proj = scaled
-    spec.submodules.mlp.submodules.linear_fc2 = scaled
+    mcore_compat.mlp_submodules(spec).linear_fc2 = scaled
     return spec

@@ -1,11 +1,13 @@
-"""Adaptations to the megatron-core version this project pins (0.16.1), kept together so an upgrade
-is one reviewable diff. Its siblings: `cpu.py` (the CPU adaptation, CUDA calls mapped to CPU) and
-`megatron_lcl/known_warnings.py` (the warnings filtered before megatron-core is imported).
+"""Adaptations to the megatron-core versions this project supports (0.16.1, the Python 3.11 pin, and
+0.19.2, what Python 3.12 resolves), kept together so an upgrade is one reviewable diff. Its siblings:
+`cpu.py` (the CPU adaptation, CUDA calls mapped to CPU) and `megatron_lcl/known_warnings.py` (the
+warnings filtered before megatron-core is imported).
 
-Each entry names the version it was written for and what to check when upgrading. `install()` applies
-the process-wide ones; `runtime.distributed.initialize_distributed` calls it (and `cpu.enable_cpu_runtime`
-without CUDA), so no other module patches megatron-core. The rest are functions the checkpoint code calls
-on the objects they adapt.
+Each entry names the version it was written for and what to check when upgrading; where versions
+differ, the switch is on `MCORE_VERSION` (the versions between, 0.17 and 0.18, were read from their
+wheels, not run). `install()` applies the process-wide ones; `runtime.distributed.initialize_distributed`
+calls it (and `cpu.enable_cpu_runtime` without CUDA), so no other module patches megatron-core. The
+rest are functions the checkpoint code calls on the objects they adapt.
 """
 
 import functools
@@ -13,18 +15,29 @@ import queue
 from contextlib import contextmanager
 
 import torch
+from megatron.core import dist_checkpointing
 from megatron.core import optimizer as mcore_optimizers
 from megatron.core import utils
 from megatron.core.dist_checkpointing import serialization
-from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from megatron.core.fusions import fused_layer_norm
 from megatron.core.optimizer import clip_grads, distrib_optimizer
 from megatron.core.optimizer import optimizer as mcore_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.package_info import __version__ as _mcore_version
+from megatron.core.transformer.spec_utils import ModuleSpec
+from packaging.version import Version
 
-MCORE_VERSION = "0.16.1"
+MCORE_VERSION = Version(_mcore_version)
+TESTED_VERSIONS = ("0.16.1", "0.19.2")  # the CPU suite runs on both (README "Upgrading megatron-core")
+# 0.17 moved dist-checkpointing's async save to NVIDIA's resiliency extension by default (see
+# `plan_async_save`) and the write of `common.pt` from `TorchCommonSaveStrategy` to a function; 0.18
+# calls a layer's submodules directly (see `submodule`); 0.19 writes the common state into rank 0's
+# data file instead of `common.pt` (see `RANK0_FILES`).
+_MCORE_0_17 = MCORE_VERSION >= Version("0.17")
+_MCORE_0_18 = MCORE_VERSION >= Version("0.18")
+_MCORE_0_19 = MCORE_VERSION >= Version("0.19")
 
 
 def install() -> None:
@@ -32,6 +45,24 @@ def install() -> None:
     checkpoint write-results queue below."""
     use_foreach_multi_tensor_ops()
     write_results_queue()
+
+
+# megatron-core 0.18+ (transformer/attention.py, mlp.py, transformer_layer.py): a layer builds its
+# linears, norms and MLP by calling what the spec holds (`submodules.linear_proj(in, out, config=...)`),
+# where 0.16.1 passed each through `build_module`, which also takes a `ModuleSpec(module, params)`.
+# A layer spec's `mlp` is then a builder, `functools.partial(MLP.as_mlp_submodule,
+# submodules=MLPSubmodules(...))`, where 0.16.1 has `ModuleSpec(module=MLP, submodules=...)`.
+# Upgrade check: `get_gpt_layer_local_spec().submodules.mlp` still has this form.
+def submodule(module: type, **params):
+    """A layer's submodule `module` built with the extra keyword arguments `params`, in the form this
+    megatron-core builds it from: a callable (0.18+) or a ModuleSpec (0.16.1)."""
+    return functools.partial(module, **params) if _MCORE_0_18 else ModuleSpec(module=module, params=params)
+
+
+def mlp_submodules(layer_spec: ModuleSpec):
+    """The `MLPSubmodules` (linear_fc1, linear_fc2) of a dense layer spec, to read or replace in place."""
+    mlp = layer_spec.submodules.mlp
+    return mlp.keywords["submodules"] if _MCORE_0_18 else mlp.submodules
 
 
 def apex_report() -> str:
@@ -144,13 +175,31 @@ def write_results_queue() -> queue.Queue:
 # save_state_dict_async_finalize before the broadcast of the write status) and `metadata.json`
 # (save_config, before the closing barrier). A write error there (no space left) raises on rank 0
 # only, and the other ranks wait in the next collective until the process group times out (~10 min).
-# Upgrade check: `save` still writes these three on rank 0 only, by these names.
+# 0.17 and 0.18: `common.pt` is written by the function `save_common`, which `serialization` imports.
+# 0.19: no `common.pt`; the common state is a ShardedObject in rank 0's data file (its errors come back
+# through the save's own gather, as every data file's do).
+# Upgrade check: `save` still writes these files on rank 0 only, by these names.
+if _MCORE_0_19:
+    RANK0_FILES = (".metadata", "metadata.json")
+    _RANK0_WRITES = ((FileSystemWriterAsync, "finish"), (serialization, "save_config"))
+elif _MCORE_0_17:
+    RANK0_FILES = ("common.pt", ".metadata", "metadata.json")
+    _RANK0_WRITES = ((serialization, "save_common"), (FileSystemWriterAsync, "finish"),
+                     (serialization, "save_config"))
+else:
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+
+    RANK0_FILES = ("common.pt", ".metadata", "metadata.json")
+    _RANK0_WRITES = ((TorchCommonSaveStrategy, "save_common"), (FileSystemWriterAsync, "finish"),
+                     (serialization, "save_config"))
+
+
 @contextmanager
 def deferred_rank0_write_errors():
-    """Inside, the three rank-0 writes of `dist_checkpointing.save` record their error instead of
-    raising, so every rank runs the save's collectives to the end; the first error is raised on leaving
-    (the caller agrees on it with the other ranks). Data files need nothing: their writers report
-    errors through the save's own gather, and every rank raises."""
+    """Inside, the rank-0 writes of `dist_checkpointing.save` (`RANK0_FILES`) record their error instead
+    of raising, so every rank runs the save's collectives to the end; the first error is raised on
+    leaving (the caller agrees on it with the other ranks). Data files need nothing: their writers
+    report errors through the save's own gather, and every rank raises."""
     errors = []
 
     def deferring(fn):
@@ -162,9 +211,7 @@ def deferred_rank0_write_errors():
                 errors.append(e)
         return write
 
-    targets = [(TorchCommonSaveStrategy, "save_common"), (FileSystemWriterAsync, "finish"),
-               (serialization, "save_config")]
-    originals = [(owner, name, owner.__dict__[name]) for owner, name in targets]
+    originals = [(owner, name, vars(owner)[name]) for owner, name in _RANK0_WRITES]
     for owner, name, fn in originals:
         setattr(owner, name, deferring(fn))
     try:
@@ -174,3 +221,17 @@ def deferred_rank0_write_errors():
             setattr(owner, name, fn)
     if errors:
         raise errors[0]
+
+
+# megatron-core 0.17+: `dist_checkpointing.save(..., async_sharded_save=True)` plans the save for
+# NVIDIA's resiliency extension (`async_strategy="nvrx"`, a package this project does not install) and
+# fails without it; megatron-core's own strategy ("mcore", 0.16.1's only one) hands back the
+# AsyncRequest whose write buckets `checkpoint.writer` writes. 0.19 logs once that it is deprecated.
+# Upgrade check: "mcore" is still accepted, and its request still has `async_fn_args[1]` = the buckets.
+_ASYNC_SAVE_KWARGS = {"async_strategy": "mcore"} if _MCORE_0_17 else {}
+
+
+def plan_async_save(state: dict, checkpoint_dir: str):
+    """All ranks: megatron-core's plan of a save of `state` into `checkpoint_dir` (an AsyncRequest whose
+    data files are still to be written; rank 0 may write `common.pt` now, see `RANK0_FILES`)."""
+    return dist_checkpointing.save(state, checkpoint_dir, async_sharded_save=True, **_ASYNC_SAVE_KWARGS)
