@@ -295,3 +295,16 @@ def test_eval_only_replaces_a_reevaluated_point_and_untrained_points_run_no_driv
     assert [r["point"] for r in sweep.backfill_eval(spec, log=lambda *a: None)] == ["lcl-s-b1-s1"]
     assert float(sweep.read_results(spec.results_csv)[-1]["probe_count"]) == 0.75
     assert sweep.backfill_eval(spec, log=lambda *a: None) == []
+
+
+def test_exit_code_one_is_diverged_only_when_the_driver_says_so(tmp_path):
+    """A traceback exits 1 too: without the driver's exit-status file it is a failure (run again), not a
+    finished `diverged` point (a concurrent edit's import error once passed for divergence)."""
+    run_dir = str(tmp_path)
+    assert sweep.point_status(0, run_dir) == "ok" and sweep.point_status(1, run_dir) == "failed(1)"
+    with open(sweep.exit_status_path(run_dir), "w") as f:
+        f.write("1 diverged\n")
+    assert sweep.point_status(1, run_dir) == "diverged"
+    with open(sweep.exit_status_path(run_dir), "w") as f:
+        f.write("1 checkpoint_error\n")
+    assert sweep.point_status(1, run_dir) == "failed(1 checkpoint_error)"

@@ -63,11 +63,12 @@ import yaml
 from megatron_lcl.checkpoint.run_dir import read_metrics
 from megatron_lcl.config import load_config, save_config
 from megatron_lcl.models.flops import flops_per_sample, parameter_counts, training_flops
+from megatron_lcl.train import EXIT_STATUS_FILE_ENV
 
 DRIVER = "megatron_lcl.train"  # the module pretrain_lcl.py runs
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for tools/sweep.py
 FINISHED = ("ok", "diverged")
-EXIT_STATUS = {0: "ok", 1: "diverged", 2: "config_error"}
+EXIT_STATUS = {0: "ok", 2: "config_error"}  # 1: `diverged` only when the driver's exit-status file says so
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 CSV_COLUMNS = [  # then one column per evaluation metric (eval.json), in the order first seen
@@ -300,7 +301,28 @@ def run_point(config_path: str, overrides: List[str], run_dir: str, nproc: int =
     # MASTER_PORT its own process group is bound to), so the child picks fresh ones.
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith("TORCHELASTIC_")}
     env.setdefault("OMP_NUM_THREADS", "1")
+    env[EXIT_STATUS_FILE_ENV] = exit_status_path(run_dir)
+    if os.path.exists(env[EXIT_STATUS_FILE_ENV]):
+        os.remove(env[EXIT_STATUS_FILE_ENV])  # a previous attempt's
     return subprocess.run(cmd, env=env, cwd=os.getcwd()).returncode
+
+
+def exit_status_path(run_dir: str) -> str:
+    """Where the driver writes "<code> <reason>" (megatron_lcl.train, $LCL_EXIT_STATUS_FILE)."""
+    return os.path.join(run_dir, "exit_status")
+
+
+def point_status(code: int, run_dir: str) -> str:
+    """A row's status from the driver's exit code: 1 is `diverged` only when the driver's exit-status
+    file says so; a crash (a Python traceback also exits 1) or a checkpoint error is failed(1 ...) and
+    runs again on the next sweep."""
+    if code in EXIT_STATUS:
+        return EXIT_STATUS[code]
+    reason = ""
+    if os.path.exists(exit_status_path(run_dir)):
+        with open(exit_status_path(run_dir)) as f:
+            reason = f.read().split(maxsplit=1)[-1].strip()
+    return "diverged" if code == 1 and reason == "diverged" else f"failed({code}{' ' + reason if reason else ''})"
 
 
 Runner = Callable[[str, List[str], str, int], int]
@@ -419,7 +441,7 @@ def _train_point(spec: SweepSpec, point: SweepPoint, runner: Runner) -> dict:
         code = runner(point.config_path, [], point.run_dir, spec.nproc)
     if code == 0 and spec.eval_command:
         run_eval(spec, point)
-    return collect_result(point, cfg, spec, EXIT_STATUS.get(code, f"failed({code})"), time.time() - t0)
+    return collect_result(point, cfg, spec, point_status(code, point.run_dir), time.time() - t0)
 
 
 @contextmanager
