@@ -156,16 +156,16 @@ def runner_for(tmp_path: Path, limit_s: float):
 def test_runner_kills_a_hung_child_and_its_group(tmp_path):
     from gpu_check import PartTimeout
 
-    runner = runner_for(tmp_path, limit_s=3)
+    runner = runner_for(tmp_path, limit_s=10)  # bash starts in milliseconds, also on a loaded machine
     pid_file = tmp_path / "grandchild.pid"
-    hang = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
-            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(600)")
+    hang = f"sleep 600 & echo $! > {pid_file}; echo started; wait"
     with pytest.raises(PartTimeout, match="hang guard") as caught:
-        runner.python(["-c", hang], "a hung child")
+        runner.run(["bash", "-c", hang], "a hung child")
     assert "started" in caught.value.output
     grandchild = int(pid_file.read_text())
-    for _ in range(100):  # SIGKILL to the group: the grandchild goes too (reaped by init shortly)
-        if not Path(f"/proc/{grandchild}").exists() or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]:
+    for _ in range(100):  # SIGKILL to the group: the grandchild goes too (a zombie until reaped)
+        stat = Path(f"/proc/{grandchild}/stat")
+        if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
             break
         time.sleep(0.1)
     else:
