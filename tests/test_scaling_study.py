@@ -131,7 +131,9 @@ def test_heldout_prediction_is_scored_against_the_naive_predictor():
 
 def test_crossover_claimed_only_when_significant_on_both_sides():
     # a starts better and falls slower: b better at b3 by a wide margin -> claimed
-    cross = lambda arm, c: (0.5 + 0.05 * math.log10(c / 1e9)) if arm == "a" else (0.35 + 0.2 * math.log10(c / 1e9))  # noqa: E731
+    def cross(arm, c):
+        return 0.5 + 0.05 * math.log10(c / 1e9) if arm == "a" else 0.35 + 0.2 * math.log10(c / 1e9)
+
     s = synthetic_study(cross, seed_shift=0.01, rng_seed=11)
     reps = study.draw_replicates(s, 1000)
     configs = study.config_values(s, reps, "m")
@@ -140,7 +142,9 @@ def test_crossover_claimed_only_when_significant_on_both_sides():
     assert x["claimed"] == {"between": ("b1", "b3"), "lower_first": "a"} or \
         x["claimed"] == {"between": ("b1", "b2"), "lower_first": "a"}
     # the same start, but b only draws level at the largest compute (9e9): no significant lead for b -> no claim
-    level = lambda arm, c: (0.5 + 0.05 * math.log10(c / 1e9)) if arm == "a" else (0.35 + 0.2075 * math.log10(c / 1e9))  # noqa: E731
+    def level(arm, c):
+        return 0.5 + 0.05 * math.log10(c / 1e9) if arm == "a" else 0.35 + 0.2075 * math.log10(c / 1e9)
+
     s2 = synthetic_study(level, budgets=(("b1", 1.0), ("b2", 3.0)), seed_shift=0.01, rng_seed=11)
     configs2 = study.config_values(s2, study.draw_replicates(s2, 1000), "m")
     ga, gb = (study.fit_arm([c for c in configs2 if c.arm == arm], arm, "m") for arm in ("a", "b"))

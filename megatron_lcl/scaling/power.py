@@ -68,7 +68,8 @@ def pilot_noise(study, metric: str) -> Noise:
                 errors += [1 - float(np.nanmean(p.hits[metric])) for pair in pairs for p in pair]
                 used += 1
     if not dof:
-        raise ValueError(f"{metric}: no configuration with >= 2 seeds of two arms: the pilot cannot give a run variance")
+        raise ValueError(f"{metric}: no configuration with >= 2 seeds of two arms: the pilot cannot give a "
+                         "run variance")
     if np.mean(errors) < 1e-3:
         raise ValueError(f"{metric}: saturated (mean error {np.mean(errors):.2g}): a relative noise is undefined")
     return Noise(metric, ss / dof, dof, float(np.mean(item_vars)), float(np.mean(errors)), used)

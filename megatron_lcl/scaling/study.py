@@ -388,8 +388,9 @@ def paired_items(study: Study, metric: str, arm_a: str, arm_b: str) -> List[dict
         if pairs:
             ha = np.concatenate([p[0].hits[metric] for p in pairs])
             hb = np.concatenate([p[1].hits[metric] for p in pairs])
-            out.append({"model": model, "budget": budget, "seeds": len(pairs), "only_a": int(((ha == 1) & (hb == 0)).sum()),
-                        "only_b": int(((ha == 0) & (hb == 1)).sum()), "delta": float(np.nanmean(ha - hb))})
+            out.append({"model": model, "budget": budget, "seeds": len(pairs),
+                        "only_a": int(((ha == 1) & (hb == 0)).sum()), "only_b": int(((ha == 0) & (hb == 1)).sum()),
+                        "delta": float(np.nanmean(ha - hb))})
     return out
 
 

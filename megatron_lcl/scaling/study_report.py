@@ -84,12 +84,14 @@ def fmt(x, digits=3) -> str:
 
 
 def run_table(analysis: Analysis, metric: str) -> List[str]:
-    lines = [f"| arm | model | budget | FLOPs | seeds | near chance | {metric} | gain over untrained [90 %] | on front |",
+    lines = [f"| arm | model | budget | FLOPs | seeds | near chance | {metric} | gain over untrained [90 %] "
+             "| on front |",
              "|---|---|---|---|---|---|---|---|---|"]
     for arm in analysis.study.arms:
         result = analysis.arms[(arm, metric)]
         for i, c in enumerate(result.configs):
-            gain = "-" if c.gain is None else f"{c.gain[0]:+.3f} [{interval(c.gain[1:])[0]:+.3f}, {interval(c.gain[1:])[1]:+.3f}]"
+            lo, hi = interval(c.gain[1:]) if c.gain is not None else (None, None)
+            gain = "-" if c.gain is None else f"{c.gain[0]:+.3f} [{lo:+.3f}, {hi:+.3f}]"
             lines.append(f"| {arm} | {c.model} | {c.budget} | {c.compute:.3g} | {len(c.seeds)} | {c.near_chance} | "
                          f"{1 - c.error[0]:.3f} | {gain} | {result.front_share[i]:.0%} |")
     return lines
@@ -101,13 +103,15 @@ def fit_lines(analysis: Analysis, metric: str) -> List[str]:
         r = analysis.arms[(arm, metric)]
         lo, hi = interval(r.exponent[1:])
         sat = r.saturating or {}
-        four = sat.get("not_identified") or f"c = {fmt(sat.get('c'))}, d = {fmt(sat.get('d'))}, b = {fmt(sat.get('b'))} FLOPs"
+        four = sat.get("not_identified") or \
+            f"c = {fmt(sat.get('c'))}, d = {fmt(sat.get('d'))}, b = {fmt(sat.get('b'))} FLOPs"
         lines.append(f"- {arm}: `E = a C^c`: c = {fmt(r.exponent[0])} [{fmt(lo)}, {fmt(hi)}] on {len(r.front)} front "
                      f"point(s); `E = a (C + b)^c + d`: {four}")
         h = r.heldout
         if "observed" in h:
             rel = f"{100 * h['power_rel_error']:+.1f}" if "power" in h else "-"
-            lines.append(f"  - held out ({h['budget']}, best {h['model']}): observed error {h['observed']:.3f}; power law "
+            lines.append(f"  - held out ({h['budget']}, best {h['model']}): observed error {h['observed']:.3f}; "
+                         "power law "
                          f"predicts {fmt(h.get('power'))} ({rel} %); "
                          f"naive (no further improvement) {h['naive']:.3f} ({100 * h['naive_rel_error']:+.1f} %)")
         else:
@@ -167,10 +171,12 @@ def power_lines(study: Study, metrics: Sequence[str]) -> List[str]:
         lines += [f"### {m}", "", f"run_var = {noise.run_var:.3g} (sd {noise.run_var ** 0.5:.3f}, {noise.run_dof} dof "
                   f"from {noise.configurations} configuration pair(s)); item_var = {noise.item_var:.3g} (/ {n} items: "
                   f"sd {(noise.item_var / n) ** 0.5:.3f}); error level {noise.error:.3f}.", "",
-                  "| seeds | K points | range | SE(c_a - c_b) | power | MDE (one configuration) |", "|---|---|---|---|---|---|"]
+                  "| seeds | K points | range | SE(c_a - c_b) | power | MDE (one configuration) |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {r['seeds']} | {r['points']} | {r['range']:g}x | {r['se']:.4f} | {r['power']:.0%} | "
                   f"{r['level_mde']:.3f} |" for r in power.power_table(noise, n, POWER_DELTA)]
-        need = {(k, rng): power.seeds_needed(noise, POWER_DELTA, k, rng, n) for k, rng in ((5, 100), (7, 1000), (9, 1000))}
+        need = {(k, rng): power.seeds_needed(noise, POWER_DELTA, k, rng, n)
+                for k, rng in ((5, 100), (7, 1000), (9, 1000))}
         lines += ["", "Seeds needed for 80 % power at |delta c| = 0.02: " + "; ".join(
             f"K = {k} over {rng}x: {s if s else 'not reachable with these items'}" for (k, rng), s in need.items()), ""]
     return lines
@@ -187,7 +193,8 @@ def learning_rate_lines(table: List[dict], metrics: Sequence[str]) -> List[str]:
              "| arm | model | steps | lr | seeds | final loss | mean gain | " + " | ".join(metrics) + " | chosen |",
              "|---|---|---|---|---|---|---|" + "---|" * len(metrics) + "---|"]
     lines += [f"| {t['arm']} | {t['model']} | {t['steps']} | {t['lr']:g} | {t['seeds']} | {t['loss']:.3f} | "
-              f"{t['gain']:+.3f} | " + " | ".join(fmt(t[m]) for m in metrics) + f" | {'yes' if t.get('chosen') else ''} |"
+              f"{t['gain']:+.3f} | " + " | ".join(fmt(t[m]) for m in metrics)
+              + f" | {'yes' if t.get('chosen') else ''} |"
               for t in table]
     return lines + [""]
 
@@ -228,7 +235,8 @@ def write_per_item(study: Study, path: str) -> None:
 
 
 def summary_json(analysis: Analysis) -> dict:
-    out = {"items": len(analysis.study.items), "replicates": analysis.num_samples, "level": analysis.level, "metrics": {}}
+    out = {"items": len(analysis.study.items), "replicates": analysis.num_samples, "level": analysis.level,
+           "metrics": {}}
     for (arm, metric), r in analysis.arms.items():
         lo, hi = interval(r.exponent[1:])
         out["metrics"].setdefault(metric, {})[arm] = {
