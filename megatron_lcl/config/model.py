@@ -48,15 +48,28 @@ class VisionConfig:
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over depth
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    # What fills an image's M positions in the LM (docs/training.md "Image tokens"):
+    # - latents (the paper's text, default): every ViT output token (class token first), through the
+    #   linear projector; v_i = W1 · attention_pool(latents). M = 1 + patches.
+    # - pooled_values (the released OpenGVLab/LCL code): the patch tokens only, through the pooling
+    #   block's value projection and output projection (no attention); v_i = that block's pooled
+    #   output, with no W1 (needs model.heads.embed_dim == model.lm.hidden_size). M = patches.
+    image_tokens: str = "latents"
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
     @property
-    def num_image_tokens(self) -> int:
-        """M: LM positions one image occupies between <BoI> and <EoI> (class token + patches)."""
+    def num_vit_tokens(self) -> int:
+        """Tokens the ViT runs on: the class token + the patches (both settings of `image_tokens`)."""
         return self.num_patches + 1
+
+    @property
+    def num_image_tokens(self) -> int:
+        """M: LM positions one image occupies between <BoI> and <EoI>: class token + patches
+        (`image_tokens=latents`) or the patches alone (`pooled_values`)."""
+        return self.num_patches + (1 if self.image_tokens == "latents" else 0)
 
 
 @dataclass
@@ -78,7 +91,8 @@ class LMConfig:
 
 @dataclass
 class HeadsConfig:
-    """The LCL heads: attention pooling -> W1 -> v_i and LayerNorm -> W2 on the <BoI> output -> t_i."""
+    """The LCL heads: attention pooling -> W1 -> v_i and LayerNorm -> W2 on the <BoI> output -> t_i
+    (with `model.vision.image_tokens=pooled_values` the pooling block projects to embed_dim itself)."""
 
     embed_dim: int = 64  # dimension of v_i and t_i
     pool_num_heads: int = 4

@@ -23,6 +23,7 @@ PACKINGS = ("auto", "truncate", "concat", "pack")
 LOSS_MODES = ("lcl", "gen", "con")
 CONTRASTIVE_BATCHES = ("step", "micro_batch")
 VISION_ACTIVATIONS = ("gelu", "quick_gelu")
+IMAGE_TOKENS = ("latents", "pooled_values")
 RECOMPUTE_GRANULARITIES = ("selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
 # Of megatron-core 0.16.1's selective modules only core_attn works here: "layernorm" always takes the
@@ -101,6 +102,7 @@ def model_config_errors(model: ModelConfig, parallel: ParallelConfig,
          v.hidden_size % model.heads.pool_num_heads == 0,
          f"model.heads.pool_num_heads ({model.heads.pool_num_heads}) must divide "
          f"model.vision.hidden_size ({v.hidden_size})")
+    errors += _image_token_errors(model)
     need(model.transformer_impl in ("auto", "transformer_engine", "local"),
          f"model.transformer_impl ({model.transformer_impl!r}) must be auto, transformer_engine or local")
     need(model.attention in ("sdpa", "unfused"),
@@ -119,6 +121,26 @@ def model_config_errors(model: ModelConfig, parallel: ParallelConfig,
              f"data.seq_length ({seq_length})")
     if precision is not None:
         errors += _precision_errors(precision, model, parallel.tensor_model_parallel_size)
+    return errors
+
+
+def _image_token_errors(model: ModelConfig) -> List[str]:
+    """`model.vision.image_tokens`: pooled_values is the released code's pooling block, whose output
+    projection (to the LM width) gives both the LM's image tokens and v_i: no W1, so embed_dim is the LM
+    width, and its heads split the LM width."""
+    v, heads, lm_width = model.vision, model.heads, model.lm.hidden_size
+    if v.image_tokens not in IMAGE_TOKENS:
+        return [f"model.vision.image_tokens ({v.image_tokens!r}) must be one of {', '.join(IMAGE_TOKENS)}"]
+    if v.image_tokens == "latents":
+        return []
+    errors = []
+    if heads.embed_dim != lm_width:
+        errors.append(f"model.vision.image_tokens=pooled_values projects the pooled latent to the LM width and "
+                      f"uses it as v_i (no W1, as the released code): model.heads.embed_dim ({heads.embed_dim}) "
+                      f"must equal model.lm.hidden_size ({lm_width})")
+    if lm_width % heads.pool_num_heads:
+        errors.append(f"model.heads.pool_num_heads ({heads.pool_num_heads}) must divide model.lm.hidden_size "
+                      f"({lm_width}) (model.vision.image_tokens=pooled_values: the pooling heads split the LM width)")
     return errors
 
 

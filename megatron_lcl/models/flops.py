@@ -17,9 +17,11 @@ measured matmul peak; every pass the step runs is counted, the feature pass belo
 codebase runs none: compare with `feature_pass=False`). tests/models/test_flops_conventions.py holds
 these conventions. The model mirrors `megatron_lcl.models` group by group:
 
-    per image     vit        conv patchify, L_v x (QKV, scores, context, proj, FFN) over M tokens
-                  projector  M latents -> LM width
-                  heads      attention pooling (1 query, M keys) + W1, and W2 on the <BoI> output
+    per image     vit        conv patchify, L_v x (QKV, scores, context, proj, FFN) over 1 + P tokens
+                  projector  the M image tokens: latents -> LM width (`image_tokens=latents`), or the
+                             pooling block's V and O over the P patches (`pooled_values`)
+                  heads      attention pooling (1 query, M keys) + W1 (`pooled_values`: its Q, K,
+                             attention and O), and W2 on the <BoI> output
     per sequence  lm         L x (QKV, scores, context, proj, FFN) over s positions (causal)
                   output     s x h x V_padded logits (tied weight: both gradients; skipped for loss=con)
     per image     contrastive  2 logit matrices of [n, N] over e (N = images in the contrastive batch:
@@ -76,7 +78,7 @@ def transformer_layer_params(h: int, ffn: int, layer_scale: bool = False) -> int
 
 def vit_params(v: VisionConfig) -> int:
     h = v.hidden_size
-    embed = 3 * v.patch_size ** 2 * h + h + v.num_image_tokens * h + 2 * h  # conv, class token, positions, ln_pre
+    embed = 3 * v.patch_size ** 2 * h + h + v.num_vit_tokens * h + 2 * h  # conv, class token, positions, ln_pre
     layers = v.num_layers * transformer_layer_params(h, v.ffn_hidden_size, v.layer_scale_init is not None)
     return embed + layers + 2 * h  # final (post-)LayerNorm
 
@@ -90,8 +92,17 @@ def lm_params(lm: LMConfig, tensor_model_parallel_size: int = 1) -> int:
 def heads_params(cfg: ModelConfig) -> int:
     hv, hl, e = cfg.vision.hidden_size, cfg.lm.hidden_size, cfg.heads.embed_dim
     image = hv + 2 * hv + (3 * hv * hv + 3 * hv) + (hv * hv + hv) + hv * e  # query, LN, MHA in/out, W1
+    if cfg.vision.image_tokens == "pooled_values":
+        image = hv + 3 * 2 * hv + 3 * (hv * hl + hl) + hl * hl  # query, LN q/k/v, Q/K/V, O (no bias, no W1)
     text = 2 * hl + hl * e + 1  # LN, W2, logit_scale
     return image + text
+
+
+def projector_params(cfg: ModelConfig) -> int:
+    """The linear projector (`image_tokens=latents`); pooled_values has none (its head makes the tokens)."""
+    if cfg.vision.image_tokens != "latents":
+        return 0
+    return cfg.vision.hidden_size * cfg.lm.hidden_size + cfg.lm.hidden_size
 
 
 def parameter_counts(cfg: ModelConfig, tensor_model_parallel_size: int = 1) -> "OrderedDict[str, int]":
@@ -99,7 +110,7 @@ def parameter_counts(cfg: ModelConfig, tensor_model_parallel_size: int = 1) -> "
     on a whole model (TP=PP=1), plus `lm_embedding` (word + position tables, included in `lm`)."""
     counts = OrderedDict([
         ("vit", vit_params(cfg.vision)),
-        ("projector", cfg.vision.hidden_size * cfg.lm.hidden_size + cfg.lm.hidden_size),
+        ("projector", projector_params(cfg)),
         ("lm", lm_params(cfg.lm, tensor_model_parallel_size)),
         ("heads", heads_params(cfg)),
     ])
@@ -137,17 +148,26 @@ def transformer_layer_flops(tokens: int, h: int, ffn: int, attended: float) -> f
 
 def vit_forward_flops(v: VisionConfig) -> dict:
     """Per image: {'patchify': conv, 'vit_layers': transformer layers}."""
-    m, h = v.num_image_tokens, v.hidden_size
+    m, h = v.num_vit_tokens, v.hidden_size
     patchify = 2 * v.num_patches * 3 * v.patch_size ** 2 * h
     layers = v.num_layers * transformer_layer_flops(m, h, v.ffn_hidden_size, attended=m)
     return {"patchify": patchify, "vit_layers": layers}
 
 
 def heads_forward_flops(cfg: ModelConfig) -> float:
-    """Per image: attention pooling (q, kv and out projections, 1 x M attention), W1 and W2."""
+    """Per image: attention pooling (q, kv and out projections, 1 x M attention), W1 and W2.
+    pooled_values: Q on the query, K over the P patches, 1 x P attention, O; its V is the projector's."""
     m, hv, hl, e = cfg.vision.num_image_tokens, cfg.vision.hidden_size, cfg.lm.hidden_size, cfg.heads.embed_dim
+    if cfg.vision.image_tokens == "pooled_values":
+        return 2 * hv * hl + 2 * m * hv * hl + 2 * 2 * m * hl + 2 * hl * hl + 2 * hl * e
     pooling = 2 * hv * hv + 2 * m * 2 * hv * hv + 2 * 2 * m * hv + 2 * hv * hv
     return pooling + 2 * hv * e + 2 * hl * e
+
+
+def projector_forward_flops(cfg: ModelConfig) -> float:
+    """Per image, the M image tokens: latents -> LM width, or (pooled_values) V then O over the P patches."""
+    m, hv, hl = cfg.vision.num_image_tokens, cfg.vision.hidden_size, cfg.lm.hidden_size
+    return 2 * m * hv * hl + (2 * m * hl * hl if cfg.vision.image_tokens == "pooled_values" else 0)
 
 
 def spec_peak_flops_per_s(device_name: str, dtype: str = "bf16") -> Optional[float]:
@@ -190,14 +210,14 @@ def step_flops(cfg: ModelConfig, seq_length: int, images_per_sample: float, samp
         2 * 2 * images * contrastive_negatives * cfg.heads.embed_dim
     flops = OrderedDict([
         ("vit", images * (vit["patchify"] * (2 if backward else 1) + vit["vit_layers"] * mult)),
-        ("projector", images * 2 * v.num_image_tokens * v.hidden_size * lm.hidden_size * mult),
+        ("projector", images * projector_forward_flops(cfg) * mult),
         ("lm", samples * lm_forward_flops(lm, seq_length, attention_count) * mult),
         ("output", output * mult),
         ("heads", images * heads_forward_flops(cfg) * mult),
         ("contrastive", contrastive * mult),
     ])
     forward_no_output = (images * (vit["patchify"] + vit["vit_layers"] + heads_forward_flops(cfg) +
-                                   2 * v.num_image_tokens * v.hidden_size * lm.hidden_size)
+                                   projector_forward_flops(cfg))
                          + samples * lm_forward_flops(lm, seq_length, attention_count))
     flops["feature_pass"] = forward_no_output if feature_pass and loss_mode != "gen" else 0.0
     flops["total"] = sum(flops.values())

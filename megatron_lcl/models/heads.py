@@ -1,6 +1,8 @@
 """The LCL heads (replicated over tensor-parallel ranks: they are small).
 
 - image side (first pipeline stage): attention pooling of the image latents -> W1 -> v_i
+  (`ImageHead`, `model.vision.image_tokens=latents`), or the released code's pooling block
+  (`ValuePoolingHead`, `image_tokens=pooled_values`), which also makes the LM's image tokens
 - text side (last pipeline stage): LayerNorm -> W2 on the LM output at each `<BoI>` -> t_i
 """
 
@@ -39,6 +41,48 @@ class ImageHead(torch.nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.proj(self.pool(latents)), dim=-1)  # [n, e]
+
+
+class ValuePoolingHead(torch.nn.Module):
+    """The released LCL code's image pooling block (OpenGVLab/LCL, `AttentivePoolingProjection` with one
+    query): it gives both v_i and the LM's image tokens, from the patch tokens `[n, P, h_v]` (no class token).
+
+        keys   = K(LN_k(patches)),  values = V(LN_v(patches))       [n, P, d]   (d = LM width)
+        pooled = O(attention(Q(LN_q(query)), keys, values))        [n, d]      -> v_i = normalize(pooled)
+        tokens = O(values)                                         [n, P, d]   -> the LM's image positions
+
+    Q, K, V: `h_v -> d` with biases; O: `d -> d` without bias; `num_heads` heads of d / num_heads; three
+    separate LayerNorms; the query is drawn from N(0, 1). The tokens use V and O whole (all heads, no
+    attention weights), so the LM sees each patch through the same value path the pooling mixes.
+    """
+
+    def __init__(self, vision_hidden: int, lm_hidden: int, num_heads: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_heads = num_heads
+        self.query = torch.nn.Parameter(torch.randn(1, 1, vision_hidden))
+        self.norm_q, self.norm_k, self.norm_v = (torch.nn.LayerNorm(vision_hidden, eps=eps) for _ in range(3))
+        self.q, self.k, self.v = (torch.nn.Linear(vision_hidden, lm_hidden) for _ in range(3))
+        self.proj = torch.nn.Linear(lm_hidden, lm_hidden, bias=False)  # O
+
+    def values(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches `[n, P, h_v]` -> V(LN_v(patches)) `[n, P, d]` (shared by the pooling and the tokens)."""
+        return self.v(self.norm_v(patches))
+
+    def tokens(self, values: torch.Tensor) -> torch.Tensor:
+        """values `[n, P, d]` -> the LM's image tokens O(values) `[n, P, d]`."""
+        return self.proj(values)
+
+    def forward(self, patches: torch.Tensor, values: torch.Tensor = None) -> torch.Tensor:
+        """patches `[n, P, h_v]` (and their `values`, when already computed) -> v `[n, d]`, L2-normalised."""
+        values = self.values(patches) if values is None else values
+        n, p, d = values.shape
+        query = self.q(self.norm_q(self.query.to(patches.dtype)))  # [1, 1, d]
+        keys = self.k(self.norm_k(patches))  # [n, P, d]
+        # [n, s, d] -> [n, heads, s, d / heads]
+        split = lambda t: t.view(t.shape[0], t.shape[1], self.num_heads, d // self.num_heads).transpose(1, 2)
+        pooled = F.scaled_dot_product_attention(split(query.expand(n, -1, -1)), split(keys), split(values))
+        pooled = pooled.transpose(1, 2).reshape(n, d)  # [n, heads, 1, d / heads] -> [n, d]
+        return F.normalize(self.proj(pooled), dim=-1)
 
 
 class TextHead(torch.nn.Module):

@@ -3,10 +3,13 @@
 Architecture only: how stages exchange tensors (v_i carried to the last stage) is the pipeline's
 business (`megatron_lcl.training.pipeline`); a stage exposes `embed`, `decode` and `finish`.
 
-Sequence layout and the batch contract are in `megatron_lcl.data.batch`. For each image j the ViT
-latents `[M, h_v]` are projected to the LM width and fill positions boi_j+1 .. boi_j+M of sample
-`image_sample_index[j]`; v_j comes from attention pooling of the same latents and t_j from the LM
-output at boi_j.
+Sequence layout and the batch contract are in `megatron_lcl.data.batch`. For each image j the image
+tokens `[M, h]` fill positions boi_j+1 .. boi_j+M of sample `image_sample_index[j]`, and t_j is the LM
+output at boi_j. `model.vision.image_tokens` says what the tokens and v_j are:
+- latents (the paper's text): the ViT latents `[1 + P, h_v]` through the linear projector; v_j from
+  attention pooling of the same latents and W1 (`ImageHead`).
+- pooled_values (the released code): the P patch latents through the pooling block's value and output
+  projections; v_j that block's pooled output (`ValuePoolingHead`).
 """
 
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_lcl.config import ModelConfig, ParallelConfig, PrecisionConfig, padded_vocab_size
 from megatron_lcl.config.validate import backend_errors, raise_errors
-from megatron_lcl.models.heads import ImageHead, TextHead
+from megatron_lcl.models.heads import ImageHead, TextHead, ValuePoolingHead
 from megatron_lcl.models.language import OPTLanguageModel
 from megatron_lcl.models.specs import block_spec, lm_layer_spec, select_transformer_impl, vit_layer_spec
 from megatron_lcl.models.transformer_config import build_transformer_config
@@ -68,11 +71,11 @@ class LCLModel(MegatronModule):
         self.pre_process, self.post_process = pre_process, post_process
         self.transformer_impl = impl
         self.num_image_tokens = cfg.vision.num_image_tokens
+        self.image_tokens = cfg.vision.image_tokens
         if pre_process:
             vit_layers = vit_layer_spec(impl, cfg.vision.layer_scale_init, cfg.attention)
             self.vision = VisionTransformer(vit_config, cfg.vision, block_spec(vit_layers, impl, vit_config))
-            self.projector = torch.nn.Linear(cfg.vision.hidden_size, cfg.lm.hidden_size)
-            self.image_head = ImageHead(cfg.vision.hidden_size, cfg.heads)
+            self._build_image_path(cfg)
         self.lm = OPTLanguageModel(lm_config, block_spec(lm_layer_spec(impl, cfg.attention), impl, lm_config),
                                    vocab_size=padded_vocab_size(cfg.lm, parallel.tensor_model_parallel_size),
                                    max_sequence_length=cfg.lm.max_position_embeddings,
@@ -82,6 +85,14 @@ class LCLModel(MegatronModule):
         # megatron-core layers are built in params_dtype; bring the plain torch modules (ViT stem,
         # projector, heads) along, so bf16 runs need no wrapper. The optimizer keeps fp32 masters.
         self.to(lm_config.params_dtype)
+
+    def _build_image_path(self, cfg: ModelConfig) -> None:
+        if self.image_tokens == "latents":
+            self.projector = torch.nn.Linear(cfg.vision.hidden_size, cfg.lm.hidden_size)
+            self.image_head = ImageHead(cfg.vision.hidden_size, cfg.heads)
+        else:  # pooled_values: one block makes the tokens and v (validated: embed_dim == LM width)
+            self.image_head = ValuePoolingHead(cfg.vision.hidden_size, cfg.lm.hidden_size, cfg.heads.pool_num_heads,
+                                               eps=cfg.vision.layernorm_epsilon)
 
     # megatron-core hooks -------------------------------------------------------------------------
     @property
@@ -100,16 +111,26 @@ class LCLModel(MegatronModule):
 
     # stages ---------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor):
-        """images `[n, 3, H, W]` -> (latents `[n, M, h_v]`, v `[n, e]`)."""
+        """images `[n, 3, H, W]` -> (ViT latents `[n, 1 + P, h_v]`, v `[n, e]`)."""
         latents = self.vision(images)
-        return latents, self.image_head(latents)
+        return latents, self.image_tokens_and_features(latents)[1]
+
+    def image_tokens_and_features(self, latents: torch.Tensor, hooks: bool = True):
+        """ViT latents `[n, 1 + P, h_v]` -> (the LM's image tokens `[n, M, h]`, v `[n, e]`).
+        `hooks=False` runs the image head without its forward hooks (the collapse monitor's)."""
+        head = self.image_head if hooks else self.image_head.forward
+        if self.image_tokens == "latents":
+            return self.projector(latents), head(latents)
+        patches = latents[:, 1:]  # the class token is dropped: [n, P, h_v]
+        values = self.image_head.values(patches)  # [n, P, h], computed once for tokens and pooling
+        return self.image_head.tokens(values), head(patches, values)
 
     def embed(self, tokens, position_ids, images, image_sample_index, boi_positions):
         """First stage: -> (decoder input `[s, b, h]`, v `[n, e]` for all n images)."""
         if images.shape[0] == 0:
             return self._embed_without_images(tokens, position_ids, images)
-        latents, image_features = self.encode_images(images)
-        image_embeds = self.projector(latents).flatten(0, 1)  # [n, M, h] -> [n*M, h]
+        image_embeds, image_features = self.image_tokens_and_features(self.vision(images))
+        image_embeds = image_embeds.flatten(0, 1)  # [n, M, h] -> [n*M, h]
         index = image_token_index(image_sample_index, boi_positions, self.num_image_tokens)
         return self.lm.embed(tokens, position_ids, image_embeds, index), image_features
 
@@ -123,11 +144,11 @@ class LCLModel(MegatronModule):
         in the graph on every rank, and dropout/drop-path draw the same numbers in the feature pass and
         the training pass of `loss.contrastive_batch=step`.
         """
-        latents = self.vision(images.new_zeros((1,) + tuple(images.shape[1:])))  # [1, M, h_v]
-        # forward(), not __call__: no hooks, so monitors of v (the collapse monitor) never see the blank.
-        image_features = self.image_head.forward(latents)[:0]  # [0, e]
+        latents = self.vision(images.new_zeros((1,) + tuple(images.shape[1:])))  # [1, 1 + P, h_v]
+        # No hooks: monitors of v (the collapse monitor) never see the blank.
+        image_embeds, image_features = self.image_tokens_and_features(latents, hooks=False)
         hidden = self.lm.embed(tokens, position_ids)
-        return hidden + 0.0 * self.projector(latents).sum().to(hidden.dtype), image_features
+        return hidden + 0.0 * image_embeds.sum().to(hidden.dtype), image_features[:0]  # v: [0, e]
 
     def head(self, hidden, image_sample_index, boi_positions, with_logits: bool = True):
         """Last stage: hidden `[s, b, h]` -> (logits `[s, b, v/tp]` or None, t `[n, e]`, hidden `[s, b, h]`).

@@ -20,7 +20,7 @@ class VisionTransformer(MegatronModule):
         super().__init__(config=config)
         assert config.pipeline_model_parallel_size == 1, "the ViT lives whole on the first pipeline stage"
         hidden = vision.hidden_size
-        self.num_tokens = vision.num_image_tokens
+        self.num_tokens = vision.num_vit_tokens  # 1 + patches
         self.conv1 = torch.nn.Conv2d(3, hidden, kernel_size=vision.patch_size,
                                      stride=vision.patch_size, bias=False)
         self.class_token = torch.nn.Parameter(torch.zeros(hidden))
@@ -46,12 +46,12 @@ class VisionTransformer(MegatronModule):
         self._set_drop_path_rates(max_rate)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images `[n, 3, H, W]` -> latents `[n, M, h]` with M = 1 + (H/p)*(W/p)."""
+        """images `[n, 3, H, W]` -> latents `[n, 1 + P, h]`, class token first, P = (H/p)*(W/p)."""
         x = self.conv1(images.to(self.conv1.weight.dtype))  # [n, h, H/p, W/p]
         x = x.flatten(2).transpose(1, 2)  # [n, (H/p)*(W/p), h]
         cls = self.class_token.expand(x.shape[0], 1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1) + self.position_embeddings  # [n, M, h]
+        x = torch.cat([cls, x], dim=1) + self.position_embeddings  # [n, 1 + P, h]
         x = self.ln_pre(x)
-        x = x.transpose(0, 1).contiguous()  # [n, M, h] -> [M, n, h] (megatron-core layout)
+        x = x.transpose(0, 1).contiguous()  # [n, 1 + P, h] -> [1 + P, n, h] (megatron-core layout)
         x = self.decoder(x, attention_mask=None)  # no_mask attention: bidirectional
-        return x.transpose(0, 1).contiguous()  # [n, M, h]
+        return x.transpose(0, 1).contiguous()  # [n, 1 + P, h]
