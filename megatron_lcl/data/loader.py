@@ -21,7 +21,8 @@ a pipeline (PP > 1) never runs the ViT: its loader is labels-only (`labels_only=
 in the same order without decoding, transforming, pinning or uploading a single image (`images=None`).
 It is exact as long as every image decodes: an image that fails to decode (counted `corrupt_image`,
 prepare verified them all once) drops its sample on the first stage only, which the trainer detects
-(`batch_fingerprint`) and stops on, naming the shard.
+(`slots_consumed` of both stages, compared every step) and stops on with one error before the step is
+applied.
 
 Workers. The rank's readers are split over its DataLoader worker processes (worker w runs the readers
 at positions w, w + P, ... of the rank's list, P processes); each worker yields one sample at a time,
@@ -360,7 +361,8 @@ def collate(samples: List[BuiltSample], images: Optional[List[List[torch.Tensor]
         labels=labels,
         loss_mask=(~not_text).float(),
         position_ids=torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s).contiguous(),
-        images=(None if flat is None else torch.stack(flat) if flat else torch.empty(0, 3, image_size, image_size)),
+        images=(None if flat is None else  # labels only
+                torch.stack(flat) if flat else torch.empty(0, 3, image_size, image_size)),
         image_sample_index=torch.tensor([i for i, smp in enumerate(samples) for _ in smp.images], dtype=torch.long),
         boi_positions=torch.tensor([p for smp in samples for p in smp.boi_positions], dtype=torch.long),
         image_has_context=torch.tensor([c for smp in samples for c in smp.image_context], dtype=torch.bool),

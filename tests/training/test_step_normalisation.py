@@ -47,7 +47,8 @@ def test_a_step_trains_the_same_however_it_is_split(single_rank, contrastive_bat
         for key in ("loss", "lm_loss", "con_loss", "con_top1", "num_text_tokens", "num_images", "con_excluded"):
             assert other_values[key] == pytest.approx(values[key], rel=1e-6, abs=1e-7), (micro_batch_size, key)
         for name, g in grads.items():
-            torch.testing.assert_close(other_grads[name], g, atol=1e-6, rtol=1e-5, msg=f"{micro_batch_size}: {name}")  # float order
+            torch.testing.assert_close(other_grads[name], g, atol=1e-6, rtol=1e-5,  # summation order
+                                       msg=f"{micro_batch_size}: {name}")
     # The batch tells the normalisations apart: the mean of the micro-batch means is another L_gen.
     per_micro_mean = sum(float(m["lm_loss"]) for m in per_micro) / len(per_micro)
     assert abs(per_micro_mean - values["lm_loss"]) > 1e-3 * values["lm_loss"]
