@@ -30,3 +30,24 @@ demo: install
 
 clean:
 	rm -rf $(VENV) demo_out *.egg-info
+
+# The suite on Python 3.12 with the newest megatron-core of the supported range (0.19.x; README
+# "Upgrading megatron-core"), in its own virtualenv built from PyPI on first use: PyPI's torch for
+# cp312 (a CUDA build, runs on CPU, ~5 GB; it brings triton, which megatron-core 0.19 imports).
+# PYTEST_ARGS picks the tests, e.g. `make test-mcore-latest PYTEST_ARGS=tests/training/test_core_parallel.py`.
+PYTHON_LATEST ?= python3.12
+VENV_LATEST   ?= .venv-mcore-latest
+MCORE_LATEST  ?= megatron-core>=0.19,<0.20
+PYTEST_ARGS   ?= --durations=25 tests
+
+.PHONY: test-mcore-latest
+$(VENV_LATEST)/.installed: setup.py
+	$(PYTHON_LATEST) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/python -m pip install -q --upgrade pip
+	$(VENV_LATEST)/bin/python -m pip install -q torch triton "$(MCORE_LATEST)"
+	$(VENV_LATEST)/bin/python -m pip install -q -e ".[dev]"
+	touch $@
+
+test-mcore-latest: $(VENV_LATEST)/.installed
+	$(VENV_LATEST)/bin/python -c "import megatron.core as m, sys; print('megatron-core', m.__version__, 'python', sys.version.split()[0])"
+	$(VENV_LATEST)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -23,7 +23,9 @@ setup(
     # torch is deliberately unpinned: cluster users bring their own CUDA build.
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16.1,<0.17",  # the tested range; see README "Upgrading megatron-core"
+        # tested: 0.16.1 (Python 3.11) and 0.19.2 (Python 3.12: `make test-mcore-latest`); version
+        # differences in runtime/mcore_compat.py, see README "Upgrading megatron-core"
+        "megatron-core>=0.16.1,<0.20",
         "sentencepiece>=0.2",
         "protobuf",
         "webdataset>=0.2.100",

@@ -44,11 +44,12 @@ def slow_write(buckets, results_queue) -> None:
 
 
 def checkpoint_tensors(ckpt, tmp_path) -> dict:
-    """Every entry of a checkpoint folder (data files via dcp_to_torch_save, and common.pt)."""
+    """Every entry of a checkpoint folder (data files via dcp_to_torch_save, and common.pt where
+    megatron-core < 0.19 wrote one: 0.19 keeps the common state in rank 0's data file)."""
     out = tmp_path / f"{ckpt.parent.parent.name}_{ckpt.name}.pt"
     dcp_to_torch_save(str(ckpt), str(out))
     return {"sharded": torch.load(out, weights_only=False),
-            "common": torch.load(ckpt / "common.pt", weights_only=False)}
+            "common": torch.load(ckpt / "common.pt", weights_only=False) if (ckpt / "common.pt").exists() else None}
 
 
 def assert_identical(a, b, where=""):

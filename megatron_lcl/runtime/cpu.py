@@ -4,7 +4,8 @@ This is the ONE place in megatron_lcl that adapts torch and megatron-core to the
 adaptations are its sibling `mcore_compat.py`). `megatron_lcl.runtime.distributed` installs it at
 distributed initialisation, only when CUDA is absent; it is a no-op otherwise.
 
-megatron-core assumes CUDA in a handful of places (measured with megatron-core 0.16.1; its other version
+megatron-core assumes CUDA in a handful of places (measured with megatron-core 0.16.1, and the same set
+covers 0.19.2, which adds `torch.cuda.current_stream()` to its gradient sync; its other version
 adaptations are in `mcore_compat.py`):
 - the tensor-parallel RNG tracker reads and writes CUDA generator states;
 - `torch.cuda.current_device / synchronize / current_stream` are called directly (the first also as
@@ -69,6 +70,9 @@ class _NullStream:
     """Stands in for `torch.cuda.current_stream()` on CPU, where all work is synchronous."""
 
     def wait_stream(self, _other):
+        pass
+
+    def wait_event(self, _event):  # megatron-core 0.19's gradient buffers (CUDA-graph replays only)
         pass
 
     def synchronize(self):

@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from common import mark_done, save_json_rank0, tiny_run_config
 from megatron_lcl.checkpoint import CheckpointError, writer
+from megatron_lcl.runtime.mcore_compat import RANK0_FILES
 from megatron_lcl.training.trainer import Trainer
 
 real_write_buckets = writer.write_buckets  # also in the background writer, which imports this script
@@ -141,7 +142,7 @@ def truncate(path: str) -> None:
 
 def check_truncated(out: str, base) -> dict:
     results = {}
-    for kind in ("__1_0.distcp", ".metadata", "common.pt", "meta.json"):
+    for kind in ("__1_0.distcp", ".metadata", *COMMON, "meta.json"):
         cfg = config(out, f"truncated_{kind.strip('._')}")
         copy_run(base, cfg)
         if dist.get_rank() == 0:
@@ -161,12 +162,16 @@ def check_dangling(out: str, base) -> dict:
     return {**run(cfg), "rows": rows(cfg)}
 
 
+# common.pt: megatron-core < 0.19 only (0.19 keeps the common state in rank 0's data file)
+COMMON = [name for name in RANK0_FILES if name == "common.pt"]
+
+
 # Every file a save writes, and the rank that writes it: (name the failing write starts with, rank).
 # Rank 0 alone writes the index `.metadata`, common.pt, metadata.json, meta.json and `latest`; every
 # rank writes its data files (`__R_0.distcp`, in megatron-core's forked writer processes).
 # The data files are written by the background writer, and by the rank itself with async_save=false.
 WRITE_FAULTS = [("__1_", 1, True), ("__0_", 0, True), ("__1_", 1, False), ("__0_", 0, False), (".metadata", 0, True),
-                ("common.pt", 0, True), ("metadata.json", 0, True), ("meta.json", 0, True), ("latest", 0, True)]
+                *[(name, 0, True) for name in COMMON], ("metadata.json", 0, True), ("meta.json", 0, True), ("latest", 0, True)]
 
 
 @contextlib.contextmanager
