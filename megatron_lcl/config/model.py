@@ -119,7 +119,8 @@ class LossConfig:
     con_weight: float = 0.1  # lambda; paper Table 6b: 0.1 best
     # Negatives of L_con. step (the paper's semantics): one InfoNCE over all images of all
     # micro-batches on all data-parallel ranks of the step (a feature cache, see
-    # megatron_lcl.training.pipeline). micro_batch: one InfoNCE per micro-batch (its images on all DP ranks).
+    # megatron_lcl.training.pipeline). micro_batch: each image against its micro-batch's images on all DP
+    # ranks, averaged over the step's images (megatron_lcl.losses.lcl).
     contrastive_batch: str = "step"
 
 
