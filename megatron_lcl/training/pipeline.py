@@ -226,6 +226,8 @@ def forward_backward(model, data_iterator, num_microbatches: int, loss_fn: LCLLo
 def _training_pass(model, batches: Optional[List[LCLBatch]], num_microbatches: int, loss_fn: LCLLoss,
                    shape: PipelineShape, layout: ParallelLayout, forward_only: bool = False,
                    counts: Optional[StepCounts] = None, feature_grads: Optional[List[FeatureGrads]] = None):
+    """The schedule's pass with the loss: the last stage needs the step's counts (exchanged here unless
+    given) and, with step-wide L_con, each micro-batch's feature gradients."""
     if layout.is_last_stage and counts is None:
         counts = loss_fn.step_counts(batches)  # once per step, CPU ints over the DP group
     step = LCLForwardStep(loss_fn, shape, layout, counts, feature_grads)
