@@ -137,7 +137,8 @@ def encoder_param_groups(encoder: VisionEncoder, mode: str, encoder_lr: float, w
     (the paper fine-tunes pre-trained weights at 1e-5 and new ones at 1e-3)."""
     if mode == "frozen":
         return []
-    params = list(encoder.parameters())
+    # an encoder may train only the parameters its output depends on (e.g. features of an inner layer)
+    params = list(getattr(encoder, "trainable_parameters", encoder.parameters)())
     for p in params:
         p.requires_grad_(True)
     return [{"params": params, "lr": encoder_lr, "base_lr": encoder_lr, "weight_decay": weight_decay}]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_lcl.data import preprocess_image
 from megatron_lcl.eval.benchmarks import get
 from megatron_lcl.eval.dialogue.conversations import VICUNA_SYSTEM
 from megatron_lcl.eval.dialogue.synthetic import TEXT_ONLY, write_dialogue_corpus
@@ -57,3 +58,16 @@ def write_dialogue_fixtures(root: Path, train_images: int = 48, eval_images: int
     corpus["lm"] = str(write_lm(root / "lm", corpus_texts(corpus)))
     corpus["clip"] = str(write_clip(root / "clip"))
     return corpus
+
+
+def expected_row(model, tokens, question, answer, cfg) -> dict:
+    """What the exported model must reproduce for `question`: ids, logits `[T, V]`, greedy answer."""
+    ids = tokens.prompt(question)
+    size = model.encoder.image_size
+    image = question.image if isinstance(question.image, bytes) or question.image is None else \
+        open(question.image, "rb").read()
+    pixels = preprocess_image(image, size)[None] if image is not None else torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        logits = model.head.logits(model.latents(pixels), torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+    return {"prompt": question.prompt, "image": image, "input_ids": ids, "logits": logits[0],
+            "answer": answer, "max_new_tokens": cfg.max_new_tokens}

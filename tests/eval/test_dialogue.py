@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dialogue_fixtures import write_dialogue_fixtures, write_lm
+from dialogue_fixtures import expected_row, write_dialogue_fixtures, write_lm
 from megatron_lcl.eval.bad_samples import BadSampleLog
 from megatron_lcl.eval.benchmarks import Question, get
 from megatron_lcl.eval.dialogue import conversations as conv
@@ -137,23 +137,6 @@ def test_overfit_answers_back_and_the_hf_export_agrees_in_a_fresh_process(fx, tm
     assert [r["answer"] for r in rows] == [r["expected_answer"] for r in rows]
 
 
-def expected_row(model, tokens, question, answer, cfg) -> dict:
-    """What the exported model must reproduce for `question`: ids, logits `[T, V]`, greedy answer."""
-    ids = tokens.prompt(question)
-    if question.image is not None:
-        from megatron_lcl.data import preprocess_image
-        pixels = preprocess_image(question.image if isinstance(question.image, bytes) else
-                                  open(question.image, "rb").read(), 32)[None]
-    else:
-        pixels = torch.zeros(1, 3, 32, 32)
-    with torch.no_grad():
-        logits = model.head.logits(model.latents(pixels), torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
-    image = question.image if isinstance(question.image, bytes) or question.image is None else \
-        open(question.image, "rb").read()
-    return {"prompt": question.prompt, "image": image, "input_ids": ids, "logits": logits[0],
-            "answer": answer, "max_new_tokens": cfg.max_new_tokens}
-
-
 # ------------------------------------------------------------------------------------------ bad input
 
 def write_entries(tmp_path, name, entries):
@@ -212,3 +195,11 @@ def test_missing_image_file_is_a_counted_skip(fx, tmp_path):
     result = task.run_dialogue(encoder_of(fx), fx["lm"], source, task.DialogueConfig(steps=1, batch_size=7,
                                                                                      num_workers=0), one_process())
     assert result["bad_samples"]["train_index"]["by_reason"] == {"missing image file": 1}
+    # benchmark questions: an unreadable image and a prompt too long for the LM's 512 positions are counted
+    questions = [Question("fine", "What colour is grass?", None), Question("gone", "What?", str(tmp_path / "no.jpg")),
+                 Question("long", "What? " * 600, None)]
+    bad = BadSampleLog()
+    answers = task.answer_questions(result["_model"], result["_tokens"], "probe", questions, task.DialogueConfig(
+        num_workers=0), one_process(), bad)
+    assert list(answers) == ["fine"] and bad.count == 2
+    assert bad.by_reason == {"cannot read": 1, "prompt longer than the LM's 512 positions with a 16-token answer": 1}

@@ -16,9 +16,11 @@ with the HF export's processor so that both sides build the same text):
 - `chat_template`: the LM tokenizer's own (what `auto` picks when the tokenizer has one).
 
 Encoding (`encode`): the rendered conversation is cut into turns by rendering growing prefixes; the
-assistant parts are the targets (loss on assistant turns only, the rest -100); each `<image>` tag
-becomes `num_image_tokens` copies of the image token, whose embeddings the projected image features
-replace (as HF's `LlavaForConditionalGeneration` does).
+assistant parts are the targets (loss on assistant turns only, the rest -100). Tokens come from one
+call on the whole text with each `<image>` tag written `num_image_tokens` times, as HF's
+`LlavaProcessor` does, so a question is tokenized at training and at answering time (and by the
+exported processor) alike; the projected image features replace those tokens' embeddings (as HF's
+`LlavaForConditionalGeneration` does).
 """
 
 import json
@@ -206,23 +208,21 @@ def prompt_text(tokenizer, template: str, user_text: str) -> str:
 
 # ------------------------------------------------------------------------------------------ tokens
 
-def special_prefix(tokenizer) -> List[int]:
-    """The ids the tokenizer puts before every text (its BOS, when it adds one)."""
-    with_special = tokenizer("a")["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    n = len(with_special) - len(plain)
-    return with_special[:n] if n > 0 and with_special[n:n + len(plain)] == plain else []
+def expand_image_tags(text: str, num_image_tokens: int) -> str:
+    """Each `<image>` -> `num_image_tokens` tags, as HF's LlavaProcessor writes the text it tokenizes."""
+    return text.replace(IMAGE_TAG, IMAGE_TAG * num_image_tokens)
 
 
-def text_ids(tokenizer, text: str, image_token_id: int, num_image_tokens: int) -> List[int]:
-    """Token ids of `text`; each `<image>` tag -> `num_image_tokens` image tokens."""
-    ids = []
-    for j, piece in enumerate(text.split(IMAGE_TAG)):
-        if j:
-            ids += [image_token_id] * num_image_tokens
-        if piece:
-            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
-    return ids
+def tokenize(tokenizer, text: str, image_token_id: int, num_image_tokens: int, offsets: bool = False):
+    """The processor's tokenization: the whole text (image tags expanded) in one call, with the
+    tokenizer's special tokens (its BOS); checked that every tag became one image token."""
+    expanded = expand_image_tags(text, num_image_tokens)
+    encoded = tokenizer(expanded, return_offsets_mapping=offsets)
+    expected = text.count(IMAGE_TAG) * num_image_tokens
+    if encoded["input_ids"].count(image_token_id) != expected:
+        raise InputError(f"the LM's tokenizer does not keep {IMAGE_TAG} as one token ({expected} expected, "
+                         f"{encoded['input_ids'].count(image_token_id)} found)")
+    return encoded
 
 
 @dataclass
@@ -234,14 +234,21 @@ class Encoded:
 
 def encode(tokenizer, template: str, dialogue: Dialogue, image_token_id: int, num_image_tokens: int,
            max_tokens: int) -> Encoded:
-    """A dialogue -> ids and labels (loss on assistant turns only), cut to `max_tokens` (never inside
-    the image: an InputError-free `Encoded` with no target is returned instead; the caller counts it)."""
-    ids = list(special_prefix(tokenizer))
-    labels = [IGNORE] * len(ids)
-    for text, is_target in segments(tokenizer, template, dialogue.messages()):
-        piece = text_ids(tokenizer, text, image_token_id, num_image_tokens)
-        ids += piece
-        labels += piece if is_target else [IGNORE] * len(piece)
+    """A dialogue -> ids and labels (loss on assistant turns only), cut to `max_tokens`. The whole
+    conversation is tokenized at once, as a prompt is at inference (so training and answering see the
+    same ids); a token is a target when its characters lie inside an assistant reply. When the cut
+    falls inside the image, nothing is learned (no target: the caller counts it)."""
+    text, targets = "", []
+    for piece, is_target in segments(tokenizer, template, dialogue.messages()):
+        piece_len = len(expand_image_tags(piece, num_image_tokens))
+        if is_target:
+            targets.append((len(expand_image_tags(text, num_image_tokens)),
+                            len(expand_image_tags(text, num_image_tokens)) + piece_len))
+        text += piece
+    encoded = tokenize(tokenizer, text, image_token_id, num_image_tokens, offsets=True)
+    ids = encoded["input_ids"]
+    labels = [t if end > start and any(a <= start and end <= b for a, b in targets) else IGNORE
+              for t, (start, end) in zip(ids, encoded["offset_mapping"])]
     if len(ids) > max_tokens:
         ids, labels = ids[:max_tokens], labels[:max_tokens]
         if dialogue.image is not None and ids.count(image_token_id) != num_image_tokens:

@@ -88,10 +88,23 @@ def dialogue_encoder(clip: CLIPVisionModel, layer: int, strategy: str, source: s
     if not -config.num_hidden_layers - 1 <= layer <= config.num_hidden_layers:
         raise InputError(f"--vision-feature-layer {layer}: the encoder has {config.num_hidden_layers} layers "
                          f"(hidden states {-config.num_hidden_layers - 1}..{config.num_hidden_layers})")
+    used = {id(p) for p in feature_parameters(clip, layer)}
+    for p in clip.parameters():  # full mode trains these only (DDP takes what requires grad when it wraps)
+        p.requires_grad_(id(p) in used)
     encoder = VisionEncoder(clip, lambda m, x: select_features(m, x, layer, strategy), config.hidden_size,
                             config.image_size, source, kind)
     encoder.feature_layer, encoder.feature_strategy = layer, strategy
+    encoder.trainable_parameters = lambda: feature_parameters(clip, layer)  # full mode (engine.encoder_param_groups)
     return encoder
+
+
+def feature_parameters(clip: CLIPVisionModel, layer: int) -> List[torch.nn.Parameter]:
+    """The parameters hidden_states[layer] depends on: the embeddings, the pre-LayerNorm and the layers
+    before it (the later layers and the post-LayerNorm get no gradient: DDP needs them left out)."""
+    inner = getattr(clip, "vision_model", clip)
+    used = layer % (clip.config.num_hidden_layers + 1)  # hidden_states[j] = the output of layers[:j]
+    modules = [inner.embeddings, inner.pre_layrnorm] + list(inner.encoder.layers[:used])
+    return [p for m in modules for p in m.parameters()]
 
 
 # ------------------------------------------------------------------------------------------ language model

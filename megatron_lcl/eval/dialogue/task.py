@@ -147,8 +147,7 @@ class Tokens:
     def prompt(self, question: benchmarks.Question) -> List[int]:
         user = (f"{conv.IMAGE_TAG}\n" if question.image is not None else "") + question.prompt
         text = conv.prompt_text(self.tokenizer, self.template, user)
-        return conv.special_prefix(self.tokenizer) + conv.text_ids(self.tokenizer, text, self.image_token_id,
-                                                                   self.num_image_tokens)
+        return conv.tokenize(self.tokenizer, text, self.image_token_id, self.num_image_tokens)["input_ids"]
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -170,8 +169,8 @@ def dialogue_step(model, batch: dict, source: conv.DialogueSource, tokens: Token
 def build_model(encoder: VisionEncoder, lm_path: str, cfg: DialogueConfig, projector: Optional[str]):
     """-> (TransferModel, Tokens): the LM with its image token, a new projector (seeded: equal on every
     rank) or stage 1's, trainable as the stage says."""
+    torch.manual_seed(cfg.seed)  # the image token's new embedding row and the projector: equal on every rank
     lm, tokenizer, image_token_id = load_dialogue_lm(lm_path)
-    torch.manual_seed(cfg.seed)
     head = DialogueHead(encoder.hidden_size, lm, image_token_id, train_lm=cfg.stage == 2)
     if projector:
         load_projector(head, projector)
@@ -188,20 +187,27 @@ def build_model(encoder: VisionEncoder, lm_path: str, cfg: DialogueConfig, proje
 def answer_questions(model: TransferModel, tokens: Tokens, name: str, questions: List[benchmarks.Question],
                      cfg: DialogueConfig, layout: ParallelLayout, bad: BadSampleLog) -> benchmarks.Answers:
     """{question key: greedy answer} over all ranks (each answers its share); a question whose image
-    cannot be read is left out and counted in `bad`."""
+    cannot be read, or whose prompt and answer would not fit the LM's positions, is left out and
+    counted in `bad`."""
     model.eval()
     source = QuestionSource(name, questions)
     mine = {}
     for batch in eval_batches(DialogueImages(source, model.encoder.image_size), cfg.eval_batch_size, layout,
                               cfg.num_workers):
         bad.extend(batch["bad"])
-        if len(batch["index"]):
-            picked = [questions[i] for i in batch["index"].tolist()]
+        prompts = {i: tokens.prompt(questions[i]) for i in batch["index"].tolist()}
+        fits = [len(p) + cfg.max_new_tokens <= tokens.max_tokens for p in prompts.values()]
+        for i, ok in zip(prompts, fits):
+            if not ok:
+                bad.add(questions[i].origin(name), f"prompt longer than the LM's {tokens.max_tokens} positions "
+                                                   f"with a {cfg.max_new_tokens}-token answer")
+        if any(fits):
+            picked = [i for i, ok in zip(prompts, fits) if ok]
             with autocast(cfg.precision):
-                features = model.latents(batch["inputs"].to(compute_device()))  # [b, N, h]
-                texts = generate(model.head, features, [tokens.prompt(q) for q in picked], tokens.tokenizer,
+                features = model.latents(batch["inputs"][torch.tensor(fits)].to(compute_device()))  # [b, N, h]
+                texts = generate(model.head, features, [prompts[i] for i in picked], tokens.tokenizer,
                                  cfg.max_new_tokens)
-            mine.update((q.key, t) for q, t in zip(picked, texts))
+            mine.update((questions[i].key, t) for i, t in zip(picked, texts))
     return {k: a for part in all_gather_objects(mine, layout) for k, a in part.items()}
 
 
