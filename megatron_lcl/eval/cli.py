@@ -1,4 +1,4 @@
-"""The evaluation commands (classify, retrieve, caption): one skeleton, and what they show a user
+"""The evaluation commands (classify, retrieve, caption, dialogue): one skeleton, and what they show a user
 around a run, in one place:
 
 - `run_command(argv, command)`: every command's work (parse, check the paths, load the data, print
