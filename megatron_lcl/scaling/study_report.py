@@ -126,8 +126,11 @@ def pair_lines(analysis: Analysis, metric: str) -> List[str]:
             continue
         d, x = p["exponent_difference"], p["crossover"]
         verdict = {1: f"{b}'s error falls faster", -1: f"{a}'s error falls faster", 0: "no difference detectable"}
-        lines.append(f"- {a} vs {b}: c_{a} - c_{b} = {fmt(d['delta'])} [{fmt(d['lo'])}, {fmt(d['hi'])}] "
-                     f"({d['n']} paired replicates): {verdict[d['significant']]}.")
+        if d["n"]:
+            lines.append(f"- {a} vs {b}: c_{a} - c_{b} = {fmt(d['delta'])} [{fmt(d['lo'])}, {fmt(d['hi'])}] "
+                         f"({d['n']} paired replicates): {verdict[d['significant']]}.")
+        else:
+            lines.append(f"- {a} vs {b}: no exponent difference (an arm has fewer than 2 front points)")
         by = ", ".join(f"{e['budget']} {e['delta']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}]" for e in x["by_budget"])
         lines.append(f"  - best error {a} - {b} per budget: {by}")
         claim = x["claimed"]
@@ -251,10 +254,17 @@ def summary_json(analysis: Analysis) -> dict:
 # ---------------------------------------------------------------------------------- main
 
 def restrict(study: Study, budgets: Optional[Sequence[str]]) -> Study:
-    if not budgets:
-        return study
-    return Study([r for r in study.runs if r.budget in budgets], study.baselines, study.items, study.metrics,
-                 study.notes + [f"fits and comparisons on budgets {', '.join(budgets)} only"])
+    """The runs the fits and comparisons use: those of `budgets` (all when None) whose size, budget and
+    seed every arm has (arms are compared on the same seeds; a sweep still running has ragged cells)."""
+    runs = [r for r in study.runs if not budgets or r.budget in budgets]
+    arms = {r.arm for r in runs}
+    have = {(r.arm, r.model, r.budget, r.seed) for r in runs}
+    complete = [r for r in runs if all((a, r.model, r.budget, r.seed) in have for a in arms)]
+    notes = [f"fits and comparisons on budgets {', '.join(budgets)} only"] if budgets else []
+    if len(complete) < len(runs):
+        notes.append(f"{len(runs) - len(complete)} run(s) whose size, budget and seed not every arm has are left "
+                     "out of the fits and comparisons (they stay in the learning-rate and power sections)")
+    return Study(complete, study.baselines, study.items, study.metrics, study.notes + notes)
 
 
 def write_report(csv_path: str, out: str, num_samples: int, budgets: Optional[Sequence[str]], command: str) -> str:
