@@ -19,6 +19,10 @@ embedding projection, biases, tying); what we cannot represent is refused, namin
 
 ViT <-> `CLIPVisionModel`: same layout; our post-LN is HF's `post_layernorm`, which we apply to all
 tokens (HF applies it to the pooled token only), so our latents = `post_layernorm(last_hidden_state)`.
+
+The LCL heads have no HF counterpart: they are saved as they are (`lcl_heads_state`), and
+`image_token_module` rebuilds from them what turns those latents into the LM's image tokens, for both
+settings of `model.vision.image_tokens`.
 """
 
 from typing import Callable, Dict, List, NamedTuple, Tuple, Union
@@ -27,6 +31,7 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM
 
 from megatron_lcl.config import LMConfig, VisionConfig
+from megatron_lcl.models.heads import ValuePoolingHead
 
 OPT_POSITION_OFFSET = 2
 State = Dict[str, torch.Tensor]
@@ -322,3 +327,31 @@ def clip_latents(clip, pixel_values: torch.Tensor) -> torch.Tensor:
 def lcl_heads_state(state: State) -> State:
     """The LCL-specific weights that have no HF counterpart (saved beside the HF models)."""
     return {k: v for k, v in state.items() if k.startswith(("projector.", "image_head.", "text_head."))}
+
+
+class PooledValueTokens(torch.nn.Module):
+    """`image_tokens=pooled_values`: latents `[n, 1 + P, h_v]` -> O(V(LN_v(patches))) `[n, P, h]`, the
+    class token dropped (`ValuePoolingHead`, loaded with the `image_head.*` weights it needs)."""
+
+    def __init__(self, heads: State, eps: float):
+        super().__init__()
+        lm_width, vit_width = heads["image_head.v.weight"].shape
+        self.head = ValuePoolingHead(vit_width, lm_width, num_heads=1, eps=eps)  # heads: the pooling only
+        self.head.load_state_dict({k.removeprefix("image_head."): v for k, v in heads.items()
+                                   if k.startswith("image_head.")})
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.head.tokens(self.head.values(latents[:, 1:]))
+
+
+def image_token_module(heads: State, image_tokens: str = "latents", eps: float = 1e-5) -> torch.nn.Module:
+    """From the `lcl_heads_state` weights (`lcl_heads.safetensors`): the module that turns `clip_latents`
+    `[n, 1 + P, h_v]` into the LM's image tokens `[n, M, h]`: the linear projector (`latents`, M = 1 + P)
+    or the released code's value path (`pooled_values`, M = P). `eps`: the ViT's LayerNorm epsilon."""
+    if image_tokens == "pooled_values":
+        return PooledValueTokens(heads, eps).eval()
+    assert image_tokens == "latents", f"image_tokens {image_tokens!r}: latents or pooled_values"
+    lm_width, vit_width = heads["projector.weight"].shape
+    projector = torch.nn.Linear(vit_width, lm_width)
+    projector.load_state_dict({"weight": heads["projector.weight"], "bias": heads["projector.bias"]})
+    return projector.eval()

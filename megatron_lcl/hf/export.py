@@ -46,14 +46,22 @@ The image latents the LM was trained on are `post_layernorm(last_hidden_state)` 
 Layer-scale has been folded into `out_proj` and `fc2`. Images are normalised with CLIP's mean/std
 at {image_size} px.
 
-`lcl_heads.safetensors` holds:
-- `projector.weight/bias`: latents (width {vit_width}) -> LM width ({lm_width}); an interleaved input
-  puts `<BoI>`, then the {num_image_tokens} projected latents, then `<EoI>` into `inputs_embeds`.
-- `image_head.pool.*`: attention pooling (one learnable query, {pool_heads} heads) over the latents;
-  `image_head.proj.weight` (W1) -> v, L2-normalised, dimension {embed_dim}.
+`lcl_heads.safetensors` holds (image tokens: `{image_tokens}`; its metadata `config` says so):
+{image_head_lines}
 - `text_head.norm.*` (LayerNorm) and `text_head.proj.weight` (W2) applied to the LM's last hidden state
   at a `<BoI>` -> t, L2-normalised; `text_head.logit_scale`: log of the contrastive temperature.
 """
+
+IMAGE_HEAD_LINES = {
+    "latents": """- `projector.weight/bias`: latents (width {vit_width}) -> LM width ({lm_width}); an interleaved input
+  puts `<BoI>`, then the {num_image_tokens} projected latents, then `<EoI>` into `inputs_embeds`.
+- `image_head.pool.*`: attention pooling (one learnable query, {pool_heads} heads) over the latents;
+  `image_head.proj.weight` (W1) -> v, L2-normalised, dimension {embed_dim}.""",
+    "pooled_values": """- `image_head.*`: the released LCL code's pooling block over the patch latents (class token dropped):
+  `query`, LayerNorms `norm_q/k/v`, `q/k/v` (width {vit_width} -> {lm_width}, {pool_heads} heads), `proj`
+  (no bias). The image tokens are `proj(v(norm_v(patches)))`: an interleaved input puts `<BoI>`, those
+  {num_image_tokens} tokens, then `<EoI>` into `inputs_embeds`; v is the pooled output, L2-normalised.""",
+}
 
 
 def export_to_hf(checkpoint: str, out_dir: str, log=print, *, overwrite: bool = False,
@@ -116,7 +124,9 @@ def write_export(folder: str, lcl, state: dict, vocab: int, tokenizer) -> dict:
     names = {"vision": "vision", "lm": "lm", "heads": MARKER}
     clip.save_pretrained(os.path.join(folder, "vision"))
     opt.save_pretrained(os.path.join(folder, "lm"))
-    heads_config = {"heads": vars(cfg.heads), "num_image_tokens": cfg.vision.num_image_tokens}
+    heads_config = {"heads": vars(cfg.heads), "num_image_tokens": cfg.vision.num_image_tokens,
+                    "image_tokens": cfg.vision.image_tokens,
+                    "vision_layernorm_epsilon": cfg.vision.layernorm_epsilon}
     save_file({k: v.contiguous() for k, v in lcl_heads_state(state).items()}, os.path.join(folder, MARKER),
               metadata={"config": json.dumps(heads_config)})
     if tokenizer is not None:
@@ -124,10 +134,11 @@ def write_export(folder: str, lcl, state: dict, vocab: int, tokenizer) -> dict:
         tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
         tokenizer.save_pretrained(os.path.join(folder, "lm"))
     with open(os.path.join(folder, "README.md"), "w") as f:
+        sizes = dict(vit_width=cfg.vision.hidden_size, lm_width=cfg.lm.hidden_size, embed_dim=cfg.heads.embed_dim,
+                     num_image_tokens=cfg.vision.num_image_tokens, pool_heads=cfg.heads.pool_num_heads)
         f.write(MODEL_CARD.format(checkpoint=lcl.checkpoint, image_size=cfg.vision.image_size,
-                                  vit_width=cfg.vision.hidden_size, lm_width=cfg.lm.hidden_size,
-                                  num_image_tokens=cfg.vision.num_image_tokens,
-                                  pool_heads=cfg.heads.pool_num_heads, embed_dim=cfg.heads.embed_dim))
+                                  image_tokens=cfg.vision.image_tokens,
+                                  image_head_lines=IMAGE_HEAD_LINES[cfg.vision.image_tokens].format(**sizes)))
     return names
 
 

@@ -9,7 +9,8 @@
 not), and every config field that changes the function must agree or be supported: a CLIP with
 `hidden_act: quick_gelu` (all openai/clip-vit-* releases) needs `model.vision.activation=quick_gelu`;
 post-LN OPT layers, `word_embed_proj_dim != hidden_size`, other activations are refused, naming the
-field. The LCL heads and projector keep their fresh initialisation, layer-scale starts at 1. Either
+field. The LCL heads and projector (or, with `model.vision.image_tokens=pooled_values`, the pooling block
+that makes the image tokens) keep their fresh initialisation, layer-scale starts at 1. Either
 side may be omitted (that part stays randomly initialised). The result is a megatron-core
 dist-checkpoint: training loads it at any TP/PP (`checkpoint.load=<folder> checkpoint.load_optimizer=false`).
 It is written whole, then renamed into place; an existing checkpoint at `--save` is replaced only with

@@ -4,20 +4,24 @@
     (or python tools/checkpoint/verify_hf.py ..., python -m megatron_lcl.hf.verify ...)
 
 Bounds: vision latents max abs diff <= 1e-4 (fp32), text-only and interleaved logits KL <= 1e-6,
-tokenizer ids equal. Exits 1 when a figure is out of bounds.
+tokenizer ids equal. Exits 1 when a figure is out of bounds. The interleaved input is built on the HF
+side from `lcl_heads.safetensors` as its model card says (`convert.image_token_module`: the projector, or
+the pooling block's value path for `model.vision.image_tokens=pooled_values`).
 """
 
 import argparse
+import json
 import os
 import sys
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPVisionModel, OPTForCausalLM
 
 from megatron_lcl.checkpoint import load_pretrained
 from megatron_lcl.data.tokenizer import LCLTokenizer
-from megatron_lcl.hf.convert import clip_latents
+from megatron_lcl.hf.convert import clip_latents, image_token_module
 from megatron_lcl.testing import random_batch
 
 BOUNDS = {"vision_max_abs_diff": 1e-4, "text_logits_kl": 1e-6, "interleaved_logits_kl": 1e-6}
@@ -32,7 +36,8 @@ def max_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 
 @torch.no_grad()
 def compare(lcl, clip, opt, tokens, images, image_sample_index, boi_positions, projector) -> dict:
-    """Vision latents, text-only logits and interleaved logits (HF CLIP -> projector -> OPT embeds)."""
+    """Vision latents, text-only logits and interleaved logits (HF CLIP -> `projector` -> OPT embeds).
+    `projector`: latents `[n, 1 + P, h_v]` -> image tokens `[n, M, h]` (`load_hf`'s third value)."""
     m = lcl.cfg.model.vision.num_image_tokens
     ours_latents, _ = lcl.encode_images(images)
     hf_latents = clip_latents(clip, images)
@@ -61,12 +66,15 @@ def within_bounds(figures: dict) -> bool:
 
 
 def load_hf(out_dir: str):
+    """-> (CLIPVisionModel, OPTForCausalLM, the image-token module of `lcl_heads.safetensors`)."""
     clip = CLIPVisionModel.from_pretrained(os.path.join(out_dir, "vision")).eval()
     opt = OPTForCausalLM.from_pretrained(os.path.join(out_dir, "lm")).eval()
-    heads = load_file(os.path.join(out_dir, "lcl_heads.safetensors"))
-    projector = torch.nn.Linear(*heads["projector.weight"].shape[::-1])
-    projector.load_state_dict({"weight": heads["projector.weight"], "bias": heads["projector.bias"]})
-    return clip, opt, projector
+    path = os.path.join(out_dir, "lcl_heads.safetensors")
+    with safe_open(path, "pt") as f:
+        config = json.loads((f.metadata() or {}).get("config", "{}"))
+    image_tokens = config.get("image_tokens", "latents")  # exports before the option: latents
+    eps = config.get("vision_layernorm_epsilon", clip.config.layer_norm_eps)
+    return clip, opt, image_token_module(load_file(path), image_tokens, eps)
 
 
 def main(argv=None) -> dict:
