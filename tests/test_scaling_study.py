@@ -175,6 +175,15 @@ def test_pilot_noise_pools_seed_variance_of_paired_differences():
     assert noise.configurations == 6 and noise.run_dof == 6 * 2
     # equal arms sharing each run's randomness: the paired difference has no run variance at all
     assert noise.run_var == 0.0 and noise.item_var == 0.0
+    # a pilot still running: arm b has seed 1 only -> 2 x arm a's variance over seeds (an upper bound)
+    s.runs = [r for r in s.runs if r.arm == "a" or r.seed == "1"]
+    rough = power.pilot_noise(s, "m")
+    acc = {}
+    for r in s.runs:
+        if r.arm == "a":
+            acc.setdefault((r.model, r.budget), []).append(r.hits["m"].mean())
+    expected = 2 * np.mean([np.var(v, ddof=1) for v in acc.values()])
+    assert not rough.paired and rough.run_dof == 12 and rough.run_var == pytest.approx(expected)
 
 
 # ------------------------------------------------------------------------------ loading and the sweep

@@ -43,36 +43,53 @@ class Noise:
     run_dof: int  # degrees of freedom behind run_var
     item_var: float  # per-item variance of hit_a - hit_b (divide by the number of items)
     error: float  # mean error level of the configurations used
-    configurations: int
+    configurations: int  # (arm pair, size, budget) groups behind item_var
+    paired: bool = True  # False: run_var is 2 x one arm's seed variance (no arm pair with 2 seeds yet)
+
+
+def _same_seed_pairs(study) -> Dict[tuple, list]:
+    """(arm a, arm b, model, budget) -> [(run of a, run of b)] with the same seed."""
+    runs = {(r.arm, r.model, r.budget, r.seed): r for r in study.runs}
+    out: Dict[tuple, list] = {}
+    for i, a in enumerate(study.arms):
+        for b in study.arms[i + 1:]:
+            for (arm, model, budget, seed), ra in sorted(runs.items()):
+                if arm == a and (b, model, budget, seed) in runs:
+                    out.setdefault((a, b, model, budget), []).append((ra, runs[(b, model, budget, seed)]))
+    return out
+
+
+def _pooled_variance(groups: List[np.ndarray]) -> tuple:
+    """(pooled sample variance, degrees of freedom) over groups of >= 2 values."""
+    groups = [g for g in groups if len(g) >= 2]
+    dof = sum(len(g) - 1 for g in groups)
+    return (sum(float(((g - g.mean()) ** 2).sum()) for g in groups) / dof if dof else float("nan")), dof
 
 
 def pilot_noise(study, metric: str) -> Noise:
-    """Pooled over every arm pair and (model, budget) with >= 2 common seeds in `study`
-    (megatron_lcl.scaling.study.Study)."""
-    runs = {(r.arm, r.model, r.budget, r.seed): r for r in study.runs}
-    arms = study.arms
-    cells = sorted({(r.model, r.budget) for r in study.runs})
-    ss, dof, item_vars, errors, used = 0.0, 0, [], [], 0
-    for i, a in enumerate(arms):
-        for b in arms[i + 1:]:
-            for model, budget in cells:
-                pairs = [(runs[(a, model, budget, s)], runs[(b, model, budget, s)])
-                         for s in sorted({r.seed for r in study.runs})
-                         if (a, model, budget, s) in runs and (b, model, budget, s) in runs]
-                if len(pairs) < 2:
-                    continue
-                d = np.array([np.nanmean(pb.hits[metric]) - np.nanmean(pa.hits[metric]) for pa, pb in pairs])
-                ss += float(((d - d.mean()) ** 2).sum())
-                dof += len(d) - 1
-                item_vars += [float(np.nanvar(pa.hits[metric] - pb.hits[metric])) for pa, pb in pairs]
-                errors += [1 - float(np.nanmean(p.hits[metric])) for pair in pairs for p in pair]
-                used += 1
-    if not dof:
-        raise ValueError(f"{metric}: no configuration with >= 2 seeds of two arms: the pilot cannot give a "
-                         "run variance")
-    if np.mean(errors) < 1e-3:
-        raise ValueError(f"{metric}: saturated (mean error {np.mean(errors):.2g}): a relative noise is undefined")
-    return Noise(metric, ss / dof, dof, float(np.mean(item_vars)), float(np.mean(errors)), used)
+    """From `study` (megatron_lcl.scaling.study.Study): run_var pooled over every arm pair and (model,
+    budget) with >= 2 common seeds; with none yet (a pilot still running), 2 x one arm's variance over
+    seeds (`paired` False: an upper bound, as if the arms of one seed were uncorrelated). item_var and
+    the error level from every same-seed pair of arms."""
+    pairs = _same_seed_pairs(study)
+    if not pairs:
+        raise ValueError(f"{metric}: no two arms share a size, budget and seed: no paired noise to measure")
+    acc = lambda r: float(np.nanmean(r.hits[metric]))  # noqa: E731
+    run_var, dof = _pooled_variance([np.array([acc(ra) - acc(rb) for ra, rb in ps]) for ps in pairs.values()])
+    paired = dof > 0
+    if not paired:
+        by_config: Dict[tuple, list] = {}
+        for r in study.runs:
+            by_config.setdefault((r.arm, r.model, r.budget), []).append(acc(r))
+        one_arm, dof = _pooled_variance([np.array(v) for v in by_config.values()])
+        if not dof:
+            raise ValueError(f"{metric}: no configuration has >= 2 seeds: the pilot cannot give a run variance")
+        run_var = 2 * one_arm
+    item_var = float(np.mean([np.nanvar(ra.hits[metric] - rb.hits[metric]) for ps in pairs.values() for ra, rb in ps]))
+    error = float(np.mean([1 - acc(r) for ps in pairs.values() for pair in ps for r in pair]))
+    if error < 1e-3:
+        raise ValueError(f"{metric}: saturated (mean error {error:.2g}): a relative noise is undefined")
+    return Noise(metric, run_var, dof, item_var, error, len(pairs), paired)
 
 
 def sxx(points: int, compute_range: float) -> float:

@@ -168,12 +168,14 @@ def power_lines(study: Study, metrics: Sequence[str]) -> List[str]:
         try:
             noise = power.pilot_noise(study, m)
         except ValueError as e:
-            lines += [f"- {m}: {e}", ""]
+            lines += [f"- {e}", ""]
             continue
         n = len(study.items)
-        lines += [f"### {m}", "", f"run_var = {noise.run_var:.3g} (sd {noise.run_var ** 0.5:.3f}, {noise.run_dof} dof "
-                  f"from {noise.configurations} configuration pair(s)); item_var = {noise.item_var:.3g} (/ {n} items: "
-                  f"sd {(noise.item_var / n) ** 0.5:.3f}); error level {noise.error:.3f}.", "",
+        source = "paired differences" if noise.paired else \
+            "2 x one arm's variance over seeds: an upper bound, no arm pair has 2 seeds yet"
+        lines += [f"### {m}", "", f"run_var = {noise.run_var:.3g} (sd {noise.run_var ** 0.5:.3f}, {noise.run_dof} dof, "
+                  f"{source}); item_var = {noise.item_var:.3g} (/ {n} items: sd {(noise.item_var / n) ** 0.5:.3f}, "
+                  f"from {noise.configurations} arm pair x configuration group(s)); error level {noise.error:.3f}.", "",
                   "| seeds | K points | range | SE(c_a - c_b) | power | MDE (one configuration) |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['seeds']} | {r['points']} | {r['range']:g}x | {r['se']:.4f} | {r['power']:.0%} | "
