@@ -113,15 +113,15 @@ def power(delta: float, se: float) -> float:
     return 0.5 * math.erfc(-(abs(delta) / se - Z_INTERVAL) / math.sqrt(2))
 
 
-def seeds_needed(noise: Noise, delta: float, points: int, compute_range: float, items: int,
-                 max_seeds: int = 64) -> int:
-    """The fewest seeds whose exponent difference SE reaches delta / (z_interval + z_power); 0 when even
-    infinitely many seeds cannot (the item term alone is too large: more items or range needed)."""
+def seeds_needed(noise: Noise, delta: float, points: int, compute_range: float, items: int) -> int:
+    """The fewest seeds whose exponent difference SE reaches delta / (z_interval + z_power):
+    run_var / S + item_var / N <= (target * error)^2 * Sxx. 0 when no number of seeds can (the item
+    term alone is too large: more items, points or compute range needed)."""
     target = abs(delta) / (Z_INTERVAL + Z_POWER)
-    for s in range(1, max_seeds + 1):
-        if exponent_difference_se(noise, s, points, compute_range, items) <= target:
-            return s
-    return 0
+    room = (target * noise.error) ** 2 * sxx(points, compute_range) - noise.item_var / items
+    if room <= 0:
+        return 0
+    return max(1, math.ceil(noise.run_var / room - 1e-12))
 
 
 def power_table(noise: Noise, items: int, delta: float, seeds: Sequence[int] = (1, 2, 4, 6, 8),
