@@ -92,7 +92,10 @@ def sigterm_figures(data: dict, busy: bool, tmp: Path) -> tuple:
     run_dir = tmp / f"sigterm_{'busy' if busy else 'idle'}"
     overrides = dict(data, run_dir=run_dir, **{"train.train_steps": 10000, "checkpoint.save_interval": 1000,
                                                "logging.console": "false"})
-    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 if busy else 0)]
+    # The busy job runs in sessions of its own, as another job does: Linux shares the CPU between
+    # sessions (autogroup), so loops in this script's session would slow the agent, not the ranks.
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+               for _ in range(2 if busy else 0)]
     agent = subprocess.Popen(torchrun(2, "examples/configs/tiny_cpu.yaml", overrides), cwd=ROOT, env=env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

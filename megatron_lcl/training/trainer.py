@@ -136,6 +136,8 @@ class Trainer:
         self.maybe_resume()
         self.data_iter = iter(self.loader) if self.loader is not None else None
         self.write_run_dir()
+        if self.saver.writer is not None:  # its start-up done now, not during the first steps or a stop
+            self.saver.writer.wait_ready()
         return self
 
     def lock_run_dir(self) -> None:
