@@ -11,7 +11,7 @@ CPU-bound jobs run on the machine's 2 cores; then examples/pretrain_lcl.sh on th
 the second runs, a third launch on its run directory is refused (the run directory's lock).
 
 The busy jobs run in sessions of their own, as other jobs on a node do: the kernel shares the CPU
-between sessions (autogroup, on by default in Linux distributions and on these machines), so loops
+between sessions (autogroup: on in these machines' kernel and in many distributions'), so loops
 started in pytest's session would slow torchrun's agent, not the ranks (each rank is its own session).
 The agent gets a generous --shutdown-timeout (a hang guard): how long the stop takes depends on
 the machine's load, torch's default 30 s is not a pass criterion (times in docs/training.md,
