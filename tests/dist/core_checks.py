@@ -1,22 +1,29 @@
-"""Core-engine equivalences on 2 gloo ranks: TP=2 == TP=1, DP=2 == DP=1, ragged L_con gather.
+"""Core-engine equivalences on 2 gloo ranks: TP=2 == TP=1, DP=2 == DP=1, ragged L_con gather, and
+`model.vision.image_tokens=pooled_values` at TP=2 and at PP=2 against its single-process reference.
 
-Run by tests/training/test_core_parallel.py; writes result files that the tests compare.
+Run by tests/training/test_core_parallel.py and tests/training/test_image_tokens_parallel.py; writes
+result files that the tests compare.
 """
+
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from common import gather_cat, mark_done, named_full, parse_out_dir, save_rank0, tiny_model_config
+from common import (collect_full, gather_cat, load_full_weights, mark_done, named_full, parse_out_dir, save_rank0,
+                    tiny_model_config)
 from megatron_lcl.config import LossConfig, ParallelConfig
 from megatron_lcl.checkpoint import save_weights
 from megatron_lcl.config import LCLConfig
-from megatron_lcl.losses import LCLLoss, contrastive_loss_sum
+from megatron_lcl.losses import LCLLoss, contrastive_loss_sum, generation_loss_sum
+from megatron_lcl.models.factory import build_model
 from megatron_lcl.models.lcl_model import LCLModel
-from megatron_lcl.runtime import initialize_distributed, initialize_model_parallel, set_seed
+from megatron_lcl.runtime import ParallelLayout, initialize_distributed, initialize_model_parallel, set_seed
 from megatron_lcl.testing import random_batch, slice_batch
-from megatron_lcl.training.pipeline import forward_loss
+from megatron_lcl.training.pipeline import PipelineShape, forward_loss, step_forward_backward, wrap_ddp
 
 SEED = 1234
 CFG = tiny_model_config()
@@ -109,6 +116,57 @@ def run_ragged_contrastive(out):
     save_rank0(results, out, "ragged_contrastive.pt")
 
 
+# ---- model.vision.image_tokens=pooled_values: 2 micro-batches, L_con over the whole step (the default)
+POOLED = replace(tiny_model_config(image_tokens="pooled_values"),
+                 heads=replace(CFG.heads, embed_dim=CFG.lm.hidden_size))  # no W1: v has the LM width
+M_POOLED = POOLED.vision.num_image_tokens  # 4: the patches (no class token)
+POOLED_MBS = [random_batch([[0, 20], [9]], 48, M_POOLED, 16, 192, seed=21),  # the image at 0: no context
+              random_batch([[30], [5, 26]], 48, M_POOLED, 16, 192, seed=22)]
+POOLED_CON_WEIGHT = 0.1
+
+
+def run_pooled_values_reference(out):
+    """TP=PP=1, one process, written out: L_gen over the step's text targets + lambda x one InfoNCE over
+    the step's images with context. Returns the initial weights for the parallel runs."""
+    set_seed(SEED)
+    model = LCLModel(POOLED, ParallelConfig())
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    targets = sum(b.loss_mask.sum() for b in POOLED_MBS)
+    gen, lm_losses, image_features, text_features = 0.0, [], [], []
+    for b in POOLED_MBS:
+        o = model(b.tokens, b.position_ids, b.images, b.image_sample_index, b.boi_positions)
+        gen_sum, count = generation_loss_sum(o.logits, b.labels, b.loss_mask)
+        gen, lm_losses = gen + gen_sum / targets, lm_losses + [(gen_sum / count).detach()]
+        image_features.append(o.image_features[b.image_has_context])
+        text_features.append(o.text_features[b.image_has_context])
+    v, t = torch.cat(image_features), torch.cat(text_features)  # [N, e]: every image of the step
+    logits, target = o.logit_scale * v @ t.T, torch.arange(len(v))  # [N, N]
+    con = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    (gen + POOLED_CON_WEIGHT * con).backward()
+    save_rank0({"lm_loss": torch.stack(lm_losses), "con_loss": con.detach(), "num_con_images": len(v),
+                "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()}},
+               out, "pooled_values_reference.pt")
+    return weights
+
+
+def run_pooled_values(weights, tp, pp, out, name):
+    """The same step through the training path (`step_forward_backward`: feature pass, 1F1B) at TP x PP."""
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    initialize_model_parallel(parallel, SEED)
+    layout = ParallelLayout.current()
+    model = build_model(POOLED, parallel, first_stage=layout.is_first_stage, last_stage=layout.is_last_stage)
+    load_full_weights(model, weights, ps.get_tensor_model_parallel_rank(), tp)
+    ddp = wrap_ddp(model, parallel)
+    ddp.zero_grad_buffer()
+    loss_fn = LCLLoss(LossConfig(contrastive_batch="step", con_weight=POOLED_CON_WEIGHT), layout.dp_group)
+    metrics = step_forward_backward(ddp, POOLED_MBS, len(POOLED_MBS), loss_fn,
+                                    PipelineShape.for_model(POOLED, 48, 2), layout)
+    grads = collect_full(ddp, ps.get_tensor_model_parallel_group(), "main_grad")
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, metrics)  # the losses live on the last stage
+    save_rank0({"terms": next(m for m in gathered if m), "grads": grads}, out, f"{name}.pt")
+
+
 def main():
     out = parse_out_dir()
     initialize_distributed(ParallelConfig(), SEED)
@@ -116,6 +174,9 @@ def main():
     run_reference(out)
     run_tp2(out)
     run_dp2(out)
+    weights = run_pooled_values_reference(out)
+    run_pooled_values(weights, tp=2, pp=1, out=out, name="pooled_values_tp2")
+    run_pooled_values(weights, tp=1, pp=2, out=out, name="pooled_values_pp2")
     mark_done(out)
 
 
