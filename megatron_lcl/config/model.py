@@ -96,8 +96,11 @@ class HeadsConfig:
 
     embed_dim: int = 64  # dimension of v_i and t_i
     pool_num_heads: int = 4
-    logit_scale_init: float = 1 / 0.07
+    logit_scale_init: float = 1 / 0.07  # s at init (InfoNCE: 1/0.07; SigLIP's sigmoid loss: 10)
     logit_scale_max: float = 100.0
+    # The learnable logit bias b of the sigmoid loss (SigLIP init: -10); null: no bias parameter (InfoNCE,
+    # where a bias cancels in the softmax). loss.contrastive_loss=sigmoid needs it (SIGMOID_OVERRIDES).
+    logit_bias_init: Optional[float] = None
 
 
 @dataclass
@@ -122,6 +125,16 @@ class LossConfig:
     # megatron_lcl.training.pipeline). micro_batch: each image against its micro-batch's images on all DP
     # ranks, averaged over the step's images (megatron_lcl.losses.lcl).
     contrastive_batch: str = "step"
+    # The contrastive objective over that batch. infonce: symmetric softmax cross-entropy (the paper's).
+    # sigmoid: SigLIP's pairwise loss sum_j -log sigmoid(z_ij (s v_i.t_j + b)), z_ij = +1 for i = j else -1,
+    # summed over every image pair of the batch and divided by its images (as the InfoNCE), computed on
+    # a ring over the DP ranks (megatron_lcl.losses.sigmoid); needs model.heads.logit_bias_init.
+    contrastive_loss: str = "infonce"
+
+
+# The sigmoid arm with SigLIP's init (s = 10, b = -10): `key=value` overrides for a run or a sweep arm.
+SIGMOID_OVERRIDES = ("loss.contrastive_loss=sigmoid", "model.heads.logit_scale_init=10",
+                     "model.heads.logit_bias_init=-10")
 
 
 @dataclass

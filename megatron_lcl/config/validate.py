@@ -22,6 +22,7 @@ from megatron_lcl.data.tokenizer import LCLTokenizer
 PACKINGS = ("auto", "truncate", "concat", "pack")
 LOSS_MODES = ("lcl", "gen", "con")
 CONTRASTIVE_BATCHES = ("step", "micro_batch")
+CONTRASTIVE_LOSSES = ("infonce", "sigmoid")
 VISION_ACTIVATIONS = ("gelu", "quick_gelu")
 IMAGE_TOKENS = ("latents", "pooled_values")
 RECOMPUTE_GRANULARITIES = ("selective", "full")
@@ -303,6 +304,14 @@ def _run_errors(cfg: LCLConfig) -> List[str]:
         (cfg.loss.mode in LOSS_MODES, f"loss.mode ({cfg.loss.mode!r}) must be lcl, gen or con"),
         (cfg.loss.contrastive_batch in CONTRASTIVE_BATCHES,
          f"loss.contrastive_batch ({cfg.loss.contrastive_batch!r}) must be step or micro_batch"),
+        (cfg.loss.contrastive_loss in CONTRASTIVE_LOSSES,
+         f"loss.contrastive_loss ({cfg.loss.contrastive_loss!r}) must be infonce or sigmoid"),
+        (cfg.loss.contrastive_loss != "sigmoid" or cfg.model.heads.logit_bias_init is not None,
+         "loss.contrastive_loss=sigmoid needs model.heads.logit_bias_init (SigLIP: -10, with "
+         "model.heads.logit_scale_init=10)"),
+        (cfg.loss.contrastive_loss != "infonce" or cfg.model.heads.logit_bias_init is None,
+         f"model.heads.logit_bias_init ({cfg.model.heads.logit_bias_init}) is only used by "
+         "loss.contrastive_loss=sigmoid: set it to null for infonce"),
         (t.train_steps > 0, f"train.train_steps ({t.train_steps}) must be > 0"),
         (d.micro_batch_size > 0, f"data.micro_batch_size ({d.micro_batch_size}) must be > 0"),
         (d.num_workers >= 0, f"data.num_workers ({d.num_workers}) must be >= 0"),

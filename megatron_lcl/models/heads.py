@@ -87,7 +87,8 @@ class ValuePoolingHead(torch.nn.Module):
 
 class TextHead(torch.nn.Module):
     """t_i = normalize(W2 · LayerNorm(h_<BoI>_i)), plus the learnable temperature s = exp(logit_scale)
-    (clamped after each step by `training.optim.clamp_logit_scale`, on the optimizer's copy too)."""
+    (clamped after each step by `training.optim.clamp_logit_scale`, on the optimizer's copy too) and,
+    with `heads.logit_bias_init` set (the sigmoid loss), the learnable logit bias b (0-D: no weight decay)."""
 
     def __init__(self, lm_hidden: int, heads: HeadsConfig):
         super().__init__()
@@ -95,6 +96,8 @@ class TextHead(torch.nn.Module):
         self.proj = torch.nn.Linear(lm_hidden, heads.embed_dim, bias=False)  # W2
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(heads.logit_scale_init)))
         self.logit_scale_max = heads.logit_scale_max
+        self.logit_bias = (None if heads.logit_bias_init is None else
+                           torch.nn.Parameter(torch.tensor(float(heads.logit_bias_init))))
 
     def forward(self, boi_hidden: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.proj(self.norm(boi_hidden)), dim=-1)  # [n, e]

@@ -36,6 +36,7 @@ class LCLOutput:
     text_features: torch.Tensor  # t: [n, e], L2-normalised (from the <BoI> before each image)
     logit_scale: torch.Tensor  # s = exp(logit_scale) clamped, scalar
     hidden: torch.Tensor  # LM output after the final LN, [s, b, h]
+    logit_bias: Optional[torch.Tensor] = None  # b of the sigmoid loss, scalar (None: no bias, InfoNCE)
 
 
 def image_token_index(image_sample_index, boi_positions, num_image_tokens: int):
@@ -177,7 +178,7 @@ class LCLModel(MegatronModule):
         L_con (the context rule) is the loss's business: `LCLBatch.image_has_context`."""
         logits, text_features, hidden = self.head(hidden, image_sample_index, boi_positions, with_logits)
         return LCLOutput(logits=logits, image_features=image_features, text_features=text_features,
-                         logit_scale=self.text_head.scale(), hidden=hidden)
+                         logit_scale=self.text_head.scale(), hidden=hidden, logit_bias=self.text_head.logit_bias)
 
     def forward(self, tokens, position_ids, images, image_sample_index, boi_positions,
                 with_logits: bool = True) -> LCLOutput:
