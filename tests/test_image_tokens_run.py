@@ -76,3 +76,22 @@ def test_import_from_hf_keeps_the_vit_and_lm_and_builds_the_pooling_block(run):
     assert (ours - theirs).abs().max().item() <= BOUNDS["vision_max_abs_diff"]
     assert max_kl(*logits) <= BOUNDS["text_logits_kl"]
     assert hasattr(imported.model.image_head, "values") and not hasattr(imported.model, "projector")
+
+
+def test_transfer_encoders_give_the_patch_latents(run):
+    """The transfer tools' encoder (`eval.encoders.load_encoder`) of a pooled_values model gives the
+    latents its image tokens were made from, the patch tokens (no class token), from the checkpoint and
+    from the HF export alike."""
+    from megatron_lcl.checkpoint import load_pretrained
+    from megatron_lcl.eval.encoders import load_encoder
+
+    images = torch.randn(2, 3, 32, 32)
+    lcl = load_pretrained(str(run / "run" / "checkpoints"))
+    with torch.no_grad():
+        vit_out = lcl.model.vision(images)  # [n, 1 + P, h]
+        from_checkpoint = load_encoder(str(run / "run" / "checkpoints"))(images)
+        from_export = load_encoder(str(run / "hf"))(images)
+        from_vision_dir = load_encoder(str(run / "hf" / "vision"))
+    assert from_checkpoint.shape == (2, 16, 64) and torch.equal(from_checkpoint, vit_out[:, 1:])
+    assert (from_export - vit_out[:, 1:]).abs().max().item() <= BOUNDS["vision_max_abs_diff"]
+    assert from_vision_dir.image_tokens == "pooled_values" and from_vision_dir.kind == "hf_clip"

@@ -5,8 +5,11 @@
     encoder = load_encoder("hf_out")                      # ... or our HF export (its vision/ folder)
     latents = encoder(pixel_values)                       # [n, M, h]; M = 1 + patches (class token first)
 
-Both kinds give the latents the LCL language model was trained on: every token after the ViT's
-post-LayerNorm (for CLIP: `post_layernorm(last_hidden_state)`, see `megatron_lcl.hf.convert`).
+Both kinds give the latents the LCL language model's image tokens were made from: every token after the
+ViT's post-LayerNorm (for CLIP: `post_layernorm(last_hidden_state)`, see `megatron_lcl.hf.convert`). A
+model trained with `model.vision.image_tokens=pooled_values` (the released LCL code's tokens) used the
+patch tokens only, so its encoder drops the class token (M = patches; `encoder.image_tokens` says which):
+read from the checkpoint's config, or from `lcl_heads.safetensors` beside an export's `vision/`.
 Pixel values are normalised with CLIP's mean/std (`megatron_lcl.data.preprocess_image`).
 """
 
@@ -23,11 +26,12 @@ class VisionEncoder(torch.nn.Module):
     """A pre-trained ViT `module` plus the function that turns images into its latents."""
 
     def __init__(self, module: torch.nn.Module, latents_fn: Callable, hidden_size: int, image_size: int,
-                 source: str, kind: str):
+                 source: str, kind: str, image_tokens: str = "latents"):
         super().__init__()
         self.module = module
         self._latents_fn = latents_fn
         self.hidden_size, self.image_size, self.source, self.kind = hidden_size, image_size, source, kind
+        self.image_tokens = image_tokens  # the model's model.vision.image_tokens (pooled_values: no class token)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[n, 3, S, S]` -> latents `[n, M, h]`."""
@@ -45,6 +49,22 @@ def _clip_latents(clip, pixel_values):
     from megatron_lcl.hf.convert import clip_latents
 
     return clip_latents(clip, pixel_values)
+
+
+def _lcl_patch_latents(vit, pixel_values):
+    return vit(pixel_values)[:, 1:]  # image_tokens=pooled_values: the patch tokens `[n, P, h]`
+
+
+def _clip_patch_latents(clip, pixel_values):
+    return _clip_latents(clip, pixel_values)[:, 1:]
+
+
+def export_image_tokens(vision_dir: str) -> str:
+    """`image_tokens` of the export a `vision/` folder belongs to (latents when it is no export of ours)."""
+    from megatron_lcl.hf.convert import read_heads_config
+
+    heads = os.path.join(os.path.dirname(os.path.abspath(vision_dir)), "lcl_heads.safetensors")
+    return read_heads_config(heads)["image_tokens"] if os.path.isfile(heads) else "latents"
 
 
 def is_hf_vision_dir(path: str) -> bool:
@@ -82,7 +102,9 @@ def load_hf_clip(path: str) -> VisionEncoder:
 
     clip = CLIPVisionModel.from_pretrained(path).eval()
     c = clip.config
-    return VisionEncoder(clip, _clip_latents, c.hidden_size, c.image_size, path, "hf_clip")
+    image_tokens = export_image_tokens(path)
+    latents_fn = _clip_patch_latents if image_tokens == "pooled_values" else _clip_latents
+    return VisionEncoder(clip, latents_fn, c.hidden_size, c.image_size, path, "hf_clip", image_tokens)
 
 
 def load_lcl_checkpoint(path: str) -> VisionEncoder:
@@ -90,8 +112,9 @@ def load_lcl_checkpoint(path: str) -> VisionEncoder:
 
     lcl = load_pretrained(path)
     vision = lcl.cfg.model.vision
-    return VisionEncoder(lcl.model.vision, _lcl_latents, vision.hidden_size, vision.image_size,
-                         lcl.checkpoint, "megatron_lcl")
+    latents_fn = _lcl_patch_latents if vision.image_tokens == "pooled_values" else _lcl_latents
+    return VisionEncoder(lcl.model.vision, latents_fn, vision.hidden_size, vision.image_size,
+                         lcl.checkpoint, "megatron_lcl", vision.image_tokens)
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

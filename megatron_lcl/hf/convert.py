@@ -25,9 +25,11 @@ The LCL heads have no HF counterpart: they are saved as they are (`lcl_heads_sta
 settings of `model.vision.image_tokens`.
 """
 
+import json
 from typing import Callable, Dict, List, NamedTuple, Tuple, Union
 
 import torch
+from safetensors import safe_open
 from transformers import CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM
 
 from megatron_lcl.config import LMConfig, VisionConfig
@@ -327,6 +329,14 @@ def clip_latents(clip, pixel_values: torch.Tensor) -> torch.Tensor:
 def lcl_heads_state(state: State) -> State:
     """The LCL-specific weights that have no HF counterpart (saved beside the HF models)."""
     return {k: v for k, v in state.items() if k.startswith(("projector.", "image_head.", "text_head."))}
+
+
+def read_heads_config(path: str) -> dict:
+    """The `config` metadata of an export's `lcl_heads.safetensors` (`{}` when it has none);
+    `image_tokens` defaults to latents (exports made before the option)."""
+    with safe_open(path, "pt") as f:
+        config = json.loads((f.metadata() or {}).get("config", "{}"))
+    return {"image_tokens": "latents", **config}
 
 
 class PooledValueTokens(torch.nn.Module):

@@ -10,18 +10,16 @@ the pooling block's value path for `model.vision.image_tokens=pooled_values`).
 """
 
 import argparse
-import json
 import os
 import sys
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPVisionModel, OPTForCausalLM
 
 from megatron_lcl.checkpoint import load_pretrained
 from megatron_lcl.data.tokenizer import LCLTokenizer
-from megatron_lcl.hf.convert import clip_latents, image_token_module
+from megatron_lcl.hf.convert import clip_latents, image_token_module, read_heads_config
 from megatron_lcl.testing import random_batch
 
 BOUNDS = {"vision_max_abs_diff": 1e-4, "text_logits_kl": 1e-6, "interleaved_logits_kl": 1e-6}
@@ -70,11 +68,9 @@ def load_hf(out_dir: str):
     clip = CLIPVisionModel.from_pretrained(os.path.join(out_dir, "vision")).eval()
     opt = OPTForCausalLM.from_pretrained(os.path.join(out_dir, "lm")).eval()
     path = os.path.join(out_dir, "lcl_heads.safetensors")
-    with safe_open(path, "pt") as f:
-        config = json.loads((f.metadata() or {}).get("config", "{}"))
-    image_tokens = config.get("image_tokens", "latents")  # exports before the option: latents
+    config = read_heads_config(path)
     eps = config.get("vision_layernorm_epsilon", clip.config.layer_norm_eps)
-    return clip, opt, image_token_module(load_file(path), image_tokens, eps)
+    return clip, opt, image_token_module(load_file(path), config["image_tokens"], eps)
 
 
 def main(argv=None) -> dict:
