@@ -17,14 +17,24 @@ The text config is written with `tie_word_embeddings=False` and `lm_head` stored
 transformers 5.x's Llava ties `lm_head` to `model.language_model.embed_tokens`, a name OPT does not
 have (its embeddings are under `decoder.`), so a tied OPT text config crashes at construction;
 untied, every LM works and the weights are the same values.
+
+The folder is written whole and renamed into place as the main export is (`hf/publish.staged_folder`):
+an export killed or failing part-way leaves no folder under the target's name and an older export
+there untouched; an existing export is replaced only with `overwrite`, and a folder that is not a
+LLaVA export of ours (no `MARKER` file) never.
 """
 
 import copy
+import json
+import os
 
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from megatron_lcl.data.transforms import CLIP_MEAN, CLIP_STD
+from megatron_lcl.hf.publish import check_target, staged_folder
+
+MARKER = "lcl_llava.json"  # every LLaVA export has it (what was exported from what); `staged_folder`'s marker
 
 try:  # transformers 5.x: the PIL image processor (the default one needs torchvision)
     from transformers import CLIPImageProcessorPil as ImageProcessor
@@ -74,11 +84,25 @@ def build_processor(model, tokens) -> LlavaProcessor:
                           chat_template=tokens.template, image_token="<image>", num_additional_image_tokens=1)
 
 
-def export_llava(model, tokens, out_dir: str) -> str:
-    """Write `out_dir` (config, safetensors, processor, tokenizer, chat template) -> out_dir."""
+def check_export_target(out_dir: str, overwrite: bool) -> None:
+    """Refuse (`publish.ExportError`, one line) a target that `export_llava` would refuse, before any
+    training: it holds an export and `overwrite` is off, or it is not a LLaVA export of ours."""
+    check_target(os.path.abspath(out_dir), overwrite, flag="--export", marker=MARKER)
+
+
+def export_llava(model, tokens, out_dir: str, overwrite: bool = False) -> str:
+    """Write `out_dir` (config, safetensors, processor, tokenizer, chat template, `MARKER`) whole, then
+    rename it into place -> out_dir."""
     llava = build_llava(model, tokens)
     llava.generation_config.eos_token_id = tokens.tokenizer.eos_token_id
     llava.generation_config.pad_token_id = tokens.tokenizer.pad_token_id
-    llava.save_pretrained(out_dir)
-    build_processor(model, tokens).save_pretrained(out_dir)
+    with staged_folder(out_dir, overwrite, marker=MARKER) as tmp:
+        llava.save_pretrained(tmp)
+        build_processor(model, tokens).save_pretrained(tmp)
+        provenance = {"encoder": model.encoder.source, "encoder_kind": model.encoder.kind,
+                      "transfer": model.mode, "template": tokens.template_name,
+                      "vision_feature_layer": model.encoder.feature_layer,
+                      "vision_feature_select_strategy": model.encoder.feature_strategy}
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump(provenance, f, indent=1)
     return out_dir

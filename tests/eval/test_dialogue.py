@@ -6,6 +6,7 @@ fresh process, gives the same input ids, logits within 1e-4 and the same greedy 
 benchmark's submission is written; each bad input gives its one line and exit status 2, or a
 counted skip."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -135,6 +136,63 @@ def test_overfit_answers_back_and_the_hf_export_agrees_in_a_fresh_process(fx, tm
     assert all(r["same_input_ids"] for r in rows)
     assert max(r["max_abs_logit_diff"] for r in rows) <= 1e-4
     assert [r["answer"] for r in rows] == [r["expected_answer"] for r in rows]
+
+
+def tree_digest(folder) -> dict:
+    """{relative path: sha256} of every file under `folder`."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_llava_export_is_written_whole_and_refuses_an_existing_one(fx, tmp_path, monkeypatch, capsys):
+    """As the main export (tests/test_hf_export.py): the processor's save raises after the model was
+    written (before: a folder with weights and no processor under the target's name): no folder is left,
+    an older export stays bitwise as it was; an existing export is refused before anything trains
+    unless --overwrite, and a folder that is not a LLaVA export never replaced."""
+    from transformers import LlavaProcessor
+
+    from megatron_lcl.hf import llava
+    from megatron_lcl.hf.publish import ExportError
+
+    result = task.run_dialogue(encoder_of(fx), fx["lm"], conv.read_llava_json(fx["stage2"]),
+                               task.DialogueConfig(steps=1, batch_size=4, num_workers=0), one_process())
+    model, tokens = result["_model"], result["_tokens"]
+    written = []
+
+    def failing_save(self, path, *args, **kwargs):
+        written.extend(sorted(os.listdir(path)))
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LlavaProcessor, "save_pretrained", failing_save)
+        with pytest.raises(OSError, match="No space left"):
+            llava.export_llava(model, tokens, str(tmp_path / "fresh"))
+    assert "model.safetensors" in written and not (tmp_path / "fresh").exists()
+    llava.export_llava(model, tokens, str(tmp_path / "old"))
+    assert json.loads((tmp_path / "old" / llava.MARKER).read_text())["template"] == "vicuna_v1"
+    (tmp_path / "old" / "marker.txt").write_text("the older export")
+    before = tree_digest(tmp_path / "old")
+    with monkeypatch.context() as patch:
+        patch.setattr(LlavaProcessor, "save_pretrained", failing_save)
+        with pytest.raises(OSError, match="No space left"):
+            llava.export_llava(model, tokens, str(tmp_path / "old"), overwrite=True)
+    assert tree_digest(tmp_path / "old") == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the partial folders removed
+    # an existing export: refused (one line, exit 2) before the stage trains (no --checkpoint written)
+    argv = common(fx, 2, tmp_path, steps=1) + ["--export", str(tmp_path / "old")]
+    capsys.readouterr()  # the loads' progress bars so far
+    assert task.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --export {tmp_path / 'old'} already holds an export; --overwrite replaces it "
+                   "(atomically where the file system allows), or choose another folder"]
+    assert not (tmp_path / "s2.pt").exists() and tree_digest(tmp_path / "old") == before
+    assert task.main(argv + ["--overwrite"]) == 0
+    assert "marker.txt" not in tree_digest(tmp_path / "old")  # replaced whole
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match=f"notes exists and is not a megatron_lcl export \\(no {llava.MARKER}\\)"):
+        llava.export_llava(model, tokens, str(tmp_path / "notes"), overwrite=True)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -13,7 +13,8 @@ questions answered greedily and scored as their official scorers do (`megatron_l
         --output out/s2.json
 
 `--export DIR` writes a HF `LlavaForConditionalGeneration` folder with its processor
-(`megatron_lcl.hf.llava`), for the community's evaluators (lmms-eval `llava_hf`, VLMEvalKit).
+(`megatron_lcl.hf.llava`), for the community's evaluators (lmms-eval `llava_hf`, VLMEvalKit): whole,
+renamed into place; an existing export is replaced only with `--overwrite`.
 `--benchmark NAME=PATH`: any of `megatron_lcl.eval.benchmarks.BENCHMARKS`; with `--output out/s2.json`
 each benchmark's submission files go to `out/s2.predictions/<files>` beside the metrics.
 """
@@ -243,7 +244,23 @@ def write_submissions(output: Optional[str], results: dict) -> Dict[str, str]:
 
 # ------------------------------------------------------------------------------------------ the run
 
-def check_stage(cfg: DialogueConfig, projector: Optional[str]) -> None:
+def check_export(export: Optional[str], overwrite: bool) -> None:
+    """An `--export` target the LLaVA export would refuse (an export there without `--overwrite`, or a
+    folder that is not one) is an InputError before anything loads or trains."""
+    if export:
+        from megatron_lcl.hf.llava import check_export_target
+        from megatron_lcl.hf.publish import ExportError
+
+        try:
+            check_export_target(export, overwrite)
+        except ExportError as e:
+            raise InputError(str(e)) from None
+
+
+def check_stage(cfg: DialogueConfig, projector: Optional[str], export: Optional[str], overwrite: bool) -> None:
+    """Refuse a bad combination of stage and flags, or an `export` target the export would refuse,
+    before anything trains."""
+    check_export(export, overwrite)
     if cfg.stage not in (1, 2):
         raise InputError(f"--stage {cfg.stage}: 1 (alignment) or 2 (instruction tuning)")
     if cfg.stage == 1 and cfg.mode == "full":
@@ -255,11 +272,12 @@ def check_stage(cfg: DialogueConfig, projector: Optional[str]) -> None:
 def run_dialogue(encoder: VisionEncoder, lm_path: str, train_source: conv.DialogueSource, cfg: DialogueConfig,
                  layout: Optional[ParallelLayout] = None, checkpoint: Optional[str] = None,
                  projector: Optional[str] = None, questions: Optional[Dict[str, list]] = None,
-                 export: Optional[str] = None, output: Optional[str] = None) -> dict:
+                 export: Optional[str] = None, output: Optional[str] = None, overwrite: bool = False) -> dict:
     """One stage on `train_source`, then each benchmark's `questions` ({name: [Question]}) answered and
-    scored (submission files beside `output`); the LLaVA export (rank 0) when `export`."""
+    scored (submission files beside `output`); the LLaVA export (rank 0) when `export`, replacing an
+    older one there only with `overwrite`."""
     layout = layout or one_process()
-    check_stage(cfg, projector)
+    check_stage(cfg, projector, export, overwrite)
     model, tokens = build_model(encoder, lm_path, cfg, projector)
     train_bad, test_bad = BadSampleLog(), BadSampleLog()
     with frozen_guard(encoder, cfg.mode) as guard:
@@ -272,7 +290,7 @@ def run_dialogue(encoder: VisionEncoder, lm_path: str, train_source: conv.Dialog
     if export and layout.rank == 0:
         from megatron_lcl.hf.llava import export_llava
 
-        export_llava(model, tokens, export)
+        export_llava(model, tokens, export, overwrite)
     return {"task": "dialogue", "stage": cfg.stage, "encoder": encoder.source, "encoder_kind": encoder.kind,
             "lm": lm_path, "template": tokens.template_name, "num_train": len(train_source),
             "scores_by_benchmark": {n: {k: v for k, v in r.items() if not k.startswith("_")}
@@ -313,6 +331,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--projector", help="stage 2: the stage-1 --checkpoint file to start the projector from")
     p.add_argument("--benchmark", nargs="*", default=[], help="NAME=PATH, answered and scored after training")
     p.add_argument("--export", help="write a HF LlavaForConditionalGeneration folder (+ processor) here")
+    p.add_argument("--overwrite", action="store_true", help="--export may replace an older LLaVA export")
     add_config_args(p, DialogueConfig, exclude=("stage",))
     p.add_argument("--stage", type=int, choices=(1, 2), default=2, help="1: alignment; 2: instruction tuning")
     common_args(p)
@@ -332,6 +351,7 @@ def load_data(args) -> TaskData:
     """The training conversations and every benchmark's questions (read before anything trains: a bad
     file ends the command at once)."""
     check_choices(args)
+    check_export(args.export, args.overwrite)
     specs = benchmark_specs(args.benchmark)
     questions = {name: benchmarks.get(name).read(path, None) for name, path in specs.items()}
     return TaskData(conv.read_llava_json(args.data, args.image_root), questions)
@@ -349,7 +369,7 @@ def load_encoder(args) -> VisionEncoder:
 
 def run(args, encoder: VisionEncoder, data: TaskData, cfg: DialogueConfig, layout: ParallelLayout) -> dict:
     return run_dialogue(encoder, args.lm, data.train, cfg, layout, args.checkpoint, args.projector, data.tests,
-                        args.export, args.output)
+                        args.export, args.output, args.overwrite)
 
 
 def table(result: dict) -> str:
