@@ -3,7 +3,9 @@ projector and a pre-trained causal language model (any HF `AutoModelForCausalLM`
 `tools/checkpoint/convert_to_hf.py` exports, or a user's LLM). The M latents of an image, projected
 to the LM width, are the LM's prefix; the caption follows and is learned with next-token
 cross-entropy. `frozen`: the encoder is fixed (bitwise checked); `full`: it trains at `--encoder-lr`.
-The LM trains at `--lr` unless `--no-train-lm` (then only the projector learns).
+The LM trains at `--lr` unless `--no-train-lm` (then only the projector learns). A trained (`full`)
+encoder gets stochastic depth `--drop-path` (Table 8: 0.2), rising linearly over its layers as in
+pre-training (`apply_drop_path`); the frozen one runs in eval mode, without it.
 
     python -m megatron_lcl.eval.caption --encoder runs/NAME/checkpoints --lm runs/NAME/hf/lm \
         --data /data/laion_coco_10m/{00000..00999}.tar --eval-data coco/dataset_coco.json \
@@ -44,9 +46,10 @@ from megatron_lcl.runtime.device import device as compute_device
 from megatron_lcl.runtime.layout import ParallelLayout
 
 # Paper Table 8 / A.2 (captioning): LAION-COCO 10M, 20k steps of 512, AdamW lr 1e-4 (one rate, the
-# encoder's too in full mode), wd 1e-4, betas (0.9, 0.95), 1000 warm-up steps, cosine.
+# encoder's too in full mode), wd 1e-4, betas (0.9, 0.95), 1000 warm-up steps, cosine, drop path 0.2
+# on the encoder (the default here).
 PRESETS = {"paper": dict(steps=20000, batch_size=512, lr=1e-4, encoder_lr=1e-4, weight_decay=1e-4,
-                         adam_beta2=0.95, warmup_steps=1000)}
+                         adam_beta2=0.95, warmup_steps=1000, drop_path=0.2)}
 
 
 @dataclass
@@ -56,6 +59,7 @@ class CaptionConfig(EngineConfig):
     batch_size: int = 32
     lr: float = 1e-4  # projector and (train_lm) the language model
     encoder_lr: float = 1e-5  # full mode only
+    drop_path: float = 0.2  # full mode only: the encoder's stochastic depth at its last layer (Table 8)
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0
     train_lm: bool = True
@@ -89,6 +93,40 @@ class CaptionHead(torch.nn.Module):
         loss_sum = F.cross_entropy(predictions.reshape(-1, predictions.shape[-1]), targets.reshape(-1),
                                    ignore_index=-100, reduction="sum")
         return loss_sum, (targets != -100).sum()
+
+
+def apply_drop_path(encoder: VisionEncoder, max_rate: float) -> None:
+    """Stochastic depth on both residual branches of every encoder layer, the rate rising linearly from
+    0 (first layer) to `max_rate` (last), as the ViT's pre-training schedule (`models.vision`); active in
+    train mode only (the frozen encoder runs in eval mode: unaffected). A megatron_lcl ViT has it built
+    in (`set_drop_path_rate`); a HF CLIPVisionModel gets it as forward hooks on each layer's attention
+    and MLP outputs, whole samples dropped (`models.layers.drop_path`'s rule)."""
+    if not 0.0 <= max_rate < 1.0:
+        raise InputError(f"--drop-path {max_rate}: must be in [0, 1)")
+    if encoder.kind == "megatron_lcl":
+        encoder.module.set_drop_path_rate(max_rate)
+    elif encoder.kind == "hf_clip":
+        layers = getattr(encoder.module, "vision_model", encoder.module).encoder.layers  # transformers < 5 nests it
+        for i, layer in enumerate(layers):
+            rate = max_rate * i / max(len(layers) - 1, 1)
+            for branch in (layer.self_attn, layer.mlp):
+                if not hasattr(branch, "drop_path_rate"):
+                    branch.register_forward_hook(_drop_path_hook)
+                branch.drop_path_rate = rate
+    elif max_rate > 0:
+        raise InputError(f"--drop-path {max_rate}: the encoder ({encoder.kind}: {encoder.source}) has no layers "
+                         f"to drop (megatron_lcl ViTs and HF CLIP towers do): give --drop-path 0")
+
+
+def _drop_path_hook(branch: torch.nn.Module, inputs, output):
+    """A CLIP layer's residual branch output (`[b, s, h]`, attention's as `(out, weights)`) with whole
+    samples dropped at `branch.drop_path_rate` in train mode (`drop_path` takes `[s, b, h]`)."""
+    from megatron_lcl.models.layers import drop_path
+
+    def drop(x):  # [b, s, h]
+        return drop_path(x.transpose(0, 1), branch.drop_path_rate, branch.training).transpose(0, 1)
+
+    return (drop(output[0]),) + tuple(output[1:]) if isinstance(output, tuple) else drop(output)
 
 
 def tokenize_captions(tokenizer, captions: List[str], max_tokens: int):
@@ -226,6 +264,8 @@ def run_captioning(encoder: VisionEncoder, lm_path: str, train_source, test_sets
     layout = layout or one_process()
     lm, tokenizer = load_lm(lm_path, train_source)
     torch.manual_seed(cfg.seed)  # equal projector initialisation on every rank
+    if cfg.mode == "full":
+        apply_drop_path(encoder, cfg.drop_path)
     model = TransferModel(encoder, CaptionHead(encoder.hidden_size, lm, cfg.train_lm), cfg.mode)
     train_bad, test_bad, seen = BadSampleLog(), BadSampleLog(), {}
     with frozen_guard(encoder, cfg.mode) as guard:

@@ -19,6 +19,7 @@ from multirank import run_torchrun
 
 pytest.importorskip("pycocoevalcap")
 from megatron_lcl.eval.caption_metrics import caption_scores, java_available, python_tokenize  # noqa: E402
+from megatron_lcl.eval.errors import InputError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,63 @@ def test_two_rank_captioning_equals_one_rank(caption_fixtures):
     two = torch.load(out / "caption_ddp.pt", weights_only=False)
     one = eval_caption_checks.caption_weights(str(root), one_process())
     assert_same_weights(two, one, steps=3, lr=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ drop path (Table 8)
+
+def train_mode_latents(encoder, pixels, seed):
+    torch.manual_seed(seed)
+    encoder.train()
+    return encoder(pixels)
+
+
+def assert_drop_path_applied(encoder, pixels):
+    """Without drop path, train-mode latents equal eval-mode ones whatever the seed; with it they differ
+    across seeds, repeat for a seed, and eval mode is unaffected."""
+    with torch.no_grad():
+        caption.apply_drop_path(encoder, 0.0)
+        reference = encoder.eval()(pixels)
+        for seed in (0, 1):
+            assert torch.equal(train_mode_latents(encoder, pixels, seed), reference)
+        caption.apply_drop_path(encoder, 0.5)
+        first, again, other = (train_mode_latents(encoder, pixels, s) for s in (0, 0, 1))
+        assert torch.equal(first, again) and not torch.equal(first, other)
+        assert not torch.equal(first, reference)
+        assert torch.equal(encoder.eval()(pixels), reference)
+
+
+def test_drop_path_on_a_clip_encoder_and_only_when_it_trains(caption_fixtures):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from megatron_lcl.eval.encoders import VisionEncoder, _clip_latents
+
+    _, pairs, lm = caption_fixtures
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, image_size=16, patch_size=8))
+    encoder = VisionEncoder(clip, _clip_latents, 32, 16, "clip3", "hf_clip")
+    assert_drop_path_applied(encoder, torch.randn(8, 3, 16, 16))
+    layers = clip.encoder.layers  # transformers 5.x (4.x: clip.vision_model.encoder)
+    source = pair_source(str(pairs))
+    for mode, rates in (("frozen", [0.0, 0.25, 0.5]), ("full", [0.0, 0.1, 0.2])):  # full: the default 0.2
+        cfg = caption.CaptionConfig(mode=mode, steps=1, batch_size=8, num_workers=0, max_new_tokens=2,
+                                    metric_tokenizer="python")
+        caption.run_captioning(encoder, str(lm), source, [as_test_set(source, "train8")], cfg)
+        assert [layer.mlp.drop_path_rate for layer in layers] == pytest.approx(rates)  # frozen: left as it was
+        assert [layer.self_attn.drop_path_rate for layer in layers] == pytest.approx(rates)
+    with pytest.raises(InputError, match=r"--drop-path 0.2: the encoder \(test: patches\) has no layers"):
+        caption.run_captioning(patch_encoder(), str(lm), source, [], caption.CaptionConfig(mode="full", steps=1))
+
+
+def test_drop_path_on_a_megatron_lcl_vit(single_rank):
+    from common import tiny_model_config
+    from megatron_lcl.config import ParallelConfig
+    from megatron_lcl.eval.encoders import VisionEncoder, _lcl_latents
+    from megatron_lcl.models.lcl_model import LCLModel
+
+    torch.manual_seed(0)
+    vit = LCLModel(tiny_model_config(num_layers=3), ParallelConfig()).vision
+    encoder = VisionEncoder(vit, _lcl_latents, 32, 16, "tiny", "megatron_lcl")
+    assert_drop_path_applied(encoder, torch.randn(8, 3, 16, 16))
+    caption.apply_drop_path(encoder, 0.2)
+    assert [layer.mlp.linear_fc2.drop_path_rate for layer in vit.decoder.layers] == pytest.approx([0.0, 0.1, 0.2])
