@@ -8,6 +8,9 @@ Writes OUT/ablation.{json,md}.
     python tools/ablation.py --out runs/ablation                 # the measured table in docs/eval.md
     python tools/ablation.py --out /tmp/ablation --small          # CI size: a few steps, ~1-2 min
 
+`--modes` picks the arms: the paper's loss modes `lcl`, `gen`, `con`, and `lcl_sigmoid` / `con_sigmoid`
+(the same modes with `loss.contrastive_loss=sigmoid`, SigLIP's init: `megatron_lcl.config.model.SIGMOID_OVERRIDES`).
+
 `--corpus scenes` (default): two-object scenes pre-trained on the `train` split and evaluated on the
 `heldout` split, whose counted object is always a (shape, colour) pair pre-training never showed
 (`megatron_lcl/data/scenes.py`). `--corpus shapes`: the demo's one-shape pictures.
@@ -30,6 +33,7 @@ import torch
 from megatron_lcl import train  # run in this process: the runs share one megatron-core import and process group
 from megatron_lcl.checkpoint import read_meta, read_metrics, resolve_checkpoint
 from megatron_lcl.config import load_config
+from megatron_lcl.config.model import SIGMOID_OVERRIDES
 from megatron_lcl.data.prepare import PrepareOptions, prepare
 from megatron_lcl.data.skips import SkipCounter
 from megatron_lcl.data.sources import read_mmc4
@@ -42,9 +46,13 @@ from megatron_lcl.runtime import destroy_distributed
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
 MODES = ("lcl", "gen", "con")
+# arm -> (loss.mode, its overrides): the paper's modes, and L_con as SigLIP's sigmoid loss
+ARMS = {**{mode: (mode, ()) for mode in MODES}, "lcl_sigmoid": ("lcl", SIGMOID_OVERRIDES),
+        "con_sigmoid": ("con", SIGMOID_OVERRIDES)}
 # Paper Table 6a: ViT-B/16 pre-trained on MMC4, frozen transfer, COCO retrieval TR@1.
 PAPER_TR1 = {"lcl": 48.5, "gen": 10.3, "con": 46.4}
-TASK_NAMES = {"lcl": "Gen. + Con. (LCL)", "gen": "Gen. only", "con": "Con. only", "random": "random init"}
+TASK_NAMES = {"lcl": "Gen. + Con. (LCL)", "gen": "Gen. only", "con": "Con. only", "random": "random init",
+              "lcl_sigmoid": "Gen. + Con. (LCL), sigmoid L_con", "con_sigmoid": "Con. only, sigmoid L_con"}
 
 
 @dataclass
@@ -109,11 +117,13 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 
 def pretrain(mode: str, run_dir: Path, sizes: Sizes, data: dict, seed: int, extra=()) -> None:
+    """One pre-training run of arm `mode` (`ARMS`)."""
     if finished(run_dir, sizes.steps):
         log(f"{mode} seed {seed}: finished run found in {run_dir}")
         return
-    argv = ["--config", str(TINY_CONFIG), f"run_dir={run_dir}", f"loss.mode={mode}", "logging.console=false",
-            *overrides(sizes, data, seed), *extra]
+    loss_mode, arm = ARMS[mode]
+    argv = ["--config", str(TINY_CONFIG), f"run_dir={run_dir}", f"loss.mode={loss_mode}", "logging.console=false",
+            *overrides(sizes, data, seed), *arm, *extra]
     log(f"{mode} seed {seed}: pre-training {sizes.steps} steps -> {run_dir}")
     t0 = time.time()
 
@@ -263,7 +273,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, help="sequences per micro-batch (default 4)")
     p.add_argument("--global-batch-size", type=int, help="sequences per step (default 16): the step's images "
                    "are the contrastive negatives")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(ARMS),
+                   help="arms: loss modes, and the same with the sigmoid L_con (default: lcl gen con)")
     p.add_argument("--no-random-init", action="store_true", help="skip the random-init baseline")
     p.add_argument("--seed", type=int, default=1234, help="first seed (the data's); seeds are seed, seed+1, ...")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",

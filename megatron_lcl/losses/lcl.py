@@ -18,6 +18,9 @@ The objective of a step (all its micro-batches on all data-parallel ranks):
     The negatives are the global micro-batch's: runs that split a step into global micro-batches of
     another size optimise another L_con (the loss compare keeps the global micro-batch for this mode).
 Only images with context enter L_con (`LCLBatch.con_index`, the rule of `megatron_lcl.data.sample_builder`).
+`loss.contrastive_loss` picks the objective over that batch: the symmetric InfoNCE (`contrastive_loss_sum`)
+or SigLIP's pairwise sigmoid loss on a ring over the DP ranks (`sigmoid_loss_sum`, with the learnable bias
+b); both return a sum over this rank's images, normalised here by the same image counts.
 
 How the sums get their denominators without a device sync: T, N and every rank's L_con image count per
 micro-batch are Python ints known at collate time (`LCLBatch.num_text_targets`, `con_index`), exchanged
@@ -39,6 +42,7 @@ from megatron.core import parallel_state
 from megatron_lcl.config import LossConfig
 from megatron_lcl.losses.contrastive import contrastive_loss_sum
 from megatron_lcl.losses.generation import generation_loss_sum
+from megatron_lcl.losses.sigmoid import sigmoid_loss_sum
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ class FeatureGrads:
     con_loss: torch.Tensor  # global step L_con (detached)
     con_top1: torch.Tensor
     con_batch: torch.Tensor  # images in the step's L_con over all DP ranks
+    logit_bias: Optional[torch.Tensor] = None  # scalar: gradient with respect to b (sigmoid loss)
 
 
 STEP_SUMS = ("lm_loss_sum", "con_loss_sum", "con_correct", "num_text_tokens", "num_images", "con_excluded")
@@ -131,6 +136,7 @@ class LCLLoss:
         self.gen_weight = 0.0 if cfg.mode == "con" else 1.0
         self.con_weight = {"lcl": cfg.con_weight, "con": 1.0, "gen": 0.0}[cfg.mode]
         self.step_negatives = cfg.contrastive_batch == "step" and self.con_weight > 0
+        self.sigmoid = cfg.contrastive_loss == "sigmoid"
 
     @property
     def needs_logits(self) -> bool:
@@ -149,18 +155,19 @@ class LCLLoss:
         return StepCounts(tuple(tuple(map(tuple, rank)) for rank in table), dist.get_rank(self.dp_group))
 
     def __call__(self, logits, image_features, text_features, logit_scale, labels, loss_mask, con_index,
-                 counts: MicroBatchCounts, feature_grads: Optional[FeatureGrads] = None) -> LossTerms:
+                 counts: MicroBatchCounts, feature_grads: Optional[FeatureGrads] = None,
+                 logit_bias: Optional[torch.Tensor] = None) -> LossTerms:
         """logits `[s, b, v/tp]` (may be None when mode=con); features `[n, e]` of all n images and
-        `con_index` `[n_con]` (those entering L_con); labels/loss_mask `[b, s]`. With `feature_grads`
-        (contrastive_batch=step) L_con enters as the surrogate of the module docstring."""
+        `con_index` `[n_con]` (those entering L_con); labels/loss_mask `[b, s]`; `logit_bias` b (the
+        sigmoid loss). With `feature_grads` (contrastive_batch=step) L_con enters as the surrogate of the
+        module docstring."""
         v = image_features.index_select(0, con_index).float()  # [n_con, e]: an index, not a mask (no sync)
         t = text_features.index_select(0, con_index).float()
         zero = loss_mask.new_zeros((), dtype=torch.float32)
         gen_sum = generation_loss_sum(logits, labels, loss_mask)[0] if self.gen_weight else zero
         con_sum, con_correct = zero, zero
         if self.con_weight and feature_grads is None:
-            con_sum, _, con_correct = contrastive_loss_sum(v, t, logit_scale.float(), self.dp_group,
-                                                           counts.con_images)  # fp32
+            con_sum, _, con_correct = self.con_loss_sum(v, t, logit_scale, logit_bias, counts.con_images)
         # One all-reduce gives the logged global values (the denominators are known: `counts`).
         stats = torch.stack([gen_sum.detach().float(), con_sum.detach().float(), con_correct.float()]).double()
         if self.dp_size > 1:
@@ -176,7 +183,7 @@ class LCLLoss:
             total = total + self.con_weight * con_sum * (scale / max(counts.step_con_images, 1))
             con_loss, con_top1, con_batch = g_con_sum / images, g_correct / images, count + sum(counts.con_images)
         else:
-            total = total + _surrogate(feature_grads, v, t, logit_scale.float())
+            total = total + _surrogate(feature_grads, v, t, logit_scale.float(), logit_bias)
             con_loss, con_top1, con_batch = feature_grads.con_loss, feature_grads.con_top1, feature_grads.con_batch
         return LossTerms(total=total, loss=self.gen_weight * lm_loss + self.con_weight * con_loss,
                          lm_loss=lm_loss, con_loss=con_loss, con_top1=con_top1,
@@ -208,25 +215,36 @@ class LCLLoss:
                 "con_loss": con_loss, "con_top1": con_top1, "num_text_tokens": step["num_text_tokens"],
                 "num_images": step["num_images"], "con_excluded": step["con_excluded"], "con_batch": con_batch}
 
+    def con_loss_sum(self, v, t, logit_scale, logit_bias, counts: Sequence[int]):
+        """`loss.contrastive_loss` over this rank's L_con rows `[n, e]` and the group's (fp32):
+        (loss sum over the rows, images of the group, rows counted top-1)."""
+        if self.sigmoid:
+            assert logit_bias is not None, "the sigmoid loss needs the model's logit bias (model.heads.logit_bias_init)"
+            return sigmoid_loss_sum(v, t, logit_scale.float(), logit_bias.float(), self.dp_group, counts)
+        return contrastive_loss_sum(v, t, logit_scale.float(), self.dp_group, counts)
+
     def step_contrastive(self, image_features: Sequence[torch.Tensor], text_features: Sequence[torch.Tensor],
-                         logit_scale: torch.Tensor, counts: StepCounts) -> List[FeatureGrads]:
+                         logit_scale: torch.Tensor, counts: StepCounts,
+                         logit_bias: Optional[torch.Tensor] = None) -> List[FeatureGrads]:
         """The step's L_con over all micro-batches' L_con features (`[n_k, e]` each, no gradient) on all
-        DP ranks, local rows against gathered columns; returns each micro-batch's `FeatureGrads`."""
+        DP ranks, local rows against the group's columns; returns each micro-batch's `FeatureGrads`."""
         sizes = [f.shape[0] for f in image_features]
         v = torch.cat([f.detach().float() for f in image_features]).requires_grad_()  # [n, e]
         t = torch.cat([f.detach().float() for f in text_features]).requires_grad_()
         s = logit_scale.detach().float().requires_grad_()
-        loss_sum, num_global, correct = contrastive_loss_sum(v, t, s, self.dp_group, counts.con_images_per_rank())
+        b = None if logit_bias is None else logit_bias.detach().float().requires_grad_()
+        loss_sum, num_global, correct = self.con_loss_sum(v, t, s, b, counts.con_images_per_rank())
         stats = torch.stack([loss_sum.detach(), correct.float()]).double()
         if self.dp_size > 1:
             dist.all_reduce(stats, group=self.dp_group)
         images = max(num_global, 1)
         share = self.con_weight * loss_sum * (self.dp_size / images)  # as in the micro-batch path
-        grads = torch.autograd.grad(share, [v, t, s], allow_unused=True)
-        g_v, g_t, g_s = (torch.zeros_like(x) if g is None else g for g, x in zip(grads, (v, t, s)))
+        inputs = [v, t, s] + ([] if b is None else [b])
+        grads = torch.autograd.grad(share, inputs, allow_unused=True)
+        g_v, g_t, g_s, *g_b = (torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
         con_loss, con_top1 = (stats.float() / images).unbind()
         num = stats.new_zeros(()) + num_global  # [] float64, no host-to-device copy
-        return [FeatureGrads(gv, gt, g_s, len(sizes), con_loss, con_top1, num)
+        return [FeatureGrads(gv, gt, g_s, len(sizes), con_loss, con_top1, num, g_b[0] if g_b else None)
                 for gv, gt in zip(g_v.split(sizes), g_t.split(sizes))]
 
 
@@ -241,7 +259,10 @@ def _cpu_twin(group: Optional[dist.ProcessGroup]):
     return twin
 
 
-def _surrogate(grads: FeatureGrads, v: torch.Tensor, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """A scalar whose gradient (after the schedule's 1/num_microbatches) is the step L_con's."""
+def _surrogate(grads: FeatureGrads, v: torch.Tensor, t: torch.Tensor, scale: torch.Tensor,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A scalar whose gradient (after the schedule's 1/num_microbatches) is the step L_con's
+    (`<g_b, b>` as `<g_s, s>`, with the sigmoid loss's bias)."""
     k = grads.num_microbatches
-    return k * ((grads.image * v).sum() + (grads.text * t).sum()) + grads.logit_scale * scale
+    total = k * ((grads.image * v).sum() + (grads.text * t).sum()) + grads.logit_scale * scale
+    return total if grads.logit_bias is None else total + grads.logit_bias * bias.float()

@@ -25,7 +25,9 @@ these conventions. The model mirrors `megatron_lcl.models` group by group:
     per sequence  lm         L x (QKV, scores, context, proj, FFN) over s positions (causal)
                   output     s x h x V_padded logits (tied weight: both gradients; skipped for loss=con)
     per image     contrastive  2 logit matrices of [n, N] over e (N = images in the contrastive batch:
-                               the global micro-batch, or the whole step with contrastive_batch=step)
+                               the global micro-batch, or the whole step with contrastive_batch=step);
+                               the sigmoid loss: 1 matrix, whose backward recomputes it on the ring
+                               (x4 with backward: forward, recompute, the two gradient matmuls)
     feature pass  contrastive_batch=step with several micro-batches: one more forward of vit,
                   projector, lm layers and heads over every micro-batch of the step (no output
                   layer, no backward) that collects the step's features first (`uses_feature_pass`)
@@ -94,7 +96,7 @@ def heads_params(cfg: ModelConfig) -> int:
     image = hv + 2 * hv + (3 * hv * hv + 3 * hv) + (hv * hv + hv) + hv * e  # query, LN, MHA in/out, W1
     if cfg.vision.image_tokens == "pooled_values":
         image = hv + 3 * 2 * hv + 3 * (hv * hl + hl) + hl * hl  # query, LN q/k/v, Q/K/V, O (no bias, no W1)
-    text = 2 * hl + hl * e + 1  # LN, W2, logit_scale
+    text = 2 * hl + hl * e + 1 + (cfg.heads.logit_bias_init is not None)  # LN, W2, logit_scale (, logit_bias)
     return image + text
 
 
@@ -189,13 +191,15 @@ def lm_forward_flops(lm: LMConfig, seq_length: int, attention_count: str = "caus
 def step_flops(cfg: ModelConfig, seq_length: int, images_per_sample: float, samples: int = 1, *,
                contrastive_negatives: Optional[int] = None, loss_mode: str = "lcl",
                backward: bool = True, tensor_model_parallel_size: int = 1,
-               attention_count: str = "causal", feature_pass: bool = False) -> "OrderedDict[str, float]":
+               attention_count: str = "causal", feature_pass: bool = False,
+               contrastive_loss: str = "infonce") -> "OrderedDict[str, float]":
     """FLOPs by group for `samples` sequences holding `images_per_sample` images each (on average).
 
     `contrastive_negatives` is N, the images one InfoNCE row is scored against (images of the global
     micro-batch); None leaves the [n, N] logit matmuls out (they are < 0.1% at realistic sizes).
     With `backward`, forward + backward (the training step); else forward only. `feature_pass`: the
     step-wide L_con's extra forward (`loss.contrastive_batch=step` with several micro-batches).
+    `contrastive_loss`: infonce or sigmoid (`loss.contrastive_loss`: the module docstring's counts).
     `attention_count`: "causal" (the LM's attention as the kernels run it) or "full" (module docstring). Returns
     {vit, projector, lm, output, heads, contrastive, feature_pass, total}.
     """
@@ -214,7 +218,7 @@ def step_flops(cfg: ModelConfig, seq_length: int, images_per_sample: float, samp
         ("lm", samples * lm_forward_flops(lm, seq_length, attention_count) * mult),
         ("output", output * mult),
         ("heads", images * heads_forward_flops(cfg) * mult),
-        ("contrastive", contrastive * mult),
+        ("contrastive", contrastive * mult if contrastive_loss == "infonce" else contrastive / 2 * (4 if backward else 1)),
     ])
     forward_no_output = (images * (vit["patchify"] + vit["vit_layers"] + heads_forward_flops(cfg) +
                                    projector_forward_flops(cfg))

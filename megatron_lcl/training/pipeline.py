@@ -19,10 +19,11 @@ schedule's division by the number of micro-batches and DDP's average over DP ran
 - `loss.contrastive_batch=micro_batch` (`forward_backward`): each image's InfoNCE against the images of
   its micro-batch on every DP rank, averaged over the step's images;
 - `loss.contrastive_batch=step` (`step_forward_backward`, the paper's semantics): ONE InfoNCE over
-  all images of the step. A feature cache ("gradient cache"): (1) a forward-only pass through the
+  all images of the step (InfoNCE or sigmoid). A feature cache ("gradient cache"): (1) a forward-only pass through the
   pipeline collects v_i and t_i of every micro-batch on the last stage (no vocabulary logits);
-  (2) `LCLLoss.step_contrastive` computes the step's L_con, local rows against gathered columns, and
-  its gradients with respect to every v_i, t_i and the scale; (3) the usual 1F1B pass backpropagates
+  (2) `LCLLoss.step_contrastive` computes the step's L_con (InfoNCE: local rows against gathered
+  columns; sigmoid: local rows against every rank's texts passed around the DP ring), and
+  its gradients with respect to every v_i, t_i, the scale (and the bias); (3) the usual 1F1B pass backpropagates
   L_gen plus the surrogate of those cached gradients. The RNG state is put back between (1) and (3), so
   dropout and drop-path draw the same masks in both passes and the surrogate's gradient is exact.
   Cost: one extra forward pass without the output layer (`models.flops.step_flops`).
@@ -127,7 +128,7 @@ def loss_terms(out: LCLOutput, batch: LCLBatch, loss_fn: LCLLoss, counts: MicroB
                feature_grads: Optional[FeatureGrads] = None) -> LossTerms:
     """`LCLOutput` of the last stage + the batch's targets -> the named loss terms."""
     return loss_fn(out.logits, out.image_features, out.text_features, out.logit_scale,
-                   batch.labels, batch.loss_mask, batch.con_index, counts, feature_grads)
+                   batch.labels, batch.loss_mask, batch.con_index, counts, feature_grads, out.logit_bias)
 
 
 def forward_loss(model: LCLModel, batch: LCLBatch, loss_fn: LCLLoss) -> LossTerms:
@@ -188,16 +189,17 @@ class LCLForwardStep(_StageStep):
 
 
 class FeatureStep(_StageStep):
-    """Forward only, no logits: keeps each micro-batch's L_con features (v, t) and the scale."""
+    """Forward only, no logits: keeps each micro-batch's L_con features (v, t), the scale and the bias."""
 
     def __init__(self, shape: PipelineShape, layout: ParallelLayout):
         super().__init__(shape, layout, with_logits=False)
-        self.image, self.text, self.scale = [], [], None
+        self.image, self.text, self.scale, self.bias = [], [], None, None
 
     def on_last(self, out, batch):
         self.image.append(out.image_features.index_select(0, batch.con_index).detach())  # [n_con, e]
         self.text.append(out.text_features.index_select(0, batch.con_index).detach())
         self.scale = out.logit_scale.detach()
+        self.bias = None if out.logit_bias is None else out.logit_bias.detach()
         return out.logit_scale.detach() * 0.0, {}
 
 
@@ -256,7 +258,7 @@ def step_forward_backward(model, batches: Optional[List[LCLBatch]], num_microbat
         run_schedule(features, model, iter(batches) if batches is not None else None, num_microbatches,
                      shape, layout, forward_only=True)
     set_rng_state(rng)  # the training pass draws the same dropout / drop-path masks
-    grads = (loss_fn.step_contrastive(features.image, features.text, features.scale, counts)
+    grads = (loss_fn.step_contrastive(features.image, features.text, features.scale, counts, features.bias)
              if layout.is_last_stage else None)
     return _training_pass(model, batches, num_microbatches, loss_fn, shape, layout, counts=counts,
                           feature_grads=grads)

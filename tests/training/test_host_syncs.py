@@ -23,7 +23,7 @@ ALLOWED = {
 }
 
 
-def step_syncs(contrastive_batch: str, micro_batches: int = 2) -> set:
+def step_syncs(contrastive_batch: str, micro_batches: int = 2, contrastive_loss: str = "infonce") -> set:
     from megatron_lcl.config import LossConfig, ParallelConfig
     from megatron_lcl.losses import LCLLoss
     from megatron_lcl.models.factory import build_model
@@ -32,11 +32,16 @@ def step_syncs(contrastive_batch: str, micro_batches: int = 2) -> set:
     from megatron_lcl.training.pipeline import PipelineShape, step_forward_backward, wrap_ddp
     from common import tiny_model_config
 
+    from dataclasses import replace
+
     cfg = tiny_model_config()
+    if contrastive_loss == "sigmoid":  # the ring's P2P hops and its bias
+        cfg = replace(cfg, heads=replace(cfg.heads, logit_scale_init=10.0, logit_bias_init=-10.0))
     torch.manual_seed(0)
     ddp = wrap_ddp(build_model(cfg, ParallelConfig()), ParallelConfig())
     layout = ParallelLayout.current()
-    loss_fn = LCLLoss(LossConfig(contrastive_batch=contrastive_batch), layout.dp_group)
+    loss_fn = LCLLoss(LossConfig(contrastive_batch=contrastive_batch, contrastive_loss=contrastive_loss),
+                      layout.dp_group)
     m = cfg.vision.num_image_tokens
     layouts = [[[0, 20], [9]], [[4], []], [[], []]][:micro_batches]  # an image without context, none at all
     batches = [random_batch(images, 48, m, 16, 192, seed=k) for k, images in enumerate(layouts)]
@@ -62,9 +67,11 @@ def test_the_recorder_sees_what_syncs_a_gpu():
     assert {kind for kind, _ in recorder.events} == {"boolean-mask index"}
 
 
+@pytest.mark.parametrize("contrastive_loss", ["infonce", "sigmoid"])
 @pytest.mark.parametrize("contrastive_batch", ["step", "micro_batch"])
-def test_a_training_step_makes_no_host_sync_but_the_step_counts(single_rank, contrastive_batch):
+def test_a_training_step_makes_no_host_sync_but_the_step_counts(single_rank, contrastive_batch, contrastive_loss):
     """Three micro-batches (one image without context, one micro-batch without images), forward and
-    backward through megatron-core's schedule, with the feature pass (step) or without (micro_batch)."""
-    events = step_syncs(contrastive_batch, micro_batches=3)
+    backward through megatron-core's schedule, with the feature pass (step) or without (micro_batch),
+    InfoNCE or the ring sigmoid loss (multi-rank rings: tests/training/test_pipeline_parallel.py)."""
+    events = step_syncs(contrastive_batch, micro_batches=3, contrastive_loss=contrastive_loss)
     assert events <= ALLOWED, f"host syncs in the step: {sorted(events - ALLOWED)}"
