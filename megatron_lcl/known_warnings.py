@@ -1,4 +1,4 @@
-"""The warnings megatron-core (0.16.1) and torch give that are known and understood here, filtered by
+"""The warnings megatron-core (0.16.1, 0.19.2) and torch give that are known and understood here, filtered by
 the package's `__init__` before anything imports megatron-core (several come at its import).
 
 Each is filtered by the start of its message (never a whole category), so a new deprecation at the next
@@ -34,6 +34,13 @@ KNOWN_WARNINGS = (
     # megatron-core 0.16.1 layers read the TP group from parallel_state when none is passed; "will be
     # mandatory soon". Upgrade check: pass `tp_group` (from ParallelLayout) when this becomes an error.
     (r"Warning. tp_group is None, using default tp group", DeprecationWarning),
+    # megatron-core 0.19.2: at its import (an experimental multi-modal config class), and its load of a
+    # checkpoint's common state (`load_common_state_dict`: torch.distributed.checkpoint.load with
+    # no_dist=True, on every rank).
+    (r"MimoModelConfig is experimental", UserWarning),
+    (r"torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a "
+     r"single process", UserWarning),
+    (r"The argument order of load has been changed", UserWarning),
 )
 
 

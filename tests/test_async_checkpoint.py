@@ -48,8 +48,9 @@ def checkpoint_tensors(ckpt, tmp_path) -> dict:
     megatron-core < 0.19 wrote one: 0.19 keeps the common state in rank 0's data file)."""
     out = tmp_path / f"{ckpt.parent.parent.name}_{ckpt.name}.pt"
     dcp_to_torch_save(str(ckpt), str(out))
+    common = ckpt / "common.pt"
     return {"sharded": torch.load(out, weights_only=False),
-            "common": torch.load(ckpt / "common.pt", weights_only=False) if (ckpt / "common.pt").exists() else None}
+            "common": torch.load(common, weights_only=False) if common.exists() else None}
 
 
 def assert_identical(a, b, where=""):

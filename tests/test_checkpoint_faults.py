@@ -83,8 +83,8 @@ def test_latest_naming_a_deleted_folder_falls_back(results):
 
 # FILE@RANK; "/sync": data files written by the rank itself (checkpoint.async_save=false), else by its
 # background writer.
-WRITE_FAULTS = ["__1_@1", "__0_@0", "__1_@1/sync", "__0_@0/sync", ".metadata@0", *[f"{n}@0" for n in COMMON], "metadata.json@0",
-                "meta.json@0", "latest@0"]
+WRITE_FAULTS = ["__1_@1", "__0_@0", "__1_@1/sync", "__0_@0/sync", ".metadata@0", *[f"{n}@0" for n in COMMON],
+                "metadata.json@0", "meta.json@0", "latest@0"]
 
 
 @pytest.mark.parametrize("fault", WRITE_FAULTS)

@@ -387,7 +387,7 @@ def check_checkpoint_files(ckpt: str) -> None:
     import torch
     from torch.distributed.checkpoint import FileSystemReader
 
-    from megatron_lcl.runtime.mcore_compat import RANK0_FILES
+    from megatron_lcl.runtime.mcore_compat import common_state_in_common_pt
 
     def read(name, fn):
         try:
@@ -402,7 +402,7 @@ def check_checkpoint_files(ckpt: str) -> None:
     read(META, read_json)
     read("metadata.json", read_json)  # dist-checkpointing's own (backend, version)
     index = read(".metadata", lambda _: FileSystemReader(ckpt).read_metadata())
-    if "common.pt" in RANK0_FILES or os.path.exists(os.path.join(ckpt, "common.pt")):  # 0.19: none
+    if common_state_in_common_pt(index):  # megatron-core < 0.19 (0.19: in rank 0's data file)
         read("common.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False))
     needed = {}
     for info in index.storage_data.values():

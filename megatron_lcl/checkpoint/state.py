@@ -305,6 +305,7 @@ def load_checkpoint(ckpt: str, model, optimizer, scheduler, loader, layout: Para
     so the data continues exactly. A distributed-optimizer state in the dp_reshardable format loads
     at another DP size but not at another TP/PP (a clear error).
     """
+    mcore_compat.check_loadable(ckpt)
     meta = read_meta(ckpt)
     if meta.get("weights_only"):  # written by save_weights / convert_from_hf: model alone
         log(f"{ckpt} holds weights only: fresh optimizer, schedule, RNG and data stream")

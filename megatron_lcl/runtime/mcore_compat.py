@@ -223,6 +223,25 @@ def deferred_rank0_write_errors():
         raise errors[0]
 
 
+def common_state_in_common_pt(index) -> bool:
+    """Whether the checkpoint whose dist-checkpointing index (`.metadata`, torch's Metadata) is `index`
+    keeps its common state in `common.pt` (written by megatron-core < 0.19) rather than in rank 0's data
+    file (0.19: the ShardedObject `common_state`). 0.19 loads both; 0.16.1 only the first."""
+    return not any(key.startswith("common_state/") for key in index.state_dict_metadata)
+
+
+def check_loadable(ckpt: str) -> None:
+    """Raise ValueError (one line, naming both versions) when this megatron-core cannot read `ckpt`:
+    before 0.19 it cannot load a checkpoint 0.19 wrote (it looks for `common.pt` only)."""
+    if _MCORE_0_19:
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not common_state_in_common_pt(FileSystemReader(ckpt).read_metadata()):
+        raise ValueError(f"{ckpt} was written by megatron-core >= 0.19 and cannot be loaded by megatron-core "
+                         f"{MCORE_VERSION}: install megatron-core>=0.19 (Python >= 3.12)")
+
+
 # megatron-core 0.17+: `dist_checkpointing.save(..., async_sharded_save=True)` plans the save for
 # NVIDIA's resiliency extension (`async_strategy="nvrx"`, a package this project does not install) and
 # fails without it; megatron-core's own strategy ("mcore", 0.16.1's only one) hands back the

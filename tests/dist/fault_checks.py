@@ -171,7 +171,8 @@ COMMON = [name for name in RANK0_FILES if name == "common.pt"]
 # rank writes its data files (`__R_0.distcp`, in megatron-core's forked writer processes).
 # The data files are written by the background writer, and by the rank itself with async_save=false.
 WRITE_FAULTS = [("__1_", 1, True), ("__0_", 0, True), ("__1_", 1, False), ("__0_", 0, False), (".metadata", 0, True),
-                *[(name, 0, True) for name in COMMON], ("metadata.json", 0, True), ("meta.json", 0, True), ("latest", 0, True)]
+                *[(name, 0, True) for name in COMMON], ("metadata.json", 0, True), ("meta.json", 0, True),
+                ("latest", 0, True)]
 
 
 @contextlib.contextmanager
