@@ -20,7 +20,8 @@ embedding projection, biases, tying); what we cannot represent is refused, namin
 ViT <-> `CLIPVisionModel`: same layout; our post-LN is HF's `post_layernorm`, which we apply to all
 tokens (HF applies it to the pooled token only), so our latents = `post_layernorm(last_hidden_state)`.
 
-The LCL heads have no HF counterpart: they are saved as they are (`lcl_heads_state`), and
+The LCL heads have no HF counterpart: they are saved as they are (`lcl_heads_state`; with the sigmoid
+loss `text_head.logit_bias` too, beside `text_head.logit_scale`), and
 `image_token_module` rebuilds from them what turns those latents into the LM's image tokens, for both
 settings of `model.vision.image_tokens`.
 """

@@ -49,7 +49,8 @@ at {image_size} px.
 `lcl_heads.safetensors` holds (image tokens: `{image_tokens}`; its metadata `config` says so):
 {image_head_lines}
 - `text_head.norm.*` (LayerNorm) and `text_head.proj.weight` (W2) applied to the LM's last hidden state
-  at a `<BoI>` -> t, L2-normalised; `text_head.logit_scale`: log of the contrastive temperature.
+  at a `<BoI>` -> t, L2-normalised; `text_head.logit_scale`: log of the contrastive temperature;
+  `text_head.logit_bias` (only with `loss.contrastive_loss=sigmoid`): the sigmoid loss's logit bias b.
 """
 
 IMAGE_HEAD_LINES = {

@@ -11,7 +11,15 @@ a GPU, with their call sites), saved per layout for tests/training/test_pipeline
 contrastive_batch=step: TP2 x PP2 x DP2 with the feature cache against a single-process reference
 that computes L_con over ALL images of the step at once (STEP_GLOBAL: micro-batch 3 holds no image at
 all, micro-batch 2 none on half the ranks, and images at position 0 are left out of L_con).
+
+loss.contrastive_loss=sigmoid (the DP ring of `megatron_lcl.losses.sigmoid`) on the same STEP_GLOBAL
+micro-batches, against a single-process reference that scores every image of the step against every
+`<BoI>` feature of the step (step) or of its micro-batch (micro_batch), written out by hand: TP2 x PP2 x
+DP2 (step and micro_batch), TP1 x PP2 x DP4 and TP2 x PP1 x DP4 (step: a ring of 4, one sample a rank,
+so most ranks hold no image in some micro-batch).
 """
+
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -44,6 +52,11 @@ LAYOUTS = [  # <BoI> positions per sample, for each global micro-batch
 GLOBAL = [random_batch(layout, SEQ, M, 16, 192, seed=10 + k) for k, layout in enumerate(LAYOUTS)]
 STEP_GLOBAL = GLOBAL[:3] + [random_batch([[], [], [], []], SEQ, M, 16, 192, seed=13)]
 CON_WEIGHT = 0.1
+# s = 10 (SigLIP's init) and b = -2 rather than SigLIP's -10: at -10 the negatives' gradients are ~1e-5,
+# below what the comparison could tell apart from a missing term.
+SIGMOID_CFG = replace(CFG, heads=replace(CFG.heads, logit_scale_init=10.0, logit_bias_init=-2.0))
+SIGMOID_LAYOUTS = {"sigmoid_tp2_pp2_dp2_step": (2, 2, "step"), "sigmoid_tp2_pp2_dp2_micro": (2, 2, "micro_batch"),
+                   "sigmoid_tp1_pp2_dp4_step": (1, 2, "step"), "sigmoid_tp2_pp1_dp4_step": (2, 1, "step")}
 OPT = dict(lr=1e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0)
 
 
@@ -115,20 +128,58 @@ def reference_step_contrastive(out):
     save_rank0({"terms": terms, "grads": grads}, out, "reference_step_contrastive.pt")
 
 
+def pairwise_sigmoid(v, t, scale, bias):
+    """Every image against every text of `[N, e]` v, t: the loss sum and the count whose positive beats
+    every negative of its row and of its column."""
+    logits = scale * v @ t.T + bias  # [N, N]
+    labels = 2 * torch.eye(len(v)) - 1
+    negatives = logits.masked_fill(labels > 0, -float("inf"))
+    positive = logits.diagonal()
+    correct = ((positive > negatives.max(1).values) & (positive > negatives.max(0).values)).sum()
+    return -F.logsigmoid(labels * logits).sum(), correct
+
+
+def reference_sigmoid(out, contrastive_batch):
+    """L_gen over the step's text targets + lambda x the pairwise sigmoid loss of the step's images
+    (every image against every <BoI> feature of the step, or of its micro-batch), / the step's images."""
+    set_seed(SEED)
+    model = LCLModel(SIGMOID_CFG, ParallelConfig())
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    targets = sum(b.loss_mask.sum() for b in STEP_GLOBAL)
+    images = sum(b.image_has_context.sum() for b in STEP_GLOBAL)
+    gen, v, t = 0.0, [], []
+    for batch in STEP_GLOBAL:
+        o = model(batch.tokens, batch.position_ids, batch.images, batch.image_sample_index, batch.boi_positions)
+        gen = gen + generation_loss_sum(o.logits, batch.labels, batch.loss_mask)[0] / targets
+        v.append(o.image_features[batch.image_has_context])
+        t.append(o.text_features[batch.image_has_context])
+    blocks = [(torch.cat(v), torch.cat(t))] if contrastive_batch == "step" else list(zip(v, t))
+    sums = [pairwise_sigmoid(bv, bt, o.logit_scale, o.logit_bias) for bv, bt in blocks if len(bv)]
+    con_sum, correct = sum(s for s, _ in sums), sum(c for _, c in sums)
+    (gen + CON_WEIGHT * con_sum / images).backward()
+    save_rank0({"con_loss": (con_sum / images).detach(), "con_top1": correct / images, "images": images,
+                "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()}},
+               out, f"reference_sigmoid_{contrastive_batch}.pt")
+    return weights
+
+
 def run_layout(weights, tp, pp, distributed_optimizer, out, name, first_stage_layers=None,
-               contrastive_batch="micro_batch"):
+               contrastive_batch="micro_batch", contrastive_loss="infonce"):
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               num_layers_in_first_pipeline_stage=first_stage_layers,
                               use_distributed_optimizer=distributed_optimizer)
     initialize_model_parallel(parallel, SEED)
     layout = ParallelLayout.current()
-    model = build_model(CFG, parallel, first_stage=layout.is_first_stage, last_stage=layout.is_last_stage)
+    sigmoid = contrastive_loss == "sigmoid"
+    model = build_model(SIGMOID_CFG if sigmoid else CFG, parallel, first_stage=layout.is_first_stage,
+                        last_stage=layout.is_last_stage)
     load_full_weights(model, weights, ps.get_tensor_model_parallel_rank(), tp)
     ddp = wrap_ddp(model, parallel)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mbs = MB_SAMPLES // dp
     step = contrastive_batch == "step"
-    local = [slice_batch(b, slice(dp_rank * mbs, (dp_rank + 1) * mbs)) for b in (STEP_GLOBAL if step else GLOBAL)]
+    local = [slice_batch(b, slice(dp_rank * mbs, (dp_rank + 1) * mbs))
+             for b in (STEP_GLOBAL if step or sigmoid else GLOBAL)]
     shape = PipelineShape.for_model(CFG, SEQ, mbs)  # room for 2 images per sample
     optimizer = None
     if distributed_optimizer:
@@ -141,7 +192,8 @@ def run_layout(weights, tp, pp, distributed_optimizer, out, name, first_stage_la
         optimizer.zero_grad()
     else:
         ddp.zero_grad_buffer()
-    loss_fn = LCLLoss(LossConfig(contrastive_batch=contrastive_batch, con_weight=CON_WEIGHT), layout.dp_group)
+    loss_fn = LCLLoss(LossConfig(contrastive_batch=contrastive_batch, con_weight=CON_WEIGHT,
+                                 contrastive_loss=contrastive_loss), layout.dp_group)
     with HostSyncRecorder() as syncs:
         if step:
             metrics = step_forward_backward(ddp, local, NUM_MB, loss_fn, shape, layout)
@@ -162,6 +214,8 @@ def run_layout(weights, tp, pp, distributed_optimizer, out, name, first_stage_la
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, metrics)
     result["terms"] = next(m for m in gathered if m)
+    result["step"] = LCLLoss(LossConfig(contrastive_batch=contrastive_batch, con_weight=CON_WEIGHT)
+                             ).step_metrics(result["terms"])  # the step's logged values
     layers = [None] * dist.get_world_size()
     dist.all_gather_object(layers, result.pop("first_stage_lm_layers"))
     result["first_stage_lm_layers"] = next(n for n in layers if n is not None)
@@ -176,6 +230,8 @@ def main():
     initialize_distributed(ParallelConfig(), SEED)
     weights = reference(out)
     reference_step_contrastive(out)
+    # before any run_layout: the references need the TP=PP=1 parallel state
+    sigmoid_weights = [reference_sigmoid(out, batch) for batch in ("step", "micro_batch")][0]  # same seed
     # uneven split: the first stage (which also holds the ViT) gets 1 of the 4 LM layers
     run_layout(weights, tp=1, pp=2, distributed_optimizer=False, out=out, name="tp1_pp2_dp4",
                first_stage_layers=1)
@@ -183,6 +239,9 @@ def main():
     run_layout(weights, tp=2, pp=2, distributed_optimizer=True, out=out, name="tp2_pp2_dp2_step")
     run_layout(weights, tp=2, pp=2, distributed_optimizer=False, out=out, name="tp2_pp2_dp2_stepcon",
                contrastive_batch="step")
+    for name, (tp, pp, batch) in SIGMOID_LAYOUTS.items():
+        run_layout(sigmoid_weights, tp=tp, pp=pp, distributed_optimizer=False, out=out, name=name,
+                   contrastive_batch=batch, contrastive_loss="sigmoid")
     mark_done(out)
 
 

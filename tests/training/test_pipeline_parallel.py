@@ -1,4 +1,5 @@
-"""Vision-language pipeline: PP=2 and TP2 x PP2 x DP2 equal TP=PP=DP=1 (8 gloo ranks, one launch).
+"""Vision-language pipeline: PP=2 and TP2 x PP2 x DP2 equal TP=PP=DP=1 (8 gloo ranks, one launch), with
+the InfoNCE and with the ring sigmoid loss.
 
 The ViT lives on the first stage and v_i crosses the pipeline in carried rows; the contrastive loss
 is computed on the last stage with negatives gathered over data-parallel ranks.
@@ -104,3 +105,44 @@ def test_no_host_sync_in_the_step_but_the_step_counts(results, layout):
     events = {tuple(e) for e in results[layout]["host_syncs"]}
     assert events <= ALLOWED, f"host syncs in the step: {sorted(events - ALLOWED)}"
     assert events, "the step counts are read once: the recorder saw the step"
+
+
+SIGMOID_LAYOUTS = ["sigmoid_tp2_pp2_dp2_step", "sigmoid_tp2_pp2_dp2_micro", "sigmoid_tp1_pp2_dp4_step",
+                   "sigmoid_tp2_pp1_dp4_step"]
+
+
+def sigmoid_reference(results, layout):
+    return results["reference_sigmoid_" + ("micro_batch" if layout.endswith("_micro") else "step")]
+
+
+@pytest.mark.parametrize("layout", SIGMOID_LAYOUTS)
+def test_ring_sigmoid_loss_equals_the_whole_steps_pairwise_loss(results, layout):
+    """loss.contrastive_loss=sigmoid: the DP ring's L_con, top-1 and image count (logged step values) equal
+    a single process scoring every image of the step (or of its micro-batch) against every <BoI> feature."""
+    ref, got = sigmoid_reference(results, layout), results[layout]["step"]
+    assert float(ref["images"]) == got["num_images"] == 12
+    assert got["con_loss"] == pytest.approx(float(ref["con_loss"]), rel=1e-5)
+    assert got["con_top1"] == pytest.approx(float(ref["con_top1"]), abs=1e-6)
+
+
+@pytest.mark.parametrize("layout", SIGMOID_LAYOUTS)
+def test_ring_sigmoid_gradients_equal_the_reference(results, layout):
+    """...and every gradient (ViT, heads, the scale and the bias) equals the reference's."""
+    ref, got = sigmoid_reference(results, layout)["grads"], results[layout]["grads"]
+    assert ref.keys() == got.keys() and "text_head.logit_bias" in ref
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    for name in ("text_head.logit_bias", "text_head.logit_scale", "image_head.proj.weight", "vision.conv1.weight"):
+        assert ref[name].abs().max() > 0, name
+
+
+def test_ring_sigmoid_step_and_micro_batch_differ(results):
+    """The two contrastive batches are different objectives (the comparison above can tell them apart)."""
+    step, micro = results["reference_sigmoid_step"], results["reference_sigmoid_micro_batch"]
+    assert abs(float(step["con_loss"]) - float(micro["con_loss"])) > 1e-3
+
+
+@pytest.mark.parametrize("layout", SIGMOID_LAYOUTS)
+def test_ring_sigmoid_makes_no_host_sync_but_the_step_counts(results, layout):
+    events = {tuple(e) for e in results[layout]["host_syncs"]}
+    assert events <= ALLOWED, f"host syncs in the step: {sorted(events - ALLOWED)}"

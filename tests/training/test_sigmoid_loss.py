@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import pytest
 
 from megatron_lcl.losses.sigmoid import gathered_sigmoid_loss_sum, sigmoid_loss_sum
 from megatron_lcl.runtime.distributed import free_port
@@ -88,3 +89,36 @@ def test_ring_on_three_ranks_equals_reference(tmp_path):
         torch.testing.assert_close(r["gathered"], r["ref_loss"])
         for got, want in zip(r["grads"], r["ref_grads"]):
             torch.testing.assert_close(got, want)
+
+
+def test_config_rules_pair_the_sigmoid_loss_with_its_bias():
+    from megatron_lcl.config import LCLConfig, config_errors, load_config
+    from megatron_lcl.config.model import SIGMOID_OVERRIDES
+
+    cfg = LCLConfig()
+    cfg.loss.contrastive_loss = "sigmoid"
+    assert any("needs model.heads.logit_bias_init" in e for e in config_errors(cfg))
+    cfg.model.heads.logit_bias_init = -10.0
+    assert not any("logit_bias_init" in e or "contrastive_loss" in e for e in config_errors(cfg))
+    cfg.loss.contrastive_loss = "infonce"
+    assert any("only used by loss.contrastive_loss=sigmoid" in e for e in config_errors(cfg))
+    cfg.loss.contrastive_loss = "softmax"
+    assert any("loss.contrastive_loss ('softmax') must be infonce or sigmoid" in e for e in config_errors(cfg))
+    arm = load_config(None, SIGMOID_OVERRIDES)  # the sweep / ablation arm
+    assert (arm.loss.contrastive_loss, arm.model.heads.logit_scale_init, arm.model.heads.logit_bias_init) == \
+        ("sigmoid", 10.0, -10.0)
+
+
+def test_the_bias_is_a_head_parameter_and_travels_with_the_hf_heads():
+    import math
+
+    from megatron_lcl.config import HeadsConfig
+    from megatron_lcl.hf.convert import lcl_heads_state
+    from megatron_lcl.models.heads import TextHead
+
+    assert TextHead(16, HeadsConfig()).logit_bias is None  # InfoNCE: no bias parameter
+    head = TextHead(16, HeadsConfig(logit_scale_init=10.0, logit_bias_init=-10.0))
+    assert float(head.logit_bias.detach()) == -10.0 and float(head.scale().detach()) == pytest.approx(10.0)
+    assert float(head.logit_scale.detach()) == pytest.approx(math.log(10.0))
+    heads = lcl_heads_state({f"text_head.{k}": v for k, v in head.state_dict().items()} | {"lm.w": torch.zeros(1)})
+    assert float(heads["text_head.logit_bias"]) == -10.0 and "lm.w" not in heads
