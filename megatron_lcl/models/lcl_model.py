@@ -48,13 +48,15 @@ def image_token_index(image_sample_index, boi_positions, num_image_tokens: int):
 
 
 def transformer_configs(cfg: ModelConfig, parallel: ParallelConfig, precision: Optional[PrecisionConfig],
-                        impl: str):
+                        impl: str, fuse_wgrad_accumulation: bool = False):
     """(LM config, ViT config) for the backend `impl`: fused weight-gradient accumulation with Transformer
-    Engine layers, fp8 on the LM only (`build_transformer_config`)."""
-    lm = build_transformer_config(cfg.lm, parallel, init_method_std=cfg.init_method_std, precision=precision,
-                                  activation="relu", impl=impl)
-    vit = build_transformer_config(cfg.vision, parallel, init_method_std=cfg.init_method_std, precision=precision,
-                                   activation=cfg.vision.activation, pipeline_split=False, impl=impl)
+    Engine layers when asked (a model megatron-core's DDP wraps), fp8 on the LM only
+    (`build_transformer_config`)."""
+    common = dict(init_method_std=cfg.init_method_std, precision=precision, impl=impl,
+                  fuse_wgrad_accumulation=fuse_wgrad_accumulation)
+    lm = build_transformer_config(cfg.lm, parallel, activation="relu", **common)
+    vit = build_transformer_config(cfg.vision, parallel, activation=cfg.vision.activation, pipeline_split=False,
+                                   **common)
     return lm, vit
 
 
@@ -63,10 +65,10 @@ class LCLModel(MegatronModule):
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelConfig,
                  precision: Optional[PrecisionConfig] = None,
-                 pre_process: bool = True, post_process: bool = True):
+                 pre_process: bool = True, post_process: bool = True, fuse_wgrad_accumulation: bool = False):
         impl = select_transformer_impl(cfg.transformer_impl)
         raise_errors(backend_errors(precision, impl))
-        lm_config, vit_config = transformer_configs(cfg, parallel, precision, impl)
+        lm_config, vit_config = transformer_configs(cfg, parallel, precision, impl, fuse_wgrad_accumulation)
         super().__init__(config=lm_config)
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process, self.post_process = pre_process, post_process

@@ -37,12 +37,16 @@ def _dtype(precision: Optional[PrecisionConfig]) -> torch.dtype:
 
 def build_transformer_config(section, parallel: ParallelConfig, *, init_method_std: float = 0.02,
                              precision: Optional[PrecisionConfig] = None, activation: str = "gelu",
-                             pipeline_split: bool = True, impl: str = LOCAL) -> TransformerConfig:
+                             pipeline_split: bool = True, impl: str = LOCAL,
+                             fuse_wgrad_accumulation: bool = False) -> TransformerConfig:
     """The one place a megatron-core `TransformerConfig` is made.
 
     `section` is a `VisionConfig` or an `LMConfig`. The ViT is never split across pipeline stages
     (it lives on the first one), so it is built with `pipeline_split=False`. `impl` is the backend
     (`models.specs`: transformer_engine | local) whose layers will read the config.
+    `fuse_wgrad_accumulation` asks for `gradient_accumulation_fusion`; it takes effect with Transformer
+    Engine layers only, and only a model that megatron-core's DDP wraps may ask (the fused wgrad GEMM
+    adds into `param.main_grad`, which that DDP allocates: a TE backward without it fails).
 
     `precision.fp8` applies to the LM only. Transformer Engine's fp8 GEMMs need the rows of every
     linear's input (all dimensions but the last, flattened) divisible by 8
@@ -80,7 +84,7 @@ def build_transformer_config(section, parallel: ParallelConfig, *, init_method_s
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=impl == TRANSFORMER_ENGINE,  # TE's fuse_wgrad_accumulation (above)
+        gradient_accumulation_fusion=fuse_wgrad_accumulation and impl == TRANSFORMER_ENGINE,  # see above
         deallocate_pipeline_outputs=True,
         recompute_granularity=parallel.recompute_granularity,  # see ParallelConfig
         recompute_method=parallel.recompute_method,

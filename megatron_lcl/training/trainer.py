@@ -123,8 +123,8 @@ class Trainer:
                                           asynchronous=c.background_saves(), log=log0)
         self.num_microbatches = num_microbatches(cfg.train, cfg.data, layout.dp_size)
         self.model = build_model(cfg.model, cfg.parallel, cfg.precision, first_stage=layout.is_first_stage,
-                                 last_stage=layout.is_last_stage)
-        self.ddp = wrap_ddp(self.model, cfg.parallel)
+                                 last_stage=layout.is_last_stage, fuse_wgrad_accumulation=True)  # wrapped next:
+        self.ddp = wrap_ddp(self.model, cfg.parallel)  # megatron-core DDP allocates the main_grad TE adds into
         self.optimizer = build_optimizer(self.ddp, cfg.optimizer, cfg.parallel, cfg.precision)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.train)
         self.loss_fn = LCLLoss(cfg.loss, layout.dp_group)

@@ -162,9 +162,15 @@ def test_fp8_needs_the_backend_to_resolve_to_transformer_engine(single_rank):
 
 @pytest.mark.parametrize("cuda, te, fused", [(True, True, True), (True, False, False), (False, False, False)])
 def test_wgrad_fusion_follows_the_backend(cuda, te, fused):
+    """Asked for by the trainer (megatron-core DDP allocates the main_grad it adds into), fusion is on
+    with Transformer Engine layers only; a model nobody wraps so (evaluation, benchmarks, gpu_check's TE
+    step) never gets it, whatever the backend."""
     impl = select_transformer_impl("auto", cuda=cuda, te=te)
-    lm, vit = transformer_configs(CFG, ParallelConfig(), PrecisionConfig(params_dtype="bf16"), impl)
+    bf16 = PrecisionConfig(params_dtype="bf16")
+    lm, vit = transformer_configs(CFG, ParallelConfig(), bf16, impl, fuse_wgrad_accumulation=True)
     assert (lm.gradient_accumulation_fusion, vit.gradient_accumulation_fusion) == (fused, fused)
+    unwrapped = transformer_configs(CFG, ParallelConfig(), bf16, impl)
+    assert [c.gradient_accumulation_fusion for c in unwrapped] == [False, False]
     out = output_layer_config(lm)
     assert not out.gradient_accumulation_fusion
     assert (out.hidden_size, out.params_dtype, out.sequence_parallel) == (lm.hidden_size, lm.params_dtype,
@@ -177,7 +183,7 @@ def test_the_local_output_layer_needs_its_config_without_fusion(single_rank):
     LM's output layer takes `output_layer_config` on every backend."""
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    lm, _ = transformer_configs(CFG, ParallelConfig(), None, TRANSFORMER_ENGINE)
+    lm, _ = transformer_configs(CFG, ParallelConfig(), None, TRANSFORMER_ENGINE, fuse_wgrad_accumulation=True)
     kwargs = dict(init_method=lm.init_method, bias=False, gather_output=False)
     with pytest.raises(RuntimeError, match="gradient_accumulation_fusion"):
         ColumnParallelLinear(lm.hidden_size, 192, config=lm, **kwargs)
