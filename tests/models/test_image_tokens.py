@@ -148,3 +148,18 @@ def test_validation_names_the_fields():
         validate_model_config(unknown, ParallelConfig())
     assert model_config_errors(CFG, ParallelConfig(), seq_length=M + 3) == []
     assert tiny_model_config().vision.num_image_tokens == M + 1  # latents: the class token too
+
+
+def test_a_micro_batch_without_images_runs_the_block_with_weight_zero(model):
+    """As with the projector: the blank image's tokens and v enter with weight 0, so every image-path
+    parameter gets a (zero) gradient and the LM input equals the text-only embedding."""
+    batch = random_batch([[], []], seq_length=16, num_image_tokens=M, image_size=16, vocab_size=192)
+    hidden, v = model.embed(batch.tokens, batch.position_ids, batch.images, batch.image_sample_index,
+                            batch.boi_positions)
+    assert v.shape == (0, CFG.heads.embed_dim)
+    torch.testing.assert_close(hidden, model.lm.embed(batch.tokens, batch.position_ids), atol=0, rtol=0)
+    model.zero_grad(set_to_none=True)
+    (hidden.sum() + v.sum()).backward()
+    grads = {n: p.grad for n, p in model.image_head.named_parameters()}
+    assert all(g is not None and not g.any() for g in grads.values()), [n for n, g in grads.items() if g is None]
+    model.zero_grad(set_to_none=True)
