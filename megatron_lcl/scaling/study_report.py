@@ -101,7 +101,7 @@ def fit_lines(analysis: Analysis, metric: str) -> List[str]:
     lines = []
     for arm in analysis.study.arms:
         r = analysis.arms[(arm, metric)]
-        lo, hi = interval(r.exponent[1:])
+        lo, hi = interval(r.exponent[1:]) if np.isfinite(r.exponent[0]) else (None, None)  # none without a data fit
         sat = r.saturating or {}
         four = sat.get("not_identified") or \
             f"c = {fmt(sat.get('c'))}, d = {fmt(sat.get('d'))}, b = {fmt(sat.get('b'))} FLOPs"
