@@ -122,3 +122,27 @@ def test_the_bias_is_a_head_parameter_and_travels_with_the_hf_heads():
     assert float(head.logit_scale.detach()) == pytest.approx(math.log(10.0))
     heads = lcl_heads_state({f"text_head.{k}": v for k, v in head.state_dict().items()} | {"lm.w": torch.zeros(1)})
     assert float(heads["text_head.logit_bias"]) == -10.0 and "lm.w" not in heads
+
+
+def test_flops_model_counts_the_sigmoid_loss_and_its_bias(single_rank):
+    from dataclasses import replace
+
+    from megatron_lcl.config import ParallelConfig
+    from megatron_lcl.models.flops import count_parameters_by_group, parameter_counts, step_flops
+    from megatron_lcl.models.lcl_model import LCLModel
+    from common import tiny_model_config
+
+    cfg = tiny_model_config()
+    sigmoid = replace(cfg, heads=replace(cfg.heads, logit_scale_init=10.0, logit_bias_init=-10.0))
+    assert parameter_counts(sigmoid)["heads"] == parameter_counts(cfg)["heads"] + 1
+    predicted = dict(parameter_counts(sigmoid))
+    predicted.pop("lm_embedding")
+    assert predicted == dict(count_parameters_by_group(LCLModel(sigmoid, ParallelConfig())))
+    e, n, negatives = cfg.heads.embed_dim, 2 * 3, 24  # 2 samples of 3 images, 24 images per row
+    infonce = step_flops(cfg, 48, 3, samples=2, contrastive_negatives=negatives)
+    ring = step_flops(sigmoid, 48, 3, samples=2, contrastive_negatives=negatives, contrastive_loss="sigmoid")
+    assert infonce["contrastive"] == 3 * 2 * (2 * n * negatives * e)  # 2 logit matrices, forward + backward
+    assert ring["contrastive"] == 4 * (2 * n * negatives * e)  # 1 matrix: forward, recompute, 2 gradients
+    forward = step_flops(sigmoid, 48, 3, samples=2, contrastive_negatives=negatives, contrastive_loss="sigmoid",
+                         backward=False)
+    assert forward["contrastive"] == 2 * n * negatives * e
