@@ -146,3 +146,18 @@ def test_flops_model_counts_the_sigmoid_loss_and_its_bias(single_rank):
     forward = step_flops(sigmoid, 48, 3, samples=2, contrastive_negatives=negatives, contrastive_loss="sigmoid",
                          backward=False)
     assert forward["contrastive"] == 2 * n * negatives * e
+
+
+def test_the_sigmoid_loss_is_a_sweep_arm(tmp_path):
+    from megatron_lcl.config import config_errors, load_config
+    from megatron_lcl.config.model import SIGMOID_OVERRIDES
+    from megatron_lcl.scaling import sweep
+    from test_scaling_arms import write_spec
+
+    arms = [{"name": "lcl", "overrides": ["loss.mode=lcl"]},
+            {"name": "sig", "overrides": ["loss.mode=lcl", *SIGMOID_OVERRIDES]}]
+    spec = sweep.load_spec(write_spec(tmp_path, arms=arms))
+    point = next(p for p in sweep.expand_points(spec) if p.arm == "sig")
+    cfg = load_config(spec.base_config, point.overrides)
+    assert (cfg.loss.contrastive_loss, cfg.model.heads.logit_bias_init) == ("sigmoid", -10.0)
+    assert not [e for e in config_errors(cfg) if "contrastive" in e or "logit" in e]
