@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_lcl.losses.contrastive import _exchange_count
+from megatron_lcl.losses.contrastive import _exchange_count, gather_rows
 
 
 class _Ring:
@@ -152,7 +152,6 @@ def sigmoid_loss_sum(image_features: torch.Tensor, text_features: torch.Tensor, 
 def gathered_sigmoid_loss_sum(image_features, text_features, logit_scale, logit_bias, group=None, counts=None):
     """The same loss as `sigmoid_loss_sum` by all-gathering every text of the group first (open_clip's
     way: memory grows with the group). Kept as the benchmark's baseline (tools/bench_contrastive.py)."""
-    from megatron_lcl.losses.contrastive import gather_rows
     all_texts, start, counts = gather_rows(text_features, group, counts)
     logits = logit_scale * image_features @ all_texts.t() + logit_bias  # [n, N]
     labels = -torch.ones_like(logits)
