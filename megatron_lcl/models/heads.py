@@ -75,14 +75,18 @@ class ValuePoolingHead(torch.nn.Module):
     def forward(self, patches: torch.Tensor, values: torch.Tensor = None) -> torch.Tensor:
         """patches `[n, P, h_v]` (and their `values`, when already computed) -> v `[n, d]`, L2-normalised."""
         values = self.values(patches) if values is None else values
-        n, p, d = values.shape
+        n, _, d = values.shape
         query = self.q(self.norm_q(self.query.to(patches.dtype)))  # [1, 1, d]
         keys = self.k(self.norm_k(patches))  # [n, P, d]
-        # [n, s, d] -> [n, heads, s, d / heads]
-        split = lambda t: t.view(t.shape[0], t.shape[1], self.num_heads, d // self.num_heads).transpose(1, 2)
-        pooled = F.scaled_dot_product_attention(split(query.expand(n, -1, -1)), split(keys), split(values))
+        heads = (self._split_heads(t) for t in (query.expand(n, -1, -1), keys, values))
+        pooled = F.scaled_dot_product_attention(*heads)  # scale (d / heads)^-0.5, as released
         pooled = pooled.transpose(1, 2).reshape(n, d)  # [n, heads, 1, d / heads] -> [n, d]
         return F.normalize(self.proj(pooled), dim=-1)
+
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """`[n, s, d]` -> `[n, heads, s, d / heads]` (head h holds channels h*d/heads .. (h+1)*d/heads)."""
+        n, s, d = t.shape
+        return t.view(n, s, self.num_heads, d // self.num_heads).transpose(1, 2)
 
 
 class TextHead(torch.nn.Module):
