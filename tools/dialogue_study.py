@@ -12,9 +12,9 @@ file exists is not run again, and an interrupted stage resumes from its `--check
 seed-major (every arm of seed 0, then seed 1, ...), so a study cut short still compares all arms.
 
 The LM is a small random OPT (2 layers, width 64, 512 positions) with a word-level tokenizer over the
-corpus's words: the same for every arm of a seed-less comparison (stage 2 trains it), and long enough
+corpus's words, the same starting point for every arm and seed (stage 2 trains it), long enough
 for LLaVA's vicuna_v1 template (a 128-position LM with a 180-piece tokenizer, as the scaling pilot's, is
-not: its system prompt alone is ~150 pieces).
+not: a one-question vicuna_v1 conversation is ~220 of its pieces).
 """
 
 import argparse
@@ -25,13 +25,10 @@ import statistics
 import sys
 from typing import Dict, List
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from megatron_lcl.eval import benchmarks  # noqa: E402
-from megatron_lcl.eval.dialogue import task  # noqa: E402
-from megatron_lcl.eval.dialogue.conversations import VICUNA_SYSTEM  # noqa: E402
-from megatron_lcl.eval.dialogue.synthetic import TEXT_ONLY, write_dialogue_corpus  # noqa: E402
+from megatron_lcl.eval import benchmarks
+from megatron_lcl.eval.dialogue import task
+from megatron_lcl.eval.dialogue.conversations import VICUNA_SYSTEM
+from megatron_lcl.eval.dialogue.synthetic import TEXT_ONLY, write_dialogue_corpus
 
 BENCHMARKS = ("vqav2", "gqa", "pope", "mmbench", "mme")
 METRICS = {"vqav2": ["accuracy"], "gqa": ["accuracy"], "pope": ["accuracy", "f1"],
