@@ -45,7 +45,7 @@ def test_one_rank_equals_reference():
     rv, rt, rs, rb = leaves(*features(5))
     per_image, top1 = reference(rv, rt, rs, rb)
     per_image.sum().backward()
-    assert num == 5 and int(correct) == int(top1.sum())
+    assert num == 5 and int(correct) == int(top1.sum()) > 0
     torch.testing.assert_close(loss, per_image.sum().detach())
     for got, want in ((v, rv), (t, rt), (s, rs), (b, rb)):
         torch.testing.assert_close(got.grad, want.grad)
@@ -82,8 +82,9 @@ def _rank(rank: int, port: int, out: str):
 
 def test_ring_on_three_ranks_equals_reference(tmp_path):
     mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=len(COUNTS), join=True)
-    for rank in range(len(COUNTS)):
-        r = torch.load(tmp_path / f"rank{rank}.pt")
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(len(COUNTS))]
+    assert sum(r["ref_correct"] for r in results) > 0  # the top-1 comparison is not 0 == 0
+    for r in results:
         assert r["num"] == sum(COUNTS) and r["correct"] == r["ref_correct"]
         torch.testing.assert_close(r["loss"], r["ref_loss"])
         torch.testing.assert_close(r["gathered"], r["ref_loss"])
