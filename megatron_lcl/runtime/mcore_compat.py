@@ -41,10 +41,11 @@ _MCORE_0_19 = MCORE_VERSION >= Version("0.19")
 
 
 def install() -> None:
-    """The process-wide adaptations (idempotent): the foreach multi-tensor ops and the in-process
-    checkpoint write-results queue below."""
+    """The process-wide adaptations (idempotent): the foreach multi-tensor ops, the in-process
+    checkpoint write-results queue and the async-save strategy's deprecation line below."""
     use_foreach_multi_tensor_ops()
     write_results_queue()
+    quiet_async_strategy_deprecation()
 
 
 # megatron-core 0.18+ (transformer/attention.py, mlp.py, transformer_layer.py): a layer builds its
@@ -245,9 +246,18 @@ def check_loadable(ckpt: str) -> None:
 # megatron-core 0.17+: `dist_checkpointing.save(..., async_sharded_save=True)` plans the save for
 # NVIDIA's resiliency extension (`async_strategy="nvrx"`, a package this project does not install) and
 # fails without it; megatron-core's own strategy ("mcore", 0.16.1's only one) hands back the
-# AsyncRequest whose write buckets `checkpoint.writer` writes. 0.19 logs once that it is deprecated.
+# AsyncRequest whose write buckets `checkpoint.writer` writes. 0.18+ logs on every rank's first save
+# that "mcore" is deprecated; known, so `install` marks it as said (as KNOWN_WARNINGS does for warnings).
 # Upgrade check: "mcore" is still accepted, and its request still has `async_fn_args[1]` = the buckets.
 _ASYNC_SAVE_KWARGS = {"async_strategy": "mcore"} if _MCORE_0_17 else {}
+
+
+def quiet_async_strategy_deprecation() -> None:
+    """megatron-core 0.18+: its once-per-process log line that the "mcore" async save is deprecated."""
+    if _MCORE_0_18:
+        from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
+
+        torch_strategy._logged_mcore_async_deprecation = True
 
 
 def plan_async_save(state: dict, checkpoint_dir: str):
