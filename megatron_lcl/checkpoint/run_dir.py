@@ -328,7 +328,7 @@ def _fresh_folder(final: str, tmp: str) -> None:
 def _finish(tmp: str, final: str, meta: dict) -> None:
     with open(os.path.join(tmp, META), "w") as f:
         json.dump(meta, f, indent=1)
-    _fsync_tree(tmp)  # on disk before the rename makes the checkpoint visible
+    fsync_tree(tmp)  # on disk before the rename makes the checkpoint visible
     if os.path.exists(final):  # saved again (e.g. at the same step): the newer one wins
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -423,7 +423,8 @@ def quarantine(ckpt: str) -> str:
     return target
 
 
-def _fsync_tree(folder: str) -> None:
+def fsync_tree(folder: str) -> None:
+    """Flush every file and folder under `folder` to disk (before a rename makes it visible)."""
     for dirpath, _, files in os.walk(folder):
         for name in files:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
@@ -431,6 +432,11 @@ def _fsync_tree(folder: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        fsync_dir(dirpath)
+
+
+def fsync_dir(folder: str) -> None:
+    """Flush a folder's entries (a rename or a new file in it) to disk."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -20,6 +20,8 @@ import os
 import shutil
 from typing import Iterator
 
+from megatron_lcl.checkpoint.run_dir import fsync_dir, fsync_tree
+
 MARKER = "lcl_heads.safetensors"  # every export has it; a folder without it is not ours to replace
 TMP_SUFFIX = ".tmp"
 
@@ -100,23 +102,3 @@ def remove_stale_tmp(parent: str, name: str) -> None:
     for entry in os.listdir(parent):
         if entry.startswith(prefix) and entry.endswith(TMP_SUFFIX):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def fsync_tree(folder: str) -> None:
-    """Flush every file and folder under `folder` to disk (before the rename makes it visible)."""
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(dirpath)
-
-
-def fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
