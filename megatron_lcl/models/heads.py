@@ -107,7 +107,9 @@ class TextHead(torch.nn.Module):
         return F.normalize(self.proj(self.norm(boi_hidden)), dim=-1)  # [n, e]
 
     def scale(self) -> torch.Tensor:
-        """s = exp(logit_scale), at most `logit_scale_max` (100): logit_scale is clamped at log(max), so
-        at the bound (where the clamp after each step leaves it) its gradient still flows (clamp passes
-        it at equality; exp(fp32 log 100) is 100.0000076, so clamping s instead would zero it there)."""
-        return self.logit_scale.clamp(max=math.log(self.logit_scale_max)).exp()
+        """s = exp(logit_scale), at most `logit_scale_max` (100): logit_scale is capped at log(max), so
+        at the bound (where the clamp after each step leaves it) its gradient still flows. Capped with
+        `where(x > bound)`, not `clamp`: torch 2.14's clamp zeroes the gradient at equality (2.13's
+        passes it); and exp(fp32 log 100) is 100.0000076, so capping s instead would zero it there."""
+        bound = math.log(self.logit_scale_max)
+        return torch.where(self.logit_scale > bound, self.logit_scale.new_tensor(bound), self.logit_scale).exp()
