@@ -68,11 +68,18 @@ def local_batches(dp_rank: int) -> list:
             for step in range(STEPS) for mb in range(MICRO_BATCHES)]
 
 
+class InMemoryBatches(list):
+    """Fixed batches as the trainer's loader. Both pipeline stages hold the same list and drop nothing,
+    so the stages' reader positions (`slots_consumed`, compared every step under PP) agree."""
+
+    slots_consumed = 0
+
+
 class InMemoryTrainer(Trainer):
     """The real trainer (setup, DDP, optimizer, `train_step`) reading fixed batches instead of shards."""
 
     def build_loader(self):
-        return local_batches(self.layout.dp_rank)
+        return InMemoryBatches(local_batches(self.layout.dp_rank))
 
 
 def run_config(out: str, name: str, knobs: dict) -> LCLConfig:
