@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
@@ -75,9 +75,9 @@ def is_hf_vision_dir(path: str) -> bool:
         return json.load(f).get("model_type") in ("clip_vision_model", "clip")
 
 
-def load_encoder(path: str) -> VisionEncoder:
-    """A megatron_lcl checkpoint (`checkpoints/` root or a `step_*` folder), a HF `CLIPVisionModel`
-    folder, or a folder written by `tools/checkpoint/convert_to_hf.py` (its `vision/` is used)."""
+def locate_encoder(path: str) -> Tuple[str, str]:
+    """-> (kind, path) of an `--encoder` argument: ("hf_clip", the HF CLIPVisionModel folder, an export's
+    `vision/` included) or ("megatron_lcl", the checkpoint path); an InputError names what is wrong."""
     from megatron_lcl.checkpoint import resolve_checkpoint
     from megatron_lcl.eval.errors import InputError
 
@@ -86,7 +86,7 @@ def load_encoder(path: str) -> VisionEncoder:
     if os.path.isdir(os.path.join(path, "vision")) and is_hf_vision_dir(os.path.join(path, "vision")):
         path = os.path.join(path, "vision")
     if is_hf_vision_dir(path):
-        return load_hf_clip(path)
+        return "hf_clip", path
     try:
         checkpoint = resolve_checkpoint(path)
     except FileNotFoundError as e:  # `latest` names an incomplete checkpoint and there is no other
@@ -94,7 +94,14 @@ def load_encoder(path: str) -> VisionEncoder:
     if checkpoint is None:
         raise InputError(f"--encoder {path}: neither a megatron_lcl checkpoint (a run's checkpoints/ or a step_* "
                          f"folder) nor a HF CLIPVisionModel folder (config.json with model_type clip_vision_model)")
-    return load_lcl_checkpoint(path)
+    return "megatron_lcl", path
+
+
+def load_encoder(path: str) -> VisionEncoder:
+    """A megatron_lcl checkpoint (`checkpoints/` root or a `step_*` folder), a HF `CLIPVisionModel`
+    folder, or a folder written by `tools/checkpoint/convert_to_hf.py` (its `vision/` is used)."""
+    kind, path = locate_encoder(path)
+    return load_hf_clip(path) if kind == "hf_clip" else load_lcl_checkpoint(path)
 
 
 def load_hf_clip(path: str) -> VisionEncoder:

@@ -26,7 +26,7 @@ from transformers import AddedToken, AutoModelForCausalLM, CLIPVisionConfig, CLI
 
 from megatron_lcl.eval.caption import load_tokenizer
 from megatron_lcl.eval.dialogue.conversations import IGNORE, IMAGE_TAG
-from megatron_lcl.eval.encoders import VisionEncoder, is_hf_vision_dir
+from megatron_lcl.eval.encoders import VisionEncoder, locate_encoder
 from megatron_lcl.eval.errors import InputError
 
 STRATEGIES = ("default", "full")  # HF's names: default drops the class token, full keeps it
@@ -65,19 +65,9 @@ def clip_from_checkpoint(path: str) -> Tuple[CLIPVisionModel, str]:
 def load_vision_tower(path: str) -> Tuple[CLIPVisionModel, str, str]:
     """-> (CLIPVisionModel, source, kind) from a HF CLIP folder, our HF export (its vision/) or a
     megatron_lcl checkpoint."""
-    if os.path.isdir(os.path.join(path, "vision")) and is_hf_vision_dir(os.path.join(path, "vision")):
-        path = os.path.join(path, "vision")
-    if is_hf_vision_dir(path):
+    kind, path = locate_encoder(path)
+    if kind == "hf_clip":
         return CLIPVisionModel.from_pretrained(path).float(), path, "hf_clip"
-    from megatron_lcl.checkpoint import resolve_checkpoint
-
-    try:
-        found = resolve_checkpoint(path)
-    except FileNotFoundError as e:  # `latest` names an incomplete checkpoint and there is no other
-        raise InputError(f"--encoder {path}: {e}") from None
-    if found is None:
-        raise InputError(f"--encoder {path}: neither a megatron_lcl checkpoint (a run's checkpoints/ or a step_* "
-                         f"folder) nor a HF CLIPVisionModel folder (config.json with model_type clip_vision_model)")
     clip, checkpoint = clip_from_checkpoint(path)
     return clip, checkpoint, "megatron_lcl"
 
