@@ -118,6 +118,25 @@ def test_four_parameter_form_only_with_eight_front_points():
     assert fitted.saturating is None and any("not identified" in n for n in fitted.notes)
 
 
+def test_exponent_difference_needs_a_fit_on_the_data_and_in_nearly_every_replicate():
+    def fitted(exponents):
+        return study.ArmResult("x", "m", [], [], np.asarray(exponents, float), np.zeros(len(exponents)), np.zeros(0))
+
+    rng = np.random.default_rng(0)
+    a = fitted(np.concatenate([[-0.2], -0.2 + 0.01 * rng.standard_normal(4000)]))
+    b = fitted(np.concatenate([[-0.1], -0.1 + 0.01 * rng.standard_normal(4000)]))
+    d = study.exponent_difference(a, b)
+    assert d["identified"] and d["significant"] == -1 and d["n"] == d["of"] == 4000
+    # one front point on the data (no fit), though a few hundred replicates happen to have two: no interval
+    lone = fitted(np.concatenate([[np.nan], np.where(rng.random(4000) < 0.07, -0.3, np.nan)]))
+    d = study.exponent_difference(a, lone)
+    assert not d["identified"] and np.isnan(d["lo"]) and d["significant"] == 0 and "x" in d["why"]
+    # a fit on the data but in only 90 % of the replicates: not identified either
+    patchy = fitted(np.concatenate([[-0.3], np.where(rng.random(4000) < 0.9, -0.3, np.nan)]))
+    d = study.exponent_difference(a, patchy)
+    assert not d["identified"] and "replicates" in d["why"]
+
+
 # ------------------------------------------------------------------------------ held out, crossover
 
 def test_heldout_prediction_is_scored_against_the_naive_predictor():
@@ -279,6 +298,13 @@ def test_study_report_end_to_end_on_a_synthetic_sweep(tmp_path):
         assert sum(1 for _ in f) == 1 + n * (2 + 2 * 3 * 2 * 2)
     summary = json.loads((out / "report.json").read_text())
     assert summary["replicates"] == 200 and "lcl-gen" in summary["metrics"]["probe_count"]
+    # the committed files alone (results.csv + per_item.csv.gz, the run directories gone) give the same report
+    os.rename(root, root + ".moved")
+    again = tmp_path / "again"
+    assert study_report.main([str(out / "results.csv"), "--out", str(again), "--bootstrap", "200",
+                              "--budgets", "p100-lr0.001", "p300-lr0.001", "p900-lr0.001"]) == 0
+    assert json.loads((again / "report.json").read_text()) == summary
+    assert (again / "report.md").read_text().splitlines()[3:] == text.splitlines()[3:]
 
 
 def test_eval_only_replaces_a_reevaluated_point_and_untrained_points_run_no_driver(tmp_path):

@@ -31,6 +31,7 @@ predictor, and crossovers claimed only where the data are significant on both si
 """
 
 import csv
+import gzip
 import math
 import os
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from megatron_lcl.scaling.sweep import read_results
 CHANCE_RATIO = 0.9
 ERROR_FLOOR = 1e-3
 LEVEL = 0.9
+FIT_SHARE_MIN = 0.95  # an exponent difference is reported only when both arms fit in >= 95 % of replicates
 RANK_METRICS = {"retrieval_tr1": ("tr_rank", 1), "retrieval_tr5": ("tr_rank", 5),
                 "retrieval_ir1": ("ir_rank", 1), "retrieval_ir5": ("ir_rank", 5)}
 
@@ -109,6 +111,19 @@ def per_item_metrics(path: str) -> List[str]:
         [m for m, (column, _) in RANK_METRICS.items() if column in header]
 
 
+def read_report_items(path: str) -> Tuple[List[str], Dict[Tuple[str, str, str, str], Dict[str, Dict[str, float]]]]:
+    """A report's per_item.csv.gz (study_report.write_per_item: arm, model, budget, seed, item, one 0/1
+    column per metric) -> (metrics, {(arm, model, budget, seed): {item: {metric: hit}}})."""
+    with gzip.open(path, "rt", newline="") as f:
+        reader = csv.DictReader(f)
+        metrics = [c for c in reader.fieldnames if c not in ("arm", "model", "budget", "seed", "item")]
+        tables: Dict[Tuple[str, str, str, str], Dict[str, Dict[str, float]]] = {}
+        for r in reader:
+            tables.setdefault((r["arm"], r["model"], r["budget"], r["seed"]), {})[r["item"]] = \
+                {m: float(r[m]) for m in metrics if r[m] != ""}
+    return metrics, tables
+
+
 def _run_dir(row: dict, csv_path: str) -> str:
     """The row's run directory as written, else OUTPUT/runs/<point> beside the CSV (a moved sweep)."""
     if row.get("run_dir") and os.path.isdir(row["run_dir"]):
@@ -125,15 +140,22 @@ def _con_ratio(row: dict) -> Optional[float]:
 
 
 def load_study(csv_path: str, metrics: Optional[Sequence[str]] = None) -> Study:
-    """Every ok row of `csv_path` with its per-item results; rows without per_item.csv are skipped and
-    counted in `notes`."""
+    """Every ok row of `csv_path` with its per-item results: the run's per_item.csv, else a report's
+    per_item.csv.gz beside the CSV (a committed report re-analysed without its run directories). Rows
+    with neither are skipped and counted in `notes`."""
     rows = [r for r in read_results(csv_path) if r["status"] == "ok"]
     tables, notes = {}, []
+    report_items = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "per_item.csv.gz")
+    report = read_report_items(report_items) if os.path.exists(report_items) else None
     for r in rows:
         path = os.path.join(_run_dir(r, csv_path), "per_item.csv")
+        key = (r.get("arm", ""), r["model"], r["budget"], str(r.get("seed", "")))
         if os.path.exists(path):
             metrics = metrics or per_item_metrics(path)
             tables[r["point"]] = read_per_item(path, metrics)
+        elif report and key in report[1]:
+            metrics = metrics or report[0]
+            tables[r["point"]] = report[1][key]
     missing = [r["point"] for r in rows if r["point"] not in tables]
     if missing:
         notes.append(f"{len(missing)} ok run(s) without per_item.csv left out: {', '.join(missing[:5])}")
@@ -327,11 +349,24 @@ def significant(lo: float, hi: float) -> int:
 
 
 def exponent_difference(a: ArmResult, b: ArmResult, level: float = LEVEL) -> dict:
-    """c_a - c_b on paired replicates (the same item and seed draws)."""
+    """c_a - c_b on paired replicates (the same item and seed draws). Identified only when both arms
+    have a fit on the data and in at least FIT_SHARE_MIN of the replicates: an interval over the few
+    replicates whose resampled front happens to hold two points describes those replicates, not the
+    study (`identified` False, with `why`, and no interval)."""
     delta = a.exponent[1:] - b.exponent[1:]
-    lo, hi = interval(delta, level)
-    return {"delta": float(a.exponent[0] - b.exponent[0]), "lo": lo, "hi": hi,
-            "n": int(np.isfinite(delta).sum()), "significant": significant(lo, hi)}
+    n, total = int(np.isfinite(delta).sum()), len(delta)
+    out = {"delta": float(a.exponent[0] - b.exponent[0]), "lo": float("nan"), "hi": float("nan"),
+           "n": n, "of": total, "significant": 0, "identified": False}
+    missing = [r.arm for r in (a, b) if not np.isfinite(r.exponent[0])]
+    if missing:
+        out["why"] = f"no power-law fit on the data for {' and '.join(missing)} (fewer than 2 front points)"
+    elif n < FIT_SHARE_MIN * total:
+        out["why"] = (f"both arms fit in only {n} of {total} replicates (< {FIT_SHARE_MIN:.0%}): "
+                      "the front is too often a single point")
+    else:
+        lo, hi = interval(delta, level)
+        out.update(lo=lo, hi=hi, significant=significant(lo, hi), identified=True)
+    return out
 
 
 def best_by_budget(result: ArmResult) -> Dict[str, np.ndarray]:

@@ -16,7 +16,6 @@ import datetime
 import gzip
 import json
 import os
-import shutil
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -34,17 +33,31 @@ POWER_DELTA = 0.02  # the exponent difference the power calculation asks about (
 # ---------------------------------------------------------------------------------- the learning rate
 
 def run_settings(rows: Sequence[dict], csv_path: str) -> Dict[str, dict]:
-    """point -> {lr, steps, final loss} from OUTPUT/configs/<point>.yaml and the CSV row."""
+    """point -> {lr, steps, final loss} from OUTPUT/configs/<point>.yaml (else the `lr` column a report's
+    results.csv carries) and the CSV row."""
     out = {}
     for r in rows:
         path = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "configs", f"{r['point']}.yaml")
-        lr = None
+        lr = float(r["lr"]) if r.get("lr") not in (None, "") else None
         if os.path.exists(path):
             with open(path) as f:
                 lr = (yaml.safe_load(f) or {}).get("optimizer", {}).get("lr")
         out[r["point"]] = {"lr": lr, "steps": int(float(r.get("train_steps") or 0)),
                            "loss": float(r["loss"]) if r.get("loss") not in (None, "") else float("nan")}
     return out
+
+
+def write_results(rows: Sequence[dict], settings: Dict[str, dict], path: str) -> None:
+    """The sweep's rows with each point's learning rate as an `lr` column: with per_item.csv.gz this
+    is all `study_report` needs to rebuild the report where the run directories are gone."""
+    fields = list(rows[0]) + ([] if "lr" in rows[0] else ["lr"])
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            lr = settings.get(r["point"], {}).get("lr")
+            w.writerow({**r, "lr": "" if lr is None else lr})
+    os.replace(path + ".tmp", path)
 
 
 def point_name(run) -> str:
@@ -126,11 +139,11 @@ def pair_lines(analysis: Analysis, metric: str) -> List[str]:
             continue
         d, x = p["exponent_difference"], p["crossover"]
         verdict = {1: f"{b}'s error falls faster", -1: f"{a}'s error falls faster", 0: "no difference detectable"}
-        if d["n"]:
+        if d["identified"]:
             lines.append(f"- {a} vs {b}: c_{a} - c_{b} = {fmt(d['delta'])} [{fmt(d['lo'])}, {fmt(d['hi'])}] "
-                         f"({d['n']} paired replicates): {verdict[d['significant']]}.")
+                         f"({d['n']} of {d['of']} paired replicates): {verdict[d['significant']]}.")
         else:
-            lines.append(f"- {a} vs {b}: no exponent difference (an arm has fewer than 2 front points)")
+            lines.append(f"- {a} vs {b}: exponent difference not identified: {d['why']}")
         by = ", ".join(f"{e['budget']} {e['delta']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}]" for e in x["by_budget"])
         lines.append(f"  - best error {a} - {b} per budget: {by}")
         claim = x["claimed"]
@@ -293,8 +306,8 @@ def write_report(csv_path: str, out: str, num_samples: int, budgets: Optional[Se
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump({**summary_json(analysis), "learning_rate": lr_table}, f, indent=1, default=float)
     write_per_item(full, os.path.join(out, "per_item.csv.gz"))
-    if os.path.abspath(csv_path) != os.path.abspath(os.path.join(out, "results.csv")):
-        shutil.copyfile(csv_path, os.path.join(out, "results.csv"))
+    write_results(read_results(csv_path), run_settings(read_results(csv_path), csv_path),
+                  os.path.join(out, "results.csv"))
     return os.path.join(out, "report.md")
 
 

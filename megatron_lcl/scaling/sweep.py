@@ -74,7 +74,7 @@ DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"
 CSV_COLUMNS = [  # then one column per evaluation metric (eval.json), in the order first seen
     "point", "arm", "model", "budget", "seed", "status",
     "vit_hidden", "vit_layers", "vit_ffn", "image_size", "patch_size", "image_tokens",
-    "lm_hidden", "lm_layers", "lm_ffn", "vocab_size", "seq_length", "global_batch_size", "train_steps",
+    "lm_hidden", "lm_layers", "lm_ffn", "vocab_size", "seq_length", "global_batch_size", "train_steps", "lr",
     "params_vit", "params_projector", "params_lm", "params_heads", "params_total", "params_non_embedding",
     "flops_per_sample", "train_flops", "samples", "tokens", "text_tokens", "images", "images_per_sample",
     "contrastive_batch", "con_batch",
@@ -530,7 +530,7 @@ def collect_result(point: SweepPoint, cfg, spec: SweepSpec, status: str, wall_s:
                image_size=m.vision.image_size, patch_size=m.vision.patch_size,
                image_tokens=m.vision.num_image_tokens, lm_hidden=m.lm.hidden_size, lm_layers=m.lm.num_layers,
                lm_ffn=m.lm.ffn_hidden_size, vocab_size=m.lm.vocab_size, seq_length=d.seq_length,
-               global_batch_size=t.global_batch_size, train_steps=t.train_steps,
+               global_batch_size=t.global_batch_size, train_steps=t.train_steps, lr=cfg.optimizer.lr,
                contrastive_batch=contrastive_batch_samples(cfg, spec.nproc),
                params_vit=params["vit"], params_projector=params["projector"], params_lm=params["lm"],
                params_heads=params["heads"], params_total=params["total"],
