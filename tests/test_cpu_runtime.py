@@ -8,6 +8,8 @@ run without it. Here: the mode is off exactly there and back after, the one CUDA
 megatron-core's schedule with the unfused attention computes what the plain forward/backward does.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -130,3 +132,33 @@ def test_freed_memory_is_kept_unless_the_user_set_malloc_options(single_rank, mo
     assert cpu._keep_freed_memory()
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert not cpu._keep_freed_memory()
+
+
+def gloo_threads() -> int:
+    """This process's gloo connection threads (one set per live gloo process group)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:
+            pass
+    return sum(name == "gloo_tcp_loop" for name in names)
+
+
+def test_laying_out_the_groups_again_leaves_no_groups_or_threads_behind(single_rank):
+    """initialize_model_parallel again and again (in-process runs, the evaluation engine, tests) keeps
+    one set of groups: megatron-core's destroy only drops its references, and every leaked gloo group
+    keeps polling threads (measured before the fix: ~1000 after one test module, busy on both cores)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    from megatron_lcl.config import ParallelConfig
+    from megatron_lcl.runtime.distributed import initialize_model_parallel
+
+    initialize_model_parallel(ParallelConfig(), seed=1)
+    groups, threads = len(c10d._world.pg_map), gloo_threads()
+    assert groups > 1 and threads > 0
+    for seed in range(2, 7):
+        initialize_model_parallel(ParallelConfig(), seed=seed)
+    assert len(c10d._world.pg_map) == groups
+    assert gloo_threads() == threads
