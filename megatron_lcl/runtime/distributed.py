@@ -149,8 +149,7 @@ def destroy_model_parallel() -> None:
 def destroy_distributed() -> None:
     if not dist.is_initialized():
         return
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
     dist.destroy_process_group()
     gc.collect()
 
