@@ -17,9 +17,11 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# The whole suite; the 25 slowest tests are listed at the end.
+# The whole suite on TEST_WORKERS pytest-xdist workers, a test module whole on one worker (its
+# module-scoped launch runs once); the 25 slowest tests are listed at the end. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 # The checks a change most often breaks, in minutes (tests/conftest.py: FAST_TESTS); no multi-rank launch.
 test-fast: install

@@ -41,7 +41,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pyarrow", "pycocoevalcap>=1.2"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "pyarrow", "pycocoevalcap>=1.2"],
         "eval": ["pycocoevalcap>=1.2"],  # CIDEr / BLEU of captioning transfer (its PTB tokenizer needs Java)
         "obelics": ["pyarrow"],  # OBELICS parquet shards
         "gpu": ["transformer-engine[pytorch]>=1.12"],

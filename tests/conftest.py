@@ -5,6 +5,7 @@ minutes on 2 cores - configuration, layering, single-rank model and loss equival
 tiny in-process training run with its resume. Chosen here by test file or test id (`FAST_TESTS`),
 marked `fast` at collection; no multi-rank launch is in it (those are `make test`)."""
 
+import fcntl
 import os
 import warnings
 
@@ -40,8 +41,15 @@ def restore_rendezvous_env():
 
 @pytest.fixture(scope="session")
 def core_checks_dir(tmp_path_factory):
-    """tests/dist/core_checks.py on 2 ranks, once per session (used by several test modules)."""
-    return run_torchrun("core_checks.py", 2, tmp_path_factory.mktemp("core"))
+    """tests/dist/core_checks.py on 2 ranks, once per session (used by several test modules). Under
+    pytest-xdist (`make test`) once for all workers: the first to get here launches it in the run's
+    shared temporary folder, the others wait on a lock and read its results."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return run_torchrun("core_checks.py", 2, tmp_path_factory.mktemp("core"))
+    shared = tmp_path_factory.getbasetemp().parent / "core_checks"  # pytest-N/, above popen-gwK/
+    with open(shared.parent / "core_checks.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return shared if (shared / "done").exists() else run_torchrun("core_checks.py", 2, shared)
 
 
 def pytest_configure(config):
@@ -94,3 +102,4 @@ def pytest_collection_modifyitems(config, items):
              (e.partition("::")[0] in files or not (config.rootpath / e.partition("::")[0]).exists())]
     if stale:
         warnings.warn(pytest.PytestWarning(f"tests/conftest.py FAST_TESTS entries that select no test: {stale}"))
+

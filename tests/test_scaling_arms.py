@@ -263,8 +263,22 @@ def test_report_on_synthetic_arms_results(tmp_path):
 
 # ------------------------------------------------------------------------------ end to end
 
+def test_budget_order_runs_every_seed_of_a_budget_before_the_next(tmp_path):
+    """`order: budget`: the same points (names, overrides, run directories), numbered budget-major, so
+    a study stopped part-way has whole budgets with every seed; an unknown order is named."""
+    by_seed = sweep.expand_points(sweep.load_spec(write_spec(tmp_path)))
+    by_budget = sweep.expand_points(sweep.load_spec(write_spec(tmp_path, order="budget")))
+    per_budget = ["lcl-s", "con-s", "lcl-m", "con-m"]
+    assert [p.name for p in by_budget] == [f"{n}-{b}-s{s}" for b in ("b1", "b2") for s in (1, 2) for n in per_budget]
+    assert [p.index for p in by_budget] == list(range(16))
+    assert sorted((p.name, p.overrides, p.run_dir) for p in by_budget) == \
+        sorted((p.name, p.overrides, p.run_dir) for p in by_seed)
+    with pytest.raises(ValueError, match="`order` is one of seed, budget, got 'size'"):
+        sweep.load_spec(write_spec(tmp_path, order="size"))
+
+
 def test_two_arm_sweep_end_to_end_with_transfer_metrics(tmp_path):
-    """2 arms x 1 size x 2 budgets x 1 seed through the real driver, each point evaluated by
+    """2 arms x 1 size x 1 budget x 1 seed through the real driver, each point evaluated by
     megatron_lcl.eval.transfer on a held-out scenes corpus; every metric lands in results.csv; a rerun
     runs nothing; the report runs on the result."""
     out = tmp_path / "out"
@@ -290,8 +304,7 @@ def test_two_arm_sweep_end_to_end_with_transfer_metrics(tmp_path):
     spec_path.write_text(yaml.safe_dump(dict(
         name="e2e", base_config=TINY_CONFIG, output_dir=str(out), setup=setup, overrides=overrides,
         models=[{"name": "m"}], arms=ARMS, seeds=[5],
-        budgets=[{"name": "b1", "train_steps": 2, "global_batch_size": 4},
-                 {"name": "b2", "train_steps": 4, "global_batch_size": 4}],
+        budgets=[{"name": "b1", "train_steps": 2, "global_batch_size": 4}],
         eval_command="{python} -m megatron_lcl.eval.transfer --encoder {run_dir}/checkpoints --data "
                      "{output_dir}/eval --probes label count --epochs 1 --seed {seed} --output {run_dir}/eval.json")))
     import sweep as sweep_tool
@@ -301,7 +314,7 @@ def test_two_arm_sweep_end_to_end_with_transfer_metrics(tmp_path):
     try:
         assert sweep_tool.main([str(spec_path)]) == 0
         rows = {r["point"]: r for r in sweep.read_results(str(out / "results.csv"))}
-        assert sorted(rows) == ["con-m-b1-s5", "con-m-b2-s5", "lcl-m-b1-s5", "lcl-m-b2-s5"]
+        assert sorted(rows) == ["con-m-b1-s5", "lcl-m-b1-s5"]
         for name, row in rows.items():
             assert row["status"] == "ok" and row["arm"] == name[:3] and row["seed"] == "5", row
             for metric in ("probe_label", "probe_count", "probe_mean", "retrieval_tr1", "retrieval_ir1",
@@ -311,10 +324,9 @@ def test_two_arm_sweep_end_to_end_with_transfer_metrics(tmp_path):
             assert evaluated["seed"] == 5 and float(row["retrieval_tr1"]) == pytest.approx(
                 evaluated["metrics"]["retrieval_tr1"])
         assert float(rows["con-m-b1-s5"]["lm_loss"]) == 0.0 and float(rows["lcl-m-b1-s5"]["lm_loss"]) > 0
-        assert float(rows["lcl-m-b2-s5"]["train_flops"]) > float(rows["lcl-m-b1-s5"]["train_flops"])
         assert float(rows["con-m-b1-s5"]["train_flops"]) < float(rows["lcl-m-b1-s5"]["train_flops"])  # no logits
         assert sweep_tool.main([str(spec_path)]) == 0  # all finished: nothing runs
-        assert len(sweep.read_results(str(out / "results.csv"))) == 4
+        assert len(sweep.read_results(str(out / "results.csv"))) == 2
     finally:
         os.chdir(cwd)
 

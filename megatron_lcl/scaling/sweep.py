@@ -13,6 +13,9 @@ A spec (see examples/scaling/tiny_ladder.yaml):
     arms                     optional [{name, overrides: [a.b=c, ...]}]: named override sets compared
                              at matched data and compute (e.g. loss.mode=lcl | con | gen)
     seeds                    optional [int]: each point runs once per seed (train.seed)
+    order                    `seed` (default: seeds outer, then budgets) or `budget` (budgets outer, then
+                             seeds): the order points run and are numbered in; `budget` suits a study run
+                             over several sessions (each finished budget has every seed)
     budgets                  [{global_batch_size, train_steps | flops | samples | images}]: a FLOPs
                              budget becomes train_steps through the FLOPs model (IsoFLOP sweeps),
                              `samples` (sequences seen) samples / global_batch_size steps, `images`
@@ -68,6 +71,7 @@ from megatron_lcl.train import EXIT_STATUS_FILE_ENV
 DRIVER = "megatron_lcl.train"  # the module pretrain_lcl.py runs
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for tools/sweep.py
 FINISHED = ("ok", "diverged")
+ORDERS = ("seed", "budget")
 EXIT_STATUS = {0: "ok", 2: "config_error"}  # 1: `diverged` only when the driver's exit-status file says so
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -100,6 +104,7 @@ class SweepSpec:
     slurm: dict = field(default_factory=dict)
     arms: List[dict] = field(default_factory=list)
     seeds: List[int] = field(default_factory=list)
+    order: str = "seed"
     spec_path: Optional[str] = None
 
     @property
@@ -142,6 +147,8 @@ def load_spec(path: str) -> SweepSpec:
                          f"got {spec.arms}")
     if len(set(spec.seeds)) != len(spec.seeds) or not all(isinstance(s, int) for s in spec.seeds):
         raise ValueError(f"{path}: `seeds` must be distinct integers, got {spec.seeds}")
+    if spec.order not in ORDERS:
+        raise ValueError(f"{path}: `order` is one of {', '.join(ORDERS)}, got {spec.order!r}")
     for b in spec.budgets:
         if b.get("untrained") and any(k in b for k in BUDGET_KINDS):
             raise ValueError(f"{path}: budget {b} is untrained: it takes none of {', '.join(BUDGET_KINDS)}")
@@ -238,17 +245,20 @@ def _steps_for(spec: SweepSpec, budget: dict, overrides: List[str]) -> int:
 def expand_points(spec: SweepSpec) -> List[SweepPoint]:
     """seeds x budgets x models x arms, in spec order: seeds outer (a stopped sweep has whole seeds),
     then budgets (cheap points of every size first), arms inner (every arm of a size and budget runs
-    before the next, so finished points always compare arms at matched compute)."""
+    before the next, so finished points always compare arms at matched compute). `order: budget` puts
+    budgets outer (a stopped sweep has whole budgets, every seed)."""
+    seeds, budgets = spec.seeds or [None], spec.budgets
+    pairs = [(seed, budget) for seed in seeds for budget in budgets] if spec.order == "seed" else \
+        [(seed, budget) for budget in budgets for seed in seeds]
     points = []
-    for seed in spec.seeds or [None]:
-        for budget in spec.budgets:
-            for model in spec.models:
-                for arm in spec.arms or [None]:
-                    if "models" in budget and model["name"] not in budget["models"] or \
-                            arm is not None and "arms" in budget and arm["name"] not in budget["arms"] or \
-                            seed is not None and "seeds" in budget and seed not in budget["seeds"]:
-                        continue
-                    points.append(_point(spec, len(points), budget, model, arm, seed))
+    for seed, budget in pairs:
+        for model in spec.models:
+            for arm in spec.arms or [None]:
+                if "models" in budget and model["name"] not in budget["models"] or \
+                        arm is not None and "arms" in budget and arm["name"] not in budget["arms"] or \
+                        seed is not None and "seeds" in budget and seed not in budget["seeds"]:
+                    continue
+                points.append(_point(spec, len(points), budget, model, arm, seed))
     return points
 
 
