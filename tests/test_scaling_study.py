@@ -119,8 +119,9 @@ def test_four_parameter_form_only_with_eight_front_points():
 
 
 def test_exponent_difference_needs_a_fit_on_the_data_and_in_nearly_every_replicate():
-    def fitted(exponents):
-        return study.ArmResult("x", "m", [], [], np.asarray(exponents, float), np.zeros(len(exponents)), np.zeros(0))
+    def fitted(exponents, front=(0, 1, 2), budgets=2):
+        return study.ArmResult("x", "m", [], list(front), np.asarray(exponents, float), np.zeros(len(exponents)),
+                               np.zeros(0), front_budgets=budgets)
 
     rng = np.random.default_rng(0)
     a = fitted(np.concatenate([[-0.2], -0.2 + 0.01 * rng.standard_normal(4000)]))
@@ -135,6 +136,11 @@ def test_exponent_difference_needs_a_fit_on_the_data_and_in_nearly_every_replica
     patchy = fitted(np.concatenate([[-0.3], np.where(rng.random(4000) < 0.9, -0.3, np.nan)]))
     d = study.exponent_difference(a, patchy)
     assert not d["identified"] and "replicates" in d["why"]
+    # a fit in every replicate, but on a front of two points, or of three sizes at one budget: not identified
+    for front, budgets in (((0, 1), 2), ((0, 1, 2), 1)):
+        d = study.exponent_difference(a, fitted(b.exponent, front, budgets))
+        assert not d["identified"] and np.isnan(d["lo"]) and d["significant"] == 0
+        assert f"x's holds {len(front)} point(s) from {budgets} budget(s)" in d["why"]
 
 
 # ------------------------------------------------------------------------------ held out, crossover

@@ -15,7 +15,8 @@ predictor, and crossovers claimed only where the data are significant on both si
 - A configuration (arm, model, budget): error = 1 - metric, averaged over its seeds (floored at
   ERROR_FLOOR: a perfect score has no logarithm); compute = the mean
   of its seeds' training FLOPs. The front: the configurations no cheaper one of the same arm beats.
-- Fits on the front: E = a C^c (>= 2 points); E = a (C + b)^c + d only with >= IDENTIFIED_MIN_POINTS
+- Fits on the front: E = a C^c (>= 2 points; two arms' exponents are compared only on fronts of >=
+  EXPONENT_MIN_POINTS points from >= 2 budgets); E = a (C + b)^c + d only with >= IDENTIFIED_MIN_POINTS
   front points, else the four-parameter form is "not identified" (it has four parameters and bends).
 - A bootstrap replicate draws the test items with replacement (one draw for every run) and, for every
   (model, budget) cell, its seeds with replacement (one draw for every arm: arms are paired by size,
@@ -46,6 +47,11 @@ CHANCE_RATIO = 0.9
 ERROR_FLOOR = 1e-3
 LEVEL = 0.9
 FIT_SHARE_MIN = 0.95  # an exponent difference is reported only when both arms fit in >= 95 % of replicates
+# ... and when each arm's front on the data holds >= EXPONENT_MIN_POINTS points from >= 2 budgets: a
+# two-point line has no residual, and a front from one budget is the size axis at a fixed number of
+# steps (a parameter exponent), not error against compute.
+EXPONENT_MIN_POINTS = 3
+EXPONENT_MIN_BUDGETS = 2
 RANK_METRICS = {"retrieval_tr1": ("tr_rank", 1), "retrieval_tr5": ("tr_rank", 5),
                 "retrieval_ir1": ("ir_rank", 1), "retrieval_ir5": ("ir_rank", 5)}
 
@@ -283,6 +289,7 @@ class ArmResult:
     front_share: np.ndarray  # per config: the share of replicates in which it is on the front
     saturating: Optional[dict] = None  # the four-parameter fit, or {"not_identified": reason}
     heldout: dict = field(default_factory=dict)
+    front_budgets: int = 0  # distinct budgets among the front's configurations (the data)
 
 
 def fit_arm(configs: List[ConfigValues], arm: str, metric: str) -> ArmResult:
@@ -298,7 +305,8 @@ def fit_arm(configs: List[ConfigValues], arm: str, metric: str) -> ArmResult:
         on_front[front] += 1
         if c is not None:
             exps[b], logas[b] = c, la
-    result = ArmResult(arm, metric, configs, front0, exps, logas, on_front / errors.shape[1])
+    result = ArmResult(arm, metric, configs, front0, exps, logas, on_front / errors.shape[1],
+                       front_budgets=len({configs[i].budget for i in front0}))
     result.saturating = saturating_fit(compute[front0], errors[front0, 0])
     result.heldout = heldout_check(configs)
     return result
@@ -350,7 +358,8 @@ def significant(lo: float, hi: float) -> int:
 
 def exponent_difference(a: ArmResult, b: ArmResult, level: float = LEVEL) -> dict:
     """c_a - c_b on paired replicates (the same item and seed draws). Identified only when both arms
-    have a fit on the data and in at least FIT_SHARE_MIN of the replicates: an interval over the few
+    have a fit on the data on a front of at least EXPONENT_MIN_POINTS points from EXPONENT_MIN_BUDGETS
+    budgets, and a fit in at least FIT_SHARE_MIN of the replicates: an interval over the few
     replicates whose resampled front happens to hold two points describes those replicates, not the
     study (`identified` False, with `why`, and no interval)."""
     delta = a.exponent[1:] - b.exponent[1:]
@@ -358,8 +367,14 @@ def exponent_difference(a: ArmResult, b: ArmResult, level: float = LEVEL) -> dic
     out = {"delta": float(a.exponent[0] - b.exponent[0]), "lo": float("nan"), "hi": float("nan"),
            "n": n, "of": total, "significant": 0, "identified": False}
     missing = [r.arm for r in (a, b) if not np.isfinite(r.exponent[0])]
+    narrow = [f"{r.arm}'s holds {len(r.front)} point(s) from {r.front_budgets} budget(s)" for r in (a, b)
+              if len(r.front) < EXPONENT_MIN_POINTS or r.front_budgets < EXPONENT_MIN_BUDGETS]
     if missing:
         out["why"] = f"no power-law fit on the data for {' and '.join(missing)} (fewer than 2 front points)"
+    elif narrow:
+        out["why"] = (f"the front on the data: {'; '.join(narrow)} (an exponent needs >= {EXPONENT_MIN_POINTS} "
+                      f"points from >= {EXPONENT_MIN_BUDGETS} budgets; one budget's front is the size axis at "
+                      "fixed steps)")
     elif n < FIT_SHARE_MIN * total:
         out["why"] = (f"both arms fit in only {n} of {total} replicates (< {FIT_SHARE_MIN:.0%}): "
                       "the front is too often a single point")

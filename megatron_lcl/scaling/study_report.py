@@ -119,7 +119,7 @@ def fit_lines(analysis: Analysis, metric: str) -> List[str]:
         four = sat.get("not_identified") or \
             f"c = {fmt(sat.get('c'))}, d = {fmt(sat.get('d'))}, b = {fmt(sat.get('b'))} FLOPs"
         lines.append(f"- {arm}: `E = a C^c`: c = {fmt(r.exponent[0])} [{fmt(lo)}, {fmt(hi)}] on {len(r.front)} front "
-                     f"point(s); `E = a (C + b)^c + d`: {four}")
+                     f"point(s) from {r.front_budgets} budget(s); `E = a (C + b)^c + d`: {four}")
         h = r.heldout
         if "observed" in h:
             rel = f"{100 * h['power_rel_error']:+.1f}" if "power" in h else "-"
