@@ -102,4 +102,3 @@ def pytest_collection_modifyitems(config, items):
              (e.partition("::")[0] in files or not (config.rootpath / e.partition("::")[0]).exists())]
     if stale:
         warnings.warn(pytest.PytestWarning(f"tests/conftest.py FAST_TESTS entries that select no test: {stale}"))
-

@@ -247,9 +247,9 @@ def expand_points(spec: SweepSpec) -> List[SweepPoint]:
     then budgets (cheap points of every size first), arms inner (every arm of a size and budget runs
     before the next, so finished points always compare arms at matched compute). `order: budget` puts
     budgets outer (a stopped sweep has whole budgets, every seed)."""
-    seeds, budgets = spec.seeds or [None], spec.budgets
-    pairs = [(seed, budget) for seed in seeds for budget in budgets] if spec.order == "seed" else \
-        [(seed, budget) for budget in budgets for seed in seeds]
+    seeds = spec.seeds or [None]
+    pairs = [(seed, budget) for seed in seeds for budget in spec.budgets] if spec.order == "seed" else \
+        [(seed, budget) for budget in spec.budgets for seed in seeds]
     points = []
     for seed, budget in pairs:
         for model in spec.models:
