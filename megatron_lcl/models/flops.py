@@ -228,6 +228,17 @@ def step_flops(cfg: ModelConfig, seq_length: int, images_per_sample: float, samp
     return flops
 
 
+def run_flops_options(cfg, micro_batches: int) -> dict:
+    """The `step_flops` options of a training run of the whole config `cfg` (`megatron_lcl.config.Config`)
+    with `micro_batches` per rank and step: its loss mode and contrastive loss, the vocabulary padding of
+    its TP size, and the step-wide L_con's feature pass (contrastive_batch=step over more than one
+    micro-batch, `training.pipeline.uses_feature_pass`). The trainer's `model_flops_per_s` / `mfu` and a
+    sweep's `train_flops` both count with these, so the two agree on every pass the run makes."""
+    return dict(loss_mode=cfg.loss.mode, contrastive_loss=cfg.loss.contrastive_loss,
+                tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+                feature_pass=cfg.loss.contrastive_batch == "step" and micro_batches > 1)
+
+
 def flops_per_sample(cfg: ModelConfig, seq_length: int, images_per_sample: float, **kwargs) -> float:
     """Training FLOPs (forward + backward) of one sequence: the unit the sweeps multiply by samples."""
     return step_flops(cfg, seq_length, images_per_sample, samples=1, **kwargs)["total"]

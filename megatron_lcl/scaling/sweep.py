@@ -65,7 +65,7 @@ import yaml
 
 from megatron_lcl.checkpoint.run_dir import read_metrics
 from megatron_lcl.config import load_config, save_config
-from megatron_lcl.models.flops import flops_per_sample, parameter_counts, training_flops
+from megatron_lcl.models.flops import flops_per_sample, parameter_counts, run_flops_options, training_flops
 from megatron_lcl.train import EXIT_STATUS_FILE_ENV
 
 DRIVER = "megatron_lcl.train"  # the module pretrain_lcl.py runs
@@ -198,10 +198,9 @@ def data_parallel_size(cfg, nproc: int) -> int:
 
 def flops_kwargs(cfg, nproc: int) -> dict:
     """The `models.flops` options of a run of `cfg` on `nproc` ranks: every pass it runs, the step-wide
-    L_con's feature pass included (contrastive_batch=step over more than one micro-batch per rank)."""
+    L_con's feature pass included (`models.flops.run_flops_options`)."""
     micro_batches = cfg.train.global_batch_size // (cfg.data.micro_batch_size * data_parallel_size(cfg, nproc))
-    return dict(loss_mode=cfg.loss.mode, tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
-                feature_pass=cfg.loss.contrastive_batch == "step" and micro_batches > 1)
+    return run_flops_options(cfg, micro_batches)
 
 
 def _contrastive_overrides(spec: SweepSpec, budget: dict, overrides: List[str]) -> List[str]:
@@ -555,16 +554,14 @@ def collect_result(point: SweepPoint, cfg, spec: SweepSpec, status: str, wall_s:
         return row
     last = rows[-1]
     samples, images = last["consumed_samples"], last["consumed_images"]
-    micro_batches = t.global_batch_size // (d.micro_batch_size * data_parallel_size(cfg, spec.nproc))
-    flops_kwargs = dict(loss_mode=cfg.loss.mode, tensor_model_parallel_size=tp,  # tp: vocab padding
-                        feature_pass=cfg.loss.contrastive_batch == "step" and micro_batches > 1)
-    per_sample = flops_per_sample(m, d.seq_length, images / max(samples, 1), **flops_kwargs)
+    options = flops_kwargs(cfg, spec.nproc)
+    per_sample = flops_per_sample(m, d.seq_length, images / max(samples, 1), **options)
     step_times = [r["step_time_s"] for r in rows[1:]] or [rows[0]["step_time_s"]]  # row 0 holds warm-up
     step_time_s = sum(step_times) / len(step_times)
     row.update(samples=samples, images=images, tokens=last["consumed_tokens"],
                text_tokens=last["consumed_text_tokens"], images_per_sample=round(images / max(samples, 1), 4),
                flops_per_sample=f"{per_sample:.6g}",
-               train_flops=f"{training_flops(m, d.seq_length, samples, images, **flops_kwargs):.6g}",
+               train_flops=f"{training_flops(m, d.seq_length, samples, images, **options):.6g}",
                loss_last=last["loss"], step_time_s=round(step_time_s, 4),
                model_flops_per_s=f"{per_sample * t.global_batch_size / step_time_s:.6g}")
     row.update({k: round(v, 6) for k, v in final_losses(rows, spec.final_loss_window).items()})

@@ -36,17 +36,17 @@ from megatron_lcl.data.loader import build_loader
 from megatron_lcl.losses import LCLLoss
 from megatron_lcl.losses.contrastive import gather_rows
 from megatron_lcl.models.factory import build_model
-from megatron_lcl.models.flops import count_parameters_by_group, throughput_metrics
+from megatron_lcl.models.flops import count_parameters_by_group, run_flops_options, throughput_metrics
 from megatron_lcl.runtime import device, initialize_distributed, to_device
 from megatron_lcl.training.metrics import MetricsWriter, ProgressLine, singular_value_stats
 from megatron_lcl.training.optim import (build_optimizer, build_scheduler, clamp_logit_scale, current_lr,
                                          drop_path_rate_at, sync_params)
-from megatron_lcl.training.pipeline import PipelineShape, step_forward_backward, uses_feature_pass, wrap_ddp
+from megatron_lcl.training.pipeline import PipelineShape, step_forward_backward, wrap_ddp
 from megatron_lcl.stop_signals import StopRequest
 
 # Values summed over the world each step. Each is contributed by the ranks named in `_step_stats`.
 STAT_KEYS = ("loss", "lm_loss", "con_loss", "con_top1", "text_tokens", "con_images", "con_excluded",
-             "con_batch", "logit_scale",
+             "con_batch", "logit_scale", "logit_bias",
              "images", "effective_rank", "effective_rank_frac", "sv_entropy", "stop", "ckpt_writing",
              "data_behind")
 
@@ -272,6 +272,8 @@ class Trainer:
                 local[key] = step[key]
             local["text_tokens"], local["con_images"] = step["num_text_tokens"], step["num_images"]
             local["logit_scale"] = float(self.model.text_head.scale().detach())
+            if self.model.text_head.logit_bias is not None:  # the sigmoid loss's b
+                local["logit_bias"] = float(self.model.text_head.logit_bias.detach())
         if layout.is_first_stage and layout.tp_rank == 0:  # this DP rank's share of the counts
             local["images"] = float(sum(b.num_images for b in batches))
             if self._captured is not None:
@@ -374,6 +376,8 @@ class Trainer:
         row.update(window.means())  # losses: mean over the window's finite steps
         for key in ("logit_scale", "grad_norm", "con_batch", "con_excluded"):  # the last step's
             row[key] = stats[key]
+        if self.cfg.loss.contrastive_loss == "sigmoid":
+            row["logit_bias"] = stats["logit_bias"]
         row["lr"] = current_lr(self.optimizer)
         if self._collapse_measured(stats):
             for key in ("effective_rank", "effective_rank_frac", "sv_entropy"):
@@ -382,9 +386,8 @@ class Trainer:
         images_per_step = window.images / max(window.steps, 1)
         row.update(throughput_metrics(self.cfg.model, self.cfg.data.seq_length, self.cfg.train.global_batch_size,
                                       images_per_step, row["step_time_s"], self.cfg.logging.peak_flops_per_s,
-                                      self.layout.world_size, loss_mode=self.cfg.loss.mode,
-                                      contrastive_negatives=int(stats["con_batch"]),
-                                      feature_pass=uses_feature_pass(self.loss_fn, self.num_microbatches)))
+                                      self.layout.world_size, contrastive_negatives=int(stats["con_batch"]),
+                                      **run_flops_options(self.cfg, self.num_microbatches)))
         row.update({f"skipped/{k}": v for k, v in sorted(data_skips.items())})
         row.update({f"source_samples/{k}": v for k, v in sorted(source_counts.items())})  # blends only
         self.writer.write(row)

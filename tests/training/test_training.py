@@ -284,6 +284,34 @@ def test_training_starts_from_a_weights_only_checkpoint(data_root, tmp_path, cap
     assert [r["step"] for r in rows_warm] == [1, 2]
     assert rows_warm[0]["lm_loss"] < rows_fresh[0]["lm_loss"]  # same first batch, trained weights
     assert rows_warm[0]["model_flops_per_s"] > 0 and "mfu" not in rows_warm[0]  # no peak configured
+    assert "logit_bias" not in rows_warm[0]  # InfoNCE has no bias
+
+
+def test_a_sigmoid_run_logs_its_bias_and_counts_its_own_contrastive_flops(data_root, tmp_path):
+    """loss.contrastive_loss=sigmoid: the log carries the learnable bias b (from its init, moving), and
+    `model_flops_per_s` is the sigmoid count of the step (1 logit matrix, x4 with the ring's backward),
+    not InfoNCE's (2 matrices, x3): what `models.flops.step_flops` gives for the run's options."""
+    from megatron_lcl.config.model import SIGMOID_OVERRIDES
+    from megatron_lcl.models.flops import run_flops_options, training_flops
+
+    run = tmp_path / "sigmoid"
+    assert pretrain_lcl.main(argv(data_root, run, "train.train_steps=3", "optimizer.lr=1e-2",
+                                  *SIGMOID_OVERRIDES)) == 0
+    rows, cfg = read_rows(run), load_config(str(run / "config.yaml"))
+    assert all("logit_bias" in r for r in rows) and rows[0]["logit_bias"] != rows[-1]["logit_bias"]
+    assert abs(rows[0]["logit_bias"] + 10.0) < 0.1  # SigLIP's init b = -10, one step in
+    assert rows[0]["con_batch"] > 0
+    options = run_flops_options(cfg, micro_batches=2)  # global batch 4 of micro-batches of 2, one rank
+    assert options["contrastive_loss"] == "sigmoid"
+    previous = 0
+    for r in rows:
+        images, previous = r["consumed_images"] - previous, r["consumed_images"]
+        count = {loss: training_flops(cfg.model, cfg.data.seq_length, 4, images,
+                                      **(options | {"contrastive_loss": loss}),
+                                      contrastive_negatives=int(r["con_batch"]))
+                 for loss in ("sigmoid", "infonce")}
+        assert (count["sigmoid"] != count["infonce"]) == (r["con_batch"] > 0)  # no images, no L_con
+        assert r["model_flops_per_s"] == pytest.approx(count["sigmoid"] / r["step_time_s"], rel=1e-9)
 
 
 def test_bf16_mixed_precision_training_tracks_fp32(data_root, tmp_path):
