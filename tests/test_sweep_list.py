@@ -1,6 +1,6 @@
 """`lcl-sweep SPEC --list`: every pass a point's config runs is in its FLOPs (the step-wide L_con's
 feature pass when contrastive_batch=step spans several micro-batches), GPU-hours at several assumed
-MFUs, and the paper's main run as their anchor."""
+MFUs, the paper's main run as their anchor, and hours at the throughput finished points measured."""
 
 from pathlib import Path
 
@@ -81,3 +81,25 @@ def test_assume_mfu_takes_several_and_rejects_out_of_range(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_sweep.main([path, "--list", "--assume-mfu", "0.2", "1.5"])
     assert "each MFU must be in (0, 1], got [1.5]" in capsys.readouterr().err
+
+
+def test_list_estimates_what_remains_at_the_throughput_finished_points_measured(tmp_path, capsys):
+    """Once points have finished, `--list` gives each point's hours of one process at the model FLOP/s the
+    finished points of the same model and arm measured (else of the same model), and the hours to do."""
+    spec = sweep.load_spec(write_spec(tmp_path))
+    run_sweep.list_points(spec)
+    assert "h@measured" not in capsys.readouterr().out  # nothing measured yet: no column, no guess
+    points = {p.arm: p for p in sweep.expand_points(spec)}
+    row = dict.fromkeys(sweep.CSV_COLUMNS, "")
+    row.update(point=points["step"].name, arm="step", model="s", status="ok", model_flops_per_s=2e5)
+    sweep.append_row(spec.results_csv, row)
+    assert run_sweep.measured_rates(spec.results_csv) == {("s", "step"): 2e5}
+    run_sweep.list_points(spec)
+    listing = capsys.readouterr().out
+    for arm, status in (("step", "done"), ("micro", "todo")):  # micro has no rate of its own: the model's
+        fields = next(line.split() for line in listing.splitlines() if f" {points[arm].name} " in line)
+        flops, hours = listed_flops(listing, points[arm].name)[0], float(fields[-2])
+        assert fields[-1] == status and hours == pytest.approx(flops / 2e5 / 3600, abs=0.006)
+    todo = float(listing.split("to do: 1 point(s), about ")[1].split(" h")[0])
+    micro_flops = listed_flops(listing, points["micro"].name)[0]
+    assert todo == pytest.approx(micro_flops / 2e5 / 3600, abs=0.06)

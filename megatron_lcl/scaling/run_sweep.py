@@ -1,7 +1,7 @@
 """Run a scaling sweep: a ladder of model sizes x compute budgets, one training run per point.
 
     lcl-sweep examples/scaling/tiny_ladder.yaml                 # run missing points here
-    lcl-sweep examples/scaling/tiny_ladder.yaml --list          # points, FLOPs, status
+    lcl-sweep examples/scaling/tiny_ladder.yaml --list          # points, FLOPs, status (+ hours at the measured rate)
     lcl-sweep examples/scaling/paper_ladder.yaml --list --assume-mfu 0.15 0.2 0.35   # + est. GPU-hours
     lcl-sweep SPEC --emit-slurm sweep.sbatch && sbatch sweep.sbatch   # one array task per point
     lcl-sweep SPEC --index 3                                    # one point (what a task runs)
@@ -16,12 +16,13 @@ checkpoint. The spec format is documented in megatron_lcl/scaling/sweep.py.
 
 import argparse
 import sys
+from typing import Dict, List, Optional, Tuple
 
 from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, HeadsConfig, LMConfig, ModelConfig, VisionConfig,
                                  apply_preset, load_config)
 from megatron_lcl.models.flops import PEAK_FLOPS_PER_S, flops_per_sample, parameter_counts
-from megatron_lcl.scaling.sweep import (backfill_eval, expand_points, finished_points, flops_kwargs, load_spec,
-                                        run_setup, run_sweep, write_slurm_array)
+from megatron_lcl.scaling.sweep import (FINISHED, backfill_eval, expand_points, finished_points, flops_kwargs,
+                                        load_spec, read_results, run_setup, run_sweep, write_slurm_array)
 
 PEAK_TFLOPS = PEAK_FLOPS_PER_S["h100-sxm-bf16"] / 1e12  # for --assume-mfu estimates (data-sheet peak)
 
@@ -52,35 +53,63 @@ def gpu_hours(flops: float, mfu: float, peak_tflops: float) -> float:
     return flops / (mfu * peak_tflops * 1e12) / 3600
 
 
+def measured_rates(results_csv: str) -> Dict[Tuple[str, str], float]:
+    """{(model, arm): mean training model FLOP/s} over the spec's finished, trained points (the
+    `model_flops_per_s` column: training steps only, under whatever load they ran beside)."""
+    rates: Dict[Tuple[str, str], List[float]] = {}
+    for row in read_results(results_csv):
+        if row["status"] in FINISHED and float(row.get("model_flops_per_s") or 0) > 0:
+            rates.setdefault((row["model"], row["arm"]), []).append(float(row["model_flops_per_s"]))
+    return {key: sum(v) / len(v) for key, v in rates.items()}
+
+
+def rate_for(rates: Dict[Tuple[str, str], float], model: str, arm: str) -> Optional[float]:
+    """The measured rate of the same model and arm, else of the same model, else of every point."""
+    for keep in (lambda k: k == (model, arm), lambda k: k[0] == model, lambda k: True):
+        values = [r for k, r in rates.items() if keep(k)]
+        if values:
+            return sum(values) / len(values)
+    return None
+
+
 def list_points(spec, assume_mfu=(), peak_tflops=PEAK_TFLOPS, num_gpus=None) -> None:
     """The grid: one line per point (arm, model, budget, seed, parameters, steps, estimated FLOPs of every
     pass the point's config runs, the step-wide L_con's feature pass included), and with `assume_mfu`
     (one or more MFUs) each point's GPU-hours estimated from the FLOPs model at each, with the MFU the
-    paper's main run implies as an anchor."""
+    paper's main run implies as an anchor. Once some points have finished, each point's hours of one
+    process at the training throughput those points measured (`measured_rates`), and what remains."""
     done = finished_points(spec.results_csv)
     points = expand_points(spec)
+    rates = measured_rates(spec.results_csv)
     print(f"{'#':>3} {'point':<30}{'arm':<8}{'model':<8}{'budget':<12}{'seed':>5}{'params':>14}{'steps':>9}"
           f"{'batch':>7}{'est. FLOPs':>12}{'feat. pass':>11}" + "".join(f"{f'GPU-h@{m:.0%}':>12}" for m in assume_mfu)
-          + "  status")
-    total_flops = 0.0
+          + (f"{'h@measured':>12}" if rates else "") + "  status")
+    total_flops, todo_hours, todo = 0.0, 0.0, 0
     for p in points:
         cfg = load_config(spec.base_config, p.overrides)
         kwargs = flops_kwargs(cfg, spec.nproc)
         flops = flops_per_sample(cfg.model, cfg.data.seq_length, spec.images_per_sample, **kwargs) \
             * cfg.train.global_batch_size * cfg.train.train_steps
         total_flops += flops
+        hours = 0.0 if p.untrained or not rates else flops / rate_for(rates, p.model, p.arm) / 3600
+        if p.name not in done:
+            todo, todo_hours = todo + 1, todo_hours + hours
         print(f"{p.index:>3} {p.name:<30}{p.arm or '-':<8}{p.model:<8}{p.budget:<12}"
               f"{'-' if p.seed is None else p.seed:>5}{parameter_counts(cfg.model)['total']:>14,}"
               f"{cfg.train.train_steps:>9}{cfg.train.global_batch_size:>7}{flops:>12.3g}"
               f"{'yes' if kwargs['feature_pass'] else 'no':>11}"
               + "".join(f"{gpu_hours(flops, m, peak_tflops):>12,.0f}" for m in assume_mfu)
-              + f"  {'done' if p.name in done else 'todo'}")
+              + (f"{hours:>12.2f}" if rates else "") + f"  {'done' if p.name in done else 'todo'}")
     arms = sorted({p.arm for p in points if p.arm})
     seeds = sorted({p.seed for p in points if p.seed is not None})
     print(f"{len(points)} points ({len(arms) or 1} arm(s) {arms or ''} x {len(spec.models)} model(s) x "
           f"{len(spec.budgets)} budget(s) x {len(seeds) or 1} seed(s) {seeds or ''}, less budget restrictions); "
           f"{len(done & {p.name for p in points})} done; total {total_flops:.3g} FLOPs (every pass: the feature "
           f"pass of contrastive_batch=step included; the LM's causal attention at s^2/2)")
+    if rates:
+        print(f"to do: {todo} point(s), about {todo_hours:.1f} h of training in one process at the model FLOP/s "
+              f"that {len(done)} finished point(s) measured (same model and arm where there is one; training "
+              f"steps only, not evaluation or start-up; at the load they ran under)")
     if assume_mfu:
         print_gpu_hours(total_flops, assume_mfu, peak_tflops, num_gpus)
 
