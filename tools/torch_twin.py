@@ -4,7 +4,8 @@ HuggingFace `CLIPVisionModel` + `OPTForCausalLM` (attention through `scaled_dot_
 sized from the same `ModelConfig` (`megatron_lcl.hf.convert.clip_vision_config` / `opt_config`), with
 the same LCL wiring: each image's latents (post-LN on every token, as ours) are projected to the LM
 width and spliced in after its `<BoI>`; v_i = attention pooling -> W1 and t_i = LN -> W2 on the `<BoI>`
-output (megatron_lcl's own `ImageHead` / `TextHead`, plain torch); L = L_gen + lambda * L_con with
+output (megatron_lcl's own `ImageHead` / `TextHead`, plain torch); with `model.vision.image_tokens=
+pooled_values` the released code's pooling block (`ValuePoolingHead`) makes both the tokens and v_i; L = L_gen + lambda * L_con with
 plain `F.cross_entropy` and megatron_lcl's `contrastive_loss_sum` (plain torch, no group).
 
 It is the yardstick of `tools/bench_vs_torch.py`: the same matmuls (FLOPs), none of megatron-core.
@@ -26,7 +27,7 @@ from megatron_lcl.config import LossConfig, ModelConfig, padded_vocab_size
 from megatron_lcl.data.batch import LCLBatch
 from megatron_lcl.hf.convert import build_hf_models, clip_latents, clip_vision_config, opt_config
 from megatron_lcl.losses.contrastive import contrastive_loss_sum
-from megatron_lcl.models.heads import ImageHead, TextHead
+from megatron_lcl.models.heads import ImageHead, TextHead, ValuePoolingHead
 
 HEADS = ("projector.", "image_head.", "text_head.")  # the LCL modules beside the two HF models
 
@@ -41,8 +42,13 @@ class TorchTwin(torch.nn.Module):
             opt_config(lm, padded_vocab_size(lm, 1)), attn_implementation=attn_implementation)
         for model in (self.vision, self.lm):
             model.set_attn_implementation(attn_implementation)
-        self.projector = torch.nn.Linear(v.hidden_size, lm.hidden_size)
-        self.image_head = ImageHead(v.hidden_size, cfg.heads)
+        self.image_tokens = v.image_tokens
+        if v.image_tokens == "latents":
+            self.projector = torch.nn.Linear(v.hidden_size, lm.hidden_size)
+            self.image_head = ImageHead(v.hidden_size, cfg.heads)
+        else:  # pooled_values: the released code's pooling block makes the tokens and v
+            self.image_head = ValuePoolingHead(v.hidden_size, lm.hidden_size, cfg.heads.pool_num_heads,
+                                               eps=v.layernorm_epsilon)
         self.text_head = TextHead(lm.hidden_size, cfg.heads)
         self.num_image_tokens = v.num_image_tokens
 
@@ -64,15 +70,20 @@ class TorchTwin(torch.nn.Module):
         n = batch.num_images
         words = self.lm.get_input_embeddings()(batch.tokens)  # [b, s, h]
         if n:
-            latents = clip_latents(self.vision, batch.images)  # [n, M, h_v], post-LN on every token
-            image_embeds = self.projector(latents).flatten(0, 1)  # [n*M, h]
+            latents = clip_latents(self.vision, batch.images)  # [n, 1 + P, h_v], post-LN on every token
+            if self.image_tokens == "latents":
+                image_embeds, image_features = self.projector(latents), self.image_head(latents)  # [n, M, h], [n, e]
+            else:
+                patches = latents[:, 1:]  # [n, P, h_v]: the class token is dropped
+                values = self.image_head.values(patches)  # [n, P, h]
+                image_embeds, image_features = self.image_head.tokens(values), self.image_head(patches, values)
+            image_embeds = image_embeds.flatten(0, 1)  # [n*M, h]
             offsets = torch.arange(1, self.num_image_tokens + 1, device=words.device)  # [M]
             positions = (batch.boi_positions[:, None] + offsets).reshape(-1)  # [n*M]
             samples = batch.image_sample_index.repeat_interleave(self.num_image_tokens)
             words = words.index_put((samples, positions), image_embeds.to(words.dtype))
-            image_features = self.image_head(latents)  # [n, e]
         else:
-            image_features = words.new_zeros((0, self.image_head.proj.out_features))
+            image_features = words.new_zeros((0, self.text_head.proj.out_features))  # e: v and t share it
         hidden = self.lm.model.decoder(inputs_embeds=words, position_ids=batch.position_ids,
                                        use_cache=False).last_hidden_state  # [b, s, h], after the final LN
         logits = self.lm.lm_head(hidden)  # [b, s, V]

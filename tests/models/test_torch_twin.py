@@ -1,5 +1,6 @@
 """The plain-PyTorch twin (tools/torch_twin.py) is the same model: with our weights it computes our
-losses and gradients, and it does the same FLOPs (the benchmark's ratio compares like with like)."""
+losses and gradients, and it does the same FLOPs (the benchmark's ratio compares like with like), with either
+image path (`model.vision.image_tokens`: latents or pooled_values)."""
 
 import pytest
 import torch
@@ -11,28 +12,34 @@ from megatron_lcl.testing import random_batch
 pytestmark = pytest.mark.usefixtures("single_rank")
 
 
-def tiny_config() -> ModelConfig:
+IMAGE_TOKENS = ["latents", "pooled_values"]  # the paper's projector, the released code's pooling block
+
+
+def tiny_config(image_tokens: str = "latents") -> ModelConfig:
     # layer-scale 0.5 (not 1): folding it into the HF weights is part of what is checked
-    return ModelConfig(vision=apply_preset(VisionConfig(preset="tiny", layer_scale_init=0.5), VISION_PRESETS),
+    vision = VisionConfig(preset="tiny", layer_scale_init=0.5, image_tokens=image_tokens)
+    return ModelConfig(vision=apply_preset(vision, VISION_PRESETS),
                        lm=apply_preset(LMConfig(preset="tiny", vocab_size=300, make_vocab_size_divisible_by=8),
                                        LM_PRESETS),
                        transformer_impl="local")
 
 
-def batch():
+def batch(cfg: ModelConfig):
     # the image at position 0 has no context: it feeds L_gen only, in both models
-    return random_batch([[0, 40, 90], [10, 60]], seq_length=128, num_image_tokens=17, image_size=32,
-                        vocab_size=300, pad_from=[None, 120])
+    return random_batch([[0, 40, 90], [10, 60]], seq_length=128, num_image_tokens=cfg.vision.num_image_tokens,
+                        image_size=32, vocab_size=300, pad_from=[None, 120])
 
 
-def test_twin_with_our_weights_computes_our_losses_and_gradients():
+@pytest.mark.parametrize("image_tokens", IMAGE_TOKENS)
+def test_twin_with_our_weights_computes_our_losses_and_gradients(image_tokens):
     from torch_twin import TorchTwin
 
     from megatron_lcl.losses import LCLLoss
     from megatron_lcl.models.factory import build_model
     from megatron_lcl.training.pipeline import forward_loss
 
-    cfg, b, loss_cfg = tiny_config(), batch(), LossConfig(contrastive_batch="micro_batch")
+    cfg = tiny_config(image_tokens)
+    b, loss_cfg = batch(cfg), LossConfig(contrastive_batch="micro_batch")
     torch.manual_seed(0)
     model = build_model(cfg, ParallelConfig())
     ours = forward_loss(model, b, LCLLoss(loss_cfg))
@@ -52,7 +59,8 @@ def test_twin_with_our_weights_computes_our_losses_and_gradients():
         assert float((p.grad - g).norm() / g.norm()) < 1e-4, name
 
 
-def test_twin_does_the_same_flops_as_our_model():
+@pytest.mark.parametrize("image_tokens", IMAGE_TOKENS)
+def test_twin_does_the_same_flops_as_our_model(image_tokens):
     from bench_vs_torch import count_flops
     from torch_twin import TorchTwin
 
@@ -61,7 +69,7 @@ def test_twin_does_the_same_flops_as_our_model():
     from megatron_lcl.models.flops import step_flops
     from megatron_lcl.training.pipeline import forward_loss
 
-    cfg = tiny_config()
+    cfg = tiny_config(image_tokens)
 
     class Args:  # bench_vs_torch's batch layout: 3 images per sample, seq 128
         images_per_sample, seq_length = 3, 128
