@@ -178,6 +178,30 @@ def test_crossover_claimed_only_when_significant_on_both_sides():
     assert y["by_budget"][1]["significant"] == 0
 
 
+def test_more_steps_scoring_worse_is_flagged_per_size():
+    """Issue 33's b2 < b1 anomaly as a check: per arm and size, the error at each budget minus the next
+    smaller one, flagged when more steps are significantly worse. Here arm a at size m drifts at its
+    largest budget (accuracy 0.54 -> 0.30); every other step improves (a) or stays level (b)."""
+    def drift(arm, c):
+        if arm == "b":
+            return 0.5
+        return 0.3 if c > 2e10 else 0.4 + 0.15 * math.log10(c / 1e9)  # m-b3 is the only point above 2e10
+
+    s = synthetic_study(drift, rng_seed=5)
+    analysis = study.analyse(s, num_samples=1000)
+    steps = {(e["model"], e["from"], e["to"]): e for e in analysis.steps[("a", "m")]}
+    assert set(steps) == {(m, lo, hi) for m in ("s", "m") for lo, hi in (("b1", "b2"), ("b2", "b3"))}
+    assert [k for k, e in steps.items() if e["worse"]] == [("m", "b2", "b3")]
+    assert steps[("m", "b2", "b3")]["delta"] == pytest.approx(0.24, abs=0.05) and steps[("m", "b2", "b3")]["lo"] > 0
+    assert all(e["delta"] < 0 and not e["worse"] for k, e in steps.items() if k[0] == "s")  # s improves each time
+    assert not any(e["worse"] for e in analysis.steps[("b", "m")])  # level: no step is worse
+    from megatron_lcl.scaling.study_report import step_lines
+    line = next(x for x in step_lines(analysis, "m") if x.startswith("- more steps, a "))
+    assert "**significantly worse: m b2->b3**" in line
+    assert next(x for x in step_lines(analysis, "m") if x.startswith("- more steps, b ")).endswith(
+        "never significantly worse")
+
+
 # ------------------------------------------------------------------------------ power
 
 def test_power_calculation():
@@ -304,6 +328,9 @@ def test_study_report_end_to_end_on_a_synthetic_sweep(tmp_path):
         assert sum(1 for _ in f) == 1 + n * (2 + 2 * 3 * 2 * 2)
     summary = json.loads((out / "report.json").read_text())
     assert summary["replicates"] == 200 and "lcl-gen" in summary["metrics"]["probe_count"]
+    assert [(e["from"], e["to"]) for e in summary["metrics"]["probe_count"]["lcl"]["more_steps"]] == \
+        [("p100-lr0.001", "p300-lr0.001"), ("p300-lr0.001", "p900-lr0.001")]
+    assert "- more steps, lcl (error at the larger budget - the smaller; + is worse): m p100-lr0.001->p300" in text
     # the committed files alone (results.csv + per_item.csv.gz, the run directories gone) give the same report
     os.rename(root, root + ".moved")
     again = tmp_path / "again"

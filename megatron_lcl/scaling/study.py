@@ -26,6 +26,9 @@ predictor, and crossovers claimed only where the data are significant on both si
   (con_batch: the images of one InfoNCE), has not started to learn its contrastive task.
 - Held-out check: the fits without the largest budget predict the best error at that budget; the naive
   predictor "no further improvement" (the best error of the fitted budgets) is scored beside them.
+- More steps: per arm and size, the error at each budget minus the next smaller one (`more_steps`),
+  flagged when more steps score significantly worse (the first study's 400 < 120-step anomaly: a
+  random encoder drifting while its contrastive task is at chance).
 - Crossover: claimed only when one arm's best error (over sizes) is significantly lower at some budget
   and the other arm's significantly lower at a larger budget (both intervals exclude 0); where the
   fitted curves cross is reported as a description, not a finding.
@@ -425,6 +428,28 @@ def crossover(a: ArmResult, b: ArmResult, budgets: Sequence[str], level: float =
     return {"claimed": claim, "by_budget": diffs, "fitted": fitted}
 
 
+def more_steps(result: ArmResult, budgets: Sequence[str], level: float = LEVEL) -> List[dict]:
+    """Per size, the error at each budget minus the error at the next smaller budget the arm ran
+    (budgets in compute order), with its bootstrap interval: `worse` when more steps score significantly
+    worse (the old study's b2 < b1 anomaly; issue 33 asks that it never happen). Both configurations
+    use the same item draws; their seed draws are independent (each (size, budget) cell draws its own),
+    which makes the interval conservative: a seed's effect shared across budgets is not paired out."""
+    rank = {b: i for i, b in enumerate(budgets)}
+    by_model: Dict[str, List[ConfigValues]] = {}
+    for c in result.configs:
+        if c.budget in rank:
+            by_model.setdefault(c.model, []).append(c)
+    out = []
+    for model, configs in by_model.items():
+        configs = sorted(configs, key=lambda c: rank[c.budget])
+        for lower, upper in zip(configs, configs[1:]):
+            d = upper.error - lower.error
+            lo, hi = interval(d[1:], level)
+            out.append({"model": model, "from": lower.budget, "to": upper.budget, "delta": float(d[0]),
+                        "lo": lo, "hi": hi, "worse": significant(lo, hi) > 0})
+    return out
+
+
 def paired_items(study: Study, metric: str, arm_a: str, arm_b: str) -> List[dict]:
     """Per (model, budget): the per-item comparison of two arms pooled over their common seeds: items
     only a gets right, only b gets right, and the mean difference in the metric."""
@@ -453,18 +478,20 @@ class Analysis:
     level: float
     arms: Dict[Tuple[str, str], ArmResult]  # (arm, metric)
     pairs: Dict[Tuple[str, str, str], dict]  # (arm_a, arm_b, metric) -> exponent difference, crossover
+    steps: Dict[Tuple[str, str], List[dict]] = field(default_factory=dict)  # (arm, metric) -> `more_steps`
 
 
 def analyse(study: Study, num_samples: int = 4000, level: float = LEVEL, seed: int = 0) -> Analysis:
     reps = draw_replicates(study, num_samples, seed)
-    arms_out, pairs = {}, {}
+    arms_out, pairs, steps = {}, {}, {}
     for metric in study.metrics:
         configs = config_values(study, reps, metric)
         for arm in study.arms:
             arms_out[(arm, metric)] = fit_arm([c for c in configs if c.arm == arm], arm, metric)
+            steps[(arm, metric)] = more_steps(arms_out[(arm, metric)], study.budgets, level)
         for i, a in enumerate(study.arms):
             for b in study.arms[i + 1:]:
                 ra, rb = arms_out[(a, metric)], arms_out[(b, metric)]
                 pairs[(a, b, metric)] = {"exponent_difference": exponent_difference(ra, rb, level),
                                          "crossover": crossover(ra, rb, study.budgets, level)}
-    return Analysis(study, num_samples, level, arms_out, pairs)
+    return Analysis(study, num_samples, level, arms_out, pairs, steps)

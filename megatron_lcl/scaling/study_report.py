@@ -132,6 +132,21 @@ def fit_lines(analysis: Analysis, metric: str) -> List[str]:
     return lines
 
 
+def step_lines(analysis: Analysis, metric: str) -> List[str]:
+    """Per arm: does the error fall from each budget to the next at every size (`study.more_steps`)?"""
+    lines = []
+    for arm in analysis.study.arms:
+        steps = analysis.steps.get((arm, metric), [])
+        if not steps:
+            continue
+        worse = [f"{e['model']} {e['from']}->{e['to']}" for e in steps if e["worse"]]
+        each = ", ".join(f"{e['model']} {e['from']}->{e['to']} {e['delta']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}]"
+                         for e in steps)
+        lines.append(f"- more steps, {arm} (error at the larger budget - the smaller; + is worse): {each}; "
+                     + (f"**significantly worse: {', '.join(worse)}**" if worse else "never significantly worse"))
+    return lines
+
+
 def pair_lines(analysis: Analysis, metric: str) -> List[str]:
     lines = []
     for (a, b, m), p in analysis.pairs.items():
@@ -263,6 +278,8 @@ def summary_json(analysis: Analysis) -> dict:
             "saturating": r.saturating, "heldout": r.heldout}
     for (a, b, metric), p in analysis.pairs.items():
         out["metrics"][metric][f"{a}-{b}"] = p
+    for (arm, metric), steps in analysis.steps.items():
+        out["metrics"][metric][arm]["more_steps"] = steps
     return out
 
 
@@ -299,7 +316,7 @@ def write_report(csv_path: str, out: str, num_samples: int, budgets: Optional[Se
     for metric in study.metrics:
         plot_metric(analysis, metric, os.path.join(out, f"error_vs_compute_{metric}.png"))
         lines += [f"## {metric}", ""] + run_table(analysis, metric) + [""] + fit_lines(analysis, metric) + \
-            pair_lines(analysis, metric) + [""] + paired_item_lines(study, metric) + \
+            step_lines(analysis, metric) + pair_lines(analysis, metric) + [""] + paired_item_lines(study, metric) + \
             [f"![{metric}](error_vs_compute_{metric}.png)", ""]
     lines += learning_rate_lines(lr_table, full.metrics) + power_lines(full, full.metrics)
     with open(os.path.join(out, "report.md"), "w") as f:
