@@ -338,6 +338,7 @@ def test_study_report_end_to_end_on_a_synthetic_sweep(tmp_path):
                               "--budgets", "p100-lr0.001", "p300-lr0.001", "p900-lr0.001"]) == 0
     assert json.loads((again / "report.json").read_text()) == summary
     assert (again / "report.md").read_text().splitlines()[3:] == text.splitlines()[3:]
+    assert (again / "per_item.csv.gz").read_bytes() == (out / "per_item.csv.gz").read_bytes()  # no time stamp
 
 
 def test_eval_only_replaces_a_reevaluated_point_and_untrained_points_run_no_driver(tmp_path):

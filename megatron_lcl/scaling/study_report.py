@@ -14,6 +14,7 @@ import argparse
 import csv
 import datetime
 import gzip
+import io
 import json
 import os
 import sys
@@ -256,9 +257,11 @@ def plot_metric(analysis: Analysis, metric: str, path: str) -> None:
 
 
 def write_per_item(study: Study, path: str) -> None:
-    """One row per (run, item): point key, item, every metric's hit (0/1, blank when absent)."""
+    """One row per (run, item): point key, item, every metric's hit (0/1, blank when absent). The gzip
+    header carries no time stamp, so the same results give the same bytes (no churn in a committed copy)."""
     runs = study.runs + list(study.baselines.values())
-    with gzip.open(path, "wt", newline="") as f:
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as z, \
+            io.TextIOWrapper(z, newline="") as f:
         w = csv.writer(f)
         w.writerow(["arm", "model", "budget", "seed", "item", *study.metrics])
         for r in runs:
