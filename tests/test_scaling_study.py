@@ -202,6 +202,25 @@ def test_more_steps_scoring_worse_is_flagged_per_size():
         "never significantly worse")
 
 
+def test_best_size_per_budget_says_when_it_sits_at_an_end_of_the_ladder():
+    """Three sizes: at b1 the middle size is best (inside the ladder), at b2 the largest (an end: the
+    ladder may not hold the best size), each with its share of replicates."""
+    sizes = (("s", 1e9), ("m", 3e9), ("l", 9e9))
+    def acc(arm, c):  # b1 (x1): m best; b2 (x30): l best
+        return {1e9: 0.40, 3e9: 0.60, 9e9: 0.45, 3e10: 0.50, 9e10: 0.55, 2.7e11: 0.75}[round(c, -8)]
+
+    s = synthetic_study(acc, budgets=(("b1", 1.0), ("b2", 30.0)), models=sizes, rng_seed=2)
+    analysis = study.analyse(s, num_samples=500)
+    best = {e["budget"]: e for e in study.best_sizes(analysis.arms[("a", "m")])}
+    assert (best["b1"]["model"], best["b1"]["edge"]) == ("m", None) and best["b1"]["share"] > 0.9
+    assert (best["b2"]["model"], best["b2"]["edge"]) == ("l", "largest") and best["b2"]["share"] > 0.9
+    assert sum(best["b1"]["shares"].values()) == pytest.approx(1.0)
+    from megatron_lcl.scaling.study_report import best_size_lines
+    line = next(x for x in best_size_lines(analysis, "m") if x.startswith("- best size, a: "))
+    assert "b1 m (" in line and "inside the ladder" in line and "b2 l (" in line
+    assert line.endswith("at an end of the ladder at 1 budget(s): the ladder may not hold the best size there")
+
+
 # ------------------------------------------------------------------------------ power
 
 def test_power_calculation():

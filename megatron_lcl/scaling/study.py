@@ -29,6 +29,8 @@ predictor, and crossovers claimed only where the data are significant on both si
 - More steps: per arm and size, the error at each budget minus the next smaller one (`more_steps`),
   flagged when more steps score significantly worse (the first study's 400 < 120-step anomaly: a
   random encoder drifting while its contrastive task is at chance).
+- Best size per budget (`best_sizes`): which size is best at each budget and how often across
+  replicates; one at the smallest or largest size says the ladder may not bracket the best size.
 - Crossover: claimed only when one arm's best error (over sizes) is significantly lower at some budget
   and the other arm's significantly lower at a larger budget (both intervals exclude 0); where the
   fitted curves cross is reported as a description, not a finding.
@@ -447,6 +449,24 @@ def more_steps(result: ArmResult, budgets: Sequence[str], level: float = LEVEL) 
             lo, hi = interval(d[1:], level)
             out.append({"model": model, "from": lower.budget, "to": upper.budget, "delta": float(d[0]),
                         "lo": lo, "hi": hi, "worse": significant(lo, hi) > 0})
+    return out
+
+
+def best_sizes(result: ArmResult) -> List[dict]:
+    """Per budget, the size with the lowest error on the data and the share of replicates in which each
+    size is the best. `edge` names the end of the ladder the best size sits at ("smallest" / "largest";
+    None: inside): issue 33 asks for sizes enough that each budget's best size is inside the range, and
+    a best size at the edge says the ladder may not hold the compute-optimal size for that budget."""
+    out = []
+    for budget in dict.fromkeys(c.budget for c in result.configs):
+        configs = sorted((c for c in result.configs if c.budget == budget), key=lambda c: c.compute)
+        errors = np.vstack([c.error for c in configs])  # [sizes, B + 1]
+        best = np.argmin(errors, axis=0)
+        share = {c.model: float(np.mean(best[1:] == i)) for i, c in enumerate(configs)}
+        i = int(best[0])
+        edge = None if 0 < i < len(configs) - 1 else ("smallest" if i == 0 else "largest")
+        out.append({"budget": budget, "model": configs[i].model, "share": share[configs[i].model],
+                    "shares": share, "edge": edge if len(configs) > 2 else "too few sizes"})
     return out
 
 

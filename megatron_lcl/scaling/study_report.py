@@ -25,7 +25,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from megatron_lcl.scaling import power
-from megatron_lcl.scaling.study import Analysis, Study, analyse, interval, load_study, paired_items
+from megatron_lcl.scaling.study import Analysis, Study, analyse, best_sizes, interval, load_study, paired_items
 from megatron_lcl.scaling.sweep import read_results
 
 POWER_DELTA = 0.02  # the exponent difference the power calculation asks about (issue 33)
@@ -145,6 +145,22 @@ def step_lines(analysis: Analysis, metric: str) -> List[str]:
                          for e in steps)
         lines.append(f"- more steps, {arm} (error at the larger budget - the smaller; + is worse): {each}; "
                      + (f"**significantly worse: {', '.join(worse)}**" if worse else "never significantly worse"))
+    return lines
+
+
+def best_size_lines(analysis: Analysis, metric: str) -> List[str]:
+    """Per arm: the best size at each budget, its share of replicates, and whether it is inside the ladder."""
+    where = {None: "inside the ladder", "smallest": "the smallest size", "largest": "the largest size",
+             "too few sizes": "fewer than 3 sizes"}
+    lines = []
+    for arm in analysis.study.arms:
+        best = best_sizes(analysis.arms[(arm, metric)])
+        edges = sum(1 for e in best if e["edge"] in ("smallest", "largest"))
+        lines.append(f"- best size, {arm}: "
+                     + ", ".join(f"{e['budget']} {e['model']} ({e['share']:.0%} of replicates; {where[e['edge']]})"
+                                 for e in best)
+                     + (f"; at an end of the ladder at {edges} budget(s): the ladder may not hold the best size there"
+                        if edges else ""))
     return lines
 
 
@@ -283,6 +299,7 @@ def summary_json(analysis: Analysis) -> dict:
         out["metrics"][metric][f"{a}-{b}"] = p
     for (arm, metric), steps in analysis.steps.items():
         out["metrics"][metric][arm]["more_steps"] = steps
+        out["metrics"][metric][arm]["best_sizes"] = best_sizes(analysis.arms[(arm, metric)])
     return out
 
 
@@ -319,7 +336,7 @@ def write_report(csv_path: str, out: str, num_samples: int, budgets: Optional[Se
     for metric in study.metrics:
         plot_metric(analysis, metric, os.path.join(out, f"error_vs_compute_{metric}.png"))
         lines += [f"## {metric}", ""] + run_table(analysis, metric) + [""] + fit_lines(analysis, metric) + \
-            step_lines(analysis, metric) + pair_lines(analysis, metric) + [""] + paired_item_lines(study, metric) + \
+            step_lines(analysis, metric) + best_size_lines(analysis, metric) + pair_lines(analysis, metric) + [""] + paired_item_lines(study, metric) + \
             [f"![{metric}](error_vs_compute_{metric}.png)", ""]
     lines += learning_rate_lines(lr_table, full.metrics) + power_lines(full, full.metrics)
     with open(os.path.join(out, "report.md"), "w") as f:
