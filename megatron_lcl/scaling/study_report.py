@@ -155,6 +155,8 @@ def best_size_lines(analysis: Analysis, metric: str) -> List[str]:
     lines = []
     for arm in analysis.study.arms:
         best = best_sizes(analysis.arms[(arm, metric)])
+        if all(len(e["shares"]) < 2 for e in best):
+            continue  # one size per budget: nothing to choose
         edges = sum(1 for e in best if e["edge"] in ("smallest", "largest"))
         lines.append(f"- best size, {arm}: "
                      + ", ".join(f"{e['budget']} {e['model']} ({e['share']:.0%} of replicates; {where[e['edge']]})"
