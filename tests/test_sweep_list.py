@@ -103,3 +103,15 @@ def test_list_estimates_what_remains_at_the_throughput_finished_points_measured(
     todo = float(listing.split("to do: 1 point(s), about ")[1].split(" h")[0])
     micro_flops = listed_flops(listing, points["micro"].name)[0]
     assert todo == pytest.approx(micro_flops / 2e5 / 3600, abs=0.06)
+
+
+def test_list_keeps_long_names_as_their_own_columns(tmp_path, capsys):
+    """An arm, point or budget name longer than its column's default width does not run into the next."""
+    path = write_spec(tmp_path)
+    spec = yaml.safe_load(open(path))
+    spec["arms"] = [{"name": "lcl_lr3e-4_with_a_long_name", "overrides": ["loss.contrastive_batch=step"]}]
+    spec["budgets"][0]["name"] = "a_budget_named_at_length"
+    open(path, "w").write(yaml.safe_dump(spec))
+    run_sweep.list_points(sweep.load_spec(path))
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("0 "))
+    assert row[2:5] == ["lcl_lr3e-4_with_a_long_name", "s", "a_budget_named_at_length"] and row[-1] == "todo"

@@ -81,7 +81,11 @@ def list_points(spec, assume_mfu=(), peak_tflops=PEAK_TFLOPS, num_gpus=None) -> 
     done = finished_points(spec.results_csv)
     points = expand_points(spec)
     rates = measured_rates(spec.results_csv)
-    print(f"{'#':>3} {'point':<30}{'arm':<8}{'model':<8}{'budget':<12}{'seed':>5}{'params':>14}{'steps':>9}"
+    # columns as wide as their longest entry (+ 2), so that every field stays its own word
+    wp, wa, wm, wb = (max([n] + [len(x) + 2 for x in xs]) for n, xs in (
+        (30, [p.name for p in points]), (8, [p.arm or "-" for p in points]), (8, [p.model for p in points]),
+        (12, [p.budget for p in points])))
+    print(f"{'#':>3} {'point':<{wp}}{'arm':<{wa}}{'model':<{wm}}{'budget':<{wb}}{'seed':>5}{'params':>14}{'steps':>9}"
           f"{'batch':>7}{'est. FLOPs':>12}{'feat. pass':>11}" + "".join(f"{f'GPU-h@{m:.0%}':>12}" for m in assume_mfu)
           + (f"{'h@measured':>12}" if rates else "") + "  status")
     total_flops, todo_hours, todo = 0.0, 0.0, 0
@@ -94,7 +98,7 @@ def list_points(spec, assume_mfu=(), peak_tflops=PEAK_TFLOPS, num_gpus=None) -> 
         hours = 0.0 if p.untrained or not rates else flops / rate_for(rates, p.model, p.arm) / 3600
         if p.name not in done:
             todo, todo_hours = todo + 1, todo_hours + hours
-        print(f"{p.index:>3} {p.name:<30}{p.arm or '-':<8}{p.model:<8}{p.budget:<12}"
+        print(f"{p.index:>3} {p.name:<{wp}}{p.arm or '-':<{wa}}{p.model:<{wm}}{p.budget:<{wb}}"
               f"{'-' if p.seed is None else p.seed:>5}{parameter_counts(cfg.model)['total']:>14,}"
               f"{cfg.train.train_steps:>9}{cfg.train.global_batch_size:>7}{flops:>12.3g}"
               f"{'yes' if kwargs['feature_pass'] else 'no':>11}"
