@@ -230,6 +230,7 @@ def test_power_calculation():
     se = power.exponent_difference_se(noise, 4, 7, 1000.0, 1000)
     assert se == pytest.approx(math.sqrt(0.05 ** 2 / 4 + 0.2 / 1000) / 0.5 / math.sqrt(power.sxx(7, 1000.0)))
     assert power.power(0.02, 0.02 / (power.Z_INTERVAL + power.Z_POWER)) == pytest.approx(0.8, abs=1e-3)
+    assert (power.power(0.02, 0.0), power.power(0.0, 0.0)) == (1.0, 0.0)  # noiseless runs: no division by 0
     need = power.seeds_needed(noise, 0.02, 7, 1000.0, 1000)
     assert need > 0 and power.exponent_difference_se(noise, need, 7, 1000.0, 1000) <= 0.02 / 2.486
     # by hand: (0.02 / 2.486 * 0.5 * sqrt(Sxx))^2 - 0.2 / 1000 = 4.0e-4 >= 0.05^2 / S  ->  S >= 6.25
@@ -284,6 +285,37 @@ def test_load_study_reads_per_item_files_baselines_and_the_chance_flag(tmp_path)
     lcl, con = s.runs
     assert lcl.near_chance and lcl.con_ratio == pytest.approx(3.0 / math.log(22)) and not con.near_chance
     assert lcl.hits["retrieval_tr1"].tolist() == [0, 0, 0, 0] and lcl.hits["retrieval_tr5"].tolist() == [1, 1, 1, 1]
+
+
+def test_a_study_and_its_side_check_are_one_study(tmp_path):
+    """`study_report A.csv B.csv`: a side check (another sweep, its own arm name, the same items) joins the
+    study's points and baselines in one analysis; the merged results.csv and per_item.csv.gz rebuild it;
+    the same (arm, model, budget, seed) in two rows is refused by name."""
+    from megatron_lcl.scaling import study_report
+
+    items = lambda hit: [{"item": f"x{k}.jpg", "probe_count": (k + hit) % 2, "tr_rank": 0, "ir_rank": k}  # noqa: E731
+                         for k in range(6)]
+    main, side = str(tmp_path / "main"), str(tmp_path / "side")
+    for seed in (1, 2):
+        write_run(main, f"lcl-m-untrained-s{seed}", dict(arm="lcl", model="m", budget="untrained", seed=seed,
+                                                        train_steps=0, train_flops=0), items(0))
+        for arm, hit in (("lcl", 1), ("con", 0)):
+            write_run(main, f"{arm}-m-b1-s{seed}", dict(arm=arm, model="m", budget="b1", seed=seed,
+                                                        train_steps=10, train_flops=1e9), items(hit))
+        write_run(side, f"lcl_lr3e-4-m-b1-s{seed}", dict(arm="lcl_lr3e-4", model="m", budget="b1", seed=seed,
+                                                         train_steps=10, train_flops=1e9), items(1))
+    both = study.load_study([os.path.join(main, "results.csv"), os.path.join(side, "results.csv")])
+    assert both.arms == ["lcl", "con", "lcl_lr3e-4"] and len(both.runs) == 6 and len(both.baselines) == 2
+    out = tmp_path / "report"
+    assert study_report.main([os.path.join(main, "results.csv"), os.path.join(side, "results.csv"), "--out",
+                              str(out), "--bootstrap", "50"]) == 0
+    assert "lcl_lr3e-4 vs" in (out / "report.md").read_text() or "vs lcl_lr3e-4" in (out / "report.md").read_text()
+    os.rename(main, main + ".moved"), os.rename(side, side + ".moved")  # the merged files alone rebuild it
+    again = study.load_study(str(out / "results.csv"))
+    assert [(r.arm, r.seed) for r in again.runs] == [(r.arm, r.seed) for r in both.runs]
+    assert all(np.array_equal(a.hits["probe_count"], b.hits["probe_count"]) for a, b in zip(again.runs, both.runs))
+    with pytest.raises(ValueError, match="more than one row"):
+        study.load_study([str(out / "results.csv"), str(out / "results.csv")])
 
 
 def test_untrained_budget_points(tmp_path):

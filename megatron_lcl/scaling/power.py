@@ -110,6 +110,8 @@ def exponent_difference_se(noise: Noise, seeds: int, points: int, compute_range:
 def power(delta: float, se: float) -> float:
     """Probability that the 90 % interval of an estimate with standard error `se` excludes 0 when the
     true value is `delta`."""
+    if se <= 0:  # no noise at all (e.g. identical runs): any true difference is seen, none is not
+        return 1.0 if delta else 0.0
     return 0.5 * math.erfc(-(abs(delta) / se - Z_INTERVAL) / math.sqrt(2))
 
 

@@ -150,35 +150,44 @@ def _con_ratio(row: dict) -> Optional[float]:
     return loss / math.log(batch) if loss > 0 and batch > 1 else None
 
 
-def load_study(csv_path: str, metrics: Optional[Sequence[str]] = None) -> Study:
-    """Every ok row of `csv_path` with its per-item results: the run's per_item.csv, else a report's
-    per_item.csv.gz beside the CSV (a committed report re-analysed without its run directories). Rows
-    with neither are skipped and counted in `notes`."""
-    rows = [r for r in read_results(csv_path) if r["status"] == "ok"]
-    tables, notes = {}, []
-    report_items = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "per_item.csv.gz")
-    report = read_report_items(report_items) if os.path.exists(report_items) else None
-    for r in rows:
-        path = os.path.join(_run_dir(r, csv_path), "per_item.csv")
-        key = (r.get("arm", ""), r["model"], r["budget"], str(r.get("seed", "")))
-        if os.path.exists(path):
-            metrics = metrics or per_item_metrics(path)
-            tables[r["point"]] = read_per_item(path, metrics)
-        elif report and key in report[1]:
-            metrics = metrics or report[0]
-            tables[r["point"]] = report[1][key]
-    missing = [r["point"] for r in rows if r["point"] not in tables]
+def load_study(csv_paths, metrics: Optional[Sequence[str]] = None) -> Study:
+    """Every ok row of one results.csv, or of several (a study and its side checks, scored on the same
+    items: one study), with its per-item results: the run's per_item.csv, else a report's per_item.csv.gz
+    beside its CSV (a committed report re-analysed without its run directories). Rows with neither are
+    skipped and counted in `notes`."""
+    paths = [csv_paths] if isinstance(csv_paths, str) else list(csv_paths)
+    rows, tables, notes = [], {}, []
+    for source, csv_path in enumerate(paths):
+        report_items = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "per_item.csv.gz")
+        report = read_report_items(report_items) if os.path.exists(report_items) else None
+        for r in (r for r in read_results(csv_path) if r["status"] == "ok"):
+            rows.append((source, r))
+            path = os.path.join(_run_dir(r, csv_path), "per_item.csv")
+            key = (r.get("arm", ""), r["model"], r["budget"], str(r.get("seed", "")))
+            if os.path.exists(path):
+                metrics = metrics or per_item_metrics(path)
+                tables[(source, r["point"])] = read_per_item(path, metrics)
+            elif report and key in report[1]:
+                metrics = metrics or report[0]
+                tables[(source, r["point"])] = report[1][key]
+    missing = [r["point"] for source, r in rows if (source, r["point"]) not in tables]
     if missing:
         notes.append(f"{len(missing)} ok run(s) without per_item.csv left out: {', '.join(missing[:5])}")
     if not tables:
-        raise ValueError(f"{csv_path}: no ok run has a per_item.csv")
+        raise ValueError(f"{', '.join(paths)}: no ok run has a per_item.csv")
     items = sorted(set.intersection(*(set(t) for t in tables.values())))
     if any(len(t) != len(items) for t in tables.values()):
         notes.append(f"runs scored different items: the {len(items)} every run has are used")
+    keys = [(r.get("arm", ""), r["model"], r["budget"], str(r.get("seed", ""))) for source, r in rows
+            if (source, r["point"]) in tables]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(paths)}: the same (arm, model, budget, seed) in more than one row: "
+                         f"{twice[:3]} (a side check's arm needs its own name)")
     study = Study([], {}, items, list(metrics), notes)
-    for r in rows:
-        if r["point"] in tables:
-            _add_run(study, r, tables[r["point"]])
+    for source, r in rows:
+        if (source, r["point"]) in tables:
+            _add_run(study, r, tables[(source, r["point"])])
     return study
 
 
