@@ -40,6 +40,7 @@ import csv
 import gzip
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -161,16 +162,16 @@ def load_study(csv_paths, metrics: Optional[Sequence[str]] = None) -> Study:
         report_items = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "per_item.csv.gz")
         report = read_report_items(report_items) if os.path.exists(report_items) else None
         for r in (r for r in read_results(csv_path) if r["status"] == "ok"):
-            rows.append((source, r))
-            path = os.path.join(_run_dir(r, csv_path), "per_item.csv")
             key = (r.get("arm", ""), r["model"], r["budget"], str(r.get("seed", "")))
+            rows.append((source, r, key))
+            path = os.path.join(_run_dir(r, csv_path), "per_item.csv")
             if os.path.exists(path):
                 metrics = metrics or per_item_metrics(path)
                 tables[(source, r["point"])] = read_per_item(path, metrics)
             elif report and key in report[1]:
                 metrics = metrics or report[0]
                 tables[(source, r["point"])] = report[1][key]
-    missing = [r["point"] for source, r in rows if (source, r["point"]) not in tables]
+    missing = [r["point"] for source, r, _ in rows if (source, r["point"]) not in tables]
     if missing:
         notes.append(f"{len(missing)} ok run(s) without per_item.csv left out: {', '.join(missing[:5])}")
     if not tables:
@@ -178,14 +179,13 @@ def load_study(csv_paths, metrics: Optional[Sequence[str]] = None) -> Study:
     items = sorted(set.intersection(*(set(t) for t in tables.values())))
     if any(len(t) != len(items) for t in tables.values()):
         notes.append(f"runs scored different items: the {len(items)} every run has are used")
-    keys = [(r.get("arm", ""), r["model"], r["budget"], str(r.get("seed", ""))) for source, r in rows
-            if (source, r["point"]) in tables]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
+    counts = Counter(key for source, r, key in rows if (source, r["point"]) in tables)
+    twice = sorted(k for k, n in counts.items() if n > 1)
     if twice:
         raise ValueError(f"{', '.join(paths)}: the same (arm, model, budget, seed) in more than one row: "
                          f"{twice[:3]} (a side check's arm needs its own name)")
     study = Study([], {}, items, list(metrics), notes)
-    for source, r in rows:
+    for source, r, _ in rows:
         if (source, r["point"]) in tables:
             _add_run(study, r, tables[(source, r["point"])])
     return study
