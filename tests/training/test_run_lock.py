@@ -15,11 +15,12 @@ HOLDER = """
 import os, sys, time
 from megatron_lcl.checkpoint import lock_run_dir
 lock_run_dir(sys.argv[1])
-child = os.fork()  # a helper (DataLoader worker, checkpoint writer) that outlives the holder
-if child == 0:
+if os.fork() == 0:  # a helper (DataLoader worker, checkpoint writer) that outlives the holder
+    # it speaks once past the fork hooks (which close its copy of the lock), so a loaded machine
+    # cannot kill the holder while the helper, not yet scheduled, still shares the lock
+    print(os.getpid(), flush=True)
     time.sleep(60)
     os._exit(0)
-print(child, flush=True)
 time.sleep(60)
 """
 
