@@ -318,6 +318,24 @@ def test_a_study_and_its_side_check_are_one_study(tmp_path):
         study.load_study([str(out / "results.csv"), str(out / "results.csv")])
 
 
+def test_arms_still_running_can_be_left_out_of_the_comparisons():
+    """A budget one arm has not finished is dropped for every arm (ragged cells), unless the report is
+    restricted to the arms that have it (`--arms`); an arm the study lacks is refused by name."""
+    from megatron_lcl.scaling.study_report import restrict
+
+    full = synthetic_study(lambda arm, c: 0.5, arm_names=("a", "b", "c"), seeds=("1", "2"))
+    ragged = Study([r for r in full.runs if not (r.arm == "c" and r.budget == "b3")], full.baselines,
+                   full.items, full.metrics)
+    every = restrict(ragged, None)
+    assert {r.budget for r in every.runs} == {"b1", "b2"} and any("left out" in n for n in every.notes)
+    two = restrict(ragged, None, ["a", "b"])
+    assert {(r.arm, r.budget) for r in two.runs} == {(a, b) for a in "ab" for b in ("b1", "b2", "b3")}
+    assert len(two.runs) == 2 * 3 * 2 * 2 and not any("left out" in n for n in two.notes)
+    assert any("arms a, b only" in n for n in two.notes)
+    with pytest.raises(ValueError, match="--arms gen: not in the study"):
+        restrict(ragged, None, ["a", "gen"])
+
+
 def test_untrained_budget_points(tmp_path):
     spec = dict(name="t", base_config=os.path.join(os.path.dirname(__file__), "..", "examples", "configs",
                                                     "tiny_cpu.yaml"),

@@ -508,19 +508,21 @@ class Analysis:
     arms: Dict[Tuple[str, str], ArmResult]  # (arm, metric)
     pairs: Dict[Tuple[str, str, str], dict]  # (arm_a, arm_b, metric) -> exponent difference, crossover
     steps: Dict[Tuple[str, str], List[dict]] = field(default_factory=dict)  # (arm, metric) -> `more_steps`
+    best: Dict[Tuple[str, str], List[dict]] = field(default_factory=dict)  # (arm, metric) -> `best_sizes`
 
 
 def analyse(study: Study, num_samples: int = 4000, level: float = LEVEL, seed: int = 0) -> Analysis:
     reps = draw_replicates(study, num_samples, seed)
-    arms_out, pairs, steps = {}, {}, {}
+    arms_out, pairs, steps, best = {}, {}, {}, {}
     for metric in study.metrics:
         configs = config_values(study, reps, metric)
         for arm in study.arms:
             arms_out[(arm, metric)] = fit_arm([c for c in configs if c.arm == arm], arm, metric)
             steps[(arm, metric)] = more_steps(arms_out[(arm, metric)], study.budgets, level)
+            best[(arm, metric)] = best_sizes(arms_out[(arm, metric)])
         for i, a in enumerate(study.arms):
             for b in study.arms[i + 1:]:
                 ra, rb = arms_out[(a, metric)], arms_out[(b, metric)]
                 pairs[(a, b, metric)] = {"exponent_difference": exponent_difference(ra, rb, level),
                                          "crossover": crossover(ra, rb, study.budgets, level)}
-    return Analysis(study, num_samples, level, arms_out, pairs, steps)
+    return Analysis(study, num_samples, level, arms_out, pairs, steps, best)

@@ -25,7 +25,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from megatron_lcl.scaling import power
-from megatron_lcl.scaling.study import Analysis, Study, analyse, best_sizes, interval, load_study, paired_items
+from megatron_lcl.scaling.study import Analysis, Study, analyse, interval, load_study, paired_items
 from megatron_lcl.scaling.sweep import read_results
 
 POWER_DELTA = 0.02  # the exponent difference the power calculation asks about (issue 33)
@@ -154,7 +154,7 @@ def best_size_lines(analysis: Analysis, metric: str) -> List[str]:
              "too few sizes": "fewer than 3 sizes"}
     lines = []
     for arm in analysis.study.arms:
-        best = best_sizes(analysis.arms[(arm, metric)])
+        best = analysis.best[(arm, metric)]
         if all(len(e["shares"]) < 2 for e in best):
             continue  # one size per budget: nothing to choose
         edges = sum(1 for e in best if e["edge"] in ("smallest", "largest"))
@@ -301,34 +301,41 @@ def summary_json(analysis: Analysis) -> dict:
         out["metrics"][metric][f"{a}-{b}"] = p
     for (arm, metric), steps in analysis.steps.items():
         out["metrics"][metric][arm]["more_steps"] = steps
-        out["metrics"][metric][arm]["best_sizes"] = best_sizes(analysis.arms[(arm, metric)])
+        out["metrics"][metric][arm]["best_sizes"] = analysis.best[(arm, metric)]
     return out
 
 
 # ---------------------------------------------------------------------------------- main
 
-def restrict(study: Study, budgets: Optional[Sequence[str]]) -> Study:
-    """The runs the fits and comparisons use: those of `budgets` (all when None) whose size, budget and
-    seed every arm has (arms are compared on the same seeds; a sweep still running has ragged cells)."""
-    runs = [r for r in study.runs if not budgets or r.budget in budgets]
-    arms = {r.arm for r in runs}
+def restrict(study: Study, budgets: Optional[Sequence[str]], arms: Optional[Sequence[str]] = None) -> Study:
+    """The runs the fits and comparisons use: those of `budgets` and `arms` (all when None) whose size,
+    budget and seed every one of those arms has (arms are compared on the same seeds; a sweep still
+    running has ragged cells, and naming the arms that finished keeps their points in)."""
+    unknown = sorted(set(arms or ()) - set(study.arms))
+    if unknown:
+        raise ValueError(f"--arms {' '.join(unknown)}: not in the study (its arms: {', '.join(study.arms)})")
+    runs = [r for r in study.runs if (not budgets or r.budget in budgets) and (not arms or r.arm in arms)]
+    kept = {r.arm for r in runs}
     have = {(r.arm, r.model, r.budget, r.seed) for r in runs}
-    complete = [r for r in runs if all((a, r.model, r.budget, r.seed) in have for a in arms)]
+    complete = [r for r in runs if all((a, r.model, r.budget, r.seed) in have for a in kept)]
     notes = [f"fits and comparisons on budgets {', '.join(budgets)} only"] if budgets else []
+    if arms:
+        notes.append(f"fits and comparisons on arms {', '.join(arms)} only")
     if len(complete) < len(runs):
         notes.append(f"{len(runs) - len(complete)} run(s) whose size, budget and seed not every arm has are left "
                      "out of the fits and comparisons (they stay in the learning-rate and power sections)")
     return Study(complete, study.baselines, study.items, study.metrics, study.notes + notes)
 
 
-def write_report(csv_paths, out: str, num_samples: int, budgets: Optional[Sequence[str]], command: str) -> str:
+def write_report(csv_paths, out: str, num_samples: int, budgets: Optional[Sequence[str]], command: str,
+                 arms: Optional[Sequence[str]] = None) -> str:
     """The report of one sweep's results.csv, or of several analysed as one study (a study and its side
     checks on the same test items): report.md, report.json, plots, and the merged results.csv and
     per_item.csv.gz it can be rebuilt from."""
     paths = [csv_paths] if isinstance(csv_paths, str) else list(csv_paths)
     os.makedirs(out, exist_ok=True)
     full = load_study(paths)
-    study = restrict(full, budgets)
+    study = restrict(full, budgets, arms)
     analysis = analyse(study, num_samples)
     rows, settings = [], {}
     for path in paths:
@@ -364,13 +371,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--bootstrap", type=int, default=4000, help="paired bootstrap replicates (default 4000)")
     p.add_argument("--budgets", nargs="*", help="budgets the fits and comparisons use (default: all)")
+    p.add_argument("--arms", nargs="*", help="arms the fits and comparisons use (default: all; e.g. the arms "
+                   "whose points at a new budget have finished while another's still run)")
     args = p.parse_args(argv)
     missing = [path for path in args.results if not os.path.exists(path)]
     if missing:
         print(f"{', '.join(missing)}: no such file", file=sys.stderr)
         return 2
     command = "python -m megatron_lcl.scaling.study_report " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(write_report(args.results, args.out, args.bootstrap, args.budgets, command))
+    try:
+        print(write_report(args.results, args.out, args.bootstrap, args.budgets, command, args.arms))
+    except ValueError as e:  # an unknown arm, a row twice
+        print(e, file=sys.stderr)
+        return 2
     return 0
 
 
