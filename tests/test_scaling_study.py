@@ -85,6 +85,23 @@ def test_paired_bootstrap_sees_a_small_difference_that_seed_noise_hides_unpaired
     assert sum(d["significant"] == 0 for d in unpaired) >= 2
 
 
+def test_a_seed_is_one_cluster_across_budgets_and_sizes():
+    """Every cell with the same seeds shares one seed draw, so the step from one budget to the next pairs
+    out a seed's effect: 6 points per budget is seen through a per-seed shift of +-10 points."""
+    law = lambda arm, c: 0.3 + 0.06 * math.log(c / 1e9, 3)  # noqa: E731  (+0.06 per budget at each size)
+    s = synthetic_study(law, seed_shift=0.1, rng_seed=4)
+    reps = study.draw_replicates(s, 2000, seed=0)
+    draws = list(reps.seed_draws.values())
+    assert len(draws) == 6 and all(d is draws[0] for d in draws)
+    result = study.fit_arm([c for c in study.config_values(s, reps, "m") if c.arm == "a"], "a", "m")
+    steps = study.more_steps(result, ["b1", "b2", "b3"])
+    assert len(steps) == 4 and all(e["hi"] < 0 and not e["worse"] for e in steps)  # better, significantly
+    ragged = Study([r for r in s.runs if not (r.budget == "b3" and r.seed == "3")], s.baselines, s.items, s.metrics)
+    reps = study.draw_replicates(ragged, 10, seed=0)  # cells with other seeds draw their own
+    assert reps.seed_draws[("s", "b3")].shape == (11, 2) and reps.seed_draws[("s", "b1")].shape == (11, 3)
+    assert reps.seed_draws[("s", "b3")] is reps.seed_draws[("m", "b3")]
+
+
 # ------------------------------------------------------------------------------ front inside the bootstrap
 
 def test_front_and_fit_are_recomputed_inside_every_replicate():

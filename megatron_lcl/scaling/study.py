@@ -18,10 +18,13 @@ predictor, and crossovers claimed only where the data are significant on both si
 - Fits on the front: E = a C^c (>= 2 points; two arms' exponents are compared only on fronts of >=
   EXPONENT_MIN_POINTS points from >= 2 budgets); E = a (C + b)^c + d only with >= IDENTIFIED_MIN_POINTS
   front points, else the four-parameter form is "not identified" (it has four parameters and bends).
-- A bootstrap replicate draws the test items with replacement (one draw for every run) and, for every
-  (model, budget) cell, its seeds with replacement (one draw for every arm: arms are paired by size,
-  budget and seed, which fix the initialisation, the data order and the heads' seed). Every replicate
-  recomputes each configuration's error, each arm's front and each fit. Intervals are percentiles.
+- A bootstrap replicate draws the test items with replacement (one draw for every run) and the seeds
+  with replacement, one draw for every cell that ran the same seeds (every arm, size and budget of a
+  finished study): arms are paired by size, budget and seed, which fix the initialisation, the data
+  order and the heads' seed, and a seed stays one cluster across budgets and sizes, as it would in a
+  rerun with new seeds, so a seed that is good at every budget moves a curve, not its slope or the
+  step from one budget to the next. Every replicate recomputes each configuration's error, each arm's
+  front and each fit. Intervals are percentiles.
 - Chance flag: a run whose contrastive loss is near chance, con_loss / ln(con_batch) > CHANCE_RATIO
   (con_batch: the images of one InfoNCE), has not started to learn its contrastive task.
 - Held-out check: the fits without the largest budget predict the best error at that budget; the naive
@@ -206,7 +209,8 @@ def _add_run(study: Study, row: dict, table: Dict[str, Dict[str, float]]) -> Non
 @dataclass
 class Replicates:
     """Per metric, every run's metric under each replicate's item draw: `[n_runs, B]` (column 0 of
-    the draws is the data itself: every item once); seed draws per (model, budget) cell `[B, n_seeds]`."""
+    the draws is the data itself: every item once); seed draws per (model, budget) cell `[B, n_seeds]`,
+    the same array for every cell with the same seeds."""
 
     values: Dict[str, np.ndarray]  # metric -> [n_runs (trained, then baselines), B + 1]
     seed_draws: Dict[Tuple[str, str], np.ndarray]  # (model, budget) -> [B + 1, n] indices into its seeds
@@ -225,12 +229,12 @@ def draw_replicates(study: Study, num_samples: int, seed: int = 0) -> Replicates
         values[m] = (np.where(ok, hits, 0.0) @ weights.T) / np.maximum(ok.astype(float) @ weights.T, 1e-12)
     cells = {(r.model, r.budget) for r in study.runs}
     cell_seeds = {c: sorted({r.seed for r in study.runs if (r.model, r.budget) == c}) for c in sorted(cells)}
-    draws = {}
-    for c, seeds in cell_seeds.items():
+    by_seeds = {}  # one seed draw per distinct seed list: a seed is one cluster across the cells
+    for seeds in sorted({tuple(s) for s in cell_seeds.values()}):
         d = rng.integers(0, len(seeds), size=(num_samples + 1, len(seeds)))
         d[0] = np.arange(len(seeds))  # replicate 0: the data
-        draws[c] = d
-    return Replicates(values, draws, cell_seeds)
+        by_seeds[seeds] = d
+    return Replicates(values, {c: by_seeds[tuple(s)] for c, s in cell_seeds.items()}, cell_seeds)
 
 
 @dataclass
@@ -443,8 +447,7 @@ def more_steps(result: ArmResult, budgets: Sequence[str], level: float = LEVEL) 
     """Per size, the error at each budget minus the error at the next smaller budget the arm ran
     (budgets in compute order), with its bootstrap interval: `worse` when more steps score significantly
     worse (the old study's b2 < b1 anomaly; issue 33 asks that it never happen). Both configurations
-    use the same item draws; their seed draws are independent (each (size, budget) cell draws its own),
-    which makes the interval conservative: a seed's effect shared across budgets is not paired out."""
+    use the same item and seed draws (paired: a seed's effect shared across budgets cancels)."""
     rank = {b: i for i, b in enumerate(budgets)}
     by_model: Dict[str, List[ConfigValues]] = {}
     for c in result.configs:
