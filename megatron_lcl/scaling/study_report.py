@@ -3,11 +3,14 @@ plots, the combined per-item file, the learning-rate pilot and the power calcula
 
     python -m megatron_lcl.scaling.study_report runs/scaling/lcl_vs_con_pilot/results.csv \
         --out docs/scaling/lcl_vs_con_pilot --bootstrap 4000 [--budgets p150-lr1e-3 p450-lr1e-3 ...]
+    python -m megatron_lcl.scaling.study_report STUDY/results.csv SIDE/results.csv --out DIR \
+        --arms lcl_lr3e-4 con --budgets b1200 b2400 b4800      # a side sweep's arm beside the study's
 
 Writes OUT/report.md, OUT/report.json, OUT/error_vs_compute_<metric>.png, OUT/per_item.csv.gz (one row
 per run and test item: the paired comparisons can be redone from it) and OUT/results.csv (the sweep's
-rows). `--budgets` restricts the fits and comparisons (e.g. to one learning rate); the run table, the
-learning-rate section and the power calculation use every run.
+rows). `--budgets` and `--arms` restrict the fits and comparisons (e.g. to one learning rate, or to the
+arms that finished a budget); the run table, the learning-rate section and the power calculation use
+every run.
 """
 
 import argparse
