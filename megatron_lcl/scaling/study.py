@@ -61,6 +61,11 @@ FIT_SHARE_MIN = 0.95  # an exponent difference is reported only when both arms f
 # steps (a parameter exponent), not error against compute.
 EXPONENT_MIN_POINTS = 3
 EXPONENT_MIN_BUDGETS = 2
+
+
+class StudyInputError(ValueError):
+    """The study's input cannot be analysed as given (no per-item results, a row twice, an unknown arm):
+    `study_report` says so in one line and exits 2; any other error keeps its traceback."""
 RANK_METRICS = {"retrieval_tr1": ("tr_rank", 1), "retrieval_tr5": ("tr_rank", 5),
                 "retrieval_ir1": ("ir_rank", 1), "retrieval_ir5": ("ir_rank", 5)}
 
@@ -178,14 +183,14 @@ def load_study(csv_paths, metrics: Optional[Sequence[str]] = None) -> Study:
     if missing:
         notes.append(f"{len(missing)} ok run(s) without per_item.csv left out: {', '.join(missing[:5])}")
     if not tables:
-        raise ValueError(f"{', '.join(paths)}: no ok run has a per_item.csv")
+        raise StudyInputError(f"{', '.join(paths)}: no ok run has a per_item.csv")
     items = sorted(set.intersection(*(set(t) for t in tables.values())))
     if any(len(t) != len(items) for t in tables.values()):
         notes.append(f"runs scored different items: the {len(items)} every run has are used")
     counts = Counter(key for source, r, key in rows if (source, r["point"]) in tables)
     twice = sorted(k for k, n in counts.items() if n > 1)
     if twice:
-        raise ValueError(f"{', '.join(paths)}: the same (arm, model, budget, seed) in more than one row: "
+        raise StudyInputError(f"{', '.join(paths)}: the same (arm, model, budget, seed) in more than one row: "
                          f"{twice[:3]} (a side check's arm needs its own name)")
     study = Study([], {}, items, list(metrics), notes)
     for source, r, _ in rows:

@@ -28,7 +28,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from megatron_lcl.scaling import power
-from megatron_lcl.scaling.study import Analysis, Study, analyse, interval, load_study, paired_items
+from megatron_lcl.scaling.study import Analysis, Study, StudyInputError, analyse, interval, load_study, paired_items
 from megatron_lcl.scaling.sweep import read_results
 
 POWER_DELTA = 0.02  # the exponent difference the power calculation asks about (issue 33)
@@ -316,7 +316,7 @@ def restrict(study: Study, budgets: Optional[Sequence[str]], arms: Optional[Sequ
     running has ragged cells, and naming the arms that finished keeps their points in)."""
     unknown = sorted(set(arms or ()) - set(study.arms))
     if unknown:
-        raise ValueError(f"--arms {' '.join(unknown)}: not in the study (its arms: {', '.join(study.arms)})")
+        raise StudyInputError(f"--arms {' '.join(unknown)}: not in the study (its arms: {', '.join(study.arms)})")
     runs = [r for r in study.runs if (not budgets or r.budget in budgets) and (not arms or r.arm in arms)]
     kept = {r.arm for r in runs}
     have = {(r.arm, r.model, r.budget, r.seed) for r in runs}
@@ -384,7 +384,7 @@ def main(argv=None) -> int:
     command = "python -m megatron_lcl.scaling.study_report " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         print(write_report(args.results, args.out, args.bootstrap, args.budgets, command, args.arms))
-    except ValueError as e:  # an unknown arm, a row twice
+    except StudyInputError as e:  # an unknown arm, a row twice, no per-item results
         print(e, file=sys.stderr)
         return 2
     return 0
