@@ -353,6 +353,21 @@ def test_arms_still_running_can_be_left_out_of_the_comparisons():
         restrict(ragged, None, ["a", "gen"])
 
 
+def test_a_seed_still_running_at_some_budgets_is_named_in_the_notes():
+    """Cells with different seed lists (seed 3 finished at b1 only) draw their seeds apart: the report
+    says which cells have which seeds; a study whose cells all ran the same seeds says nothing."""
+    from megatron_lcl.scaling.study_report import restrict
+
+    full = synthetic_study(lambda arm, c: 0.5, seeds=("1", "2", "3"))
+    assert not any("different seeds" in n for n in restrict(full, None).notes)
+    ragged = Study([r for r in full.runs if r.seed != "3" or r.budget == "b1"], full.baselines, full.items,
+                   full.metrics)
+    note = [n for n in restrict(ragged, None).notes if "different seeds" in n]
+    assert len(note) == 1 and "seeds 1, 2, 3 at m-b1, s-b1" in note[0] and "seeds 1, 2 at m-b2, m-b3, s-b2" in note[0]
+    reps = study.draw_replicates(restrict(ragged, None), 8)
+    assert reps.seed_draws[("s", "b1")].shape[1] == 3 and reps.seed_draws[("s", "b2")].shape[1] == 2
+
+
 def test_untrained_budget_points(tmp_path):
     spec = dict(name="t", base_config=os.path.join(os.path.dirname(__file__), "..", "examples", "configs",
                                                     "tiny_cpu.yaml"),

@@ -21,14 +21,15 @@ import io
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
 
 from megatron_lcl.scaling import power
-from megatron_lcl.scaling.study import Analysis, Study, StudyInputError, analyse, interval, load_study, paired_items
+from megatron_lcl.scaling.study import (Analysis, Run, Study, StudyInputError, analyse, interval, load_study,
+                                        paired_items)
 from megatron_lcl.scaling.sweep import read_results
 
 POWER_DELTA = 0.02  # the exponent difference the power calculation asks about (issue 33)
@@ -327,7 +328,26 @@ def restrict(study: Study, budgets: Optional[Sequence[str]], arms: Optional[Sequ
     if len(complete) < len(runs):
         notes.append(f"{len(runs) - len(complete)} run(s) whose size, budget and seed not every arm has are left "
                      "out of the fits and comparisons (they stay in the learning-rate and power sections)")
+    notes += seed_list_notes(complete)
     return Study(complete, study.baselines, study.items, study.metrics, study.notes + notes)
+
+
+def seed_list_notes(runs: Sequence[Run]) -> List[str]:
+    """A note when cells ran different seeds (a seed still running at some budgets): the bootstrap draws
+    each seed list on its own (study.draw_replicates), so a seed is one cluster only among the cells
+    with its list, and differences across lists (more steps, slopes) are unpaired in the seed."""
+    seeds: Dict[Tuple[str, str], set] = {}
+    for r in runs:
+        seeds.setdefault((r.model, r.budget), set()).add(r.seed)
+    cells: Dict[Tuple[str, ...], List[Tuple[str, str]]] = {}
+    for cell, s in seeds.items():
+        cells.setdefault(tuple(sorted(s)), []).append(cell)
+    if len(cells) < 2:
+        return []
+    parts = [f"seeds {', '.join(s)} at {', '.join(sorted({f'{m}-{b}' for m, b in c}))}" for s, c in sorted(cells.items())]
+    return ["cells ran different seeds (" + "; ".join(parts) + "): each seed list is drawn on its own, so "
+            "differences between cells of different lists (more steps, slopes) are unpaired in the seed "
+            "(wider intervals than paired ones)"]
 
 
 def write_report(csv_paths, out: str, num_samples: int, budgets: Optional[Sequence[str]], command: str,
