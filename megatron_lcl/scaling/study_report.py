@@ -347,7 +347,7 @@ def seed_list_notes(runs: Sequence[Run]) -> List[str]:
     parts = [f"seeds {', '.join(s)} at {', '.join(sorted({f'{m}-{b}' for m, b in c}))}" for s, c in sorted(cells.items())]
     return ["cells ran different seeds (" + "; ".join(parts) + "): each seed list is drawn on its own, so "
             "differences between cells of different lists (more steps, slopes) are unpaired in the seed "
-            "(wider intervals than paired ones)"]
+            "(usually wider intervals than paired ones)"]
 
 
 def write_report(csv_paths, out: str, num_samples: int, budgets: Optional[Sequence[str]], command: str,
