@@ -217,11 +217,18 @@ def test_loader_workers_outlive_a_job_wide_stop_signal(prepared_mmc4, loader_kwa
 
     import psutil
 
+    from multiprocessing import resource_tracker
+
+    # Not the workers: what earlier tests in this pytest process started, such as the resource tracker
+    # that megatron_lcl.stop_signals starts (signalling it here would be the test's fault, not the loader's).
+    me = psutil.Process(os.getpid())
+    before = {p.pid for p in me.children()}
     loader = make_loader(prepared_mmc4, **dict(loader_kwargs, num_workers=2))
     stream = iter(loader)
     first = next(stream)
-    workers = psutil.Process(os.getpid()).children()
-    assert len(workers) == 2
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    workers = [p for p in me.children() if p.pid not in before and p.pid != tracker]
+    assert len(workers) == 2, [(p.pid, p.name()) for p in workers]
     for w in workers:
         w.send_signal(signal.SIGTERM)
         w.send_signal(signal.SIGUSR1)
