@@ -61,13 +61,13 @@ FIT_SHARE_MIN = 0.95  # an exponent difference is reported only when both arms f
 # steps (a parameter exponent), not error against compute.
 EXPONENT_MIN_POINTS = 3
 EXPONENT_MIN_BUDGETS = 2
+RANK_METRICS = {"retrieval_tr1": ("tr_rank", 1), "retrieval_tr5": ("tr_rank", 5),
+                "retrieval_ir1": ("ir_rank", 1), "retrieval_ir5": ("ir_rank", 5)}
 
 
 class StudyInputError(ValueError):
     """The study's input cannot be analysed as given (no per-item results, a row twice, an unknown arm):
     `study_report` says so in one line and exits 2; any other error keeps its traceback."""
-RANK_METRICS = {"retrieval_tr1": ("tr_rank", 1), "retrieval_tr5": ("tr_rank", 5),
-                "retrieval_ir1": ("ir_rank", 1), "retrieval_ir5": ("ir_rank", 5)}
 
 
 @dataclass
@@ -232,14 +232,21 @@ def draw_replicates(study: Study, num_samples: int, seed: int = 0) -> Replicates
         hits = np.vstack([r.hits[m] for r in runs])  # [n_runs, n]
         ok = ~np.isnan(hits)
         values[m] = (np.where(ok, hits, 0.0) @ weights.T) / np.maximum(ok.astype(float) @ weights.T, 1e-12)
-    cells = {(r.model, r.budget) for r in study.runs}
-    cell_seeds = {c: sorted({r.seed for r in study.runs if (r.model, r.budget) == c}) for c in sorted(cells)}
+    seeds_of = cell_seeds(study.runs)
     by_seeds = {}  # one seed draw per distinct seed list: a seed is one cluster across the cells
-    for seeds in sorted({tuple(s) for s in cell_seeds.values()}):
+    for seeds in sorted({tuple(s) for s in seeds_of.values()}):
         d = rng.integers(0, len(seeds), size=(num_samples + 1, len(seeds)))
         d[0] = np.arange(len(seeds))  # replicate 0: the data
         by_seeds[seeds] = d
-    return Replicates(values, {c: by_seeds[tuple(s)] for c, s in cell_seeds.items()}, cell_seeds)
+    return Replicates(values, {c: by_seeds[tuple(s)] for c, s in seeds_of.items()}, seeds_of)
+
+
+def cell_seeds(runs: Sequence[Run]) -> Dict[Tuple[str, str], List[str]]:
+    """(model, budget) -> the seeds its runs ran (any arm), sorted; cells in sorted order."""
+    seeds: Dict[Tuple[str, str], set] = {}
+    for r in runs:
+        seeds.setdefault((r.model, r.budget), set()).add(r.seed)
+    return {c: sorted(s) for c, s in sorted(seeds.items())}
 
 
 @dataclass

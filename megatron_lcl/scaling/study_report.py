@@ -28,8 +28,8 @@ import yaml
 from matplotlib.figure import Figure
 
 from megatron_lcl.scaling import power
-from megatron_lcl.scaling.study import (Analysis, Run, Study, StudyInputError, analyse, interval, load_study,
-                                        paired_items)
+from megatron_lcl.scaling.study import (Analysis, Run, Study, StudyInputError, analyse, cell_seeds, interval,
+                                        load_study, paired_items)
 from megatron_lcl.scaling.sweep import read_results
 
 POWER_DELTA = 0.02  # the exponent difference the power calculation asks about (issue 33)
@@ -336,12 +336,9 @@ def seed_list_notes(runs: Sequence[Run]) -> List[str]:
     """A note when cells ran different seeds (a seed still running at some budgets): the bootstrap draws
     each seed list on its own (study.draw_replicates), so a seed is one cluster only among the cells
     with its list, and differences across lists (more steps, slopes) are unpaired in the seed."""
-    seeds: Dict[Tuple[str, str], set] = {}
-    for r in runs:
-        seeds.setdefault((r.model, r.budget), set()).add(r.seed)
     cells: Dict[Tuple[str, ...], List[Tuple[str, str]]] = {}
-    for cell, s in seeds.items():
-        cells.setdefault(tuple(sorted(s)), []).append(cell)
+    for cell, seeds in cell_seeds(runs).items():
+        cells.setdefault(tuple(seeds), []).append(cell)
     if len(cells) < 2:
         return []
     parts = [f"seeds {', '.join(s)} at {', '.join(sorted({f'{m}-{b}' for m, b in c}))}" for s, c in sorted(cells.items())]
