@@ -103,6 +103,7 @@ def report_exit(reason: str) -> int:
     code, path = EXIT_CODES[reason], os.environ.get(EXIT_STATUS_FILE_ENV)
     if path:
         tmp = f"{path}.{os.environ.get('RANK', '0')}"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # a config error may precede the run dir
         with open(tmp, "w") as f:
             f.write(f"{code} {reason}\n")
         os.replace(tmp, path)

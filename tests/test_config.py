@@ -191,6 +191,7 @@ def test_an_unwritable_run_dir_gives_one_line_and_status_2_before_any_process_gr
     import shutil
     import subprocess
     import sys
+    import sysconfig
     import tempfile
 
     root = Path(__file__).resolve().parent.parent
@@ -208,7 +209,13 @@ def test_an_unwritable_run_dir_gives_one_line_and_status_2_before_any_process_gr
         if os.geteuid() == 0:
             if shutil.which("setpriv") is None:
                 pytest.skip("as root a read-only directory needs setpriv to drop privileges")
-            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+            drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            needed = [root / "pretrain_lcl.py", Path(TINY).resolve(), Path(sysconfig.get_paths()["purelib"])]
+            readable = [arg for path in needed for arg in ("-a", "-r", str(path))][1:]
+            if subprocess.run([*drop, "test", *readable]).returncode:
+                pytest.skip(f"user nobody cannot read this checkout or its venv ({root}: a private parent "
+                            "folder, e.g. from mktemp -d), so the run cannot drop root's privileges")
+            cmd = [*drop, *cmd]
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", HOME=str(shared), MPLCONFIGDIR=str(shared))
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=shared)
     finally:

@@ -51,3 +51,23 @@ def test_plain_process_ignores_a_stale_master_port():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world 1 dp 1" in proc.stdout
+
+
+def test_free_port_draws_below_the_ephemeral_range_and_ignores_the_runs_seed():
+    """A rendezvous port is chosen where the kernel never hands out ports for outgoing connections
+    (a concurrent gloo mesh took one from the ephemeral range before torchrun bound it: EADDRINUSE),
+    and seeding `random` as every run does must not make two processes draw the same port."""
+    import random
+    import socket
+
+    from megatron_lcl.runtime.distributed import _ephemeral_range
+
+    low, _ = _ephemeral_range()
+    drawn = []
+    for _ in range(8):
+        random.seed(1234)
+        drawn.append(free_port())
+    assert all(1024 <= port < low for port in drawn), (drawn, low)
+    assert len(set(drawn)) > 1, drawn
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", drawn[-1]))

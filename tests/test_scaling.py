@@ -449,3 +449,14 @@ def test_two_point_sweep_end_to_end_with_the_real_driver(tmp_path):
             assert len(list(csv.DictReader(f))) == 2
     finally:
         os.chdir(cwd)
+
+
+def test_a_point_stopped_by_a_config_error_is_config_error_not_a_crash(tmp_path):
+    """The driver writes its exit status into the point's run dir even when a config error stops it
+    before it made that dir (missing shards: the seed-3 sweep in a new checkout without the v2 study's
+    data). It used to crash writing that file: exit 1, a traceback, the point `failed(1)`."""
+    run_dir = tmp_path / "runs" / "p"
+    code = sweep.run_point(TINY_CONFIG, [f"data.path={tmp_path / 'absent'}"], str(run_dir))
+    assert code == 2
+    assert sweep.point_status(code, str(run_dir)) == "config_error"
+    assert (run_dir / "exit_status").read_text() == "2 config_error\n"

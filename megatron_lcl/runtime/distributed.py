@@ -154,7 +154,33 @@ def destroy_distributed() -> None:
     gc.collect()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now, for a rendezvous some process binds a few seconds later.
+
+    Drawn at random below the kernel's ephemeral range rather than from it (`bind(0)`): in that gap
+    the kernel hands ephemeral ports to every outgoing connection (a concurrent gloo mesh opens
+    dozens), so a port it just gave us can be taken before torchrun binds it (EADDRINUSE). Below the
+    range only another explicit choice can collide. The draw uses the system's entropy, never the
+    `random` module a run seeds, so processes seeded alike still draw different ports.
+    """
+    low, _ = _ephemeral_range()
+    draw = random.SystemRandom()
+    for _ in range(64):
+        port = draw.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the range below is crowded: let the kernel choose
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; macOS uses 49152-65535, also above this draw

@@ -311,6 +311,7 @@ def run_point(config_path: str, overrides: List[str], run_dir: str, nproc: int =
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith("TORCHELASTIC_")}
     env.setdefault("OMP_NUM_THREADS", "1")
     env[EXIT_STATUS_FILE_ENV] = exit_status_path(run_dir)
+    os.makedirs(run_dir, exist_ok=True)  # the driver writes it there even when it stops before making the run
     if os.path.exists(env[EXIT_STATUS_FILE_ENV]):
         os.remove(env[EXIT_STATUS_FILE_ENV])  # a previous attempt's
     return subprocess.run(cmd, env=env, cwd=os.getcwd()).returncode

@@ -10,11 +10,12 @@ process of the step, as on a real cluster.
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Optional
+
+from megatron_lcl.runtime.distributed import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
@@ -63,12 +64,6 @@ def missing() -> Optional[str]:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 class Cluster:
     def __init__(self, folder: Path, kill_wait_s: int = 60):
         self.dir = folder
@@ -85,7 +80,7 @@ class Cluster:
         node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
         host = node.split()[0].split("=", 1)[1]
         (self.dir / "slurm.conf").write_text(SLURM_CONF.format(
-            host=host, node=node, dir=self.dir, ctld_port=_free_port(), slurmd_port=_free_port(),
+            host=host, node=node, dir=self.dir, ctld_port=free_port(""), slurmd_port=free_port(""),
             kill_wait_s=self.kill_wait_s))
         self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={self.dir}/munge.socket",
                                f"--key-file={key}", f"--pid-file={self.dir}/munged.pid",
