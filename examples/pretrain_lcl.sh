@@ -74,7 +74,9 @@ if [ -n "$STOP_SIGNAL" ]; then
   echo "0 preempted" > "$LCL_EXIT_STATUS_FILE"
 elif [ -n "${SLURM_JOB_ID:-}" ]; then
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-  MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  # Below Linux's ephemeral range (32768-60999), which the kernel hands to outgoing connections: a
+  # port there can be taken by a concurrent job's NCCL/gloo sockets before torchrun binds it.
+  MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
   echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s) x $NPROC rank(s), rendezvous $MASTER_ADDR:$MASTER_PORT"
   # Step 0 of the job. Single quotes: SLURM_NODEID is expanded per node inside srun.
   srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" "${HOLD[@]}" bash -c '
