@@ -115,3 +115,30 @@ def test_list_keeps_long_names_as_their_own_columns(tmp_path, capsys):
     run_sweep.list_points(sweep.load_spec(path))
     row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("0 "))
     assert row[2:5] == ["lcl_lr3e-4_with_a_long_name", "s", "a_budget_named_at_length"] and row[-1] == "todo"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (None, "No such file or directory"),
+    ("name: x\nbase_config: c.yaml\noutput_dir: o\nmodels: [{name: s}]\nbudgets: 3\n",
+     "`budgets` is a list of mappings, got 3"),
+    ("name: x\nbase_config: c.yaml\n", "missing sweep keys ['output_dir', 'models', 'budgets']"),
+    ("- a list\n", "a sweep spec is a mapping of keys, got list"),
+    ("name: [unclosed\n", "while parsing"),
+])
+def test_a_spec_that_cannot_work_gives_one_line_and_status_2(tmp_path, capsys, text, expected):
+    path = tmp_path / "spec.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert run_sweep.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sweep spec error: ") and expected in err and "Traceback" not in err, err
+
+
+def test_an_index_the_spec_does_not_have_is_refused_before_anything_runs(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_sweep.main([spec, "--index", "1", "7"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--index [7]: " in err and "has points 0-1 (see --list)" in err, err
+    assert not (tmp_path / "out" / "results.csv").exists()

@@ -18,6 +18,8 @@ import argparse
 import sys
 from typing import Dict, List, Optional, Tuple
 
+import yaml
+
 from megatron_lcl.config import (LM_PRESETS, VISION_PRESETS, HeadsConfig, LMConfig, ModelConfig, VisionConfig,
                                  apply_preset, load_config)
 from megatron_lcl.models.flops import PEAK_FLOPS_PER_S, flops_per_sample, parameter_counts
@@ -148,7 +150,15 @@ def main(argv=None) -> int:
     p.add_argument("--eval-only", action="store_true",
                    help="run the spec's eval_command on finished points that have no evaluation yet")
     args = p.parse_args(argv)
-    spec = load_spec(args.spec)
+    try:  # a spec that cannot work: one line naming the file and what is wrong, status 2
+        spec = load_spec(args.spec)
+        points = expand_points(spec)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        print(f"sweep spec error: {e}", file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.index or []) - {point.index for point in points})
+    if unknown:
+        p.error(f"--index {unknown}: {args.spec} has points 0-{len(points) - 1} (see --list)")
     if args.list:
         bad = [m for m in args.assume_mfu if not 0 < m <= 1]
         if bad:
@@ -157,7 +167,7 @@ def main(argv=None) -> int:
         return 0
     if args.emit_slurm:
         write_slurm_array(spec, args.emit_slurm)
-        print(f"wrote {args.emit_slurm}: {len(expand_points(spec))} array tasks; results -> {spec.results_csv}\n"
+        print(f"wrote {args.emit_slurm}: {len(points)} array tasks; results -> {spec.results_csv}\n"
               f"prepare data first if the spec has setup steps: python tools/sweep.py {args.spec} --setup-only")
         return 0
     if args.setup_only:

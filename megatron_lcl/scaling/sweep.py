@@ -129,6 +129,8 @@ class SweepPoint:
 def load_spec(path: str) -> SweepSpec:
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a sweep spec is a mapping of keys, got {type(raw).__name__}")
     known = set(SweepSpec.__dataclass_fields__) - {"spec_path"}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -136,6 +138,10 @@ def load_spec(path: str) -> SweepSpec:
     missing = [k for k in ("name", "base_config", "output_dir", "models", "budgets") if k not in raw]
     if missing:
         raise ValueError(f"{path}: missing sweep keys {missing}")
+    for key in ("models", "budgets", "arms", "setup"):
+        value = raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ValueError(f"{path}: `{key}` is a list of mappings, got {value!r}")
     spec = SweepSpec(**raw, spec_path=path)
     names = [m.get("name") for m in spec.models]
     if None in names or len(set(names)) != len(names):
