@@ -46,6 +46,16 @@ def main(argv=None) -> None:
                    help="rare characters as UTF-8 byte pieces (the HF export does not support it yet)")
     p.add_argument("--max-docs", type=int, default=1_000_000, help="read at most this many documents")
     args = p.parse_args(argv)
+    # a mistyped --input: one line and status 2, before anything is written
+    if args.format == "text":
+        missing = [path for path in args.input if not os.path.isfile(path)]
+        if missing:
+            p.error(f"--input {missing[0]!r}: no such file")
+    else:
+        try:
+            list_inputs(args.format, args.input)
+        except FileNotFoundError as e:
+            p.error(str(e))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     skips = SkipCounter()
     texts = tqdm(iter_texts(args.format, args.input, skips, args.max_docs), desc="texts", unit=" segments")

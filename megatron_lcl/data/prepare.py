@@ -249,6 +249,10 @@ def main(argv=None) -> None:
                    help="processes, each preparing every N-th input file into its own shards")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    try:
+        list_inputs(args.format, args.input)
+    except FileNotFoundError as e:
+        p.error(str(e))  # one line and status 2, before anything is written
     options = PrepareOptions(args.min_similarity, args.max_image_side, args.max_doc_chars,
                              args.max_doc_images, args.shard_size)
     summary = prepare(args.format, args.input, args.output, args.images_dir, options,

@@ -34,12 +34,14 @@ run `megatron_lcl.eval.retrieve` / `classify` under torchrun, whose --output JSO
 import argparse
 import csv
 import os
+import sys
 import time
 from typing import Dict, List, Sequence
 
 import torch
 
 from megatron_lcl.eval.classify import ProbeConfig, classification_sets, run_classification
+from megatron_lcl.eval.cli import check_paths, run_cli
 from megatron_lcl.eval.datasets import LabeledImages
 from megatron_lcl.eval.encoders import load_encoder
 from megatron_lcl.eval.parallel import eval_batches, one_process
@@ -209,8 +211,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> dict:
+def run_command_line(argv=None) -> dict:
+    """The command's work -> its results dict (`main` wraps it for the shell)."""
     args = parse_args(argv)
+    for flag in ("data", "probe_data", "probe_eval_data", "retrieval_data", "retrieval_eval_data"):
+        if getattr(args, flag):
+            check_paths(f"--{flag.replace('_', '-')}", getattr(args, flag))
     torch.set_num_threads(args.threads)
     t0 = time.time()
     encoder = load_encoder(args.encoder)
@@ -230,5 +236,11 @@ def main(argv=None) -> dict:
     return out
 
 
+def main(argv=None) -> int:
+    """Exit status: 0, or 2 with one line on stderr for bad input (a missing path, an unreadable
+    encoder or corpus), as every evaluation command (`megatron_lcl.eval.cli.run_cli`)."""
+    return run_cli(run_command_line, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

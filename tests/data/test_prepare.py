@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 import webdataset as wds
 
 from data_helpers import jpeg_bytes, png_bytes
@@ -117,3 +118,24 @@ def test_unreadable_file_is_counted_and_parallel_prepare_matches(tmp_path, synth
     keys = [sorted(d.key for d in read_prepared(tmp_path / name)) for name in ("one", "two")]
     assert keys[0] == keys[1] and len(keys[0]) == serial.docs_out
     assert any(s.startswith("shard-w01-") for s in parallel.to_dict()["shards"])
+
+
+@pytest.mark.parametrize("tool, fmt, expected", [
+    ("prepare", "mmc4", "--input '{missing}' matches no file"),
+    ("tokenizer", "mmc4", "--input '{missing}' matches no file"),
+    ("tokenizer", "text", "--input '{missing}': no such file"),
+    ("prepare", "obelics", "no obelics input files"),
+])
+def test_a_mistyped_input_is_one_line_and_status_2_before_anything_is_written(tmp_path, capsys, tool, fmt, expected):
+    from megatron_lcl.data import build_tokenizer, prepare
+
+    missing = tmp_path / "nothing_here"
+    given = str(tmp_path) if expected.startswith("no ") else str(missing)  # an existing folder without inputs
+    out = tmp_path / "out" / "x"
+    main = prepare.main if tool == "prepare" else build_tokenizer.main
+    with pytest.raises(SystemExit) as stop:
+        main(["--format", fmt, "--input", given, "--output", str(out)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert expected.format(missing=missing) in err.splitlines()[-1], err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

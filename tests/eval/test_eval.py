@@ -291,3 +291,15 @@ def test_scenes_probe_fields_are_the_documents_labels(tmp_path):
     assert set(labeled_source(str(tmp_path), "count").class_names) <= {"one", "two"}
     with pytest.raises(ValueError, match="must be label or one of its categorical image_info fields: .*colour_b"):
         labeled_source(str(tmp_path), "held_out")  # a bool, not a class
+
+
+def test_transfer_command_bad_paths_are_one_line_and_status_2(tmp_path, capsys):
+    """`python -m megatron_lcl.eval.transfer` (every scaling sweep's eval_command) ends on a mistyped
+    path like the other evaluation commands: one line naming the flag, status 2, no traceback."""
+    from megatron_lcl.eval import transfer
+
+    out = str(tmp_path / "eval.json")
+    assert transfer.main(["--encoder", str(tmp_path), "--data", str(tmp_path / "corpus"), "--output", out]) == 2
+    assert capsys.readouterr().err == f"error: --data {tmp_path / 'corpus'}: no such file or directory\n"
+    assert transfer.main(["--encoder", str(tmp_path / "ckpt"), "--data", str(tmp_path), "--output", out]) == 2
+    assert capsys.readouterr().err == f"error: --encoder {tmp_path / 'ckpt'}: no such file or directory\n"
