@@ -367,6 +367,17 @@ def test_contrastive_batch_is_a_sweep_axis(tmp_path):
         sweep.expand_points(bad)
 
 
+def test_report_of_a_missing_csv_is_one_line_and_status_2(tmp_path, capsys):
+    """It said "0 finished run(s); a fit needs at least 2" for a mistyped path."""
+    from megatron_lcl.scaling import report as scaling_report
+
+    with pytest.raises(SystemExit) as stop:
+        scaling_report.main([str(tmp_path / "results.csv"), "--out", str(tmp_path / "report")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"{tmp_path / 'results.csv'}: no such file")
+    assert not (tmp_path / "report").exists()
+
+
 def test_report_on_synthetic_isoflop_results(tmp_path):
     """A CSV of synthetic IsoFLOP results -> the report recovers N_opt ~ C^(b/(a+b)) and writes plots."""
     from megatron_lcl.scaling import report as scaling_report

@@ -346,6 +346,9 @@ def main(argv=None) -> int:
     p.add_argument("--metrics", nargs="+", default=list(TRANSFER_METRICS),
                    help="arms comparison: the transfer metrics (results.csv columns, in [0, 1]) to fit")
     args = p.parse_args(argv)
+    for path in [args.csv] + ([args.spec] if args.spec else []):
+        if not os.path.isfile(path):
+            p.error(f"{path}: no such file")
     rows = load_rows(args.csv, args.spec)
     if len(rows) < 2:
         print(f"{args.csv}: {len(rows)} finished run(s); a fit needs at least 2", file=sys.stderr)
