@@ -141,7 +141,7 @@ def append(csv_path: str, rows: List[dict]) -> None:
 def run_grid(args) -> None:
     paths = corpus(args.out, args.train_images, args.eval_images)
     lm = write_lm(os.path.join(args.out, "lm"), corpus_words(paths))
-    encoders = dict(spec.split("=", 1) for spec in args.encoder)
+    encoders = dict(spec.split("=", 1) for spec in args.encoder)  # checked by parse_args
     csv_path = os.path.join(args.out, "results.csv")
     for seed in args.seeds:
         for name, encoder in encoders.items():
@@ -187,7 +187,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage2-steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--report", action="store_true", help="print the results table and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for spec in args.encoder:  # before the corpus and the LM are built
+        name, _, path = spec.partition("=")
+        if not name or not path:
+            p.error(f"--encoder {spec!r}: give NAME=CHECKPOINT")
+        if not os.path.exists(path):
+            p.error(f"--encoder {spec!r}: {path}: no such file or directory")
+    names = [spec.partition("=")[0] for spec in args.encoder]
+    if len(set(names)) != len(names):
+        p.error(f"--encoder: each NAME once, got {names}")
+    return args
 
 
 def main(argv=None) -> int:

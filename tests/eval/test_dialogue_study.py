@@ -41,3 +41,19 @@ def test_grid_is_recorded_once_and_reported_as_mean_and_sd(tmp_path):
     values = [float(r["value"]) for r in rows if (r["encoder"], r["benchmark"], r["metric"]) == ("b", "pope", "f1")]
     line = next(x for x in study.report(str(csv_path)).splitlines() if x.startswith("| pope f1 |"))
     assert line.rstrip(" |").split(" | ")[2] == f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} (n=2)"
+
+
+def test_a_bad_encoder_argument_is_refused_before_the_corpus_is_built(tmp_path, capsys):
+    """A missing `NAME=` ran into a traceback after the corpus and LM were built; now each --encoder is
+    checked first: one line, status 2, nothing written."""
+    import pytest
+
+    study = load_tool()
+    out = tmp_path / "study"
+    for encoder, expected in (([str(tmp_path)], "give NAME=CHECKPOINT"),
+                              ([f"a={tmp_path / 'missing'}"], "no such file or directory"),
+                              ([f"a={tmp_path}", f"a={tmp_path}"], "each NAME once")):
+        with pytest.raises(SystemExit) as stop:
+            study.main(["--out", str(out), "--encoder", *encoder])
+        assert stop.value.code == 2 and expected in capsys.readouterr().err.splitlines()[-1]
+    assert not out.exists()
