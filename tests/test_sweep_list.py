@@ -142,3 +142,24 @@ def test_an_index_the_spec_does_not_have_is_refused_before_anything_runs(tmp_pat
     err = capsys.readouterr().err
     assert "--index [7]: " in err and "has points 0-1 (see --list)" in err, err
     assert not (tmp_path / "out" / "results.csv").exists()
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ({"eval_command": "{python} -m x --encoder {run_dir}/checkpoints --out {rundir}/eval.json"},
+     "eval_command '{python} -m x --encoder {run_dir}/checkpoints --out {rundir}/eval.json' uses {rundir}"),
+    ({"overrides": ["data.path={output_dir}/shards", "data.tokenizer={data_dir}/lcl.model"]}, "uses {data_dir}"),
+    ({"setup": [{"creates": "{output_dir}/x", "run": "touch {output_dir}/x {}"}]},
+     "setup.run 'touch {output_dir}/x {}' uses {}"),
+    ({"setup": [{"creates": "{output_dir}/x", "command": "touch x"}]},
+     "every `setup` step is {creates: PATH, run: COMMAND}"),
+    ({"eval_command": "echo {run_dir"}, "expected '}' before end of string"),
+])
+def test_a_placeholder_no_field_fills_is_refused_when_the_spec_loads(tmp_path, extra, expected):
+    """A typo in a template used to surface as a KeyError when it was filled: for eval_command, after
+    the first point had trained."""
+    spec = yaml.safe_load(open(write_spec(tmp_path)))
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**spec, **extra}))
+    with pytest.raises(ValueError) as error:
+        sweep.load_spec(str(path))
+    assert expected in str(error.value)

@@ -54,6 +54,7 @@ import fcntl
 import json
 import os
 import shlex
+import string
 import subprocess
 import sys
 import time
@@ -164,7 +165,38 @@ def load_spec(path: str) -> SweepSpec:
             unknown = sorted(set(b.get(key, [])) - set(defined))
             if unknown:
                 raise ValueError(f"{path}: budget {b} names {key} {unknown} that `{key}` does not define")
+    _check_templates(spec, path)
     return spec
+
+
+# The {placeholders} each templated field may use (filled per point, at run time: a typo there would
+# stop the sweep after a point had trained).
+TEMPLATE_FIELDS = {"overrides": ("output_dir",), "setup.creates": ("output_dir",),
+                   "setup.run": ("output_dir", "python"),
+                   "eval_command": ("run_dir", "config", "python", "output_dir", "seed", "arm")}
+
+
+def _check_templates(spec: SweepSpec, path: str) -> None:
+    """Every {placeholder} of the spec's templated strings is one its field fills, every setup step
+    has `creates` and `run`."""
+    for step in spec.setup:
+        if set(step) != {"creates", "run"}:
+            raise ValueError(f"{path}: every `setup` step is {{creates: PATH, run: COMMAND}}, got {step}")
+    overrides = spec.overrides + [o for group in (spec.arms, spec.budgets) for entry in group
+                                  for o in entry.get("overrides", [])]
+    templates = [("overrides", o) for o in overrides] + \
+        [(f"setup.{key}", step[key]) for step in spec.setup for key in ("creates", "run")] + \
+        ([("eval_command", spec.eval_command)] if spec.eval_command else [])
+    for field_name, text in templates:
+        try:
+            names = {name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(str(text))
+                     if name is not None}  # "" is a positional {}: nothing fills it
+        except ValueError as e:  # an unmatched brace
+            raise ValueError(f"{path}: {field_name} {text!r}: {e}") from None
+        unknown = sorted(names - set(TEMPLATE_FIELDS[field_name]))
+        if unknown:
+            raise ValueError(f"{path}: {field_name} {text!r} uses {{{', '.join(unknown)}}}; it may use "
+                             f"{{{'}, {'.join(TEMPLATE_FIELDS[field_name])}}} (literal braces: {{{{ }}}})")
 
 
 BUDGET_KINDS = ("train_steps", "flops", "samples", "images")
