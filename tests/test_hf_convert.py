@@ -156,6 +156,31 @@ def test_convert_to_hf_names_a_missing_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "hf").exists()
 
 
+def test_verify_and_convert_from_hf_name_a_missing_path(tmp_path, capsys):
+    """verify_hf on a mistyped path was a traceback; convert_from_hf passed it to transformers, which
+    took it for a hub repo id ("Repo id must use alphanumeric chars ...")."""
+    verify = _load_tool("verify_hf")
+    with pytest.raises(SystemExit) as stop:
+        verify.main(["--load", str(tmp_path / "typo"), "--hf", str(tmp_path / "hf")])
+    assert stop.value.code == 2 and capsys.readouterr().err.startswith(f"error: --load {tmp_path}/typo: no complete")
+    (tmp_path / "hf" / "vision").mkdir(parents=True)
+    (tmp_path / "step_00000001").mkdir()
+    (tmp_path / "step_00000001" / "meta.json").write_text("{}")  # what marks a complete checkpoint
+    with pytest.raises(SystemExit) as stop:
+        verify.main(["--load", str(tmp_path / "step_00000001"), "--hf", str(tmp_path / "hf")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (f"error: --hf {tmp_path}/hf: not a megatron_lcl HuggingFace export "
+                                       "(no lm, lcl_heads.safetensors)\n")
+    from_hf = _load_tool("convert_from_hf")
+    with pytest.raises(SystemExit) as stop:
+        from_hf.main(["--config", str(pathlib.Path(__file__).parents[1] / "examples/configs/tiny_cpu.yaml"),
+                      "--vision", str(tmp_path / "clip"), "--save", str(tmp_path / "ckpt")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == \
+        f"error: --vision {tmp_path}/clip: not a HuggingFace model folder (no config.json)\n"
+    assert not (tmp_path / "ckpt").exists()
+
+
 def _load_tool(name: str):
     import importlib.util
 

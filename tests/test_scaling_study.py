@@ -351,6 +351,8 @@ def test_arms_still_running_can_be_left_out_of_the_comparisons():
     assert any("arms a, b only" in n for n in two.notes)
     with pytest.raises(ValueError, match="--arms gen: not in the study"):
         restrict(ragged, None, ["a", "gen"])
+    with pytest.raises(ValueError, match=r"--budgets b9: not in the study's trained runs \(its budgets: b1, b2, b3\)"):
+        restrict(ragged, ["b1", "b9"])
 
 
 def test_a_seed_still_running_at_some_budgets_is_named_in_the_notes():

@@ -17,6 +17,7 @@ _EXPORTS = {
     "CHECKPOINTS": "run_dir", "CONFIG": "run_dir", "LATEST": "run_dir", "LAUNCHES": "run_dir", "META": "run_dir",
     "METRICS": "run_dir", "TENSORBOARD": "run_dir", "checkpoint_name": "run_dir", "checkpoints_dir": "run_dir",
     "read_meta": "run_dir", "read_metrics": "run_dir", "resolve_checkpoint": "run_dir", "run_path": "run_dir",
+    "checkpoint_for_flag": "run_dir",
     "save_checkpoint": "state", "CheckpointSaver": "state", "load_checkpoint": "state", "load_newest_loadable": "state",
     "CheckpointError": "run_dir", "LOCK": "run_dir", "RunDirInUse": "run_dir", "lock_run_dir": "run_dir",
     "unlock_run_dir": "run_dir", "run_dir_write_error": "run_dir",

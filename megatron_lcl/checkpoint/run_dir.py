@@ -182,6 +182,19 @@ def resolve_checkpoint(path: str, log=None) -> Optional[str]:
     raise FileNotFoundError(f"{path} is neither a checkpoint (no {META}) nor a checkpoints folder")
 
 
+def checkpoint_for_flag(flag: str, path: str) -> str:
+    """`resolve_checkpoint` for a command's `flag` (e.g. --load): the checkpoint folder, or a
+    FileNotFoundError whose one-line message names the flag, the path and why there is none."""
+    try:
+        found = resolve_checkpoint(path)
+    except FileNotFoundError as e:  # `latest` names an incomplete checkpoint and there is no other
+        raise FileNotFoundError(f"{flag} {path}: {e}") from None
+    if found is None:
+        raise FileNotFoundError(f"{flag} {path}: no complete checkpoint there (a run directory, its "
+                                "checkpoints/ or one step_* folder)")
+    return found
+
+
 def keep_tokenizer(run_dir: str, tokenizer: str) -> str:
     """Copy the run's sentencepiece model to `RUN_DIR/tokenizer.model` (atomically; left as it is when
     it holds the same bytes) and return the copy's absolute path, which the run then reads and records

@@ -24,7 +24,8 @@ from typing import Optional
 from safetensors.torch import save_file
 
 from megatron_lcl.checkpoint.pretrained import full_state_dict, load_pretrained
-from megatron_lcl.checkpoint.run_dir import TOKENIZER, checkpoint_tokenizer, read_meta, resolve_checkpoint
+from megatron_lcl.checkpoint.run_dir import (TOKENIZER, checkpoint_for_flag, checkpoint_tokenizer, read_meta,
+                                             resolve_checkpoint)
 from megatron_lcl.hf.convert import build_hf_models, lcl_heads_state
 from megatron_lcl.hf.publish import MARKER, ExportError, check_target, staged_folder
 from megatron_lcl.hf.tokenizer import to_hf_tokenizer
@@ -152,13 +153,9 @@ def main(argv=None) -> int:
                                             "trained with, kept in its run directory)")
     args = parser.parse_args(argv)
     try:
-        found = resolve_checkpoint(args.load)
-    except FileNotFoundError as e:  # `latest` names an incomplete checkpoint and there is no other
-        found, why = None, str(e)
-    else:
-        why = "no complete checkpoint there (a run directory, its checkpoints/ or one step_* folder)"
-    if found is None:
-        print(f"error: --load {args.load}: {why}", file=sys.stderr)
+        found = checkpoint_for_flag("--load", args.load)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         export_to_hf(found, args.save, overwrite=args.overwrite, tokenizer=args.tokenizer)

@@ -106,6 +106,9 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides before, between or after the options
     if not (args.vision or args.lm):
         parser.error("give --vision and/or --lm")
+    for flag, path in (("--vision", args.vision), ("--lm", args.lm)):
+        if path and not os.path.isfile(os.path.join(path, "config.json")):  # else transformers takes it for a hub id
+            parser.exit(2, f"error: {flag} {path}: not a HuggingFace model folder (no config.json)\n")
     try:
         cfg = load_config(args.config, args.overrides)
         path = convert(cfg, args.vision, args.lm, args.save, overwrite=args.overwrite)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPVisionModel, OPTForCausalLM
 
 from megatron_lcl.checkpoint import load_pretrained
+from megatron_lcl.checkpoint.run_dir import checkpoint_for_flag
 from megatron_lcl.data.tokenizer import LCLTokenizer
 from megatron_lcl.hf.convert import clip_latents, image_token_module, read_heads_config
 from megatron_lcl.testing import random_batch
@@ -79,6 +80,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--hf", required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:  # bad paths: one line and status 2, before anything loads
+        checkpoint_for_flag("--load", args.load)
+    except FileNotFoundError as e:
+        parser.exit(2, f"error: {e}\n")
+    absent = [name for name in ("vision", "lm", "lcl_heads.safetensors")
+              if not os.path.exists(os.path.join(args.hf, name))]
+    if absent:
+        parser.exit(2, f"error: --hf {args.hf}: not a megatron_lcl HuggingFace export (no {', '.join(absent)})\n")
     lcl = load_pretrained(args.load)
     clip, opt, projector = load_hf(args.hf)
     v, lm = lcl.cfg.model.vision, lcl.cfg.model.lm

@@ -318,6 +318,11 @@ def restrict(study: Study, budgets: Optional[Sequence[str]], arms: Optional[Sequ
     unknown = sorted(set(arms or ()) - set(study.arms))
     if unknown:
         raise StudyInputError(f"--arms {' '.join(unknown)}: not in the study (its arms: {', '.join(study.arms)})")
+    have_budgets = list(dict.fromkeys(r.budget for r in study.runs))
+    unknown = [b for b in budgets or () if b not in have_budgets]
+    if unknown:  # a mistyped budget used to give a report of the others, or of nothing
+        raise StudyInputError(f"--budgets {' '.join(unknown)}: not in the study's trained runs (its budgets: "
+                              f"{', '.join(have_budgets)})")
     runs = [r for r in study.runs if (not budgets or r.budget in budgets) and (not arms or r.arm in arms)]
     kept = {r.arm for r in runs}
     have = {(r.arm, r.model, r.budget, r.seed) for r in runs}
