@@ -332,9 +332,10 @@ def test_flops_budget_sets_steps_list_and_slurm_array(tmp_path, capsys):
     assert sweep_tool.main([spec.spec_path, "--list"]) == 0
     listing = capsys.readouterr().out
     assert "a-1e11" in listing and "todo" in listing
-    text = sweep.write_slurm_array(spec, str(tmp_path / "s.sbatch"))
+    text = sweep.write_slurm_array(spec, str(tmp_path / "jobs" / "s.sbatch"))
     assert "#SBATCH --array=0-1%2" in text and "#SBATCH --partition=gpu" in text
-    assert "--index \"$SLURM_ARRAY_TASK_ID\"" in text and os.access(tmp_path / "s.sbatch", os.X_OK)
+    assert "--index \"$SLURM_ARRAY_TASK_ID\"" in text
+    assert os.access(tmp_path / "jobs" / "s.sbatch", os.X_OK)  # its folder made too
 
 
 def test_budget_can_restrict_model_sizes(tmp_path):

@@ -693,6 +693,7 @@ def write_slurm_array(spec: SweepSpec, path: str) -> str:
               f"{shlex.quote(spec_path)} --index \"$SLURM_ARRAY_TASK_ID\"", ""]
     text = "\n".join(lines)
     os.makedirs(os.path.join(spec.output_dir, "slurm"), exist_ok=True)  # sbatch opens --output before the script runs
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
     os.chmod(path, 0o755)
