@@ -126,6 +126,11 @@ def main(argv=None) -> None:
     p.add_argument("--split", choices=("train", "heldout"), default="train",
                    help="scenes: train never shows the held-out (shape, colour) pairs; heldout always does")
     args = p.parse_args(argv)
+    for flag, value, least in (("--num-docs", args.num_docs, 1), ("--image-size", args.image_size, 8),
+                               ("--docs-per-shard", args.docs_per_shard, 1), ("--max-images", args.max_images, 1),
+                               ("--filler", args.filler, 0)):
+        if value < least:  # -3 documents were "written" with status 0
+            p.error(f"{flag} {value}: at least {least}")
     t0 = time.time()
     paths = write_corpus(args.output, args.num_docs, args.image_size, args.seed, args.docs_per_shard,
                          args.max_images, args.filler, args.kind, args.split)

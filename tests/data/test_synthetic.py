@@ -51,3 +51,15 @@ def test_labeled_images_for_eval(tmp_path):
     data = open(items[0]["path"], "rb").read()
     assert preprocess_image(data, 16).shape == (3, 16, 16)
     assert torch.equal(preprocess_image(data, 16, random.Random(1)), preprocess_image(data, 16, random.Random(1)))
+
+
+def test_impossible_sizes_are_refused_before_anything_is_written(tmp_path, capsys):
+    """--num-docs -3 "wrote -3 documents" with status 0; each count is now checked."""
+    import pytest
+
+    for flag, value in (("--num-docs", "-3"), ("--image-size", "4"), ("--docs-per-shard", "0"),
+                        ("--max-images", "0"), ("--filler", "-1")):
+        with pytest.raises(SystemExit) as stop:
+            main(["--output", str(tmp_path / "corpus"), flag, value])
+        assert stop.value.code == 2 and f"{flag} {value}: at least" in capsys.readouterr().err
+    assert not (tmp_path / "corpus").exists()
