@@ -188,13 +188,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--report", action="store_true", help="print the results table and exit")
     args = p.parse_args(argv)
+    names = []
     for spec in args.encoder:  # before the corpus and the LM are built
         name, _, path = spec.partition("=")
         if not name or not path:
             p.error(f"--encoder {spec!r}: give NAME=CHECKPOINT")
         if not os.path.exists(path):
             p.error(f"--encoder {spec!r}: {path}: no such file or directory")
-    names = [spec.partition("=")[0] for spec in args.encoder]
+        names.append(name)
     if len(set(names)) != len(names):
         p.error(f"--encoder: each NAME once, got {names}")
     return args

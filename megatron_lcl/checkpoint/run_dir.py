@@ -182,16 +182,18 @@ def resolve_checkpoint(path: str, log=None) -> Optional[str]:
     raise FileNotFoundError(f"{path} is neither a checkpoint (no {META}) nor a checkpoints folder")
 
 
-def checkpoint_for_flag(flag: str, path: str) -> str:
+def checkpoint_for_flag(flag: str, path: str,
+                        none: str = "no complete checkpoint there (a run directory, its checkpoints/ or one "
+                                    "step_* folder)") -> str:
     """`resolve_checkpoint` for a command's `flag` (e.g. --load): the checkpoint folder, or a
-    FileNotFoundError whose one-line message names the flag, the path and why there is none."""
+    FileNotFoundError whose one-line message names the flag, the path and why there is none (`none`
+    when the path holds no checkpoint at all)."""
     try:
         found = resolve_checkpoint(path)
     except FileNotFoundError as e:  # `latest` names an incomplete checkpoint and there is no other
         raise FileNotFoundError(f"{flag} {path}: {e}") from None
     if found is None:
-        raise FileNotFoundError(f"{flag} {path}: no complete checkpoint there (a run directory, its "
-                                "checkpoints/ or one step_* folder)")
+        raise FileNotFoundError(f"{flag} {path}: {none}")
     return found
 
 

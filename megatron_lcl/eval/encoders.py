@@ -78,7 +78,7 @@ def is_hf_vision_dir(path: str) -> bool:
 def locate_encoder(path: str) -> Tuple[str, str]:
     """-> (kind, path) of an `--encoder` argument: ("hf_clip", the HF CLIPVisionModel folder, an export's
     `vision/` included) or ("megatron_lcl", the checkpoint path); an InputError names what is wrong."""
-    from megatron_lcl.checkpoint import resolve_checkpoint
+    from megatron_lcl.checkpoint import checkpoint_for_flag
     from megatron_lcl.eval.errors import InputError
 
     if not os.path.exists(path):
@@ -88,12 +88,11 @@ def locate_encoder(path: str) -> Tuple[str, str]:
     if is_hf_vision_dir(path):
         return "hf_clip", path
     try:
-        checkpoint = resolve_checkpoint(path)
-    except FileNotFoundError as e:  # `latest` names an incomplete checkpoint and there is no other
-        raise InputError(f"--encoder {path}: {e}") from None
-    if checkpoint is None:
-        raise InputError(f"--encoder {path}: neither a megatron_lcl checkpoint (a run's checkpoints/ or a step_* "
-                         f"folder) nor a HF CLIPVisionModel folder (config.json with model_type clip_vision_model)")
+        checkpoint_for_flag("--encoder", path, none="neither a megatron_lcl checkpoint (a run's checkpoints/ or a "
+                            "step_* folder) nor a HF CLIPVisionModel folder (config.json with model_type "
+                            "clip_vision_model)")
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
     return "megatron_lcl", path
 
 
